@@ -1,0 +1,166 @@
+"""Correlator: raw sensor records -> typed events attributed to a run.
+
+It keeps the process tree of every run (pid -> parent, cwd, exe), learnt from
+fork, exec and chdir records, so a double-forked, setsid'd grandchild is still
+known as the run's, with its full ancestry. Attribution itself comes from the
+kernel: a record belongs to the run whose cgroup it was emitted from.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+
+from .events import ExecEvent, ExitEvent, ForkEvent, errno_name
+from .sensors import records as R
+from .sensors import syscalls as S
+
+MAX_ANCESTRY = 64
+
+
+@dataclass
+class Proc:
+    pid: int
+    ppid: int
+    cwd: str = None
+    exe: str = None
+
+
+@dataclass
+class RunContext:
+    run_id: str
+    agent: str
+    cgroup_id: int
+    root_pid: int = 0
+    cwd: str = "/"
+    procs: dict = field(default_factory=dict)
+    pending_exec: dict = field(default_factory=dict)  # tid -> exec entry record
+    events: int = 0
+
+
+def monotonic_to_wall():
+    """Offset that turns bpf_ktime_get_ns() (CLOCK_MONOTONIC) into Unix time."""
+    return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+class Correlator:
+    def __init__(self, nr_to_spec, emit):
+        self.nr_to_spec = nr_to_spec
+        self.emit = emit             # callable(Event)
+        self.runs = {}               # cgroup id -> RunContext
+        self.unattributed = 0        # records from cgroups no run owns (should stay 0)
+        self._offset = monotonic_to_wall()
+
+    def add_run(self, run):
+        self.runs[run.cgroup_id] = run
+
+    def set_root(self, run, pid, parent):
+        run.root_pid = pid
+        run.procs[pid] = Proc(pid=pid, ppid=parent, cwd=run.cwd)
+
+    # -- helpers -------------------------------------------------------------------
+    def _proc(self, run, pid):
+        p = run.procs.get(pid)
+        if p is None:   # first sight (e.g. its fork record was lost): ask /proc
+            ppid = 0
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+            parent = run.procs.get(ppid)
+            p = run.procs[pid] = Proc(pid=pid, ppid=ppid, cwd=parent.cwd if parent else None)
+        return p
+
+    def ancestry(self, run, pid):
+        chain = [pid]
+        while len(chain) < MAX_ANCESTRY:
+            p = run.procs.get(chain[-1])
+            if p is None or chain[-1] == run.root_pid or not p.ppid:
+                break
+            chain.append(p.ppid)
+        return chain
+
+    def _stamp(self, ev, run, rec, proc):
+        ev.ts = round(rec["ts"] / 1e9 + self._offset, 6)
+        ev.run_id = run.run_id
+        ev.agent = run.agent
+        ev.pid = rec["pid"]
+        ev.tid = rec["tid"]
+        ev.uid = rec["uid"]
+        ev.comm = rec["comm"]
+        ev.ppid = proc.ppid
+        run.events += 1
+        self.emit(ev)
+
+    # -- records -------------------------------------------------------------------
+    def handle(self, etype, rec):
+        run = self.runs.get(rec["cgroup"])
+        if run is None:
+            self.unattributed += 1
+            return
+        proc = self._proc(run, rec["pid"])
+        if etype == R.EV_EXEC:
+            run.pending_exec[rec["tid"]] = rec
+        elif etype == R.EV_FORK:
+            child = rec["child"]
+            run.procs[child] = Proc(pid=child, ppid=rec["pid"], cwd=proc.cwd, exe=proc.exe)
+            self._stamp(ForkEvent(child=child), run, rec, proc)
+        elif etype == R.EV_EXIT:
+            self._flush_exec(run, rec["pid"])
+            code = rec["code"] & 0xFF if rec["code"] >= 0 else None
+            self._stamp(ExitEvent(code=code, signal=rec["sig"] or None), run, rec, proc)
+        elif etype == R.EV_SYSCALL:
+            spec = self.nr_to_spec.get(rec["nr"])
+            if spec is None:
+                return
+            if spec.op == "exec":
+                self._exec_done(run, rec, proc)
+                return
+            ev = S.decode(rec, spec)
+            if spec.group == "file":
+                self._resolve_paths(ev, spec, rec, proc)
+            self._stamp(ev, run, rec, proc)
+
+    def _resolve_paths(self, ev, spec, rec, proc):
+        if spec.path1 is not None:
+            ev.abspath = S.resolve(ev.path, proc.cwd, S.dirfd_of(spec, rec), rec["pid"])
+        if spec.path2 is not None and ev.path2 and spec.op != "symlink":
+            ev.path2 = S.resolve(ev.path2, proc.cwd, S.dirfd_of(spec, rec, True), rec["pid"]) or ev.path2
+        if spec.op == "chdir" and rec["ret"] == 0:
+            if spec.path1 is None:  # fchdir: ask /proc while the process lives
+                try:
+                    ev.abspath = os.readlink(f"/proc/{rec['pid']}/cwd")
+                except OSError:
+                    ev.abspath = None
+            if ev.abspath:
+                proc.cwd = ev.abspath
+
+    def _exec_event(self, run, entry, ret, proc):
+        filename = entry["filename"]
+        ev = ExecEvent(filename=filename, argv=entry["argv"], argv_truncated=entry["truncated"],
+                       ret=ret, error=errno_name(ret))
+        resolved = S.resolve(filename, proc.cwd, S.AT_FDCWD, entry["pid"]) or filename
+        if ret == 0:
+            proc.exe = resolved
+        ev.ancestry = self.ancestry(run, entry["pid"])
+        return ev
+
+    def _exec_done(self, run, rec, proc):
+        entry = run.pending_exec.pop(rec["tid"], None)
+        if entry is None:       # exec from a non-leader thread: tid became the pid
+            entry = run.pending_exec.pop(rec["pid"], None)
+        if entry is None:
+            return              # entry record lost (counted by the kernel)
+        ev = self._exec_event(run, entry, rec["ret"], proc)
+        self._stamp(ev, run, {**rec, "ts": entry["ts"]}, proc)
+
+    def _flush_exec(self, run, pid=None):
+        """Exec entries whose return we never saw: emit them with ret unknown."""
+        for tid, entry in list(run.pending_exec.items()):
+            if pid is None or entry["pid"] == pid:
+                del run.pending_exec[tid]
+                proc = self._proc(run, entry["pid"])
+                ev = self._exec_event(run, entry, None, proc)
+                self._stamp(ev, run, entry, proc)
+
+    def finish(self, run):
+        self._flush_exec(run)

@@ -1,0 +1,140 @@
+"""The one event schema: typed dataclasses and their JSON Lines codec.
+
+Every event is one JSON object with at least ``kind``, ``ts`` (Unix time in
+seconds), ``run_id``, ``agent`` and ``pid``. The full identity of a run
+(policy digest, start time, uid, signer, ...) is the ``identity`` of its
+``lifecycle``/``start`` event and of ``run.json`` in the run's state
+directory; ``run_id`` is the key to it.
+"""
+import errno as _errno
+import json
+from dataclasses import dataclass, field, fields
+
+KINDS = ("exec", "fork", "exit", "file", "net", "syscall", "violation", "lifecycle")
+CATEGORIES = ("filesystem", "network", "process", "syscall", "resource", "identity", "protocol")
+ACTIONS = ("alert", "deny", "kill")
+
+
+def errno_name(ret):
+    """-13 -> 'EACCES'; None for success (ret >= 0)."""
+    if ret is None or ret >= 0:
+        return None
+    return _errno.errorcode.get(-ret, f"E{-ret}")
+
+
+@dataclass(kw_only=True)
+class Event:
+    kind: str = ""
+    ts: float = 0.0
+    run_id: str = ""
+    agent: str = ""
+    pid: int = 0
+    tid: int = 0
+    ppid: int = 0
+    uid: int = 0
+    comm: str = ""
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+    def to_json(self):
+        return json.dumps(self.__dict__, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(kw_only=True)
+class ExecEvent(Event):
+    kind: str = "exec"
+    filename: str = ""
+    argv: list = field(default_factory=list)
+    argv_truncated: bool = False
+    ret: int = 0
+    error: str = None
+    ancestry: list = field(default_factory=list)  # [pid, parent, ..., run's root pid]
+
+
+@dataclass(kw_only=True)
+class ForkEvent(Event):
+    kind: str = "fork"
+    child: int = 0
+
+
+@dataclass(kw_only=True)
+class ExitEvent(Event):
+    kind: str = "exit"
+    code: int = None      # exit status when the process called exit_group()
+    signal: int = None    # fatal signal when one was seen delivered
+
+
+@dataclass(kw_only=True)
+class FileEvent(Event):
+    kind: str = "file"
+    op: str = ""          # open, unlink, rename, mkdir, rmdir, chmod, chown, truncate, link, symlink, chdir
+    path: str = ""        # as the process named it
+    abspath: str = None   # resolved against its cwd or dirfd, when known
+    path2: str = None     # rename/link/symlink second path
+    access: list = field(default_factory=list)  # open: read / write / create / truncate
+    flags: int = 0
+    mode: int = None
+    ret: int = 0
+    error: str = None
+
+
+@dataclass(kw_only=True)
+class NetEvent(Event):
+    kind: str = "net"
+    op: str = ""          # socket, connect, bind, sendto, sendmsg
+    family: str = None    # inet, inet6, unix, netlink, packet, ...
+    addr: str = None      # IP address or unix path ("@name" for abstract)
+    port: int = None
+    sock_type: str = None  # socket(): stream, dgram, raw, ...
+    protocol: int = None
+    ret: int = 0
+    error: str = None
+
+
+@dataclass(kw_only=True)
+class SyscallEvent(Event):
+    kind: str = "syscall"
+    name: str = ""
+    nr: int = 0
+    args: list = field(default_factory=list)
+    path: str = None      # a string argument when the syscall has one (mount source, memfd name, ...)
+    ret: int = 0
+    error: str = None
+
+
+@dataclass(kw_only=True)
+class ViolationEvent(Event):
+    kind: str = "violation"
+    category: str = ""
+    rule: str = ""
+    action: str = "alert"
+    detail: dict = field(default_factory=dict)
+    count: int = 1
+
+
+@dataclass(kw_only=True)
+class LifecycleEvent(Event):
+    kind: str = "lifecycle"
+    phase: str = ""       # start, end, drops, warning
+    detail: dict = field(default_factory=dict)
+
+
+EVENT_TYPES = {cls.kind: cls for cls in (ExecEvent, ForkEvent, ExitEvent, FileEvent, NetEvent,
+                                         SyscallEvent, ViolationEvent, LifecycleEvent)}
+_FIELDS = {kind: {f.name for f in fields(cls)} for kind, cls in EVENT_TYPES.items()}
+
+
+def from_dict(d):
+    """A decoded JSON object -> its Event subclass. Unknown keys are kept out,
+    unknown kinds raise ValueError (naming the kind)."""
+    kind = d.get("kind")
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    known = _FIELDS[kind]
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def from_json(line):
+    return from_dict(json.loads(line))

@@ -1,0 +1,1 @@
+"""Harness: scheduler, memory and protocol layers (not yet built)."""

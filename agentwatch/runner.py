@@ -1,0 +1,322 @@
+"""`agentwatch run`: one agent, its cgroup, its sensors, its log.
+
+Order matters and is the point of this module:
+ 1. check input (command, policy) before anything is created;
+ 2. load the BPF sensors and add the run's new cgroup to their filter;
+ 3. fork the agent, put it in the cgroup, and only then let it exec;
+ 4. stream events to the run log until the agent exits;
+ 5. kill whatever the agent left behind, drain the ring buffer, report
+    drops, and remove the cgroup and the BPF programs.
+Stale state from a crashed agentwatch is swept at start (and by `agentwatch gc`).
+"""
+import getpass
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import state
+from .engine import Correlator, RunContext
+from .errors import AgentwatchError, LaunchError, PrivilegeError, UsageError
+from .events import LifecycleEvent
+from .policy import load as load_policy
+from .sandbox import launcher
+from .sandbox.cgroups import RunCgroup, leftover_cgroups, root_path
+from .sinks.console import ConsoleSink
+from .sinks.jsonl import JsonlSink
+
+STOP_GRACE_S = 3.0       # after SIGINT/SIGTERM: time the agent gets before SIGKILL
+STATS_EVERY_S = 1.0
+
+
+@dataclass
+class RunOptions:
+    argv: list
+    policy_path: str = None
+    name: str = None
+    events_path: str = None
+    show: bool = False
+    cwd: str = None
+    env: dict = None
+    ringbuf_pages: int = 4096
+    sensors: list = field(default_factory=lambda: ["process", "file", "net", "sensitive"])
+
+
+def gc(log=None):
+    """Remove what a crashed agentwatch left: kill and remove run cgroups whose
+    owner is gone, and mark their records 'crashed'. Returns the run ids swept."""
+    swept = []
+    records = {r["run_id"]: r for r in state.list_runs()}
+    for run_id in leftover_cgroups():
+        rec = records.get(run_id)
+        if rec is not None and rec.get("status") not in ("crashed",) and state.owner_alive(rec):
+            continue
+        cg = RunCgroup(os.path.join(root_path(), run_id))
+        if cg.remove():
+            swept.append(run_id)
+            if log:
+                log(f"removed stale cgroup of run {run_id}")
+    for run_id, rec in records.items():
+        if rec.get("status") == "crashed":
+            raw = state.read_json(state.run_path(run_id, "run.json")) or rec
+            if raw.get("status") == "running":
+                raw["status"] = "crashed"
+                state.write_json_atomic(state.run_path(run_id, "run.json"), raw)
+                if run_id not in swept:
+                    swept.append(run_id)
+    return swept
+
+
+class Run:
+    def __init__(self, opts):
+        self.opts = opts
+        self.run_id = state.new_run_id()
+        self.sinks = []
+        self.sensors = None
+        self.cgroup = None
+        self.child = None
+        self.record = {}
+        self.exit_status = None
+        self.stop_requested = 0
+        self.stop_deadline = None
+        self._last_lost = 0
+
+    # -- input ----------------------------------------------------------------------
+    def _check(self):
+        o = self.opts
+        if not o.argv:
+            raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
+        self.policy = load_policy(o.policy_path) if o.policy_path else None
+        if os.geteuid() != 0:
+            raise PrivilegeError("agentwatch run needs root (it creates cgroups and loads BPF "
+                                 "programs: CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON); run it with sudo")
+        self.command = launcher.resolve_command(o.argv, o.env)
+        self.agent = (o.name or (self.policy.agent_name if self.policy else "")
+                      or os.path.basename(o.argv[0]))
+        if self.policy and self.policy.sensors:
+            o.sensors = self.policy.sensors
+
+    def _identity(self):
+        uid = os.getuid()
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = str(uid)
+        p = self.policy
+        return {
+            "run_id": self.run_id, "agent": self.agent,
+            "policy": p.path if p else None, "policy_name": p.name if p else None,
+            "policy_digest": p.digest if p else None, "signer": None,
+            "start_time": time.time(), "uid": uid, "user": user,
+            "host": socket.gethostname(), "kernel": platform.release(),
+            "command": self.opts.argv, "executable": self.command,
+            "cwd": self.opts.cwd or os.getcwd(), "enforcement": "monitor",
+        }
+
+    # -- output -----------------------------------------------------------------------
+    def _emit(self, ev):
+        for s in self.sinks:
+            s.write(ev)
+
+    def _lifecycle(self, phase, detail, pid=None):
+        ev = LifecycleEvent(phase=phase, detail=detail, ts=round(time.time(), 6),
+                            run_id=self.run_id, agent=self.agent, pid=pid or os.getpid(),
+                            ppid=os.getppid(), uid=os.getuid(), comm="agentwatch")
+        self._emit(ev)
+
+    def _save_record(self, **changes):
+        self.record.update(changes)
+        state.write_json_atomic(state.run_path(self.run_id, "run.json"), self.record)
+
+    def _stats(self):
+        c = self.sensors.counters()
+        stats = {"events": self.ctx.events, "lost_events": c["lost_events"],
+                 "lost_events_per_cpu": c["lost_events_per_cpu"], "lost_stash": c["lost_stash"],
+                 "records_submitted": c["submitted"], "records_received": c["received"],
+                 "decode_errors": len(self.sensors.errors), "pids": len(self.cgroup.pids()),
+                 "updated": time.time()}
+        state.write_json_atomic(state.run_path(self.run_id, "stats.json"), stats)
+        lost = c["lost_events"] + c["lost_stash"]
+        if lost != self._last_lost:
+            self._lifecycle("drops", {"lost_events": c["lost_events"], "lost_stash": c["lost_stash"],
+                                      "lost_events_per_cpu": c["lost_events_per_cpu"],
+                                      "message": f"{lost - self._last_lost} new events lost in the kernel"})
+            self._last_lost = lost
+        return stats
+
+    # -- signals ------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame):
+        self.stop_requested += 1
+        if self.stop_requested == 1:
+            self.stop_signal = signum
+            self.stop_deadline = time.monotonic() + STOP_GRACE_S
+            if signum != signal.SIGINT and self.cgroup:  # the terminal already sent SIGINT to the agent
+                self.cgroup.signal_all(signal.SIGTERM)
+        elif self.cgroup:
+            self.cgroup.kill()
+
+    # -- main -----------------------------------------------------------------------------
+    def execute(self):
+        self._check()
+        try:
+            gc()
+        except AgentwatchError:
+            pass
+        os.makedirs(state.run_path(self.run_id), exist_ok=True)
+        self.record = {"run_id": self.run_id, "agent": self.agent, "status": "starting",
+                       "owner": {"pid": os.getpid(), "start_time": state.process_start_time(os.getpid())},
+                       "identity": self._identity()}
+        self._save_record()
+        old_handlers = {s: signal.signal(s, self._on_signal)
+                        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return self._execute()
+        finally:
+            self._cleanup()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    def _execute(self):
+        from .sensors import Sensors   # bcc is imported only here, after input checks
+        self.sinks.append(JsonlSink(state.run_path(self.run_id, "events.jsonl")))
+        if self.opts.events_path:
+            try:
+                self.sinks.append(JsonlSink(self.opts.events_path, "w"))
+            except OSError as e:
+                raise UsageError(f"--events {self.opts.events_path}: {e.strerror}") from None
+        if self.opts.show:
+            self.sinks.append(ConsoleSink())
+
+        self.sensors = Sensors(self.opts.sensors, self.opts.ringbuf_pages)
+        self.correlator = Correlator(self.sensors.nr_to_spec, self._emit)
+        self.sensors.open(self.correlator.handle)
+        self.cgroup = RunCgroup.create(self.run_id)
+        self.ctx = RunContext(run_id=self.run_id, agent=self.agent, cgroup_id=self.cgroup.id,
+                              cwd=self.opts.cwd or os.getcwd())
+        self.correlator.add_run(self.ctx)
+        self.sensors.watch(self.cgroup.id)
+        launcher.set_child_subreaper()
+
+        identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
+                        sensors=self.sensors.groups, tracepoints=len(self.sensors.attached))
+        self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd)
+        self.correlator.set_root(self.ctx, self.child.pid, os.getpid())
+        try:
+            self.cgroup.add(self.child.pid)
+        except OSError as e:
+            self.child.abort()
+            raise LaunchError(f"agent did not start: joining cgroup {self.cgroup.path} failed: {e}")
+        self._save_record(status="running", identity=identity, root_pid=self.child.pid)
+        self._lifecycle("start", identity)
+        try:
+            self.child.release()
+        except LaunchError:
+            os.waitpid(self.child.pid, 0)
+            self.child = None
+            raise
+        self._loop()
+        return self.exit_status
+
+    def _loop(self):
+        next_stats = time.monotonic() + STATS_EVERY_S
+        while self.exit_status is None:
+            self.sensors.poll(100)
+            self._reap()
+            now = time.monotonic()
+            if self.stop_deadline and now > self.stop_deadline:
+                self.cgroup.kill()
+                self.stop_deadline = None
+            if now >= next_stats:
+                for s in self.sinks:
+                    s.flush()
+                self._stats()
+                next_stats = now + STATS_EVERY_S
+            else:
+                for s in self.sinks:
+                    s.flush()
+
+    def _reap(self):
+        """Reap our children (the agent, and orphans re-parented to us)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.child and pid == self.child.pid:
+                code = os.waitstatus_to_exitcode(status)
+                self.exit_status = code if code >= 0 else 128 - code
+
+    def _finish(self):
+        """After the agent exited: kill leftovers, drain, report."""
+        leftover = self.cgroup.pids()
+        if leftover:
+            self._lifecycle("warning", {"message": f"killed {len(leftover)} process(es) the agent "
+                                                   "left running", "killed": leftover})
+            self.cgroup.kill()
+        deadline = time.monotonic() + 5
+        while self.cgroup.pids() and time.monotonic() < deadline:
+            self.sensors.poll(20)
+            self._reap()
+        # the last exit records may still be in flight: drain until quiet
+        quiet = 0
+        while quiet < 3:
+            before = self.sensors.received
+            self.sensors.poll(30)
+            quiet = quiet + 1 if self.sensors.received == before else 0
+        self._reap()
+        self.correlator.finish(self.ctx)
+        stats = self._stats()
+        lost = stats["lost_events"] + stats["lost_stash"]
+        self._lifecycle("end", {"exit_status": self.exit_status, "events": self.ctx.events,
+                                "lost_events": stats["lost_events"], "lost_stash": stats["lost_stash"],
+                                "lost_events_per_cpu": stats["lost_events_per_cpu"],
+                                "records_submitted": stats["records_submitted"],
+                                "records_received": stats["records_received"],
+                                "decode_errors": stats["decode_errors"],
+                                "stopped_by_signal": getattr(self, "stop_signal", None)})
+        self.summary = (f"agentwatch: run {self.run_id} ({self.agent}) exited {self.exit_status}: "
+                        f"{self.ctx.events} events, {lost} lost")
+        if stats["lost_events"]:
+            per_cpu = ", ".join(f"{n} on CPU #{i}" for i, n in enumerate(stats["lost_events_per_cpu"]) if n)
+            self.summary += f" (ring buffer full: {per_cpu})"
+        self.summary += f"; log: {state.run_path(self.run_id, 'events.jsonl')}"
+
+    def _cleanup(self):
+        status = "exited"
+        try:
+            if self.exit_status is not None and self.sensors and self.cgroup:
+                self._finish()
+            elif self.child is not None:
+                status = "failed"
+                self.cgroup.kill()
+        except Exception:
+            status = "failed"
+            raise
+        finally:
+            for s in self.sinks:
+                s.close()
+            if self.sensors:
+                if self.cgroup:
+                    self.sensors.unwatch(self.cgroup.id)
+                self.sensors.close()
+            if self.cgroup:
+                self.cgroup.kill()
+                self.cgroup.remove()
+            if self.record:
+                if self.exit_status is None:
+                    status = "failed"
+                self._save_record(status=status, exit_status=self.exit_status, end_time=time.time())
+
+
+def run_agent(opts):
+    """Run an agent to completion; returns its exit status (128+N if killed by N)."""
+    run = Run(opts)
+    code = run.execute()
+    if getattr(run, "summary", None):
+        print(run.summary, file=sys.stderr)
+    return code

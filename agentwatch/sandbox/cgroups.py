@@ -1,0 +1,117 @@
+"""cgroup v2 leaves for runs.
+
+Each run gets <cgroup2 mount>/agentwatch/<run_id>. The mount is found from
+/proc/mounts, so unified hosts (/sys/fs/cgroup) and hybrid ones
+(/sys/fs/cgroup/unified, next to v1 controllers) both work. The leaf's inode
+number is the id bpf_get_current_cgroup_id() returns for its members.
+"""
+import errno
+import os
+import signal
+import time
+
+from ..errors import KernelFeatureError, PrivilegeError
+
+ROOT_NAME = "agentwatch"
+
+
+def cgroup2_mount(mounts="/proc/mounts"):
+    with open(mounts) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "cgroup2":
+                return parts[1].replace("\\040", " ")
+    raise KernelFeatureError("no cgroup v2 hierarchy is mounted; agentwatch needs one to "
+                             "tell an agent's processes apart (see agentwatch doctor)")
+
+
+def root_path():
+    return os.path.join(cgroup2_mount(), ROOT_NAME)
+
+
+class RunCgroup:
+    def __init__(self, path):
+        self.path = path
+        self.id = os.stat(path).st_ino
+
+    @classmethod
+    def create(cls, run_id):
+        root = root_path()
+        try:
+            os.makedirs(root, exist_ok=True)
+            os.mkdir(os.path.join(root, run_id))
+        except PermissionError:
+            raise PrivilegeError(f"cannot create a cgroup under {root}: run agentwatch as root") from None
+        return cls(os.path.join(root, run_id))
+
+    def _file(self, name):
+        return os.path.join(self.path, name)
+
+    def add(self, pid):
+        with open(self._file("cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
+    def pids(self):
+        try:
+            with open(self._file("cgroup.procs")) as f:
+                return [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def signal_all(self, sig):
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self):
+        """SIGKILL every process in the cgroup, forks in flight included."""
+        try:
+            with open(self._file("cgroup.kill"), "w") as f:
+                f.write("1")
+            return
+        except FileNotFoundError:
+            if not os.path.isdir(self.path):
+                return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+        # kernels before 5.14: freeze, kill what is there, thaw
+        freeze = self._file("cgroup.freeze")
+        have_freeze = os.path.exists(freeze)
+        if have_freeze:
+            with open(freeze, "w") as f:
+                f.write("1")
+        for _ in range(100):
+            if not self.pids():
+                break
+            self.signal_all(signal.SIGKILL)
+            time.sleep(0.01)
+        if have_freeze:
+            with open(freeze, "w") as f:
+                f.write("0")
+
+    def remove(self, timeout=5.0):
+        """Kill what is left and remove the directory. True when it is gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.rmdir(self.path)
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    return False
+            self.kill()
+            time.sleep(0.02)
+
+
+def leftover_cgroups():
+    """Run cgroups that exist under the agentwatch root (names are run ids)."""
+    try:
+        root = root_path()
+        return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+    except (FileNotFoundError, KernelFeatureError):
+        return []

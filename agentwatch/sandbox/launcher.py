@@ -1,0 +1,126 @@
+"""Starts the agent: fork, wait until the monitor is ready, exec.
+
+The child blocks on a pipe until the parent has put it in the run's cgroup
+and the BPF filter knows that cgroup, so not one event of the agent's own
+exec is missed. Each set-up step is named; if one fails, the child reports
+the step and errno through a close-on-exec pipe and the agent never starts.
+"""
+import ctypes
+import errno
+import os
+import shutil
+import signal
+
+from ..errors import LaunchError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+# Signals Python changes from their defaults (SIGPIPE ignored, SIGINT raising)
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                  signal.SIGQUIT, signal.SIGXFSZ, signal.SIGCHLD)
+
+
+def prctl(option, arg):
+    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def set_child_subreaper():
+    """Orphaned descendants are re-parented to us, so we reap them and see
+    their exact exit status."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def resolve_command(argv, env=None):
+    """Absolute path of argv[0] by PATH search; LaunchError(127) if none."""
+    cmd = argv[0]
+    path = (env or os.environ).get("PATH", os.defpath)
+    found = cmd if "/" in cmd else shutil.which(cmd, path=path)
+    if not found or not os.path.exists(found):
+        raise LaunchError(f"command not found: {cmd}", exit_code=127)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise LaunchError(f"command is not executable: {found}", exit_code=126)
+    return found
+
+
+class Child:
+    """A forked agent that has not exec'ed yet."""
+
+    def __init__(self, pid, go_fd, err_fd):
+        self.pid = pid
+        self._go = go_fd
+        self._err = err_fd
+
+    def release(self):
+        """Let the child exec; raise LaunchError naming the step that failed."""
+        os.write(self._go, b"g")
+        os.close(self._go)
+        data = b""
+        while True:
+            chunk = os.read(self._err, 4096)
+            if not chunk:
+                break
+            data += chunk
+        os.close(self._err)
+        if data:
+            step, err, msg = data.decode(errors="replace").split("\0", 2)
+            code = 127 if int(err) == errno.ENOENT else 126
+            raise LaunchError(f"agent did not start: {step} failed: {msg}", exit_code=code)
+
+    def abort(self):
+        """Make a child that was never released exit without exec."""
+        for fd in (self._go, self._err):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def spawn(argv, env=None, cwd=None, setup=()):
+    """Fork a child that will exec argv once released. setup is a list of
+    (step name, callable) run in the child just before exec (sandbox layers)."""
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # child: only async-signal-safe-ish work from here on
+        step = "start"
+        try:
+            os.close(go_w)
+            os.close(err_r)
+            step = "set parent-death signal"
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+            step = "wait for the monitor"
+            if os.read(go_r, 1) != b"g":
+                os._exit(1)           # parent gone or aborted us
+            os.close(go_r)
+            step = "reset signals"
+            for sig in _RESET_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            if cwd:
+                step = f"chdir to {cwd}"
+                os.chdir(cwd)
+            for step, fn in setup:
+                fn()
+            step = f"exec {argv[0]}"
+            os.execvpe(argv[0], argv, env if env is not None else os.environ)
+        except BaseException as e:  # noqa: BLE001 - report anything, never return into the parent's code
+            err = getattr(e, "errno", None) or 0
+            try:
+                os.write(err_w, f"{step}\0{err}\0{e}".encode())
+            finally:
+                os._exit(127 if err == errno.ENOENT else 126)
+    os.close(go_r)
+    os.close(err_w)
+    return Child(pid, go_w, err_r)

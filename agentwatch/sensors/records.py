@@ -1,0 +1,115 @@
+"""Python mirror of bpf/events.h, described as data.
+
+Each record is a list of (field, struct format) pairs; offsets follow C
+natural alignment exactly as in the header (tests/unit/test_records.py
+compiles the header and compares). Decoding is pure Python: no bcc here.
+"""
+import struct
+
+COMM_LEN = 16
+STR_LEN = 256
+ARGC_MAX = 20
+ARG_LEN = 128
+
+EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3, 4
+
+CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2
+NOARG = 0xFF
+
+SPEC_EMIT = 0x01
+SPEC_NEED_ADDR = 0x02
+SPEC_EXEC = 0x04
+SPEC_EXIT_GROUP = 0x08
+SPEC_WATCH = 0x10
+
+HDR_FIELDS = [
+    ("type", "I"), ("pid", "I"), ("tid", "I"), ("uid", "I"),
+    ("ts", "Q"), ("cgroup", "Q"), ("comm", f"{COMM_LEN}s"),
+]
+
+RECORDS = {
+    "aw_hdr": HDR_FIELDS,
+    "aw_syscall_event": [
+        ("h", HDR_FIELDS), ("nr", "i"), ("len2", "I"), ("ret", "q"),
+        ("args", "6Q"), ("extra", "2Q"), ("str1", f"{STR_LEN}s"), ("data2", f"{STR_LEN}s"),
+    ],
+    "aw_exec_event": [
+        ("h", HDR_FIELDS), ("argc", "I"), ("truncated", "I"),
+        ("filename", f"{STR_LEN}s"), ("argv", f"{ARGC_MAX * ARG_LEN}s"),
+    ],
+    "aw_fork_event": [("h", HDR_FIELDS), ("child", "I"), ("pad", "I")],
+    "aw_exit_event": [("h", HDR_FIELDS), ("code", "i"), ("sig", "i")],
+    "aw_spec": [(name, "B") for name in
+                ("flags", "path1", "path2", "addr", "addrlen", "msghdr", "deref", "argv")],
+}
+
+
+def _flatten(fields):
+    fmt = ""
+    for _, f in fields:
+        fmt += _flatten(f) if isinstance(f, list) else f
+    return fmt
+
+
+def layout(name):
+    """[(field, offset, size)] for a record, using C alignment ('@' mode)."""
+    out, fmt = [], "@"
+    for field, f in RECORDS[name]:
+        sub = _flatten(f) if isinstance(f, list) else f
+        # align the field as C would: to its first member's alignment
+        first = struct.Struct("@" + sub.lstrip("0123456789")[0])
+        pad = (-struct.calcsize(fmt)) % first.size if first.size > 1 else 0
+        fmt += "x" * pad
+        off = struct.calcsize(fmt)
+        fmt += sub
+        out.append((field, off, struct.calcsize(fmt) - off))
+    return out
+
+
+def size(name):
+    fmt = "@" + _flatten(RECORDS[name])
+    return struct.calcsize(fmt + "0Q")  # trailing padding to 8-byte alignment
+
+
+_HDR = struct.Struct("<" + _flatten(HDR_FIELDS))
+_SYSCALL = struct.Struct("<" + _flatten(RECORDS["aw_syscall_event"]))
+_EXEC = struct.Struct("<" + _flatten(RECORDS["aw_exec_event"]))
+_FORK_EXIT = struct.Struct("<" + _HDR.format[1:] + "ii")
+SPEC = struct.Struct("<" + _flatten(RECORDS["aw_spec"]))
+
+
+def cstr(raw):
+    """Bytes up to the first NUL, decoded without ever failing."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def decode(buf):
+    """Raw ring-buffer record -> (type, dict). Unknown types raise ValueError."""
+    etype = _HDR.unpack_from(buf)[0]
+    if etype == EV_SYSCALL:
+        v = _SYSCALL.unpack_from(buf)
+        rec = _hdr(v)
+        rec.update(nr=v[7], len2=v[8], ret=v[9], args=v[10:16], extra=v[16:18],
+                   str1=cstr(v[18]), data2=v[19])
+    elif etype == EV_EXEC:
+        v = _EXEC.unpack_from(buf)
+        rec = _hdr(v)
+        argc = min(v[7], ARGC_MAX)
+        argv_raw = v[10]
+        rec.update(argc=argc, truncated=bool(v[8]), filename=cstr(v[9]),
+                   argv=[cstr(argv_raw[i * ARG_LEN:(i + 1) * ARG_LEN]) for i in range(argc)])
+    elif etype in (EV_FORK, EV_EXIT):
+        v = _FORK_EXIT.unpack_from(buf)
+        rec = _hdr(v)
+        if etype == EV_FORK:
+            rec["child"] = v[7] & 0xFFFFFFFF
+        else:
+            rec.update(code=v[7], sig=v[8])
+    else:
+        raise ValueError(f"unknown record type {etype}")
+    return etype, rec
+
+
+def _hdr(v):
+    return {"type": v[0], "pid": v[1], "tid": v[2], "uid": v[3], "ts": v[4],
+            "cgroup": v[5], "comm": cstr(v[6])}

@@ -1,0 +1,1 @@
+"""Where events go: JSON Lines files (the run log, --events FILE) and the console."""

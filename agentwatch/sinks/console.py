@@ -1,0 +1,76 @@
+"""Human-readable, one line per event; violations stand out."""
+import sys
+import time
+
+_RED, _YEL, _DIM, _OFF = "\033[1;31m", "\033[33m", "\033[2m", "\033[0m"
+
+
+def _result(d):
+    err = d.get("error")
+    return f" -> {err}" if err else ""
+
+
+def describe(d):
+    """The part of the line after time, agent and pid."""
+    k = d.get("kind")
+    if k == "exec":
+        argv = " ".join(d.get("argv") or []) + (" ..." if d.get("argv_truncated") else "")
+        return f"exec {d.get('filename')} [{argv}]{_result(d)}"
+    if k == "fork":
+        return f"fork child={d.get('child')}"
+    if k == "exit":
+        if d.get("code") is not None:
+            return f"exit code={d['code']}"
+        return f"exit signal={d.get('signal')}" if d.get("signal") else "exit"
+    if k == "file":
+        path = d.get("abspath") or d.get("path")
+        extra = f" -> {d['path2']}" if d.get("path2") else ""
+        access = f" ({','.join(d['access'])})" if d.get("access") else ""
+        return f"file {d.get('op')} {path}{extra}{access}{_result(d)}"
+    if k == "net":
+        if d.get("op") == "socket":
+            return f"net socket {d.get('family')}/{d.get('sock_type')}{_result(d)}"
+        where = d.get("addr") or ""
+        if d.get("port") is not None:
+            where = f"[{where}]:{d['port']}" if ":" in where else f"{where}:{d['port']}"
+        return f"net {d.get('op')} {d.get('family')} {where}{_result(d)}"
+    if k == "syscall":
+        arg = f" {d['path']}" if d.get("path") else ""
+        return f"syscall {d.get('name')}{arg}{_result(d)}"
+    if k == "violation":
+        n = f" (x{d['count']})" if d.get("count", 1) > 1 else ""
+        return f"VIOLATION [{d.get('category')}/{d.get('rule')}] {d.get('action')}{n}: {d.get('detail')}"
+    if k == "lifecycle":
+        detail = d.get("detail") or {}
+        short = {k2: v for k2, v in detail.items() if k2 in (
+            "command", "exit_status", "events", "lost_events", "policy", "message", "killed")}
+        return f"{d.get('phase')} {short}"
+    return str(d)
+
+
+def format_line(d, color=False):
+    ts = time.strftime("%H:%M:%S", time.localtime(d.get("ts", 0))) + f".{int(d.get('ts', 0) * 1000) % 1000:03d}"
+    line = f"{ts} {d.get('agent', '?')}[{d.get('run_id', '?')[-6:]}] pid={d.get('pid')} {describe(d)}"
+    if color:
+        if d.get("kind") == "violation":
+            return f"{_RED}{line}{_OFF}"
+        if d.get("kind") == "lifecycle":
+            return f"{_DIM}{line}{_OFF}"
+        if d.get("error"):
+            return f"{_YEL}{line}{_OFF}"
+    return line
+
+
+class ConsoleSink:
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.color = self.stream.isatty()
+
+    def write(self, event):
+        self.stream.write(format_line(event.to_dict(), self.color) + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+    def close(self):
+        self.flush()

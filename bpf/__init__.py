@@ -1,0 +1,1 @@
+"""BPF C sources of the sensors; located at run time by agentwatch.sensors."""

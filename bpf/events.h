@@ -1,0 +1,94 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Event records and constants shared by every agentwatch sensor.
+ *
+ * agentwatch/sensors/records.py mirrors these structs field by field;
+ * tests/unit/test_records.py compiles this header with the host compiler and
+ * checks that sizes and offsets agree, so the two cannot drift apart.
+ *
+ * Only fixed-width types are used so the layout is the same for the BPF
+ * target and for the host compiler.
+ */
+#ifndef AW_EVENTS_H
+#define AW_EVENTS_H
+
+#define AW_EV_SYSCALL 1  /* a watched syscall returned (file, net, sensitive) */
+#define AW_EV_EXEC    2  /* execve/execveat entered: filename and argv */
+#define AW_EV_FORK    3  /* a new process (not a thread) was created */
+#define AW_EV_EXIT    4  /* the last thread of a process exited */
+
+#define AW_COMM_LEN  16
+#define AW_STR_LEN   256  /* paths are cut here; the event says so */
+#define AW_ARGC_MAX  20
+#define AW_ARG_LEN   128
+
+/* Per-CPU counters (map "counters"): every event the kernel could not
+ * deliver is counted here, never dropped silently. */
+#define AW_CNT_LOST_EVENTS 0  /* ring buffer full: event lost */
+#define AW_CNT_LOST_STASH  1  /* syscall-entry stash full: syscall not recorded */
+#define AW_CNT_SEEN        2  /* events submitted */
+#define AW_CNT_MAX         4
+
+/* Per-syscall spec (map "specs", indexed by syscall number), written by
+ * agentwatch/sensors/syscalls.py. Argument indexes are 0..5; AW_NOARG
+ * means "none". */
+#define AW_NOARG 0xff
+#define AW_SPEC_EMIT       0x01  /* emit an event when the syscall returns */
+#define AW_SPEC_WATCH      0x10  /* set for every watched syscall: stash its arguments */
+#define AW_SPEC_NEED_ADDR  0x02  /* ... but only when the address argument is set */
+#define AW_SPEC_EXEC       0x04  /* emit filename + argv at entry */
+#define AW_SPEC_EXIT_GROUP 0x08  /* remember args[0] as the process exit code */
+
+struct aw_spec {
+	__u8 flags;
+	__u8 path1;    /* user string: path or name */
+	__u8 path2;    /* second user string (rename, link, symlink target) */
+	__u8 addr;     /* struct sockaddr * */
+	__u8 addrlen;  /* its length */
+	__u8 msghdr;   /* struct user_msghdr * (sendmsg): its msg_name */
+	__u8 deref;    /* pointer to a struct whose first 16 bytes are copied (open_how, clone_args) */
+	__u8 argv;     /* char **argv (exec) */
+};
+
+struct aw_hdr {
+	__u32 type;
+	__u32 pid;     /* thread group id */
+	__u32 tid;
+	__u32 uid;
+	__u64 ts;      /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cgroup;  /* cgroup v2 id */
+	char comm[AW_COMM_LEN];
+};
+
+struct aw_syscall_event {
+	struct aw_hdr h;
+	__s32 nr;
+	__u32 len2;            /* bytes valid in data2 when it holds a sockaddr */
+	__s64 ret;
+	__u64 args[6];
+	__u64 extra[2];        /* first 16 bytes behind spec.deref */
+	char str1[AW_STR_LEN];
+	__u8 data2[AW_STR_LEN]; /* second path, or the raw sockaddr */
+};
+
+struct aw_exec_event {
+	struct aw_hdr h;
+	__u32 argc;            /* arguments copied */
+	__u32 truncated;       /* 1 when argv had more than AW_ARGC_MAX entries */
+	char filename[AW_STR_LEN];
+	char argv[AW_ARGC_MAX][AW_ARG_LEN];
+};
+
+struct aw_fork_event {
+	struct aw_hdr h;
+	__u32 child;
+	__u32 pad;
+};
+
+struct aw_exit_event {
+	struct aw_hdr h;
+	__s32 code;    /* exit_group() status, or -1 when the process did not call it */
+	__s32 sig;     /* fatal signal seen delivered, or 0 */
+};
+
+#endif

@@ -1,0 +1,197 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Syscall sensor: one generic entry and one generic exit program, attached
+ * by agentwatch/sensors/syscalls.py to exactly the syscalls:sys_{enter,exit}_*
+ * tracepoints the run needs (file, network, sensitive and process syscalls).
+ * What to copy for each syscall (which argument is a path, a sockaddr, ...)
+ * comes from the "specs" map, so the C stays the same whatever is watched.
+ *
+ * Entry stashes the arguments per thread; exit reads the user strings (the
+ * kernel has faulted them in by then) and emits one record with the return
+ * value, so a denied call (-EACCES, -EPERM) is visible as such.
+ */
+
+/* Layout of every syscalls:sys_enter_* / sys_exit_* record (see the tracefs
+ * "format" files; checked by tests/kernel/test_sensors.py). */
+struct aw_sys_enter_args {
+	u64 common;
+	s32 nr;
+	u32 pad;
+	u64 args[6];
+};
+
+struct aw_sys_exit_args {
+	u64 common;
+	s32 nr;
+	u32 pad;
+	s64 ret;
+};
+
+struct aw_stash {
+	s32 nr;
+	u32 pad;
+	u64 args[6];
+	u64 extra[2];
+};
+
+/* Largest syscall number we can describe (x86_64 ends below 512). */
+#define AW_NR_MAX 512
+BPF_ARRAY(specs, struct aw_spec, AW_NR_MAX);
+BPF_HASH(stash, u32, struct aw_stash, 16384);        /* tid -> entry args */
+BPF_HASH(exit_codes, u32, s32, 16384);               /* tgid -> exit_group() status */
+
+struct user_msghdr_head {   /* leading fields of uapi struct user_msghdr */
+	u64 msg_name;
+	s32 msg_namelen;
+};
+
+static __always_inline u64 aw_arg(const u64 *args, u8 idx)
+{
+	if (idx < 6)
+		return args[idx];
+	return 0;
+}
+
+static __always_inline void aw_emit_exec(const u64 *args, struct aw_spec *sp)
+{
+	struct aw_exec_event *e;
+	if (!AW_RESERVE(e))
+		return;
+	aw_fill_hdr(&e->h, AW_EV_EXEC);
+	e->argc = 0;
+	e->truncated = 0;
+	bpf_probe_read_user_str(e->filename, sizeof(e->filename),
+				(void *)aw_arg(args, sp->path1));
+	const char *const *argv = (const char *const *)aw_arg(args, sp->argv);
+#pragma unroll
+	for (int i = 0; i < AW_ARGC_MAX; i++) {
+		const char *p = NULL;
+		if (bpf_probe_read_user(&p, sizeof(p), &argv[i]) || !p)
+			goto out;
+		bpf_probe_read_user_str(e->argv[i], AW_ARG_LEN, p);
+		e->argc = i + 1;
+	}
+	{
+		const char *p = NULL;
+		if (!bpf_probe_read_user(&p, sizeof(p), &argv[AW_ARGC_MAX]) && p)
+			e->truncated = 1;
+	}
+out:
+	aw_submit(e);
+}
+
+static __always_inline int aw_enter(struct aw_sys_enter_args *ctx, const int nargs)
+{
+	if (!aw_watched())
+		return 0;
+	u32 nr = ctx->nr;
+	struct aw_spec *sp = specs.lookup(&nr);
+	if (!sp || !sp->flags)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (sp->flags & AW_SPEC_EXIT_GROUP) {
+		u32 tgid = id >> 32;
+		s32 code = nargs > 0 ? (s32)ctx->args[0] : 0;
+		exit_codes.update(&tgid, &code);
+		return 0;
+	}
+	/* copy the arguments to the stack first: the verifier refuses a
+	 * variable index into the tracepoint context */
+	struct aw_stash st = {};
+	st.nr = ctx->nr;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		if (i < nargs)
+			st.args[i] = ctx->args[i];
+	if (sp->flags & AW_SPEC_EXEC)
+		aw_emit_exec(st.args, sp);
+	if (sp->deref != AW_NOARG)
+		bpf_probe_read_user(&st.extra, sizeof(st.extra), (void *)aw_arg(st.args, sp->deref));
+	u32 tid = (u32)id;
+	if (stash.update(&tid, &st))
+		aw_count(AW_CNT_LOST_STASH);
+	return 0;
+}
+
+/* One entry program per argument count: the kernel refuses to attach a
+ * program that reads past the end of a tracepoint's record, and a syscall
+ * with two arguments has a shorter record than one with six. */
+#define AW_ENTER(n) \
+	int aw_sys_enter##n(struct aw_sys_enter_args *ctx) { return aw_enter(ctx, n); }
+AW_ENTER(0)
+AW_ENTER(1)
+AW_ENTER(2)
+AW_ENTER(3)
+AW_ENTER(4)
+AW_ENTER(5)
+AW_ENTER(6)
+
+int aw_sys_exit(struct aw_sys_exit_args *ctx)
+{
+	if (!aw_watched())
+		return 0;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct aw_stash *st = stash.lookup(&tid);
+	if (!st)
+		return 0;
+	u32 nr = st->nr;
+	struct aw_spec *sp = specs.lookup(&nr);
+	if (!sp || !(sp->flags & AW_SPEC_EMIT)) {
+		stash.delete(&tid);
+		return 0;
+	}
+	/* Where the socket address is, if this syscall has one. */
+	u64 addr = aw_arg(st->args, sp->addr);
+	u32 len = (u32)aw_arg(st->args, sp->addrlen);
+	if (sp->msghdr != AW_NOARG) {
+		struct user_msghdr_head mh = {};
+		bpf_probe_read_user(&mh, sizeof(mh), (void *)aw_arg(st->args, sp->msghdr));
+		addr = mh.msg_name;
+		len = mh.msg_namelen;
+	}
+	/* send on a connected socket names no address: nothing new to see */
+	if ((sp->flags & AW_SPEC_NEED_ADDR) && !addr) {
+		stash.delete(&tid);
+		return 0;
+	}
+	struct aw_syscall_event *e;
+	if (!AW_RESERVE(e)) {
+		stash.delete(&tid);
+		return 0;
+	}
+	aw_fill_hdr(&e->h, AW_EV_SYSCALL);
+	e->nr = st->nr;
+	e->ret = ctx->ret;
+	e->len2 = 0;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		e->args[i] = st->args[i];
+	e->extra[0] = st->extra[0];
+	e->extra[1] = st->extra[1];
+	e->str1[0] = 0;
+	e->data2[0] = 0;
+	if (sp->flags & AW_SPEC_EXEC) {
+		/* after a successful exec the old image's strings are gone: the
+		 * entry record already carried them */
+	} else if (sp->path1 != AW_NOARG)
+		bpf_probe_read_user_str(e->str1, sizeof(e->str1), (void *)aw_arg(st->args, sp->path1));
+	if (sp->flags & AW_SPEC_EXEC) {
+	} else if (sp->path2 != AW_NOARG) {
+		bpf_probe_read_user_str(e->data2, sizeof(e->data2), (void *)aw_arg(st->args, sp->path2));
+	} else if (addr) {
+		/* constant-size reads the verifier accepts: the largest of the
+		 * uapi sockaddr sizes (un 110, in6 28, in 16) that fits len */
+		u32 n = len >= 110 ? 110 : len >= 28 ? 28 : len >= 16 ? 16 : 0;
+		if (n == 110 && !bpf_probe_read_user(e->data2, 110, (void *)addr))
+			e->len2 = len > 110 ? 110 : len;
+		else if (n == 28 && !bpf_probe_read_user(e->data2, 28, (void *)addr))
+			e->len2 = 28;
+		else if (n == 16 && !bpf_probe_read_user(e->data2, 16, (void *)addr))
+			e->len2 = 16;
+		else if (len >= 2 && !bpf_probe_read_user(e->data2, 2, (void *)addr))
+			e->len2 = 2;
+	}
+	stash.delete(&tid);
+	aw_submit(e);
+	return 0;
+}

@@ -1,0 +1,1 @@
+"""agentwatch command line (installed as the agentwatch_cli package)."""

@@ -1,0 +1,20 @@
+#!/bin/sh
+# A stand-in for a coding agent: reads the system, writes its workspace,
+# runs a tool, talks to a local service, and does a few things the shipped
+# coding-agent policy does not allow (they show up as violations once policy
+# evaluation is on).
+set -u
+WS="${WORKSPACE:-$(mktemp -d /tmp/agentwatch-demo.XXXXXX)}"
+cd "$WS"
+echo "demo agent: workspace $WS" >&2
+cat /etc/os-release > /dev/null            # read the system
+printf 'print("hello")\n' > main.py        # write the workspace
+python3 main.py > /dev/null 2>&1 || true   # run a tool
+ls -la > listing.txt
+cat "$HOME/.ssh/id_rsa" > /dev/null 2>&1 || true   # a secret (forbidden)
+# a local service on a port the policy does not allow (connection refused is fine)
+python3 -c 'import socket; s=socket.socket(); s.settimeout(1); print(s.connect_ex(("127.0.0.1", 8081)))' >/dev/null 2>&1 || true
+( sh -c 'sleep 0.2; echo done > bg.txt' & )  # a detached background helper
+sleep 0.5
+rm -rf "$WS"
+exit 0
