@@ -131,10 +131,14 @@ def _capture_fd2():
 
 
 def _last_line(text: str, limit: int = 200) -> str:
-    """The first compiler error line, else the last non-empty line."""
+    """The most telling line of bcc/clang/verifier output."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error:" in ln]
-    return (errors or lines or [""])[0 if errors else -1][:limit]
+    errors = [ln for ln in lines if "error:" in ln]  # clang
+    if errors:
+        return errors[0][:limit]
+    lines = [ln for ln in lines  # verifier: drop its summary and bcc's errno echo
+             if not ln.startswith(("processed ", "bpf: Failed to load program"))]
+    return lines[-1][:limit] if lines else ""
 
 
 def _bpf(text: str, use):
@@ -151,7 +155,7 @@ def _bpf(text: str, use):
     b = None
     with _capture_fd2() as chatter:
         try:
-            b = bcc.BPF(text=text)
+            b = bcc.BPF(text=text.encode())
             return use(b, bcc)
         except Exception as e:  # noqa: BLE001
             err = ctypes.get_errno()  # bcc's libbcc sets errno (use_errno=True)
@@ -164,8 +168,6 @@ def _bpf(text: str, use):
             if msg.startswith("Failed to compile"):
                 msg = "bcc compile failed"
             extra = _last_line(chatter())
-            if extra.startswith("bpf: Failed to load program"):
-                extra = ""  # bcc's restatement of the errno above
             raise _Fail(f"{msg}: {extra}" if extra and extra not in msg else msg) from None
         finally:
             if b is not None:
@@ -247,14 +249,14 @@ def _probe_kernel_headers():
 
 def _probe_bpf_syscall():
     def use(b, bcc):
-        b.load_func("f", bcc.BPF.SOCKET_FILTER)
+        b.load_func(b"f", bcc.BPF.SOCKET_FILTER)
         return True, "loaded a socket filter program"
     return _bpf("int f(void *ctx) { return 0; }", use)
 
 
 def _probe_raw_tracepoint():
     def use(b, bcc):
-        b.load_func("f", bcc.BPF.RAW_TRACEPOINT)
+        b.load_func(b"f", bcc.BPF.RAW_TRACEPOINT)
         return True, "loaded a raw tracepoint program"
     return _bpf("int f(struct bpf_raw_tracepoint_args *ctx) { return 0; }", use)
 
@@ -264,17 +266,17 @@ def _probe_tracepoint():
 BPF_ARRAY(hits, u64, 1);
 int f(void *ctx) { hits.increment(0); return 0; }
 """
-    tp = "syscalls:sys_enter_getppid"
+    tp = b"syscalls:sys_enter_getppid"
 
     def use(b, bcc):
-        b.load_func("f", bcc.BPF.TRACEPOINT)
-        b.attach_tracepoint(tp=tp, fn_name="f")
+        b.load_func(b"f", bcc.BPF.TRACEPOINT)
+        b.attach_tracepoint(tp=tp, fn_name=b"f")
         os.getppid()
         b.detach_tracepoint(tp=tp)
-        n = b["hits"][0].value
+        n = b[b"hits"][0].value
         if n < 1:
-            return False, f"attached to {tp} but it never fired"
-        return True, f"attached to {tp}, fired {n} time(s), detached"
+            return False, f"attached to {tp.decode()} but it never fired"
+        return True, f"attached to {tp.decode()}, fired {n} time(s), detached"
     return _bpf(text, use)
 
 
@@ -285,8 +287,8 @@ int f(void *ctx) { u32 x = 1; events.ringbuf_output(&x, sizeof(x), 0); return 0;
 """
 
     def use(b, bcc):
-        b.load_func("f", bcc.BPF.SOCKET_FILTER)
-        b["events"].open_ring_buffer(lambda *args: None)
+        b.load_func(b"f", bcc.BPF.SOCKET_FILTER)
+        b[b"events"].open_ring_buffer(lambda *args: None)
         b.ring_buffer_poll(0)
         return True, "created a ring buffer map, loaded a writer and polled it"
     return _bpf(text, use)
@@ -323,7 +325,7 @@ def _probe_cgroup_controllers():
 
 def _probe_cgroup_bpf():
     def use(b, bcc):
-        b.load_func("f", bcc.BPF.CGROUP_SOCK_ADDR,
+        b.load_func(b"f", bcc.BPF.CGROUP_SOCK_ADDR,
                     attach_type=bcc.BPFAttachType.CGROUP_INET4_CONNECT)
         return True, "loaded a cgroup_sock_addr (inet4 connect) program; not attached"
     return _bpf("int f(struct bpf_sock_addr *ctx) { return 1; }", use)
@@ -364,7 +366,7 @@ def _probe_bpf_lsm():
                  f"({source}: {','.join(lsms)})")
 
     def use(b, bcc):
-        b.load_func("lsm__file_open", bcc.BPF.LSM)  # bcc already loaded+attached it
+        b.load_func(b"lsm__file_open", bcc.BPF.LSM)  # bcc already loaded+attached it
         return "LSM_PROBE loads"
     try:
         loaded = _bpf("LSM_PROBE(file_open, struct file *file) { return 0; }", use)

@@ -34,6 +34,7 @@ class RunContext:
     procs: dict = field(default_factory=dict)
     pending_exec: dict = field(default_factory=dict)  # tid -> exec entry record
     events: int = 0
+    emit: object = None      # callable(Event): the run's sinks
 
 
 def monotonic_to_wall():
@@ -42,15 +43,17 @@ def monotonic_to_wall():
 
 
 class Correlator:
-    def __init__(self, nr_to_spec, emit):
+    def __init__(self, nr_to_spec):
         self.nr_to_spec = nr_to_spec
-        self.emit = emit             # callable(Event)
         self.runs = {}               # cgroup id -> RunContext
         self.unattributed = 0        # records from cgroups no run owns (should stay 0)
         self._offset = monotonic_to_wall()
 
     def add_run(self, run):
         self.runs[run.cgroup_id] = run
+
+    def remove_run(self, run):
+        self.runs.pop(run.cgroup_id, None)
 
     def set_root(self, run, pid, parent):
         run.root_pid = pid
@@ -89,7 +92,7 @@ class Correlator:
         ev.comm = rec["comm"]
         ev.ppid = proc.ppid
         run.events += 1
-        self.emit(ev)
+        run.emit(ev)
 
     # -- records -------------------------------------------------------------------
     def handle(self, etype, rec):

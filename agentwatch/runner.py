@@ -45,6 +45,29 @@ class RunOptions:
     sensors: list = field(default_factory=lambda: ["process", "file", "net", "sensitive"])
 
 
+class Monitor:
+    """Loaded sensors plus the correlator that attributes their records. A
+    run embeds one; several runs can share one (tests, a future daemon)."""
+
+    def __init__(self, groups=("process", "file", "net", "sensitive"), ringbuf_pages=4096):
+        from .sensors import Sensors   # bcc is imported only here, after input checks
+        self.sensors = Sensors(groups, ringbuf_pages)
+        self.correlator = Correlator(self.sensors.nr_to_spec)
+
+    def open(self):
+        self.sensors.open(self.correlator.handle)
+        return self
+
+    def close(self):
+        self.sensors.close()
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def gc(log=None):
     """Remove what a crashed agentwatch left: kill and remove run cgroups whose
     owner is gone, and mark their records 'crashed'. Returns the run ids swept."""
@@ -71,10 +94,12 @@ def gc(log=None):
 
 
 class Run:
-    def __init__(self, opts):
+    def __init__(self, opts, monitor=None):
         self.opts = opts
         self.run_id = state.new_run_id()
         self.sinks = []
+        self.monitor = monitor           # shared, already open; else the run makes its own
+        self.own_monitor = monitor is None
         self.sensors = None
         self.cgroup = None
         self.child = None
@@ -180,7 +205,6 @@ class Run:
                 signal.signal(s, h)
 
     def _execute(self):
-        from .sensors import Sensors   # bcc is imported only here, after input checks
         self.sinks.append(JsonlSink(state.run_path(self.run_id, "events.jsonl")))
         if self.opts.events_path:
             try:
@@ -190,12 +214,13 @@ class Run:
         if self.opts.show:
             self.sinks.append(ConsoleSink())
 
-        self.sensors = Sensors(self.opts.sensors, self.opts.ringbuf_pages)
-        self.correlator = Correlator(self.sensors.nr_to_spec, self._emit)
-        self.sensors.open(self.correlator.handle)
+        if self.own_monitor:
+            self.monitor = Monitor(self.opts.sensors, self.opts.ringbuf_pages).open()
+        self.sensors = self.monitor.sensors
+        self.correlator = self.monitor.correlator
         self.cgroup = RunCgroup.create(self.run_id)
         self.ctx = RunContext(run_id=self.run_id, agent=self.agent, cgroup_id=self.cgroup.id,
-                              cwd=self.opts.cwd or os.getcwd())
+                              cwd=self.opts.cwd or os.getcwd(), emit=self._emit)
         self.correlator.add_run(self.ctx)
         self.sensors.watch(self.cgroup.id)
         launcher.set_child_subreaper()
@@ -203,6 +228,7 @@ class Run:
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
                         sensors=self.sensors.groups, tracepoints=len(self.sensors.attached))
         self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd)
+        identity["root_pid"] = self.child.pid
         self.correlator.set_root(self.ctx, self.child.pid, os.getpid())
         try:
             self.cgroup.add(self.child.pid)
@@ -303,7 +329,9 @@ class Run:
             if self.sensors:
                 if self.cgroup:
                     self.sensors.unwatch(self.cgroup.id)
-                self.sensors.close()
+                    self.correlator.remove_run(self.ctx)
+                if self.own_monitor:
+                    self.monitor.close()
             if self.cgroup:
                 self.cgroup.kill()
                 self.cgroup.remove()

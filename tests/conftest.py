@@ -1,0 +1,76 @@
+"""Shared test plumbing.
+
+tests/unit     pure logic, no root, no kernel
+tests/kernel   root + the real kernel: real BPF programs, real cgroups
+tests/adversarial  escape attempts under a strict policy (root)
+
+Every kernel test runs agentwatch for real. After the whole session a
+fixture asserts that nothing is left behind: no run cgroup, no BPF program
+named aw_*.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs root and the real kernel")
+    for item in items:
+        if not IS_ROOT and ("/kernel/" in str(item.fspath) or "/adversarial/" in str(item.fspath)):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    yield
+    if not IS_ROOT:
+        return
+    from agentwatch.sandbox.cgroups import leftover_cgroups
+    from agentwatch.sensors.inventory import agentwatch_programs
+    assert leftover_cgroups() == [], "run cgroups left behind after the test session"
+    assert agentwatch_programs() == [], "agentwatch BPF programs still loaded after the test session"
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    d = tmp_path / "state"
+    d.mkdir()
+    monkeypatch.setenv("AGENTWATCH_STATE_DIR", str(d))
+    return d
+
+
+def aw_cmd():
+    """The CLI from this checkout, run in a fresh interpreter."""
+    return [sys.executable, "-m", "cli.main"]
+
+
+def aw(*args, timeout=120, check=False, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.update(kw.pop("env", {}))
+    return subprocess.run(aw_cmd() + list(args), cwd=kw.pop("cwd", REPO), env=env,
+                          capture_output=True, text=True, timeout=timeout, check=check, **kw)
+
+
+def read_events(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def cbin(tmp_path_factory):
+    """Compile a small static C program from tests/kernel/csrc; returns its path."""
+    out = tmp_path_factory.mktemp("cbin")
+
+    def build(name):
+        src = os.path.join(REPO, "tests", "kernel", "csrc", f"{name}.c")
+        exe = out / name
+        if not exe.exists():
+            subprocess.run(["gcc", "-O2", "-static", "-o", str(exe), src], check=True)
+        return str(exe)
+    return build
