@@ -8,7 +8,7 @@
 # Installs: Debian/Ubuntu python3-bpfcc (bcc), python3-seccomp, python3-venv,
 # gcc, kernel headers; a venv at .venv made with --system-site-packages (so
 # bcc and seccomp import) holding agentwatch and its Python dependencies.
-# Applies the kernel workarounds of docs/kernel.md when needed: links the
+# Applies the kernel workarounds (README "Kernel requirements") when needed: links the
 # distribution's kernel headers if none match the running kernel, mounts tracefs.
 set -euo pipefail
 

@@ -1,0 +1,300 @@
+"""agentwatch/sensors/records.py against bpf/events.h.
+
+The header is compiled with the host gcc so that sizes, offsets and #define
+constants of the C side are compared with the Python mirror; decode() is then
+checked on buffers packed by hand.
+"""
+import os
+import re
+import shutil
+import struct
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentwatch.sensors import records as R
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EVENTS_H = os.path.join(REPO, "bpf", "events.h")
+
+def raw_bytes(s):
+    """The bytes a decoded string came from (records decode with surrogateescape)."""
+    return s.encode("utf-8", "surrogateescape")
+
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="host gcc not installed")
+
+
+# ---- layout: compile the header ---------------------------------------------
+
+def _c_program():
+    lines = [
+        "#include <stdint.h>",
+        "#include <stddef.h>",
+        "#include <stdio.h>",
+        "typedef uint8_t __u8; typedef uint32_t __u32; typedef int32_t __s32;",
+        "typedef uint64_t __u64; typedef int64_t __s64;",
+        '#include "events.h"',
+        "int main(void) {",
+    ]
+    for name, fields in R.RECORDS.items():
+        lines.append(f'  printf("{name} sizeof %zu %zu\\n", sizeof(struct {name}), (size_t)0);')
+        for field, _ in fields:
+            lines.append(
+                f'  printf("{name} {field} %zu %zu\\n", offsetof(struct {name}, {field}), '
+                f"sizeof(((struct {name} *)0)->{field}));")
+    lines += ["  return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory):
+    """{struct: {field: (offset, size)}, plus "sizeof": (size, 0)} as gcc sees them."""
+    if shutil.which("gcc") is None:
+        pytest.skip("host gcc not installed")
+    d = tmp_path_factory.mktemp("layout")
+    src, exe = d / "layout.c", d / "layout"
+    src.write_text(_c_program())
+    subprocess.run(["gcc", "-Wall", "-Werror", "-I", os.path.dirname(EVENTS_H), "-o", str(exe), str(src)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    layout = {}
+    for line in out.splitlines():
+        name, field, off, size = line.split()
+        layout.setdefault(name, {})[field] = (int(off), int(size))
+    return layout
+
+
+@pytest.fixture(scope="module")
+def c_defines():
+    """Every AW_* #define in events.h, as gcc's preprocessor sees it."""
+    if shutil.which("gcc") is None:
+        pytest.skip("host gcc not installed")
+    out = subprocess.run(["gcc", "-dM", "-E", "-x", "c", EVENTS_H], check=True,
+                         capture_output=True, text=True).stdout
+    defs = {}
+    for m in re.finditer(r"^#define (AW_\w+) (.+)$", out, re.M):
+        defs[m.group(1)] = m.group(2).strip()
+    return defs
+
+
+def test_records_lists_every_struct_of_the_header():
+    with open(EVENTS_H) as f:
+        structs = set(re.findall(r"^struct (aw_\w+) \{", f.read(), re.M))
+    assert structs == set(R.RECORDS)
+
+
+@needs_gcc
+@pytest.mark.parametrize("name", sorted(R.RECORDS))
+def test_field_offsets_and_sizes_match_c(c_layout, name):
+    c = c_layout[name]
+    py = {field: (off, size) for field, off, size in R.layout(name)}
+    assert [f for f, _, _ in R.layout(name)] == [f for f, _ in R.RECORDS[name]]
+    for field, _ in R.RECORDS[name]:
+        assert py[field] == c[field], f"struct {name}.{field}: python (offset, size) != C"
+
+
+@needs_gcc
+@pytest.mark.parametrize("name", sorted(R.RECORDS))
+def test_struct_size_matches_c(c_layout, name):
+    assert R.size(name) == c_layout[name]["sizeof"][0]
+
+
+# Defines with no Python counterpart, on purpose.
+C_ONLY = {"AW_EVENTS_H",    # include guard
+          "AW_CNT_MAX"}     # size of the per-CPU counters array, BPF side only
+
+
+@needs_gcc
+def test_every_define_has_its_python_constant(c_defines):
+    for cname, value in c_defines.items():
+        if cname in C_ONLY:
+            continue
+        pyname = cname[len("AW_"):]
+        assert hasattr(R, pyname), f"{cname} has no records.{pyname}"
+        assert getattr(R, pyname) == int(value, 0), f"{cname}={value} but records.{pyname}={getattr(R, pyname)}"
+
+
+@needs_gcc
+@pytest.mark.parametrize("prefix", ["EV_", "CNT_", "SPEC_"])
+def test_python_constants_all_exist_in_header(c_defines, prefix):
+    py = {n for n in vars(R) if n.startswith(prefix) and isinstance(getattr(R, n), int)}
+    c = {n[len("AW_"):] for n in c_defines if n.startswith("AW_" + prefix)} - {n[3:] for n in C_ONLY}
+    assert py == c
+    assert py, f"no {prefix}* constants at all"
+
+
+@needs_gcc
+def test_named_constants(c_defines):
+    expected = {"AW_NOARG": R.NOARG, "AW_STR_LEN": R.STR_LEN, "AW_ARGC_MAX": R.ARGC_MAX,
+                "AW_ARG_LEN": R.ARG_LEN, "AW_COMM_LEN": R.COMM_LEN,
+                "AW_EV_SYSCALL": R.EV_SYSCALL, "AW_EV_EXEC": R.EV_EXEC,
+                "AW_EV_FORK": R.EV_FORK, "AW_EV_EXIT": R.EV_EXIT,
+                "AW_CNT_LOST_EVENTS": R.CNT_LOST_EVENTS, "AW_CNT_LOST_STASH": R.CNT_LOST_STASH,
+                "AW_CNT_SEEN": R.CNT_SEEN, "AW_SPEC_EMIT": R.SPEC_EMIT,
+                "AW_SPEC_WATCH": R.SPEC_WATCH, "AW_SPEC_NEED_ADDR": R.SPEC_NEED_ADDR,
+                "AW_SPEC_EXEC": R.SPEC_EXEC, "AW_SPEC_EXIT_GROUP": R.SPEC_EXIT_GROUP}
+    for cname, pyval in expected.items():
+        assert int(c_defines[cname], 0) == pyval, cname
+    # counters indexes must fit the array the BPF side declares
+    assert max(R.CNT_LOST_EVENTS, R.CNT_LOST_STASH, R.CNT_SEEN) < int(c_defines["AW_CNT_MAX"], 0)
+
+
+def test_spec_flags_are_distinct_bits():
+    flags = [R.SPEC_EMIT, R.SPEC_NEED_ADDR, R.SPEC_EXEC, R.SPEC_EXIT_GROUP, R.SPEC_WATCH]
+    for f in flags:
+        assert f and f & (f - 1) == 0
+    assert len(set(flags)) == len(flags)
+
+
+# ---- decode(): hand-packed buffers --------------------------------------------
+# Formats written out independently of records.py (little-endian, no padding:
+# the C structs have none, which the gcc test above proves).
+
+HDR = "<IIIIQQ16s"
+SYSCALL = HDR + "iIq6Q2Q256s256s"
+EXEC = HDR + "II256s2560s"
+FORK = HDR + "II"
+EXIT = HDR + "ii"
+
+
+def hdr(etype, pid=4242, tid=4243, uid=1000, ts=123456789, cgroup=777, comm=b"agent"):
+    return (etype, pid, tid, uid, ts, cgroup, comm)
+
+
+def test_hand_formats_have_the_record_sizes():
+    assert struct.calcsize(SYSCALL) == R.size("aw_syscall_event")
+    assert struct.calcsize(EXEC) == R.size("aw_exec_event")
+    assert struct.calcsize(FORK) == R.size("aw_fork_event")
+    assert struct.calcsize(EXIT) == R.size("aw_exit_event")
+
+
+def test_decode_header_fields():
+    buf = struct.pack(FORK, *hdr(R.EV_FORK, pid=1, tid=2, uid=3, ts=2**63 + 5, cgroup=2**40), 9, 0)
+    etype, rec = R.decode(buf)
+    assert etype == R.EV_FORK
+    assert {k: rec[k] for k in ("type", "pid", "tid", "uid", "ts", "cgroup", "comm")} == {
+        "type": R.EV_FORK, "pid": 1, "tid": 2, "uid": 3, "ts": 2**63 + 5, "cgroup": 2**40,
+        "comm": "agent"}
+
+
+def test_decode_comm_filling_all_16_bytes():
+    buf = struct.pack(FORK, *hdr(R.EV_FORK, comm=b"abcdefghijklmnop"), 9, 0)
+    assert R.decode(buf)[1]["comm"] == "abcdefghijklmnop"
+
+
+def test_decode_syscall():
+    sockaddr = struct.pack("=H", 2) + struct.pack("!H", 443) + bytes([1, 2, 3, 4]) + bytes(8)
+    args = (0xFFFFFFFFFFFFFF9C, 0x7FFF0000, 0o1101, 0o644, 0, 2**64 - 1)
+    buf = struct.pack(SYSCALL, *hdr(R.EV_SYSCALL), 257, 16, -13, *args, 0o100, 0o600,
+                      b"/etc/passwd\0leftover bytes", sockaddr)
+    etype, rec = R.decode(buf)
+    assert etype == R.EV_SYSCALL
+    assert rec["nr"] == 257 and rec["len2"] == 16 and rec["ret"] == -13
+    assert tuple(rec["args"]) == args
+    assert tuple(rec["extra"]) == (0o100, 0o600)
+    assert rec["str1"] == "/etc/passwd"            # cut at the first NUL
+    assert len(rec["data2"]) == R.STR_LEN          # raw bytes, sockaddr first
+    assert rec["data2"][:16] == sockaddr
+
+
+def test_decode_syscall_negative_nr_and_large_ret():
+    buf = struct.pack(SYSCALL, *hdr(R.EV_SYSCALL), -1, 0, 2**62, *([0] * 6), 0, 0, b"", b"")
+    rec = R.decode(buf)[1]
+    assert rec["nr"] == -1 and rec["ret"] == 2**62 and rec["str1"] == ""
+
+
+def _argv_blob(args):
+    blob = bytearray(R.ARGC_MAX * R.ARG_LEN)
+    for i, a in enumerate(args):
+        blob[i * R.ARG_LEN:i * R.ARG_LEN + len(a)] = a
+    return bytes(blob)
+
+
+def test_decode_exec_splits_argv_by_argc():
+    # slot 3 holds bytes beyond argc (left over in a reused buffer): not an argument
+    blob = _argv_blob([b"python3", b"-c", b"print(1)", b"stale"])
+    buf = struct.pack(EXEC, *hdr(R.EV_EXEC), 3, 0, b"/usr/bin/python3", blob)
+    etype, rec = R.decode(buf)
+    assert etype == R.EV_EXEC
+    assert rec["filename"] == "/usr/bin/python3"
+    assert rec["argc"] == 3
+    assert rec["argv"] == ["python3", "-c", "print(1)"]
+    assert rec["truncated"] is False
+
+
+def test_decode_exec_full_length_argument_and_empty_one():
+    long_arg = b"x" * R.ARG_LEN            # fills its slot: no NUL inside the slot
+    blob = _argv_blob([long_arg, b"", b"y"])
+    buf = struct.pack(EXEC, *hdr(R.EV_EXEC), 3, 0, b"/bin/echo", blob)
+    assert R.decode(buf)[1]["argv"] == ["x" * R.ARG_LEN, "", "y"]
+
+
+def test_decode_exec_truncated_and_argc_clamped():
+    blob = _argv_blob([b"a%d" % i for i in range(R.ARGC_MAX)])
+    buf = struct.pack(EXEC, *hdr(R.EV_EXEC), 1000, 1, b"/bin/true", blob)
+    rec = R.decode(buf)[1]
+    assert rec["truncated"] is True
+    assert rec["argc"] == R.ARGC_MAX
+    assert rec["argv"] == ["a%d" % i for i in range(R.ARGC_MAX)]
+
+
+def test_decode_invalid_utf8_is_kept_losslessly():
+    name = b"/tmp/\xff\xfeevil\x80"
+    blob = _argv_blob([b"\xc3(", b"ok"])
+    buf = struct.pack(EXEC, *hdr(R.EV_EXEC, comm=b"c\xffm"), 2, 0, name + b"\0junk", blob)
+    rec = R.decode(buf)[1]
+    assert raw_bytes(rec["filename"]) == name
+    assert [raw_bytes(a) for a in rec["argv"]] == [b"\xc3(", b"ok"]
+    assert raw_bytes(rec["comm"]) == b"c\xffm"
+
+
+def test_decode_fork_child_is_unsigned():
+    buf = struct.pack(FORK, *hdr(R.EV_FORK), 0xFFFFFFF0, 0)
+    rec = R.decode(buf)[1]
+    assert rec["child"] == 0xFFFFFFF0
+    assert "code" not in rec
+
+
+def test_decode_exit_signed_code_and_signal():
+    rec = R.decode(struct.pack(EXIT, *hdr(R.EV_EXIT), -1, 9))[1]
+    assert (rec["code"], rec["sig"]) == (-1, 9)
+    rec = R.decode(struct.pack(EXIT, *hdr(R.EV_EXIT), 3, 0))[1]
+    assert (rec["code"], rec["sig"]) == (3, 0)
+    assert "child" not in rec
+
+
+def test_decode_accepts_trailing_bytes():
+    # ring buffer records are rounded up to 8 bytes; decode must not care
+    buf = struct.pack(EXIT, *hdr(R.EV_EXIT), 0, 0) + bytes(8)
+    assert R.decode(buf)[1]["code"] == 0
+
+
+@pytest.mark.parametrize("etype", [0, 5, 0xFFFFFFFF])
+def test_decode_unknown_type_raises(etype):
+    buf = struct.pack(EXIT, *hdr(etype), 0, 0)
+    with pytest.raises(ValueError, match=str(etype)):
+        R.decode(buf)
+
+
+# ---- properties ---------------------------------------------------------------
+
+@given(st.binary(max_size=300))
+def test_cstr_never_fails_and_is_lossless_up_to_nul(raw):
+    s = R.cstr(raw)
+    assert "\0" not in s
+    assert raw_bytes(s) == raw.split(b"\0", 1)[0]
+
+
+_arg = st.binary(max_size=R.ARG_LEN - 1).filter(lambda b: b"\0" not in b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_arg, max_size=R.ARGC_MAX), st.booleans())
+def test_decode_exec_argv_round_trip(args, truncated):
+    buf = struct.pack(EXEC, *hdr(R.EV_EXEC), len(args), int(truncated), b"/bin/x", _argv_blob(args))
+    rec = R.decode(buf)[1]
+    assert [raw_bytes(a) for a in rec["argv"]] == args
+    assert rec["truncated"] is truncated
