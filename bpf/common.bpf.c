@@ -20,6 +20,10 @@
  * every program checks it first so other processes cost one hash lookup. */
 BPF_HASH(watched, u64, u32, AW_MAX_RUNS);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+/* tgids of the agents' processes (added at fork and exec, removed at exit),
+ * so probes running in another process (signal_generate runs in the
+ * sender) can tell whether their target is an agent's */
+BPF_HASH(live, u32, u8, 65536);
 BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
 
 static __always_inline int aw_watched(void)

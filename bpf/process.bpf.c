@@ -20,6 +20,8 @@
 #define AW_CLONE_THREAD 0x00010000
 
 BPF_HASH(fatal_sigs, u32, s32, 16384);   /* tgid -> fatal signal delivered */
+BPF_HASH(sent_sigs, u32, s32, 16384);    /* tgid -> fatal-by-default signal sent to it, not handled */
+
 
 int aw_fork(struct tracepoint__sched__sched_process_fork *args)
 {
@@ -39,6 +41,9 @@ int aw_fork(struct tracepoint__sched__sched_process_fork *args)
 	struct aw_fork_event *e;
 	if (!AW_RESERVE(e))
 		return 0;
+	u32 child = args->child_pid;
+	u8 one = 1;
+	live.update(&child, &one);
 	aw_fill_hdr(&e->h, AW_EV_FORK);
 	e->child = args->child_pid;
 	e->pad = 0;
@@ -60,13 +65,37 @@ static __always_inline int aw_default_fatal(int sig)
 	return sig > 0 && sig < 65;
 }
 
+/* Which signal ended a process. signal_deliver alone cannot tell: when a
+ * fatal signal hits, the kernel marks a group exit and delivers SIGKILL to
+ * every thread, so SIGTERM looks like SIGKILL there. signal_generate sees the
+ * real signal (in the sender); signal_deliver tells whether it was handled. */
+#define AW_TRACE_SIGNAL_DELIVERED 0
+int aw_signal_gen(struct tracepoint__signal__signal_generate *args)
+{
+	/* no cgroup filter: the sender may be outside the agent (cgroup.kill,
+	 * a user's kill); the live set says whether the target is an agent's */
+	if (args->result != AW_TRACE_SIGNAL_DELIVERED || !aw_default_fatal(args->sig))
+		return 0;
+	u32 pid = args->pid;
+	if (!live.lookup(&pid))
+		return 0;
+	s32 sig = args->sig;
+	sent_sigs.update(&pid, &sig);
+	return 0;
+}
+
 int aw_signal(struct tracepoint__signal__signal_deliver *args)
 {
 	if (!aw_watched())
 		return 0;
-	if (args->sa_handler != 0 || !aw_default_fatal(args->sig))
-		return 0;
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (args->sa_handler != 0) {
+		/* caught (or ignored): whatever was sent did not kill it */
+		sent_sigs.delete(&tgid);
+		return 0;
+	}
+	if (!aw_default_fatal(args->sig))
+		return 0;
 	s32 sig = args->sig;
 	/* A group exit shows up as SIGKILL on every thread; keep the first,
 	 * more specific signal when there was one. */
@@ -90,15 +119,20 @@ int aw_exit(struct tracepoint__sched__sched_process_exit *args)
 	if (!AW_RESERVE(e)) {
 		exit_codes.delete(&tgid);
 		fatal_sigs.delete(&tgid);
+		sent_sigs.delete(&tgid);
+		live.delete(&tgid);
 		return 0;
 	}
 	aw_fill_hdr(&e->h, AW_EV_EXIT);
 	s32 *code = exit_codes.lookup(&tgid);
+	s32 *sent = sent_sigs.lookup(&tgid);
 	s32 *sig = fatal_sigs.lookup(&tgid);
 	e->code = code ? *code : -1;
-	e->sig = sig ? *sig : 0;
+	e->sig = sent ? *sent : sig ? *sig : 0;
 	exit_codes.delete(&tgid);
 	fatal_sigs.delete(&tgid);
+	sent_sigs.delete(&tgid);
+	live.delete(&tgid);
 	aw_submit(e);
 	return 0;
 }

@@ -103,8 +103,12 @@ static __always_inline int aw_enter(struct aw_sys_enter_args *ctx, const int nar
 	for (int i = 0; i < 6; i++)
 		if (i < nargs)
 			st.args[i] = ctx->args[i];
-	if (sp->flags & AW_SPEC_EXEC)
+	if (sp->flags & AW_SPEC_EXEC) {
+		u32 tgid = id >> 32;
+		u8 one = 1;
+		live.update(&tgid, &one);   /* the run's first process is first seen here */
 		aw_emit_exec(st.args, sp);
+	}
 	if (sp->deref != AW_NOARG)
 		bpf_probe_read_user(&st.extra, sizeof(st.extra), (void *)aw_arg(st.args, sp->deref));
 	u32 tid = (u32)id;

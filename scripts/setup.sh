@@ -90,7 +90,13 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import bcc, seccomp" 
     say "created venv $VENV (with system site-packages for bcc and seccomp)"
 fi
 say "installing agentwatch into $VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check "$ROOT[test]" 2>&1 | grep -v "^$" >&2 || true
+piplog="$(mktemp)"
+if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$ROOT[test]" >"$piplog" 2>&1; then
+    cat "$piplog" >&2
+    rm -f "$piplog"
+    die "pip install failed (see above)"
+fi
+rm -f "$piplog"
 "$VENV/bin/agentwatch" --version >/dev/null || die "agentwatch did not install into $VENV"
 
 case "$MODE" in

@@ -34,7 +34,8 @@ BPF_FILES = ("common.bpf.c", "syscalls.bpf.c", "process.bpf.c")
 # process.bpf.c: always attached, the process tree depends on them
 PROCESS_PROBES = (("sched:sched_process_fork", "aw_fork"),
                   ("sched:sched_process_exit", "aw_exit"),
-                  ("signal:signal_deliver", "aw_signal"))
+                  ("signal:signal_deliver", "aw_signal"),
+                  ("signal:signal_generate", "aw_signal_gen"))
 PROG_PREFIX = "aw_"   # every agentwatch BPF program's name starts with it
 
 

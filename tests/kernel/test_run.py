@@ -127,15 +127,26 @@ def test_processes_outside_the_cgroup_are_not_seen(state_dir, tmp_path):
     assert str(noise.pid) not in {str(e["pid"]) for e in read_events(ev_file)}
 
 
-@pytest.mark.parametrize("argv,status", [
-    (["/bin/sh", "-c", "exit 0"], 0),
-    (["/bin/sh", "-c", "exit 3"], 3),
-    (["/bin/sh", "-c", "kill -9 $$"], 137),
+@pytest.mark.parametrize("argv,status,exit_fields", [
+    (["/bin/sh", "-c", "exit 0"], 0, {"code": 0, "signal": None}),
+    (["/bin/sh", "-c", "exit 3"], 3, {"code": 3, "signal": None}),
+    (["/bin/sh", "-c", "kill -9 $$"], 137, {"code": None, "signal": 9}),
+    # a default-fatal SIGTERM: the kernel delivers it as a group SIGKILL, the
+    # exit event must still name SIGTERM
+    ([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"], 143,
+     {"code": None, "signal": 15}),
 ])
-def test_exit_status_is_the_agents(state_dir, argv, status):
-    r = aw("run", "--", *argv)
+def test_exit_status_is_the_agents(state_dir, tmp_path, argv, status, exit_fields):
+    ev_file = tmp_path / "events.jsonl"
+    r = aw("run", "--events", str(ev_file), "--", *argv)
     assert r.returncode == status, r.stderr
     assert f"exited {status}" in r.stderr
+    events = read_events(ev_file)
+    root = start_event(events)["detail"]["root_pid"]
+    exits = [e for e in events if e["kind"] == "exit" and e["pid"] == root]
+    assert len(exits) == 1
+    assert {k: exits[0][k] for k in exit_fields} == exit_fields
+    assert end_event(events)["detail"]["exit_status"] == status
 
 
 def test_command_not_found_is_127_and_starts_nothing(state_dir):

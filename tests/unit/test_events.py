@@ -1,0 +1,109 @@
+"""agentwatch/events.py: the event schema and its JSON Lines codec."""
+import dataclasses
+import errno
+import json
+
+import pytest
+
+from agentwatch import events as E
+
+COMMON = dict(ts=1795843221.123456, run_id="20261128-051500-3f9a1c", agent="coder",
+              pid=4242, tid=4243, ppid=1, uid=1000, comm="python3")
+
+# One instance of every kind, with non-default values in its own fields.
+SAMPLES = {
+    "exec": E.ExecEvent(filename="/usr/bin/env", argv=["env", "-i", "x"], argv_truncated=True,
+                        ret=-2, error="ENOENT", ancestry=[4242, 4000, 3999], **COMMON),
+    "fork": E.ForkEvent(child=4300, **COMMON),
+    "exit": E.ExitEvent(code=3, signal=9, **COMMON),
+    "file": E.FileEvent(op="rename", path="a", abspath="/w/a", path2="/w/b", access=["read", "write"],
+                        flags=0o102, mode=0o644, ret=-13, error="EACCES", **COMMON),
+    "net": E.NetEvent(op="connect", family="inet6", addr="2001:db8::1", port=443, sock_type="stream",
+                      protocol=6, ret=0, **COMMON),
+    "syscall": E.SyscallEvent(name="mount", nr=165, args=[1, 2, 2**64 - 1], path="/mnt",
+                              ret=-1, error="EPERM", **COMMON),
+    "violation": E.ViolationEvent(category="network", rule="egress", action="deny",
+                                  detail={"addr": "1.2.3.4", "port": 22}, count=3, **COMMON),
+    "lifecycle": E.LifecycleEvent(phase="end", detail={"exit_status": 0, "events": 12}, **COMMON),
+}
+
+
+def test_samples_cover_every_kind():
+    assert set(SAMPLES) == set(E.EVENT_TYPES) == set(E.KINDS)
+    for kind, cls in E.EVENT_TYPES.items():
+        assert cls().kind == kind
+        assert isinstance(SAMPLES[kind], cls)
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_json_round_trip(kind):
+    ev = SAMPLES[kind]
+    line = ev.to_json()
+    assert "\n" not in line
+    back = E.from_json(line)
+    assert type(back) is type(ev)
+    assert back == ev
+    assert json.loads(line) == ev.to_dict()
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_every_field_is_serialised(kind):
+    d = SAMPLES[kind].to_dict()
+    assert set(d) == {f.name for f in dataclasses.fields(E.EVENT_TYPES[kind])}
+
+
+@pytest.mark.parametrize("kind", sorted(E.EVENT_TYPES))
+def test_required_keys_on_every_event(kind):
+    d = json.loads(E.EVENT_TYPES[kind]().to_json())
+    for key in ("kind", "ts", "run_id", "agent", "pid"):
+        assert key in d
+    assert d["kind"] == kind
+
+
+def test_to_dict_is_a_copy():
+    ev = E.ForkEvent(child=1)
+    d = ev.to_dict()
+    d["child"] = 2
+    assert ev.child == 1
+
+
+def test_mutable_defaults_are_not_shared():
+    a, b = E.ExecEvent(), E.ExecEvent()
+    a.argv.append("x")
+    assert b.argv == []
+
+
+def test_non_ascii_and_undecodable_paths_round_trip():
+    # records.cstr() decodes with surrogateescape: a path may hold lone surrogates
+    ev = E.FileEvent(op="open", path="/tmp/caf\u00e9/\udcff\udcfe", **COMMON)
+    line = ev.to_json()
+    line.encode("utf-8")            # the JSONL sink writes UTF-8: must not raise
+    assert E.from_json(line).path == ev.path
+
+
+def test_from_dict_ignores_unknown_keys():
+    ev = E.from_dict({"kind": "fork", "child": 7, "pid": 1, "future_field": [1, 2], "x": None})
+    assert isinstance(ev, E.ForkEvent)
+    assert (ev.child, ev.pid) == (7, 1)
+    assert not hasattr(ev, "future_field")
+
+
+def test_from_dict_missing_fields_get_defaults():
+    ev = E.from_dict({"kind": "exit"})
+    assert ev == E.ExitEvent()
+
+
+@pytest.mark.parametrize("d", [{"kind": "teleport"}, {}, {"kind": None}, {"kind": ""}])
+def test_from_dict_rejects_unknown_kinds(d):
+    with pytest.raises(ValueError) as e:
+        E.from_dict(d)
+    assert repr(d.get("kind")) in str(e.value)
+
+
+@pytest.mark.parametrize("ret, name", [
+    (None, None), (0, None), (5, None), (2**40, None),
+    (-errno.EACCES, "EACCES"), (-errno.ENOENT, "ENOENT"), (-errno.EPERM, "EPERM"),
+    (-errno.EINPROGRESS, "EINPROGRESS"), (-4000, "E4000"),
+])
+def test_errno_name(ret, name):
+    assert E.errno_name(ret) == name
