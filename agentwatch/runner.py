@@ -143,8 +143,9 @@ class Run:
 
     # -- output -----------------------------------------------------------------------
     def _emit(self, ev):
+        line = ev.to_json()
         for s in self.sinks:
-            s.write(ev)
+            s.write(ev, line)
 
     def _lifecycle(self, phase, detail, pid=None):
         ev = LifecycleEvent(phase=phase, detail=detail, ts=round(time.time(), 6),

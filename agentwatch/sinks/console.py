@@ -66,7 +66,7 @@ class ConsoleSink:
         self.stream = stream or sys.stderr
         self.color = self.stream.isatty()
 
-    def write(self, event):
+    def write(self, event, line=None):
         self.stream.write(format_line(event.to_dict(), self.color) + "\n")
 
     def flush(self):

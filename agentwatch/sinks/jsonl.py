@@ -7,8 +7,9 @@ class JsonlSink:
         self._f = open(path, mode, encoding="utf-8", buffering=1 << 16)
         self.written = 0
 
-    def write(self, event):
-        self._f.write(event.to_json())
+    def write(self, event, line=None):
+        """line: the event's JSON when the caller already has it (serialise once)."""
+        self._f.write(line if line is not None else event.to_json())
         self._f.write("\n")
         self.written += 1
 

@@ -9,15 +9,25 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from agentwatch.sensors import records as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVENTS_H = os.path.join(REPO, "bpf", "events.h")
+
+# Deterministic examples and no example database: nothing is written to the
+# checkout (.hypothesis/), and a failure reproduces on every run.
+HYP = settings(database=None, derandomize=True, deadline=None)
+# Hypothesis caches under ./.hypothesis by default, from collection on: keep
+# it out of the checkout (set at import, before its pytest plugin writes).
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), f"agentwatch-hypothesis-{os.getuid()}"))
+
 
 def raw_bytes(s):
     """The bytes a decoded string came from (records decode with surrogateescape)."""
@@ -281,6 +291,7 @@ def test_decode_unknown_type_raises(etype):
 
 # ---- properties ---------------------------------------------------------------
 
+@settings(HYP)
 @given(st.binary(max_size=300))
 def test_cstr_never_fails_and_is_lossless_up_to_nul(raw):
     s = R.cstr(raw)
@@ -291,7 +302,7 @@ def test_cstr_never_fails_and_is_lossless_up_to_nul(raw):
 _arg = st.binary(max_size=R.ARG_LEN - 1).filter(lambda b: b"\0" not in b)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(HYP, max_examples=60)
 @given(st.lists(_arg, max_size=R.ARGC_MAX), st.booleans())
 def test_decode_exec_argv_round_trip(args, truncated):
     buf = struct.pack(EXEC, *hdr(R.EV_EXEC), len(args), int(truncated), b"/bin/x", _argv_blob(args))

@@ -1,0 +1,156 @@
+"""cli/main.py: exit codes and one-line errors, without root or the kernel.
+
+Nothing here reaches the point where `run` would need root: every `run`
+invocation fails on its input first.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from agentwatch import state
+from cli.main import cli, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_run(run_id, status, events=()):
+    os.makedirs(state.run_path(run_id))
+    owner = {"pid": os.getpid(), "start_time": state.process_start_time(os.getpid())}
+    state.write_json_atomic(state.run_path(run_id, "run.json"), {
+        "run_id": run_id, "agent": "coder", "status": status, "owner": owner, "root_pid": 99,
+        "identity": {"start_time": 1795843221.0, "policy_name": "p", "policy_digest": "sha256:00",
+                     "command": ["python3", "agent.py"]}})
+    state.write_json_atomic(state.run_path(run_id, "stats.json"),
+                            {"pids": 3, "events": len(events), "lost_events": 1, "lost_stash": 2})
+    with open(state.run_path(run_id, "events.jsonl"), "w") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+
+
+# ---- run -------------------------------------------------------------------------
+
+def test_run_without_command_is_a_usage_error(capsys, state_dir):
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "Usage:" in err and "COMMAND" in err
+
+
+def test_run_with_missing_policy_is_one_line_error(capsys, state_dir):
+    code = main(["run", "--policy", "/nonexistent.yaml", "--", "true"])
+    assert code != 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("agentwatch: error: ")
+    assert "/nonexistent.yaml" in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert not os.listdir(state_dir), "a run was recorded before its input was checked"
+
+
+def test_run_with_invalid_policy_names_the_line(capsys, tmp_path, state_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: AgentPolicy\nmetadata:\n  name: x\n   oops: 1\n")
+    assert main(["run", "--policy", str(bad), "--", "true"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"agentwatch: error: {bad}:4:")
+
+
+def test_run_error_in_a_fresh_process_has_no_traceback(state_dir):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "cli.main", "run", "--policy", "/nonexistent.yaml", "--", "true"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode not in (0, 2)       # an agentwatch error, not a usage error
+    assert p.stderr.startswith("agentwatch: error: /nonexistent.yaml")
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+# ---- tail ------------------------------------------------------------------------
+
+def test_tail_bad_since(capsys, state_dir):
+    code = main(["tail", "--since", "nonsense"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--since" in err and "nonsense" in err and "Traceback" not in err
+
+
+def test_tail_unknown_run(capsys, state_dir):
+    assert main(["tail", "--run", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "nope" in err
+
+
+def test_tail_replays_a_finished_run_as_json(state_dir):
+    events = [{"kind": "exec", "ts": 1.0, "agent": "coder", "pid": 5, "run_id": "r"},
+              {"kind": "violation", "ts": 2.0, "agent": "coder", "pid": 5, "run_id": "r",
+               "category": "network", "rule": "egress", "action": "alert", "detail": {}, "count": 1}]
+    make_run("20261128-000000-aaaaaa", "exited", events)
+    r = CliRunner().invoke(cli, ["tail", "--run", "20261128-000000-aaaaaa", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [json.loads(ln) for ln in r.output.splitlines()] == events
+    r = CliRunner().invoke(cli, ["tail", "--run", "20261128", "--violations"])
+    assert r.exit_code == 0
+    assert len(r.output.splitlines()) == 1 and "VIOLATION" in r.output
+
+
+# ---- ps --------------------------------------------------------------------------
+
+def test_ps_json_empty(capsys, state_dir):
+    assert main(["ps", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_ps_json_without_state_dir(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("AGENTWATCH_STATE_DIR", str(tmp_path / "missing"))
+    assert main(["ps", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_ps_lists_running_runs_only_unless_all(capsys, state_dir):
+    make_run("20261128-000000-aaaaaa", "running")
+    make_run("20261128-000001-bbbbbb", "exited")
+    assert main(["ps", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in rows] == ["20261128-000000-aaaaaa"]
+    row = rows[0]
+    assert (row["agent"], row["status"], row["root_pid"], row["pids"], row["lost"]) == ("coder", "running", 99, 3, 3)
+    assert row["command"] == "python3 agent.py" and row["policy"] == "p"
+    assert main(["ps", "--all", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_ps_table(capsys, state_dir):
+    make_run("20261128-000000-aaaaaa", "running")
+    assert main(["ps"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["RUN_ID", "AGENT", "STATUS"]
+    assert out[1].startswith("20261128-000000-aaaaaa") and "python3 agent.py" in out[1]
+
+
+# ---- help ------------------------------------------------------------------------
+
+def test_every_command_is_registered():
+    assert {"run", "tail", "ps", "gc", "doctor"} <= set(cli.commands)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"]] + [[name, "--help"] for name in sorted(cli.commands)])
+def test_help(args):
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Usage:")
+    if len(args) == 2:
+        first_words = " ".join(cli.commands[args[0]].help.split()[:5])
+        assert first_words in " ".join(r.output.split())
+
+
+def test_main_help_returns_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "Commands:" in capsys.readouterr().out
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "frobnicate" in capsys.readouterr().err
