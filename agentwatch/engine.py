@@ -109,7 +109,7 @@ class Correlator:
             self._stamp(ForkEvent(child=child), run, rec, proc)
         elif etype == R.EV_EXIT:
             self._flush_exec(run, rec["pid"])
-            code = rec["code"] & 0xFF if rec["code"] >= 0 else None
+            code = rec["code"] if rec["code"] >= 0 else None   # BPF: status & 0xff, or -1
             self._stamp(ExitEvent(code=code, signal=rec["sig"] or None), run, rec, proc)
         elif etype == R.EV_SYSCALL:
             spec = self.nr_to_spec.get(rec["nr"])
@@ -149,8 +149,9 @@ class Correlator:
 
     def _exec_done(self, run, rec, proc):
         entry = run.pending_exec.pop(rec["tid"], None)
-        if entry is None:       # exec from a non-leader thread: tid became the pid
-            entry = run.pending_exec.pop(rec["pid"], None)
+        if entry is None:       # exec from a non-leader thread: it returns as the leader
+            tid = next((t for t, e in run.pending_exec.items() if e["pid"] == rec["pid"]), None)
+            entry = run.pending_exec.pop(tid, None)
         if entry is None:
             return              # entry record lost (counted by the kernel)
         ev = self._exec_event(run, entry, rec["ret"], proc)

@@ -38,7 +38,9 @@ class Event:
         return dict(self.__dict__)
 
     def to_json(self):
-        return json.dumps(self.__dict__, separators=(",", ":"), ensure_ascii=False)
+        # ASCII escapes keep paths that are not valid UTF-8 (decoded with
+        # surrogateescape) exact and the line valid JSON
+        return json.dumps(self.__dict__, separators=(",", ":"))
 
 
 @dataclass(kw_only=True)

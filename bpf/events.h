@@ -87,7 +87,7 @@ struct aw_fork_event {
 
 struct aw_exit_event {
 	struct aw_hdr h;
-	__s32 code;    /* exit_group() status, or -1 when the process did not call it */
+	__s32 code;    /* exit_group() status & 0xff, or -1 when the process did not call it */
 	__s32 sig;     /* fatal signal seen delivered, or 0 */
 };
 

@@ -127,7 +127,7 @@ int aw_exit(struct tracepoint__sched__sched_process_exit *args)
 	s32 *code = exit_codes.lookup(&tgid);
 	s32 *sent = sent_sigs.lookup(&tgid);
 	s32 *sig = fatal_sigs.lookup(&tgid);
-	e->code = code ? *code : -1;
+	e->code = code ? (*code & 0xff) : -1;   /* what wait() would report */
 	e->sig = sent ? *sent : sig ? *sig : 0;
 	exit_codes.delete(&tgid);
 	fatal_sigs.delete(&tgid);

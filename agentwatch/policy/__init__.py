@@ -42,6 +42,20 @@ def _where(path, node):
     return f"{path}:{mark.line + 1}:{mark.column + 1}"
 
 
+def yaml_error_message(path, e):
+    """One line, FILE:LINE:COL: invalid YAML: problem."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    elif isinstance(e, yaml.reader.ReaderError):
+        where = f"{path}:1:1"
+        problem = f"unacceptable character #x{e.character:04x} at byte {e.position}: not a text policy"
+    else:
+        where, problem = path, str(e).splitlines()[0]
+    return f"{where}: invalid YAML: {problem}"
+
+
 def read_text(path):
     try:
         size = os.path.getsize(path)
@@ -65,10 +79,7 @@ def load(path):
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        problem = getattr(e, "problem", None) or str(e)
-        raise PolicyError(f"{where}: invalid YAML: {problem}") from None
+        raise PolicyError(yaml_error_message(path, e)) from None
     if data is None:
         raise PolicyError(f"{path}:1:1: policy is empty; start from a file in policies/")
     if not isinstance(data, dict):

@@ -202,7 +202,10 @@ def parse_sockaddr(raw):
         return name, str(ipaddress.IPv4Address(raw[4:8])), port
     if family == socket.AF_INET6 and len(raw) >= 24:
         port = struct.unpack_from("!H", raw, 2)[0]
-        return name, str(ipaddress.IPv6Address(raw[8:24])), port
+        ip = ipaddress.IPv6Address(raw[8:24])
+        if ip.ipv4_mapped is not None:          # written the way people write it
+            return name, f"::ffff:{ip.ipv4_mapped}", port
+        return name, str(ip), port
     if family == socket.AF_UNIX:
         path = raw[2:]
         if not path:
@@ -273,7 +276,7 @@ def resolve(path, cwd, dirfd, pid):
     if not path:
         return None
     if path.startswith("/"):
-        return os.path.normpath(path)
+        return _norm(path)
     if dirfd == AT_FDCWD:
         base = cwd
     else:
@@ -283,4 +286,10 @@ def resolve(path, cwd, dirfd, pid):
             base = None
     if not base:
         return None
-    return os.path.normpath(os.path.join(base, path))
+    return _norm(os.path.join(base, path))
+
+
+def _norm(path):
+    """normpath, and '//x' -> '/x' (POSIX lets normpath keep a leading '//')."""
+    path = os.path.normpath(path)
+    return "/" + path.lstrip("/") if path.startswith("//") else path

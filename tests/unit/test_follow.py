@@ -202,21 +202,44 @@ def test_since_replays_older_events_of_live_runs(state_dir):
 
 # ---- follow(): one run -----------------------------------------------------------------
 
+def must_not_poll():
+    """stop() for follows that must end by themselves: polling again means a hang."""
+    raise AssertionError("follow() kept polling a run that has ended")
+
+
 def test_run_replays_a_finished_run_and_ends(state_dir):
     make_run("20261128-000000-aaaaaa", status="exited", events=[ev(1), ev(2), ev(3)])
     make_run("20261128-000001-bbbbbb", events=[ev(9)])
-    got = list(follow(Filter(run="20261128-000000"), poll_interval=0))   # unique prefix
+    got = list(follow(Filter(run="20261128-000000"), poll_interval=0, stop=must_not_poll))   # unique prefix
     assert [d["n"] for d in got] == [1, 2, 3]
 
 
 def test_run_reads_a_crashed_run_to_its_end(state_dir):
     make_run("20261128-000000-aaaaaa", status="running", owner=dead_owner(), events=[ev(1)])
-    assert [d["n"] for d in follow(Filter(run="20261128-000000-aaaaaa"), poll_interval=0)] == [1]
+    assert [d["n"] for d in follow(Filter(run="20261128-000000-aaaaaa"), poll_interval=0,
+                                               stop=must_not_poll)] == [1]
+
+
+def test_run_follows_a_live_run_until_it_ends(state_dir):
+    rid = "20261128-000000-aaaaaa"
+    path = make_run(rid, events=[ev(1)])
+
+    def end_run(got):
+        append(path, line(3))                     # written while ending
+        rec = state.read_json(state.run_path(rid, "run.json"))
+        state.write_json_atomic(state.run_path(rid, "run.json"), dict(rec, status="exited"))
+
+    def still_polling(got):
+        raise AssertionError("follow() did not notice that the run ended")
+
+    script = Script(lambda got: append(path, line(2)), end_run, still_polling)
+    got = [d["n"] for d in follow(Filter(run=rid), poll_interval=0, rescan_every=0, stop=script)]
+    assert got == [1, 2, 3]
 
 
 def test_run_with_no_follow_reads_what_is_there(state_dir):
     make_run("20261128-000000-aaaaaa", events=[ev(1), ev(2)])           # still running
-    got = list(follow(Filter(run="20261128-000000-aaaaaa"), follow=False))
+    got = list(follow(Filter(run="20261128-000000-aaaaaa"), follow=False, stop=must_not_poll))
     assert [d["n"] for d in got] == [1, 2]
 
 
