@@ -33,6 +33,7 @@ class Event:
     ppid: int = 0
     uid: int = 0
     comm: str = ""
+    prev: str = None      # sha256 of the previous line of the run's log (tamper evidence)
 
     def to_dict(self):
         return dict(self.__dict__)

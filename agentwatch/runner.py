@@ -9,7 +9,9 @@ Order matters and is the point of this module:
     drops, and remove the cgroup and the BPF programs.
 Stale state from a crashed agentwatch is swept at start (and by `agentwatch gc`).
 """
+import fnmatch
 import getpass
+import hashlib
 import os
 import platform
 import signal
@@ -18,9 +20,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import state
+from . import integrity, state
 from .engine import Correlator, RunContext
-from .errors import AgentwatchError, LaunchError, PrivilegeError, UsageError
+from .engine.judge import Judge
+from .errors import AgentwatchError, LaunchError, PolicyError, PrivilegeError, UsageError
 from .events import LifecycleEvent
 from .policy import load as load_policy
 from .sandbox import launcher
@@ -43,6 +46,10 @@ class RunOptions:
     env: dict = None
     ringbuf_pages: int = 4096
     sensors: list = field(default_factory=lambda: ["process", "file", "net", "sensitive"])
+    workspace: str = None        # ${WORKSPACE}; default: the working directory
+    prompt_path: str = None      # the agent's system prompt / instructions file
+    require_signed: bool = False
+    trust: list = field(default_factory=list)   # extra trusted public key files
 
 
 class Monitor:
@@ -66,6 +73,13 @@ class Monitor:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def policy_variables(workspace=None):
+    """${WORKSPACE}, ${HOME}, ${TMPDIR} for a run (HOME of the invoking user)."""
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    return {"WORKSPACE": os.path.abspath(workspace or os.getcwd()), "HOME": home,
+            "TMPDIR": os.environ.get("TMPDIR") or "/tmp"}
 
 
 def gc(log=None):
@@ -108,6 +122,9 @@ class Run:
         self.stop_requested = 0
         self.stop_deadline = None
         self._last_lost = 0
+        self.chain = integrity.Chain(self.run_id)
+        self.judge = None
+        self.killed_for = None
 
     # -- input ----------------------------------------------------------------------
     def _check(self):
@@ -121,8 +138,30 @@ class Run:
         self.command = launcher.resolve_command(o.argv, o.env)
         self.agent = (o.name or (self.policy.agent_name if self.policy else "")
                       or os.path.basename(o.argv[0]))
-        if self.policy and self.policy.sensors:
-            o.sensors = self.policy.sensors
+        self.variables = policy_variables(o.workspace or o.cwd)
+        self.compiled = None
+        self.signer = self.prompt_signer = self.prompt_digest = None
+        trusted = integrity.trusted_keys(o.trust)
+        if self.policy:
+            ident = self.policy.data.get("identity") or {}
+            pattern = ident.get("name")
+            if pattern and not fnmatch.fnmatchcase(self.agent, pattern):
+                raise PolicyError(f"{self.policy.path}: agent name {self.agent!r} does not match "
+                                  f"identity.name {pattern!r}; pass --name")
+            self.signer = integrity.check_signed(self.policy.path, o.require_signed,
+                                                 ident.get("required_signer"), trusted)
+            from .policy.compile import compile_policy
+            self.compiled = compile_policy(self.policy, self.variables)
+            o.sensors = self.compiled.sensor_groups()
+        elif o.require_signed:
+            raise PolicyError("--require-signed needs --policy FILE (a signed policy)")
+        if o.prompt_path:
+            try:
+                with open(o.prompt_path, "rb") as f:
+                    self.prompt_digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+            except OSError as e:
+                raise UsageError(f"--prompt {o.prompt_path}: cannot read: {e.strerror}") from None
+            self.prompt_signer = integrity.check_signed(o.prompt_path, o.require_signed, None, trusted)
 
     def _identity(self):
         uid = os.getuid()
@@ -134,7 +173,10 @@ class Run:
         return {
             "run_id": self.run_id, "agent": self.agent,
             "policy": p.path if p else None, "policy_name": p.name if p else None,
-            "policy_digest": p.digest if p else None, "signer": None,
+            "policy_digest": p.digest if p else None, "signer": self.signer,
+            "prompt": os.path.abspath(self.opts.prompt_path) if self.opts.prompt_path else None,
+            "prompt_digest": self.prompt_digest, "prompt_signer": self.prompt_signer,
+            "variables": self.variables,
             "start_time": time.time(), "uid": uid, "user": user,
             "host": socket.gethostname(), "kernel": platform.release(),
             "command": self.opts.argv, "executable": self.command,
@@ -143,9 +185,24 @@ class Run:
 
     # -- output -----------------------------------------------------------------------
     def _emit(self, ev):
+        ev.prev = self.chain.prev
         line = ev.to_json()
+        self.chain.advance(line)
         for s in self.sinks:
             s.write(ev, line)
+
+    def _on_event(self, ev):
+        """Every event the correlator attributes to this run: log it, judge it."""
+        self._emit(ev)
+        if self.judge:
+            self.judge(ev)
+
+    def _kill_for_violation(self, decision):
+        if not self.killed_for:
+            self.killed_for = decision.rule
+            self._lifecycle("warning", {"message": f"killing the agent: {decision.rule} "
+                                                   f"({decision.reason}) has action kill"})
+            self.cgroup.kill()
 
     def _lifecycle(self, phase, detail, pid=None):
         ev = LifecycleEvent(phase=phase, detail=detail, ts=round(time.time(), 6),
@@ -221,7 +278,13 @@ class Run:
         self.correlator = self.monitor.correlator
         self.cgroup = RunCgroup.create(self.run_id)
         self.ctx = RunContext(run_id=self.run_id, agent=self.agent, cgroup_id=self.cgroup.id,
-                              cwd=self.opts.cwd or os.getcwd(), emit=self._emit)
+                              cwd=self.opts.cwd or os.getcwd(), emit=self._on_event)
+        if self.compiled:
+            watched = [("identity.policy_write", self.policy.path)]
+            if self.opts.prompt_path:
+                watched.append(("identity.prompt_write", os.path.abspath(self.opts.prompt_path)))
+            self.judge = Judge(self.compiled, self.correlator, self.ctx, self._emit,
+                               on_kill=self._kill_for_violation, watched_files=watched)
         self.correlator.add_run(self.ctx)
         self.sensors.watch(self.cgroup.id)
         launcher.set_child_subreaper()
@@ -256,6 +319,8 @@ class Run:
             if self.stop_deadline and now > self.stop_deadline:
                 self.cgroup.kill()
                 self.stop_deadline = None
+            if self.judge:
+                self.judge.tick(now)
             if now >= next_stats:
                 for s in self.sinks:
                     s.flush()
@@ -297,20 +362,32 @@ class Run:
             quiet = quiet + 1 if self.sensors.received == before else 0
         self._reap()
         self.correlator.finish(self.ctx)
+        if self.judge:
+            self.judge.tick(final=True)
         stats = self._stats()
         lost = stats["lost_events"] + stats["lost_stash"]
+        verdict = self.judge.summary() if self.judge else None
         self._lifecycle("end", {"exit_status": self.exit_status, "events": self.ctx.events,
+                                "violations": verdict,
+                                "killed_for": self.killed_for,
                                 "lost_events": stats["lost_events"], "lost_stash": stats["lost_stash"],
                                 "lost_events_per_cpu": stats["lost_events_per_cpu"],
                                 "records_submitted": stats["records_submitted"],
                                 "records_received": stats["records_received"],
                                 "decode_errors": stats["decode_errors"],
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
+        counts = {"events": self.ctx.events, "lost": lost,
+                  "violations": verdict["violations"] if verdict else 0}
+        key = integrity.host_key()
+        self._lifecycle("seal", integrity.seal(self.chain, self.run_id, counts, key))
         self.summary = (f"agentwatch: run {self.run_id} ({self.agent}) exited {self.exit_status}: "
                         f"{self.ctx.events} events, {lost} lost")
         if stats["lost_events"]:
             per_cpu = ", ".join(f"{n} on CPU #{i}" for i, n in enumerate(stats["lost_events_per_cpu"]) if n)
             self.summary += f" (ring buffer full: {per_cpu})"
+        if verdict is not None:
+            cats = ", ".join(f"{c} {n}" for c, n in sorted(verdict["by_category"].items())) or "none"
+            self.summary += f"; violations: {verdict['violations']} ({cats})"
         self.summary += f"; log: {state.run_path(self.run_id, 'events.jsonl')}"
 
     def _cleanup(self):

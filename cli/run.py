@@ -13,12 +13,24 @@ from agentwatch.runner import RunOptions, run_agent
               help="Also write every event of the run to this JSON Lines file.")
 @click.option("--show/--quiet", default=False,
               help="Print each event to stderr as it happens.")
+@click.option("--workspace", type=click.Path(file_okay=False),
+              help="The agent's workspace: ${WORKSPACE} in the policy (default: current directory).")
+@click.option("--prompt", "prompt_path", type=click.Path(dir_okay=False),
+              help="The agent's system prompt or instructions file; its digest goes into the "
+                   "run identity and a change to it during the run is a violation.")
+@click.option("--require-signed", is_flag=True,
+              help="Refuse to start unless the policy (and prompt) carry a valid trusted signature.")
+@click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
+              help="Extra trusted public key (repeatable); see 'agentwatch key'.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
-def run(ctx, policy_path, name, events_path, show, command):
+def run(ctx, policy_path, name, events_path, show, workspace, prompt_path, require_signed, trust,
+        command):
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]
 
     The exit status is the agent's own (128+N when a signal N killed it)."""
     code = run_agent(RunOptions(argv=list(command), policy_path=policy_path, name=name,
-                                events_path=events_path, show=show))
+                                events_path=events_path, show=show, workspace=workspace,
+                                prompt_path=prompt_path, require_signed=require_signed,
+                                trust=list(trust)))
     ctx.exit(code)

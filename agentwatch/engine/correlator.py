@@ -9,9 +9,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .events import ExecEvent, ExitEvent, ForkEvent, errno_name
-from .sensors import records as R
-from .sensors import syscalls as S
+from ..events import ExecEvent, ExitEvent, ForkEvent, errno_name
+from ..sensors import records as R
+from ..sensors import syscalls as S
 
 MAX_ANCESTRY = 64
 
@@ -22,6 +22,8 @@ class Proc:
     ppid: int
     cwd: str = None
     exe: str = None
+    argv: list = None
+    exited: bool = False
 
 
 @dataclass
@@ -105,10 +107,12 @@ class Correlator:
             run.pending_exec[rec["tid"]] = rec
         elif etype == R.EV_FORK:
             child = rec["child"]
-            run.procs[child] = Proc(pid=child, ppid=rec["pid"], cwd=proc.cwd, exe=proc.exe)
+            run.procs[child] = Proc(pid=child, ppid=rec["pid"], cwd=proc.cwd, exe=proc.exe,
+                                    argv=proc.argv)
             self._stamp(ForkEvent(child=child), run, rec, proc)
         elif etype == R.EV_EXIT:
             self._flush_exec(run, rec["pid"])
+            proc.exited = True
             code = rec["code"] if rec["code"] >= 0 else None   # BPF: status & 0xff, or -1
             self._stamp(ExitEvent(code=code, signal=rec["sig"] or None), run, rec, proc)
         elif etype == R.EV_SYSCALL:
@@ -144,6 +148,7 @@ class Correlator:
         resolved = S.resolve(filename, proc.cwd, S.AT_FDCWD, entry["pid"]) or filename
         if ret == 0:
             proc.exe = resolved
+            proc.argv = entry["argv"]
         ev.ancestry = self.ancestry(run, entry["pid"])
         return ev
 

@@ -1,0 +1,5 @@
+"""The userspace engine: attribute kernel records to runs (correlator) and
+judge the resulting events against each run's policy (judge)."""
+from .correlator import Correlator, Proc, RunContext, monotonic_to_wall
+
+__all__ = ["Correlator", "Proc", "RunContext", "monotonic_to_wall"]

@@ -1,0 +1,308 @@
+"""The seccomp layer: a deny-list filter the agent's child loads before exec.
+
+Why a deny list on a default-ALLOW filter: agents run arbitrary toolchains
+(compilers, interpreters, package managers) whose syscall sets cannot be
+enumerated, so an allow list would break them in ways nobody can predict.
+What this layer removes is the small set of syscalls that widen the kernel's
+attack surface or escape the other layers (ptrace, bpf, namespaces, mounts,
+modules, io_uring, keyrings, ...). File and network rules are Landlock's and
+cgroup BPF's job; seccomp cannot see paths or socket addresses.
+
+Three steps, so each can be tested without the next:
+    plan(policy)     pure: the list of rules, with warnings for skipped names
+    build(policy)    a libseccomp SyscallFilter (not loaded)
+    apply(policy)    build + load, in the forked child just before exec
+
+What is killed rather than denied (measured on x86_64, libseccomp 2.5.4,
+Linux 6.18; tests/kernel/test_seccomp.py checks it):
+  * i386 syscalls (``int $0x80``, AUDIT_ARCH_I386): only the native
+    architecture is in the filter, and Attr.ACT_BADARCH is KILL_PROCESS, so
+    the arch check at the top of the filter kills the process (SIGSYS).
+  * x32 syscalls (nr | 0x40000000, same AUDIT_ARCH_X86_64): libseccomp
+    itself emits, right after the x86_64 arch check, ``if nr >= 0x40000000
+    and nr != -1: ACT_BADARCH`` whenever SCMP_ARCH_X32 is not in the filter.
+    No explicit rule is needed (and none could be written: libseccomp rules
+    match single syscall numbers, not ranges). This kernel has no x32 ABI
+    (CONFIG_X86_X32_ABI unset: unfiltered, such a call returns ENOSYS), but
+    the filter kills it anyway, so the rule holds on kernels that have it.
+  * nr == -1 passes: tracers use it to skip a syscall (see seccomp(2)).
+
+Gaps, said out loud:
+  * fexecve() of a memfd is an execve of /proc/self/fd/N (or execveat with
+    AT_EMPTY_PATH); seccomp sees a pointer, not the path. The memfd_exec
+    toggle refuses memfd_create(MFD_EXEC); a memfd created with neither
+    MFD_EXEC nor MFD_NOEXEC_SEAL is still executable unless the
+    vm.memfd_noexec sysctl says otherwise. Executing it is left to Landlock
+    (execute rights) and exec monitoring.
+  * clone3() takes its flags in a struct in memory, which a filter cannot
+    read. With namespaces off it returns ENOSYS, which makes glibc (threads,
+    posix_spawn) fall back to clone(), whose flags register is checked.
+  * A syscall libseccomp does not know by name (newer than its table) cannot
+    be named in a rule; plan() skips it with a warning instead of failing.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Sequence
+
+from agentwatch.errors import KernelFeatureError
+
+try:   # imported here, not in apply(): the child after fork should only build and load
+    import seccomp
+except ImportError:   # pragma: no cover - python3-seccomp is installed by scripts/setup.sh
+    seccomp = None
+
+ACTIONS = ("errno", "kill")
+
+CLONE_NEW_FLAGS = {   # clone(2) flags that create namespaces. CLONE_NEWTIME (0x80) is
+    "CLONE_NEWNS": 0x00020000,      # not here: in clone() that bit is part of CSIGNAL
+    "CLONE_NEWCGROUP": 0x02000000,  # (exit signal); only unshare/clone3 accept it,
+    "CLONE_NEWUTS": 0x04000000,     # and both are denied.
+    "CLONE_NEWIPC": 0x08000000,
+    "CLONE_NEWUSER": 0x10000000,
+    "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+}
+MFD_EXEC = 0x10
+PER_LINUX = 0
+PER_QUERY = 0xFFFFFFFF
+
+# policy toggle -> (syscalls denied when it is False, why)
+GROUPS = {
+    "ptrace": (("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd"),
+               "reads or writes another process's memory or file descriptors"),
+    "change_uid": (("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+                    "setfsuid", "setfsgid", "setgroups"),
+                   "changes user or group identity"),
+    "namespaces": (("unshare", "setns"), "enters or creates namespaces"),
+    "bpf": (("bpf",), "loads BPF programs or edits BPF maps, which could blind the monitor"),
+    "modules": (("init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load"),
+                "loads kernel code"),
+    "io_uring": (("io_uring_setup", "io_uring_enter", "io_uring_register"),
+                 "runs file and network operations that seccomp and syscall tracepoints never see"),
+    "mount": (("mount", "umount2", "pivot_root", "move_mount", "fsopen", "fsconfig", "fsmount",
+               "fspick", "open_tree", "open_tree_attr", "mount_setattr", "chroot"),
+              "changes the filesystem view"),
+    "keyring": (("keyctl", "add_key", "request_key"),
+                "kernel keyrings: a large attack surface agents rarely need"),
+}
+
+# Real Linux syscalls missing from libseccomp 2.5.4's table. Naming one is not a
+# typo: it is skipped with a warning (a newer libseccomp resolves it and filters it).
+LATER_SYSCALLS = frozenset((
+    "statmount", "listmount", "lsm_get_self_attr", "lsm_set_self_attr", "lsm_list_modules",
+    "mseal", "setxattrat", "getxattrat", "listxattrat", "removexattrat", "open_tree_attr",
+    "file_getattr", "file_setattr", "uretprobe",
+))
+
+_ARCHES = ("X86_64", "X86", "X32", "AARCH64", "ARM", "RISCV64", "PPC64LE", "S390X", "MIPS64")
+
+
+@dataclass
+class SeccompPolicy:
+    """What the agent may do; every False toggle denies a group (see GROUPS)."""
+    deny: Sequence[str] = ()
+    ptrace: bool = False
+    change_uid: bool = True
+    namespaces: bool = False
+    bpf: bool = False
+    modules: bool = False
+    io_uring: bool = False
+    mount: bool = False
+    keyring: bool = False
+    personality: bool = False
+    memfd_exec: bool = False
+    other: Sequence[str] = ("userfaultfd", "perf_event_open", "kcmp", "lookup_dcookie", "quotactl",
+                            "swapon", "swapoff", "reboot", "acct", "settimeofday", "clock_settime",
+                            "adjtimex", "iopl", "ioperm", "syslog", "vhangup")
+    action: str = "errno"
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Matches when (args[arg] & mask) == value (libseccomp MASKED_EQ).
+
+    Masks below 2**32 look at the low 32 bits only, which is what the kernel
+    reads for `unsigned int` arguments (personality, memfd_create flags)."""
+    arg: int
+    mask: int
+    value: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One filter rule. action: "errno" (EPERM), "kill" (KILL_PROCESS) or
+    "enosys" (clone3 only). The rule fires when all conds match."""
+    syscall: str
+    action: str
+    conds: tuple = ()
+    why: str = ""
+
+
+class Plan(list):
+    """A list of Rule, plus `warnings`: names that could not be filtered here."""
+
+    def __init__(self, rules=(), warnings=()):
+        super().__init__(rules)
+        self.warnings = list(warnings)
+
+
+def _need_seccomp():
+    if seccomp is None:
+        raise KernelFeatureError("libseccomp's Python bindings are missing: install Debian/Ubuntu "
+                                 "python3-seccomp and use a venv made with --system-site-packages")
+
+
+def _classify(name):
+    """'native' if libseccomp can filter `name` here; 'elsewhere' (a syscall of
+    other architectures only) or 'too new' (missing from libseccomp's table)
+    if it is real but cannot be filtered; 'unknown' otherwise. libseccomp
+    returns -1 for names it does not know and other negative pseudo-numbers
+    for names that exist on other architectures only."""
+    if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) >= 0:
+        return "native"
+    if name in LATER_SYSCALLS:
+        return "too new"
+    for arch in _ARCHES:
+        if seccomp.resolve_syscall(getattr(seccomp.Arch, arch), name) != -1:
+            return "elsewhere"
+    return "unknown"
+
+
+def _personality_rules(action):
+    """personality(p) is denied unless p's low 32 bits (the kernel takes an
+    unsigned int) are 0 (PER_LINUX) or 0xffffffff (query). That is: deny when
+    the 32 bits are not all equal. libseccomp allows one comparison per
+    argument per rule, so this is written as 32 masked compares around a ring
+    of bits: "bit i is 1 and bit i+1 (mod 32) is 0". Any word that is neither
+    all zeros nor all ones has such a 1->0 step somewhere around the ring."""
+    rules = []
+    for i in range(32):
+        hi, lo = 1 << i, 1 << ((i + 1) % 32)
+        rules.append(Rule("personality", action, (Cond(0, hi | lo, hi),),
+                          "personality other than PER_LINUX or the query"))
+    return rules
+
+
+def plan(p: SeccompPolicy) -> Plan:
+    """The rules for policy p, in order. Pure: loads nothing.
+
+    Raises ValueError naming every syscall name that is not a Linux syscall.
+    A syscall that exists but cannot be filtered on this architecture or by
+    this libseccomp is skipped and listed in the result's `warnings`."""
+    _need_seccomp()
+    if p.action not in ACTIONS:
+        raise ValueError(f"seccomp action must be one of {', '.join(ACTIONS)}, not {p.action!r}")
+    act = p.action
+    rules = []
+    for toggle, (names, why) in GROUPS.items():
+        if not getattr(p, toggle):
+            rules += [Rule(n, act, (), why) for n in names]
+    if not p.namespaces:
+        rules.append(Rule("clone3", "enosys", (), "flags unreadable: glibc falls back to clone"))
+        rules += [Rule("clone", act, (Cond(0, bit, bit),), f"clone with {flag}")
+                  for flag, bit in CLONE_NEW_FLAGS.items()]
+    if not p.personality:
+        rules += _personality_rules(act)
+    if not p.memfd_exec:
+        rules.append(Rule("memfd_create", act, (Cond(1, MFD_EXEC, MFD_EXEC),), "with MFD_EXEC"))
+    rules += [Rule(n, act, (), "always denied (policy: other)") for n in p.other]
+    rules += [Rule(n, act, (), "denied by policy (syscalls.deny)") for n in p.deny]
+
+    kinds = {r.syscall: _classify(r.syscall) for r in rules}
+    unknown = sorted(n for n, k in kinds.items() if k == "unknown")
+    if unknown:
+        raise ValueError(f"unknown syscall name(s): {', '.join(unknown)}")
+    why_not = {"elsewhere": f"not a syscall on {_native_arch_name()}",
+               "too new": "newer than this libseccomp's syscall table"}
+    warnings = [f"{n}: {why_not[k]}; not filtered" for n, k in kinds.items() if k in why_not]
+
+    # One action per syscall (libseccomp refuses conflicting ones), and an
+    # unconditional rule makes conditional rules for that syscall redundant:
+    # the first unconditional rule wins (so clone3 stays ENOSYS, which keeps
+    # glibc's threads working, even if syscalls.deny names it).
+    unconditional = {}
+    for r in rules:
+        if not r.conds:
+            unconditional.setdefault(r.syscall, r)
+    out, seen = [], set()
+    for r in rules:
+        if kinds[r.syscall] != "native":
+            continue
+        u = unconditional.get(r.syscall)
+        if u is not None:
+            if r is u:
+                out.append(r)
+        elif (r.syscall, r.conds) not in seen:
+            seen.add((r.syscall, r.conds))
+            out.append(r)
+    return Plan(out, warnings)
+
+
+def _native_arch_name():
+    native = seccomp.system_arch() & 0xFFFFFFFF   # Arch.* are signed, system_arch() is not
+    for arch in _ARCHES:
+        if getattr(seccomp.Arch, arch) & 0xFFFFFFFF == native:
+            return arch.lower()
+    return f"arch {native:#x}"
+
+
+def _action(name):
+    if name == "errno":
+        return seccomp.ERRNO(errno.EPERM)
+    if name == "enosys":
+        return seccomp.ERRNO(errno.ENOSYS)
+    if name == "kill":
+        return seccomp.KILL_PROCESS
+    raise ValueError(f"unknown rule action {name!r}")
+
+
+def build(p: SeccompPolicy):
+    """A seccomp.SyscallFilter for p: default ALLOW, the plan's denies, only the
+    native architecture (other ABIs hit ACT_BADARCH = KILL_PROCESS; on x86_64
+    that includes x32 numbers, see the module docstring), no_new_privs on load."""
+    rules = plan(p)
+    f = seccomp.SyscallFilter(seccomp.ALLOW)
+    f.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
+    f.set_attr(seccomp.Attr.CTL_NNP, 1)
+    for r in rules:
+        args = [seccomp.Arg(c.arg, seccomp.MASKED_EQ, c.mask, c.value) for c in r.conds]
+        f.add_rule(_action(r.action), r.syscall, *args)
+    return f
+
+
+def apply(p: SeccompPolicy) -> None:
+    """Build and load p's filter into the calling process. Call it in the
+    forked child just before exec (it is inherited across exec and by every
+    descendant, and cannot be removed). Sets no_new_privs. Raises on failure:
+    the launcher reports the step and the child exits without exec."""
+    build(p).load()
+
+
+def describe(p: SeccompPolicy) -> list[str]:
+    """Human lines for `policy explain` and the run start banner."""
+    rules = plan(p)
+    verb = "EPERM" if p.action == "errno" else "kill the process (SIGSYS)"
+    lines = [f"seccomp: default allow; denied syscalls -> {verb}; "
+             "non-native ABIs (i386 int 0x80, x32) -> kill the process"]
+    present = {r.syscall for r in rules}
+    for toggle, (names, why) in GROUPS.items():
+        if not getattr(p, toggle):
+            lines.append(f"  {toggle}: {', '.join(n for n in names if n in present)} denied ({why})")
+            if toggle == "namespaces":
+                lines.append("  namespaces: clone with CLONE_NEW* flags denied; clone3 -> ENOSYS "
+                             "(its flags cannot be read; glibc falls back to clone)")
+    if not p.personality:
+        lines.append("  personality: only PER_LINUX (0) and the query 0xffffffff")
+    if not p.memfd_exec:
+        lines.append("  memfd_create: MFD_EXEC refused; exec of a memfd (fexecve) is invisible "
+                     "to seccomp and left to Landlock and exec monitoring")
+    other = [n for n in p.other if n in present]
+    if other:
+        lines.append(f"  always denied: {', '.join(other)}")
+    deny = [n for n in p.deny if n in present]
+    if deny:
+        lines.append(f"  denied by policy: {', '.join(deny)}")
+    lines += [f"  warning: {w}" for w in rules.warnings]
+    return lines

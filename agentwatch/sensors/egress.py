@@ -1,0 +1,405 @@
+"""In-kernel network egress enforcement for one agent cgroup (cgroup BPF).
+
+``Egress(rules).open(cgroup_path, on_denial)`` compiles bpf/egress.bpf.c,
+fills its allow maps from ``EgressRules`` and attaches to the cgroup:
+
+  connect4/6   connect() of TCP and UDP sockets (TCP fast open goes through it)
+  sendmsg4/6   sendto()/sendmsg() with a destination: unconnected UDP, DNS included
+  sock_create  socket(AF_INET/AF_INET6): SOCK_RAW and protocols other than
+               TCP/UDP (ICMP ping, SCTP) refused; inet/inet6 refused when not in
+               allow_families
+
+A refused call fails with EPERM in the agent and a denial record reaches
+``on_denial`` through ``poll()``. Everything not allowed is denied.
+
+What this layer cannot see (the seccomp/Landlock layers must cover it):
+- socket() of any family other than inet/inet6 (AF_PACKET, AF_VSOCK, ...):
+  the kernel runs the sock_create hook from inet_create/inet6_create only, so
+  ``allow_families`` is enforced here for inet/inet6 alone; use
+  ``allowed_family_numbers()`` for a seccomp filter on socket(). The obsolete
+  socket(AF_INET, SOCK_PACKET) is turned into AF_PACKET before that hook, so
+  seccomp must refuse it by type too.
+- bind() and listen(): allowed (binding does not send; inbound is not egress).
+- sockets created outside the cgroup and handed in (inherited fds,
+  SCM_RIGHTS): cgroup hooks judge a socket by the cgroup it was created in.
+- the host's own non-loopback addresses are judged by the CIDR they are in.
+
+Rule semantics:
+- ``allow`` is a union of (cidr, port_lo, port_hi, proto). A CIDR inside
+  ::ffff:0:0/96 is an IPv4 rule, because the kernel programs judge
+  IPv4-mapped destinations as their IPv4 address.
+- loopback (127.0.0.0/8, ::1, and 0.0.0.0 / :: which connect to the local
+  host) is its own zone: only ``loopback`` and rules naming addresses inside
+  it open it, a wide rule such as 0.0.0.0/0 does not.
+
+bcc is imported only inside methods, so the rule logic is usable anywhere.
+"""
+import ctypes
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
+
+# ---- constants shared with bpf/egress.bpf.c (checked by tests/unit/test_egress_rules.py)
+MAX_RANGES = 16
+P_TCP, P_UDP, P_OTHER = 0x1, 0x2, 0x4
+P_ANY = P_TCP | P_UDP | P_OTHER
+PROTO_BITS = {"tcp": P_TCP, "udp": P_UDP, "any": P_ANY}
+F_LOOPBACK = 0x1
+CFG_INET, CFG_INET6 = 0x1, 0x2
+CNT_DENIED, CNT_LOST = 0, 1
+OPS = {1: ("connect", "inet"), 2: ("connect", "inet6"), 3: ("sendmsg", "inet"),
+       4: ("sendmsg", "inet6"), 5: ("socket", None)}
+REASONS = {1: "no-allow-rule", 2: "port-not-allowed", 3: "loopback-not-allowed",
+           4: "raw-socket", 5: "family-not-allowed", 6: "protocol-not-allowed"}
+
+# struct aw_egress_event
+EVENT = struct.Struct("=QQIIIIIHHBB6x16s16s")
+EVENT_SIZE = EVENT.size   # 80
+
+# socket families by name (linux/socket.h); only inet and inet6 are enforced here
+FAMILIES = {"unix": 1, "inet": 2, "ax25": 3, "ipx": 4, "appletalk": 5, "x25": 9,
+            "inet6": 10, "key": 15, "netlink": 16, "packet": 17, "rds": 21,
+            "llc": 26, "ib": 27, "mpls": 28, "can": 29, "tipc": 30, "bluetooth": 31,
+            "alg": 38, "nfc": 39, "vsock": 40, "kcm": 41, "qipcrtr": 42, "smc": 43,
+            "xdp": 44, "mctp": 45}
+AF_INET, AF_INET6 = 2, 10
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
+               136: "udplite", 255: "raw", 262: "mptcp"}
+
+# Loopback zones: destinations that reach the local host.
+LOOPBACK4 = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("0.0.0.0/32"))
+LOOPBACK6 = (ipaddress.ip_network("::1/128"), ipaddress.ip_network("::/128"))
+MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+BPF_F_ALLOW_MULTI = 2   # several programs per hook: ours and any other layer's all must allow
+# (program name, bcc program type attribute, attach type name, enum bpf_attach_type)
+PROGRAMS = (("aw_sock_create", "CGROUP_SOCK", "CGROUP_INET_SOCK_CREATE", 2),
+            ("aw_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", 10),
+            ("aw_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", 11),
+            ("aw_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", 14),
+            ("aw_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", 15))
+
+
+class EgressRuleError(AgentwatchError, ValueError):
+    """An allow rule that cannot be compiled; the message names it."""
+
+
+@dataclass
+class EgressRules:
+    # (cidr, port_lo, port_hi, proto 'tcp'|'udp'|'any'); port None = any
+    allow: list = field(default_factory=list)
+    # True, False, or the loopback ports allowed (127.0.0.0/8, ::1, mapped)
+    loopback: object = False
+    # socket() families allowed; only inet/inet6 are enforced in the kernel
+    allow_families: tuple = ("unix", "inet", "inet6", "netlink")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One allow-map element: a prefix and every (lo, hi, proto mask) range
+    that applies to it."""
+    prefix: object            # ipaddress.IPv4Network / IPv6Network
+    ranges: tuple
+    flags: int = 0
+
+    def key_bytes(self):
+        """struct aw_eg_key4/6: prefix length (host order), address (network order)."""
+        return struct.pack("=I", self.prefix.prefixlen) + self.prefix.network_address.packed
+
+    def value_bytes(self):
+        """struct aw_eg_allow."""
+        body = b"".join(struct.pack("=HHB3x", lo, hi, m) for lo, hi, m in self.ranges)
+        return struct.pack("=II", len(self.ranges), self.flags) + body.ljust(8 * MAX_RANGES, b"\0")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    entries4: tuple
+    entries6: tuple
+    cfg: int
+
+
+# ---- rule compilation (pure) -----------------------------------------------------
+
+def parse_prefix(cidr):
+    """A CIDR (or bare address) as a network; IPv4-mapped IPv6 becomes IPv4.
+    Host bits must be zero: '10.1.2.3/8' is refused rather than widened."""
+    try:
+        net = ipaddress.ip_network(str(cidr).strip(), strict=True)
+    except ValueError as e:
+        raise EgressRuleError(f"egress rule {cidr!r}: not a CIDR ({e})") from None
+    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(MAPPED):
+        v4 = ipaddress.IPv4Address(int(net.network_address) & 0xFFFFFFFF)
+        net = ipaddress.ip_network(f"{v4}/{net.prefixlen - 96}")
+    return net
+
+
+def parse_ports(lo, hi, where):
+    """(lo, hi) inclusive; None/None is every port, lo alone is one port."""
+    if lo is None and hi is None:
+        return 0, 65535
+    if lo is None:
+        raise EgressRuleError(f"egress rule {where}: port_hi without port_lo")
+    if hi is None:
+        hi = lo
+    for p in (lo, hi):
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 65535:
+            raise EgressRuleError(f"egress rule {where}: port {p!r} is not 0..65535")
+    if lo > hi:
+        raise EgressRuleError(f"egress rule {where}: port range {lo}-{hi} is reversed")
+    return lo, hi
+
+
+def parse_rule(rule):
+    """(network, lo, hi, proto mask) of one allow tuple."""
+    if len(rule) != 4:
+        raise EgressRuleError(f"egress rule {rule!r}: expected (cidr, port_lo, port_hi, proto)")
+    cidr, lo, hi, proto = rule
+    if proto not in PROTO_BITS:
+        raise EgressRuleError(f"egress rule {rule!r}: proto must be tcp, udp or any")
+    lo, hi = parse_ports(lo, hi, repr(rule))
+    return parse_prefix(cidr), lo, hi, PROTO_BITS[proto]
+
+
+def loopback_ranges(loopback):
+    if loopback is True:
+        return [(0, 65535, P_ANY)]
+    if loopback is False or loopback is None:
+        return []
+    return [(*parse_ports(p, p, f"loopback port {p!r}"), P_ANY) for p in loopback]
+
+
+def merge_ranges(ranges):
+    """Union of (lo, hi, mask) ranges, merged per protocol bit: overlapping or
+    adjacent intervals join, identical intervals share one mask."""
+    out = {}
+    for bit in (P_TCP, P_UDP, P_OTHER):
+        merged = []
+        for lo, hi in sorted((lo, hi) for lo, hi, m in ranges if m & bit):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        for lo, hi in merged:
+            out[(lo, hi)] = out.get((lo, hi), 0) | bit
+    return tuple(sorted((lo, hi, m) for (lo, hi), m in out.items()))
+
+
+def _zone(net):
+    for z in (LOOPBACK4 if net.version == 4 else LOOPBACK6):
+        if net.subnet_of(z):
+            return z
+    return None
+
+
+def compile_entries(own):
+    """{network: [ranges]} -> [Entry]. An LPM lookup returns only the longest
+    matching prefix, so each entry also carries the ranges of every enclosing
+    prefix of the same zone (a wide rule does not reach into loopback)."""
+    entries = []
+    for net, ranges in own.items():
+        zone = _zone(net)
+        acc = list(ranges)
+        for other, more in own.items():
+            if (other.prefixlen < net.prefixlen and net.subnet_of(other)
+                    and _zone(other) == zone):
+                acc += more
+        merged = merge_ranges(acc)
+        if len(merged) > MAX_RANGES:
+            raise EgressRuleError(f"egress rules: {net} needs {len(merged)} port ranges, "
+                                  f"at most {MAX_RANGES} per prefix are supported")
+        entries.append(Entry(net, merged, F_LOOPBACK if zone else 0))
+    return tuple(sorted(entries, key=lambda e: (e.prefix.prefixlen, int(e.prefix.network_address))))
+
+
+def compile_rules(rules):
+    """EgressRules -> the contents of the kernel maps."""
+    own4, own6 = {}, {}
+    for rule in rules.allow:
+        net, lo, hi, mask = parse_rule(rule)
+        (own4 if net.version == 4 else own6).setdefault(net, []).append((lo, hi, mask))
+    lb = loopback_ranges(rules.loopback)
+    for z in LOOPBACK4:
+        own4.setdefault(z, []).extend(lb)
+    for z in LOOPBACK6:
+        own6.setdefault(z, []).extend(lb)
+    fams = allowed_family_numbers(rules)
+    cfg = (CFG_INET if AF_INET in fams else 0) | (CFG_INET6 if AF_INET6 in fams else 0)
+    return Compiled(compile_entries(own4), compile_entries(own6), cfg)
+
+
+def allowed_family_numbers(rules):
+    """AF_* numbers of allow_families: a seccomp filter on socket() should
+    refuse every other family (and (AF_INET, SOCK_PACKET)), which cgroup BPF
+    cannot see."""
+    out = set()
+    for name in rules.allow_families:
+        if name not in FAMILIES:
+            raise EgressRuleError(f"allow_families: unknown family {name!r} "
+                                  f"(known: {', '.join(sorted(FAMILIES))})")
+        out.add(FAMILIES[name])
+    return sorted(out)
+
+
+# ---- records (pure) ----------------------------------------------------------------
+
+def format_addr(family, raw):
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    a = ipaddress.IPv6Address(raw)
+    return f"::ffff:{a.ipv4_mapped}" if a.ipv4_mapped else str(a)
+
+
+def decode_denial(data):
+    """A struct aw_egress_event as the dict given to on_denial."""
+    (ts, cgroup, pid, tid, uid, sock_type, protocol, family, port, op, reason,
+     addr, comm) = EVENT.unpack_from(data)
+    opname, _ = OPS.get(op, (f"op{op}", None))
+    fam = {AF_INET: "inet", AF_INET6: "inet6"}.get(family, str(family))
+    is_socket = opname == "socket"
+    return {"pid": pid, "tid": tid, "uid": uid,
+            "comm": comm.split(b"\0", 1)[0].decode(errors="replace"),
+            "cgroup": cgroup, "family": fam,
+            "addr": None if is_socket else format_addr(family, addr),
+            "port": None if is_socket else port,
+            "proto": PROTO_NAMES.get(protocol, str(protocol)), "op": opname,
+            "rule": REASONS.get(reason, f"reason{reason}"),
+            "sock_type": sock_type, "protocol": protocol, "ts": ts}
+
+
+# ---- cgroup attachments (no bcc) ----------------------------------------------------
+
+_BPF_PROG_QUERY = 16
+
+
+class _QueryAttr(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
+
+
+def attached_program_ids(cgroup_path):
+    """{attach type name: [program ids]} attached directly to the cgroup for
+    the hooks Egress uses (BPF_PROG_QUERY), to prove attach and detach."""
+    from .inventory import _bpf
+    fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        out = {}
+        for _, _, atype, at in PROGRAMS:
+            ids = (ctypes.c_uint32 * 64)()
+            a = _QueryAttr(target_fd=fd, attach_type=at,
+                           prog_ids=ctypes.addressof(ids), prog_cnt=64)
+            ret, err = _bpf(_BPF_PROG_QUERY, a)
+            if ret < 0:
+                raise OSError(err, f"BPF_PROG_QUERY {atype}: {os.strerror(err)}")
+            out[atype] = list(ids[:a.prog_cnt])
+        return out
+    finally:
+        os.close(fd)
+
+
+# ---- the kernel side ---------------------------------------------------------------
+
+class Egress:
+    """The egress programs attached to one cgroup."""
+
+    def __init__(self, rules, ringbuf_pages=64):
+        self.rules = rules
+        self.compiled = compile_rules(rules)   # bad rules fail before anything loads
+        self.ringbuf_pages = ringbuf_pages
+        self.bpf = None
+        self.cgroup_fd = None
+        self.attached = []                     # (fn, attach type) in attach order
+        self.received = 0
+        self.errors = []                       # records that failed to decode or deliver
+        self._on_denial = None
+
+    def open(self, cgroup_path, on_denial):
+        """Compile, load, fill the maps, then attach (so the cgroup is never
+        judged by half-filled maps; an empty map denies everything anyway)."""
+        if os.geteuid() != 0:
+            raise PrivilegeError("attaching cgroup BPF programs needs root (CAP_BPF, "
+                                 "CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+        from . import _import_bcc, bpf_dir
+        bcc = _import_bcc()
+        with open(os.path.join(bpf_dir(), "egress.bpf.c")) as f:
+            text = f.read()
+        try:
+            self.bpf = bcc.BPF(text=text.encode(), cflags=[
+                f"-DAW_EG_RINGBUF_PAGES={self.ringbuf_pages}", "-Wno-unused-function"])
+        except Exception as e:
+            raise KernelFeatureError(f"could not compile or load bpf/egress.bpf.c: {e}; "
+                                     "run 'agentwatch doctor'") from None
+        try:
+            self._fill_maps()
+            self._on_denial = on_denial
+            self.bpf["egress_events"].open_ring_buffer(self._on_record)
+            self.cgroup_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+            for name, ptype, _, at in PROGRAMS:
+                fn = self.bpf.load_func(name, getattr(bcc.BPF, ptype), attach_type=at)
+                bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
+                self.attached.append((fn, at))
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def _fill_maps(self):
+        for table, entries in ((self.bpf["egress_allow4"], self.compiled.entries4),
+                               (self.bpf["egress_allow6"], self.compiled.entries6)):
+            for e in entries:
+                table[table.Key.from_buffer_copy(e.key_bytes())] = \
+                    table.Leaf.from_buffer_copy(e.value_bytes())
+        self.bpf["egress_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(self.compiled.cfg)
+
+    def close(self):
+        """Detach every program, then unload. Idempotent."""
+        if self.bpf is None:
+            return
+        from bcc import BPF
+        for fn, at in reversed(self.attached):
+            try:
+                BPF.detach_func(fn, self.cgroup_fd, at)
+            except Exception as e:
+                self.errors.append(f"detach {fn.name}: {e}")
+        self.attached = []
+        if self.cgroup_fd is not None:
+            os.close(self.cgroup_fd)
+            self.cgroup_fd = None
+        self.bpf.cleanup()
+        self.bpf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _on_record(self, _ctx, data, size):
+        self.received += 1
+        try:
+            self._on_denial(decode_denial(ctypes.string_at(data, size)))
+        except Exception as e:   # one bad record or callback must not stop the stream
+            self.errors.append(f"{type(e).__name__}: {e}")
+        return 0
+
+    def poll(self, timeout_ms=0):
+        """Deliver the denial records that are ready, waiting up to timeout_ms."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def counters(self):
+        """denials counted in the kernel, records lost (ring buffer full),
+        records received here."""
+        table = self.bpf["egress_counters"]
+        def total(idx):
+            return sum(int(v) for v in table[ctypes.c_int(idx)])
+        return {"denials": total(CNT_DENIED), "lost": total(CNT_LOST),
+                "received": self.received, "errors": len(self.errors)}
+
+
+__all__ = ["Egress", "EgressRules", "EgressRuleError", "compile_rules",
+           "allowed_family_numbers", "attached_program_ids", "decode_denial"]

@@ -1,0 +1,258 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Network egress enforcement with cgroup BPF (agentwatch/sensors/egress.py).
+ *
+ * Attached to one agent's cgroup, these programs run for the sockets created
+ * in it (the cgroup a socket belongs to is fixed when it is created) and
+ * return 0 to refuse the operation (the syscall fails with EPERM) or 1 to let
+ * it go on:
+ *   aw_connect4/6       connect() of TCP and UDP sockets (and TCP fast open)
+ *   aw_sendmsg4/6       sendto()/sendmsg() with a destination (unconnected UDP)
+ *   aw_sock_create      socket(): raw and non-TCP/UDP inet sockets, families
+ * Self-contained: its own maps and its own ring buffer, so a flood of
+ * monitoring events can never starve the record of a denial.
+ *
+ * Nothing here reads a kernel struct: only the uapi contexts
+ * struct bpf_sock_addr / struct bpf_sock and helpers (the kernel headers on
+ * the build machines belong to another kernel version).
+ *
+ * With -DAW_LAYOUT_ONLY only the shared structs and constants are compiled,
+ * so tests/unit/test_egress_rules.py can check them with the host compiler.
+ */
+#ifndef AW_EGRESS_BPF_C
+#define AW_EGRESS_BPF_C
+
+#define AW_EG_MAX_RANGES 16     /* port ranges per prefix (allow-map value) */
+
+/* protocol classes, as bits: a range allows the classes in its mask */
+#define AW_EG_P_TCP   0x1       /* IPPROTO_TCP, IPPROTO_MPTCP */
+#define AW_EG_P_UDP   0x2       /* IPPROTO_UDP, IPPROTO_UDPLITE */
+#define AW_EG_P_OTHER 0x4
+#define AW_EG_P_ANY   0x7
+
+/* allow-map value flags */
+#define AW_EG_F_LOOPBACK 0x1    /* prefix lies in the loopback zone */
+
+/* egress_cfg[0] flags: socket families the agent may create */
+#define AW_EG_CFG_INET  0x1
+#define AW_EG_CFG_INET6 0x2
+
+/* operation that was refused */
+#define AW_EG_OP_CONNECT4 1
+#define AW_EG_OP_CONNECT6 2
+#define AW_EG_OP_SENDMSG4 3
+#define AW_EG_OP_SENDMSG6 4
+#define AW_EG_OP_SOCKET   5
+
+/* why */
+#define AW_EG_R_NO_RULE   1     /* destination in no allowed prefix */
+#define AW_EG_R_PORT      2     /* prefix allowed, not this port/protocol */
+#define AW_EG_R_LOOPBACK  3     /* loopback destination, no loopback port allowed */
+#define AW_EG_R_RAW       4     /* SOCK_RAW inet socket */
+#define AW_EG_R_FAMILY    5     /* inet/inet6 not in allow_families */
+#define AW_EG_R_PROTOCOL  6     /* inet socket that is neither TCP nor UDP */
+
+/* per-CPU counters (map egress_counters) */
+#define AW_EG_CNT_DENIED 0
+#define AW_EG_CNT_LOST   1      /* denial record lost: ring buffer full */
+#define AW_EG_CNT_MAX    2
+
+struct aw_eg_key4 {             /* LPM trie key: prefix length, then address */
+	__u32 prefixlen;
+	__u32 addr;             /* network byte order */
+};
+
+struct aw_eg_key6 {
+	__u32 prefixlen;
+	__u32 addr[4];          /* network byte order */
+};
+
+struct aw_eg_range {
+	__u16 lo;               /* host byte order, inclusive */
+	__u16 hi;
+	__u8 protos;            /* AW_EG_P_* mask */
+	__u8 pad[3];
+};
+
+/* One value per prefix: every range that applies to it, those of the
+ * enclosing prefixes included (userspace merges them, because an LPM lookup
+ * returns only the longest match). */
+struct aw_eg_allow {
+	__u32 n;
+	__u32 flags;            /* AW_EG_F_* */
+	struct aw_eg_range r[AW_EG_MAX_RANGES];
+};
+
+struct aw_egress_event {
+	__u64 ts;               /* bpf_ktime_get_ns() */
+	__u64 cgroup;           /* cgroup v2 id of the calling task */
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 sock_type;        /* SOCK_STREAM, SOCK_DGRAM, SOCK_RAW ... */
+	__u32 protocol;         /* IPPROTO_* */
+	__u16 family;           /* AF_INET / AF_INET6 */
+	__u16 port;             /* host byte order */
+	__u8 op;                /* AW_EG_OP_* */
+	__u8 reason;            /* AW_EG_R_* */
+	__u8 pad[6];
+	__u8 addr[16];          /* 4 bytes for AF_INET; as given (mapped too) */
+	char comm[16];
+};
+
+#ifndef AW_LAYOUT_ONLY
+
+#ifndef AW_EG_RINGBUF_PAGES
+#define AW_EG_RINGBUF_PAGES 64  /* 256 KiB: denials are rare, and each is refused anyway */
+#endif
+#define AW_EG_SOCK_RAW   3
+#define AW_EG_IPPROTO_TCP     6
+#define AW_EG_IPPROTO_UDP     17
+#define AW_EG_IPPROTO_UDPLITE 136
+#define AW_EG_IPPROTO_MPTCP   262
+#define AW_EG_AF_INET  2
+#define AW_EG_AF_INET6 10
+
+BPF_LPM_TRIE(egress_allow4, struct aw_eg_key4, struct aw_eg_allow, 4096);
+BPF_LPM_TRIE(egress_allow6, struct aw_eg_key6, struct aw_eg_allow, 4096);
+BPF_ARRAY(egress_cfg, u32, 1);
+BPF_PERCPU_ARRAY(egress_counters, u64, AW_EG_CNT_MAX);
+BPF_RINGBUF_OUTPUT(egress_events, AW_EG_RINGBUF_PAGES);
+
+static __always_inline void aw_eg_count(u32 idx)
+{
+	u64 *c = egress_counters.lookup(&idx);
+	if (c)
+		(*c)++;
+}
+
+static __always_inline u8 aw_eg_pclass(u32 protocol)
+{
+	if (protocol == AW_EG_IPPROTO_TCP || protocol == AW_EG_IPPROTO_MPTCP)
+		return AW_EG_P_TCP;
+	if (protocol == AW_EG_IPPROTO_UDP || protocol == AW_EG_IPPROTO_UDPLITE)
+		return AW_EG_P_UDP;
+	return AW_EG_P_OTHER;
+}
+
+/* 0 = allowed; otherwise the AW_EG_R_* reason */
+static __always_inline u8 aw_eg_match(struct aw_eg_allow *v, u16 port, u8 pclass)
+{
+	if (!v)
+		return AW_EG_R_NO_RULE;
+	for (int i = 0; i < AW_EG_MAX_RANGES; i++) {
+		if (i >= v->n)
+			break;
+		if ((v->r[i].protos & pclass) && port >= v->r[i].lo && port <= v->r[i].hi)
+			return 0;
+	}
+	if (v->n)
+		return AW_EG_R_PORT;
+	return (v->flags & AW_EG_F_LOOPBACK) ? AW_EG_R_LOOPBACK : AW_EG_R_NO_RULE;
+}
+
+static __always_inline u8 aw_eg_judge4(u32 addr, u16 port, u8 pclass)
+{
+	struct aw_eg_key4 k = {.prefixlen = 32, .addr = addr};
+	return aw_eg_match(egress_allow4.lookup(&k), port, pclass);
+}
+
+/* IPv4-mapped destinations (::ffff:a.b.c.d) are judged as the IPv4 address */
+static __always_inline u8 aw_eg_judge6(u32 a0, u32 a1, u32 a2, u32 a3, u16 port, u8 pclass)
+{
+	if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff))
+		return aw_eg_judge4(a3, port, pclass);
+	struct aw_eg_key6 k = {.prefixlen = 128, .addr = {a0, a1, a2, a3}};
+	return aw_eg_match(egress_allow6.lookup(&k), port, pclass);
+}
+
+/* Count the denial and record it; a full ring buffer is counted, never silent. */
+static __always_inline void aw_eg_record(u8 op, u8 reason, u16 family, u32 a0, u32 a1,
+					 u32 a2, u32 a3, u16 port, u32 type, u32 protocol)
+{
+	aw_eg_count(AW_EG_CNT_DENIED);
+	struct aw_egress_event *e = egress_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		aw_eg_count(AW_EG_CNT_LOST);
+		return;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts = bpf_ktime_get_ns();
+	e->cgroup = bpf_get_current_cgroup_id();
+	e->pid = id >> 32;
+	e->tid = (u32)id;
+	e->uid = (u32)bpf_get_current_uid_gid();
+	e->sock_type = type;
+	e->protocol = protocol;
+	e->family = family;
+	e->port = port;
+	e->op = op;
+	e->reason = reason;
+	__builtin_memset(e->pad, 0, sizeof(e->pad));
+	u32 *w = (u32 *)e->addr;
+	w[0] = a0;
+	w[1] = a1;
+	w[2] = a2;
+	w[3] = a3;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	egress_events.ringbuf_submit(e, 0);
+}
+
+static __always_inline int aw_eg_addr4(struct bpf_sock_addr *ctx, u8 op)
+{
+	u32 addr = ctx->user_ip4;
+	u16 port = bpf_ntohs(ctx->user_port);
+	u32 type = ctx->type, protocol = ctx->protocol;
+	u8 reason = aw_eg_judge4(addr, port, aw_eg_pclass(protocol));
+	if (!reason)
+		return 1;
+	aw_eg_record(op, reason, AW_EG_AF_INET, addr, 0, 0, 0, port, type, protocol);
+	return 0;
+}
+
+static __always_inline int aw_eg_addr6(struct bpf_sock_addr *ctx, u8 op)
+{
+	u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
+	u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+	u16 port = bpf_ntohs(ctx->user_port);
+	u32 type = ctx->type, protocol = ctx->protocol;
+	u8 reason = aw_eg_judge6(a0, a1, a2, a3, port, aw_eg_pclass(protocol));
+	if (!reason)
+		return 1;
+	aw_eg_record(op, reason, AW_EG_AF_INET6, a0, a1, a2, a3, port, type, protocol);
+	return 0;
+}
+
+int aw_connect4(struct bpf_sock_addr *ctx) { return aw_eg_addr4(ctx, AW_EG_OP_CONNECT4); }
+int aw_connect6(struct bpf_sock_addr *ctx) { return aw_eg_addr6(ctx, AW_EG_OP_CONNECT6); }
+int aw_sendmsg4(struct bpf_sock_addr *ctx) { return aw_eg_addr4(ctx, AW_EG_OP_SENDMSG4); }
+int aw_sendmsg6(struct bpf_sock_addr *ctx) { return aw_eg_addr6(ctx, AW_EG_OP_SENDMSG6); }
+
+/* socket(): the kernel runs this hook for inet and inet6 sockets only
+ * (inet_create/inet6_create), after the protocol was chosen. Raw sockets
+ * would send packets no connect/sendmsg hook sees, and protocols other than
+ * TCP and UDP (ICMP ping sockets, SCTP) are not all covered by those hooks:
+ * refuse them here. */
+int aw_sock_create(struct bpf_sock *ctx)
+{
+	u32 family = ctx->family, type = ctx->type, protocol = ctx->protocol;
+	u32 zero = 0, cfg = 0;
+	u32 *c = egress_cfg.lookup(&zero);
+	if (c)
+		cfg = *c;
+	u8 reason = 0;
+	if ((family == AW_EG_AF_INET && !(cfg & AW_EG_CFG_INET)) ||
+	    (family == AW_EG_AF_INET6 && !(cfg & AW_EG_CFG_INET6)))
+		reason = AW_EG_R_FAMILY;
+	else if (type == AW_EG_SOCK_RAW)
+		reason = AW_EG_R_RAW;
+	else if (aw_eg_pclass(protocol) == AW_EG_P_OTHER)
+		reason = AW_EG_R_PROTOCOL;
+	if (!reason)
+		return 1;
+	aw_eg_record(AW_EG_OP_SOCKET, reason, family, 0, 0, 0, 0, 0, type, protocol);
+	return 0;
+}
+
+#endif /* AW_LAYOUT_ONLY */
+#endif /* AW_EGRESS_BPF_C */
