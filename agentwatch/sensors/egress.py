@@ -10,7 +10,14 @@ fills its allow maps from ``EgressRules`` and attaches to the cgroup:
                allow_families
 
 A refused call fails with EPERM in the agent and a denial record reaches
-``on_denial`` through ``poll()``. Everything not allowed is denied.
+``on_denial`` through ``poll()``. Everything not allowed is denied. Programs
+are attached with BPF_F_ALLOW_MULTI, so other layers' programs on the same
+cgroup keep running and every one of them must allow.
+
+The kernel hands a UDP send to an IPv4-mapped address (or an AF_INET sockaddr
+on an AF_INET6 socket) to its IPv4 code, so such denials are recorded by
+sendmsg4 with family "inet"; TCP connects to mapped addresses come through
+connect6 and are recorded as "inet6" ::ffff:a.b.c.d.
 
 What this layer cannot see (the seccomp/Landlock layers must cover it):
 - socket() of any family other than inet/inet6 (AF_PACKET, AF_VSOCK, ...):
@@ -55,9 +62,16 @@ OPS = {1: ("connect", "inet"), 2: ("connect", "inet6"), 3: ("sendmsg", "inet"),
 REASONS = {1: "no-allow-rule", 2: "port-not-allowed", 3: "loopback-not-allowed",
            4: "raw-socket", 5: "family-not-allowed", 6: "protocol-not-allowed"}
 
-# struct aw_egress_event
-EVENT = struct.Struct("=QQIIIIIHHBB6x16s16s")
-EVENT_SIZE = EVENT.size   # 80
+
+class Event(ctypes.Structure):
+    """struct aw_egress_event, field by field."""
+    _fields_ = [("ts", ctypes.c_uint64), ("cgroup", ctypes.c_uint64),
+                ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
+                ("sock_type", ctypes.c_uint32), ("protocol", ctypes.c_uint32),
+                ("family", ctypes.c_uint16), ("port", ctypes.c_uint16),
+                ("op", ctypes.c_uint8), ("reason", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 6),
+                ("addr", ctypes.c_uint8 * 16), ("comm", ctypes.c_char * 16)]
+
 
 # socket families by name (linux/socket.h); only inet and inet6 are enforced here
 FAMILIES = {"unix": 1, "inet": 2, "ax25": 3, "ipx": 4, "appletalk": 5, "x25": 9,
@@ -255,19 +269,17 @@ def format_addr(family, raw):
 
 def decode_denial(data):
     """A struct aw_egress_event as the dict given to on_denial."""
-    (ts, cgroup, pid, tid, uid, sock_type, protocol, family, port, op, reason,
-     addr, comm) = EVENT.unpack_from(data)
-    opname, _ = OPS.get(op, (f"op{op}", None))
-    fam = {AF_INET: "inet", AF_INET6: "inet6"}.get(family, str(family))
+    ev = Event.from_buffer_copy(data[:ctypes.sizeof(Event)])
+    opname, _ = OPS.get(ev.op, (f"op{ev.op}", None))
     is_socket = opname == "socket"
-    return {"pid": pid, "tid": tid, "uid": uid,
-            "comm": comm.split(b"\0", 1)[0].decode(errors="replace"),
-            "cgroup": cgroup, "family": fam,
-            "addr": None if is_socket else format_addr(family, addr),
-            "port": None if is_socket else port,
-            "proto": PROTO_NAMES.get(protocol, str(protocol)), "op": opname,
-            "rule": REASONS.get(reason, f"reason{reason}"),
-            "sock_type": sock_type, "protocol": protocol, "ts": ts}
+    return {"pid": ev.pid, "tid": ev.tid, "uid": ev.uid,
+            "comm": ev.comm.decode(errors="replace"), "cgroup": ev.cgroup,
+            "family": {AF_INET: "inet", AF_INET6: "inet6"}.get(ev.family, str(ev.family)),
+            "addr": None if is_socket else format_addr(ev.family, bytes(ev.addr)),
+            "port": None if is_socket else ev.port,
+            "proto": PROTO_NAMES.get(ev.protocol, str(ev.protocol)), "op": opname,
+            "rule": REASONS.get(ev.reason, f"reason{ev.reason}"),
+            "sock_type": ev.sock_type, "protocol": ev.protocol, "ts": ev.ts}
 
 
 # ---- cgroup attachments (no bcc) ----------------------------------------------------
@@ -321,6 +333,8 @@ class Egress:
     def open(self, cgroup_path, on_denial):
         """Compile, load, fill the maps, then attach (so the cgroup is never
         judged by half-filled maps; an empty map denies everything anyway)."""
+        if self.bpf is not None:
+            raise RuntimeError("Egress is already open")
         if os.geteuid() != 0:
             raise PrivilegeError("attaching cgroup BPF programs needs root (CAP_BPF, "
                                  "CAP_NET_ADMIN, CAP_SYS_ADMIN)")
@@ -337,10 +351,10 @@ class Egress:
         try:
             self._fill_maps()
             self._on_denial = on_denial
-            self.bpf["egress_events"].open_ring_buffer(self._on_record)
+            self.bpf[b"egress_events"].open_ring_buffer(self._on_record)
             self.cgroup_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
             for name, ptype, _, at in PROGRAMS:
-                fn = self.bpf.load_func(name, getattr(bcc.BPF, ptype), attach_type=at)
+                fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
                 bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
                 self.attached.append((fn, at))
         except Exception:
@@ -349,15 +363,17 @@ class Egress:
         return self
 
     def _fill_maps(self):
-        for table, entries in ((self.bpf["egress_allow4"], self.compiled.entries4),
-                               (self.bpf["egress_allow6"], self.compiled.entries6)):
+        for table, entries in ((self.bpf[b"egress_allow4"], self.compiled.entries4),
+                               (self.bpf[b"egress_allow6"], self.compiled.entries6)):
             for e in entries:
                 table[table.Key.from_buffer_copy(e.key_bytes())] = \
                     table.Leaf.from_buffer_copy(e.value_bytes())
-        self.bpf["egress_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(self.compiled.cfg)
+        self.bpf[b"egress_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(self.compiled.cfg)
 
     def close(self):
-        """Detach every program, then unload. Idempotent."""
+        """Detach every program, then unload. Idempotent. From here on the
+        cgroup is unrestricted: stop the agent first. A program that fails to
+        detach stays attached (fail closed) until the cgroup is removed."""
         if self.bpf is None:
             return
         from bcc import BPF
@@ -389,12 +405,13 @@ class Egress:
 
     def poll(self, timeout_ms=0):
         """Deliver the denial records that are ready, waiting up to timeout_ms."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+        if self.bpf is not None:
+            self.bpf.ring_buffer_poll(timeout_ms)
 
     def counters(self):
         """denials counted in the kernel, records lost (ring buffer full),
         records received here."""
-        table = self.bpf["egress_counters"]
+        table = self.bpf[b"egress_counters"]
         def total(idx):
             return sum(int(v) for v in table[ctypes.c_int(idx)])
         return {"denials": total(CNT_DENIED), "lost": total(CNT_LOST),
