@@ -50,6 +50,7 @@ class RunOptions:
     prompt_path: str = None      # the agent's system prompt / instructions file
     require_signed: bool = False
     trust: list = field(default_factory=list)   # extra trusted public key files
+    allow_downgrade: bool = False  # run even if the kernel cannot enforce some rules
 
 
 class Monitor:
@@ -125,12 +126,19 @@ class Run:
         self.chain = integrity.Chain(self.run_id)
         self.judge = None
         self.killed_for = None
+        self.egress = None
+        self.limits = None
+        self.wall_deadline = None
 
     # -- input ----------------------------------------------------------------------
     def _check(self):
         o = self.opts
         if not o.argv:
             raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
+        trusted = integrity.trusted_keys(o.trust)
+        if o.policy_path and o.require_signed:
+            # a tampered file is refused as tampered, before its content is even parsed
+            integrity.check_signed(o.policy_path, True, None, trusted)
         self.policy = load_policy(o.policy_path) if o.policy_path else None
         if os.geteuid() != 0:
             raise PrivilegeError("agentwatch run needs root (it creates cgroups and loads BPF "
@@ -140,8 +148,8 @@ class Run:
                       or os.path.basename(o.argv[0]))
         self.variables = policy_variables(o.workspace or o.cwd)
         self.compiled = None
+        self.plan = None
         self.signer = self.prompt_signer = self.prompt_digest = None
-        trusted = integrity.trusted_keys(o.trust)
         if self.policy:
             ident = self.policy.data.get("identity") or {}
             pattern = ident.get("name")
@@ -151,8 +159,17 @@ class Run:
             self.signer = integrity.check_signed(self.policy.path, o.require_signed,
                                                  ident.get("required_signer"), trusted)
             from .policy.compile import compile_policy
+            from .sandbox.plan import make_plan
             self.compiled = compile_policy(self.policy, self.variables)
             o.sensors = self.compiled.sensor_groups()
+            protected = [self.policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
+            self.plan = make_plan(self.policy.data, self.variables, protected)
+            if self.plan.downgrades and not o.allow_downgrade:
+                raise PolicyError(
+                    f"{self.policy.path}: this kernel cannot enforce every rule:\n  "
+                    + "\n  ".join(self.plan.downgrades)
+                    + "\nrun with --allow-downgrade to accept this (each rule is then recorded "
+                      "in the run identity), or relax the policy")
         elif o.require_signed:
             raise PolicyError("--require-signed needs --policy FILE (a signed policy)")
         if o.prompt_path:
@@ -180,7 +197,8 @@ class Run:
             "start_time": time.time(), "uid": uid, "user": user,
             "host": socket.gethostname(), "kernel": platform.release(),
             "command": self.opts.argv, "executable": self.command,
-            "cwd": self.opts.cwd or os.getcwd(), "enforcement": "monitor",
+            "cwd": self.opts.cwd or os.getcwd(),
+            "enforcement": self.plan.record() if self.plan else {"path": "monitor-only"},
         }
 
     # -- output -----------------------------------------------------------------------
@@ -284,18 +302,26 @@ class Run:
             if self.opts.prompt_path:
                 watched.append(("identity.prompt_write", os.path.abspath(self.opts.prompt_path)))
             self.judge = Judge(self.compiled, self.correlator, self.ctx, self._emit,
-                               on_kill=self._kill_for_violation, watched_files=watched)
+                               on_kill=self._kill_for_violation, watched_files=watched,
+                               egress_enforced=bool(self.plan and self.plan.egress is not None))
         self.correlator.add_run(self.ctx)
         self.sensors.watch(self.cgroup.id)
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
                         sensors=self.sensors.groups, tracepoints=len(self.sensors.attached))
-        self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd)
+        self._setup_enforcement(identity)
+        if self.plan:
+            for line in self.plan.describe():
+                print(f"agentwatch: {line}", file=sys.stderr)
+        self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd,
+                                    setup=self._child_steps())
         identity["root_pid"] = self.child.pid
         self.correlator.set_root(self.ctx, self.child.pid, os.getpid())
         try:
             self.cgroup.add(self.child.pid)
+            if self.limits:
+                self.limits.add(self.child.pid)
         except OSError as e:
             self.child.abort()
             raise LaunchError(f"agent did not start: joining cgroup {self.cgroup.path} failed: {e}")
@@ -310,11 +336,71 @@ class Run:
         self._loop()
         return self.exit_status
 
+    def _setup_enforcement(self, identity):
+        """Parent side of the sandbox: limits and cgroup BPF on the run's
+        cgroup, before the agent exists."""
+        plan = self.plan
+        if not plan:
+            return
+        if plan.limits:
+            from .sandbox.limits import Limits
+            self.limits = Limits(self.run_id, self.cgroup.path, **plan.limits)
+            self.limits.setup()
+            identity["enforcement"]["limits_applied"] = self.limits.applied
+            if self.limits.missing:
+                identity["enforcement"]["downgrades"].append(
+                    f"resources: no {', '.join(self.limits.missing)} controller")
+        if plan.egress is not None:
+            from .sensors.egress import Egress
+            self.egress = Egress(plan.egress).open(self.cgroup.path, self._on_egress_denial)
+        if plan.wall_time:
+            self.wall_deadline = time.monotonic() + plan.wall_time
+
+    def _child_steps(self):
+        """(step, callable) run by the child between fork and exec, in order."""
+        from .sandbox import landlock, mounts, seccomp_filter
+        plan = self.plan
+        steps = [("close inherited fds", launcher.close_inherited_fds),
+                 ("disable core dumps", launcher.no_core_dumps)]
+        if plan and plan.masks:
+            steps.append(("mask denied paths", lambda: mounts.apply(plan.masks)))
+        if plan and plan.landlock:
+            steps.append(("apply Landlock", lambda: landlock.apply(plan.landlock)))
+        if plan and plan.seccomp:
+            steps.append(("load seccomp filter", lambda: seccomp_filter.apply(plan.seccomp)))
+        return steps
+
+    def _on_egress_denial(self, d):
+        from .events import NetEvent
+        rule = {"loopback-not-allowed": "network.loopback", "raw-socket": "network.socket",
+                "family-not-allowed": "network.socket",
+                "protocol-not-allowed": "network.socket"}.get(d.get("rule"), "network.egress")
+        proc = self.ctx.procs.get(d["pid"])
+        ev = NetEvent(op=d.get("op"), family=d.get("family"), addr=d.get("addr"), port=d.get("port"),
+                      ts=round(time.time(), 6), run_id=self.run_id, agent=self.agent, pid=d["pid"],
+                      tid=d.get("tid", d["pid"]), ppid=proc.ppid if proc else 0, uid=d.get("uid", 0),
+                      comm=d.get("comm", ""), ret=-1, error="EPERM")
+        target = d.get("addr") if d.get("port") is None else f"{d.get('addr')}:{d.get('port')}"
+        if self.judge:
+            self.judge.kernel_denial(ev, "network", rule, f"cgroup BPF: {d.get('rule')}", target,
+                                     {"op": d.get("op"), "family": d.get("family"),
+                                      "addr": d.get("addr"), "port": d.get("port"),
+                                      "proto": d.get("proto")})
+
     def _loop(self):
         next_stats = time.monotonic() + STATS_EVERY_S
         while self.exit_status is None:
             self.sensors.poll(100)
+            if self.egress:
+                self.egress.poll(0)
             self._reap()
+            if self.wall_deadline and time.monotonic() > self.wall_deadline:
+                self.wall_deadline = None
+                self._lifecycle("warning", {"message": "wall time limit reached: stopping the agent"})
+                if self.judge:
+                    self.judge.limit_reached("resources.wall_time",
+                                             f"ran longer than {self.plan.wall_time:g} s")
+                self.cgroup.kill()
             now = time.monotonic()
             if self.stop_deadline and now > self.stop_deadline:
                 self.cgroup.kill()
@@ -361,6 +447,8 @@ class Run:
             self.sensors.poll(30)
             quiet = quiet + 1 if self.sensors.received == before else 0
         self._reap()
+        if self.egress:
+            self.egress.poll(0)
         self.correlator.finish(self.ctx)
         if self.judge:
             self.judge.tick(final=True)
@@ -412,6 +500,11 @@ class Run:
                     self.monitor.close()
             if self.cgroup:
                 self.cgroup.kill()
+            if self.egress:            # only once the agent tree is dead
+                self.egress.close()
+            if self.limits:
+                self.limits.remove()
+            if self.cgroup:
                 self.cgroup.remove()
             if self.record:
                 if self.exit_status is None:

@@ -7,8 +7,10 @@ import click
 from agentwatch.errors import AgentwatchError
 
 from . import doctor as doctor_cmd
+from . import keys as keys_cmd
 from . import run as run_cmd
 from . import runs as runs_cmd
+from .policy import policy as policy_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +24,11 @@ cli.add_command(runs_cmd.tail)
 cli.add_command(runs_cmd.ps)
 cli.add_command(runs_cmd.gc)
 cli.add_command(doctor_cmd.doctor)
+cli.add_command(keys_cmd.key_group)     # agentwatch key generate
+cli.add_command(keys_cmd.log_group)     # agentwatch log verify
+policy_group.add_command(keys_cmd.policy_sign)     # agentwatch policy sign
+policy_group.add_command(keys_cmd.policy_verify)   # agentwatch policy verify
+cli.add_command(policy_group)           # agentwatch policy lint|explain|diff|sign|verify
 
 
 def main(argv=None):

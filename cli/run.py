@@ -20,17 +20,20 @@ from agentwatch.runner import RunOptions, run_agent
                    "run identity and a change to it during the run is a violation.")
 @click.option("--require-signed", is_flag=True,
               help="Refuse to start unless the policy (and prompt) carry a valid trusted signature.")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Run even when this kernel cannot enforce some of the policy's rules; they "
+                   "are listed at start and recorded in the run identity.")
 @click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
               help="Extra trusted public key (repeatable); see 'agentwatch key'.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
-def run(ctx, policy_path, name, events_path, show, workspace, prompt_path, require_signed, trust,
-        command):
+def run(ctx, policy_path, name, events_path, show, workspace, prompt_path, require_signed,
+        allow_downgrade, trust, command):
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]
 
     The exit status is the agent's own (128+N when a signal N killed it)."""
     code = run_agent(RunOptions(argv=list(command), policy_path=policy_path, name=name,
                                 events_path=events_path, show=show, workspace=workspace,
                                 prompt_path=prompt_path, require_signed=require_signed,
-                                trust=list(trust)))
+                                trust=list(trust), allow_downgrade=allow_downgrade))
     ctx.exit(code)

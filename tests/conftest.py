@@ -76,3 +76,27 @@ def cbin(tmp_path_factory):
             subprocess.run(["gcc", "-O2", "-static", "-o", str(exe), src], check=True)
         return str(exe)
     return build
+
+
+class Lines:
+    """Reads JSON lines from a child's stdout without blocking and without
+    losing lines to a buffered reader (select sees the fd, not the buffer)."""
+
+    def __init__(self, proc):
+        self.fd = proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf = b""
+        self.items = []
+
+    def poll(self):
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        self.items += [json.loads(l) for l in lines if l.strip()]
+        return self.items

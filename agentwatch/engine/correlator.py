@@ -24,6 +24,7 @@ class Proc:
     exe: str = None
     argv: list = None
     exited: bool = False
+    launching: bool = False   # the run's root before its first exec: agentwatch's own set-up
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Correlator:
 
     def set_root(self, run, pid, parent):
         run.root_pid = pid
-        run.procs[pid] = Proc(pid=pid, ppid=parent, cwd=run.cwd)
+        run.procs[pid] = Proc(pid=pid, ppid=parent, cwd=run.cwd, launching=True)
 
     # -- helpers -------------------------------------------------------------------
     def _proc(self, run, pid):
@@ -149,6 +150,7 @@ class Correlator:
         if ret == 0:
             proc.exe = resolved
             proc.argv = entry["argv"]
+            proc.launching = False
         ev.ancestry = self.ancestry(run, entry["pid"])
         return ev
 

@@ -17,7 +17,7 @@ from collections import Counter
 from ..events import ViolationEvent
 
 REPEAT_FLUSH_S = 5.0
-DENIED = ("EACCES", "EPERM")
+DENIED = ("EACCES", "EPERM", "EROFS")   # the kernel (Landlock, seccomp, a read-only mask) said no
 
 # file op -> the access it needs on path (and on path2)
 _FILE_ACCESS = {
@@ -57,7 +57,8 @@ def _real(path):
 
 
 class Judge:
-    def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=()):
+    def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
+                 egress_enforced=False):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run."""
@@ -75,9 +76,15 @@ class Judge:
         self._next_flush = time.monotonic() + REPEAT_FLUSH_S
         self._watched = [(rule, path, file_sha256(path)) for rule, path in watched_files]
         self._exec_hashes = {}
+        # the cgroup BPF programs report their own denials; the syscall
+        # sensor's view of the same EPERM must not report them twice
+        self.egress_enforced = egress_enforced
 
     # -- entry point ---------------------------------------------------------------------
     def __call__(self, ev):
+        proc = self.run.procs.get(ev.pid)
+        if proc is not None and proc.launching and ev.kind != "exec":
+            return            # the launcher setting up the sandbox, not the agent
         kind = ev.kind
         if kind == "file":
             self._file(ev)
@@ -147,6 +154,8 @@ class Judge:
         self._decide(ev, d, path, {"path": path, "argv": ev.argv, "sha256": sha})
 
     def _net(self, ev):
+        if self.egress_enforced and ev.error == "EPERM" and ev.family in ("inet", "inet6"):
+            return
         if ev.op == "socket":
             d = self.policy.check_socket(ev.family, ev.sock_type)
             self._decide(ev, d, f"{ev.family}/{ev.sock_type}", {"family": ev.family,
@@ -171,6 +180,19 @@ class Judge:
                          action=self.policy.action_for("process", "process.max_processes"),
                          reason=f"{alive} processes alive, the policy allows {limit}", pattern=None)
             self._decide(ev, d, "max_processes", {"alive": alive, "limit": limit})
+
+    def limit_reached(self, rule, reason):
+        from ..events import Event
+        from ..policy.compile import Decision
+        d = Decision(category="resource", rule=rule, action="kill", reason=reason, pattern=None)
+        ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=self.run.root_pid)
+        self._decide(ev, d, rule, {})
+
+    def kernel_denial(self, ev, category, rule, reason, target, evidence):
+        """A denial a kernel layer reported itself (cgroup BPF)."""
+        from ..policy.compile import Decision
+        d = Decision(category=category, rule=rule, action="deny", reason=reason, pattern=None)
+        self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)"))
 
     # -- reporting -------------------------------------------------------------------------
     def _decide(self, ev, d, target, evidence):

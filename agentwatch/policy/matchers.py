@@ -326,7 +326,11 @@ def _seg_overlap(a, b):
     if b[0] == LIT:
         return _seg_overlap(b, a)
     if a[0] == VAR or b[0] == VAR:
-        return a == b or WILD in (a[0], b[0])
+        # a variable is some directory of the user's: it may be what a bare
+        # '*' matches, but is assumed not to be a named system directory
+        # like '/lib*'
+        wild = a if a[0] == WILD else b if b[0] == WILD else None
+        return a == b or (wild is not None and _fixed_prefix(wild[2]) == "")
     pa, pb = _fixed_prefix(a[2]), _fixed_prefix(b[2])
     sa, sb = _fixed_prefix(a[2][::-1])[::-1], _fixed_prefix(b[2][::-1])[::-1]
     return (pa.startswith(pb) or pb.startswith(pa)) and (sa.endswith(sb) or sb.endswith(sa))

@@ -74,8 +74,9 @@ class Seq(list):
         self.item_locs.append(loc)
 
 
-class Invalid(Exception):
-    """A problem that stops reading one file (bad YAML, not a policy...)."""
+class Invalid(PolicyError):
+    """A problem that stops reading one file (unreadable, bad YAML, not a
+    policy...); a PolicyError that also carries its Loc."""
 
     def __init__(self, loc, message):
         super().__init__(f"{loc}: {message}")
@@ -111,25 +112,25 @@ def _line_col(text, pos):
 
 
 def read_text(path):
-    """The file as text; PolicyError when unreadable, too large or not UTF-8."""
+    """The file as text; Invalid (a PolicyError) when unreadable, too large
+    or not UTF-8."""
     try:
         size = os.path.getsize(path)
         if size > MAX_POLICY_BYTES:
-            raise PolicyError(f"{path}:1:1: file is {size} bytes; a policy may be at most "
-                              f"{MAX_POLICY_BYTES} bytes")
+            raise Invalid(Loc(path, 1, 1), f"file is {size} bytes; a policy may be at most "
+                                           f"{MAX_POLICY_BYTES} bytes")
         with open(path, "rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
-        raise PolicyError(f"{path}: cannot read policy: {e.strerror}") from None
+        raise Invalid(Loc(path), f"cannot read policy: {e.strerror}") from None
     if len(raw) > MAX_POLICY_BYTES:      # grew since stat, or a device
-        raise PolicyError(f"{path}:1:1: file is over {MAX_POLICY_BYTES} bytes; a policy may be "
-                          f"at most {MAX_POLICY_BYTES} bytes")
+        raise Invalid(Loc(path, 1, 1), f"file is over {MAX_POLICY_BYTES} bytes; a policy may be "
+                                       f"at most {MAX_POLICY_BYTES} bytes")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line, col = _line_col(raw.decode("latin-1"), e.start)
-        raise PolicyError(f"{path}:{line}:{col}: not a text file (invalid UTF-8 at byte "
-                          f"{e.start})") from None
+        raise Invalid(Loc(path, line, col), f"not a text file (invalid UTF-8 at byte {e.start})") from None
 
 
 def yaml_error(path, e, text=None):
@@ -259,7 +260,7 @@ def parse(text, path):
 
 def read_document(path):
     """One file -> its root Map, checked to be a non-empty AgentPolicy
-    mapping; Invalid (or PolicyError for unreadable files) otherwise."""
+    mapping; Invalid otherwise."""
     text = read_text(path)
     root = parse(text, path)
     start = Loc(path, 1, 1)
@@ -267,7 +268,7 @@ def read_document(path):
         raise Invalid(start, "policy is empty; start from a file in policies/")
     if not isinstance(root, dict):
         raise Invalid(start, f"a policy is a mapping with apiVersion, kind and metadata, "
-                             f"not a {type(root).__name__}")
+                             f"not a {yaml_type(root)}")
     kind = root.get("kind")
     if kind != "AgentPolicy":
         where = root.val_locs.get("kind", root.loc)
@@ -315,7 +316,7 @@ def merge(parent, child):
 
 def load_effective(path, _chain=()):
     """Read ``path`` and the chain it extends; return (effective Map, files)
-    with files listed base first. Invalid/PolicyError on the first problem."""
+    with files listed base first. Invalid on the first problem."""
     real = os.path.realpath(path)
     root = read_document(path)
     ext = root.get("extends")

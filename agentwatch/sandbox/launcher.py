@@ -8,6 +8,7 @@ the step and errno through a close-on-exec pipe and the agent never starts.
 import ctypes
 import errno
 import os
+import resource  # noqa: F401  (imported before fork: the child must not import)
 import shutil
 import signal
 
@@ -20,6 +21,23 @@ PR_SET_CHILD_SUBREAPER = 36
 # Signals Python changes from their defaults (SIGPIPE ignored, SIGINT raising)
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
                   signal.SIGQUIT, signal.SIGXFSZ, signal.SIGCHLD)
+
+
+_SYS_CLOSE_RANGE = 436
+_CLOSE_RANGE_CLOEXEC = 1 << 2
+
+
+def close_inherited_fds():
+    """Mark every fd above stdio close-on-exec: the agent starts with 0, 1, 2
+    only (an fd agentwatch or its caller leaked cannot be used to escape)."""
+    if _libc.syscall(_SYS_CLOSE_RANGE, 3, ctypes.c_uint(0xFFFFFFFF), _CLOSE_RANGE_CLOEXEC) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"close_range: {os.strerror(e)}")
+
+
+def no_core_dumps():
+    """A sandbox kill (SIGSYS) must not leave core files in the agent's cwd."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def prctl(option, arg):

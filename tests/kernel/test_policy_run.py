@@ -2,7 +2,6 @@
 evidence, dedup, kill actions, identity protection, signing and log sealing."""
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -11,11 +10,11 @@ import time
 
 import pytest
 
-from conftest import REPO, aw, aw_cmd, read_events
+from conftest import REPO, Lines, aw, aw_cmd, read_events
 
 pytestmark = pytest.mark.kernel
 CODING = os.path.join(REPO, "policies", "coding-agent.yaml")
-PY = "/usr/bin/python3"
+PY = "/usr/bin/python3 -I"   # isolated: the test environment's PYTHON* variables stay out
 
 
 @pytest.fixture
@@ -47,14 +46,6 @@ def _spawn(*args, env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _read_available(p, into, timeout=0.1):
-    while select.select([p.stdout], [], [], timeout)[0]:
-        line = p.stdout.readline()
-        if not line:
-            return
-        into.append(json.loads(line))
-
-
 def run_agent(script, home, workspace, *extra, policy=CODING, env=None):
     agent = workspace / "agent.sh"
     agent.write_text("#!/bin/sh\n" + script)
@@ -81,15 +72,17 @@ echo hi > {workspace}/out.txt                 # allowed: write the workspace
 /bin/ls {workspace} > /dev/null               # allowed: exec a system tool
 cat {home}/.ssh/id_rsa > /dev/null            # denied: a secret
 {PY} -c 'import socket; s=socket.socket(); s.connect_ex(("127.0.0.1", {port}))'   # loopback not allowed
-/usr/sbin/nologin > /dev/null 2>&1            # exec outside the allow list
+cp /bin/true {workspace}/mytool               # allowed: write the workspace
+{workspace}/mytool                            # exec outside the allow list
 exit 0
 """
         r, events = run_agent(script, home, workspace, "--name", "coding-agent")
         assert r.returncode == 0, r.stderr
-        live = []
+        reader = Lines(tail)
         deadline = time.monotonic() + 10
-        while len(live) < 3 and time.monotonic() < deadline:
-            _read_available(tail, live)
+        while len(reader.poll()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        live = reader.items
     finally:
         tail.send_signal(signal.SIGINT)
         tail.communicate(timeout=10)
@@ -105,7 +98,7 @@ exit 0
     by_rule = {v["rule"]: v for v in vs}
     assert by_rule["filesystem.deny"]["detail"]["path"] == f"{home}/.ssh/id_rsa"
     assert by_rule["network.loopback"]["detail"]["port"] == port
-    assert by_rule["process.exec"]["detail"]["path"] == "/usr/sbin/nologin"
+    assert by_rule["process.exec"]["detail"]["path"] == f"{workspace}/mytool"
     # the same three, live, from another process following the stream
     assert sorted((v["category"], v["rule"]) for v in live) == got
     assert {v["run_id"] for v in live} == {start["run_id"]}
@@ -127,7 +120,8 @@ def test_repeats_are_counted_not_flooded(state_dir, home, workspace):
 def test_kill_action_stops_the_agent(state_dir, home, workspace, tmp_path):
     policy = tmp_path / "kill.yaml"
     policy.write_text(open(CODING).read() + "\n")
-    text = policy.read_text().replace("on_violation:", "on_violation:\n  rules:\n    network.loopback: kill", 1)
+    text = policy.read_text().replace("\non_violation:\n", "\non_violation:\n  rules:\n    network.loopback: kill\n", 1)
+    assert "network.loopback: kill" in text
     policy.write_text(text)
     port = free_port()
     script = f"""{PY} -c 'import socket; s=socket.socket(); s.connect_ex(("127.0.0.1", {port}))'

@@ -1,0 +1,171 @@
+"""`agentwatch policy diff OLD NEW`: what a change grants or revokes.
+
+Both policies are compared as effective policies (after extends), with
+patterns as written (variables unexpanded, so the answer does not depend on
+the machine). Lines:
+
+    + grants: write ${WORKSPACE}/**
+    - revokes: network to pypi.org:443/tcp
+    ~ changes: on_violation.filesystem alert -> deny
+
+An absent list or section means "not restricted", so adding one revokes and
+removing one grants. No lines at all: "no permission changes".
+"""
+from .schema import RULES, SECTIONS, TOGGLES, Filesystem
+
+GRANT, REVOKE, CHANGE = "+ grants:", "- revokes:", "~ changes:"
+_VERBS = (("read", "read"), ("write", "write"), ("exec", "execute from"))
+
+
+def _items(old, new):
+    """Entries only in new, only in old (order kept)."""
+    return [x for x in new if x not in old], [x for x in old if x not in new]
+
+
+def _allow_list(out, what, key, old, new):
+    """An allow list where None (the key not set) means anything."""
+    if old == new:
+        return
+    if old is None:
+        out.append(f"{REVOKE} {what} anything (now only: {', '.join(new) or 'nothing'})")
+    elif new is None:
+        out.append(f"{GRANT} {what} anything ({key} removed)")
+    else:
+        added, removed = _items(old, new)
+        out += [f"{GRANT} {what} {x}" for x in added]
+        out += [f"{REVOKE} {what} {x}" for x in removed]
+
+
+def _values(items):
+    return None if items is None else [i.value for i in items]
+
+
+def _filesystem(out, a, b):
+    a, b = a or Filesystem(), b or Filesystem()
+    for key, verb in _VERBS:
+        _allow_list(out, verb, f"filesystem.{key}", _values(getattr(a, key)), _values(getattr(b, key)))
+    added, removed = _items(_values(a.deny), _values(b.deny))
+    out += [f"{REVOKE} any access to {x} (filesystem.deny)" for x in added]
+    out += [f"{GRANT} access to {x} (removed from filesystem.deny)" for x in removed]
+
+
+def _rule_text(rule):
+    ports = rule.ports_text() if rule.ports else ("*" if rule.protocol == "any" else f"*/{rule.protocol}")
+    return f"{rule.target}:{ports}"
+
+
+def _socket_scope(out, what, old, new):
+    """loopback / unix: True = any, False/() = none, list = only these."""
+    if old == new:
+        return
+    if new is True:
+        out.append(f"{GRANT} {what} to anything")
+    elif old is True:
+        out.append(f"{REVOKE} {what} to anything (now only: {', '.join(new or ()) or 'nothing'})")
+    else:
+        added, removed = _items(list(old or ()), list(new or ()))
+        out += [f"{GRANT} {what} to {x}" for x in added]
+        out += [f"{REVOKE} {what} to {x}" for x in removed]
+
+
+def _ports(value):
+    if isinstance(value, bool):
+        return value
+    return [f"port {a}" if a == b else f"ports {a}-{b}" for a, b in value]
+
+
+def _network(out, a, b):
+    if a is None and b is None:
+        return
+    if a is None or b is None:
+        verb = REVOKE if a is None else GRANT
+        now = b if a is None else a
+        rules = ", ".join(_rule_text(r) for r in now.allow) or "none"
+        out.append(f"{verb} unrestricted network ({'now' if a is None else 'was'} egress only to: {rules})")
+        return
+    added, removed = _items([_rule_text(r) for r in a.allow], [_rule_text(r) for r in b.allow])
+    out += [f"{GRANT} network to {x}" for x in added]
+    out += [f"{REVOKE} network to {x}" for x in removed]
+    _socket_scope(out, "loopback", _ports(a.loopback), _ports(b.loopback))
+    _socket_scope(out, "unix sockets", a.unix if isinstance(a.unix, bool) else _values(a.unix),
+                  b.unix if isinstance(b.unix, bool) else _values(b.unix))
+
+
+def _limit(out, what, old, new, old_text=None, new_text=None):
+    """A limit where None means unlimited; raising it grants."""
+    if old == new:
+        return
+    was = "unlimited" if old is None else (old_text or old)
+    now = "unlimited" if new is None else (new_text or new)
+    grants = new is None or (old is not None and new > old)
+    out.append(f"{GRANT if grants else REVOKE} {what} {now} (was {was})")
+
+
+def _process(out, a, b):
+    old_exec = None if a is None or a.exec is None else [e.describe() for e in a.exec]
+    new_exec = None if b is None or b.exec is None else [e.describe() for e in b.exec]
+    _allow_list(out, "run", "process.exec", old_exec, new_exec)
+    _limit(out, "process.max_processes", a and a.max_processes, b and b.max_processes)
+    for toggle in TOGGLES:
+        was = a is None or a.toggles.get(toggle, True)
+        now = b is None or b.toggles.get(toggle, True)
+        if was != now:
+            out.append(f"{GRANT if now else REVOKE} process.{toggle}")
+
+
+def _syscalls(out, a, b):
+    added, removed = _items(_values(a.syscalls) or [], _values(b.syscalls) or [])
+    out += [f"{REVOKE} syscall {x} (syscalls.deny)" for x in added]
+    out += [f"{GRANT} syscall {x} (removed from syscalls.deny)" for x in removed]
+
+
+def _resources(out, a, b):
+    ra, rb = a.resources, b.resources
+    for key in ("memory", "cpu", "pids", "wall_time"):
+        _limit(out, f"resources.{key}", ra and getattr(ra, key), rb and getattr(rb, key),
+               ra and ra.written.get(key), rb and rb.written.get(key))
+
+
+def _changed(out, what, old, new):
+    if old != new:
+        out.append(f"{CHANGE} {what} {old if old is not None else '(unset)'} -> "
+                   f"{new if new is not None else '(unset)'}")
+
+
+def _on_violation(out, a, b):
+    oa, ob = a.on_violation, b.on_violation
+    _changed(out, "on_violation.default", oa.default or "alert", ob.default or "alert")
+    for section in SECTIONS:
+        if section in oa.sections or section in ob.sections:
+            _changed(out, f"on_violation.{section}", a.action_for(section), b.action_for(section))
+    for rule in RULES:
+        if rule in oa.rules or rule in ob.rules:
+            category = rule.split(".")[0]
+            _changed(out, f"on_violation.rules.{rule}", a.action_for(category, rule),
+                     b.action_for(category, rule))
+
+
+def _identity(out, a, b):
+    for key in ("name", "owner", "required_signer"):
+        _changed(out, f"identity.{key}", a.identity and getattr(a.identity, key),
+                 b.identity and getattr(b.identity, key))
+    _changed(out, "metadata.name", a.name, b.name)
+    _changed(out, "sensors", ",".join(a.sensor_groups()), ",".join(b.sensor_groups()))
+
+
+def diff_specs(a, b):
+    """PolicySpec, PolicySpec -> lines (empty when nothing changed)."""
+    out = []
+    _filesystem(out, a.filesystem, b.filesystem)
+    _network(out, a.network, b.network)
+    _process(out, a.process, b.process)
+    _syscalls(out, a, b)
+    _resources(out, a, b)
+    _identity(out, a, b)
+    _on_violation(out, a, b)
+    return out
+
+
+def diff(old, new):
+    """Policy, Policy -> lines to print; ["no permission changes"] when none."""
+    return diff_specs(old.spec, new.spec) or ["no permission changes"]

@@ -1,0 +1,131 @@
+"""`agentwatch policy explain`: the effective policy (after extends and
+variables) in plain language, one section at a time. Every pattern is shown
+as written and, when it uses a variable, as expanded for this machine."""
+import os
+
+from . import matchers as M
+from .schema import TOGGLES
+
+_TOGGLE_WORDS = {"ptrace": "trace or read other processes (ptrace)",
+                 "change_uid": "change user or group id",
+                 "namespaces": "create or join namespaces",
+                 "bpf": "load BPF programs", "modules": "load kernel modules or kexec",
+                 "io_uring": "use io_uring", "memfd_exec": "create memfds (code run from memory)"}
+
+
+def _pattern(value, variables):
+    if "${" not in value:
+        return value
+    try:
+        return f"{value}  (= {M.expand(value, variables)})"
+    except KeyError:
+        return value
+
+
+def _list(title, items, variables, indent="  "):
+    lines = [f"{indent}{title}"]
+    lines += [f"{indent}  {_pattern(v, variables)}" for v in items] or [f"{indent}  nothing"]
+    return lines
+
+
+def _filesystem(spec, v):
+    fs = spec.filesystem
+    if fs is None:
+        return ["Filesystem: not restricted (no filesystem section)"]
+    lines = ["Filesystem"]
+    for key, title in (("read", "May read:"), ("write", "May write, create, delete:"),
+                       ("exec", "May execute or map code from:")):
+        items = getattr(fs, key)
+        if items is None:
+            lines.append(f"  {title} anywhere (filesystem.{key} not set)")
+        else:
+            lines += _list(title, [i.value for i in items], v)
+    lines += _list("May never touch (deny wins over every allow):", [i.value for i in fs.deny], v)
+    return lines
+
+
+def _sockets(value, what):
+    if value is True:
+        return f"{what}: yes, any"
+    if not value:
+        return f"{what}: no"
+    return f"{what}: only " + ", ".join(value)
+
+
+def _network(spec):
+    net = spec.network
+    if net is None:
+        return ["Network: not restricted (no network section)"]
+    egress = ", ".join(r.describe() for r in net.allow) if net.allow else "none"
+    lo = net.loopback
+    loopback = _sockets(True if lo is True else [f"port {a}" if a == b else f"ports {a}-{b}"
+                                                  for a, b in lo or ()], "Loopback")
+    unix = _sockets(True if net.unix is True else [i.value for i in net.unix or ()], "Unix sockets")
+    return ["Network (everything not listed is denied)",
+            f"  Egress: {'only ' if net.allow else ''}{egress}",
+            f"  {loopback}", f"  {unix}",
+            "  Sockets: only unix, inet, inet6, netlink; no raw or packet sockets"]
+
+
+def _process(spec, v):
+    proc = spec.process
+    if proc is None:
+        return ["Process: not restricted (no process section)"]
+    lines = ["Process"]
+    if proc.exec is None:
+        lines.append("  May run: any program")
+    else:
+        lines += _list("May run only:", [e.describe() for e in proc.exec], v)
+    if proc.max_processes is not None:
+        lines.append(f"  At most {proc.max_processes} processes")
+    never = [_TOGGLE_WORDS[t] for t in TOGGLES if proc.toggles.get(t) is False]
+    may = [_TOGGLE_WORDS[t] for t in TOGGLES if proc.toggles.get(t) is True]
+    if never:
+        lines.append("  May never: " + "; ".join(never))
+    if may:
+        lines.append("  Explicitly may: " + "; ".join(may))
+    return lines
+
+
+def _rest(spec):
+    lines = []
+    if spec.syscalls:
+        lines.append("Syscalls: never " + ", ".join(i.value for i in spec.syscalls))
+    res = spec.resources
+    if res is not None and res.written:
+        lines.append("Resources: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in res.written.items()))
+    ov = spec.on_violation
+    parts = [f"{ov.default or 'alert'} by default"]
+    parts += [f"{k}: {a}" for k, a in ov.sections.items()]
+    parts += [f"rule {k}: {a}" for k, a in ov.rules.items()]
+    lines.append("On violation: " + "; ".join(parts))
+    how = "monitor:" if spec.monitor is not None else "derived from the rules"
+    lines.append(f"Sensors: {', '.join(spec.sensor_groups())} ({how})")
+    return lines
+
+
+def _header(policy, spec):
+    lines = [f"Policy {spec.name}: {spec.description}" if spec.description else f"Policy {spec.name}"]
+    if len(policy.files) > 1:
+        chain = " -> ".join(os.path.basename(f) for f in policy.files)
+        lines.append(f"  Built from: {chain} (lists appended, settings overridden)")
+    lines.append(f"  Digest: {policy.digest}")
+    ident = spec.identity
+    if ident is not None:
+        if ident.name:
+            lines.append(f"  Agent name must match: {ident.name}")
+        if ident.owner:
+            lines.append(f"  Owner: {ident.owner}")
+        lines.append(f"  Signer required: {ident.required_signer or 'no'}")
+    return lines
+
+
+def explain(policy, variables):
+    """Policy (from load) -> the plain-language text, ending with a newline."""
+    spec = policy.spec
+    lines = _header(policy, spec)
+    lines.append("Variables: " + ", ".join(f"${{{k}}}={variables[k]}" for k in sorted(variables)))
+    for block in (_filesystem(spec, variables), _network(spec), _process(spec, variables), _rest(spec)):
+        lines.append("")
+        lines += block
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,785 @@
+"""The policy format as a typed model, and the one validator that both
+``load`` and ``lint`` use.
+
+``validate(doc)`` takes the effective document (a located Map, see
+source.py) and returns the typed ``PolicySpec`` and every problem found, each
+a ``Problem`` with FILE:LINE:COL. Errors make a policy unusable; warnings
+(shadowed rules, W^X...) are reported by lint and kept on the Policy.
+The format itself is documented in docs/policy.md and, for editors, in
+policies/agentpolicy.schema.json; tests keep the three in step.
+"""
+import difflib
+import functools
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from . import matchers as M
+from .source import Loc, yaml_type
+
+API_VERSION = "agentwatch/v1"
+SENSOR_GROUPS = ("process", "file", "net", "sensitive")   # = agentwatch.sensors.syscalls.GROUPS
+ACTIONS = ("alert", "deny", "kill")
+SECTIONS = ("filesystem", "network", "process", "syscalls", "resources", "identity")
+PROTOCOLS = ("tcp", "udp", "any")
+
+# process toggles -> the syscalls that exercise them (check_syscall judges by name)
+TOGGLES = {
+    "ptrace": ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd"),
+    "change_uid": ("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+                   "setfsuid", "setfsgid", "setgroups"),
+    "namespaces": ("unshare", "setns"),
+    "bpf": ("bpf",),
+    "modules": ("init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load"),
+    "io_uring": ("io_uring_setup",),
+    "memfd_exec": ("memfd_create",),
+}
+
+RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.deny",
+         "network.egress", "network.loopback", "network.unix", "network.bind", "network.socket",
+         "process.exec", "process.max_processes", *(f"process.{t}" for t in TOGGLES),
+         "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
+         "resources.wall_time", "identity.name", "identity.signer")
+
+# violation categories (events.py / ARCHITECTURE.md) -> policy section names
+CATEGORY_SECTION = {"filesystem": "filesystem", "network": "network", "process": "process",
+                    "syscall": "syscalls", "resource": "resources", "identity": "identity"}
+
+_SIGNER = re.compile(r"ed25519:[0-9a-fA-F]{64}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B|i)?", re.I)
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+# --------------------------------------------------------------- model
+
+@dataclass(frozen=True)
+class Problem:
+    loc: Loc
+    message: str
+    severity: str = "error"            # "error" | "warning"
+
+    def __str__(self):
+        tag = "warning: " if self.severity == "warning" else ""
+        return f"{self.loc}: {tag}{self.message}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """A string as written in the policy (a glob, a syscall name) and where."""
+    value: str
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class NetRule:
+    cidr: str = None
+    domain: str = None
+    ports: tuple = None                # ((lo, hi), ...); None = any port
+    protocol: str = "any"
+    loc: Loc = None
+
+    @property
+    def target(self):
+        return self.cidr or self.domain
+
+    def ports_text(self):
+        text = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports) \
+            if self.ports else "any port"
+        return text if self.protocol == "any" else f"{text}/{self.protocol}"
+
+    def describe(self):
+        return f"{self.ports_text()} to {self.target}"
+
+
+@dataclass(frozen=True)
+class ExecRule:
+    path: str
+    sha256: str = None
+    loc: Loc = None
+
+    def describe(self):
+        return f"{self.path} (sha256 {self.sha256[:12]}...)" if self.sha256 else self.path
+
+
+@dataclass
+class Filesystem:
+    read: tuple = None                 # tuple[Item]; None = not restricted
+    write: tuple = None
+    exec: tuple = None
+    deny: tuple = ()
+
+
+@dataclass
+class Network:
+    allow: tuple = ()                  # tuple[NetRule]
+    loopback: object = False           # bool | ((lo, hi), ...)
+    unix: object = False               # bool | tuple[Item]
+
+
+@dataclass
+class Process:
+    exec: tuple = None                 # tuple[ExecRule]; None = any program
+    max_processes: int = None
+    toggles: dict = field(default_factory=dict)   # name -> bool, only those written
+
+
+@dataclass
+class Identity:
+    name: str = None
+    owner: str = None
+    required_signer: str = None
+
+
+@dataclass
+class Resources:
+    memory: int = None                 # bytes
+    cpu: float = None                  # CPUs
+    pids: int = None
+    wall_time: float = None            # seconds
+    written: dict = field(default_factory=dict)   # as written, for explain/diff
+
+
+@dataclass
+class OnViolation:
+    default: str = None
+    sections: dict = field(default_factory=dict)
+    rules: dict = field(default_factory=dict)
+
+
+@dataclass
+class PolicySpec:
+    name: str = ""
+    description: str = ""
+    identity: Identity = None
+    filesystem: Filesystem = None
+    network: Network = None
+    process: Process = None
+    syscalls: tuple = None             # tuple[Item] of syscalls.deny
+    resources: Resources = None
+    on_violation: OnViolation = field(default_factory=OnViolation)
+    monitor: tuple = None
+    locs: dict = field(default_factory=dict)      # "process.ptrace" -> Loc of the value
+
+    def action_for(self, category, rule=None):
+        """rules[rule] > section > default > alert."""
+        ov = self.on_violation
+        section = CATEGORY_SECTION.get(category, category)
+        return ov.rules.get(rule) or ov.sections.get(section) or ov.default or "alert"
+
+    def needed_groups(self):
+        """Sensor groups the rules need to be judged at all."""
+        groups = ["process"]
+        if self.filesystem is not None or self.identity is not None:
+            groups.append("file")
+        if self.network is not None:
+            groups.append("net")
+        if (self.process is not None and False in self.process.toggles.values()) or self.syscalls:
+            groups.append("sensitive")
+        return groups
+
+    def sensor_groups(self):
+        """``monitor:`` when given, else what the rules need."""
+        return list(self.monitor) if self.monitor is not None else self.needed_groups()
+
+
+# --------------------------------------------------------------- syscall names
+
+@functools.lru_cache(maxsize=1)
+def _seccomp():
+    try:
+        import seccomp             # Debian python3-seccomp; see README
+        return seccomp
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def native_syscalls():
+    """Names of the native architecture's syscalls, from libseccomp's table."""
+    sc = _seccomp()
+    if sc is None:
+        return ()
+    names = []
+    for nr in range(0, 1024):
+        try:
+            name = sc.resolve_syscall(sc.Arch.NATIVE, nr)
+        except (ValueError, OSError):
+            continue
+        if name:
+            names.append(name.decode() if isinstance(name, bytes) else name)
+    return tuple(names)
+
+
+def syscall_status(name):
+    """'native', 'other-arch' (known to libseccomp, absent here), 'unknown',
+    or 'unchecked' when libseccomp's bindings are missing."""
+    sc = _seccomp()
+    if sc is None:
+        return "unchecked"
+    nr = sc.resolve_syscall(sc.Arch.NATIVE, name)
+    return "native" if nr >= 0 else ("unknown" if nr == -1 else "other-arch")
+
+
+# --------------------------------------------------------------- validation helpers
+
+def _did_you_mean(word, choices):
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+MAX_PROBLEMS = 100
+
+
+class _TooMany(Exception):
+    pass
+
+
+class _Checker:
+    """Collects problems; stops the validation at MAX_PROBLEMS (a file of
+    70,000 unknown keys needs its first hundred reported, not all)."""
+
+    def __init__(self):
+        self.problems = []
+
+    def _add(self, problem):
+        self.problems.append(problem)
+        if len(self.problems) >= MAX_PROBLEMS:
+            raise _TooMany()
+
+    def error(self, loc, message):
+        self._add(Problem(loc, message))
+
+    def warn(self, loc, message):
+        self._add(Problem(loc, message, "warning"))
+
+    def mapping(self, value, loc, name, known):
+        """value if it is a mapping (reporting unknown keys), else None."""
+        if not isinstance(value, dict):
+            self.error(loc, f"{name}: expected a mapping, got {yaml_type(value)}")
+            return None
+        for key in value:
+            if key not in known:
+                where = f" in {name}" if name != "policy" else ""
+                self.error(value.key_locs[key], f"unknown key {key!r}{where}{_did_you_mean(key, known)}")
+        return value
+
+    def entries(self, m, known):
+        """(key, value, value_loc, dotted name) of the known keys present."""
+        for key in known:
+            if key in m:
+                yield key, m[key], m.val_locs[key]
+
+    def string(self, value, loc, name, what="a string"):
+        if not isinstance(value, str):
+            self.error(loc, f"{name}: expected {what}, got {yaml_type(value)}")
+            return None
+        return value
+
+    def boolean(self, value, loc, name):
+        if not isinstance(value, bool):
+            self.error(loc, f"{name}: expected true or false, got {yaml_type(value)}")
+            return None
+        return value
+
+    def integer(self, value, loc, name, minimum=1):
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(loc, f"{name}: expected an integer, got {yaml_type(value)}")
+            return None
+        if value < minimum:
+            self.error(loc, f"{name}: must be at least {minimum}, got {value}")
+            return None
+        return value
+
+    def items(self, value, loc, name, what):
+        """(item, loc) of a list; reports a non-list and exact duplicates."""
+        if not isinstance(value, list):
+            self.error(loc, f"{name}: expected a list of {what}, got {yaml_type(value)}")
+            return None
+        seen, out = {}, []
+        for item, iloc in zip(value, value.item_locs):
+            key = repr(item)
+            if key in seen:
+                self.warn(iloc, f"{name}: duplicate entry {item!r} (already at {seen[key].ref(iloc)})")
+                continue
+            seen[key] = iloc
+            out.append((item, iloc))
+        return out
+
+    def strings(self, value, loc, name, what):
+        """Items of a list of strings, as Item; None if value is not a list."""
+        pairs = self.items(value, loc, name, what)
+        if pairs is None:
+            return None
+        out = []
+        for item, iloc in pairs:
+            if isinstance(item, str):
+                out.append(Item(item, iloc))
+            else:
+                self.error(iloc, f"{name}: expected a list of {what}, got a {yaml_type(item)} item")
+        return out
+
+    def globs(self, value, loc, name, what="path globs"):
+        out = self.strings(value, loc, name, what)
+        if out is None:
+            return None
+        good = []
+        for item in out:
+            if self.glob(item, name):
+                good.append(item)
+        return tuple(good)
+
+    def glob(self, item, name):
+        errors, warnings = M.check_glob(item.value)
+        for message in errors:
+            self.error(item.loc, f"{name}: {message}")
+        for message in warnings:
+            self.warn(item.loc, f"{name}: {message}")
+        return not errors
+
+    def action(self, value, loc, name):
+        if value not in ACTIONS:
+            shown = value if isinstance(value, str) else yaml_type(value)
+            hint = _did_you_mean(value, ACTIONS) if isinstance(value, str) else ""
+            self.error(loc, f"{name}: unknown action {shown!r}{hint}; expected one of {', '.join(ACTIONS)}")
+            return None
+        return value
+
+
+# --------------------------------------------------------------- sections
+
+TOP_KEYS = ("apiVersion", "kind", "metadata", "extends", "identity", "filesystem", "network",
+            "process", "syscalls", "resources", "on_violation", "monitor")
+
+
+def _metadata(ck, value, loc, spec):
+    m = ck.mapping(value, loc, "metadata", ("name", "description"))
+    if m is None:
+        return
+    if "name" not in m:
+        ck.error(loc, "metadata: missing required key 'name'")
+    for key, v, vloc in ck.entries(m, ("name", "description")):
+        s = ck.string(v, vloc, f"metadata.{key}")
+        if key == "name" and s is not None:
+            if not _NAME.fullmatch(s):
+                ck.error(vloc, f"metadata.name: {s!r} is not a name (letters, digits, '.', '_', '-'; "
+                               f"at most 63)")
+            spec.name = s
+        elif key == "description" and s is not None:
+            spec.description = s
+
+
+def _identity(ck, value, loc, spec):
+    keys = ("name", "owner", "required_signer")
+    m = ck.mapping(value, loc, "identity", keys)
+    if m is None:
+        return
+    ident = spec.identity = Identity()
+    for key, v, vloc in ck.entries(m, keys):
+        s = ck.string(v, vloc, f"identity.{key}")
+        if s is None:
+            continue
+        if key == "name":
+            for message in M.check_name_glob(s, "agent name glob"):
+                ck.error(vloc, f"identity.name: {message}")
+        elif key == "required_signer" and not _SIGNER.fullmatch(s):
+            ck.error(vloc, f"identity.required_signer: expected 'ed25519:' and the key's 64 hex "
+                           f"digit fingerprint, got {s!r}")
+            continue
+        setattr(ident, key, s.lower() if key == "required_signer" else s)
+
+
+def _filesystem(ck, value, loc, spec):
+    keys = ("read", "write", "exec", "deny")
+    m = ck.mapping(value, loc, "filesystem", keys)
+    if m is None:
+        return
+    fs = spec.filesystem = Filesystem()
+    for key, v, vloc in ck.entries(m, keys):
+        globs = ck.globs(v, vloc, f"filesystem.{key}")
+        if globs is not None:
+            setattr(fs, key, globs)
+            spec.locs[f"filesystem.{key}"] = vloc
+    fs.deny = fs.deny or ()
+
+
+def _ports(ck, value, loc, name):
+    pairs = ck.items(value, loc, name, 'ports (443 or "8000-8100")')
+    if pairs is None:
+        return None
+    out = []
+    for item, iloc in pairs:
+        rng, err = M.parse_port(item)
+        if err:
+            ck.error(iloc, f"{name}: {err}")
+        else:
+            out.append(rng)
+    return tuple(out)
+
+
+def _net_rule(ck, value, loc, name):
+    keys = ("cidr", "domain", "ports", "protocol")
+    m = ck.mapping(value, loc, name, keys)
+    if m is None:
+        return None
+    if ("cidr" in m) == ("domain" in m):
+        ck.error(loc, f"{name}: give exactly one of 'cidr' or 'domain'")
+        return None
+    rule = {"loc": loc}
+    for key, v, vloc in ck.entries(m, keys):
+        if key == "ports":
+            rule["ports"] = _ports(ck, v, vloc, f"{name}.ports")
+            continue
+        s = ck.string(v, vloc, f"{name}.{key}")
+        if s is None:
+            return None
+        if key == "cidr":
+            net, err = M.parse_cidr(s)
+            if err:
+                ck.error(vloc, f"{name}.cidr: {err}")
+                return None
+            rule["cidr"] = str(net)
+        elif key == "domain":
+            err = M.check_domain(s)
+            if err:
+                ck.error(vloc, f"{name}.domain: {err}")
+                return None
+            rule["domain"] = s.lower().rstrip(".")
+        elif s not in PROTOCOLS:
+            ck.error(vloc, f"{name}.protocol: unknown protocol {s!r}{_did_you_mean(s, PROTOCOLS)}; "
+                           f"expected tcp, udp or any")
+            return None
+        else:
+            rule["protocol"] = s
+    return NetRule(**rule)
+
+
+def _unix_entries(ck, value, loc, name):
+    items = ck.strings(value, loc, name, 'socket path globs ("@name" for abstract)')
+    if items is None:
+        return None
+    good = []
+    for item in items:
+        if item.value.startswith("@"):
+            errors = M.check_name_glob(item.value[1:], "abstract socket name")
+            for message in errors:
+                ck.error(item.loc, f"{name}: {message}")
+            ok = not errors
+        else:
+            ok = ck.glob(item, name)
+        if ok:
+            good.append(item)
+    return tuple(good)
+
+
+def _network(ck, value, loc, spec):
+    keys = ("allow", "loopback", "unix")
+    m = ck.mapping(value, loc, "network", keys)
+    if m is None:
+        return
+    net = spec.network = Network()
+    for key, v, vloc in ck.entries(m, keys):
+        spec.locs[f"network.{key}"] = vloc
+        if key == "allow":
+            pairs = ck.items(v, vloc, "network.allow", "rules ({cidr: ...} or {domain: ...})")
+            rules = [_net_rule(ck, item, iloc, f"network.allow[{i}]")
+                     for i, (item, iloc) in enumerate(pairs or ())]
+            net.allow = tuple(r for r in rules if r is not None)
+        elif isinstance(v, bool):
+            setattr(net, key, v)
+        elif not isinstance(v, list):
+            what = "a list of ports" if key == "loopback" else "a list of socket path globs"
+            ck.error(vloc, f"network.{key}: expected true, false or {what}, got {yaml_type(v)}")
+        elif key == "loopback":
+            net.loopback = _ports(ck, v, vloc, "network.loopback") or ()
+        else:
+            net.unix = _unix_entries(ck, v, vloc, "network.unix") or ()
+
+
+def _exec_entry(ck, item, iloc, name):
+    if isinstance(item, str):
+        entry = Item(item, iloc)
+        return ExecRule(item, None, iloc) if ck.glob(entry, name) else None
+    m = ck.mapping(item, iloc, name, ("path", "sha256"))
+    if m is None:
+        return None
+    if "path" not in m:
+        ck.error(iloc, f"{name}: missing required key 'path'")
+        return None
+    path = ck.string(m["path"], m.val_locs["path"], f"{name}.path", "a path")
+    if path is None or not ck.glob(Item(path, m.val_locs["path"]), f"{name}.path"):
+        return None
+    digest = None
+    if "sha256" in m:
+        sloc = m.val_locs["sha256"]
+        digest = ck.string(m["sha256"], sloc, f"{name}.sha256", "64 hex digits")
+        if digest is None:
+            return None
+        if not _SHA256.fullmatch(digest):
+            ck.error(sloc, f"{name}.sha256: expected 64 hex digits, got {digest!r}")
+            return None
+        if M.has_wildcards(path):
+            ck.error(sloc, f"{name}.sha256: a pinned hash needs a literal path, not the glob {path!r}")
+            return None
+    return ExecRule(path, digest.lower() if digest else None, iloc)
+
+
+def _process(ck, value, loc, spec):
+    keys = ("exec", "max_processes", *TOGGLES)
+    m = ck.mapping(value, loc, "process", keys)
+    if m is None:
+        return
+    proc = spec.process = Process()
+    for key, v, vloc in ck.entries(m, keys):
+        spec.locs[f"process.{key}"] = vloc
+        if key == "exec":
+            pairs = ck.items(v, vloc, "process.exec", "programs (paths or {path, sha256})")
+            if pairs is not None:
+                rules = [_exec_entry(ck, item, iloc, f"process.exec[{i}]")
+                         for i, (item, iloc) in enumerate(pairs)]
+                proc.exec = tuple(r for r in rules if r is not None)
+        elif key == "max_processes":
+            proc.max_processes = ck.integer(v, vloc, "process.max_processes")
+        else:
+            b = ck.boolean(v, vloc, f"process.{key}")
+            if b is not None:
+                proc.toggles[key] = b
+
+
+def _syscalls(ck, value, loc, spec):
+    m = ck.mapping(value, loc, "syscalls", ("deny",))
+    if m is None:
+        return
+    spec.syscalls = ()
+    if "deny" not in m:
+        return
+    items = ck.strings(m["deny"], m.val_locs["deny"], "syscalls.deny", "syscall names")
+    good = []
+    for item in items or ():
+        status = syscall_status(item.value)
+        if status == "unknown":
+            ck.error(item.loc, f"syscalls.deny: unknown syscall {item.value!r}"
+                               f"{_did_you_mean(item.value.lower(), native_syscalls())}")
+            continue
+        if status == "other-arch":
+            ck.warn(item.loc, f"syscalls.deny: {item.value!r} does not exist on this architecture")
+        good.append(item)
+    spec.syscalls = tuple(good)
+
+
+def parse_memory(value):
+    """'2G', '512Mi', 1073741824 -> bytes, or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    m = _MEMORY.fullmatch(value.strip()) if isinstance(value, str) else None
+    if not m:
+        return None
+    scale = 1024 ** "KMGTP".index(m.group(2).upper()) * 1024 if m.group(2) else 1
+    size = int(float(m.group(1)) * scale)
+    return size if size > 0 else None
+
+
+def parse_duration(value):
+    """'30m', '1h30m', 90 -> seconds, or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value > 0 else None
+    m = _DURATION.fullmatch(value.strip()) if isinstance(value, str) and value.strip() else None
+    if not m:
+        return None
+    d, h, mi, s = (int(x or 0) for x in m.groups())
+    total = ((d * 24 + h) * 60 + mi) * 60 + s
+    return float(total) if total > 0 else None
+
+
+def _resources(ck, value, loc, spec):
+    keys = ("memory", "cpu", "pids", "wall_time")
+    m = ck.mapping(value, loc, "resources", keys)
+    if m is None:
+        return
+    res = spec.resources = Resources()
+    for key, v, vloc in ck.entries(m, keys):
+        res.written[key] = v
+        if key == "memory":
+            res.memory = parse_memory(v)
+            if res.memory is None:
+                ck.error(vloc, f"resources.memory: expected a size like \"2G\" or \"512M\", got {v!r}")
+        elif key == "cpu":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4096
+            if not ok:
+                got = repr(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else yaml_type(v)
+                ck.error(vloc, f"resources.cpu: expected a number of CPUs like 1.5 (0-4096], got {got}")
+            res.cpu = float(v) if ok else None
+        elif key == "pids":
+            res.pids = ck.integer(v, vloc, "resources.pids")
+        else:
+            res.wall_time = parse_duration(v)
+            if res.wall_time is None:
+                ck.error(vloc, f"resources.wall_time: expected a duration like \"30m\" or \"1h30m\", got {v!r}")
+
+
+def _on_violation(ck, value, loc, spec):
+    keys = ("default", *SECTIONS, "rules")
+    m = ck.mapping(value, loc, "on_violation", keys)
+    if m is None:
+        return
+    ov = spec.on_violation
+    for key, v, vloc in ck.entries(m, keys):
+        if key == "rules":
+            rules = ck.mapping(v, vloc, "on_violation.rules", RULES)
+            for rule, action in (rules or {}).items():
+                if rule in RULES and ck.action(action, rules.val_locs[rule], f"on_violation.rules.{rule}"):
+                    ov.rules[rule] = action
+        elif ck.action(v, vloc, f"on_violation.{key}"):
+            if key == "default":
+                ov.default = v
+            else:
+                ov.sections[key] = v
+
+
+def _monitor(ck, value, loc, spec):
+    items = ck.strings(value, loc, "monitor", "sensor groups")
+    if items is None:
+        return
+    good = []
+    for item in items:
+        if item.value in SENSOR_GROUPS:
+            good.append(item.value)
+        else:
+            ck.error(item.loc, f"monitor: unknown sensor group {item.value!r}"
+                               f"{_did_you_mean(item.value, SENSOR_GROUPS)}; expected {', '.join(SENSOR_GROUPS)}")
+    spec.monitor = tuple(good)
+    spec.locs["monitor"] = loc
+
+
+_SECTIONS = {"metadata": _metadata, "identity": _identity, "filesystem": _filesystem,
+             "network": _network, "process": _process, "syscalls": _syscalls,
+             "resources": _resources, "on_violation": _on_violation, "monitor": _monitor}
+
+
+# --------------------------------------------------------------- cross checks (lint)
+
+def _check_shadowed(ck, spec):
+    """An allow entry inside a deny pattern never applies: deny wins."""
+    fs = spec.filesystem
+    if fs is None or not fs.deny:
+        return
+    allows = [(f"filesystem.{k}", i.value, i.loc) for k in ("read", "write", "exec")
+              for i in (getattr(fs, k) or ())]
+    if spec.process is not None:
+        allows += [("process.exec", e.path, e.loc) for e in spec.process.exec or ()]
+    for name, pattern, loc in allows:
+        for deny in fs.deny:
+            if pattern == deny.value:
+                ck.error(loc, f"{name}: {pattern!r} is also in filesystem.deny ({deny.loc.ref(loc)}); "
+                              f"deny wins, so this allow never applies")
+                break
+            if M.covers(pattern, deny.value):
+                ck.warn(loc, f"{name}: {pattern!r} is shadowed by filesystem.deny {deny.value!r} "
+                             f"({deny.loc.ref(loc)}): deny wins, so it never applies")
+                break
+
+
+def _check_wx(ck, spec):
+    """W^X: a path the agent may write and then execute defeats an exec allow list."""
+    fs = spec.filesystem
+    if fs is None or not fs.write:
+        return
+    if fs.exec is not None:
+        execs = [(e.value, e.loc, "filesystem.exec") for e in fs.exec]
+    elif spec.process is not None and spec.process.exec is not None:
+        execs = [(e.path, e.loc, "process.exec") for e in spec.process.exec]
+    else:
+        return
+    for w in fs.write:
+        for pattern, xloc, name in execs:
+            if M.overlap(w.value, pattern):
+                ck.warn(w.loc, f"filesystem.write: {w.value!r} is also executable ({name} {pattern!r}, "
+                               f"{xloc.ref(w.loc)}): the agent could run what it writes (W^X)")
+                break
+
+
+def _check_exec_reachable(ck, spec):
+    fs, proc = spec.filesystem, spec.process
+    if fs is None or fs.exec is None or proc is None or not proc.exec:
+        return
+    for e in proc.exec:
+        if not any(M.covers(e.path, x.value) for x in fs.exec):
+            ck.warn(e.loc, f"process.exec: {e.path!r} is not under filesystem.exec, so it can never run")
+
+
+def _check_toggles(ck, spec):
+    if spec.process is None or not spec.syscalls:
+        return
+    for toggle, allowed in spec.process.toggles.items():
+        if not allowed:
+            continue
+        for item in spec.syscalls:
+            if item.value in TOGGLES[toggle]:
+                ck.error(item.loc, f"syscalls.deny: {item.value!r} contradicts process.{toggle}: true "
+                                   f"({spec.locs[f'process.{toggle}'].ref(item.loc)})")
+
+
+_LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _check_network(ck, spec):
+    if spec.network is None:
+        return
+    for rule in spec.network.allow:
+        if rule.cidr:
+            net = ipaddress.ip_network(rule.cidr)
+            if any(net.version == lo.version and net.subnet_of(lo) for lo in _LOOPBACK_NETS):
+                ck.warn(rule.loc, f"network.allow: {rule.cidr} is loopback, which only "
+                                  f"network.loopback judges; this rule never applies")
+
+
+def _check_coverage(ck, spec):
+    fs = spec.filesystem
+    if fs is not None and fs.read is not None and fs.write is None:
+        ck.warn(spec.locs["filesystem.read"], "filesystem.read is set but filesystem.write is not, "
+                                              "so writes are not restricted (write 'write: []' to forbid them)")
+    if spec.monitor is not None:
+        missing = [g for g in spec.needed_groups() if g not in spec.monitor]
+        if missing:
+            ck.warn(spec.locs["monitor"], f"monitor: without {', '.join(missing)} some rules of this "
+                                          f"policy are never judged")
+
+
+_CROSS_CHECKS = (_check_shadowed, _check_wx, _check_exec_reachable, _check_toggles,
+                 _check_network, _check_coverage)
+
+
+# --------------------------------------------------------------- entry point
+
+def _top(ck, root):
+    ck.mapping(root, root.loc, "policy", TOP_KEYS)
+    for key in ("apiVersion", "kind", "metadata"):
+        if key not in root:
+            ck.error(root.loc, f"missing required key {key!r}")
+    api = root.get("apiVersion", API_VERSION)
+    if "apiVersion" in root and api != API_VERSION:
+        ck.error(root.val_locs["apiVersion"], f"apiVersion {api!r} is not supported; "
+                                              f"this agentwatch reads {API_VERSION}")
+
+
+def validate(doc):
+    """Effective document (located Map) -> (PolicySpec, [Problem]) in file order."""
+    ck, spec, stopped = _Checker(), PolicySpec(), []
+    try:
+        _top(ck, doc)
+        for key, value, loc in ck.entries(doc, tuple(_SECTIONS)):
+            _SECTIONS[key](ck, value, loc, spec)
+        for check in _CROSS_CHECKS:
+            check(ck, spec)
+    except _TooMany:
+        stopped.append(Problem(ck.problems[-1].loc, f"stopped after {MAX_PROBLEMS} problems; "
+                                                    f"fix these first"))
+    order = {}
+    problems = sorted(ck.problems, key=lambda p: (order.setdefault(p.loc.file, len(order)),
+                                                  p.loc.line or 0, p.loc.col or 0))
+    return spec, problems + stopped

@@ -1,0 +1,120 @@
+"""Resource limits for a run: cgroup v2 controllers where the run's cgroup
+has them, else the cgroup v1 hierarchies of hybrid hosts (the CI host has
+cpu, memory and pids only as v1), else nothing (and the plan says so).
+
+wall_time is enforced by the runner (it stops the agent tree)."""
+import os
+import re
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(v):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(v).lower())
+    if not m:
+        raise ValueError(f"not a size: {v!r} (use e.g. 512M or 2G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_seconds(v):
+    if isinstance(v, (int, float)):
+        return float(v)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*", str(v).lower())
+    if not m:
+        raise ValueError(f"not a duration: {v!r} (use e.g. 90s, 30m, 2h)")
+    return float(m.group(1)) * {"s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def v1_mounts(mounts="/proc/mounts"):
+    """controller -> mount point of its cgroup v1 hierarchy."""
+    out = {}
+    with open(mounts) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 4 and parts[2] == "cgroup":
+                for opt in parts[3].split(","):
+                    if opt in ("cpu", "memory", "pids"):
+                        out[opt] = parts[1]
+    return out
+
+
+class Limits:
+    """Applies {pids, memory, cpu} to one run; remove() undoes it."""
+
+    def __init__(self, run_id, v2_path, pids=None, memory=None, cpu=None):
+        self.run_id = run_id
+        self.v2_path = v2_path
+        self.want = {k: v for k, v in (("pids", pids), ("memory", memory), ("cpu", cpu)) if v}
+        self.dirs = []          # v1 cgroup dirs we created
+        self.applied = {}       # controller -> how ("v2" | "v1")
+        self.missing = []
+
+    def _v2_has(self, ctl):
+        try:
+            with open(os.path.join(self.v2_path, "cgroup.controllers")) as f:
+                return ctl in f.read().split()
+        except OSError:
+            return False
+
+    def setup(self):
+        """Parent side, before the agent exists: create/limit the cgroups."""
+        v1 = v1_mounts()
+        for ctl, val in self.want.items():
+            files = self._files(ctl, val)
+            if self._v2_has(ctl):
+                for name, content in files["v2"]:
+                    with open(os.path.join(self.v2_path, name), "w") as f:
+                        f.write(content)
+                self.applied[ctl] = "v2"
+            elif ctl in v1:
+                d = os.path.join(v1[ctl], "agentwatch", self.run_id)
+                os.makedirs(d, exist_ok=True)
+                self.dirs.append(d)
+                for name, content in files["v1"]:
+                    with open(os.path.join(d, name), "w") as f:
+                        f.write(content)
+                self.applied[ctl] = "v1"
+            else:
+                self.missing.append(ctl)
+
+    @staticmethod
+    def _files(ctl, val):
+        if ctl == "pids":
+            n = str(int(val))
+            return {"v2": [("pids.max", n)], "v1": [("pids.max", n)]}
+        if ctl == "memory":
+            b = str(parse_bytes(val))
+            return {"v2": [("memory.max", b), ("memory.swap.max", "0")],
+                    "v1": [("memory.limit_in_bytes", b)]}
+        period = 100000
+        quota = str(int(float(val) * period))
+        return {"v2": [("cpu.max", f"{quota} {period}")],
+                "v1": [("cpu.cfs_period_us", str(period)), ("cpu.cfs_quota_us", quota)]}
+
+    def add(self, pid):
+        """Put the (not yet exec'ed) agent into the v1 cgroups too."""
+        for d in self.dirs:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+
+    def remove(self):
+        for d in self.dirs:
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    for pid in f.read().split():
+                        try:
+                            os.kill(int(pid), 9)
+                        except ProcessLookupError:
+                            pass
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+def leftover_v1():
+    out = []
+    for ctl, mnt in v1_mounts().items():
+        root = os.path.join(mnt, "agentwatch")
+        if os.path.isdir(root):
+            out += [os.path.join(root, n) for n in os.listdir(root)]
+    return out

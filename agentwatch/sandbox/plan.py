@@ -1,0 +1,206 @@
+"""EnforcementPlan: what the kernel will hold for one run, from its policy.
+
+The plan is computed in the parent (before fork) and recorded in the run's
+identity: which layer enforces which section, and every rule this kernel
+cannot enforce (a *downgrade*). A policy section whose action is `deny` or
+`kill` is enforced in the kernel; `alert` sections are only judged by the
+engine. The child applies the plan in this order, each step named:
+close inherited fds, mask denied paths (mount namespace), Landlock, seccomp.
+"""
+import concurrent.futures
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+
+from . import landlock, mounts
+from .seccomp_filter import SeccompPolicy
+from ..policy.matchers import expand, has_wildcards
+
+ENFORCING = ("deny", "kill")
+# what an agent needs to run at all, beyond the policy's own lists
+RUNTIME_READ = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/tty", "/dev/pts",
+                "/proc", "/etc/ld.so.cache"]
+RUNTIME_WRITE = ["/dev/null", "/dev/tty", "/dev/pts"]
+
+
+@dataclass
+class EnforcementPlan:
+    path: str = "monitor-only"                 # which enforcement path the run gets
+    landlock: object = None                    # landlock.LandlockPlan
+    seccomp: SeccompPolicy = None
+    egress: object = None                      # sensors.egress.EgressRules
+    masks: list = field(default_factory=list)  # mounts.plan_masks output
+    limits: dict = field(default_factory=dict)
+    wall_time: float = None
+    enforced: list = field(default_factory=list)    # sections held by the kernel
+    downgrades: list = field(default_factory=list)  # rules the kernel cannot hold here
+    notes: list = field(default_factory=list)       # stricter-than-written outcomes, for the record
+    resolved: dict = field(default_factory=dict)    # domain -> [ips]
+
+    def describe(self):
+        lines = [f"enforcement: {self.path}; kernel holds: {', '.join(self.enforced) or 'nothing'}"]
+        lines += [f"downgrade: {d}" for d in self.downgrades]
+        lines += [f"note: {n}" for n in self.notes]
+        return lines
+
+    def record(self):
+        """The part that goes into the run identity."""
+        return {"path": self.path, "enforced": self.enforced, "downgrades": self.downgrades, "notes": self.notes,
+                "masked": [p for p, _ in self.masks], "limits": self.limits,
+                "wall_time": self.wall_time, "resolved_domains": self.resolved}
+
+
+def section_action(data, section):
+    """The strongest action any rule of a section can take."""
+    ov = data.get("on_violation") or {}
+    actions = {ov.get(section, ov.get("default", "alert"))}
+    for rule, act in (ov.get("rules") or {}).items():
+        if rule.split(".", 1)[0] == section:
+            actions.add(act)
+    return "kill" if "kill" in actions else "deny" if "deny" in actions else "alert"
+
+
+def _exp(patterns, variables):
+    out = []
+    for p in patterns or []:
+        p = p.get("path") if isinstance(p, dict) else p
+        if p:
+            out.append(expand(p, variables))
+    return out
+
+
+def resolve_domains(domains, timeout=2.0):
+    """domain -> sorted IPs, best effort, bounded in time (no DNS -> [])."""
+    def one(d):
+        try:
+            return d, sorted({ai[4][0] for ai in socket.getaddrinfo(d, None)})
+        except OSError:
+            return d, []
+    if not domains:
+        return {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(domains)))
+    futs = [pool.submit(one, d) for d in domains]
+    done, _ = concurrent.futures.wait(futs, timeout=timeout)
+    pool.shutdown(wait=False)
+    out = {d: [] for d in domains}
+    out.update(f.result() for f in done)
+    return out
+
+
+def make_plan(data, variables, policy_files=(), landlock_abi=None):
+    p = EnforcementPlan()
+    fs = data.get("filesystem")
+    net = data.get("network")
+    proc = data.get("process") or {}
+    res = data.get("resources") or {}
+    abi = landlock.abi_version() if landlock_abi is None else landlock_abi
+
+    # ---- filesystem: Landlock allow lists + masks for denies inside them
+    if fs is not None and section_action(data, "filesystem") in ENFORCING:
+        read, notes_r = landlock.globs_to_paths(_exp(fs.get("read"), variables))
+        write, notes_w = landlock.globs_to_paths(_exp(fs.get("write"), variables))
+        exec_src = fs.get("exec")
+        if proc.get("exec"):
+            exec_src = proc.get("exec")
+        execs, notes_x = landlock.globs_to_paths(_exp(exec_src, variables)) if exec_src else (read, [])
+        p.downgrades += [f"filesystem: {n}" for n in notes_r + notes_w + notes_x]
+        deny = _exp(fs.get("deny"), variables)
+        concrete = [d[:-3] if d.endswith("/**") else d for d in deny]
+        wild = [d for d, c in zip(deny, concrete) if has_wildcards(c)]
+        p.masks = mounts.plan_masks([c for c in concrete if not has_wildcards(c)], policy_files)
+        p.downgrades += [f"filesystem.deny {w!r}: has wildcards, cannot be masked; detected only"
+                         for w in wild]
+        rules = landlock.LandlockRules(read=read + RUNTIME_READ, write=write + RUNTIME_WRITE,
+                                       exec=[x for x in execs if x not in write],
+                                       ioctl_dev=["/dev/tty", "/dev/pts"])
+        p.enforced.append("filesystem")
+    else:
+        rules = None
+        if fs is not None:
+            p.masks = mounts.plan_masks([], policy_files)
+
+    # ---- network: cgroup BPF egress (+ Landlock TCP ports, + scopes)
+    if net is not None and section_action(data, "network") in ENFORCING:
+        from ..sensors.egress import EgressRules
+        allow, ports, any_port = [], set(), False
+        domains = [r["domain"] for r in net.get("allow") or [] if r.get("domain")]
+        p.resolved = resolve_domains(domains)
+        for r in net.get("allow") or []:
+            proto = r.get("protocol", "any")
+            rng = [_port_range(x) for x in (r.get("ports") or [])] or [(None, None)]
+            cidrs = [r["cidr"]] if r.get("cidr") else [
+                f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}"
+                for ip in p.resolved.get(r.get("domain"), [])]
+            if r.get("domain") and not cidrs:
+                p.notes.append(f"network.allow domain {r['domain']}: did not resolve; "
+                               "connections to it will be denied")
+            for c in cidrs:
+                for lo, hi in rng:
+                    allow.append((c, lo, hi, proto))
+            for lo, hi in rng:
+                if lo is None:
+                    any_port = True
+                else:
+                    ports.update(range(lo, min(hi, lo + 64) + 1))
+        loop = net.get("loopback", False)
+        p.egress = EgressRules(allow=allow, loopback=loop)
+        if rules is None:
+            rules = landlock.LandlockRules(read=["/"], write=["/"], exec=["/"])
+        if loop is not True and not any_port:
+            loop_ports = set(loop) if isinstance(loop, list) else set()
+            rules.tcp_connect = sorted(ports | loop_ports)
+        rules.scope_abstract_unix = net.get("unix", False) is False
+        if net.get("unix") not in (True, False):
+            p.downgrades.append("network.unix path list: pathname unix sockets are judged, "
+                                "not denied (abstract ones are scoped when unix is false)")
+        p.enforced.append("network")
+
+    if rules is not None:
+        rules.scope_signals = True      # the agent cannot signal agentwatch or anyone outside
+        p.landlock = landlock.plan(rules, abi)
+        p.downgrades += [f"landlock: {d}" for d in p.landlock.downgrades]
+        if abi == 0:
+            p.downgrades.append("landlock unavailable: filesystem and TCP rules are detected only")
+            p.landlock = None
+
+    # ---- process toggles and syscalls: seccomp
+    proc_act, sys_act = section_action(data, "process"), section_action(data, "syscalls")
+    if proc_act in ENFORCING or sys_act in ENFORCING:
+        sc = SeccompPolicy(action="kill" if "kill" in (proc_act, sys_act) else "errno")
+        if proc_act in ENFORCING:
+            for key in ("ptrace", "namespaces", "bpf", "modules", "io_uring", "memfd_exec"):
+                setattr(sc, key, bool(proc.get(key, True)))
+            sc.change_uid = bool(proc.get("change_uid", True))
+            sc.mount = bool(proc.get("namespaces", True))
+            sc.keyring = sc.personality = True
+        else:
+            for key in ("ptrace", "namespaces", "bpf", "modules", "io_uring", "memfd_exec",
+                        "mount", "keyring", "personality"):
+                setattr(sc, key, True)
+            sc.other = ()
+        if sys_act in ENFORCING:
+            sc.deny = list((data.get("syscalls") or {}).get("deny") or [])
+        p.seccomp = sc
+        p.enforced.append("process" if proc_act in ENFORCING else "syscalls")
+        if proc_act in ENFORCING and proc.get("exec"):
+            p.downgrades.append("process.exec sha256 pins are checked after exec (kill), "
+                                "not before")
+
+    # ---- resources
+    p.limits = {k: res[k] for k in ("pids", "memory", "cpu") if res.get(k)}
+    if proc.get("max_processes") and "pids" not in p.limits:
+        p.limits["pids"] = proc["max_processes"]
+    if res.get("wall_time"):
+        from .limits import parse_seconds
+        p.wall_time = parse_seconds(res["wall_time"])
+    if p.landlock or p.seccomp or p.egress:
+        p.path = "landlock+seccomp+cgroup-bpf"
+    return p
+
+
+def _port_range(v):
+    if isinstance(v, int):
+        return v, v
+    lo, _, hi = str(v).partition("-")
+    return int(lo), int(hi or lo)

@@ -1,0 +1,65 @@
+"""agentwatch policy lint | explain | diff"""
+import click
+
+from agentwatch.policy import check
+from agentwatch.policy.diff import diff as diff_policies
+from agentwatch.policy.explain import explain as explain_policy
+from agentwatch.policy.lint import lint as lint_files
+from agentwatch.policy.matchers import default_variables
+
+_FILE = click.Path(dir_okay=True)      # lint reports unreadable files itself, in its format
+
+
+@click.group()
+def policy():
+    """Check, explain and compare permission policies (docs/policy.md)."""
+
+
+def _load_or_exit(ctx, path):
+    """The policy, or its errors on stderr (FILE:LINE:COL: ...) and exit 1."""
+    pol, problems = check(path)
+    if pol is None:
+        for p in problems:
+            click.echo(str(p), err=True)
+        ctx.exit(1)
+    return pol
+
+
+@policy.command()
+@click.argument("files", nargs=-1, required=True, type=_FILE)
+@click.option("--strict", is_flag=True, help="Warnings fail the lint too.")
+@click.pass_context
+def lint(ctx, files, strict):
+    """Check policy FILEs: one FILE:LINE:COL line per problem on stdout.
+
+    Exit 1 on any error (with --strict, on any warning too), else 0."""
+    result = lint_files(files)
+    for line in result.lines():
+        click.echo(line)
+    click.echo(result.summary(), err=True)
+    ctx.exit(result.exit_code(strict))
+
+
+@policy.command()
+@click.argument("file", type=_FILE)
+@click.option("--workspace", type=click.Path(file_okay=False),
+              help="Directory ${WORKSPACE} stands for (default: the current directory).")
+@click.pass_context
+def explain(ctx, file, workspace):
+    """Say in plain language what FILE allows, after extends and variables."""
+    pol = _load_or_exit(ctx, file)
+    click.echo(explain_policy(pol, default_variables(workspace)), nl=False)
+
+
+@policy.command()
+@click.argument("old", type=_FILE)
+@click.argument("new", type=_FILE)
+@click.pass_context
+def diff(ctx, old, new):
+    """What changing OLD into NEW grants (+), revokes (-) or changes (~).
+
+    Exit 0 whether or not permissions change ("no permission changes" when
+    none); 1 when either file is invalid."""
+    a, b = _load_or_exit(ctx, old), _load_or_exit(ctx, new)
+    for line in diff_policies(a, b):
+        click.echo(line)
