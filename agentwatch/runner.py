@@ -88,6 +88,14 @@ def gc(log=None):
     owner is gone, and mark their records 'crashed'. Returns the run ids swept."""
     swept = []
     records = {r["run_id"]: r for r in state.list_runs()}
+    from .sandbox.limits import leftover_v1
+    for d in leftover_v1():          # v1 limit groups of runs whose owner is gone
+        rec = records.get(os.path.basename(d))
+        if rec is None or not state.owner_alive(rec):
+            from .sandbox.limits import Limits
+            lim = Limits(os.path.basename(d), None)
+            lim.dirs = [d]
+            lim.remove()
     for run_id in leftover_cgroups():
         rec = records.get(run_id)
         if rec is not None and rec.get("status") not in ("crashed",) and state.owner_alive(rec):

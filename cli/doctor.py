@@ -8,9 +8,14 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def doctor(as_json):
     """Check each kernel feature agentwatch uses, and what its absence disables."""
-    from agentwatch.doctor import format_table, report, run_checks
+    from agentwatch.doctor import enforcement_path, format_table, report, run_checks
     checks = run_checks()
     if as_json:
         click.echo(json.dumps(report(checks), indent=1))
     else:
         click.echo(format_table(checks))
+        path = enforcement_path(checks)
+        click.echo(f"\nenforcement path on this host: {path}")
+        if path == "landlock+seccomp+cgroup-bpf":
+            click.echo("  files and TCP ports: Landlock; syscalls: seccomp; egress: cgroup BPF; "
+                       "denied paths inside allowed trees: masked in a private mount namespace")

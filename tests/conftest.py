@@ -34,8 +34,10 @@ def nothing_left_behind(request):
     if not IS_ROOT or not kernel_tests:
         return
     from agentwatch.sandbox.cgroups import leftover_cgroups
+    from agentwatch.sandbox.limits import leftover_v1
     from agentwatch.sensors.inventory import agentwatch_programs
     assert leftover_cgroups() == [], "run cgroups left behind after the test session"
+    assert leftover_v1() == [], "cgroup v1 limit groups left behind after the test session"
     assert agentwatch_programs() == [], "agentwatch BPF programs still loaded after the test session"
 
 

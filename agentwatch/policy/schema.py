@@ -85,8 +85,10 @@ class NetRule:
         return self.cidr or self.domain
 
     def ports_text(self):
-        text = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports) \
-            if self.ports else "any port"
+        """'443/tcp', '8000-8100', 'any port', 'any udp port'."""
+        if not self.ports:
+            return "any port" if self.protocol == "any" else f"any {self.protocol} port"
+        text = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports)
         return text if self.protocol == "any" else f"{text}/{self.protocol}"
 
     def describe(self):
@@ -293,35 +295,37 @@ class _Checker:
         return value
 
     def items(self, value, loc, name, what):
-        """(item, loc) of a list; reports a non-list and exact duplicates."""
+        """(index, item, loc) of a list; reports a non-list and exact
+        duplicates (dropped)."""
         if not isinstance(value, list):
             self.error(loc, f"{name}: expected a list of {what}, got {yaml_type(value)}")
             return None
         seen, out = {}, []
-        for item, iloc in zip(value, value.item_locs):
+        for i, (item, iloc) in enumerate(zip(value, value.item_locs)):
             key = repr(item)
             if key in seen:
                 self.warn(iloc, f"{name}: duplicate entry {item!r} (already at {seen[key].ref(iloc)})")
                 continue
             seen[key] = iloc
-            out.append((item, iloc))
+            out.append((i, item, iloc))
         return out
 
-    def strings(self, value, loc, name, what):
-        """Items of a list of strings, as Item; None if value is not a list."""
-        pairs = self.items(value, loc, name, what)
-        if pairs is None:
+    def strings(self, value, loc, name, what, one):
+        """Items of a list of strings (``what``; each ``one``), as Item;
+        None if value is not a list."""
+        triples = self.items(value, loc, name, what)
+        if triples is None:
             return None
         out = []
-        for item, iloc in pairs:
+        for i, item, iloc in triples:
             if isinstance(item, str):
                 out.append(Item(item, iloc))
             else:
-                self.error(iloc, f"{name}: expected a list of {what}, got a {yaml_type(item)} item")
+                self.error(iloc, f"{name}[{i}]: expected {one}, got {yaml_type(item)}")
         return out
 
-    def globs(self, value, loc, name, what="path globs"):
-        out = self.strings(value, loc, name, what)
+    def globs(self, value, loc, name):
+        out = self.strings(value, loc, name, "path globs", "a path glob")
         if out is None:
             return None
         good = []
@@ -405,11 +409,11 @@ def _filesystem(ck, value, loc, spec):
 
 
 def _ports(ck, value, loc, name):
-    pairs = ck.items(value, loc, name, 'ports (443 or "8000-8100")')
-    if pairs is None:
+    triples = ck.items(value, loc, name, 'ports (443 or "8000-8100")')
+    if triples is None:
         return None
     out = []
-    for item, iloc in pairs:
+    for _, item, iloc in triples:
         rng, err = M.parse_port(item)
         if err:
             ck.error(iloc, f"{name}: {err}")
@@ -456,7 +460,7 @@ def _net_rule(ck, value, loc, name):
 
 
 def _unix_entries(ck, value, loc, name):
-    items = ck.strings(value, loc, name, 'socket path globs ("@name" for abstract)')
+    items = ck.strings(value, loc, name, 'socket path globs ("@name" for abstract)', "a socket path glob")
     if items is None:
         return None
     good = []
@@ -482,9 +486,8 @@ def _network(ck, value, loc, spec):
     for key, v, vloc in ck.entries(m, keys):
         spec.locs[f"network.{key}"] = vloc
         if key == "allow":
-            pairs = ck.items(v, vloc, "network.allow", "rules ({cidr: ...} or {domain: ...})")
-            rules = [_net_rule(ck, item, iloc, f"network.allow[{i}]")
-                     for i, (item, iloc) in enumerate(pairs or ())]
+            triples = ck.items(v, vloc, "network.allow", "rules ({cidr: ...} or {domain: ...})")
+            rules = [_net_rule(ck, item, iloc, f"network.allow[{i}]") for i, item, iloc in triples or ()]
             net.allow = tuple(r for r in rules if r is not None)
         elif isinstance(v, bool):
             setattr(net, key, v)
@@ -534,10 +537,9 @@ def _process(ck, value, loc, spec):
     for key, v, vloc in ck.entries(m, keys):
         spec.locs[f"process.{key}"] = vloc
         if key == "exec":
-            pairs = ck.items(v, vloc, "process.exec", "programs (paths or {path, sha256})")
-            if pairs is not None:
-                rules = [_exec_entry(ck, item, iloc, f"process.exec[{i}]")
-                         for i, (item, iloc) in enumerate(pairs)]
+            triples = ck.items(v, vloc, "process.exec", "programs (paths or {path, sha256})")
+            if triples is not None:
+                rules = [_exec_entry(ck, item, iloc, f"process.exec[{i}]") for i, item, iloc in triples]
                 proc.exec = tuple(r for r in rules if r is not None)
         elif key == "max_processes":
             proc.max_processes = ck.integer(v, vloc, "process.max_processes")
@@ -554,7 +556,7 @@ def _syscalls(ck, value, loc, spec):
     spec.syscalls = ()
     if "deny" not in m:
         return
-    items = ck.strings(m["deny"], m.val_locs["deny"], "syscalls.deny", "syscall names")
+    items = ck.strings(m["deny"], m.val_locs["deny"], "syscalls.deny", "syscall names", "a syscall name")
     good = []
     for item in items or ():
         status = syscall_status(item.value)
@@ -642,7 +644,7 @@ def _on_violation(ck, value, loc, spec):
 
 
 def _monitor(ck, value, loc, spec):
-    items = ck.strings(value, loc, "monitor", "sensor groups")
+    items = ck.strings(value, loc, "monitor", "sensor groups", "a sensor group")
     if items is None:
         return
     good = []
@@ -673,11 +675,12 @@ def _check_shadowed(ck, spec):
     if spec.process is not None:
         allows += [("process.exec", e.path, e.loc) for e in spec.process.exec or ()]
     for name, pattern, loc in allows:
+        same = [d for d in fs.deny if d.value == pattern]
+        if same:
+            ck.error(loc, f"{name}: {pattern!r} is also in filesystem.deny ({same[0].loc.ref(loc)}); "
+                          f"deny wins, so this allow never applies")
+            continue
         for deny in fs.deny:
-            if pattern == deny.value:
-                ck.error(loc, f"{name}: {pattern!r} is also in filesystem.deny ({deny.loc.ref(loc)}); "
-                              f"deny wins, so this allow never applies")
-                break
             if M.covers(pattern, deny.value):
                 ck.warn(loc, f"{name}: {pattern!r} is shadowed by filesystem.deny {deny.value!r} "
                              f"({deny.loc.ref(loc)}): deny wins, so it never applies")

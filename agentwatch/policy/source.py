@@ -335,6 +335,7 @@ def load_effective(path, _chain=()):
         raise Invalid(where, f"extends chain longer than {MAX_EXTENDS} files")
     if not os.path.isfile(base):
         reason = "no such file" if not os.path.exists(base) else "not a regular file"
-        raise Invalid(where, f"cannot read base policy {ext!r} ({base}): {reason}")
+        shown = f" ({base})" if base != ext else ""
+        raise Invalid(where, f"cannot read base policy {ext!r}{shown}: {reason}")
     parent, files = load_effective(base, chain)
     return merge(parent, root), files + [path]
