@@ -143,14 +143,13 @@ class Run:
         o = self.opts
         if not o.argv:
             raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
-        trusted = integrity.trusted_keys(o.trust)
         if o.policy_path and o.require_signed:
             # a tampered file is refused as tampered, before its content is even parsed
-            integrity.check_signed(o.policy_path, True, None, trusted)
+            self._need_root()
+            integrity.check_signed(o.policy_path, True, None, integrity.trusted_keys(o.trust))
         self.policy = load_policy(o.policy_path) if o.policy_path else None
-        if os.geteuid() != 0:
-            raise PrivilegeError("agentwatch run needs root (it creates cgroups and loads BPF "
-                                 "programs: CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON); run it with sudo")
+        self._need_root()
+        trusted = integrity.trusted_keys(o.trust)
         self.command = launcher.resolve_command(o.argv, o.env)
         self.agent = (o.name or (self.policy.agent_name if self.policy else "")
                       or os.path.basename(o.argv[0]))
@@ -187,6 +186,12 @@ class Run:
             except OSError as e:
                 raise UsageError(f"--prompt {o.prompt_path}: cannot read: {e.strerror}") from None
             self.prompt_signer = integrity.check_signed(o.prompt_path, o.require_signed, None, trusted)
+
+    @staticmethod
+    def _need_root():
+        if os.geteuid() != 0:
+            raise PrivilegeError("agentwatch run needs root (it creates cgroups and loads BPF "
+                                 "programs: CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON); run it with sudo")
 
     def _identity(self):
         uid = os.getuid()

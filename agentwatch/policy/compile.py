@@ -266,6 +266,24 @@ class CompiledPolicy:
             return self._decide("process", f"process.{toggle}", f"{name}: process.{toggle} is false")
         return None
 
+    # ----------------------------------------------------------- identity
+
+    def check_identity(self, agent_name, signer=None):
+        """The run's agent name must match identity.name; when
+        identity.required_signer is set, ``signer`` ("ed25519:<hex>", the
+        fingerprint that signed the run, None when unsigned) must equal it."""
+        ident = self.spec.identity
+        if ident is None:
+            return None
+        if ident.name and not M.name_matcher(ident.name)(agent_name or ""):
+            return self._decide("identity", "identity.name",
+                                f"agent name {agent_name!r} does not match {ident.name!r}", ident.name)
+        if ident.required_signer and (signer or "").lower() != ident.required_signer:
+            got = f"signed by {signer}" if signer else "unsigned"
+            return self._decide("identity", "identity.signer",
+                                f"run is {got}; policy requires {ident.required_signer}")
+        return None
+
     # ----------------------------------------------------------- policy-wide
 
     def action_for(self, category, rule=None):

@@ -171,10 +171,11 @@ def _part(seg):
 
 
 def parse_parts(pattern, keep_vars=False):
-    """A glob as parts: (LIT, text) | (WILD, matcher, text) | (ANY,) | (VAR, name).
-    ``/a/b`` -> ['', 'a', 'b'] (the empty first segment is the root);
-    consecutive ``**`` collapse. With keep_vars a leading ``${X}`` becomes
-    ('' , (VAR, X)): an absolute directory nothing else is known about."""
+    """A glob as parts: (LIT, text) | (WILD, matcher, text) | (ANY, None) |
+    (VAR, name). ``/a/b`` -> '', 'a', 'b' (the empty first segment is the
+    root); consecutive ``**`` collapse. With keep_vars a leading ``${X}``
+    becomes '', (VAR, X): an absolute directory nothing else is known about
+    (used by the lint algebra; matching always expands variables first)."""
     parts = []
     if keep_vars:
         m = _VAR.match(pattern)
@@ -246,7 +247,7 @@ class Glob:
             return not prefix or path == prefix or path.startswith(self._prefix)
         if self._prefix and not path.startswith(self._prefix):
             return False
-        return self._nfa(["" ] if path == "/" else path.split("/"))
+        return self._nfa([""] if path == "/" else path.split("/"))
 
     def _nfa(self, segs):
         """Set-of-states simulation: a state is an index into parts; ANY
@@ -435,7 +436,7 @@ def canonical_ip(addr):
 def parse_port(value):
     """443 or "8000-8100" -> ((lo, hi), error)."""
     if isinstance(value, bool):
-        return None, f"expected a port number or range, got bool"
+        return None, "expected a port number or range, got bool"
     if isinstance(value, int):
         lo = hi = value
     elif isinstance(value, str) and re.fullmatch(r"\d{1,5}(-\d{1,5})?", value.strip()):

@@ -92,6 +92,9 @@ class NetRule:
         return text if self.protocol == "any" else f"{text}/{self.protocol}"
 
     def describe(self):
+        """'443/tcp to pypi.org', '10.0.0.0/8 (any port)'."""
+        if not self.ports:
+            return f"{self.target} ({self.ports_text()})"
         return f"{self.ports_text()} to {self.target}"
 
 
@@ -268,7 +271,7 @@ class _Checker:
         return value
 
     def entries(self, m, known):
-        """(key, value, value_loc, dotted name) of the known keys present."""
+        """(key, value, value_loc) of the known keys present, in schema order."""
         for key in known:
             if key in m:
                 yield key, m[key], m.val_locs[key]

@@ -116,5 +116,6 @@ def leftover_v1():
     for ctl, mnt in v1_mounts().items():
         root = os.path.join(mnt, "agentwatch")
         if os.path.isdir(root):
-            out += [os.path.join(root, n) for n in os.listdir(root)]
+            out += [os.path.join(root, n) for n in os.listdir(root)
+                    if os.path.isdir(os.path.join(root, n))]
     return out

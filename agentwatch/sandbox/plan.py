@@ -47,7 +47,8 @@ class EnforcementPlan:
     def record(self):
         """The part that goes into the run identity."""
         return {"path": self.path, "enforced": self.enforced, "downgrades": self.downgrades, "notes": self.notes,
-                "masked": [p for p, _ in self.masks], "limits": self.limits,
+                "masked": [p for p, how in self.masks if how in ("dir", "file", "ro")],
+                "noexec": [p for p, how in self.masks if how == "noexec"], "limits": self.limits,
                 "wall_time": self.wall_time, "resolved_domains": self.resolved}
 
 
@@ -108,12 +109,35 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None):
         deny = _exp(fs.get("deny"), variables)
         concrete = [d[:-3] if d.endswith("/**") else d for d in deny]
         wild = [d for d, c in zip(deny, concrete) if has_wildcards(c)]
-        p.masks = mounts.plan_masks([c for c in concrete if not has_wildcards(c)], policy_files)
+        exec_ok = [x for x in execs if x not in write]
+        granted = read + write + exec_ok + RUNTIME_READ + RUNTIME_WRITE
+        # Mask only what Landlock would otherwise grant: a denied path outside
+        # every allow list is already refused by Landlock (EACCES, reported),
+        # whereas a mask answers ENOENT, which hides the attempt.
+        masked = [c for c in concrete if not has_wildcards(c)
+                  and (abi < 1 or _under_any(os.path.realpath(c), granted))]
+        # W^X for mappings too: Landlock's EXECUTE right covers execve only, so
+        # the dynamic loader could still map a written file (`ld.so ./tool`,
+        # dlopen). Writable directories with no exec path inside are mounted
+        # noexec. And every directory between a writable root and a masked
+        # path is pinned (bound onto itself) so it cannot be renamed away
+        # with the mask (mv .git .git2 && mkdir -p .git/hooks).
+        noexec = [w for w in write if os.path.isdir(w) and not w.startswith("/dev")
+                  and not any(_under(x, w) for x in exec_ok)]
+        pins = []
+        for m in map(os.path.realpath, masked):
+            for root in map(os.path.realpath, write):
+                if _under(m, root) and m != root:
+                    d = os.path.dirname(m)
+                    while d != root and _under(d, root):
+                        pins.append(d)
+                        d = os.path.dirname(d)
+        p.masks = mounts.plan_masks(masked, policy_files, noexec_dirs=noexec,
+                                    pin_dirs=sorted(set(pins), key=len))
         p.downgrades += [f"filesystem.deny {w!r}: has wildcards, cannot be masked; detected only"
                          for w in wild]
         rules = landlock.LandlockRules(read=read + RUNTIME_READ, write=write + RUNTIME_WRITE,
-                                       exec=[x for x in execs if x not in write],
-                                       ioctl_dev=["/dev/tty", "/dev/pts"])
+                                       exec=exec_ok, ioctl_dev=["/dev/tty", "/dev/pts"])
         p.enforced.append("filesystem")
     else:
         rules = None
@@ -197,6 +221,14 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None):
     if p.landlock or p.seccomp or p.egress:
         p.path = "landlock+seccomp+cgroup-bpf"
     return p
+
+
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _under_any(path, tops):
+    return any(_under(path, os.path.realpath(t)) for t in tops)
 
 
 def _port_range(v):

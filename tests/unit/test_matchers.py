@@ -7,7 +7,7 @@ import posixpath
 import time
 
 import pytest
-from hypothesis import assume, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agentwatch.policy import matchers as M
@@ -292,3 +292,162 @@ def test_domains():
     assert M.domain_matches("*.example.com", "a.b.example.com")
     assert not M.domain_matches("*.example.com", "example.com")
     assert not M.domain_matches("*.example.com", "badexample.com")
+
+
+# ---------------------------------------------------------------- CompiledPolicy: the matchers put together
+
+def compile_text(tmp_path, body, variables=None):
+    from agentwatch.policy import load
+    from agentwatch.policy.compile import compile_policy
+    path = tmp_path / "p.yaml"
+    path.write_text("apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {name: t}\n" + body)
+    return compile_policy(load(str(path)), variables or {"WORKSPACE": "/w", "HOME": "/h", "TMPDIR": "/t"})
+
+
+SHA = "ab" * 32
+
+
+def test_no_sections_allow_everything(tmp_path):
+    cp = compile_text(tmp_path, "")
+    assert cp.check_file("/etc/shadow", {"write"}) is None
+    assert cp.check_exec("/tmp/x") is None
+    assert cp.check_connect("inet", "1.2.3.4", 1, "tcp") is None
+    assert cp.check_socket("packet", "raw") is None
+    assert cp.check_syscall("ptrace") is None
+    assert cp.sensor_groups() == ["process"]
+
+
+def test_file_access_kinds(tmp_path):
+    cp = compile_text(tmp_path, "filesystem: {read: ['/r/**'], write: ['/w/**'], deny: ['/w/secret']}\n")
+    assert cp.check_file("/r/a", {"read"}) is None
+    assert cp.check_file("/w/a", {"read"}).rule == "filesystem.read"          # write does not imply read
+    for access in ["write", "create", "truncate", "delete", "rename", "chmod", "chown", "mkdir", "link"]:
+        assert cp.check_file("/w/a", {access}) is None
+        assert cp.check_file("/r/a", {access}).rule == "filesystem.write"
+    assert cp.check_file("/w/secret", set()).rule == "filesystem.deny"        # deny needs no access kind
+    assert cp.check_file("/w/a", {"read", "write"}).rule == "filesystem.read"
+    assert cp.check_file("a", {"read"}, cwd="/r") is None                       # relative to the cwd
+    assert cp.check_file("/proc/self/cwd/a", {"read"}, cwd="/r") is None
+
+
+def test_file_verdicts_are_cached_but_correct(tmp_path):
+    cp = compile_text(tmp_path, "filesystem: {read: ['/r/**'], write: []}\n")
+    for _ in range(3):
+        assert cp.check_file("/r/x", {"read"}) is None
+        assert cp.check_file("/r/x", {"write"}).rule == "filesystem.write"
+
+
+def test_exec_pinned_hashes(tmp_path):
+    cp = compile_text(tmp_path, f"process: {{exec: ['/usr/bin/git', {{path: /usr/bin/python3, sha256: '{SHA.upper()}'}}]}}\n")
+    assert cp.needs_hash("/usr/bin/python3") and not cp.needs_hash("/usr/bin/git")
+    assert cp.check_exec("/usr/bin/python3", SHA) is None
+    d = cp.check_exec("/usr/bin/python3", "00" * 32)
+    assert d.rule == "process.exec" and d.category == "process" and SHA in d.reason
+    assert cp.check_exec("/usr/bin/python3").rule == "process.exec"            # hash unknown: fail closed
+    assert cp.check_exec("/usr/bin/git") is None
+    assert cp.check_exec("/usr/bin/../bin/git") is None
+
+
+def test_exec_locations_and_order(tmp_path):
+    cp = compile_text(tmp_path, "filesystem: {exec: ['/usr/bin/**'], deny: ['/usr/bin/su']}\n"
+                                "process: {exec: ['/usr/bin/**', '/opt/x']}\n")
+    assert cp.check_exec("/usr/bin/su").rule == "filesystem.deny"
+    assert cp.check_exec("/opt/x").rule == "filesystem.exec"
+    assert cp.check_exec("/opt/x").category == "filesystem"
+    assert cp.check_exec("/opt/y").rule == "process.exec"
+
+
+def test_network_rules(tmp_path):
+    cp = compile_text(tmp_path, """\
+network:
+  allow:
+    - {cidr: 10.0.0.0/8, ports: [22, "8000-8100"], protocol: tcp}
+    - {cidr: "2001:db8::/32"}
+    - {cidr: "::ffff:192.168.0.0/112"}
+    - {domain: "*.example.com", ports: [443]}
+  loopback: [8080]
+  unix: ["@dbus-*", "${TMPDIR}/*.sock"]
+""")
+    ok = [("inet", "10.1.2.3", 22, "tcp"), ("inet", "10.1.2.3", 8050, "stream"),
+          ("inet6", "::ffff:10.1.2.3", 8100, "tcp"), ("inet6", "2001:db8::1", 9, "udp"),
+          ("inet", "192.168.3.4", 1, "udp"), ("inet", "127.0.0.1", 8080, "tcp"), ("inet6", "::1", 8080, "tcp")]
+    for args in ok:
+        assert cp.check_connect(*args) is None, args
+    denied = [("inet", "10.1.2.3", 23, "tcp", "network.egress"), ("inet", "10.1.2.3", 22, "udp", "network.egress"),
+              ("inet", "10.1.2.3", 22, "dgram", "network.egress"), ("inet", "11.0.0.1", 22, "tcp", "network.egress"),
+              ("inet", "127.0.0.2", 8081, "tcp", "network.loopback"), ("inet", "not-an-ip", 1, "tcp", "network.egress")]
+    for family, addr, port, proto, expected in denied:
+        assert cp.check_connect(family, addr, port, proto).rule == expected, addr
+    assert cp.check_connect("unix", "@dbus-session", None) is None
+    assert cp.check_connect("unix", "/t/agent.sock", None) is None
+    assert cp.check_connect("unix", "/t/../h/agent.sock", None).rule == "network.unix"
+    assert cp.check_connect("unix", "@other", None).rule == "network.unix"
+    assert cp.check_connect("unix", "", None) is None                           # unnamed
+    # domains are matched through the IPs the caller resolved
+    assert cp.check_connect("inet", "93.184.216.34", 443, "tcp").rule == "network.egress"
+    cp.domain_ips["api.example.com"] = {"::ffff:93.184.216.34"}
+    assert cp.check_connect("inet", "93.184.216.34", 443, "tcp") is None
+    assert cp.check_connect("inet", "93.184.216.34", 80, "tcp").rule == "network.egress"
+    cp.domain_ips["example.com"] = {"1.1.1.1"}                                 # apex: not *.example.com
+    assert cp.check_connect("inet", "1.1.1.1", 443, "tcp").rule == "network.egress"
+
+
+def test_bind(tmp_path):
+    cp = compile_text(tmp_path, "network: {allow: [{cidr: 10.0.0.0/8}]}\n")
+    assert cp.check_connect("inet", "127.0.0.1", 8080, "tcp", "bind") is None
+    assert cp.check_connect("inet", "0.0.0.0", 0, "udp", "bind") is None          # ephemeral
+    assert cp.check_connect("inet", "10.0.0.5", 8080, "tcp", "bind") is None
+    d = cp.check_connect("inet", "0.0.0.0", 8080, "tcp", "bind")
+    assert d.rule == "network.bind" and d.category == "network"
+    assert cp.check_connect("inet6", "::", 8080, "tcp", "bind").rule == "network.bind"
+
+
+def test_resolve_domains_never_raises(tmp_path, monkeypatch):
+    import socket
+    cp = compile_text(tmp_path, "network: {allow: [{domain: a.example}, {domain: b.example}, "
+                                "{domain: '*.wild.example'}]}\n")
+    calls = []
+
+    def fake(name, *a, **k):
+        calls.append(name)
+        if name == "a.example":
+            return [(socket.AF_INET6, 1, 6, "", ("::ffff:10.0.0.1", 0, 0, 0))]
+        raise socket.gaierror("no such name")
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    assert cp.resolve_domains(timeout=1) == {"a.example": {"10.0.0.1"}}
+    assert sorted(calls) == ["a.example", "b.example"]                         # wildcards are not resolved
+    assert cp.check_connect("inet", "10.0.0.1", 1, "tcp") is None
+
+
+def test_action_for_precedence(tmp_path):
+    cp = compile_text(tmp_path, "on_violation: {default: deny, network: alert, syscalls: kill, "
+                                "rules: {network.unix: kill}}\n")
+    assert cp.action_for("network", "network.unix") == "kill"
+    assert cp.action_for("network", "network.egress") == "alert"
+    assert cp.action_for("syscall", "syscalls.deny") == "kill"                  # category -> section
+    assert cp.action_for("filesystem", "filesystem.read") == "deny"
+    assert compile_text(tmp_path, "").action_for("process", "process.exec") == "alert"
+
+
+def test_variables_are_required_for_compiling(tmp_path):
+    from agentwatch.errors import PolicyError
+    with pytest.raises(PolicyError, match=r"\$\{WORKSPACE\}"):
+        compile_text(tmp_path, "filesystem: {write: ['${WORKSPACE}/**']}\n", {"HOME": "/h"})
+
+
+def test_bench_reports_rates():
+    from agentwatch.policy.compile import bench
+    r = bench(2000)
+    assert r["n"] == 2000
+    assert min(r["check_file_per_s"], r["check_file_cached_per_s"], r["check_connect_per_s"]) > 1000
+
+
+def test_identity(tmp_path):
+    signer = "ed25519:" + "Ab" * 32
+    cp = compile_text(tmp_path, f"identity: {{name: 'coding-*', required_signer: '{signer}'}}\n")
+    assert cp.check_identity("coding-agent", signer.lower()) is None
+    d = cp.check_identity("scraper", signer)
+    assert d.rule == "identity.name" and d.category == "identity"
+    assert cp.check_identity("coding-x", None).rule == "identity.signer"
+    assert cp.check_identity("coding-x", "ed25519:" + "00" * 32).rule == "identity.signer"
+    assert compile_text(tmp_path, "").check_identity("anything") is None

@@ -112,7 +112,7 @@ def test_parse_duration(value, expected):
 @pytest.mark.parametrize("body, expected", [
     ("filesytem: {}\n", "5:1: unknown key 'filesytem' (did you mean 'filesystem'?)"),
     ("filesystem:\n  read: 5\n", "6:9: filesystem.read: expected a list of path globs, got int"),
-    ("filesystem:\n  read: [/a, 7]\n", "6:14: filesystem.read: expected a list of path globs, got a int item"),
+    ("filesystem:\n  read: [/a, 7]\n", "6:14: filesystem.read[1]: expected a path glob, got int"),
     ("filesystem:\n  wirte: []\n", "6:3: unknown key 'wirte' in filesystem (did you mean 'write'?)"),
     ("network: {allow: [{cidr: 10.0.0.1/8}]}\n", "host bits are set (did you mean 10.0.0.0/8?)"),
     ("network: {allow: [{domain: a.org, ports: [70000]}]}\n", "port 70000 is out of range 1-65535"),

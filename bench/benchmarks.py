@@ -1,0 +1,554 @@
+"""The benchmarks of issue #5, one function each. Each takes a Ctx and
+returns {"params": ..., "figures": [...], "bpf_programs": ..., "notes": [...]}
+(figures from lib.compare_figure / lib.value_figure)."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sysconfig
+import time
+
+from . import lib
+from .lib import POLICY, alternate, compare_figure, log, value_figure
+
+# Sizes per profile: tiny is the smoke test's, quick is --quick, full the default.
+PROFILES = {
+    "tiny": dict(host_reps=1, loop_n=20_000, reps=1, compile_tree="tiny", files=300,
+                 storm_n=20_000, burst_n=20_000, burst_trials=1, rates=[20_000], paced_s=0.25,
+                 flood_n=30_000, flood_trials=1, cold_reps=1, warm_reps=2, agents=2),
+    "quick": dict(host_reps=3, loop_n=1_000_000, reps=3, compile_tree="stdlib", files=20_000,
+                  storm_n=300_000, burst_n=300_000, burst_trials=2,
+                  rates=[50_000, 100_000, 250_000], paced_s=1.0,
+                  flood_n=300_000, flood_trials=3, cold_reps=2, warm_reps=10, agents=10),
+    "full": dict(host_reps=5, loop_n=2_000_000, reps=7, compile_tree="stdlib+dist", files=20_000,
+                 storm_n=1_000_000, burst_n=500_000, burst_trials=3,
+                 rates=[25_000, 50_000, 100_000, 150_000, 250_000], paced_s=2.0,
+                 flood_n=500_000, flood_trials=20, cold_reps=5, warm_reps=20, agents=10),
+}
+
+
+class Ctx:
+    """What every benchmark gets: the workspace, the sizes, and a warm
+    runner (one loaded Monitor) started on first use and shared."""
+
+    def __init__(self, ws, profile):
+        self.ws = ws
+        self.profile = profile
+        self.size = PROFILES[profile]
+        self._warm = None
+        self.warm_close_s = None
+
+    def warm(self):
+        if self._warm is None or self._warm.proc.poll() is not None:
+            log("loading a shared monitor (warm runner)")
+            self._warm = lib.WarmRunner(self.ws)
+        return self._warm
+
+    def close(self):
+        if self._warm is not None:
+            self.warm_close_s = self._warm.close()
+            self._warm = None
+
+
+def _loop_once(exe, n, outfile=None):
+    """Run syscall_loop plainly; its {getppid_ns, openclose_ns}."""
+    argv = [exe, str(n)] + ([outfile] if outfile else [])
+    r = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return lib.read_json_file(outfile) if outfile else lib.last_json_line(r.stdout)
+
+
+def _wait_programs_gone(ids, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not set(lib.aw_programs()) & set(ids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# -- 1 -------------------------------------------------------------------------------------
+
+def host_tax(ctx):
+    """A C loop outside any agent, with agentwatch monitoring an idle agent
+    (coding-agent policy) vs with no agentwatch loaded; load and unload
+    alternate with the repetitions."""
+    s, ws = ctx.size, ctx.ws
+    exe = ws.build("syscall_loop")
+    foreign, prog_stats, notes = [], {}, []
+    info = {}
+
+    def unloaded():
+        foreign.append(len(lib.aw_programs()))      # someone else's agentwatch, if any
+        return _loop_once(exe, s["loop_n"])
+
+    def loaded():
+        before = set(lib.aw_programs())
+        bg = lib.BackgroundRun(ws, ["sleep", "600"], policy=POLICY)
+        ours = []
+        try:
+            rec = bg.wait_running()
+            info["tracepoints"] = (rec.get("identity") or {}).get("tracepoints")
+            ours = sorted(set(lib.aw_programs()) - before)
+            time.sleep(0.3)
+            r = _loop_once(exe, s["loop_n"])
+            # an untimed pass with BPF statistics on: what each program costs on this path
+            _, st = lib.measure_prog_stats(lambda: _loop_once(exe, s["loop_n"]), ids=set(ours))
+            prog_stats.clear()
+            prog_stats.update(st)
+            if not bg.alive():
+                notes.append("the idle agent's monitor exited during a measurement; sample dropped")
+                r = None
+        finally:
+            bg.stop()
+        if not _wait_programs_gone(ours):
+            notes.append("agentwatch programs still loaded 60 s after the idle run stopped")
+        return r
+
+    base, mon = alternate(unloaded, loaded, s["host_reps"])
+    if any(foreign):
+        notes.append(f"another agentwatch was loaded during {sum(1 for f in foreign if f)} "
+                     "baseline sample(s): the baseline is not clean")
+    pick = lambda rs, k: [r[k] if r else None for r in rs]   # noqa: E731
+    figs = [
+        compare_figure("host tax: getppid outside agents", "ns", pick(base, "getppid_ns"),
+                       pick(mon, "getppid_ns"), "delta", target="<= +25 ns", limit=25),
+        compare_figure("host tax: openat+close outside agents", "ns", pick(base, "openclose_ns"),
+                       pick(mon, "openclose_ns"), "delta", target="report"),
+    ]
+    return {"params": {"loop_n": s["loop_n"], "reps": s["host_reps"], "policy": "coding-agent",
+                       "tracepoints": info.get("tracepoints")},
+            "figures": figs, "bpf_programs": prog_stats, "notes": notes}
+
+
+# -- 2 -------------------------------------------------------------------------------------
+
+def _copy_py_tree(src, dst):
+    def ignore(d, names):
+        return [n for n in names if n == "__pycache__" or
+                (not n.endswith(".py") and not os.path.isdir(os.path.join(d, n)))]
+    shutil.copytree(src, dst, ignore=ignore, symlinks=True, ignore_dangling_symlinks=True)
+
+
+def _compile_tree(ctx):
+    """A copy of the system Python's stdlib (and dist-packages) .py files."""
+    root = ctx.ws.path("compile")
+    py3 = subprocess.run(["/usr/bin/python3", "-c", "import sysconfig;print(sysconfig.get_paths()['stdlib'])"],
+                         capture_output=True, text=True)
+    stdlib = py3.stdout.strip() or sysconfig.get_paths()["stdlib"]
+    if ctx.size["compile_tree"] == "tiny":
+        for pkg in ("json", "email"):
+            _copy_py_tree(os.path.join(stdlib, pkg), os.path.join(root, pkg))
+        return root
+    _copy_py_tree(stdlib, os.path.join(root, "stdlib"))
+    if ctx.size["compile_tree"] == "stdlib+dist" and os.path.isdir("/usr/lib/python3/dist-packages"):
+        _copy_py_tree("/usr/lib/python3/dist-packages", os.path.join(root, "dist-packages"))
+    return root
+
+
+def _small_files_tarball(ctx, n):
+    """A tarball of n small files (0.5-4 KiB, 100 a directory), made once."""
+    src, tar = ctx.ws.path("files-src"), ctx.ws.path("files.tar")
+    rnd = random.Random(5)
+    for i in range(n):
+        d = os.path.join(src, f"d{i // 100:04d}")
+        if i % 100 == 0:
+            os.makedirs(d)
+        with open(os.path.join(d, f"f{i:06d}.txt"), "wb") as f:
+            f.write(rnd.randbytes(rnd.randint(512, 4096)))
+    subprocess.run(["tar", "cf", tar, "-C", src, "."], check=True)
+    shutil.rmtree(src)
+    return tar
+
+
+def _timed(ctx, tag, cmd):
+    """A runner for one workload: returns (plain(), monitored(), per-run info)
+    where each call runs cmd under bench/csrc/stopwatch and returns the
+    workload's own wall seconds."""
+    ws = ctx.ws
+    stopwatch = ws.build("stopwatch")
+    work = ws.path("work")
+    os.makedirs(work, exist_ok=True)
+    seq = iter(range(1 << 30))
+    runs = []
+
+    def argv_for():
+        i = next(seq)
+        out = ws.path(f"{tag}-{i}.json")
+        return i, out, [stopwatch, out] + [a.replace("{I}", str(i)) for a in cmd]
+
+    def finish(i, out):
+        r = lib.read_json_file(out)
+        os.unlink(out)
+        scratch = ws.path(f"{tag}-x{i}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        return r["elapsed_ns"] / 1e9, r["status"]
+
+    def plain():
+        i, out, argv = argv_for()
+        subprocess.run(argv, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return finish(i, out)[0]
+
+    def monitored():
+        i, out, argv = argv_for()
+        r = ctx.warm().run(argv, policy=POLICY, cwd=work)
+        runs.append(r)
+        lib.drop_run(ws, r["run_id"])
+        return finish(i, out)[0]
+    return plain, monitored, runs
+
+
+def realistic(ctx):
+    """compileall over a copy of the stdlib, and unpack + hash ~20k small
+    files, as the agent (coding-agent policy, shared monitor) vs plain; the
+    figure is the workload's own time, measured inside the agent."""
+    s, ws = ctx.size, ctx.ws
+    tree = _compile_tree(ctx)
+    tar = _small_files_tarball(ctx, s["files"])
+    workloads = {
+        "compile": ["/usr/bin/python3", "-m", "compileall", "-q", "-f", tree],
+        "file-heavy": ["/bin/sh", "-c",
+                       f"mkdir -p {ws.path('file-heavy-x{I}')} && tar xf {tar} -C {ws.path('file-heavy-x{I}')}"
+                       f" && cd {ws.path('file-heavy-x{I}')} && find . -type f -print0 | xargs -0 sha256sum"
+                       " > /dev/null"],
+    }
+    limits = {"compile": (3, "<= 3%"), "file-heavy": (5, "<= 5%")}
+    figs, params = [], {"reps": s["reps"], "files": s["files"], "compile_tree": s["compile_tree"],
+                        "compile_py_files": sum(len([f for f in fs if f.endswith(".py")])
+                                                for _, _, fs in os.walk(tree))}
+    notes = []
+    for name, cmd in workloads.items():
+        plain, monitored, runs = _timed(ctx, name, cmd)
+        log(f"realistic/{name}: warm-up")
+        plain()
+        monitored()
+        runs.clear()
+        log(f"realistic/{name}: {s['reps']} x (plain, monitored)")
+        base, mon = alternate(plain, monitored, s["reps"])
+        limit, target = limits[name]
+        figs.append(compare_figure(f"agent overhead: {name}", "s", base, mon, "ratio",
+                                   target=target, limit=1 + limit / 100))
+        events = [r["events"] for r in runs]
+        lost = [r["counters"]["lost_events"] + r["counters"]["lost_stash"] for r in runs]
+        rate = [r["counters"]["received"] / m for r, m in zip(runs, mon) if m]
+        figs.append(value_figure(f"{name}: events logged per run", "", events,
+                                 text=f"{int(min(events)) if events else 0}-{int(max(events)) if events else 0} "
+                                      f"events, lost {max(lost) if lost else 0} (max), "
+                                      f"~{(sorted(rate)[len(rate) // 2] if rate else 0):,.0f} records/s",
+                                 target="0 lost", met=not any(lost)))
+        if any(r["exit"] not in (0, None) for r in runs):
+            notes.append(f"{name}: agent exit statuses {[r['exit'] for r in runs]}")
+    return {"params": params, "figures": figs, "notes": notes}
+
+
+# -- 3 -------------------------------------------------------------------------------------
+
+def storm(ctx):
+    """The C loops run as the agent (coding-agent policy, shared monitor) vs plain."""
+    s, ws = ctx.size, ctx.ws
+    exe = ws.build("syscall_loop")
+    n = s["storm_n"]
+    out = ws.path("storm.json")
+    runs = []
+
+    def plain():
+        return _loop_once(exe, n, out)
+
+    def monitored():
+        r = ctx.warm().run([exe, str(n), out], policy=POLICY, cwd=ws.root)
+        runs.append(r)
+        lib.drop_run(ws, r["run_id"])
+        return lib.read_json_file(out)
+
+    base, mon = alternate(plain, monitored, max(s["reps"], 1))
+    warm = ctx.warm()
+    r, prog_stats = lib.measure_prog_stats(
+        lambda: warm.run([exe, str(n), out], policy=POLICY, cwd=ws.root), ids=set(warm.prog_ids))
+    lib.drop_run(ws, r["run_id"])
+    pick = lambda rs, k: [r[k] for r in rs]   # noqa: E731
+    lost = [r["counters"]["lost_events"] + r["counters"]["lost_stash"] for r in runs]
+    sub = [r["counters"]["submitted"] + r["counters"]["lost_events"] for r in runs]
+    figs = [
+        compare_figure("storm: getppid as the agent", "x", pick(base, "getppid_ns"),
+                       pick(mon, "getppid_ns"), "x", target="report; <= 2x", limit=2),
+        compare_figure("storm: openat+close as the agent", "x", pick(base, "openclose_ns"),
+                       pick(mon, "openclose_ns"), "x", target="report; <= 2x", limit=2),
+        value_figure("storm: events lost (ring buffer full)", "", lost,
+                     text=f"{min(lost)}-{max(lost)} of ~{max(sub)} records" if lost else "-"),
+    ]
+    return {"params": {"n": n, "reps": s["reps"], "policy": "coding-agent"}, "figures": figs,
+            "bpf_programs": prog_stats,
+            "samples": {"plain": base, "monitored": mon}}
+
+
+# -- 4 -------------------------------------------------------------------------------------
+
+def _burst_accounting(events, n):
+    """From one burst run's log: what was logged and whether the drop
+    accounting adds up (see the docstring of throughput())."""
+    end = lib.lifecycle(events, "end")["detail"]
+    start = lib.lifecycle(events, "start")
+    opens = sum(1 for e in events if e["kind"] == "file" and e.get("path") == "/dev/null")
+    other = [e for e in events if e["kind"] not in ("lifecycle", "violation")
+             and not (e["kind"] == "file" and e.get("path") == "/dev/null")]
+    other_records = sum(2 if e["kind"] == "exec" else 1 for e in other)   # exec: entry + return
+    produced = n + other_records
+    lost = end["lost_events"] + end["lost_stash"]
+    return {
+        "n": n, "logged_opens": opens, "logged_events": opens + len(other),
+        "lost_reported": lost, "lost_actual": produced - (opens + other_records),
+        "records_submitted": end["records_submitted"], "records_received": end["records_received"],
+        "kernel_consistent": end["records_submitted"] + end["lost_events"] == produced,
+        "userspace_lossless": end["records_received"] == end["records_submitted"],
+        "exact": (lost == produced - (opens + other_records)
+                  and end["records_submitted"] + end["lost_events"] == produced
+                  and end["records_received"] == end["records_submitted"]),
+        "log_span_s": lib.lifecycle(events, "end")["ts"] - start["ts"],
+    }
+
+
+def throughput(ctx):
+    """Event throughput and loss.
+    (a) Flat out: `agentwatch run --policy coding-agent -- burst -n N` (its own
+        process, so the end event's counters are the run's). Drop accounting
+        is exact when lost_events (reported) == produced - logged, where
+        produced = N opens + the run's other records (exec = 2 records), and
+        records_submitted + lost == produced, received == submitted.
+    (b) Paced: burst at fixed rates (shared monitor) for paced_s seconds each,
+        far more than the ring buffer holds; lossless when nothing was lost."""
+    s, ws = ctx.size, ctx.ws
+    burst = ws.build("burst")
+    n = s["burst_n"]
+    trials = []
+    for t in range(s["burst_trials"]):
+        log(f"throughput: flat-out burst {t + 1}/{s['burst_trials']} ({n} opens)")
+        r = lib.run_cli(ws, [burst, "-n", str(n)], policy=POLICY)
+        if r["exit"] != 0 or not r["run_id"]:
+            raise RuntimeError(f"burst run failed ({r['exit']}): {r['stderr'][-1500:]}")
+        acc = _burst_accounting(lib.run_events(ws, r["run_id"]), n)
+        acc["producer_rate"] = lib.last_json_line(r["stdout"])["rate"]
+        acc["log_rate"] = acc["logged_events"] / acc["log_span_s"] if acc["log_span_s"] > 0 else None
+        acc["cli_wall_s"] = r["wall_s"]
+        trials.append(acc)
+        lib.drop_run(ws, r["run_id"])
+    sweep = []
+    out = ws.path("paced.json")
+    warm = ctx.warm()
+    for rate in s["rates"]:
+        k = max(int(rate * s["paced_s"]), 1000)
+        log(f"throughput: paced {rate:,}/s x {k} opens")
+        r = warm.run([burst, "-n", str(k), "-r", str(rate), "-o", out], policy=POLICY, cwd=ws.root)
+        achieved = lib.read_json_file(out)["rate"]
+        lib.drop_run(ws, r["run_id"])
+        c = r["counters"]
+        lost = c["lost_events"] + c["lost_stash"]
+        sweep.append({"rate": rate, "n": k, "achieved": achieved, "lost": lost,
+                      "received": c["received"], "submitted": c["submitted"],
+                      "lossless": lost == 0 and c["received"] == c["submitted"]
+                      and achieved >= 0.9 * rate})
+    ok = [x["rate"] for x in sweep if x["lossless"]]
+    best = max(ok) if ok else 0
+    exact = sum(1 for t in trials if t["exact"])
+    figs = [
+        value_figure("throughput: lossless rate (paced sweep)", "events/s", best,
+                     target=">= 250,000/s", met=best >= 250_000,
+                     text=(f"{best:,}/s lossless; " if best else "none lossless; ")
+                     + ", ".join(f"{x['rate'] // 1000}k:{'ok' if x['lossless'] else 'lost ' + str(x['lost'])}"
+                                 for x in sweep)),
+        value_figure("throughput: log write rate, flat out", "events/s", [t["log_rate"] for t in trials],
+                     target="report"),
+        value_figure("throughput: lost in a flat-out burst", "", [t["lost_reported"] for t in trials],
+                     text=", ".join(f"{t['lost_reported']:,} of {t['n']:,} lost at "
+                                    f"{t['producer_rate']:,.0f}/s produced" for t in trials)),
+        value_figure("drop accounting: reported == produced - logged", "", exact,
+                     text=f"exact in {exact}/{len(trials)} runs", target="exact", met=exact == len(trials)),
+    ]
+    return {"params": {"n": n, "trials": s["burst_trials"], "rates": s["rates"],
+                       "paced_s": s["paced_s"], "policy": "coding-agent"},
+            "figures": figs, "trials": trials, "sweep": sweep}
+
+
+# -- 5 -------------------------------------------------------------------------------------
+
+def _violations(ws, run_id):
+    out = []
+    with open(os.path.join(ws.state, "runs", run_id, "events.jsonl")) as f:
+        for line in f:
+            if '"violation"' in line:
+                e = json.loads(line)
+                if e.get("kind") == "violation":
+                    out.append(e)
+    return out
+
+
+def flood_violation(ctx):
+    """While the agent floods benign opens beyond capacity, it reads a
+    fixture ~/.ssh/id_rsa (HOME is a scratch home) once, halfway through; the
+    coding-agent policy denies ${HOME}/.ssh/**. Was the violation reported?"""
+    s, ws = ctx.size, ctx.ws
+    burst = ws.build("burst")
+    home = ws.path("home")
+    os.makedirs(os.path.join(home, ".ssh"), exist_ok=True)
+    key = os.path.join(home, ".ssh", "id_rsa")
+    with open(key, "w") as f:
+        f.write("-----BEGIN OPENSSH PRIVATE KEY-----\nbench fixture, not a key\n")
+    out = ws.path("flood.json")
+    warm = ctx.warm()
+    trials = []
+    for t in range(s["flood_trials"]):
+        r = warm.run([burst, "-n", str(s["flood_n"]), "-x", key, "-o", out], policy=POLICY,
+                     cwd=ws.root, home=home)
+        opened = lib.read_json_file(out)["extra_opened"] == 1
+        hits = [v for v in _violations(ws, r["run_id"]) if "id_rsa" in json.dumps(v.get("detail"))]
+        c = r["counters"]
+        trials.append({"reported": bool(hits), "opened": opened, "lost": c["lost_events"] + c["lost_stash"],
+                       "rule": hits[0].get("rule") if hits else None})
+        lib.drop_run(ws, r["run_id"])
+    valid = [t for t in trials if t["opened"]]
+    rep = sum(1 for t in valid if t["reported"])
+    pct = 100.0 * rep / len(valid) if valid else 0.0
+    lost = sorted(t["lost"] for t in trials)
+    figs = [value_figure("violation under flood: reported", "%", pct, target="100%", met=pct == 100.0,
+                         text=f"{rep}/{len(valid)} ({pct:.0f}%); lost per trial "
+                              f"{lost[0]:,}-{lost[-1]:,} of {s['flood_n']:,}")]
+    return {"params": {"flood_n": s["flood_n"], "trials": s["flood_trials"], "policy": "coding-agent"},
+            "figures": figs, "trials": trials}
+
+
+# -- 6 -------------------------------------------------------------------------------------
+
+def startup(ctx):
+    """`agentwatch run -- true` vs plain `true`. Cold: a fresh agentwatch
+    process each time (compile, attach, run, detach). Warm: runs on an already
+    loaded Monitor, timed from Run.execute() to the agent's exit (and to
+    execute()'s return), vs a plain subprocess of true from the same process."""
+    s, ws = ctx.size, ctx.ws
+
+    def plain():
+        t0 = time.monotonic()
+        subprocess.run(["true"], check=True)
+        return time.monotonic() - t0
+
+    def cold():
+        r = lib.run_cli(ws, ["true"])
+        if r["exit"] != 0:
+            raise RuntimeError(f"agentwatch run -- true exited {r['exit']}: {r['stderr'][-1500:]}")
+        return r["wall_s"]
+    log(f"startup: cold x {s['cold_reps']}")
+    cb, cm = alternate(plain, cold, s["cold_reps"])
+    # where a cold run's time goes: a fresh process that loads, runs true once, unloads
+    t0 = time.monotonic()
+    fresh = lib.WarmRunner(ws)
+    ready_s = time.monotonic() - t0
+    one = fresh.run(["true"])
+    close_s = fresh.close()
+    phases = {"start_and_import_s": ready_s - fresh.ready["construct_s"] - fresh.ready["open_s"],
+              "compile_and_attach_s": fresh.ready["construct_s"] + fresh.ready["open_s"],
+              "run_to_agent_exit_s": one["to_exit_s"], "run_teardown_s": one["teardown_s"],
+              "detach_s": close_s, "tracepoints": fresh.ready["tracepoints"]}
+    total = sum(v for k, v in phases.items() if k.endswith("_s") and v)
+    phases["teardown_share"] = ((close_s or 0) + (one["teardown_s"] or 0)) / total if total else None
+
+    warm = ctx.warm()
+    log(f"startup: warm x {s['warm_reps']}")
+    warm_runs = []
+
+    def warm_run():
+        r = warm.run(["true"])
+        warm_runs.append(r)
+        return r["to_exit_s"]
+    wb, wm = alternate(lambda: warm.plain(["true"])["total_s"], warm_run, s["warm_reps"])
+    totals = [r["total_s"] for r in warm_runs]
+    tshare = lib.summarize([r["teardown_s"] / r["total_s"] for r in warm_runs if r["teardown_s"]])
+    pol = [warm.run(["true"], policy=POLICY)["to_exit_s"] for _ in range(min(3, s["warm_reps"]))]
+    figs = [
+        value_figure("start-up cold: agentwatch run -- true", "s", cm, target="<= 2 s",
+                     met=lib.summarize(cm)["median"] <= 2.0,
+                     note=f"plain true: {lib.summarize(cb)['median'] * 1000:.1f} ms"),
+        value_figure("start-up cold: teardown share", "%", 100 * (phases["teardown_share"] or 0),
+                     text=f"{100 * (phases['teardown_share'] or 0):.0f}% (detach {phases['detach_s'] or 0:.2f} s of "
+                          f"{phases['tracepoints']} tracepoints; compile+attach "
+                          f"{phases['compile_and_attach_s']:.2f} s)"),
+        compare_figure("start-up warm: execute() to agent exit", "s", wb, wm, "delta",
+                       target="<= +100 ms", limit=0.100),
+        compare_figure("start-up warm: execute() total", "s", wb, totals, "delta", target="report",
+                       note=f"teardown share median {100 * tshare['median']:.0f}%" if tshare else None),
+        compare_figure("start-up warm, coding-agent policy: to agent exit", "s",
+                       wb[:len(pol)], pol, "delta", target="report"),
+    ]
+    return {"params": {"cold_reps": s["cold_reps"], "warm_reps": s["warm_reps"]},
+            "figures": figs, "cold_phases": phases}
+
+
+# -- 7 -------------------------------------------------------------------------------------
+
+def _footprint_sample(ctx, k):
+    """k concurrent `agentwatch run --policy coding-agent -- sleep 600`,
+    started one after the other (each waits for the previous to be running:
+    `run`'s start-up sweep can remove a cgroup created between its two reads);
+    returns per-process RSS, PSS and BPF memlock in KiB."""
+    runs = []
+    try:
+        for _ in range(k):
+            bg = lib.BackgroundRun(ctx.ws, ["sleep", "600"], policy=POLICY)
+            runs.append(bg)
+            bg.wait_running(timeout=180)
+        time.sleep(1.0)
+        dead = [b for b in runs if not b.alive()]
+        if dead:
+            raise RuntimeError(f"{len(dead)} of {k} monitors exited early")
+        return [{"rss": lib.rss_kb(b.pid), "pss": lib.pss_kb(b.pid), "bpf": lib.bpf_memlock_kb(b.pid)}
+                for b in runs]
+    finally:
+        for b in runs:                      # SIGTERM all first: they detach in parallel
+            b.terminate()
+        for b in runs:
+            b.stop(timeout=120)
+
+
+def footprint(ctx):
+    """Resident memory of the monitor with 1 agent and with N agents at once.
+    Each `agentwatch run` is its own monitor process today, so N agents are N
+    monitors; RSS counts the shared bcc/LLVM pages in each, PSS splits them."""
+    s = ctx.size
+    k = s["agents"]
+    mb = lambda kb: (kb or 0) / 1024   # noqa: E731
+    one = _footprint_sample(ctx, 1)[0]
+    many = _footprint_sample(ctx, k)
+    warm = ctx.warm()
+    shared = {"rss": lib.rss_kb(warm.proc.pid), "pss": lib.pss_kb(warm.proc.pid),
+              "bpf": lib.bpf_memlock_kb(warm.proc.pid)}
+    sum_rss = sum(mb(x["rss"]) for x in many)
+    figs = [
+        value_figure("footprint: monitor RSS, 1 agent", "MB", mb(one["rss"]),
+                     text=f"{mb(one['rss']):.0f} MB RSS, {mb(one['pss']):.0f} MB PSS, "
+                          f"+{mb(one['bpf']):.0f} MB kernel (BPF maps/progs)"),
+        value_figure(f"footprint: monitor RSS, {k} agents (sum)", "MB", sum_rss,
+                     target="<= 200 MB" if k >= 10 else "report", met=(sum_rss <= 200) if k >= 10 else None,
+                     text=f"{sum_rss:.0f} MB RSS, {sum(mb(x['pss']) for x in many):.0f} MB PSS, "
+                          f"+{sum(mb(x['bpf']) for x in many):.0f} MB kernel ({k} monitor processes)"),
+        value_figure("footprint: one shared monitor (warm runner), idle", "MB", mb(shared["rss"]),
+                     text=f"{mb(shared['rss']):.0f} MB RSS, +{mb(shared['bpf']):.0f} MB kernel"),
+    ]
+    return {"params": {"agents": k}, "figures": figs,
+            "samples": {"one": one, "many": many, "shared": shared}}
+
+
+BENCHMARKS = {
+    "host_tax": host_tax,
+    "realistic": realistic,
+    "storm": storm,
+    "throughput": throughput,
+    "flood_violation": flood_violation,
+    "startup": startup,
+    "footprint": footprint,
+}
+TITLES = {
+    "host_tax": "1. host tax (outside agents)",
+    "realistic": "2. agent overhead, realistic",
+    "storm": "3. agent overhead, syscall storm",
+    "throughput": "4. event throughput and loss",
+    "flood_violation": "5. violation under flood",
+    "startup": "6. start-up",
+    "footprint": "7. footprint",
+}

@@ -1,0 +1,338 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * BPF LSM enforcement for agent cgroups (agentwatch/sensors/lsm.py).
+ *
+ * Programs (BPF_PROG_TYPE_LSM, attach type BPF_LSM_MAC), loaded by lsm.py
+ * under these names so the kernel lists them as aw_* like every agentwatch
+ * program (bcc's LSM_PROBE would name them after the hook, "bprm_check_secu"
+ * and so on, because bcc finds the attach target from the function name):
+ *   aw_lsm_exec      bprm_check_security  exec of a file whose inode is not in
+ *                                          lsm_exec_allow (also runs for the
+ *                                          script of a #! exec and memfd fexecve)
+ *   aw_lsm_open      file_open            open of an inode in lsm_file_deny
+ *   aw_lsm_connect   socket_connect       AF_INET/AF_INET6 connect to a port
+ *                                          not in lsm_port_allow
+ *   aw_lsm_mmap      mmap_file            PROT_EXEC mapping of a file whose
+ *                                          inode is not in lsm_exec_allow (exec
+ *                                          through the dynamic loader: ld.so
+ *                                          maps the program itself)
+ *   aw_lsm_mprotect  file_mprotect        making a file mapping executable
+ *                                          later (mmap PROT_READ + mprotect)
+ * Each program first looks up the caller's cgroup id in lsm_watched; every
+ * other process pays one hash lookup and is never denied. A refused call
+ * fails with EPERM and one record goes to the lsm_events ring buffer.
+ *
+ * KERNEL STRUCTS: unlike the other agentwatch BPF sources, this file reads
+ * kernel structs (linux_binprm, file, inode, super_block, dentry,
+ * vm_area_struct) at offsets taken from the kernel headers bcc compiles
+ * against. That is only correct when those headers belong to exactly the
+ * running kernel; lsm.py refuses to load otherwise (check_headers()). The
+ * sockaddr read by aw_lsm_connect is a uapi struct.
+ *
+ * Files are identified by (inode number, device of its superblock), as the
+ * kernel sees them: inode->i_ino and inode->i_sb->s_dev (kernel dev_t,
+ * MAJOR << 20 | MINOR). Userspace derives the same pair from fstat() and the
+ * mount's major:minor in /proc/self/mountinfo (they differ from st_dev on
+ * overlayfs, whose st_dev is the lower layer's).
+ *
+ * With -DAW_LAYOUT_ONLY only the shared structs and constants are compiled.
+ */
+#ifndef AW_LSM_BPF_C
+#define AW_LSM_BPF_C
+
+/* hooks, as recorded in aw_lsm_event.hook */
+#define AW_LSM_H_EXEC     1
+#define AW_LSM_H_OPEN     2
+#define AW_LSM_H_CONNECT  3
+#define AW_LSM_H_MMAP     4
+#define AW_LSM_H_MPROTECT 5
+
+/* lsm_cfg[0] flags: which rules are enforced */
+#define AW_LSM_CFG_EXEC    0x1  /* exec/mmap/mprotect allow-list by inode */
+#define AW_LSM_CFG_OPEN    0x2  /* open deny-list by inode */
+#define AW_LSM_CFG_CONNECT 0x4  /* connect port allow-list */
+
+/* per-CPU counters (map lsm_counters) */
+#define AW_LSM_CNT_DENIED 0
+#define AW_LSM_CNT_LOST   1     /* denial record lost: ring buffer full */
+#define AW_LSM_CNT_MAX    2
+
+#define AW_LSM_NAME_LEN 64
+
+struct aw_lsm_key {             /* a file: inode number and superblock device */
+	__u64 ino;
+	__u32 dev;              /* kernel dev_t: MAJOR << 20 | MINOR */
+	__u32 pad;
+};
+
+struct aw_lsm_event {
+	__u64 ts;               /* bpf_ktime_get_ns() */
+	__u64 cgroup;           /* cgroup v2 id of the calling task */
+	__u64 ino;              /* file hooks: the file's inode */
+	__u32 dev;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 hook;             /* AW_LSM_H_* */
+	__s32 ret;              /* what the hook returned: -EPERM */
+	__u64 prot;             /* mmap/mprotect: prot; open: f_flags */
+	__u64 flags;            /* mmap: flags */
+	__u16 family;           /* connect: AF_INET / AF_INET6 */
+	__u16 port;             /* connect: host byte order */
+	__u8 addr[16];          /* connect: network order, 4 bytes for AF_INET */
+	__u8 pad[4];
+	char comm[16];
+	char name[AW_LSM_NAME_LEN]; /* exec: the name as given; files: basename */
+};
+
+#ifndef AW_LAYOUT_ONLY
+
+#include <linux/binfmts.h>
+#include <linux/dcache.h>
+#include <linux/fs.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/mm_types.h>
+#include <linux/net.h>
+
+#ifndef AW_LSM_RINGBUF_PAGES
+#define AW_LSM_RINGBUF_PAGES 64 /* 256 KiB: denials are rare, and each is refused anyway */
+#endif
+#ifndef AW_LSM_MAX_ALLOW
+#define AW_LSM_MAX_ALLOW 65536
+#endif
+#ifndef AW_LSM_MAX_DENY
+#define AW_LSM_MAX_DENY 4096
+#endif
+#ifndef AW_LSM_MAX_CGROUPS
+#define AW_LSM_MAX_CGROUPS 1024
+#endif
+
+#define AW_LSM_EPERM 1
+#define AW_LSM_AF_INET  2
+#define AW_LSM_AF_INET6 10
+#define AW_LSM_PROT_EXEC 0x4
+
+BPF_HASH(lsm_watched, u64, u32, AW_LSM_MAX_CGROUPS);
+BPF_HASH(lsm_exec_allow, struct aw_lsm_key, u8, AW_LSM_MAX_ALLOW);
+BPF_HASH(lsm_file_deny, struct aw_lsm_key, u8, AW_LSM_MAX_DENY);
+BPF_ARRAY(lsm_port_allow, u8, 65536);
+BPF_ARRAY(lsm_cfg, u32, 1);
+BPF_PERCPU_ARRAY(lsm_counters, u64, AW_LSM_CNT_MAX);
+BPF_RINGBUF_OUTPUT(lsm_events, AW_LSM_RINGBUF_PAGES);
+
+static __always_inline void aw_lsm_count(u32 idx)
+{
+	u64 *c = lsm_counters.lookup(&idx);
+	if (c)
+		(*c)++;
+}
+
+/* lsm_cfg flags, or 0 when the caller's cgroup is not watched */
+static __always_inline u32 aw_lsm_cfg(void)
+{
+	u64 cg = bpf_get_current_cgroup_id();
+	if (!lsm_watched.lookup(&cg))
+		return 0;
+	u32 zero = 0;
+	u32 *c = lsm_cfg.lookup(&zero);
+	return c ? *c : 0;
+}
+
+/* (ino, dev) of a file; 0 when it has no inode */
+static __always_inline int aw_lsm_file_key(struct file *file, struct aw_lsm_key *k)
+{
+	struct inode *inode = NULL;
+	struct super_block *sb = NULL;
+	dev_t dev = 0;
+	unsigned long ino = 0;
+	if (!file)
+		return 0;
+	bpf_probe_read_kernel(&inode, sizeof(inode), &file->f_inode);
+	if (!inode)
+		return 0;
+	bpf_probe_read_kernel(&ino, sizeof(ino), &inode->i_ino);
+	bpf_probe_read_kernel(&sb, sizeof(sb), &inode->i_sb);
+	if (sb)
+		bpf_probe_read_kernel(&dev, sizeof(dev), &sb->s_dev);
+	k->ino = ino;
+	k->dev = dev;
+	k->pad = 0;
+	return 1;
+}
+
+/* the file's basename (dentry name) as evidence */
+static __always_inline void aw_lsm_file_name(struct file *file, char *dst)
+{
+	struct dentry *d = NULL;
+	const unsigned char *name = NULL;
+	bpf_probe_read_kernel(&d, sizeof(d), &file->f_path.dentry);
+	if (!d)
+		return;
+	bpf_probe_read_kernel(&name, sizeof(name), &d->d_name.name);
+	if (name)
+		bpf_probe_read_kernel_str(dst, AW_LSM_NAME_LEN, name);
+}
+
+/* Reserve a denial record (zeroed, header filled) or count the loss. */
+static __always_inline struct aw_lsm_event *aw_lsm_reserve(u32 hook)
+{
+	aw_lsm_count(AW_LSM_CNT_DENIED);
+	struct aw_lsm_event *e = lsm_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		aw_lsm_count(AW_LSM_CNT_LOST);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts = bpf_ktime_get_ns();
+	e->cgroup = bpf_get_current_cgroup_id();
+	e->pid = id >> 32;
+	e->tid = (u32)id;
+	e->uid = (u32)bpf_get_current_uid_gid();
+	e->hook = hook;
+	e->ret = -AW_LSM_EPERM;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	return e;
+}
+
+static __always_inline int aw_lsm_deny_file(u32 hook, struct file *file,
+					    struct aw_lsm_key *k, u64 prot, u64 flags)
+{
+	struct aw_lsm_event *e = aw_lsm_reserve(hook);
+	if (e) {
+		e->ino = k->ino;
+		e->dev = k->dev;
+		e->prot = prot;
+		e->flags = flags;
+		aw_lsm_file_name(file, e->name);
+		lsm_events.ringbuf_submit(e, 0);
+	}
+	return -AW_LSM_EPERM;
+}
+
+/* exec: the file must be in the allow set. Runs once per binfmt round, so a
+ * #! script is judged, then its interpreter. */
+BPF_PROG(aw_lsm_exec, struct linux_binprm *bprm, int ret)
+{
+	if (ret)
+		return ret;
+	u32 cfg = aw_lsm_cfg();
+	if (!(cfg & AW_LSM_CFG_EXEC))
+		return 0;
+	struct file *file = NULL;
+	struct aw_lsm_key k = {};
+	bpf_probe_read_kernel(&file, sizeof(file), &bprm->file);
+	if (aw_lsm_file_key(file, &k) && lsm_exec_allow.lookup(&k))
+		return 0;
+	struct aw_lsm_event *e = aw_lsm_reserve(AW_LSM_H_EXEC);
+	if (e) {
+		const char *fname = NULL;
+		e->ino = k.ino;
+		e->dev = k.dev;
+		bpf_probe_read_kernel(&fname, sizeof(fname), &bprm->filename);
+		if (fname)
+			bpf_probe_read_kernel_str(e->name, sizeof(e->name), fname);
+		lsm_events.ringbuf_submit(e, 0);
+	}
+	return -AW_LSM_EPERM;
+}
+
+/* open: inodes in the deny set cannot be opened (any name, hard links,
+ * /proc/self/root detours, and the open done by exec all reach this hook) */
+BPF_PROG(aw_lsm_open, struct file *file, int ret)
+{
+	if (ret)
+		return ret;
+	u32 cfg = aw_lsm_cfg();
+	if (!(cfg & AW_LSM_CFG_OPEN))
+		return 0;
+	struct aw_lsm_key k = {};
+	if (!aw_lsm_file_key(file, &k) || !lsm_file_deny.lookup(&k))
+		return 0;
+	unsigned int fl = 0;
+	bpf_probe_read_kernel(&fl, sizeof(fl), &file->f_flags);
+	return aw_lsm_deny_file(AW_LSM_H_OPEN, file, &k, fl, 0);
+}
+
+/* connect: AF_INET / AF_INET6 destinations whose port is not allowed. The
+ * sockaddr is the kernel's copy of the caller's (uapi layout). */
+BPF_PROG(aw_lsm_connect, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
+{
+	if (ret)
+		return ret;
+	u32 cfg = aw_lsm_cfg();
+	if (!(cfg & AW_LSM_CFG_CONNECT))
+		return 0;
+	u16 family = 0;
+	if (addrlen < (int)sizeof(struct sockaddr_in))
+		return 0;       /* too short for an inet address: the kernel refuses it */
+	bpf_probe_read_kernel(&family, sizeof(family), &address->sa_family);
+	if (family != AW_LSM_AF_INET && family != AW_LSM_AF_INET6)
+		return 0;
+	struct sockaddr_in6 sa = {};
+	if (family == AW_LSM_AF_INET6) {
+		if (addrlen < (int)sizeof(struct sockaddr_in6))
+			return 0;
+		bpf_probe_read_kernel(&sa, sizeof(sa), address);
+	} else {
+		bpf_probe_read_kernel(&sa, sizeof(struct sockaddr_in), address);
+	}
+	u32 port = bpf_ntohs(sa.sin6_port);   /* same offset in sockaddr_in */
+	u8 *ok = lsm_port_allow.lookup(&port);
+	if (ok && *ok)
+		return 0;
+	struct aw_lsm_event *e = aw_lsm_reserve(AW_LSM_H_CONNECT);
+	if (e) {
+		e->family = family;
+		e->port = port;
+		if (family == AW_LSM_AF_INET)
+			__builtin_memcpy(e->addr, &((struct sockaddr_in *)&sa)->sin_addr, 4);
+		else
+			__builtin_memcpy(e->addr, &sa.sin6_addr, 16);
+		lsm_events.ringbuf_submit(e, 0);
+	}
+	return -AW_LSM_EPERM;
+}
+
+/* mmap: an executable mapping of a file must be of an allowed inode.
+ * Anonymous executable memory (JITs) is not judged here. */
+BPF_PROG(aw_lsm_mmap, struct file *file, unsigned long reqprot, unsigned long prot,
+	 unsigned long flags, int ret)
+{
+	if (ret)
+		return ret;
+	if (!file || !(prot & AW_LSM_PROT_EXEC))
+		return 0;
+	u32 cfg = aw_lsm_cfg();
+	if (!(cfg & AW_LSM_CFG_EXEC))
+		return 0;
+	struct aw_lsm_key k = {};
+	if (aw_lsm_file_key(file, &k) && lsm_exec_allow.lookup(&k))
+		return 0;
+	return aw_lsm_deny_file(AW_LSM_H_MMAP, file, &k, prot, flags);
+}
+
+/* mprotect: turning a file mapping executable later is judged like mmap */
+BPF_PROG(aw_lsm_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
+	 unsigned long prot, int ret)
+{
+	if (ret)
+		return ret;
+	if (!(prot & AW_LSM_PROT_EXEC))
+		return 0;
+	u32 cfg = aw_lsm_cfg();
+	if (!(cfg & AW_LSM_CFG_EXEC))
+		return 0;
+	struct file *file = NULL;
+	bpf_probe_read_kernel(&file, sizeof(file), &vma->vm_file);
+	if (!file)
+		return 0;
+	struct aw_lsm_key k = {};
+	if (aw_lsm_file_key(file, &k) && lsm_exec_allow.lookup(&k))
+		return 0;
+	return aw_lsm_deny_file(AW_LSM_H_MPROTECT, file, &k, prot, 0);
+}
+
+#endif /* AW_LAYOUT_ONLY */
+#endif /* AW_LSM_BPF_C */
