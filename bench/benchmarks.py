@@ -170,7 +170,7 @@ def _timed(ctx, tag, cmd):
     work = ws.path("work")
     os.makedirs(work, exist_ok=True)
     seq = iter(range(1 << 30))
-    runs = []
+    runs, status = [], {"plain": set(), "monitored": set()}
 
     def argv_for():
         i = next(seq)
@@ -187,15 +187,19 @@ def _timed(ctx, tag, cmd):
     def plain():
         i, out, argv = argv_for()
         subprocess.run(argv, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return finish(i, out)[0]
+        elapsed, st = finish(i, out)
+        status["plain"].add(st)
+        return elapsed
 
     def monitored():
         i, out, argv = argv_for()
         r = ctx.warm().run(argv, policy=POLICY, cwd=work)
         runs.append(r)
         lib.drop_run(ws, r["run_id"])
-        return finish(i, out)[0]
-    return plain, monitored, runs
+        elapsed, st = finish(i, out)
+        status["monitored"].add(st)
+        return elapsed
+    return plain, monitored, runs, status
 
 
 def realistic(ctx):
@@ -218,7 +222,7 @@ def realistic(ctx):
                                                 for _, _, fs in os.walk(tree))}
     notes = []
     for name, cmd in workloads.items():
-        plain, monitored, runs = _timed(ctx, name, cmd)
+        plain, monitored, runs, status = _timed(ctx, name, cmd)
         log(f"realistic/{name}: warm-up")
         plain()
         monitored()
@@ -236,8 +240,9 @@ def realistic(ctx):
                                       f"events, lost {max(lost) if lost else 0} (max), "
                                       f"~{(sorted(rate)[len(rate) // 2] if rate else 0):,.0f} records/s",
                                  target="0 lost", met=not any(lost)))
-        if any(r["exit"] not in (0, None) for r in runs):
-            notes.append(f"{name}: agent exit statuses {[r['exit'] for r in runs]}")
+        if status["plain"] != status["monitored"]:
+            notes.append(f"{name}: exit statuses differ: plain {sorted(status['plain'])}, as the agent "
+                         f"{sorted(status['monitored'])} (an agent killed from outside?)")
     return {"params": params, "figures": figs, "notes": notes}
 
 
@@ -258,6 +263,8 @@ def storm(ctx):
         r = ctx.warm().run([exe, str(n), out], policy=POLICY, cwd=ws.root)
         runs.append(r)
         lib.drop_run(ws, r["run_id"])
+        if r["exit"] != 0:
+            raise RuntimeError(f"syscall_loop as the agent exited {r['exit']}")
         return lib.read_json_file(out)
 
     base, mon = alternate(plain, monitored, max(s["reps"], 1))
@@ -269,9 +276,9 @@ def storm(ctx):
     lost = [r["counters"]["lost_events"] + r["counters"]["lost_stash"] for r in runs]
     sub = [r["counters"]["submitted"] + r["counters"]["lost_events"] for r in runs]
     figs = [
-        compare_figure("storm: getppid as the agent", "x", pick(base, "getppid_ns"),
+        compare_figure("storm: getppid as the agent", "ns", pick(base, "getppid_ns"),
                        pick(mon, "getppid_ns"), "x", target="report; <= 2x", limit=2),
-        compare_figure("storm: openat+close as the agent", "x", pick(base, "openclose_ns"),
+        compare_figure("storm: openat+close as the agent", "ns", pick(base, "openclose_ns"),
                        pick(mon, "openclose_ns"), "x", target="report; <= 2x", limit=2),
         value_figure("storm: events lost (ring buffer full)", "", lost,
                      text=f"{min(lost)}-{max(lost)} of ~{max(sub)} records" if lost else "-"),
@@ -398,7 +405,7 @@ def flood_violation(ctx):
     for t in range(s["flood_trials"]):
         r = warm.run([burst, "-n", str(s["flood_n"]), "-x", key, "-o", out], policy=POLICY,
                      cwd=ws.root, home=home)
-        opened = lib.read_json_file(out)["extra_opened"] == 1
+        opened = r["exit"] == 0 and lib.read_json_file(out)["extra_opened"] == 1
         hits = [v for v in _violations(ws, r["run_id"]) if "id_rsa" in json.dumps(v.get("detail"))]
         c = r["counters"]
         trials.append({"reported": bool(hits), "opened": opened, "lost": c["lost_events"] + c["lost_stash"],
@@ -482,23 +489,36 @@ def startup(ctx):
 
 # -- 7 -------------------------------------------------------------------------------------
 
-def _footprint_sample(ctx, k):
+def _memory(pid):
+    return {"rss": lib.rss_kb(pid), "pss": lib.pss_kb(pid), "bpf": lib.bpf_memlock_kb(pid)}
+
+
+def _footprint_sample(ctx, k, settle=1.0):
     """k concurrent `agentwatch run --policy coding-agent -- sleep 600`,
     started one after the other (each waits for the previous to be running:
-    `run`'s start-up sweep can remove a cgroup created between its two reads);
-    returns per-process RSS, PSS and BPF memlock in KiB."""
-    runs = []
+    `run`'s start-up sweep could remove a cgroup created between its reads).
+    Returns (memory of the first while alone, memory of each with all k up),
+    in KiB: RSS, PSS and BPF memlock."""
+    runs, alone = [], None
+
+    def check():
+        dead = [b for b in runs if not b.alive()]
+        if dead:
+            why = dead[0].proc.stderr.read().decode(errors="replace").strip()[-600:]
+            raise RuntimeError(f"{len(dead)} of {len(runs)} monitors exited early "
+                               f"(status {dead[0].proc.returncode}, killed from outside?): {why}")
     try:
-        for _ in range(k):
+        for i in range(k):
             bg = lib.BackgroundRun(ctx.ws, ["sleep", "600"], policy=POLICY)
             runs.append(bg)
             bg.wait_running(timeout=180)
-        time.sleep(1.0)
-        dead = [b for b in runs if not b.alive()]
-        if dead:
-            raise RuntimeError(f"{len(dead)} of {k} monitors exited early")
-        return [{"rss": lib.rss_kb(b.pid), "pss": lib.pss_kb(b.pid), "bpf": lib.bpf_memlock_kb(b.pid)}
-                for b in runs]
+            if i == 0:
+                time.sleep(settle)
+                check()
+                alone = _memory(bg.pid)
+        time.sleep(settle)
+        check()
+        return alone, [_memory(b.pid) for b in runs]
     finally:
         for b in runs:                      # SIGTERM all first: they detach in parallel
             b.terminate()
@@ -513,8 +533,7 @@ def footprint(ctx):
     s = ctx.size
     k = s["agents"]
     mb = lambda kb: (kb or 0) / 1024   # noqa: E731
-    one = _footprint_sample(ctx, 1)[0]
-    many = _footprint_sample(ctx, k)
+    one, many = _footprint_sample(ctx, k)
     warm = ctx.warm()
     shared = {"rss": lib.rss_kb(warm.proc.pid), "pss": lib.pss_kb(warm.proc.pid),
               "bpf": lib.bpf_memlock_kb(warm.proc.pid)}

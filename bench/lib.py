@@ -209,7 +209,8 @@ def aw_env(ws, extra=None):
 
 
 def aw_cmd(*args):
-    return [sys.executable, "-m", "cli.main", *args]
+    """The checkout's CLI (bench/aw_cli.py: cli.main without the start-up sweep)."""
+    return [sys.executable, os.path.join(BENCH, "aw_cli.py"), *args]
 
 
 def run_argv(argv, policy=None):

@@ -93,7 +93,8 @@ struct aw_lsm_event {
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/mm_types.h>
-#include <linux/net.h>
+
+struct socket;                  /* only passed through: <linux/net.h> costs compile time */
 
 #ifndef AW_LSM_RINGBUF_PAGES
 #define AW_LSM_RINGBUF_PAGES 64 /* 256 KiB: denials are rare, and each is refused anyway */

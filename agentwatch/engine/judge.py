@@ -11,13 +11,33 @@ so the sum of `count` over a rule's violations is exact.
 import errno
 import hashlib
 import os
+import re
+import signal
 import time
 from collections import Counter
 
 from ..events import ViolationEvent
 
 REPEAT_FLUSH_S = 5.0
-DENIED = ("EACCES", "EPERM", "EROFS")   # the kernel (Landlock, seccomp, a read-only mask) said no
+LIMITS_EVERY_S = 0.5    # how often the resource limits' counters are read
+# the kernel (Landlock, seccomp, a read-only mask) said no; EXDEV is Landlock's
+# answer to a link or rename it refuses (and a mount boundary's), EBUSY a
+# mask or pinned directory that cannot be renamed or removed
+DENIED = ("EACCES", "EPERM", "EROFS", "EXDEV", "EBUSY")
+# connects that reached no one: probing, not egress (glibc's NSS tries nscd)
+_UNIX_NOBODY = ("ENOENT", "ECONNREFUSED")
+# /proc/<pid>/<entry> that the kernel guards with a ptrace access check:
+# reading them for a process outside the run is ptrace-class access
+_PTRACE_ENTRIES = frozenset(("environ", "mem", "maps", "smaps", "smaps_rollup", "numa_maps",
+                             "pagemap", "auxv", "fd", "fdinfo", "map_files", "root", "cwd",
+                             "exe", "stack", "syscall", "io", "personality", "ns"))
+_PROC_PID = re.compile(r"^/proc/(\d+)/(?:task/\d+/)?([^/]+)")
+# the ELF interpreter: run by hand, it maps the program named in its argv
+# with PROT_EXEC, which Landlock's EXECUTE right (execve only) never sees
+_LOADER = re.compile(r"^ld(-linux)?([-.].*)?\.so(\.\d+)*$")
+_LOADER_OPTS_WITH_ARG = frozenset(("--library-path", "--preload", "--audit", "--argv0",
+                                   "--inhibit-rpath", "--glibc-hwcaps-prepend",
+                                   "--glibc-hwcaps-mask"))
 
 # file op -> the access it needs on path (and on path2)
 _FILE_ACCESS = {
@@ -46,14 +66,57 @@ def file_sha256(path, limit=256 << 20):
         return None
 
 
-def _real(path):
+def _real(path, follow=True):
     """The path with symlinks resolved now (what the kernel followed, unless
     the link changed since): a symlink in the workspace to a secret is judged
-    as the secret."""
+    as the secret. follow=False resolves the directories only, for calls
+    that act on a link itself (symlink, unlink, rename, link, mkdir)."""
     try:
-        return os.path.realpath(path)
+        if follow:
+            return os.path.realpath(path)
+        head, tail = os.path.split(path)
+        return os.path.join(os.path.realpath(head), tail) if tail else os.path.realpath(path)
     except (OSError, ValueError):
         return path
+
+
+def _own_proc(path, pid):
+    """/proc/self and /proc/thread-self name the agent's process, not ours."""
+    if path and path.startswith("/proc/"):
+        for alias in ("/proc/self", "/proc/thread-self"):
+            if path == alias or path.startswith(alias + "/"):
+                return f"/proc/{pid}" + path[len(alias):]
+    return path
+
+
+def _loaded_program(argv):
+    """The program an explicitly run ELF interpreter loads, or None."""
+    args = list(argv[1:])
+    while args:
+        a = args.pop(0)
+        if a == "--":
+            return args[0] if args else None
+        if a in _LOADER_OPTS_WITH_ARG:
+            if args:
+                args.pop(0)
+            continue
+        if a.startswith("--"):
+            continue
+        return a
+    return None
+
+
+def _read_counter(path, key):
+    """The value of `key N` in a cgroup counters file, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Judge:
@@ -79,6 +142,8 @@ class Judge:
         # the cgroup BPF programs report their own denials; the syscall
         # sensor's view of the same EPERM must not report them twice
         self.egress_enforced = egress_enforced
+        self._limits_next = 0.0
+        self._limit_counts = {}     # counter file -> last value reported
 
     # -- entry point ---------------------------------------------------------------------
     def __call__(self, ev):
@@ -97,6 +162,8 @@ class Judge:
                                                                          "args": ev.args[:3]})
         elif kind == "fork":
             self._fork(ev)
+        elif kind == "exit" and ev.signal == signal.SIGSYS:
+            self._seccomp_kill(ev)
 
     # -- per kind --------------------------------------------------------------------------
     def _file(self, ev):
@@ -112,6 +179,7 @@ class Judge:
                 targets.append((ev.path2, a2))
         else:
             return
+        follow = ev.op in ("open", "chmod", "chown", "truncate")
         for path, access in targets:
             if not access:
                 continue
@@ -119,13 +187,34 @@ class Judge:
                 if not (ev.path or "").startswith("fd:"):
                     self.unjudged += 1
                 continue
+            path = _own_proc(path, ev.pid)
+            if self._other_process(ev, path):
+                continue
             self._identity_write(ev, path, access)
-            for p in {path, _real(path)}:
+            for p in {path, _real(path, follow)}:
                 d = self.policy.check_file(p, access)
                 if d:
                     self._decide(ev, d, p, {"path": p, "named": ev.path, "access": sorted(access),
                                             "op": ev.op})
                     break
+
+    def _other_process(self, ev, path):
+        """/proc/<pid>/environ, mem, fd/, root/... of a process outside the
+        run (agentwatch itself, the host): judged as ptrace when the policy
+        forbids ptrace. True when reported."""
+        m = _PROC_PID.match(path)
+        if not m or m.group(2) not in _PTRACE_ENTRIES or int(m.group(1)) in self.run.procs:
+            return False
+        if getattr(self.policy, "_toggles", {}).get("ptrace") is not False:
+            return False
+        from ..policy.compile import Decision
+        d = Decision(category="process", rule="process.ptrace",
+                     action=self.policy.action_for("process", "process.ptrace"),
+                     reason=f"{m.group(2)} of process {m.group(1)}, which is not part of the run: "
+                            "process.ptrace is false", pattern=None)
+        self._decide(ev, d, path, {"path": path, "named": ev.path, "target_pid": int(m.group(1)),
+                                   "op": ev.op})
+        return True
 
     def _identity_write(self, ev, path, access):
         if access <= {"read"}:
@@ -144,24 +233,72 @@ class Judge:
         if ev.ret is not None and ev.ret != 0 and ev.error not in DENIED:
             return            # failed lookups (ENOENT while searching PATH)
         proc = self.run.procs.get(ev.pid)
-        named = ev.filename if ev.filename.startswith("/") or not proc else (proc.exe or ev.filename)
+        if not ev.filename:
+            return self._fd_exec(ev, proc)
+        if ev.filename.startswith("/"):
+            named = _own_proc(ev.filename, ev.pid)
+        elif ev.ret == 0 and proc and proc.exe:
+            named = proc.exe           # resolved by the correlator after the exec
+        elif proc and proc.cwd:
+            named = os.path.join(proc.cwd, ev.filename)   # a refused ./tool
+        else:
+            named = ev.filename
         path = _real(named)
+        self._judge_program(ev, path)
+        if _LOADER.match(os.path.basename(path)):
+            prog = _loaded_program(ev.argv or [])
+            if prog:
+                if not prog.startswith("/") and proc and proc.cwd:
+                    prog = os.path.join(proc.cwd, prog)
+                self._judge_program(ev, _real(_own_proc(prog, ev.pid)), loader=path)
+
+    def _fd_exec(self, ev, proc):
+        """execveat(fd, "", AT_EMPTY_PATH) / fexecve: no path was named. A
+        file that ran is judged by what /proc says it is; a refused one (or a
+        memfd, which has no path) is outside every exec allow list."""
+        exe = None
+        if ev.ret == 0:
+            try:
+                exe = os.readlink(f"/proc/{ev.pid}/exe")
+            except OSError:
+                pass
+        if exe and exe.startswith("/") and not exe.endswith(" (deleted)"):
+            return self._judge_program(ev, exe)
+        from ..policy.compile import Decision
+        what = exe or "an open file descriptor"
+        d = Decision(category="filesystem", rule="filesystem.exec",
+                     action=self.policy.action_for("filesystem", "filesystem.exec"),
+                     reason=f"exec of {what} (fexecve/execveat AT_EMPTY_PATH): no path in "
+                            "filesystem.exec", pattern=None)
+        self._decide(ev, d, f"fd:{what}", {"path": exe, "argv": ev.argv, "fd_exec": True})
+
+    def _judge_program(self, ev, path, loader=None):
         sha = None
         if self.policy.needs_hash(path):
             sha = self._exec_hashes.get(path) or file_sha256(path)
             self._exec_hashes[path] = sha
         d = self.policy.check_exec(path, sha)
-        self._decide(ev, d, path, {"path": path, "argv": ev.argv, "sha256": sha})
+        evidence = {"path": path, "argv": ev.argv, "sha256": sha}
+        if loader and d is not None:
+            from ..policy.compile import Decision
+            d = Decision(category=d.category, rule=d.rule, action=d.action, pattern=d.pattern,
+                         reason=f"{d.reason}, mapped by the dynamic loader {loader}")
+            evidence["loader"] = loader
+        self._decide(ev, d, path, evidence)
 
     def _net(self, ev):
-        if self.egress_enforced and ev.error == "EPERM" and ev.family in ("inet", "inet6"):
-            return
         if ev.op == "socket":
+            # judged here even when refused: a capability check or the cgroup
+            # BPF program may have said no (kernel_denial leaves raw sockets to us)
             d = self.policy.check_socket(ev.family, ev.sock_type)
             self._decide(ev, d, f"{ev.family}/{ev.sock_type}", {"family": ev.family,
                                                                  "type": ev.sock_type})
             return
+        if self.egress_enforced and ev.error == "EPERM" and ev.family in ("inet", "inet6"):
+            return
         if ev.family not in ("inet", "inet6", "unix") or ev.addr is None:
+            return
+        if ev.family == "unix" and ev.error in _UNIX_NOBODY:
             return
         protocol = "tcp" if ev.op == "connect" else "udp" if ev.op in ("sendto", "sendmsg") else "any"
         d = self.policy.check_connect(ev.family, ev.addr, ev.port, protocol, ev.op)
@@ -181,6 +318,53 @@ class Judge:
                          reason=f"{alive} processes alive, the policy allows {limit}", pattern=None)
             self._decide(ev, d, "max_processes", {"alive": alive, "limit": limit})
 
+    def _seccomp_kill(self, ev):
+        """SIGSYS as a fatal signal: seccomp killed the process (a syscall of
+        another ABI, x32 or i386, or a kill-action rule). The call never
+        reached a tracepoint, so its exit is the only trace."""
+        from ..policy.compile import Decision
+        d = Decision(category="syscall", rule="syscalls.deny", action="kill",
+                     reason="killed by seccomp (SIGSYS): a syscall of a non-native ABI "
+                            "(x32, i386) or one the filter kills", pattern=None)
+        self._decide(ev, d, f"sigsys:{ev.pid}", {"signal": ev.signal, "kernel": "killed (seccomp)"})
+
+    def _check_limits(self):
+        """The kernel refused forks (pids limit) or OOM-killed (memory limit):
+        read the run's cgroup counters (v2, or the v1 hierarchies of a hybrid
+        host) and report each increase."""
+        from ..sandbox import cgroups
+        from ..sandbox.limits import v1_mounts
+        try:
+            v1 = v1_mounts()
+            v2 = os.path.join(cgroups.root_path(), self.run.run_id)
+        except (OSError, Exception):   # noqa: BLE001 - best effort, never stops the run
+            return
+        checks = [("resources.pids", os.path.join(v2, "pids.events"), "max"),
+                  ("resources.memory", os.path.join(v2, "memory.events"), "oom_kill")]
+        if "pids" in v1:
+            checks.append(("resources.pids", os.path.join(v1["pids"], "agentwatch", self.run.run_id,
+                                                          "pids.events"), "max"))
+        if "memory" in v1:
+            checks.append(("resources.memory", os.path.join(v1["memory"], "agentwatch",
+                                                            self.run.run_id, "memory.oom_control"),
+                           "oom_kill"))
+        for rule, path, key in checks:
+            n = _read_counter(path, key)
+            if not n or n <= self._limit_counts.get(path, 0):
+                continue
+            new = n - self._limit_counts.get(path, 0)
+            self._limit_counts[path] = n
+            from ..events import Event
+            from ..policy.compile import Decision
+            what = (f"the pids limit refused {new} fork(s)" if rule == "resources.pids"
+                    else f"the memory limit OOM-killed {new} process(es)")
+            d = Decision(category="resource", rule=rule, action=self.policy.action_for("resource", rule),
+                         reason=what, pattern=None)
+            ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=self.run.root_pid)
+            self._decide(ev, d, rule, {"counter": os.path.basename(path), key: n,
+                                       "kernel": "denied (pids limit)" if rule == "resources.pids"
+                                       else "OOM-killed (memory limit)"})
+
     def limit_reached(self, rule, reason):
         from ..events import Event
         from ..policy.compile import Decision
@@ -190,6 +374,8 @@ class Judge:
 
     def kernel_denial(self, ev, category, rule, reason, target, evidence):
         """A denial a kernel layer reported itself (cgroup BPF)."""
+        if evidence.get("op") == "socket" and reason.endswith("raw-socket"):
+            return   # the syscall sensor's socket event reports it (see _net)
         from ..policy.compile import Decision
         d = Decision(category=category, rule=rule, action="deny", reason=reason, pattern=None)
         self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)"))
@@ -210,7 +396,9 @@ class Judge:
         detail = dict(evidence, reason=d.reason, pattern=d.pattern, event=ev.kind,
                       ancestry=self.correlator.ancestry(self.run, ev.pid),
                       process_argv=proc.argv if proc else None, process_exe=proc.exe if proc else None)
-        if getattr(ev, "error", None) in DENIED:
+        if "kernel" in evidence:
+            pass              # the caller knows better (limits, seccomp kills, cgroup BPF)
+        elif getattr(ev, "error", None) in DENIED:
             detail["kernel"] = f"denied ({ev.error})"
         elif getattr(ev, "ret", 0) is not None and getattr(ev, "ret", 0) >= 0:
             detail["kernel"] = "allowed"
@@ -228,6 +416,9 @@ class Judge:
         """Periodic work: repeat totals, and the digest of the run's own
         policy/prompt (a change by anyone, inside or outside the agent)."""
         now = time.monotonic() if now is None else now
+        if final or now >= self._limits_next:
+            self._limits_next = now + LIMITS_EVERY_S
+            self._check_limits()
         if not final and now < self._next_flush:
             return
         self._next_flush = now + REPEAT_FLUSH_S

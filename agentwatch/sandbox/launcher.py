@@ -16,7 +16,12 @@ from ..errors import LaunchError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # Signals Python changes from their defaults (SIGPIPE ignored, SIGINT raising)
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
@@ -44,6 +49,48 @@ def prctl(option, arg):
     if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities():
+    """Child side, last step before exec: empty the bounding set (as root,
+    execve would otherwise grant it all again), the ambient and inheritable
+    sets, then effective and permitted. A sandboxed agent running as root
+    must not keep CAP_NET_RAW (packet sockets no cgroup hook sees),
+    CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH (open_by_handle_at) and the rest."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
+            e = ctypes.get_errno()
+            if e != errno.EINVAL:          # a capability this kernel does not know
+                raise OSError(e, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(e)}")
+    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
+    hdr, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    if _libc.capset(ctypes.byref(hdr), data) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"capset: {os.strerror(e)}")
+
+
+def sandboxed():
+    """True once a sandbox layer (Landlock, seccomp) set no_new_privs."""
+    return _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1
+
+
+def protect_monitor():
+    """Parent side, before the agent exists: make agentwatch non-dumpable.
+    Its /proc entries (environ, maps, fd/, mem) are then root-owned and need
+    CAP_SYS_PTRACE, which a sandboxed agent no longer has; Landlock alone
+    lets a sandboxed process read an unsandboxed one's environ (6.18)."""
+    prctl(PR_SET_DUMPABLE, 0)
 
 
 def set_child_subreaper():
@@ -105,6 +152,7 @@ class Child:
 def spawn(argv, env=None, cwd=None, setup=()):
     """Fork a child that will exec argv once released. setup is a list of
     (step name, callable) run in the child just before exec (sandbox layers)."""
+    protect_monitor()
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
@@ -131,6 +179,9 @@ def spawn(argv, env=None, cwd=None, setup=()):
                 os.chdir(cwd)
             for step, fn in setup:
                 fn()
+            if sandboxed():
+                step = "drop capabilities"
+                drop_capabilities()
             step = f"exec {argv[0]}"
             os.execvpe(argv[0], argv, env if env is not None else os.environ)
         except BaseException as e:  # noqa: BLE001 - report anything, never return into the parent's code

@@ -151,14 +151,18 @@ def test_policy_edited_during_run_is_an_identity_violation(state_dir, home, work
 def test_policy_edited_from_outside_is_an_identity_violation(state_dir, home, workspace, tmp_path):
     policy = tmp_path / "p.yaml"
     shutil.copy(CODING, policy)
-    p = _spawn("run", "--policy", str(policy), "--workspace", str(workspace), "--", "/bin/sleep", "7",
+    p = _spawn("run", "--policy", str(policy), "--workspace", str(workspace), "--", "/bin/sleep", "4",
                env={"HOME": str(home)})
-    time.sleep(3)
+    from agentwatch import state
+    deadline = time.monotonic() + 30
+    while not any(r.get("status") == "running" for r in state.list_runs()):
+        assert time.monotonic() < deadline, "run did not start"
+        time.sleep(0.1)
+    time.sleep(0.5)
     with open(policy, "a") as f:                 # not the agent: someone else on the host
         f.write("# edited from outside\n")
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
-    from agentwatch import state
     run = state.list_runs()[-1]
     events = read_events(state.run_path(run["run_id"], "events.jsonl"))
     vs = [v for v in violations(events) if v["rule"] == "identity.policy_write"]

@@ -83,7 +83,8 @@ int main(int argc, char **argv)
 			return report("socket", -1, errno);
 		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(arg))};
 		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-		return report(op, connect(s, (struct sockaddr *)&sa, sizeof(sa)), errno);
+		long r = connect(s, (struct sockaddr *)&sa, sizeof(sa));
+		return report(op, r, errno);
 	}
 	if (strcmp(op, "mmapx") == 0 || strcmp(op, "mprotect") == 0) {
 		int fd = open(arg, O_RDONLY);
@@ -95,7 +96,8 @@ int main(int argc, char **argv)
 			return report(exec_now ? op : "mmap", -1, errno);
 		if (exec_now)
 			return report(op, 0, 0);
-		return report(op, mprotect(p, 4096, PROT_READ | PROT_EXEC), errno);
+		long r = mprotect(p, 4096, PROT_READ | PROT_EXEC);
+		return report(op, r, errno);
 	}
 	if (strcmp(op, "memfd") == 0) {
 		int src = open(arg, O_RDONLY);
