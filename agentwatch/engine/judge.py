@@ -377,6 +377,11 @@ class Judge:
         if evidence.get("op") == "socket" and reason.endswith("raw-socket"):
             return   # the syscall sensor's socket event reports it (see _net)
         from ..policy.compile import Decision
+        if rule == "network.egress" and evidence.get("addr"):
+            from ..policy.matchers import canonical_ip
+            ip = canonical_ip(evidence["addr"])
+            if ip is not None and (ip.is_loopback or ip.is_unspecified):
+                rule = "network.loopback"     # as check_connect judges it
         d = Decision(category=category, rule=rule, action="deny", reason=reason, pattern=None)
         self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)"))
 
