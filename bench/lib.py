@@ -131,6 +131,29 @@ def value_figure(name, unit, samples, target=None, met=None, text=None, note=Non
             "met": None if met is None else bool(met), "note": note}
 
 
+# -- agents killed from outside ----------------------------------------------------------
+
+class AgentKilled(RuntimeError):
+    """An agent or its monitor died of SIGKILL it did not ask for. On a shared
+    machine, another agentwatch's start-up sweep (runner.gc) kills run cgroups
+    it has no record of: ours. Such a sample is retried, and counted."""
+
+
+KILLED = {"retries": 0}
+SIGKILL_STATUS = 128 + signal.SIGKILL
+
+
+def retry_killed(fn, tries=3):
+    for i in range(tries):
+        try:
+            return fn()
+        except AgentKilled as e:
+            KILLED["retries"] += 1
+            if i == tries - 1:
+                raise
+            log(f"retrying: {e}")
+
+
 # -- workspace and processes ---------------------------------------------------------
 
 class Workspace:
@@ -218,15 +241,21 @@ def run_argv(argv, policy=None):
 
 
 def run_cli(ws, argv, policy=None, env=None, cwd=None, timeout=900):
-    """`agentwatch run [--policy P] -- argv` to completion. Returns a dict:
-    exit, wall_s, run_id, stdout, stderr."""
-    t0 = time.monotonic()
-    p = subprocess.run(run_argv(argv, policy), cwd=cwd or ws.root, env=aw_env(ws, env),
-                       capture_output=True, text=True, timeout=timeout)
-    wall = time.monotonic() - t0
-    m = re.search(r"agentwatch: run (\S+) \(", p.stderr)
-    return {"exit": p.returncode, "wall_s": wall, "run_id": m.group(1) if m else None,
-            "stdout": p.stdout, "stderr": p.stderr}
+    """`agentwatch run [--policy P] -- argv` to completion (retried when the
+    agent is killed from outside). Returns a dict: exit, wall_s, run_id,
+    stdout, stderr."""
+    def once():
+        t0 = time.monotonic()
+        p = subprocess.run(run_argv(argv, policy), cwd=cwd or ws.root, env=aw_env(ws, env),
+                           capture_output=True, text=True, timeout=timeout)
+        wall = time.monotonic() - t0
+        m = re.search(r"agentwatch: run (\S+) \(", p.stderr)
+        if p.returncode == SIGKILL_STATUS:
+            drop_run(ws, m.group(1) if m else None)
+            raise AgentKilled(f"agent {argv[0]} was SIGKILLed")
+        return {"exit": p.returncode, "wall_s": wall, "run_id": m.group(1) if m else None,
+                "stdout": p.stdout, "stderr": p.stderr}
+    return retry_killed(once)
 
 
 def run_record(ws, run_id):
@@ -293,13 +322,20 @@ class BackgroundRun:
                 self.record = rec
                 return rec
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"agentwatch run exited {self.proc.returncode} before running: {err}")
+                self.check_alive()
             time.sleep(0.05)
         raise RuntimeError("agentwatch run did not reach 'running' in time")
 
     def alive(self):
         return self.proc.poll() is None
+
+    def check_alive(self):
+        """Raise (AgentKilled when its agent was SIGKILLed) if the run ended."""
+        if self.alive():
+            return
+        err = self.proc.stderr.read().decode(errors="replace").strip()[-1500:]
+        cls = AgentKilled if self.proc.returncode == SIGKILL_STATUS else RuntimeError
+        raise cls(f"agentwatch run ended early with status {self.proc.returncode}: {err}")
 
     def terminate(self):
         """SIGTERM once (a second one would make agentwatch kill at once)."""
@@ -373,11 +409,18 @@ class WarmRunner:
         return resp
 
     def run(self, argv, policy=None, cwd=None, home=None, timeout=900):
-        """Run argv as an agent on the shared monitor. Returns exit, run_id,
-        to_exit_s (execute() start to agent exit seen), total_s, teardown_s,
-        counters (kernel submitted/lost and userspace received during the run)."""
-        return self.request({"op": "run", "argv": argv, "policy": policy, "cwd": cwd,
-                             "home": home}, timeout)
+        """Run argv as an agent on the shared monitor (retried when the agent
+        is killed from outside). Returns exit, run_id, to_exit_s (execute()
+        start to agent exit seen), total_s, teardown_s, events, counters
+        (kernel submitted/lost and userspace received during the run)."""
+        def once():
+            r = self.request({"op": "run", "argv": argv, "policy": policy, "cwd": cwd,
+                              "home": home}, timeout)
+            if r["exit"] == SIGKILL_STATUS:
+                drop_run(self.ws, r["run_id"])
+                raise AgentKilled(f"agent {argv[0]} was SIGKILLed")
+            return r
+        return retry_killed(once)
 
     def plain(self, argv, cwd=None, timeout=900):
         """Run argv as a plain subprocess of the same process: total_s."""

@@ -62,6 +62,10 @@ def render(doc):
             per = ", ".join(f"{k} {v['ns_per_run']} ns x {v['run_cnt']:,}" for k, v in progs.items()
                             if v["run_cnt"])
             notes.append(f"- {name}: BPF ns per program run (kernel.bpf_stats): {per or 'no runs'}")
+    if doc.get("killed_retries"):
+        notes.append(f"- {doc['killed_retries']} sample(s) were retried because another agentwatch on "
+                     "this machine SIGKILLed our agent (its start-up sweep removes run cgroups it has "
+                     "no record of)")
     if doc.get("warm_close_s") is not None:
         notes.append(f"- shared monitor unload (detach) took {doc['warm_close_s']:.2f} s")
     if notes:
@@ -117,6 +121,7 @@ def main(argv=None):
     finally:
         ctx.close()
         doc["warm_close_s"] = ctx.warm_close_s
+        doc["killed_retries"] = lib.KILLED["retries"]
         ws.cleanup()
     with open("/proc/loadavg") as f:
         doc["loadavg_after"] = f.read().split()[:3]

@@ -108,6 +108,10 @@ demo)
     ;;
 test)
     cd "$ROOT"
+    # the BPF LSM path is tested in a VM booting Debian's own kernel (tests/vm)
+    if [ "${AGENTWATCH_SKIP_VM:-0}" != 1 ]; then
+        bash "$ROOT/tests/vm/setup.sh"
+    fi
     set +e
     "$VENV/bin/python" -m pytest -ra "$@"
     rc=$?

@@ -284,6 +284,8 @@ class Judge:
             d = Decision(category=d.category, rule=d.rule, action=d.action, pattern=d.pattern,
                          reason=f"{d.reason}, mapped by the dynamic loader {loader}")
             evidence["loader"] = loader
+            evidence["kernel"] = ("not refused at exec: the loader maps the file itself "
+                                  "(refused only where its mount is noexec)")
         self._decide(ev, d, path, evidence)
 
     def _net(self, ev):

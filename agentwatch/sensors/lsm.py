@@ -27,8 +27,10 @@ allow set is a set of inodes, filled from userspace by opening each file
 with O_PATH: the kernel side never reads a path. It must contain the shared
 libraries and the dynamic loader of every allowed dynamic program, because
 their mappings are executable too. ``exec_allow=None`` turns the exec and mmap
-rules off; ``file_deny`` may be empty; ``connect_ports=None`` turns the
-connect rule off ([] denies every inet connect).
+rules off. ``file_deny`` names files (a directory: every regular file below
+it at open() time; the directory itself and files created later are not
+covered) and may be empty. ``connect_ports=None`` turns the connect rule off
+([] denies every inet connect).
 
 Identity of a file: (inode number, superblock device) as the kernel sees it,
 inode->i_ino and inode->i_sb->s_dev. Userspace takes st_ino from fstat() and

@@ -3,10 +3,12 @@
  *
  *   stopwatch OUTFILE CMD [ARG...]
  *
- * Runs CMD, waits for it and writes {"elapsed_ns": ..., "status": ...} to
+ * Runs CMD, waits for it and writes {"elapsed_ns", "status", "user_s",
+ * "sys_s"} (wall time, exit status, CPU time of CMD and its descendants) to
  * OUTFILE; exits with CMD's status. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -30,7 +32,8 @@ int main(int argc, char **argv)
 		_exit(127);
 	}
 	int st = 0;
-	while (waitpid(pid, &st, 0) < 0)
+	struct rusage ru;
+	while (wait4(pid, &st, 0, &ru) < 0)
 		;
 	clock_gettime(CLOCK_MONOTONIC, &b);
 	int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
@@ -39,8 +42,10 @@ int main(int argc, char **argv)
 		perror(argv[1]);
 		return 1;
 	}
-	fprintf(out, "{\"elapsed_ns\": %.0f, \"status\": %d}\n",
-		(b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec), code);
+	fprintf(out, "{\"elapsed_ns\": %.0f, \"status\": %d, \"user_s\": %.6f, \"sys_s\": %.6f}\n",
+		(b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec), code,
+		ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6,
+		ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
 	fclose(out);
 	return code;
 }

@@ -7,4 +7,4 @@ VM runner sets AGENTWATCH_VM_GUEST=1 inside the guest.
 """
 import os
 
-collect_ignore_glob = [] if os.environ.get("AGENTWATCH_VM_GUEST") == "1" else ["guest/*"]
+collect_ignore = [] if os.environ.get("AGENTWATCH_VM_GUEST") == "1" else ["guest"]

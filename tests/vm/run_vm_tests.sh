@@ -42,7 +42,7 @@ if [ "${1:-}" = "--guest" ]; then
     cd "$ROOT"
     start=$(date +%s.%N)
     set +e
-    PYTHONPATH="$ROOT" "$py" -m pytest -p no:cacheprovider -o addopts="" -v -rA \
+    PYTHONPATH="$ROOT" "$py" -m pytest -p no:cacheprovider -p no:hypothesispytest -o addopts="" -v -rA --durations=0 \
         --junitxml="$OUT/junit.xml" tests/vm/guest "$@" >"$OUT/pytest.log" 2>&1
     rc=$?
     set -e
