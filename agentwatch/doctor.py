@@ -373,6 +373,12 @@ def _probe_bpf_lsm():
         ok = True
     except _Fail as e:
         loaded, ok = f"LSM_PROBE: {e}", False
+    # agentwatch's LSM programs read kernel structs: usable only with headers
+    # of exactly this kernel (sensors/lsm.py refuses others)
+    from .sensors.lsm import check_headers
+    hdr_ok, hdr = check_headers()
+    if ok and listed and not hdr_ok:
+        return False, f"{where}; {loaded}; but {hdr}"
     return ok and listed, f"{where}; {loaded}"
 
 
