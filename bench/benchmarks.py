@@ -58,6 +58,13 @@ def _loop_once(exe, n, outfile=None):
     return lib.read_json_file(outfile) if outfile else lib.last_json_line(r.stdout)
 
 
+def _loop_best(exe, n, best_of=3):
+    """The fastest of best_of syscall_loop runs, per loop: a sample that
+    other tenants of a shared machine disturbed less."""
+    rs = [_loop_once(exe, n) for _ in range(best_of)]
+    return {k: min(r[k] for r in rs) for k in ("getppid_ns", "openclose_ns")}
+
+
 def _wait_programs_gone(ids, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -79,8 +86,12 @@ def host_tax(ctx):
     info = {}
 
     def unloaded():
-        foreign.append(len(lib.aw_programs()))      # someone else's agentwatch, if any
-        return _loop_once(exe, s["loop_n"])
+        # "no agentwatch loaded": wait (a while) for anyone else's to go away
+        deadline = time.monotonic() + 60
+        while lib.aw_programs() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        foreign.append(len(lib.aw_programs()))
+        return _loop_best(exe, s["loop_n"])
 
     def loaded():
         return lib.retry_killed(loaded_once)
@@ -94,7 +105,7 @@ def host_tax(ctx):
             info["tracepoints"] = (rec.get("identity") or {}).get("tracepoints")
             ours = sorted(set(lib.aw_programs()) - before)
             time.sleep(0.3)
-            r = _loop_once(exe, s["loop_n"])
+            r = _loop_best(exe, s["loop_n"])
             # an untimed pass with BPF statistics on: what each program costs on this path
             _, st = lib.measure_prog_stats(lambda: _loop_once(exe, s["loop_n"]), ids=set(ours))
             bg.check_alive()              # still monitoring after the measurement?
@@ -117,7 +128,7 @@ def host_tax(ctx):
         compare_figure("host tax: openat+close outside agents", "ns", pick(base, "openclose_ns"),
                        pick(mon, "openclose_ns"), "delta", target="report"),
     ]
-    return {"params": {"loop_n": s["loop_n"], "reps": s["host_reps"], "policy": "coding-agent",
+    return {"params": {"loop_n": s["loop_n"], "reps": s["host_reps"], "best_of": 3, "policy": "coding-agent",
                        "tracepoints": info.get("tracepoints")},
             "figures": figs, "bpf_programs": prog_stats, "notes": notes}
 
@@ -163,9 +174,11 @@ def _small_files_tarball(ctx, n):
 
 
 def _timed(ctx, tag, cmd):
-    """A runner for one workload: returns (plain(), monitored(), per-run info)
-    where each call runs cmd under bench/csrc/stopwatch and returns the
-    workload's own wall seconds."""
+    """One workload's two sides: returns (plain, monitored, runs, status, cpu).
+    plain() and monitored() run cmd under bench/csrc/stopwatch ("{I}" in cmd
+    becomes a fresh scratch name, removed after) and return the workload's own
+    wall seconds; runs collects the warm runner's answers, status the exit
+    statuses and cpu the workload's (user_s, sys_s), per side."""
     ws = ctx.ws
     stopwatch = ws.build("stopwatch")
     work = ws.path("work")
@@ -370,7 +383,9 @@ def throughput(ctx):
                      + ", ".join(f"{x['rate'] // 1000}k:{'ok' if x['lossless'] else 'lost ' + str(x['lost'])}"
                                  for x in sweep)),
         value_figure("throughput: log write rate, flat out", "events/s", [t["log_rate"] for t in trials],
-                     target="report"),
+                     target="report",
+                     note=f"~{1e6 / lib.summarize([t['log_rate'] for t in trials])['median']:.0f} us "
+                          "of monitor time per event" if trials else None),
         value_figure("throughput: lost in a flat-out burst", "", [t["lost_reported"] for t in trials],
                      text=", ".join(f"{t['lost_reported']:,} of {t['n']:,} lost at "
                                     f"{t['producer_rate']:,.0f}/s produced" for t in trials)),

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 from ..events import ViolationEvent
+from ..policy.matchers import normalize
 
 REPEAT_FLUSH_S = 5.0
 LIMITS_EVERY_S = 0.5    # how often the resource limits' counters are read
@@ -191,9 +192,11 @@ class Judge:
             if self._other_process(ev, path):
                 continue
             self._identity_write(ev, path, access)
-            for p in {path, _real(path, follow)}:
+            real = _real(path, follow)
+            for p in ([path, real] if real != path else [path]):
                 d = self.policy.check_file(p, access)
                 if d:
+                    p = normalize(p)      # /proc/<pid>/root detours: the path they reach
                     self._decide(ev, d, p, {"path": p, "named": ev.path, "access": sorted(access),
                                             "op": ev.op})
                     break

