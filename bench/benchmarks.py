@@ -81,15 +81,13 @@ def host_tax(ctx):
     (coding-agent policy) vs with no agentwatch loaded; load and unload
     alternate with the repetitions."""
     s, ws = ctx.size, ctx.ws
+    ctx.close()             # the baseline is "no agentwatch loaded": not even our shared monitor
     exe = ws.build("syscall_loop")
     foreign, prog_stats, notes = [], {}, []
     info = {}
 
     def unloaded():
-        # "no agentwatch loaded": wait (a while) for anyone else's to go away
-        deadline = time.monotonic() + 60
-        while lib.aw_programs() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        lib.wait_quiet()        # "no agentwatch loaded": wait (a while) for anyone else's to go
         foreign.append(len(lib.aw_programs()))
         return _loop_best(exe, s["loop_n"])
 
@@ -221,12 +219,13 @@ def realistic(ctx):
     s, ws = ctx.size, ctx.ws
     tree = _compile_tree(ctx)
     tar = _small_files_tarball(ctx, s["files"])
+    scratch = ws.path("file-heavy-x{I}")
     workloads = {
         "compile": ["/usr/bin/python3", "-m", "compileall", "-q", "-f", tree],
+        # rm first: a retried run (agent killed from outside) must not find a half-made tree
         "file-heavy": ["/bin/sh", "-c",
-                       f"mkdir -p {ws.path('file-heavy-x{I}')} && tar xf {tar} -C {ws.path('file-heavy-x{I}')}"
-                       f" && cd {ws.path('file-heavy-x{I}')} && find . -type f -print0 | xargs -0 sha256sum"
-                       " > /dev/null"],
+                       f"rm -rf {scratch} && mkdir {scratch} && tar xf {tar} -C {scratch}"
+                       f" && cd {scratch} && find . -type f -print0 | xargs -0 sha256sum > /dev/null"],
     }
     limits = {"compile": (3, "<= 3%"), "file-heavy": (5, "<= 5%")}
     figs, params = [], {"reps": s["reps"], "files": s["files"], "compile_tree": s["compile_tree"],

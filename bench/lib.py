@@ -134,16 +134,25 @@ def value_figure(name, unit, samples, target=None, met=None, text=None, note=Non
 # -- agents killed from outside ----------------------------------------------------------
 
 class AgentKilled(RuntimeError):
-    """An agent or its monitor died of SIGKILL it did not ask for. On a shared
-    machine, another agentwatch's start-up sweep (runner.gc) kills run cgroups
+    """An agent died of a SIGKILL it did not ask for, or could not join its
+    cgroups. On a shared machine, another agentwatch's start-up sweep
+    (runner.gc) kills the run cgroups (and removes the cgroup v1 limit groups)
     it has no record of: ours. Such a sample is retried, and counted."""
 
 
-KILLED = {"retries": 0}
+def interfered(status, stderr=""):
+    """Did something outside kill this run's agent or remove its cgroups?"""
+    return status == SIGKILL_STATUS or "joining cgroup" in (stderr or "")
+
+
+KILLED = {"retries": 0, "waited_s": 0.0}
+QUIET_TIMEOUT = {"s": 120.0}   # how long to wait for another agentwatch to go (run.py sets it)
 SIGKILL_STATUS = 128 + signal.SIGKILL
+_WORKSPACES = []        # live Workspaces: whose processes' BPF programs are ours
 
 
-def retry_killed(fn, tries=3):
+def retry_killed(fn, tries=5):
+    """fn(), again (after the machine is quiet) when an agent was killed from outside."""
     for i in range(tries):
         try:
             return fn()
@@ -151,7 +160,53 @@ def retry_killed(fn, tries=3):
             KILLED["retries"] += 1
             if i == tries - 1:
                 raise
-            log(f"retrying: {e}")
+            log(f"retrying after the other agentwatch is gone: {e}")
+            wait_quiet()
+
+
+def wait_quiet(timeout=None, settle=2.0):
+    """Wait until no other agentwatch has programs loaded (for settle seconds
+    in a row), at most timeout seconds. Returns True when quiet."""
+    timeout = QUIET_TIMEOUT["s"] if timeout is None else timeout
+    t0 = time.monotonic()
+    quiet_since = None
+    while time.monotonic() - t0 < timeout:
+        if foreign_programs():
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= settle:
+            break
+        time.sleep(0.2)
+    KILLED["waited_s"] += time.monotonic() - t0
+    return not foreign_programs()
+
+
+def _prog_ids_of(pid):
+    ids = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                m = re.search(r"^prog_id:\s+(\d+)", f.read(), re.M)
+        except OSError:
+            continue
+        if m:
+            ids.add(int(m.group(1)))
+    return ids
+
+
+def foreign_programs():
+    """aw_* programs loaded by processes this suite did not start."""
+    ours = set()
+    for ws in _WORKSPACES:
+        for p in ws.procs:
+            if p.poll() is None:
+                ours |= _prog_ids_of(p.pid)
+    return set(aw_programs()) - ours
 
 
 # -- workspace and processes ---------------------------------------------------------
@@ -167,6 +222,7 @@ class Workspace:
         os.makedirs(self.state)
         os.makedirs(self.bin)
         self.procs = []
+        _WORKSPACES.append(self)
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -192,6 +248,8 @@ class Workspace:
         self.procs = []
         remove_leftover_cgroups(self)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self in _WORKSPACES:
+            _WORKSPACES.remove(self)
 
 
 def stop_process(p, timeout=60):
@@ -250,7 +308,7 @@ def run_cli(ws, argv, policy=None, env=None, cwd=None, timeout=900):
                            capture_output=True, text=True, timeout=timeout)
         wall = time.monotonic() - t0
         m = re.search(r"agentwatch: run (\S+) \(", p.stderr)
-        if p.returncode == SIGKILL_STATUS:
+        if interfered(p.returncode, p.stderr):
             drop_run(ws, m.group(1) if m else None)
             raise AgentKilled(f"agent {argv[0]} was SIGKILLed")
         return {"exit": p.returncode, "wall_s": wall, "run_id": m.group(1) if m else None,
@@ -334,7 +392,7 @@ class BackgroundRun:
         if self.alive():
             return
         err = self.proc.stderr.read().decode(errors="replace").strip()[-1500:]
-        cls = AgentKilled if self.proc.returncode == SIGKILL_STATUS else RuntimeError
+        cls = AgentKilled if interfered(self.proc.returncode, err) else RuntimeError
         raise cls(f"agentwatch run ended early with status {self.proc.returncode}: {err}")
 
     def terminate(self):
@@ -405,7 +463,8 @@ class WarmRunner:
         self.proc.stdin.flush()
         resp = self._recv(timeout)
         if resp.get("error"):
-            raise RuntimeError(f"warm runner: {resp['error']}")
+            cls = AgentKilled if interfered(None, resp.get("message")) else RuntimeError
+            raise cls(f"warm runner: {resp['error']}")
         return resp
 
     def run(self, argv, policy=None, cwd=None, home=None, timeout=900):

@@ -100,8 +100,8 @@ def main():
             req = json.loads(line)
             try:
                 resp = do_run(m, req) if req["op"] == "run" else do_plain(req)
-            except Exception:
-                resp = {"error": traceback.format_exc()}
+            except Exception as e:
+                resp = {"error": traceback.format_exc(), "message": str(e)}
             send(resp)
     finally:
         t = time.monotonic()

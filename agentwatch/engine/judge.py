@@ -144,6 +144,7 @@ class Judge:
         # sensor's view of the same EPERM must not report them twice
         self.egress_enforced = egress_enforced
         self._limits_next = 0.0
+        self._limit_files = None    # [(rule, counters file, key)], found on first use
         self._limit_counts = {}     # counter file -> last value reported
 
     # -- entry point ---------------------------------------------------------------------
@@ -208,7 +209,8 @@ class Judge:
         m = _PROC_PID.match(path)
         if not m or m.group(2) not in _PTRACE_ENTRIES or int(m.group(1)) in self.run.procs:
             return False
-        if getattr(self.policy, "_toggles", {}).get("ptrace") is not False:
+        proc = getattr(self.policy.spec, "process", None)
+        if proc is None or proc.toggles.get("ptrace") is not False:
             return False
         from ..policy.compile import Decision
         d = Decision(category="process", rule="process.ptrace",
@@ -248,7 +250,7 @@ class Judge:
             named = ev.filename
         path = _real(named)
         self._judge_program(ev, path)
-        if _LOADER.match(os.path.basename(path)):
+        if ev.ret in (0, None) and _LOADER.match(os.path.basename(path)):
             prog = _loaded_program(ev.argv or [])
             if prog:
                 if not prog.startswith("/") and proc and proc.cwd:
@@ -305,14 +307,20 @@ class Judge:
             return
         if ev.family == "unix" and ev.error in _UNIX_NOBODY:
             return
+        addr = ev.addr
+        if ev.family == "unix" and not addr and ev.op != "bind":
+            # a connect or send names a socket; an empty name means the sensor
+            # did not capture it (short sockaddr lengths), not that none was given
+            addr = "<name not captured>"
         protocol = "tcp" if ev.op == "connect" else "udp" if ev.op in ("sendto", "sendmsg") else "any"
-        d = self.policy.check_connect(ev.family, ev.addr, ev.port, protocol, ev.op)
-        target = ev.addr if ev.port is None else f"{ev.addr}:{ev.port}"
-        self._decide(ev, d, target, {"op": ev.op, "family": ev.family, "addr": ev.addr,
+        d = self.policy.check_connect(ev.family, addr, ev.port, protocol, ev.op)
+        target = addr if ev.port is None else f"{addr}:{ev.port}/{protocol}"
+        self._decide(ev, d, target, {"op": ev.op, "family": ev.family, "addr": addr,
                                      "port": ev.port, "protocol": protocol})
 
     def _fork(self, ev):
-        limit = getattr(self.policy, "max_processes", None)
+        proc = getattr(self.policy.spec, "process", None)
+        limit = getattr(proc, "max_processes", None)
         if not limit:
             return
         alive = sum(1 for p in self.run.procs.values() if not p.exited)
@@ -328,7 +336,8 @@ class Judge:
         another ABI, x32 or i386, or a kill-action rule). The call never
         reached a tracepoint, so its exit is the only trace."""
         from ..policy.compile import Decision
-        d = Decision(category="syscall", rule="syscalls.deny", action="kill",
+        d = Decision(category="syscall", rule="syscalls.deny",
+                     action=self.policy.action_for("syscall", "syscalls.deny"),
                      reason="killed by seccomp (SIGSYS): a syscall of a non-native ABI "
                             "(x32, i386) or one the filter kills", pattern=None)
         self._decide(ev, d, f"sigsys:{ev.pid}", {"signal": ev.signal, "kernel": "killed (seccomp)"})
@@ -337,23 +346,27 @@ class Judge:
         """The kernel refused forks (pids limit) or OOM-killed (memory limit):
         read the run's cgroup counters (v2, or the v1 hierarchies of a hybrid
         host) and report each increase."""
-        from ..sandbox import cgroups
-        from ..sandbox.limits import v1_mounts
-        try:
-            v1 = v1_mounts()
-            v2 = os.path.join(cgroups.root_path(), self.run.run_id)
-        except (OSError, Exception):   # noqa: BLE001 - best effort, never stops the run
-            return
-        checks = [("resources.pids", os.path.join(v2, "pids.events"), "max"),
-                  ("resources.memory", os.path.join(v2, "memory.events"), "oom_kill")]
-        if "pids" in v1:
-            checks.append(("resources.pids", os.path.join(v1["pids"], "agentwatch", self.run.run_id,
-                                                          "pids.events"), "max"))
-        if "memory" in v1:
-            checks.append(("resources.memory", os.path.join(v1["memory"], "agentwatch",
-                                                            self.run.run_id, "memory.oom_control"),
-                           "oom_kill"))
-        for rule, path, key in checks:
+        if self._limit_files is None:
+            from ..sandbox import cgroups
+            from ..sandbox.limits import v1_mounts
+            try:
+                v1 = v1_mounts()
+                v2 = os.path.join(cgroups.root_path(), self.run.run_id)
+            except Exception:   # noqa: BLE001 - best effort, never stops the run
+                v1, v2 = {}, None
+            files = []
+            if v2:
+                files += [("resources.pids", os.path.join(v2, "pids.events"), "max"),
+                          ("resources.memory", os.path.join(v2, "memory.events"), "oom_kill")]
+            if "pids" in v1:     # the v1 groups sandbox/limits.py makes on hybrid hosts
+                files.append(("resources.pids", os.path.join(v1["pids"], "agentwatch",
+                                                             self.run.run_id, "pids.events"), "max"))
+            if "memory" in v1:
+                files.append(("resources.memory", os.path.join(v1["memory"], "agentwatch",
+                                                               self.run.run_id, "memory.oom_control"),
+                              "oom_kill"))
+            self._limit_files = files
+        for rule, path, key in self._limit_files:
             n = _read_counter(path, key)
             if not n or n <= self._limit_counts.get(path, 0):
                 continue
@@ -387,6 +400,8 @@ class Judge:
             ip = canonical_ip(evidence["addr"])
             if ip is not None and (ip.is_loopback or ip.is_unspecified):
                 rule = "network.loopback"     # as check_connect judges it
+        if evidence.get("port") is not None and evidence.get("proto"):
+            target = f"{target}/{evidence['proto']}"   # a TCP and a UDP attempt are two
         d = Decision(category=category, rule=rule, action="deny", reason=reason, pattern=None)
         self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)"))
 

@@ -4,6 +4,12 @@ The child blocks on a pipe until the parent has put it in the run's cgroup
 and the BPF filter knows that cgroup, so not one event of the agent's own
 exec is missed. Each set-up step is named; if one fails, the child reports
 the step and errno through a close-on-exec pipe and the agent never starts.
+
+Two protections are the launcher's own: agentwatch makes itself
+non-dumpable before the fork (its /proc entries then need CAP_SYS_PTRACE),
+and a child that a sandbox layer put under no_new_privs (Landlock, seccomp)
+drops every capability right before exec, so an agent started as root does
+not keep root's powers inside the sandbox.
 """
 import ctypes
 import errno
@@ -60,14 +66,22 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def drop_capabilities():
+def cap_last_cap():
+    """The highest capability number this kernel knows (read by the parent:
+    the sandboxed child may not be able to)."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 63
+
+
+def drop_capabilities(last):
     """Child side, last step before exec: empty the bounding set (as root,
     execve would otherwise grant it all again), the ambient and inheritable
     sets, then effective and permitted. A sandboxed agent running as root
     must not keep CAP_NET_RAW (packet sockets no cgroup hook sees),
     CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH (open_by_handle_at) and the rest."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
     for cap in range(last + 1):
         if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
             e = ctypes.get_errno()
@@ -153,6 +167,7 @@ def spawn(argv, env=None, cwd=None, setup=()):
     """Fork a child that will exec argv once released. setup is a list of
     (step name, callable) run in the child just before exec (sandbox layers)."""
     protect_monitor()
+    last_cap = cap_last_cap()
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
@@ -181,7 +196,7 @@ def spawn(argv, env=None, cwd=None, setup=()):
                 fn()
             if sandboxed():
                 step = "drop capabilities"
-                drop_capabilities()
+                drop_capabilities(last_cap)
             step = f"exec {argv[0]}"
             os.execvpe(argv[0], argv, env if env is not None else os.environ)
         except BaseException as e:  # noqa: BLE001 - report anything, never return into the parent's code

@@ -130,6 +130,14 @@ def memfd_exec(payload, marker):
     attempt("fexecve", lambda: os.execve(fd, ["payload", marker], {}))
 
 
+def map_exec(path):
+    """What the dynamic loader and dlopen do with a library: map it executable."""
+    with open(path, "rb") as f:
+        attempt("mmap PROT_EXEC", lambda: mmap.mmap(f.fileno(), 4096, mmap.MAP_PRIVATE,
+                                                    mmap.PROT_READ | mmap.PROT_EXEC) and "mapped",
+                path=path)
+
+
 # ---------------------------------------------------------------- syscalls
 
 def x32_open(secret, dst):
@@ -332,7 +340,7 @@ STEPS = {
     "proc_root_write": proc_root_write, "signal": lambda pid: send_signal(int(pid)),
     "inherited_fd": lambda fd, ppid, dst: inherited_fd(int(fd), int(ppid), dst),
     "environ": lambda pid, dst: environ(int(pid), dst),
-    "memfd_exec": memfd_exec, "x32_open": x32_open, "bpf": bpf_map,
+    "memfd_exec": memfd_exec, "map_exec": map_exec, "x32_open": x32_open, "bpf": bpf_map,
     "io_uring": lambda secret, dst, port: io_uring(secret, dst, int(port)),
     "victim": lambda info, changed, seconds="20": victim(info, changed, float(seconds)),
     "ptrace": ptrace_attach, "vm_write": vm_write,
