@@ -88,20 +88,18 @@ def gc(log=None):
     owner is gone, and mark their records 'crashed'. Returns the run ids swept."""
     swept = []
     records = {r["run_id"]: r for r in state.list_runs()}
-    from .sandbox.limits import leftover_v1
+    from .sandbox.limits import Limits, leftover_v1
     for d in leftover_v1():          # v1 limit groups of runs whose owner is gone
-        rec = records.get(os.path.basename(d))
-        if rec is None or not state.owner_alive(rec):
-            from .sandbox.limits import Limits
+        if not state.run_owner_alive(os.path.basename(d)):
             lim = Limits(os.path.basename(d), None)
             lim.dirs = [d]
             lim.remove()
     for run_id in leftover_cgroups():
-        rec = records.get(run_id)
-        if rec is not None and rec.get("status") not in ("crashed",) and state.owner_alive(rec):
-            continue
+        if state.run_owner_alive(run_id):
+            continue                 # a live run, maybe of another agentwatch / state dir
         cg = RunCgroup(os.path.join(root_path(), run_id))
         if cg.remove():
+            state.unregister_owner(run_id)
             swept.append(run_id)
             if log:
                 log(f"removed stale cgroup of run {run_id}")
@@ -307,6 +305,7 @@ class Run:
             self.monitor = Monitor(self.opts.sensors, self.opts.ringbuf_pages).open()
         self.sensors = self.monitor.sensors
         self.correlator = self.monitor.correlator
+        state.register_owner(self.run_id)      # before the cgroup exists: sweeps skip it
         self.cgroup = RunCgroup.create(self.run_id)
         self.ctx = RunContext(run_id=self.run_id, agent=self.agent, cgroup_id=self.cgroup.id,
                               cwd=self.opts.cwd or os.getcwd(), emit=self._on_event)
@@ -518,7 +517,8 @@ class Run:
             if self.limits:
                 self.limits.remove()
             if self.cgroup:
-                self.cgroup.remove()
+                if self.cgroup.remove():
+                    state.unregister_owner(self.run_id)
             if self.record:
                 if self.exit_status is None:
                     status = "failed"

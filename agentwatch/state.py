@@ -67,6 +67,31 @@ def owner_alive(record):
     return bool(pid) and process_start_time(pid) == start
 
 
+# Machine-wide (whatever AGENTWATCH_STATE_DIR a run uses): who owns each run
+# cgroup, so a sweep never touches a live run of another agentwatch.
+OWNERS_DIR = "/run/agentwatch/owners"
+
+
+def register_owner(run_id):
+    os.makedirs(OWNERS_DIR, mode=0o700, exist_ok=True)
+    write_json_atomic(os.path.join(OWNERS_DIR, f"{run_id}.json"),
+                      {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+                       "state_dir": state_dir()})
+
+
+def unregister_owner(run_id):
+    try:
+        os.unlink(os.path.join(OWNERS_DIR, f"{run_id}.json"))
+    except FileNotFoundError:
+        pass
+
+
+def run_owner_alive(run_id):
+    """True while the agentwatch that created run_id's cgroup lives."""
+    owner = read_json(os.path.join(OWNERS_DIR, f"{run_id}.json"))
+    return bool(owner) and owner_alive({"owner": owner})
+
+
 def list_runs():
     """Every run record on disk, oldest first, with its live status:
     status is 'running' only while its owner lives; a 'running' record whose
