@@ -189,8 +189,10 @@ class Sensors:
         return 0
 
     def poll(self, timeout_ms=100):
-        """Wait up to timeout_ms for records and deliver all that are ready."""
+        """Wait up to timeout_ms for records and deliver all that are ready
+        (the kernel wakes us only every 64 records, so drain after waiting)."""
         self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
 
     def drain(self):
         """Deliver every record already in the ring buffer, without waiting."""
