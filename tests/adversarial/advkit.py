@@ -13,7 +13,6 @@ grace periods), which overlaps well: the scenarios the selected tests need
 are run up front, a few at a time, by the module fixture `runs`
 (test_escapes.py). Not a conftest.py: tests/conftest.py owns that module name.
 """
-import errno
 import json
 import os
 import shutil
@@ -345,7 +344,3 @@ def max_alive(events):
         elif e["kind"] == "exit":
             alive -= 1
     return peak
-
-
-def errno_name(n):
-    return errno.errorcode.get(n, str(n))

@@ -39,7 +39,7 @@ KILL_TAIL = f"\nsleep {KILL_GRACE_S}; echo survived > $WS/survived\n"
 # name -> builder(sandbox, ctx): writes the agent script, opens listeners
 
 SCENARIOS = {}
-SLOW_FIRST = ("network", "files", "memory", "fork_bomb", "exec_loader_shm", "ptrace", "vm_write")
+SLOW_FIRST = ("network", "memory", "fork_bomb", "exec_loader_shm", "ptrace", "vm_write", "files")
 
 
 def scenario(fn):
@@ -55,24 +55,41 @@ def build_files(sb, ctx):
     shutil.copy(POLICY, sb.policy)
     sb.script = """
 $A policy_edit $WS/policy/sandboxed-agent.yaml $WS/policy/evil.yaml
-$A cgroup_escape
-$A proc_root_write $OUTSIDE/planted
 $A signal $PPID
 echo finished > $WS/finished
 """
 
 
 @scenario
+def build_cgroup_escape(sb, ctx):
+    sb.script = "$A cgroup_escape $WS/escaped" + KILL_TAIL
+
+
+@scenario
+def build_proc_root_write(sb, ctx):
+    sb.script = "$A proc_root_write $OUTSIDE/planted" + KILL_TAIL
+
+
+@scenario
+def build_chmod_outside(sb, ctx):
+    with open(sb.path("outside", "config"), "w") as f:
+        f.write("setting = 1\n")
+    os.chmod(sb.path("outside", "config"), 0o600)
+    sb.script = "$A chmod_outside $OUTSIDE/config" + KILL_TAIL
+
+
+@scenario
 def build_network(sb, ctx):
     """Every egress attempt is denied (none kills): one run, one listener each."""
     L = sb.listen
-    ports = {
-        "udp4": ["udp", "inet", "127.0.0.1", L("udp4", "udp").port],
-        "udp6": ["udp", "inet6", "::1", L("udp6", "udp", socket.AF_INET6, "::1").port],
-        "udp-mapped": ["udp", "inet6", "::ffff:127.0.0.1", L("udp-mapped", "udp").port],
-        "tcp6": ["tcp", "inet6", "::1", L("tcp6", "tcp", socket.AF_INET6, "::1").port],
-        "tcp-mapped": ["tcp", "inet6", "::ffff:127.0.0.1", L("tcp-mapped", "tcp").port],
-    }
+    ports = {"udp4": ["udp", "inet", "127.0.0.1", L("udp4", "udp").port]}
+    if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+        ports.update({
+            "udp6": ["udp", "inet6", "::1", L("udp6", "udp", socket.AF_INET6, "::1").port],
+            "udp-mapped": ["udp", "inet6", "::ffff:127.0.0.1", L("udp-mapped", "udp").port],
+            "tcp6": ["tcp", "inet6", "::1", L("tcp6", "tcp", socket.AF_INET6, "::1").port],
+            "tcp-mapped": ["tcp", "inet6", "::ffff:127.0.0.1", L("tcp-mapped", "tcp").port],
+        })
     if ctx["netns"]:
         ports["dns-netns"] = ["udp", "inet", ctx["netns"]["addr"], 53]
         ports["dns-netns-tcp"] = ["tcp", "inet", ctx["netns"]["addr"], 53]
@@ -277,15 +294,19 @@ def runs(request, tmp_path_factory, payloads):
 
 @pytest.fixture
 def run(request, runs):
-    """The finished run of the test's scenario; the run must have left no
-    cgroup behind (agentwatch removes its own)."""
+    """The finished run of the test's scenario. None of the suite's runs may
+    have left a cgroup (v2, or v1 limit group) or a process behind:
+    agentwatch removes its own. (Only ours: other agentwatch runs on a
+    shared host are not this test's business; tests/conftest.py checks the
+    whole host at the end of the session.)"""
     sb = runs[request.function.scenario]
     start = sb.lifecycle("start")
     assert start["detail"]["enforcement"]["path"] == PATH_HERE, sb.report()
     yield sb
     assert sb.leftover_processes() == []       # nothing of the run outlived it
-    assert leftover_cgroups() == []
-    assert leftover_v1() == []
+    ours = {b.events[0]["run_id"] for b in runs.values() if b.events}
+    assert ours & set(leftover_cgroups()) == set()
+    assert ours & {os.path.basename(d) for d in leftover_v1()} == set()
 
 
 def kernel_said(v, *answers):
@@ -332,27 +353,42 @@ def test_editing_the_policy_file(run):
     assert run.rc == 0 and run.exists("ws", "finished")
 
 
-@uses("files")
+@uses("cgroup_escape")
 def test_writing_another_cgroups_procs_to_escape(run):
-    """Moving itself into the root cgroup (v2 and the v1 pids hierarchy)
-    would leave the run's cgroup, its limits and the BPF filter. Landlock:
-    /sys is not even readable."""
-    tries = run.attempts("join root cgroup")
-    assert len(tries) >= 2 and {t["result"] for t in tries} == {"EACCES"}
-    cgroup_after = run.attempts("cgroup after")[0]["value"]
-    run_id = run.lifecycle("start")["run_id"]
-    assert f"0::/agentwatch/{run_id}" in cgroup_after      # still in the run's cgroup
-    for t in tries:
-        kernel_said(run.violation("filesystem.write", "filesystem", path=t["path"]), "EACCES")
+    """Moving itself into the root cgroup (v2, or the v1 pids hierarchy)
+    would leave the run's cgroup, its limits and the BPF filter, and outlive
+    the kill. Landlock: /sys is not even readable (EACCES)."""
+    for t in run.attempts("join root cgroup"):
+        assert t["result"] == "EACCES"
+    assert not run.exists("ws", "escaped")          # no process outlived the cgroup kill
+    v = run.violation("filesystem.write", "filesystem")
+    assert v["detail"]["path"].endswith("/cgroup.procs")
+    kernel_said(v, "EACCES")
+    assert_killed(run, "filesystem.write")
 
 
-@uses("files")
+@uses("proc_root_write")
 def test_proc_self_root_detour_to_write_outside(run):
     """/proc/self/root/<path> is the same inode to Landlock: no way around it."""
-    assert run.result("write via /proc/self/root") == "EACCES"
+    refused(run, "write via /proc/self/root", "EACCES")
     assert not os.path.exists(run.path("outside", "planted"))
     v = run.violation("filesystem.write", "filesystem", path=run.path("outside", "planted"))
+    assert v["detail"]["named"].startswith("/proc/self/root/")
     kernel_said(v, "EACCES")
+    assert_killed(run, "filesystem.write")
+
+
+@uses("chmod_outside")
+def test_chmod_outside_the_sandbox_is_killed(run):
+    """CANNOT BE DENIED on this kernel, only detected and killed: Landlock
+    has no right for chmod, chown or utimes, and the agent runs as uid 0,
+    the owner of the file (dropping capabilities does not change that; a
+    non-root run_as uid or BPF LSM path_chmod would). The mode does change;
+    the judge sees the chmod and kills the agent."""
+    v = run.violation("filesystem.write", "filesystem", path=run.path("outside", "config"),
+                      op="chmod")
+    assert v["action"] == "kill" and v["detail"]["kernel"] == "allowed"
+    assert_killed(run, "filesystem.write")
 
 
 @uses("files")
@@ -404,8 +440,8 @@ def test_secret_through_symlink_in_workspace(run):
 @uses("secret_hardlink")
 def test_secret_through_hardlink_in_workspace(run):
     """ln ~/.ssh/id_rsa $WS/notes.txt: a second name for the key inside a
-    readable tree. Refused (EXDEV: the workspace is its own mount, and
-    Landlock refuses the refer across rule boundaries anyway)."""
+    readable tree. Refused with EXDEV: the workspace is its own (noexec)
+    mount; Landlock would refuse it too (no REFER right on ~/.ssh)."""
     assert run.read("ws", "ln-status").strip() != "ln=0"
     assert not run.exists("ws", "notes.txt")
     secret_not_in(run, "ws", "copy")
@@ -671,6 +707,8 @@ def test_dns_to_the_loopback_resolver_address(run):
 @uses("network")
 def test_ipv6_loopback_other_port(run):
     """::1 on a port other than 18080, TCP (Landlock) and UDP (cgroup BPF)."""
+    if "tcp6" not in run.ports:
+        pytest.skip("no IPv6 on this host")
     tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
     assert tries["tcp6"] == "EACCES" and tries["udp6"] == "EPERM"
     assert run.listeners["tcp6"].connections == 0 and run.listeners["udp6"].data == []
@@ -682,6 +720,8 @@ def test_ipv6_loopback_other_port(run):
 def test_ipv4_mapped_ipv6_destination(run):
     """::ffff:127.0.0.1 from an AF_INET6 socket reaches the IPv4 listener:
     judged as 127.0.0.1 (mapped addresses normalised), TCP and UDP."""
+    if "tcp-mapped" not in run.ports:
+        pytest.skip("no IPv6 on this host")
     tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
     assert tries["tcp-mapped"] == "EACCES" and tries["udp-mapped"] == "EPERM"
     assert run.listeners["tcp-mapped"].connections == 0

@@ -80,8 +80,10 @@ def policy_edit(policy, scratch):
     attempt("unlink", lambda: os.unlink(policy), path=policy)
 
 
-def cgroup_escape():
-    """Write our pid into the root cgroup of every hierarchy we can name."""
+def cgroup_escape(survivor):
+    """Write our pid into the root cgroup of every hierarchy we can name;
+    then wait: a process that left the run's cgroup outlives the kill of
+    that cgroup, and leaves ``survivor`` behind."""
     targets = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -93,11 +95,18 @@ def cgroup_escape():
     for t in targets:
         attempt("join root cgroup", lambda: write_bytes(t, str(os.getpid()).encode()), path=t)
     report("cgroup after", "ok", value=read_bytes("/proc/self/cgroup").decode())
+    time.sleep(15)
+    write_bytes(survivor, read_bytes("/proc/self/cgroup"))
 
 
 def proc_root_write(path):
     detour = "/proc/self/root" + path
     attempt("write via /proc/self/root", lambda: write_bytes(detour, b"planted\n"), path=detour)
+
+
+def chmod_outside(path):
+    attempt("chmod 0666", lambda: os.chmod(path, 0o666), path=path)
+    attempt("utime", lambda: os.utime(path, (0, 0)), path=path)
 
 
 def send_signal(pid):
@@ -337,7 +346,7 @@ def memory_hog(marker, mb):
 
 STEPS = {
     "copy": copy, "policy_edit": policy_edit, "cgroup_escape": cgroup_escape,
-    "proc_root_write": proc_root_write, "signal": lambda pid: send_signal(int(pid)),
+    "proc_root_write": proc_root_write, "chmod_outside": chmod_outside, "signal": lambda pid: send_signal(int(pid)),
     "inherited_fd": lambda fd, ppid, dst: inherited_fd(int(fd), int(ppid), dst),
     "environ": lambda pid, dst: environ(int(pid), dst),
     "memfd_exec": memfd_exec, "map_exec": map_exec, "x32_open": x32_open, "bpf": bpf_map,
