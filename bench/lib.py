@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from agentwatch.sensors.inventory import bpf_syscall
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
 CSRC = os.path.join(BENCH, "csrc")
@@ -502,7 +504,6 @@ class WarmRunner:
 # -- the kernel's view: BPF programs and their run-time statistics ------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 _PROG_GET_NEXT_ID, _PROG_GET_FD_BY_ID, _OBJ_GET_INFO_BY_FD, _ENABLE_STATS = 11, 13, 15, 32
 # struct bpf_prog_info (include/uapi/linux/bpf.h): name[16] at 64, run_time_ns
 # at 192, run_cnt at 200 (checked against the installed header with offsetof;
@@ -525,11 +526,6 @@ class _StatsAttr(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32)]
 
 
-def _bpf(cmd, attr):
-    ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    return ret, ctypes.get_errno()
-
-
 def parse_prog_info(raw):
     """name, run_time_ns, run_cnt from a struct bpf_prog_info buffer."""
     name = raw[OFF_NAME:OFF_NAME + 16].split(b"\0", 1)[0].decode(errors="replace")
@@ -543,17 +539,17 @@ def aw_programs(prefix="aw_"):
     out, start = {}, 0
     while True:
         a = _IdAttr(start_id=start)
-        ret, err = _bpf(_PROG_GET_NEXT_ID, a)
+        ret, err = bpf_syscall(_PROG_GET_NEXT_ID, a)
         if ret < 0:
             return out        # ENOENT: the end (or no permission: nothing to see)
         start = a.next_id
-        fd, _ = _bpf(_PROG_GET_FD_BY_ID, _IdAttr(start_id=start))
+        fd, _ = bpf_syscall(_PROG_GET_FD_BY_ID, _IdAttr(start_id=start))
         if fd < 0:
             continue
         try:
             buf = ctypes.create_string_buffer(PROG_INFO_LEN)
             ia = _InfoAttr(bpf_fd=fd, info_len=PROG_INFO_LEN, info=ctypes.addressof(buf))
-            if _bpf(_OBJ_GET_INFO_BY_FD, ia)[0] == 0:
+            if bpf_syscall(_OBJ_GET_INFO_BY_FD, ia)[0] == 0:
                 name, rt, cnt = parse_prog_info(buf.raw)
                 if name.startswith(prefix):
                     out[start] = (name, rt, cnt)
@@ -567,7 +563,7 @@ def bpf_stats():
     BPF_ENABLE_STATS (on only while its fd is open, so a crash cannot leave it
     on); falls back to the kernel.bpf_stats_enabled sysctl, restored after.
     Timing is off otherwise: it costs two clock reads per program run."""
-    fd, _ = _bpf(_ENABLE_STATS, _StatsAttr(type=0))   # BPF_STATS_RUN_TIME
+    fd, _ = bpf_syscall(_ENABLE_STATS, _StatsAttr(type=0))   # BPF_STATS_RUN_TIME
     sysctl, old = "/proc/sys/kernel/bpf_stats_enabled", None
     if fd < 0:
         with open(sysctl) as f:

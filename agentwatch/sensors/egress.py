@@ -297,7 +297,7 @@ class _QueryAttr(ctypes.Structure):
 def attached_program_ids(cgroup_path):
     """{attach type name: [program ids]} attached directly to the cgroup for
     the hooks Egress uses (BPF_PROG_QUERY), to prove attach and detach."""
-    from .inventory import _bpf
+    from .inventory import bpf_syscall
     fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         out = {}
@@ -305,7 +305,7 @@ def attached_program_ids(cgroup_path):
             ids = (ctypes.c_uint32 * 64)()
             a = _QueryAttr(target_fd=fd, attach_type=at,
                            prog_ids=ctypes.addressof(ids), prog_cnt=64)
-            ret, err = _bpf(_BPF_PROG_QUERY, a)
+            ret, err = bpf_syscall(_BPF_PROG_QUERY, a)
             if ret < 0:
                 raise OSError(err, f"BPF_PROG_QUERY {atype}: {os.strerror(err)}")
             out[atype] = list(ids[:a.prog_cnt])

@@ -17,8 +17,12 @@ def _nr():
     return seccomp.resolve_syscall(seccomp.Arch.NATIVE, "bpf")
 
 
-def _bpf(cmd, attr):
-    ret = _libc.syscall(_nr(), cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+def bpf_syscall(cmd, attr):
+    """bpf(cmd, &attr, sizeof attr) -> (return value, errno). The one raw
+    bpf() wrapper: used for the program inventory, cgroup queries, LSM loads
+    and the benchmarks' run-time statistics."""
+    ret = _libc.syscall(ctypes.c_long(_nr()), ctypes.c_int(cmd), ctypes.byref(attr),
+                        ctypes.c_uint(ctypes.sizeof(attr)))
     return ret, ctypes.get_errno()
 
 
@@ -37,20 +41,20 @@ def loaded_programs():
     out, start = [], 0
     while True:
         a = _IdAttr(start_id=start)
-        ret, err = _bpf(_BPF_PROG_GET_NEXT_ID, a)
+        ret, err = bpf_syscall(_BPF_PROG_GET_NEXT_ID, a)
         if ret < 0:
             if err == 2:      # ENOENT: no more
                 return out
             raise OSError(err, os.strerror(err))
         start = a.next_id
         fa = _IdAttr(start_id=start)     # prog_id shares the first field
-        fd, err = _bpf(_BPF_PROG_GET_FD_BY_ID, fa)
+        fd, err = bpf_syscall(_BPF_PROG_GET_FD_BY_ID, fa)
         if fd < 0:
             continue                     # unloaded meanwhile
         try:
             buf = ctypes.create_string_buffer(_INFO_LEN)
             ia = _InfoAttr(bpf_fd=fd, info_len=_INFO_LEN, info=ctypes.addressof(buf))
-            ret, err = _bpf(_BPF_OBJ_GET_INFO_BY_FD, ia)
+            ret, err = bpf_syscall(_BPF_OBJ_GET_INFO_BY_FD, ia)
             if ret == 0:
                 name = buf.raw[_NAME_OFFSET:_NAME_OFFSET + 16].split(b"\0", 1)[0].decode(errors="replace")
                 out.append((start, name))

@@ -70,10 +70,10 @@ bcc is imported only inside methods, so the pure parts work anywhere.
 import ctypes
 import errno
 import os
-import platform
 import socket
 import stat
 
+from .inventory import bpf_syscall
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
 
 ENFORCEMENT = "bpf-lsm"      # doctor.ENFORCE_BPF_LSM: the path these denials come from
@@ -307,7 +307,6 @@ def decode_denial(data, paths=None):
 
 # ---- loading LSM programs under our own names (no bcc naming) ---------------------------
 
-_BPF_NR = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
 _BPF_PROG_LOAD = 5
 _BPF_RAW_TRACEPOINT_OPEN = 17
 _BPF_PROG_TYPE_LSM = 29
@@ -333,15 +332,6 @@ class _ProgLoadAttr(ctypes.Structure):
 
 class _RawTpAttr(ctypes.Structure):
     _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
-
-
-def _sys_bpf(cmd, attr):
-    nr = _BPF_NR.get(platform.machine())
-    if nr is None:
-        raise KernelFeatureError(f"bpf() syscall number unknown on {platform.machine()}")
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr),
-                        ctypes.c_uint(ctypes.sizeof(attr)))
-    return ret, ctypes.get_errno()
 
 
 def lsm_btf_id(hook):
@@ -372,12 +362,12 @@ def load_lsm_program(name, hook, insns):
                          insns=ctypes.addressof(buf), license=ctypes.addressof(lic),
                          prog_name=name.encode()[:15], expected_attach_type=_BPF_LSM_MAC,
                          attach_btf_id=lsm_btf_id(hook))
-    fd, err = _sys_bpf(_BPF_PROG_LOAD, attr)
+    fd, err = bpf_syscall(_BPF_PROG_LOAD, attr)
     if fd >= 0:
         return fd
     log = ctypes.create_string_buffer(1 << 20)   # again, with the verifier's log
     attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
-    fd2, err2 = _sys_bpf(_BPF_PROG_LOAD, attr)
+    fd2, err2 = bpf_syscall(_BPF_PROG_LOAD, attr)
     if fd2 >= 0:      # loaded the second time: keep it
         return fd2
     text = log.value.decode(errors="replace").strip().splitlines()
@@ -392,7 +382,7 @@ def load_lsm_program(name, hook, insns):
 def attach_lsm_program(prog_fd):
     """Attach a loaded LSM program; returns the link fd (closing it detaches)."""
     attr = _RawTpAttr(name=0, prog_fd=prog_fd)
-    fd, err = _sys_bpf(_BPF_RAW_TRACEPOINT_OPEN, attr)
+    fd, err = bpf_syscall(_BPF_RAW_TRACEPOINT_OPEN, attr)
     if fd < 0:
         raise KernelFeatureError(f"attaching an LSM program failed: {os.strerror(err)}")
     return fd
