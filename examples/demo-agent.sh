@@ -4,6 +4,7 @@
 # coding-agent policy does not allow (they show up as violations once policy
 # evaluation is on).
 set -u
+PATH=/usr/local/bin:/usr/bin:/bin
 WS="${WORKSPACE:-$(mktemp -d /tmp/agentwatch-demo.XXXXXX)}"
 cd "$WS"
 echo "demo agent: workspace $WS" >&2
@@ -11,7 +12,8 @@ cat /etc/os-release > /dev/null            # read the system
 printf 'print("hello")\n' > main.py        # write the workspace
 python3 main.py > /dev/null 2>&1 || true   # run a tool
 ls -la > listing.txt
-cat "$HOME/.ssh/id_rsa" > /dev/null 2>&1 || true   # a secret (forbidden)
+cat "$HOME/.ssh/id_rsa" > /dev/null 2>&1 || true   # a secret (forbidden; only if it exists)
+echo "API_TOKEN=demo" > .env; cat .env > /dev/null  # a secret file (**/.env is denied)
 # a local service on a port the policy does not allow (connection refused is fine)
 python3 -c 'import socket; s=socket.socket(); s.settimeout(1); print(s.connect_ex(("127.0.0.1", 8081)))' >/dev/null 2>&1 || true
 ( sh -c 'sleep 0.2; echo done > bg.txt' & )  # a detached background helper
