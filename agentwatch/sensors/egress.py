@@ -48,6 +48,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
+from .denials import CNT_DENIED, CNT_LOST, DenialStream  # noqa: F401 (counter indexes)
 
 # ---- constants shared with bpf/egress.bpf.c (checked by tests/unit/test_egress_rules.py)
 MAX_RANGES = 16
@@ -56,7 +57,6 @@ P_ANY = P_TCP | P_UDP | P_OTHER
 PROTO_BITS = {"tcp": P_TCP, "udp": P_UDP, "any": P_ANY}
 F_LOOPBACK = 0x1
 CFG_INET, CFG_INET6 = 0x1, 0x2
-CNT_DENIED, CNT_LOST = 0, 1
 OPS = {1: ("connect", "inet"), 2: ("connect", "inet6"), 3: ("sendmsg", "inet"),
        4: ("sendmsg", "inet6"), 5: ("socket", None)}
 REASONS = {1: "no-allow-rule", 2: "port-not-allowed", 3: "loopback-not-allowed",
@@ -316,8 +316,10 @@ def attached_program_ids(cgroup_path):
 
 # ---- the kernel side ---------------------------------------------------------------
 
-class Egress:
+class Egress(DenialStream):
     """The egress programs attached to one cgroup."""
+
+    COUNTERS = b"egress_counters"
 
     def __init__(self, rules, ringbuf_pages=64):
         self.rules = rules
@@ -395,27 +397,8 @@ class Egress:
     def __exit__(self, *exc):
         self.close()
 
-    def _on_record(self, _ctx, data, size):
-        self.received += 1
-        try:
-            self._on_denial(decode_denial(ctypes.string_at(data, size)))
-        except Exception as e:   # one bad record or callback must not stop the stream
-            self.errors.append(f"{type(e).__name__}: {e}")
-        return 0
-
-    def poll(self, timeout_ms=0):
-        """Deliver the denial records that are ready, waiting up to timeout_ms."""
-        if self.bpf is not None:
-            self.bpf.ring_buffer_poll(timeout_ms)
-
-    def counters(self):
-        """denials counted in the kernel, records lost (ring buffer full),
-        records received here."""
-        table = self.bpf[b"egress_counters"]
-        def total(idx):
-            return sum(int(v) for v in table[ctypes.c_int(idx)])
-        return {"denials": total(CNT_DENIED), "lost": total(CNT_LOST),
-                "received": self.received, "errors": len(self.errors)}
+    def _decode(self, raw):
+        return decode_denial(raw)
 
 
 __all__ = ["Egress", "EgressRules", "EgressRuleError", "compile_rules",

@@ -75,13 +75,13 @@ import stat
 
 from .inventory import bpf_syscall
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
+from .denials import CNT_DENIED, CNT_LOST, DenialStream  # noqa: F401 (counter indexes)
 
 ENFORCEMENT = "bpf-lsm"      # doctor.ENFORCE_BPF_LSM: the path these denials come from
 
 # ---- constants shared with bpf/lsm.bpf.c ----------------------------------------------
 H_EXEC, H_OPEN, H_CONNECT, H_MMAP, H_MPROTECT = 1, 2, 3, 4, 5
 CFG_EXEC, CFG_OPEN, CFG_CONNECT = 0x1, 0x2, 0x4
-CNT_DENIED, CNT_LOST = 0, 1
 NAME_LEN = 64
 MAX_ALLOW, MAX_DENY = 65536, 4096
 PROT_EXEC = 0x4
@@ -393,8 +393,10 @@ def bpf_source_path():
     return os.path.join(bpf_dir(), "lsm.bpf.c")
 
 
-class LsmGuard:
+class LsmGuard(DenialStream):
     """BPF LSM enforcement for one or more cgroups; see the module doc."""
+
+    COUNTERS = b"lsm_counters"
 
     enforcement = ENFORCEMENT
 
@@ -517,28 +519,8 @@ class LsmGuard:
         self.close()
 
     # -- records ------------------------------------------------------------------------
-    def _on_record(self, _ctx, data, size):
-        self.received += 1
-        try:
-            self._on_denial(decode_denial(ctypes.string_at(data, size), self.known_paths()))
-        except Exception as e:   # one bad record or callback must not stop the stream
-            self.errors.append(f"{type(e).__name__}: {e}")
-        return 0
-
-    def poll(self, timeout_ms=0):
-        """Deliver the denial records that are ready, waiting up to timeout_ms."""
-        if self.bpf is not None:
-            self.bpf.ring_buffer_poll(timeout_ms)
-
-    def counters(self):
-        """denials counted in the kernel, records lost (ring buffer full),
-        records received here."""
-        table = self.bpf[b"lsm_counters"]
-
-        def total(idx):
-            return sum(int(v) for v in table[ctypes.c_int(idx)])
-        return {"denials": total(CNT_DENIED), "lost": total(CNT_LOST),
-                "received": self.received, "errors": len(self.errors)}
+    def _decode(self, raw):
+        return decode_denial(raw, self.known_paths())
 
     def program_names(self):
         return sorted(self.link_fds)
