@@ -113,8 +113,16 @@ int aw_exit(struct tracepoint__sched__sched_process_exit *args)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id, tgid = id >> 32;
 	stash.delete(&tid);
+#ifdef AW_HAVE_GROUP_DEAD
 	if (!args->group_dead)
 		return 0;
+#else
+	/* Kernels before 6.16 do not say whether this was the last thread;
+	 * the thread-group leader's exit stands for the process's (a leader
+	 * that calls pthread_exit() early ends the process's record early). */
+	if (tid != tgid)
+		return 0;
+#endif
 	struct aw_exit_event *e;
 	if (!AW_RESERVE(e)) {
 		exit_codes.delete(&tgid);

@@ -55,6 +55,22 @@ def syscall_nargs(name):
     return len([f for f in fields if "common_" not in f and "__syscall_nr" not in f])
 
 
+def tracepoint_fields(event):
+    """Field names of a tracepoint record ("sched/sched_process_exit"), from
+    its tracefs format: they differ between kernel versions."""
+    with open(os.path.join(TRACEFS, "events", event, "format")) as f:
+        return {line.split(";")[0].split()[-1].split("[")[0] for line in f
+                if line.strip().startswith("field:")}
+
+
+def feature_cflags():
+    """-D flags for record fields that only some kernels have."""
+    flags = []
+    if "group_dead" in tracepoint_fields("sched/sched_process_exit"):   # Linux 6.16+
+        flags.append("-DAW_HAVE_GROUP_DEAD")
+    return flags
+
+
 def _import_bcc():
     try:
         import bcc
@@ -93,7 +109,7 @@ class Sensors:
                                      f"'mount -t tracefs tracefs {TRACEFS}' (see agentwatch doctor)")
         bcc = _import_bcc()
         cflags = [f"-I{bpf_dir()}", f"-DAW_RINGBUF_PAGES={self.ringbuf_pages}",
-                  "-Wno-unused-function"]
+                  "-Wno-unused-function"] + feature_cflags()
         try:
             self.bpf = bcc.BPF(text=bpf_source().encode(), cflags=cflags)
         except Exception as e:

@@ -8,6 +8,8 @@ import errno
 import os
 import stat
 
+from lsmkit import awprobe, doctor_path, in_the_vm, lsm  # noqa: F401 (fixtures)
+
 PROT_EXEC = 0x4
 
 
