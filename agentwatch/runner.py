@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from . import integrity, state
 from .engine import Correlator, RunContext
 from .engine.judge import Judge
-from .errors import AgentwatchError, LaunchError, PolicyError, PrivilegeError, UsageError
+from .errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyError, PrivilegeError,
+                     UsageError)
 from .events import LifecycleEvent
 from .policy import load as load_policy
 from .sandbox import launcher
@@ -51,6 +52,7 @@ class RunOptions:
     require_signed: bool = False
     trust: list = field(default_factory=list)   # extra trusted public key files
     allow_downgrade: bool = False  # run even if the kernel cannot enforce some rules
+    bpf_lsm: str = "auto"          # auto: BPF LSM layer where the host can load it; on; off
 
 
 class Monitor:
@@ -133,10 +135,26 @@ class Run:
         self.judge = None
         self.killed_for = None
         self.egress = None
+        self.lsm = None
         self.limits = None
         self.wall_deadline = None
 
     # -- input ----------------------------------------------------------------------
+    def _bpf_lsm_wanted(self):
+        """Whether the plan gets the BPF LSM layer: "auto" where the host can
+        load it (BPF LSM active, root, headers of exactly this kernel)."""
+        mode = self.opts.bpf_lsm
+        if mode == "off":
+            return False
+        from .sensors.lsm import LsmGuard
+        try:
+            LsmGuard.preflight()
+        except AgentwatchError as e:
+            if mode == "on":
+                raise KernelFeatureError(f"--bpf-lsm on: {e}") from None
+            return False
+        return True
+
     def _check(self):
         o = self.opts
         if not o.argv:
@@ -168,7 +186,8 @@ class Run:
             self.compiled = compile_policy(self.policy, self.variables)
             o.sensors = self.compiled.sensor_groups()
             protected = [self.policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
-            self.plan = make_plan(self.policy.data, self.variables, protected)
+            self.plan = make_plan(self.policy.data, self.variables, protected,
+                                  bpf_lsm=self._bpf_lsm_wanted())
             if self.plan.downgrades and not o.allow_downgrade:
                 raise PolicyError(
                     f"{self.policy.path}: this kernel cannot enforce every rule:\n  "
@@ -315,7 +334,8 @@ class Run:
                 watched.append(("identity.prompt_write", os.path.abspath(self.opts.prompt_path)))
             self.judge = Judge(self.compiled, self.correlator, self.ctx, self._emit,
                                on_kill=self._kill_for_violation, watched_files=watched,
-                               egress_enforced=bool(self.plan and self.plan.egress is not None))
+                               egress_enforced=bool(self.plan and self.plan.egress is not None),
+                               lsm_enforced=bool(self.plan and self.plan.lsm is not None))
         self.correlator.add_run(self.ctx)
         self.sensors.watch(self.cgroup.id)
         launcher.set_child_subreaper()
@@ -362,6 +382,15 @@ class Run:
             if self.limits.missing:
                 identity["enforcement"]["downgrades"].append(
                     f"resources: no {', '.join(self.limits.missing)} controller")
+        if plan.lsm is not None:
+            from .sensors.lsm import LsmGuard
+            try:
+                self.lsm = LsmGuard(plan.lsm.exec_allow, plan.lsm.file_deny).open(
+                    self.cgroup.path, self._on_lsm_denial)
+            except AgentwatchError as e:
+                raise LaunchError(f"agent not started: loading the BPF LSM layer failed: {e} "
+                                  "(agentwatch run --bpf-lsm off uses Landlock, seccomp and "
+                                  "cgroup BPF alone)") from None
         if plan.egress is not None:
             from .sensors.egress import Egress
             self.egress = Egress(plan.egress).open(self.cgroup.path, self._on_egress_denial)
@@ -399,12 +428,33 @@ class Run:
                                       "addr": d.get("addr"), "port": d.get("port"),
                                       "proto": d.get("proto")})
 
+    def _on_lsm_denial(self, d):
+        """A refusal by a BPF LSM program (sensors/lsm.py): exec or executable
+        mapping of a file outside the allow set, or open of a denied file."""
+        from .events import FileEvent
+        path = d.get("path") or _fd_path(d["pid"], d.get("ino")) or d.get("name") or ""
+        op = "exec" if d["op"] in ("exec", "mmap", "mprotect") else "open"
+        proc = self.ctx.procs.get(d["pid"])
+        ev = FileEvent(op=op, path=path, abspath=path if path.startswith("/") else None,
+                       ts=round(time.time(), 6), run_id=self.run_id, agent=self.agent,
+                       pid=d["pid"], tid=d.get("tid", d["pid"]), ppid=proc.ppid if proc else 0,
+                       uid=d.get("uid", 0), comm=d.get("comm", ""), ret=-1, error="EPERM")
+        rule = "filesystem.deny" if d["rule"] == "file-denied" else "filesystem.exec"
+        if self.judge:
+            self.judge.kernel_denial(ev, "filesystem", rule, f"BPF LSM {d['hook']}: {d['rule']}",
+                                     path, {"op": d["op"], "hook": d["hook"], "path": path,
+                                            "ino": d.get("ino"), "dev": d.get("dev")},
+                                     layer="bpf-lsm")
+
+    def _guards(self):
+        return [g for g in (self.lsm, self.egress) if g is not None]
+
     def _loop(self):
         next_stats = time.monotonic() + STATS_EVERY_S
         while self.exit_status is None:
             self.sensors.poll(100)
-            if self.egress:
-                self.egress.poll(0)
+            for g in self._guards():
+                g.poll(0)
             self._reap()
             if self.wall_deadline and time.monotonic() > self.wall_deadline:
                 self.wall_deadline = None
@@ -459,8 +509,8 @@ class Run:
             self.sensors.poll(30)
             quiet = quiet + 1 if self.sensors.received == before else 0
         self._reap()
-        if self.egress:
-            self.egress.poll(0)
+        for g in self._guards():
+            g.poll(0)
         self.correlator.finish(self.ctx)
         if self.judge:
             self.judge.tick(final=True)
@@ -475,6 +525,7 @@ class Run:
                                 "records_submitted": stats["records_submitted"],
                                 "records_received": stats["records_received"],
                                 "decode_errors": stats["decode_errors"],
+                                "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
         counts = {"events": self.ctx.events, "lost": lost,
                   "violations": verdict["violations"] if verdict else 0}
@@ -512,8 +563,8 @@ class Run:
                     self.monitor.close()
             if self.cgroup:
                 self.cgroup.kill()
-            if self.egress:            # only once the agent tree is dead
-                self.egress.close()
+            for g in self._guards():   # only once the agent tree is dead
+                g.close()
             if self.limits:
                 self.limits.remove()
             if self.cgroup:
@@ -523,6 +574,24 @@ class Run:
                 if self.exit_status is None:
                     status = "failed"
                 self._save_record(status=status, exit_status=self.exit_status, end_time=time.time())
+
+
+def _fd_path(pid, ino):
+    """The path of pid's open file with inode ino (what the loader was about
+    to map), while the process lives; else None."""
+    if not ino:
+        return None
+    d = f"/proc/{pid}/fd"
+    try:
+        for fd in os.listdir(d):
+            try:
+                if os.stat(os.path.join(d, fd)).st_ino == ino:
+                    return os.readlink(os.path.join(d, fd))
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return None
 
 
 def run_agent(opts):

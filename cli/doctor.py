@@ -19,3 +19,8 @@ def doctor(as_json):
         if path == "landlock+seccomp+cgroup-bpf":
             click.echo("  files and TCP ports: Landlock; syscalls: seccomp; egress: cgroup BPF; "
                        "denied paths inside allowed trees: masked in a private mount namespace")
+        elif path == "bpf-lsm":
+            click.echo("  runs get bpf-lsm+landlock+seccomp+cgroup-bpf: BPF LSM refuses exec and "
+                       "executable mappings of files outside the exec allow list (by inode: "
+                       "copies, renames and the dynamic loader included) and opens of denied "
+                       "files under any name, on top of Landlock, seccomp and cgroup BPF")

@@ -23,17 +23,23 @@ from agentwatch.runner import RunOptions, run_agent
 @click.option("--allow-downgrade", is_flag=True,
               help="Run even when this kernel cannot enforce some of the policy's rules; they "
                    "are listed at start and recorded in the run identity.")
+@click.option("--bpf-lsm", "bpf_lsm", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="The BPF LSM layer (exec and executable mappings by inode, denied files under "
+                   "any name): auto uses it where 'agentwatch doctor' finds it loadable; on "
+                   "refuses to start without it.")
 @click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
               help="Extra trusted public key (repeatable); see 'agentwatch key'.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
 def run(ctx, policy_path, name, events_path, show, workspace, prompt_path, require_signed,
-        allow_downgrade, trust, command):
+        allow_downgrade, bpf_lsm, trust, command):
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]
 
     The exit status is the agent's own (128+N when a signal N killed it)."""
     code = run_agent(RunOptions(argv=list(command), policy_path=policy_path, name=name,
                                 events_path=events_path, show=show, workspace=workspace,
                                 prompt_path=prompt_path, require_signed=require_signed,
-                                trust=list(trust), allow_downgrade=allow_downgrade))
+                                trust=list(trust), allow_downgrade=allow_downgrade,
+                                bpf_lsm=bpf_lsm))
     ctx.exit(code)

@@ -122,7 +122,7 @@ def _read_counter(path, key):
 
 class Judge:
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
-                 egress_enforced=False):
+                 egress_enforced=False, lsm_enforced=False):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run."""
@@ -143,6 +143,11 @@ class Judge:
         # the cgroup BPF programs report their own denials; the syscall
         # sensor's view of the same EPERM must not report them twice
         self.egress_enforced = egress_enforced
+        # BPF LSM refusals are seen twice too: by the LSM program and by the
+        # syscall sensor (EPERM) or the dynamic loader's argv; one attempt is
+        # one violation (see _paired)
+        self.lsm_enforced = lsm_enforced
+        self._unpaired = Counter()  # (layer, pid, rule, basename) -> reports awaiting their twin
         self._limits_next = 0.0
         self._limit_files = None    # [(rule, counters file, key)], found on first use
         self._limit_counts = {}     # counter file -> last value reported
@@ -289,8 +294,9 @@ class Judge:
             d = Decision(category=d.category, rule=d.rule, action=d.action, pattern=d.pattern,
                          reason=f"{d.reason}, mapped by the dynamic loader {loader}")
             evidence["loader"] = loader
-            evidence["kernel"] = ("not refused at exec: the loader maps the file itself "
-                                  "(refused only where its mount is noexec)")
+            evidence["kernel"] = ("mapping refused by BPF LSM mmap_file (EPERM)" if self.lsm_enforced
+                                  else "not refused at exec: the loader maps the file itself "
+                                       "(refused only where its mount is noexec)")
         self._decide(ev, d, path, evidence)
 
     def _net(self, ev):
@@ -390,8 +396,8 @@ class Judge:
         ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=self.run.root_pid)
         self._decide(ev, d, rule, {})
 
-    def kernel_denial(self, ev, category, rule, reason, target, evidence):
-        """A denial a kernel layer reported itself (cgroup BPF)."""
+    def kernel_denial(self, ev, category, rule, reason, target, evidence, layer="cgroup-bpf"):
+        """A denial a kernel layer reported itself (cgroup BPF, BPF LSM)."""
         if evidence.get("op") == "socket" and reason.endswith("raw-socket"):
             return   # the syscall sensor's socket event reports it (see _net)
         from ..policy.compile import Decision
@@ -402,12 +408,35 @@ class Judge:
                 rule = "network.loopback"     # as check_connect judges it
         if evidence.get("port") is not None and evidence.get("proto"):
             target = f"{target}/{evidence['proto']}"   # a TCP and a UDP attempt are two
+        if layer == "bpf-lsm":
+            d = Decision(category=category, rule=rule, pattern=None, reason=reason,
+                         action=self.policy.action_for(category, rule))
+            if self._paired("bpf-lsm", ev.pid, rule, target):
+                return
+            self._decide(ev, d, target, dict(evidence, kernel=f"denied (EPERM) by BPF LSM {evidence.get('hook')}"))
+            return
         d = Decision(category=category, rule=rule, action="deny", reason=reason, pattern=None)
         self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)"))
+
+    def _paired(self, layer, pid, rule, target):
+        """True when this report's twin from the other view of the same BPF
+        LSM refusal (the LSM program vs the syscall sensor or loader argv)
+        was already counted; else remember it so that its twin is not."""
+        key = (pid, rule, os.path.basename(str(target)))
+        other = "sensor" if layer == "bpf-lsm" else "bpf-lsm"
+        if self._unpaired[(other,) + key] > 0:
+            self._unpaired[(other,) + key] -= 1
+            return True
+        self._unpaired[(layer,) + key] += 1
+        return False
 
     # -- reporting -------------------------------------------------------------------------
     def _decide(self, ev, d, target, evidence):
         if d is None:
+            return
+        if (self.lsm_enforced and d.category == "filesystem" and ev.kind != "lifecycle"
+                and (getattr(ev, "error", None) == "EPERM" or "loader" in evidence)
+                and "hook" not in evidence and self._paired("sensor", ev.pid, d.rule, target)):
             return
         key = (d.rule, target)
         self.by_category[d.category] += 1

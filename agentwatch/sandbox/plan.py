@@ -22,6 +22,21 @@ ENFORCING = ("deny", "kill")
 RUNTIME_READ = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/tty", "/dev/pts",
                 "/proc", "/etc/ld.so.cache"]
 RUNTIME_WRITE = ["/dev/null", "/dev/tty", "/dev/pts"]
+# where the dynamic loader finds shared libraries: their mappings are
+# executable, so the BPF LSM exec allow set must hold them
+RUNTIME_LIBS = ["/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib"]
+PATH_FALLBACK = "landlock+seccomp+cgroup-bpf"
+PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK
+
+
+@dataclass
+class LsmRules:
+    """What the BPF LSM layer (sensors/lsm.py) holds on top of Landlock:
+    exec and executable mappings only of files below exec_allow (by inode,
+    so copies, renames and the dynamic loader cannot widen it; None: rule
+    off), and no open of the files below file_deny under any name."""
+    exec_allow: list = None
+    file_deny: list = field(default_factory=list)
 
 
 @dataclass
@@ -30,6 +45,7 @@ class EnforcementPlan:
     landlock: object = None                    # landlock.LandlockPlan
     seccomp: SeccompPolicy = None
     egress: object = None                      # sensors.egress.EgressRules
+    lsm: LsmRules = None                       # BPF LSM layer, where the kernel has it
     masks: list = field(default_factory=list)  # mounts.plan_masks output
     limits: dict = field(default_factory=dict)
     wall_time: float = None
@@ -49,7 +65,9 @@ class EnforcementPlan:
         return {"path": self.path, "enforced": self.enforced, "downgrades": self.downgrades, "notes": self.notes,
                 "masked": [p for p, how in self.masks if how in ("dir", "file", "ro")],
                 "noexec": [p for p, how in self.masks if how == "noexec"], "limits": self.limits,
-                "wall_time": self.wall_time, "resolved_domains": self.resolved}
+                "wall_time": self.wall_time, "resolved_domains": self.resolved,
+                "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
+                                                          "file_deny": self.lsm.file_deny}}
 
 
 def section_action(data, section):
@@ -89,7 +107,9 @@ def resolve_domains(domains, timeout=2.0):
     return out
 
 
-def make_plan(data, variables, policy_files=(), landlock_abi=None):
+def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False):
+    """bpf_lsm: the host can load agentwatch's BPF LSM programs (doctor's
+    bpf-lsm check: BPF LSM active and headers of exactly this kernel)."""
     p = EnforcementPlan()
     fs = data.get("filesystem")
     net = data.get("network")
@@ -136,6 +156,8 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None):
                                     pin_dirs=sorted(set(pins), key=len))
         p.downgrades += [f"filesystem.deny {w!r}: has wildcards, cannot be masked; detected only"
                          for w in wild]
+        if bpf_lsm:
+            p.lsm = lsm_rules(exec_ok, concrete, p.notes)
         rules = landlock.LandlockRules(read=read + RUNTIME_READ, write=write + RUNTIME_WRITE,
                                        exec=exec_ok, ioctl_dev=["/dev/tty", "/dev/pts"])
         p.enforced.append("filesystem")
@@ -224,8 +246,24 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None):
         from .limits import parse_seconds
         p.wall_time = parse_seconds(res["wall_time"])
     if p.landlock or p.seccomp or p.egress:
-        p.path = "landlock+seccomp+cgroup-bpf"
+        p.path = PATH_BPF_LSM if p.lsm else PATH_FALLBACK
     return p
+
+
+def lsm_rules(exec_ok, deny, notes):
+    """LsmRules from the filesystem section's exec roots and concrete deny
+    paths. An exec root of / would put every file of the host in the allow
+    set: the exec rule is then left to Landlock (noted)."""
+    execs = [x for x in exec_ok if os.path.exists(x)]
+    if any(os.path.realpath(x) == "/" for x in execs):
+        notes.append("bpf-lsm: filesystem.exec covers /, so the inode exec rule is off "
+                     "(Landlock still holds exec by path)")
+        exec_allow = None
+    else:
+        libs = [d for d in RUNTIME_LIBS if os.path.isdir(d)]
+        exec_allow = sorted({os.path.realpath(x) for x in execs + libs})
+    file_deny = sorted({c for c in deny if not has_wildcards(c) and os.path.exists(c)})
+    return LsmRules(exec_allow=exec_allow, file_deny=file_deny)
 
 
 def _under(path, top):

@@ -7,7 +7,8 @@ CNT_DENIED, CNT_LOST = 0, 1   # indexes of the per-CPU counter map
 
 
 class DenialStream:
-    """Mixin. Subclasses set COUNTERS (the counter map's name), keep
+    """Mixin. Subclasses set COUNTERS (the counter map's name) and
+    enforcement (the layer's name in run records), keep
     self.bpf, self.received, self.errors, self._on_denial, and define
     _decode(raw) -> dict."""
 

@@ -320,6 +320,7 @@ class Egress(DenialStream):
     """The egress programs attached to one cgroup."""
 
     COUNTERS = b"egress_counters"
+    enforcement = "cgroup-bpf"
 
     def __init__(self, rules, ringbuf_pages=64):
         self.rules = rules

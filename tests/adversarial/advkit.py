@@ -24,12 +24,31 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from agentwatch.errors import AgentwatchError
+from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK
+from agentwatch.sensors.lsm import LsmGuard
 from conftest import REPO, aw_cmd, read_events
 
 POLICY = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
 ATTEMPTS = os.path.join(REPO, "tests", "adversarial", "agents", "attempts.py")
 CSRC = os.path.join(REPO, "tests", "adversarial", "csrc")
-PATH_HERE = "landlock+seccomp+cgroup-bpf"   # no loadable BPF LSM on the CI kernel
+IN_VM = os.environ.get("AGENTWATCH_VM_GUEST") == "1"   # tests/vm: Debian's kernel, lsm=...,bpf
+
+
+def enforcement_path_here():
+    """The path `agentwatch run` takes here: BPF LSM on top where it loads
+    (the VM of tests/vm, which must have it), else Landlock + seccomp +
+    cgroup BPF (the CI kernel: no BPF LSM, headers of another version)."""
+    try:
+        LsmGuard.preflight()
+    except AgentwatchError as e:
+        assert not IN_VM, f"the VM must offer the BPF LSM path: {e}"
+        return PATH_FALLBACK
+    return PATH_BPF_LSM
+
+
+PATH_HERE = enforcement_path_here()
+LSM_HERE = PATH_HERE == PATH_BPF_LSM
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- adversarial-fixture-"
 KILL_GRACE_S = 15      # a killed agent never gets past this sleep
 RUN_TIMEOUT_S = 120

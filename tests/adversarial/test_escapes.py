@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from advkit import (KILL_GRACE_S, PARALLEL, PATH_HERE, POLICY, SECRET, Sandbox, max_alive,
+from advkit import (KILL_GRACE_S, LSM_HERE, PARALLEL, PATH_HERE, POLICY, SECRET, Sandbox, max_alive,
                     netns, payloads, uses)  # noqa: F401  (fixtures)
 from agentwatch.sandbox.cgroups import leftover_cgroups
 from agentwatch.sandbox.limits import leftover_v1
@@ -493,16 +493,26 @@ def test_copied_binary_through_the_dynamic_loader(run):
 
 @uses("exec_loader_shm")
 def test_readable_binary_through_the_dynamic_loader_is_killed(run):
-    """CANNOT BE DENIED on this kernel, only detected and killed: a file
-    that is readable but neither writable by the agent nor on a noexec mount
-    (here /dev/shm, where anyone on the host can drop one) is mapped by the
-    loader with PROT_EXEC, which neither Landlock nor seccomp can refuse
-    (BPF LSM's mmap_file could). The payload does start; the judge sees the
-    loader's argv and kills the agent before it can go on."""
+    """A file that is readable but neither writable by the agent nor on a
+    noexec mount (here /dev/shm, where anyone on the host can drop one),
+    mapped by the loader with PROT_EXEC.
+    CI kernel: CANNOT BE DENIED, only detected and killed: neither Landlock
+    nor seccomp can refuse the mapping. The payload does start; the judge
+    sees the loader's argv and kills the agent before it can go on.
+    BPF LSM path (tests/vm): mmap_file refuses the mapping (the file is not
+    in the exec allow set), so the payload never runs; one violation, not
+    one from the LSM program and one from the loader's argv."""
     assert not run.exists("ws", "marker-later")      # killed before its second step
     v = run.violation("filesystem.exec", "filesystem", path=run.shm_tool)
     assert v["action"] == "kill" and "loader" in v["detail"]
     assert_killed(run, "filesystem.exec")
+    if LSM_HERE:
+        assert not run.exists("ws", "marker-now"), "the payload ran: mmap_file did not refuse it"
+        assert "BPF LSM" in v["detail"]["kernel"], v
+        assert run.lifecycle("end")["detail"]["kernel_denials"]["bpf-lsm"]["denials"] >= 1
+        repeats = [e for e in run.events if e["kind"] == "violation"
+                   and e["rule"] == "filesystem.exec" and e["detail"].get("repeat")]
+        assert v["count"] == 1 and repeats == [], repeats
 
 
 @uses("memfd")
