@@ -26,6 +26,7 @@ from .engine.judge import Judge
 from .errors import AgentwatchError, LaunchError, PolicyError, PrivilegeError, UsageError
 from .events import LifecycleEvent
 from .policy import load as load_policy
+from .policy.schema import SENSOR_GROUPS
 from .sandbox import launcher
 from .sandbox.cgroups import RunCgroup, leftover_cgroups, root_path
 from .sinks.console import ConsoleSink
@@ -45,7 +46,7 @@ class RunOptions:
     cwd: str = None
     env: dict = None
     ringbuf_pages: int = 4096
-    sensors: list = field(default_factory=lambda: ["process", "file", "net", "sensitive"])
+    sensors: list = field(default_factory=lambda: list(SENSOR_GROUPS))
     workspace: str = None        # ${WORKSPACE}; default: the working directory
     prompt_path: str = None      # the agent's system prompt / instructions file
     require_signed: bool = False
@@ -57,7 +58,7 @@ class Monitor:
     """Loaded sensors plus the correlator that attributes their records. A
     run embeds one; several runs can share one (tests, a future daemon)."""
 
-    def __init__(self, groups=("process", "file", "net", "sensitive"), ringbuf_pages=4096):
+    def __init__(self, groups=SENSOR_GROUPS, ringbuf_pages=4096):
         from .sensors import Sensors   # bcc is imported only here, after input checks
         self.sensors = Sensors(groups, ringbuf_pages)
         self.correlator = Correlator(self.sensors.nr_to_spec)

@@ -126,6 +126,8 @@ class Correlator:
             ev = S.decode(rec, spec)
             if spec.group == "file":
                 self._resolve_paths(ev, spec, rec, proc)
+            elif ev.kind == "signal" and ev.pidfd is not None:
+                ev.target = S.pidfd_pid(rec["pid"], ev.pidfd)   # while the fd still lives
             self._stamp(ev, run, rec, proc)
 
     def _resolve_paths(self, ev, spec, rec, proc):

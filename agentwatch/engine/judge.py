@@ -107,6 +107,36 @@ def _loaded_program(argv):
     return None
 
 
+def _proc_status(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return line.split(None, 1)[1].strip()
+    except (OSError, IndexError, TypeError):
+        pass
+    return None
+
+
+def _tgid(tid):
+    """The process a thread id belongs to, while it lives."""
+    v = _proc_status(tid, "Tgid")
+    return int(v) if v and v.isdigit() else None
+
+
+def _comm(pid):
+    return _proc_status(pid, "Name")
+
+
+def _pgid(pid):
+    """The process group of a live process (field 5 of /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _read_counter(path, key):
     """The value of `key N` in a cgroup counters file, or None."""
     try:
@@ -162,6 +192,8 @@ class Judge:
         elif kind == "syscall":
             self._decide(ev, self.policy.check_syscall(ev.name), ev.name, {"syscall": ev.name,
                                                                          "args": ev.args[:3]})
+        elif kind == "signal":
+            self._signal(ev)
         elif kind == "fork":
             self._fork(ev)
         elif kind == "exit" and ev.signal == signal.SIGSYS:
@@ -317,6 +349,72 @@ class Judge:
         target = addr if ev.port is None else f"{addr}:{ev.port}/{protocol}"
         self._decide(ev, d, target, {"op": ev.op, "family": ev.family, "addr": addr,
                                      "port": ev.port, "protocol": protocol})
+
+    def _signal(self, ev):
+        """A signal to a process outside the run (agentwatch, the user's
+        shell, the host) is process.signal; within the run's own tree it is
+        ordinary job control. kill(pid, 0) delivers nothing (a probe), and
+        ESRCH/EINVAL mean no process was signalled: neither is judged."""
+        if ev.signal == 0 or (ev.error and ev.error not in DENIED):
+            return
+        outside, what, pid = self._signal_target(ev)
+        if outside is None:
+            self.unjudged += 1          # the target could not be told (pidfd closed, thread gone)
+            return
+        if not outside:
+            return
+        evidence = {"op": ev.op, "target": what, "target_pid": pid, "signal": ev.signal,
+                    "signal_name": ev.signal_name}
+        if ev.target_tid is not None:
+            evidence["target_tid"] = ev.target_tid
+        if ev.pidfd is not None:
+            evidence["pidfd"] = ev.pidfd
+        if ev.ret == 0 and pid is None:
+            # kill(0) / kill(-pgid) / kill(-1) succeed when any one process got it
+            evidence["kernel"] = "delivered to at least one process of the target set"
+        self._decide(ev, self.policy.check_signal(what), f"{what} {ev.signal_name}", evidence)
+
+    def _signal_target(self, ev):
+        """(outside the run: True/False/None when unknown, description, pid or None)."""
+        if ev.op == "kill" and ev.target is not None and ev.target <= 0:
+            if ev.target == -1:
+                return True, "every process the agent may signal (kill -1)", None
+            pgid = _pgid(ev.pid) if ev.target == 0 else -ev.target
+            if pgid is None:
+                return None, "the caller's process group", None
+            # a group a process of the run created stays the run's (setpgid
+            # cannot move a process into another session's group); the
+            # agent's first group is agentwatch's own
+            return pgid not in self.run.procs, f"process group {pgid}", None
+        if ev.op == "tkill":
+            tgid = _tgid(ev.target_tid)
+            if tgid is None:
+                return (False, None, None) if ev.target_tid in self.run.procs else \
+                    (None, f"thread {ev.target_tid}", None)
+            pid = tgid
+        else:
+            pid = ev.target
+        if pid is None:
+            return None, "the process behind a pidfd", None
+        if pid in self.run.procs:
+            return False, None, pid
+        tgid = _tgid(pid)                # kill() of a thread id reaches its process
+        if tgid in self.run.procs or self._in_run_cgroup(pid):
+            return False, None, pid
+        if pid == os.getpid():
+            what = f"agentwatch (pid {pid})"
+        else:
+            what = f"pid {pid}" + (f" ({_comm(pid)})" if _comm(pid) else "")
+        return True, what, pid
+
+    def _in_run_cgroup(self, pid):
+        """A process of the run the correlator has not seen yet (lost fork record)."""
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                return any(line.startswith("0::") and self.run.run_id in line.split("/")
+                           for line in f.read().split("\n"))
+        except OSError:
+            return False
 
     def _fork(self, ev):
         proc = getattr(self.policy.spec, "process", None)

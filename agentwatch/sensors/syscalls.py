@@ -11,10 +11,12 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..events import FileEvent, NetEvent, SyscallEvent, errno_name
+import signal as _signal
+
+from ..events import FileEvent, NetEvent, SignalEvent, SyscallEvent, errno_name
 from . import records as R
 
-GROUPS = ("process", "file", "net", "sensitive")
+GROUPS = ("process", "file", "net", "sensitive", "signal")
 AT_FDCWD = -100
 
 
@@ -35,6 +37,10 @@ class Spec:
     argv: int = None
     flags_arg: int = None   # open flags
     mode_arg: int = None
+    target_arg: int = None  # signals: the pid/tgid (or kill's pid, group, 0, -1)
+    tid_arg: int = None     # signals: the thread
+    pidfd_arg: int = None   # signals: the pidfd naming the target
+    sig_arg: int = None     # signals: the signal number
     emit: bool = True       # False: stash only (clone flags for the fork probe)
     need_addr: bool = False
     exec_: bool = False
@@ -136,6 +142,19 @@ SPECS = [
     _s("keyctl", "sensitive", "keyctl", "kernel keyring access"),
     _s("add_key", "sensitive", "add_key", "adding kernel keys", path1=0),
     _s("request_key", "sensitive", "request_key", "requesting kernel keys", path1=0),
+    # signal: attached when the policy has a process section (rule process.signal):
+    # a signal to a process outside the run (agentwatch, the user's shell)
+    _s("kill", "signal", "kill", "signals to a pid, the caller's group (0), a group (-pgid) or all (-1)",
+       target_arg=0, sig_arg=1),
+    _s("tkill", "signal", "tkill", "signals to a thread by tid alone", tid_arg=0, sig_arg=1),
+    _s("tgkill", "signal", "tgkill", "signals to a thread of a given process",
+       target_arg=0, tid_arg=1, sig_arg=2),
+    _s("pidfd_send_signal", "signal", "pidfd_send_signal",
+       "signals through a pidfd (the pid is read from /proc/<pid>/fdinfo)", pidfd_arg=0, sig_arg=1),
+    _s("rt_sigqueueinfo", "signal", "rt_sigqueueinfo", "queued signals with data, to a process",
+       target_arg=0, sig_arg=1),
+    _s("rt_tgsigqueueinfo", "signal", "rt_tgsigqueueinfo", "queued signals with data, to a thread",
+       target_arg=0, tid_arg=1, sig_arg=2),
 ]
 
 BY_NAME = {s.name: s for s in SPECS}
@@ -257,10 +276,55 @@ def decode(rec, spec):
         else:
             ev.family, ev.addr, ev.port = parse_sockaddr(bytes(rec["data2"][:rec["len2"]]))
         return ev
+    if spec.group == "signal":
+        return decode_signal(rec, spec, base)
     ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=list(args), **base)
     if spec.path1 is not None:
         ev.path = rec["str1"]
     return ev
+
+
+def signal_name(sig):
+    """15 -> 'SIGTERM', 34 -> 'SIGRTMIN', 40 -> 'SIGRTMIN+6', 0 -> '0 (existence probe)'."""
+    if sig == 0:
+        return "0 (existence probe)"
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        rtmin = getattr(_signal, "SIGRTMIN", 34)
+        return f"SIGRTMIN+{sig - rtmin}" if sig > rtmin else f"signal {sig}"
+
+
+def decode_signal(rec, spec, base):
+    args = rec["args"]
+    sig = _i32(args[spec.sig_arg])
+    ev = SignalEvent(op=spec.name, signal=sig, signal_name=signal_name(sig), **base)
+    if spec.target_arg is not None:
+        ev.target = _i32(args[spec.target_arg])
+    if spec.tid_arg is not None:
+        ev.target_tid = _i32(args[spec.tid_arg])
+    if spec.pidfd_arg is not None:
+        ev.pidfd = _i32(args[spec.pidfd_arg])
+    return ev
+
+
+PIDFD_SELF_THREAD, PIDFD_SELF_THREAD_GROUP = -10000, -20000
+
+
+def pidfd_pid(pid, fd):
+    """The pid a pidfd of process `pid` refers to, from /proc/<pid>/fdinfo/<fd>
+    while the process and the fd live (best effort: None when unknown, -1
+    when the target has exited). PIDFD_SELF_* name the caller itself."""
+    if fd in (PIDFD_SELF_THREAD, PIDFD_SELF_THREAD_GROUP):
+        return pid
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def dirfd_of(spec, rec, second=False):

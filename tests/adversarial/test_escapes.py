@@ -402,11 +402,18 @@ def test_signalling_agentwatch_is_denied(run):
 
 
 @uses("files")
-@pytest.mark.xfail(strict=True, reason="not detectable yet: no sensor watches kill(2); needs "
-                   "kill/tkill/tgkill/pidfd_send_signal in sensors/syscalls.py (sensitive group) "
-                   "and a judge rule for signals to processes outside the run")
 def test_signalling_agentwatch_is_reported(run):
-    assert run.violations(category="process")
+    """The same kill: seen by the signal sensor (kill(2)), judged as a
+    signal to a process outside the run, reported once with what Landlock
+    answered; the agent is not stopped for it (process.signal: deny)."""
+    agentwatch = run.lifecycle("start")["pid"]
+    v = run.violation("process.signal", "process", target_pid=agentwatch)
+    assert v["action"] == "deny"
+    assert v["detail"]["op"] == "kill" and v["detail"]["signal_name"] == "SIGTERM"
+    assert v["detail"]["target"] == f"agentwatch (pid {agentwatch})"
+    kernel_said(v, "EPERM")
+    assert len(run.violations("process.signal")) == 1           # one attempt, one report
+    assert run.rc == 0 and run.exists("ws", "finished")
 
 
 # ======================================================================= secrets
