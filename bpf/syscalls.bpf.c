@@ -130,14 +130,48 @@ AW_ENTER(4)
 AW_ENTER(5)
 AW_ENTER(6)
 
+#define AW_EPERM 1
+
+/* A syscall the seccomp filter refused with EPERM: seccomp runs before the
+ * sys_enter tracepoint (syscall_trace_enter returns at once), so there is no
+ * stash, but sys_exit still fires with the errno. Only syscalls whose spec
+ * says the filter denies them are reported, and only -EPERM: a lost stash
+ * (counted) of a call that failed otherwise is not taken for a denial. */
+static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
+{
+	if (ctx->ret != -AW_EPERM)
+		return 0;
+	u32 nr = ctx->nr;
+	struct aw_spec *sp = specs.lookup(&nr);
+	if (!sp || !(sp->flags & AW_SPEC_DENIED))
+		return 0;
+	struct aw_syscall_event *e;
+	if (!AW_RESERVE(e))
+		return 0;
+	aw_fill_hdr(&e->h, AW_EV_NOENTRY);
+	e->nr = ctx->nr;
+	e->ret = ctx->ret;
+	e->len2 = 0;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		e->args[i] = 0;
+	e->extra[0] = 0;
+	e->extra[1] = 0;
+	e->str1[0] = 0;
+	e->data2[0] = 0;
+	aw_submit(e);
+	return 0;
+}
+
 int aw_sys_exit(struct aw_sys_exit_args *ctx)
 {
 	if (!aw_watched())
 		return 0;
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct aw_stash *st = stash.lookup(&tid);
-	if (!st)
-		return 0;
+	/* none, or one left by an earlier call whose exit is not watched (clone) */
+	if (!st || st->nr != ctx->nr)
+		return aw_exit_no_entry(ctx);
 	u32 nr = st->nr;
 	struct aw_spec *sp = specs.lookup(&nr);
 	if (!sp || !(sp->flags & AW_SPEC_EMIT)) {

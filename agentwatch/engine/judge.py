@@ -189,6 +189,8 @@ class Judge:
             self._exec(ev)
         elif kind == "net":
             self._net(ev)
+        elif kind == "syscall" and ev.no_entry:
+            self._seccomp_denied(ev)
         elif kind == "syscall":
             self._decide(ev, self.policy.check_syscall(ev.name), ev.name, {"syscall": ev.name,
                                                                          "args": ev.args[:3]})
@@ -428,6 +430,29 @@ class Judge:
                          action=self.policy.action_for("process", "process.max_processes"),
                          reason=f"{alive} processes alive, the policy allows {limit}", pattern=None)
             self._decide(ev, d, "max_processes", {"alive": alive, "limit": limit})
+
+    def _seccomp_denied(self, ev):
+        """A syscall the seccomp filter refused with EPERM before its entry
+        tracepoint (no arguments were seen). Judged by name like any sensitive
+        syscall; one the policy names nowhere (the filter's always-denied
+        list, the mount family) is syscalls.deny, or the toggle it belongs
+        to. The kernel refused it, so the action is deny unless the rule says
+        kill (then the agent is stopped as the policy asks)."""
+        from ..policy.compile import Decision
+        from ..sandbox.seccomp_filter import toggle_of
+        d = self.policy.check_syscall(ev.name)
+        if d is None:
+            toggle = toggle_of(ev.name)
+            rule = f"process.{toggle}" if toggle else "syscalls.deny"
+            why = (f"{ev.name}: process.{toggle} is false" if toggle else
+                   f"{ev.name} is always denied by the sandbox's seccomp filter")
+            d = Decision(category="process" if toggle else "syscall", rule=rule, action="deny",
+                         reason=why, pattern=None)
+        if d.action != "kill":
+            d = Decision(category=d.category, rule=d.rule, action="deny", reason=d.reason,
+                         pattern=d.pattern)
+        self._decide(ev, d, ev.name, {"syscall": ev.name, "args": None,
+                                      "kernel": f"denied ({ev.error}, seccomp)"})
 
     def _seccomp_kill(self, ev):
         """SIGSYS as a fatal signal: seccomp killed the process (a syscall of

@@ -9,7 +9,7 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import signal as _signal
 
@@ -45,13 +45,23 @@ class Spec:
     need_addr: bool = False
     exec_: bool = False
     exit_group: bool = False
+    enter: bool = True      # False: exit tracepoint only (a syscall watched for seccomp denials alone)
+    denied: bool = False    # the run's seccomp filter refuses it with EPERM: report those exits
+
+    @property
+    def attach_exit(self):
+        """exit_group never returns; clone & co only stash flags for the fork
+        probe, unless the filter may refuse them. Every exit tracepoint costs
+        a grace period to detach, so attach only these."""
+        return (self.emit and not self.exit_group and self.enter) or self.denied
 
     def packed(self):
         """The struct aw_spec bytes for the BPF "specs" map."""
         def idx(v):
             return R.NOARG if v is None else v
         flags = (R.SPEC_WATCH | (R.SPEC_EMIT if self.emit else 0) | (R.SPEC_NEED_ADDR if self.need_addr else 0)
-                 | (R.SPEC_EXEC if self.exec_ else 0) | (R.SPEC_EXIT_GROUP if self.exit_group else 0))
+                 | (R.SPEC_EXEC if self.exec_ else 0) | (R.SPEC_EXIT_GROUP if self.exit_group else 0)
+                 | (R.SPEC_DENIED if self.denied else 0))
         return R.SPEC.pack(flags, idx(self.path1), idx(self.path2), idx(self.addr),
                            idx(self.addrlen), idx(self.msghdr), idx(self.deref), idx(self.argv))
 
@@ -166,12 +176,28 @@ def syscall_number(name):
     return seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
 
 
-def specs_for(groups):
+_DENIED_WHY = ("refused by the run's seccomp filter (EPERM): its exit tracepoint alone "
+               "reports each refusal (seccomp runs before sys_enter)")
+
+
+def specs_for(groups, denied=()):
+    """The specs of `groups` (and "process"), plus one for every syscall in
+    `denied`, the names the run's seccomp filter refuses with EPERM: a watched
+    one is marked so its refused calls are reported, any other gets its exit
+    tracepoint alone (group "seccomp"), so the attached set follows the filter."""
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown sensor group(s): {', '.join(sorted(unknown))}; "
                          f"choose from {', '.join(GROUPS)}")
-    return [s for s in SPECS if s.group in groups or s.group == "process"]
+    out = [s for s in SPECS if s.group in groups or s.group == "process"]
+    at = {s.name: i for i, s in enumerate(out)}
+    for name in dict.fromkeys(denied):
+        if name in at:
+            out[at[name]] = replace(out[at[name]], denied=True)
+        else:
+            base = BY_NAME.get(name) or Spec(name=name, group="seccomp", op=name, why=_DENIED_WHY)
+            out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))
+    return out
 
 
 # ---- decoding ---------------------------------------------------------------
