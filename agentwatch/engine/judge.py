@@ -443,6 +443,9 @@ class Judge:
         d = self.policy.check_syscall(ev.name)
         if d is None:
             toggle = toggle_of(ev.name)
+            proc = getattr(self.policy.spec, "process", None)
+            if toggle and (proc is None or proc.toggles.get(toggle) is not False):
+                toggle = None
             rule = f"process.{toggle}" if toggle else "syscalls.deny"
             why = (f"{ev.name}: process.{toggle} is false" if toggle else
                    f"{ev.name} is always denied by the sandbox's seccomp filter")

@@ -12,7 +12,7 @@ import pytest
 from agentwatch.engine import judge as J
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
-from test_engine import CHILD, LAUNCHER, ROOT, env, feed, fork, syscall  # noqa: F401 (env: fixture)
+from test_engine import CHILD, LAUNCHER, NR, ROOT, env, feed, fork, syscall  # noqa: F401 (env: fixture)
 
 HEAD = "apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata:\n  name: t\n"
 OUTSIDE = 5_000_999
@@ -169,3 +169,53 @@ def test_signal_action_follows_on_violation(judged):
     feed(judged.correlator, sig("kill", CHILD, OUTSIDE, 9))
     [v] = judged.violations()
     assert v.action == "kill" and killed and killed[0].rule == "process.signal"
+
+
+# ------------------------------------------------------------------ seccomp EPERM before entry
+
+def refused(name, pid):
+    from agentwatch.sensors import records as R
+    etype, r = syscall(name, pid, ret=-1)
+    return R.EV_NOENTRY, r
+
+
+@pytest.mark.parametrize("name, rule, category", [
+    ("ptrace", "process.ptrace", "process"), ("unshare", "process.namespaces", "process"),
+    ("keyctl", "syscalls.deny", "syscall"),
+    ("io_uring_setup", "syscalls.deny", "syscall"),      # io_uring is not false in STRICT
+])
+def test_seccomp_refusal_is_one_deny_violation(judged, name, rule, category):
+    feed(judged.correlator, refused(name, CHILD))
+    [v] = judged.violations()
+    assert (v.rule, v.category, v.action) == (rule, category, "deny")
+    assert v.detail["syscall"] == name and v.detail["args"] is None
+    assert v.detail["kernel"] == "denied (EPERM, seccomp)"
+    assert v.detail["ancestry"] == [CHILD, ROOT]
+
+
+def test_seccomp_refusal_of_a_name_no_rule_names(judged, monkeypatch):
+    """The filter's always-denied list and the mount family (process.namespaces)."""
+    from agentwatch.sensors import syscalls as S
+    for spec in S.specs_for([], denied=["kcmp", "fsopen"])[-2:]:
+        nr = S.syscall_number(spec.name)
+        monkeypatch.setitem(judged.correlator.nr_to_spec, nr, spec)
+        monkeypatch.setitem(NR, spec.name, nr)
+    feed(judged.correlator, refused("kcmp", CHILD), refused("fsopen", CHILD))
+    got = [(v.rule, v.category, v.action) for v in judged.violations()]
+    assert got == [("syscalls.deny", "syscall", "deny"), ("process.namespaces", "process", "deny")]
+    assert "always denied" in judged.violations()[0].detail["reason"]
+
+
+def test_seccomp_refusal_with_a_kill_rule_kills(judged):
+    judged.policy(STRICT.replace("{default: deny}", "{default: deny, rules: {process.ptrace: kill}}"))
+    killed = []
+    judged.judge.on_kill = killed.append
+    feed(judged.correlator, refused("ptrace", CHILD))
+    [v] = judged.violations()
+    assert v.action == "kill" and killed
+
+
+def test_refusals_are_counted_once_each(judged):
+    feed(judged.correlator, *[refused("ptrace", CHILD)] * 4, refused("bpf", CHILD))
+    assert [v.detail["syscall"] for v in judged.violations()] == ["ptrace", "bpf"]
+    assert judged.judge.by_rule["process.ptrace"] == 4
