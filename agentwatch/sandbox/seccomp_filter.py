@@ -8,6 +8,11 @@ attack surface or escape the other layers (ptrace, bpf, namespaces, mounts,
 modules, io_uring, keyrings, ...). File and network rules are Landlock's and
 cgroup BPF's job; seccomp cannot see paths or socket addresses.
 
+Denied means EPERM or a kill, per rule group (SeccompPolicy.actions, from
+the policy's on_violation in sandbox/plan.py). An EPERM refusal happens
+before the sys_enter tracepoint, so it is reported from the syscall's exit
+tracepoint: errno_denied() lists what the syscall sensor must watch.
+
 Three steps, so each can be tested without the next:
     plan(policy)     pure: the list of rules, with warnings for skipped names
     build(policy)    a libseccomp SyscallFilter (not loaded)
