@@ -403,10 +403,11 @@ class Judge:
         tgid = _tgid(pid)                # kill() of a thread id reaches its process
         if tgid in self.run.procs or self._in_run_cgroup(pid):
             return False, None, pid
+        comm = _comm(pid)
         if pid == os.getpid():
             what = f"agentwatch (pid {pid})"
         else:
-            what = f"pid {pid}" + (f" ({_comm(pid)})" if _comm(pid) else "")
+            what = f"pid {pid}" + (f" ({comm})" if comm else "")
         return True, what, pid
 
     def _in_run_cgroup(self, pid):
