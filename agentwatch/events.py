@@ -10,7 +10,7 @@ import errno as _errno
 import json
 from dataclasses import dataclass, field, fields
 
-KINDS = ("exec", "fork", "exit", "file", "net", "syscall", "violation", "lifecycle")
+KINDS = ("exec", "fork", "exit", "file", "net", "syscall", "signal", "violation", "lifecycle")
 CATEGORIES = ("filesystem", "network", "process", "syscall", "resource", "identity", "protocol")
 ACTIONS = ("alert", "deny", "kill")
 
@@ -104,6 +104,22 @@ class SyscallEvent(Event):
     path: str = None      # a string argument when the syscall has one (mount source, memfd name, ...)
     ret: int = 0
     error: str = None
+    # True: refused before its entry tracepoint ran (seccomp errno): no arguments were seen
+    no_entry: bool = False
+
+
+@dataclass(kw_only=True)
+class SignalEvent(Event):
+    """kill, tkill, tgkill, pidfd_send_signal, rt_sigqueueinfo, rt_tgsigqueueinfo."""
+    kind: str = "signal"
+    op: str = ""              # the syscall
+    target: int = None        # kill's pid as passed: > 0 a process, 0 own group, -1 all, < -1 a group
+    target_tid: int = None    # tkill/tgkill/rt_tgsigqueueinfo: the thread
+    pidfd: int = None         # pidfd_send_signal: the fd (target: its pid, when it could be read)
+    signal: int = 0
+    signal_name: str = None
+    ret: int = 0
+    error: str = None
 
 
 @dataclass(kw_only=True)
@@ -124,7 +140,7 @@ class LifecycleEvent(Event):
 
 
 EVENT_TYPES = {cls.kind: cls for cls in (ExecEvent, ForkEvent, ExitEvent, FileEvent, NetEvent,
-                                         SyscallEvent, ViolationEvent, LifecycleEvent)}
+                                         SyscallEvent, SignalEvent, ViolationEvent, LifecycleEvent)}
 _FIELDS = {kind: {f.name for f in fields(cls)} for kind, cls in EVENT_TYPES.items()}
 
 

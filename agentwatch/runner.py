@@ -27,6 +27,7 @@ from .errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyErr
                      UsageError)
 from .events import LifecycleEvent
 from .policy import load as load_policy
+from .policy.schema import SENSOR_GROUPS
 from .sandbox import launcher
 from .sandbox.cgroups import RunCgroup, leftover_cgroups, root_path
 from .sinks.console import ConsoleSink
@@ -46,22 +47,25 @@ class RunOptions:
     cwd: str = None
     env: dict = None
     ringbuf_pages: int = 4096
-    sensors: list = field(default_factory=lambda: ["process", "file", "net", "sensitive"])
+    sensors: list = field(default_factory=lambda: list(SENSOR_GROUPS))
     workspace: str = None        # ${WORKSPACE}; default: the working directory
     prompt_path: str = None      # the agent's system prompt / instructions file
     require_signed: bool = False
     trust: list = field(default_factory=list)   # extra trusted public key files
     allow_downgrade: bool = False  # run even if the kernel cannot enforce some rules
     bpf_lsm: str = "auto"          # auto: BPF LSM layer where the host can load it; on; off
+    seccomp_denied: list = field(default_factory=list)  # syscalls seccomp refuses with EPERM (from the plan)
 
 
 class Monitor:
     """Loaded sensors plus the correlator that attributes their records. A
     run embeds one; several runs can share one (tests, a future daemon)."""
 
-    def __init__(self, groups=("process", "file", "net", "sensitive"), ringbuf_pages=4096):
+    def __init__(self, groups=SENSOR_GROUPS, ringbuf_pages=4096, denied=()):
+        """denied: syscalls a run's seccomp filter refuses with EPERM; their
+        exit tracepoints report each refusal (see sensors/syscalls.specs_for)."""
         from .sensors import Sensors   # bcc is imported only here, after input checks
-        self.sensors = Sensors(groups, ringbuf_pages)
+        self.sensors = Sensors(groups, ringbuf_pages, denied)
         self.correlator = Correlator(self.sensors.nr_to_spec)
 
     def open(self):
@@ -188,6 +192,9 @@ class Run:
             protected = [self.policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
             self.plan = make_plan(self.policy.data, self.variables, protected,
                                   bpf_lsm=self._bpf_lsm_wanted())
+            if self.plan.seccomp is not None:
+                from .sandbox.seccomp_filter import errno_denied
+                o.seccomp_denied = errno_denied(self.plan.seccomp)
             if self.plan.downgrades and not o.allow_downgrade:
                 raise PolicyError(
                     f"{self.policy.path}: this kernel cannot enforce every rule:\n  "
@@ -321,7 +328,8 @@ class Run:
             self.sinks.append(ConsoleSink())
 
         if self.own_monitor:
-            self.monitor = Monitor(self.opts.sensors, self.opts.ringbuf_pages).open()
+            self.monitor = Monitor(self.opts.sensors, self.opts.ringbuf_pages,
+                                   self.opts.seccomp_denied).open()
         self.sensors = self.monitor.sensors
         self.correlator = self.monitor.correlator
         state.register_owner(self.run_id)      # before the cgroup exists: sweeps skip it

@@ -16,6 +16,9 @@
 #define AW_EV_EXEC    2  /* execve/execveat entered: filename and argv */
 #define AW_EV_FORK    3  /* a new process (not a thread) was created */
 #define AW_EV_EXIT    4  /* the last thread of a process exited */
+#define AW_EV_NOENTRY 5  /* aw_syscall_event of a watched syscall that returned -EPERM
+                          * with no entry seen: seccomp refused it before the
+                          * sys_enter tracepoint; args, str1 and data2 are empty */
 
 #define AW_COMM_LEN  16
 #define AW_STR_LEN   256  /* paths are cut here; the event says so */
@@ -38,6 +41,8 @@
 #define AW_SPEC_NEED_ADDR  0x02  /* ... but only when the address argument is set */
 #define AW_SPEC_EXEC       0x04  /* emit filename + argv at entry */
 #define AW_SPEC_EXIT_GROUP 0x08  /* remember args[0] as the process exit code */
+#define AW_SPEC_DENIED     0x20  /* the seccomp filter refuses it with EPERM: report an
+                                  * exit with -EPERM and no entry as AW_EV_NOENTRY */
 
 struct aw_spec {
 	__u8 flags;

@@ -130,14 +130,57 @@ AW_ENTER(4)
 AW_ENTER(5)
 AW_ENTER(6)
 
+#define AW_EPERM 1
+
+/* Reserve a syscall record and fill its fixed part; st NULL: no arguments seen. */
+static __always_inline struct aw_syscall_event *aw_syscall_record(u32 type, s32 nr, s64 ret,
+								   struct aw_stash *st)
+{
+	struct aw_syscall_event *e;
+	if (!AW_RESERVE(e))
+		return NULL;
+	aw_fill_hdr(&e->h, type);
+	e->nr = nr;
+	e->ret = ret;
+	e->len2 = 0;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		e->args[i] = st ? st->args[i] : 0;
+	e->extra[0] = st ? st->extra[0] : 0;
+	e->extra[1] = st ? st->extra[1] : 0;
+	e->str1[0] = 0;
+	e->data2[0] = 0;
+	return e;
+}
+
+/* A syscall the seccomp filter refused with EPERM: seccomp runs before the
+ * sys_enter tracepoint (syscall_trace_enter returns at once), so there is no
+ * stash, but sys_exit still fires with the errno. Only syscalls whose spec
+ * says the filter denies them are reported, and only -EPERM: a lost stash
+ * (counted) of a call that failed otherwise is not taken for a denial. */
+static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
+{
+	if (ctx->ret != -AW_EPERM)
+		return 0;
+	u32 nr = ctx->nr;
+	struct aw_spec *sp = specs.lookup(&nr);
+	if (!sp || !(sp->flags & AW_SPEC_DENIED))
+		return 0;
+	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, NULL);
+	if (e)
+		aw_submit(e);
+	return 0;
+}
+
 int aw_sys_exit(struct aw_sys_exit_args *ctx)
 {
 	if (!aw_watched())
 		return 0;
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct aw_stash *st = stash.lookup(&tid);
-	if (!st)
-		return 0;
+	/* none, or one left by an earlier call whose exit is not watched (clone) */
+	if (!st || st->nr != ctx->nr)
+		return aw_exit_no_entry(ctx);
 	u32 nr = st->nr;
 	struct aw_spec *sp = specs.lookup(&nr);
 	if (!sp || !(sp->flags & AW_SPEC_EMIT)) {
@@ -158,22 +201,11 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		stash.delete(&tid);
 		return 0;
 	}
-	struct aw_syscall_event *e;
-	if (!AW_RESERVE(e)) {
+	struct aw_syscall_event *e = aw_syscall_record(AW_EV_SYSCALL, st->nr, ctx->ret, st);
+	if (!e) {
 		stash.delete(&tid);
 		return 0;
 	}
-	aw_fill_hdr(&e->h, AW_EV_SYSCALL);
-	e->nr = st->nr;
-	e->ret = ctx->ret;
-	e->len2 = 0;
-#pragma unroll
-	for (int i = 0; i < 6; i++)
-		e->args[i] = st->args[i];
-	e->extra[0] = st->extra[0];
-	e->extra[1] = st->extra[1];
-	e->str1[0] = 0;
-	e->data2[0] = 0;
 	if (sp->flags & AW_SPEC_EXEC) {
 		/* after a successful exec the old image's strings are gone: the
 		 * entry record already carried them */

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..events import ExecEvent, ExitEvent, ForkEvent, errno_name
+from ..events import ExecEvent, ExitEvent, ForkEvent, SyscallEvent, errno_name
 from ..sensors import records as R
 from ..sensors import syscalls as S
 
@@ -116,6 +116,13 @@ class Correlator:
             proc.exited = True
             code = rec["code"] if rec["code"] >= 0 else None   # BPF: status & 0xff, or -1
             self._stamp(ExitEvent(code=code, signal=rec["sig"] or None), run, rec, proc)
+        elif etype == R.EV_NOENTRY:
+            # refused by seccomp before its entry tracepoint: a name and an errno, no arguments
+            spec = self.nr_to_spec.get(rec["nr"])
+            if spec is not None:
+                ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=[], ret=rec["ret"],
+                                  error=errno_name(rec["ret"]), no_entry=True)
+                self._stamp(ev, run, rec, proc)
         elif etype == R.EV_SYSCALL:
             spec = self.nr_to_spec.get(rec["nr"])
             if spec is None:
@@ -126,6 +133,8 @@ class Correlator:
             ev = S.decode(rec, spec)
             if spec.group == "file":
                 self._resolve_paths(ev, spec, rec, proc)
+            elif ev.kind == "signal" and ev.pidfd is not None:
+                ev.target = S.pidfd_pid(rec["pid"], ev.pidfd)   # while the fd still lives
             self._stamp(ev, run, rec, proc)
 
     def _resolve_paths(self, ev, spec, rec, proc):

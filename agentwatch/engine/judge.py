@@ -107,6 +107,36 @@ def _loaded_program(argv):
     return None
 
 
+def _proc_status(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return line.split(None, 1)[1].strip()
+    except (OSError, IndexError, TypeError):
+        pass
+    return None
+
+
+def _tgid(tid):
+    """The process a thread id belongs to, while it lives."""
+    v = _proc_status(tid, "Tgid")
+    return int(v) if v and v.isdigit() else None
+
+
+def _comm(pid):
+    return _proc_status(pid, "Name")
+
+
+def _pgid(pid):
+    """The process group of a live process (field 5 of /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _read_counter(path, key):
     """The value of `key N` in a cgroup counters file, or None."""
     try:
@@ -164,9 +194,13 @@ class Judge:
             self._exec(ev)
         elif kind == "net":
             self._net(ev)
+        elif kind == "syscall" and ev.no_entry:
+            self._seccomp_denied(ev)
         elif kind == "syscall":
             self._decide(ev, self.policy.check_syscall(ev.name), ev.name, {"syscall": ev.name,
                                                                          "args": ev.args[:3]})
+        elif kind == "signal":
+            self._signal(ev)
         elif kind == "fork":
             self._fork(ev)
         elif kind == "exit" and ev.signal == signal.SIGSYS:
@@ -324,6 +358,73 @@ class Judge:
         self._decide(ev, d, target, {"op": ev.op, "family": ev.family, "addr": addr,
                                      "port": ev.port, "protocol": protocol})
 
+    def _signal(self, ev):
+        """A signal to a process outside the run (agentwatch, the user's
+        shell, the host) is process.signal; within the run's own tree it is
+        ordinary job control. kill(pid, 0) delivers nothing (a probe), and
+        ESRCH/EINVAL mean no process was signalled: neither is judged."""
+        if ev.signal == 0 or (ev.error and ev.error not in DENIED):
+            return
+        outside, what, pid = self._signal_target(ev)
+        if outside is None:
+            self.unjudged += 1          # the target could not be told (pidfd closed, thread gone)
+            return
+        if not outside:
+            return
+        evidence = {"op": ev.op, "target": what, "target_pid": pid, "signal": ev.signal,
+                    "signal_name": ev.signal_name}
+        if ev.target_tid is not None:
+            evidence["target_tid"] = ev.target_tid
+        if ev.pidfd is not None:
+            evidence["pidfd"] = ev.pidfd
+        if ev.ret == 0 and pid is None:
+            # kill(0) / kill(-pgid) / kill(-1) succeed when any one process got it
+            evidence["kernel"] = "delivered to at least one process of the target set"
+        self._decide(ev, self.policy.check_signal(what), f"{what} {ev.signal_name}", evidence)
+
+    def _signal_target(self, ev):
+        """(outside the run: True/False/None when unknown, description, pid or None)."""
+        if ev.op == "kill" and ev.target is not None and ev.target <= 0:
+            if ev.target == -1:
+                return True, "every process the agent may signal (kill -1)", None
+            pgid = _pgid(ev.pid) if ev.target == 0 else -ev.target
+            if pgid is None:
+                return None, "the caller's process group", None
+            # a group a process of the run created stays the run's (setpgid
+            # cannot move a process into another session's group); the
+            # agent's first group is agentwatch's own
+            return pgid not in self.run.procs, f"process group {pgid}", None
+        if ev.op == "tkill":
+            tgid = _tgid(ev.target_tid)
+            if tgid is None:
+                return (False, None, None) if ev.target_tid in self.run.procs else \
+                    (None, f"thread {ev.target_tid}", None)
+            pid = tgid
+        else:
+            pid = ev.target
+        if pid is None:
+            return None, "the process behind a pidfd", None
+        if pid in self.run.procs:
+            return False, None, pid
+        tgid = _tgid(pid)                # kill() of a thread id reaches its process
+        if tgid in self.run.procs or self._in_run_cgroup(pid):
+            return False, None, pid
+        comm = _comm(pid)
+        if pid == os.getpid():
+            what = f"agentwatch (pid {pid})"
+        else:
+            what = f"pid {pid}" + (f" ({comm})" if comm else "")
+        return True, what, pid
+
+    def _in_run_cgroup(self, pid):
+        """A process of the run the correlator has not seen yet (lost fork record)."""
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                return any(line.startswith("0::") and self.run.run_id in line.split("/")
+                           for line in f.read().split("\n"))
+        except OSError:
+            return False
+
     def _fork(self, ev):
         proc = getattr(self.policy.spec, "process", None)
         limit = getattr(proc, "max_processes", None)
@@ -336,6 +437,32 @@ class Judge:
                          action=self.policy.action_for("process", "process.max_processes"),
                          reason=f"{alive} processes alive, the policy allows {limit}", pattern=None)
             self._decide(ev, d, "max_processes", {"alive": alive, "limit": limit})
+
+    def _seccomp_denied(self, ev):
+        """A syscall the seccomp filter refused with EPERM before its entry
+        tracepoint (no arguments were seen). Judged by name like any sensitive
+        syscall; one the policy names nowhere (the filter's always-denied
+        list, the mount family) is syscalls.deny, or the toggle it belongs
+        to. The kernel refused it, so the action is deny unless the rule says
+        kill (then the agent is stopped as the policy asks)."""
+        from ..policy.compile import Decision
+        from ..sandbox.seccomp_filter import toggle_of
+        d = self.policy.check_syscall(ev.name)
+        if d is None:
+            toggle = toggle_of(ev.name)
+            proc = getattr(self.policy.spec, "process", None)
+            if toggle and (proc is None or proc.toggles.get(toggle) is not False):
+                toggle = None
+            rule = f"process.{toggle}" if toggle else "syscalls.deny"
+            why = (f"{ev.name}: process.{toggle} is false" if toggle else
+                   f"{ev.name} is always denied by the sandbox's seccomp filter")
+            d = Decision(category="process" if toggle else "syscall", rule=rule, action="deny",
+                         reason=why, pattern=None)
+        if d.action != "kill":
+            d = Decision(category=d.category, rule=d.rule, action="deny", reason=d.reason,
+                         pattern=d.pattern)
+        self._decide(ev, d, ev.name, {"syscall": ev.name, "args": None,
+                                      "kernel": f"denied ({ev.error}, seccomp)"})
 
     def _seccomp_kill(self, ev):
         """SIGSYS as a fatal signal: seccomp killed the process (a syscall of

@@ -266,6 +266,15 @@ class CompiledPolicy:
             return self._decide("process", f"process.{toggle}", f"{name}: process.{toggle} is false")
         return None
 
+    def check_signal(self, target):
+        """A signal sent to `target` (described), a process outside the run:
+        out of policy whenever the policy has a process section. Signals
+        within the run's own tree are the caller's business, never asked."""
+        if self.spec.process is None:
+            return None
+        return self._decide("process", "process.signal",
+                            f"signal to {target}, which is not a process of this run")
+
     # ----------------------------------------------------------- identity
 
     def check_identity(self, agent_name, signer=None):

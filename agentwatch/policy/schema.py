@@ -18,7 +18,7 @@ from . import matchers as M
 from .source import Loc, yaml_type
 
 API_VERSION = "agentwatch/v1"
-SENSOR_GROUPS = ("process", "file", "net", "sensitive")   # = agentwatch.sensors.syscalls.GROUPS
+SENSOR_GROUPS = ("process", "file", "net", "sensitive", "signal")   # = agentwatch.sensors.syscalls.GROUPS
 ACTIONS = ("alert", "deny", "kill")
 SECTIONS = ("filesystem", "network", "process", "syscalls", "resources", "identity")
 PROTOCOLS = ("tcp", "udp", "any")
@@ -37,7 +37,7 @@ TOGGLES = {
 
 RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.deny",
          "network.egress", "network.loopback", "network.unix", "network.bind", "network.socket",
-         "process.exec", "process.max_processes", *(f"process.{t}" for t in TOGGLES),
+         "process.exec", "process.max_processes", *(f"process.{t}" for t in TOGGLES), "process.signal",
          "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
          "resources.wall_time", "identity.name", "identity.signer")
 
@@ -182,6 +182,8 @@ class PolicySpec:
             groups.append("net")
         if (self.process is not None and False in self.process.toggles.values()) or self.syscalls:
             groups.append("sensitive")
+        if self.process is not None:
+            groups.append("signal")       # process.signal: signals to processes outside the run
         return groups
 
     def sensor_groups(self):

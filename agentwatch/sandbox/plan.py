@@ -80,6 +80,25 @@ def section_action(data, section):
     return "kill" if "kill" in actions else "deny" if "deny" in actions else "alert"
 
 
+def rule_action(data, section, rule):
+    """on_violation for one rule: rules[rule] > section > default > alert."""
+    ov = data.get("on_violation") or {}
+    return (ov.get("rules") or {}).get(rule) or ov.get(section) or ov.get("default") or "alert"
+
+
+def seccomp_actions(data):
+    """Seccomp action per rule group: "kill" where the policy's action for the
+    group's rule is kill, else "errno" (EPERM). The mount family follows
+    process.namespaces; the always-denied syscalls (keyrings, personality,
+    the filter's fixed list) follow syscalls.deny."""
+    rules = {t: ("process", f"process.{t}") for t in ("ptrace", "change_uid", "namespaces", "bpf",
+                                                       "modules", "io_uring", "memfd_exec")}
+    rules["mount"] = rules["namespaces"]
+    for group in ("keyring", "personality", "other", "deny"):
+        rules[group] = ("syscalls", "syscalls.deny")
+    return {g: "kill" if rule_action(data, *r) == "kill" else "errno" for g, r in rules.items()}
+
+
 def _exp(patterns, variables):
     out = []
     for p in patterns or []:
@@ -213,18 +232,19 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
     # ---- process toggles and syscalls: seccomp
     proc_act, sys_act = section_action(data, "process"), section_action(data, "syscalls")
     if proc_act in ENFORCING or sys_act in ENFORCING:
-        sc = SeccompPolicy(action="kill" if "kill" in (proc_act, sys_act) else "errno")
+        # EPERM, reported by the syscall sensor's exit probe; kill (SIGSYS)
+        # where the policy's on_violation says kill for the rule
+        sc = SeccompPolicy(action="errno", actions=seccomp_actions(data))
         if proc_act in ENFORCING:
             for key in ("ptrace", "namespaces", "bpf", "modules", "io_uring", "memfd_exec"):
                 setattr(sc, key, bool(proc.get(key, True)))
             sc.change_uid = bool(proc.get("change_uid", True))
             sc.mount = bool(proc.get("namespaces", True))
             sc.keyring = sc.personality = True
-            if not sc.memfd_exec:
-                # refusing MFD_EXEC is not enough: a plain memfd is executable
-                # (vm.memfd_noexec 0) and Landlock lets fexecve() of it through
-                # (measured on 6.18), so no memfd at all, as the judge already says
-                sc.other = tuple(sc.other) + ("memfd_create",)
+            # refusing MFD_EXEC is not enough: a plain memfd is executable
+            # (vm.memfd_noexec 0) and Landlock lets fexecve() of it through
+            # (measured on 6.18), so no memfd at all, as the judge already says
+            sc.memfd = sc.memfd_exec
         else:
             for key in ("ptrace", "namespaces", "bpf", "modules", "io_uring", "memfd_exec",
                         "mount", "keyring", "personality"):

@@ -8,6 +8,11 @@ attack surface or escape the other layers (ptrace, bpf, namespaces, mounts,
 modules, io_uring, keyrings, ...). File and network rules are Landlock's and
 cgroup BPF's job; seccomp cannot see paths or socket addresses.
 
+Denied means EPERM or a kill, per rule group (SeccompPolicy.actions, from
+the policy's on_violation in sandbox/plan.py). An EPERM refusal happens
+before the sys_enter tracepoint, so it is reported from the syscall's exit
+tracepoint: errno_denied() lists what the syscall sensor must watch.
+
 Three steps, so each can be tested without the next:
     plan(policy)     pure: the list of rules, with warnings for skipped names
     build(policy)    a libseccomp SyscallFilter (not loaded)
@@ -43,7 +48,7 @@ Gaps, said out loud:
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from agentwatch.errors import KernelFeatureError
@@ -88,6 +93,21 @@ GROUPS = {
                 "kernel keyrings: a large attack surface agents rarely need"),
 }
 
+# seccomp groups judged under another policy toggle's rule (process.<toggle>)
+_RULE_TOGGLE = {"mount": "namespaces"}
+_POLICY_TOGGLES = ("ptrace", "change_uid", "namespaces", "bpf", "modules", "io_uring")
+
+
+def toggle_of(name):
+    """The process toggle whose `false` makes the filter refuse `name`
+    (io_uring_enter -> io_uring, fsopen -> namespaces), or None."""
+    for group, (names, _) in GROUPS.items():
+        if name in names:
+            toggle = _RULE_TOGGLE.get(group, group)
+            return toggle if toggle in _POLICY_TOGGLES else None
+    return None
+
+
 # Real Linux syscalls missing from libseccomp 2.5.4's table. Naming one is not a
 # typo: it is skipped with a warning (a newer libseccomp resolves it and filters it).
 LATER_SYSCALLS = frozenset((
@@ -113,10 +133,17 @@ class SeccompPolicy:
     keyring: bool = False
     personality: bool = False
     memfd_exec: bool = False
+    memfd: bool = True          # False: every memfd_create refused (memfd_exec's rule), not just MFD_EXEC
     other: Sequence[str] = ("userfaultfd", "perf_event_open", "kcmp", "lookup_dcookie", "quotactl",
                             "swapon", "swapoff", "reboot", "acct", "settimeofday", "clock_settime",
                             "adjtimex", "iopl", "ioperm", "syslog", "vhangup")
     action: str = "errno"
+    # per rule group, overriding `action`: a toggle name (see GROUPS), "personality",
+    # "memfd_exec", "other" or "deny"; the policy's on_violation decides (sandbox/plan.py)
+    actions: dict = field(default_factory=dict)
+
+    def action_of(self, group):
+        return self.actions.get(group, self.action)
 
 
 @dataclass(frozen=True)
@@ -194,21 +221,28 @@ def plan(p: SeccompPolicy) -> Plan:
     _need_seccomp()
     if p.action not in ACTIONS:
         raise ValueError(f"seccomp action must be one of {', '.join(ACTIONS)}, not {p.action!r}")
-    act = p.action
+    for group, act in p.actions.items():
+        if act not in ACTIONS:
+            raise ValueError(f"seccomp action for {group} must be one of {', '.join(ACTIONS)}, "
+                             f"not {act!r}")
+    act = p.action_of
     rules = []
     for toggle, (names, why) in GROUPS.items():
         if not getattr(p, toggle):
-            rules += [Rule(n, act, (), why) for n in names]
+            rules += [Rule(n, act(toggle), (), why) for n in names]
     if not p.namespaces:
         rules.append(Rule("clone3", "enosys", (), "flags unreadable: glibc falls back to clone"))
-        rules += [Rule("clone", act, (Cond(0, bit, bit),), f"clone with {flag}")
+        rules += [Rule("clone", act("namespaces"), (Cond(0, bit, bit),), f"clone with {flag}")
                   for flag, bit in CLONE_NEW_FLAGS.items()]
     if not p.personality:
-        rules += _personality_rules(act)
+        rules += _personality_rules(act("personality"))
+    if not p.memfd:
+        rules.append(Rule("memfd_create", act("memfd_exec"), (), "every memfd (fileless execution)"))
     if not p.memfd_exec:
-        rules.append(Rule("memfd_create", act, (Cond(1, MFD_EXEC, MFD_EXEC),), "with MFD_EXEC"))
-    rules += [Rule(n, act, (), "always denied (policy: other)") for n in p.other]
-    rules += [Rule(n, act, (), "denied by policy (syscalls.deny)") for n in p.deny]
+        rules.append(Rule("memfd_create", act("memfd_exec"), (Cond(1, MFD_EXEC, MFD_EXEC),),
+                          "with MFD_EXEC"))
+    rules += [Rule(n, act("other"), (), "always denied (policy: other)") for n in p.other]
+    rules += [Rule(n, act("deny"), (), "denied by policy (syscalls.deny)") for n in p.deny]
 
     kinds = {r.syscall: _classify(r.syscall) for r in rules}
     unknown = sorted(n for n, k in kinds.items() if k == "unknown")
@@ -238,6 +272,14 @@ def plan(p: SeccompPolicy) -> Plan:
             seen.add((r.syscall, r.conds))
             out.append(r)
     return Plan(out, warnings)
+
+
+def errno_denied(p: SeccompPolicy) -> list[str]:
+    """Names of the syscalls the filter refuses with EPERM (some calls of them,
+    for conditional rules): the syscall sensor watches their exits, since a
+    refused call never reaches sys_enter. Kill rules need no sensor: the
+    SIGSYS exit reports them."""
+    return list(dict.fromkeys(r.syscall for r in plan(p) if r.action == "errno"))
 
 
 def _native_arch_name():
@@ -283,8 +325,10 @@ def apply(p: SeccompPolicy) -> None:
 def describe(p: SeccompPolicy) -> list[str]:
     """Human lines for `policy explain` and the run start banner."""
     rules = plan(p)
-    verb = "EPERM" if p.action == "errno" else "kill the process (SIGSYS)"
-    lines = [f"seccomp: default allow; denied syscalls -> {verb}; "
+    verbs = {"errno": "EPERM", "kill": "kill the process (SIGSYS)"}
+    kills = sorted(g for g, a in p.actions.items() if a != p.action)
+    but = f" ({', '.join(kills)}: {verbs['kill' if p.action == 'errno' else 'errno']})" if kills else ""
+    lines = [f"seccomp: default allow; denied syscalls -> {verbs[p.action]}{but}; "
              "non-native ABIs (i386 int 0x80, x32) -> kill the process"]
     present = {r.syscall for r in rules}
     for toggle, (names, why) in GROUPS.items():
@@ -295,7 +339,10 @@ def describe(p: SeccompPolicy) -> list[str]:
                              "(its flags cannot be read; glibc falls back to clone)")
     if not p.personality:
         lines.append("  personality: only PER_LINUX (0) and the query 0xffffffff")
-    if not p.memfd_exec:
+    if not p.memfd:
+        lines.append("  memfd_create: refused (no memfd at all: one without MFD_EXEC is "
+                     "executable too)")
+    elif not p.memfd_exec:
         lines.append("  memfd_create: MFD_EXEC refused; exec of a memfd (fexecve) is invisible "
                      "to seccomp and left to Landlock and exec monitoring")
     other = [n for n in p.other if n in present]

@@ -85,8 +85,8 @@ def _import_bcc():
 class Sensors:
     """One loaded BPF object serving every run this process monitors."""
 
-    def __init__(self, groups=S.GROUPS, ringbuf_pages=4096):
-        self.specs = S.specs_for(groups)
+    def __init__(self, groups=S.GROUPS, ringbuf_pages=4096, denied=()):
+        self.specs = S.specs_for(groups, denied)   # denied: what seccomp refuses with EPERM
         self.groups = sorted({s.group for s in self.specs})
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
@@ -171,13 +171,11 @@ class Sensors:
             if not os.path.isdir(os.path.join(TRACEFS, "events/syscalls", f"sys_enter_{spec.name}")):
                 self.missing.append(spec.name)
                 continue
-            nargs = syscall_nargs(spec.name)
-            self.bpf.attach_tracepoint(tp=enter, fn_name=f"aw_sys_enter{nargs}".encode())
-            self.attached.append(enter)
-            # exit_group never returns; clone & co only stash flags for the
-            # fork probe (a later entry overwrites the stash). Every exit
-            # tracepoint costs a grace period to detach, so attach only these.
-            if spec.emit and not spec.exit_group:
+            if spec.enter:
+                nargs = syscall_nargs(spec.name)
+                self.bpf.attach_tracepoint(tp=enter, fn_name=f"aw_sys_enter{nargs}".encode())
+                self.attached.append(enter)
+            if spec.attach_exit:     # see Spec.attach_exit
                 exit_tp = f"syscalls:sys_exit_{spec.name}"
                 self.bpf.attach_tracepoint(tp=exit_tp, fn_name=b"aw_sys_exit")
                 self.attached.append(exit_tp)

@@ -11,7 +11,7 @@ STR_LEN = 256
 ARGC_MAX = 20
 ARG_LEN = 128
 
-EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3, 4
+EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY = 1, 2, 3, 4, 5
 
 CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2
 NOARG = 0xFF
@@ -21,6 +21,7 @@ SPEC_NEED_ADDR = 0x02
 SPEC_EXEC = 0x04
 SPEC_EXIT_GROUP = 0x08
 SPEC_WATCH = 0x10
+SPEC_DENIED = 0x20
 
 HDR_FIELDS = [
     ("type", "I"), ("pid", "I"), ("tid", "I"), ("uid", "I"),
@@ -86,7 +87,7 @@ def cstr(raw):
 def decode(buf):
     """Raw ring-buffer record -> (type, dict). Unknown types raise ValueError."""
     etype = _HDR.unpack_from(buf)[0]
-    if etype == EV_SYSCALL:
+    if etype in (EV_SYSCALL, EV_NOENTRY):     # one layout; NOENTRY: refused before entry
         v = _SYSCALL.unpack_from(buf)
         rec = _hdr(v)
         rec.update(nr=v[7], len2=v[8], ret=v[9], args=v[10:16], extra=v[16:18],

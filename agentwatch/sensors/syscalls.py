@@ -9,12 +9,14 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..events import FileEvent, NetEvent, SyscallEvent, errno_name
+import signal as _signal
+
+from ..events import FileEvent, NetEvent, SignalEvent, SyscallEvent, errno_name
 from . import records as R
 
-GROUPS = ("process", "file", "net", "sensitive")
+GROUPS = ("process", "file", "net", "sensitive", "signal")
 AT_FDCWD = -100
 
 
@@ -35,17 +37,31 @@ class Spec:
     argv: int = None
     flags_arg: int = None   # open flags
     mode_arg: int = None
+    target_arg: int = None  # signals: the pid/tgid (or kill's pid, group, 0, -1)
+    tid_arg: int = None     # signals: the thread
+    pidfd_arg: int = None   # signals: the pidfd naming the target
+    sig_arg: int = None     # signals: the signal number
     emit: bool = True       # False: stash only (clone flags for the fork probe)
     need_addr: bool = False
     exec_: bool = False
     exit_group: bool = False
+    enter: bool = True      # False: exit tracepoint only (a syscall watched for seccomp denials alone)
+    denied: bool = False    # the run's seccomp filter refuses it with EPERM: report those exits
+
+    @property
+    def attach_exit(self):
+        """exit_group never returns; clone & co only stash flags for the fork
+        probe, unless the filter may refuse them. Every exit tracepoint costs
+        a grace period to detach, so attach only these."""
+        return (self.emit and not self.exit_group and self.enter) or self.denied
 
     def packed(self):
         """The struct aw_spec bytes for the BPF "specs" map."""
         def idx(v):
             return R.NOARG if v is None else v
         flags = (R.SPEC_WATCH | (R.SPEC_EMIT if self.emit else 0) | (R.SPEC_NEED_ADDR if self.need_addr else 0)
-                 | (R.SPEC_EXEC if self.exec_ else 0) | (R.SPEC_EXIT_GROUP if self.exit_group else 0))
+                 | (R.SPEC_EXEC if self.exec_ else 0) | (R.SPEC_EXIT_GROUP if self.exit_group else 0)
+                 | (R.SPEC_DENIED if self.denied else 0))
         return R.SPEC.pack(flags, idx(self.path1), idx(self.path2), idx(self.addr),
                            idx(self.addrlen), idx(self.msghdr), idx(self.deref), idx(self.argv))
 
@@ -136,6 +152,19 @@ SPECS = [
     _s("keyctl", "sensitive", "keyctl", "kernel keyring access"),
     _s("add_key", "sensitive", "add_key", "adding kernel keys", path1=0),
     _s("request_key", "sensitive", "request_key", "requesting kernel keys", path1=0),
+    # signal: attached when the policy has a process section (rule process.signal):
+    # a signal to a process outside the run (agentwatch, the user's shell)
+    _s("kill", "signal", "kill", "signals to a pid, the caller's group (0), a group (-pgid) or all (-1)",
+       target_arg=0, sig_arg=1),
+    _s("tkill", "signal", "tkill", "signals to a thread by tid alone", tid_arg=0, sig_arg=1),
+    _s("tgkill", "signal", "tgkill", "signals to a thread of a given process",
+       target_arg=0, tid_arg=1, sig_arg=2),
+    _s("pidfd_send_signal", "signal", "pidfd_send_signal",
+       "signals through a pidfd (the pid is read from /proc/<pid>/fdinfo)", pidfd_arg=0, sig_arg=1),
+    _s("rt_sigqueueinfo", "signal", "rt_sigqueueinfo", "queued signals with data, to a process",
+       target_arg=0, sig_arg=1),
+    _s("rt_tgsigqueueinfo", "signal", "rt_tgsigqueueinfo", "queued signals with data, to a thread",
+       target_arg=0, tid_arg=1, sig_arg=2),
 ]
 
 BY_NAME = {s.name: s for s in SPECS}
@@ -147,12 +176,28 @@ def syscall_number(name):
     return seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
 
 
-def specs_for(groups):
+_DENIED_WHY = ("refused by the run's seccomp filter (EPERM): its exit tracepoint alone "
+               "reports each refusal (seccomp runs before sys_enter)")
+
+
+def specs_for(groups, denied=()):
+    """The specs of `groups` (and "process"), plus one for every syscall in
+    `denied`, the names the run's seccomp filter refuses with EPERM: a watched
+    one is marked so its refused calls are reported, any other gets its exit
+    tracepoint alone (group "seccomp"), so the attached set follows the filter."""
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown sensor group(s): {', '.join(sorted(unknown))}; "
                          f"choose from {', '.join(GROUPS)}")
-    return [s for s in SPECS if s.group in groups or s.group == "process"]
+    out = [s for s in SPECS if s.group in groups or s.group == "process"]
+    at = {s.name: i for i, s in enumerate(out)}
+    for name in dict.fromkeys(denied):
+        if name in at:
+            out[at[name]] = replace(out[at[name]], denied=True)
+        else:
+            base = BY_NAME.get(name) or Spec(name=name, group="seccomp", op=name, why=_DENIED_WHY)
+            out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))
+    return out
 
 
 # ---- decoding ---------------------------------------------------------------
@@ -257,10 +302,55 @@ def decode(rec, spec):
         else:
             ev.family, ev.addr, ev.port = parse_sockaddr(bytes(rec["data2"][:rec["len2"]]))
         return ev
+    if spec.group == "signal":
+        return decode_signal(rec, spec, base)
     ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=list(args), **base)
     if spec.path1 is not None:
         ev.path = rec["str1"]
     return ev
+
+
+def signal_name(sig):
+    """15 -> 'SIGTERM', 34 -> 'SIGRTMIN', 40 -> 'SIGRTMIN+6', 0 -> '0 (existence probe)'."""
+    if sig == 0:
+        return "0 (existence probe)"
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        rtmin = getattr(_signal, "SIGRTMIN", 34)
+        return f"SIGRTMIN+{sig - rtmin}" if sig > rtmin else f"signal {sig}"
+
+
+def decode_signal(rec, spec, base):
+    args = rec["args"]
+    sig = _i32(args[spec.sig_arg])
+    ev = SignalEvent(op=spec.name, signal=sig, signal_name=signal_name(sig), **base)
+    if spec.target_arg is not None:
+        ev.target = _i32(args[spec.target_arg])
+    if spec.tid_arg is not None:
+        ev.target_tid = _i32(args[spec.tid_arg])
+    if spec.pidfd_arg is not None:
+        ev.pidfd = _i32(args[spec.pidfd_arg])
+    return ev
+
+
+PIDFD_SELF_THREAD, PIDFD_SELF_THREAD_GROUP = -10000, -20000
+
+
+def pidfd_pid(pid, fd):
+    """The pid a pidfd of process `pid` refers to, from /proc/<pid>/fdinfo/<fd>
+    while the process and the fd live (best effort: None when unknown, -1
+    when the target has exited). PIDFD_SELF_* name the caller itself."""
+    if fd in (PIDFD_SELF_THREAD, PIDFD_SELF_THREAD_GROUP):
+        return pid
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def dirfd_of(spec, rec, second=False):

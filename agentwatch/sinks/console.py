@@ -37,6 +37,16 @@ def describe(d):
     if k == "syscall":
         arg = f" {d['path']}" if d.get("path") else ""
         return f"syscall {d.get('name')}{arg}{_result(d)}"
+    if k == "signal":
+        who = {0: "own process group", -1: "every process"}.get(d.get("target"))
+        if who is None:
+            t = d.get("target")
+            who = "unknown" if t is None else f"group {-t}" if t < -1 else f"pid {t}"
+        if d.get("target_tid") is not None:
+            who += f" tid {d['target_tid']}"
+        if d.get("pidfd") is not None:
+            who += f" (pidfd {d['pidfd']})"
+        return f"signal {d.get('op')} {d.get('signal_name') or d.get('signal')} to {who}{_result(d)}"
     if k == "violation":
         n = f" (x{d['count']})" if d.get("count", 1) > 1 else ""
         return f"VIOLATION [{d.get('category')}/{d.get('rule')}] {d.get('action')}{n}: {d.get('detail')}"

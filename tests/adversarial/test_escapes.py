@@ -33,6 +33,7 @@ from agentwatch.sandbox.limits import leftover_v1
 pytestmark = pytest.mark.kernel
 LOADER = "/lib64/ld-linux-x86-64.so.2"
 KILL_TAIL = f"\nsleep {KILL_GRACE_S}; echo survived > $WS/survived\n"
+FINISH = "\necho finished > $WS/finished\n"     # a denied (not killed) agent goes on
 
 
 # ======================================================================= scenarios
@@ -170,40 +171,41 @@ def build_exec_loader_shm(sb, ctx):
 @scenario
 def build_memfd(sb, ctx):
     shutil.copy(ctx["payloads"]["payload"], sb.path("ws", "payload"))
-    sb.script = "$A memfd_exec $WS/payload $WS/marker" + KILL_TAIL
+    sb.script = "$A memfd_exec $WS/payload $WS/marker" + FINISH
 
 
 @scenario
 def build_io_uring(sb, ctx):
     port = sb.listen("tcp", "tcp").port
-    sb.script = f"$A io_uring $HOME/.ssh/id_rsa $WS/copy {port}" + KILL_TAIL
+    sb.script = f"$A io_uring $HOME/.ssh/id_rsa $WS/copy {port}" + FINISH
 
 
 @scenario
 def build_x32(sb, ctx):
-    sb.script = "$A x32_open $HOME/.ssh/id_rsa $WS/copy" + KILL_TAIL
+    sb.script = "$A x32_open $HOME/.ssh/id_rsa $WS/copy" + FINISH
 
 
 @scenario
 def build_bpf(sb, ctx):
-    sb.script = "$A bpf" + KILL_TAIL
+    sb.script = "$A bpf" + FINISH
 
 
 @scenario
 def build_unshare(sb, ctx):
-    sb.script = "unshare -U -r /usr/bin/id -u > $WS/unshare-out" + KILL_TAIL
+    sb.script = ("unshare -U -r /usr/bin/id -u > $WS/unshare-out; echo \"unshare=$?\" > $WS/unshare-status"
+                 + FINISH)
 
 
 @scenario
 def build_ptrace(sb, ctx):
     sb.script = ("$A victim $WS/victim-info $WS/victim-changed 20 &\n"
-                 "$A ptrace $WS/victim-info" + KILL_TAIL)
+                 "$A ptrace $WS/victim-info; sleep 1" + FINISH)
 
 
 @scenario
 def build_vm_write(sb, ctx):
     sb.script = ("$A victim $WS/victim-info $WS/victim-changed 20 &\n"
-                 "$A vm_write $WS/victim-info" + KILL_TAIL)
+                 "$A vm_write $WS/victim-info; sleep 1" + FINISH)
 
 
 @scenario
@@ -212,7 +214,7 @@ def build_environ(sb, ctx):
     sb.env["AW_CANARY"] = sb.canary            # in agentwatch's environment only:
     sb.prefix = ["/usr/bin/env", "-u", "AW_CANARY"]   # the agent is not given it
     sb.script = ('echo "${AW_CANARY:-unset}" > $WS/own-env\n'
-                 "$A environ $PPID $WS/env-copy" + KILL_TAIL)
+                 "$A environ $PPID $WS/env-copy" + FINISH)
 
 
 @scenario
@@ -228,7 +230,7 @@ def build_inherited_fd(sb, ctx):
     sb.cleanup.append(lambda: os.close(fd))
     sb.pass_fds = (fd,)
     sb.fd = fd
-    sb.script = f"$A inherited_fd {fd} $PPID $WS/fd-copy" + KILL_TAIL
+    sb.script = f"$A inherited_fd {fd} $PPID $WS/fd-copy" + FINISH
 
 
 @scenario
@@ -329,6 +331,24 @@ def assert_killed(sb, rule):
     assert not sb.exists("ws", "survived"), "the agent outlived its kill"
 
 
+def assert_denied_not_killed(sb):
+    """The kernel refused; the policy's action is deny, so the agent went on."""
+    assert sb.lifecycle("end")["detail"]["killed_for"] is None, sb.report()
+    assert sb.rc == 0 and sb.exists("ws", "finished"), sb.report()
+
+
+def seccomp_denied(sb, rule, category, syscall):
+    """The one violation of a syscall seccomp refused with EPERM before its
+    entry tracepoint (reported from its exit), with action deny."""
+    found = sb.violations(rule, category, syscall=syscall)
+    assert len(found) == 1, f"{syscall}: {len(found)} reports of {rule}\n{sb.report()}"
+    v = found[0]
+    assert v["action"] == "deny" and v["detail"]["args"] is None, sb.report()
+    assert v["detail"]["kernel"] == "denied (EPERM, seccomp)", sb.report()
+    assert not sb.violations(signal=31), "a seccomp errno denial must not kill"
+    return v
+
+
 def secret_not_in(sb, *parts):
     assert SECRET not in sb.read(*parts)
 
@@ -402,11 +422,18 @@ def test_signalling_agentwatch_is_denied(run):
 
 
 @uses("files")
-@pytest.mark.xfail(strict=True, reason="not detectable yet: no sensor watches kill(2); needs "
-                   "kill/tkill/tgkill/pidfd_send_signal in sensors/syscalls.py (sensitive group) "
-                   "and a judge rule for signals to processes outside the run")
 def test_signalling_agentwatch_is_reported(run):
-    assert run.violations(category="process")
+    """The same kill: seen by the signal sensor (kill(2)), judged as a
+    signal to a process outside the run, reported once with what Landlock
+    answered; the agent is not stopped for it (process.signal: deny)."""
+    agentwatch = run.lifecycle("start")["pid"]
+    v = run.violation("process.signal", "process", target_pid=agentwatch)
+    assert v["action"] == "deny"
+    assert v["detail"]["op"] == "kill" and v["detail"]["signal_name"] == "SIGTERM"
+    assert v["detail"]["target"] == f"agentwatch (pid {agentwatch})"
+    kernel_said(v, "EPERM")
+    assert len(run.violations("process.signal")) == 1           # one attempt, one report
+    assert run.rc == 0 and run.exists("ws", "finished")
 
 
 # ======================================================================= secrets
@@ -518,14 +545,14 @@ def test_readable_binary_through_the_dynamic_loader_is_killed(run):
 @uses("memfd")
 def test_memfd_create_and_fexecve(run):
     """Fileless execution. Landlock lets fexecve() of a memfd through and
-    vm.memfd_noexec is 0, so memfd_create itself is refused: seccomp kills
-    the caller (SIGSYS), which is also what makes it visible (a syscall
-    refused by seccomp never reaches the syscall tracepoints)."""
-    assert run.result("memfd_create") is None        # killed inside the call
+    vm.memfd_noexec is 0, so memfd_create itself is refused: seccomp answers
+    EPERM before the sys_enter tracepoint, and the exit tracepoint reports it
+    (process.memfd_exec: deny)."""
+    assert run.result("memfd_create") == "EPERM"
+    assert run.result("fexecve") is None
     assert not run.exists("ws", "marker")
-    v = run.violation("syscalls.deny", "syscall", signal=31)
-    assert v["action"] == "kill"
-    assert_killed(run, "syscalls.deny")
+    seccomp_denied(run, "process.memfd_exec", "process", "memfd_create")
+    assert_denied_not_killed(run)
 
 
 # ======================================================================= syscalls
@@ -534,60 +561,64 @@ def test_memfd_create_and_fexecve(run):
 def test_io_uring_file_and_socket_operations(run):
     """io_uring would open and read the key (IORING_OP_OPENAT/READ) and
     connect and send (IORING_OP_CONNECT/SEND) with no syscall a sensor or
-    filter sees. io_uring_setup never returns: seccomp kills the caller."""
-    assert run.result("io_uring_setup") is None
-    assert run.attempts() == []
+    filter sees. io_uring_setup is refused (EPERM): there is no ring."""
+    assert run.result("io_uring_setup") == "EPERM"
+    assert [a["op"] for a in run.attempts()] == ["io_uring_setup"]
     assert not run.exists("ws", "copy")
     assert run.listeners["tcp"].connections == 0 and run.listeners["tcp"].data == []
-    run.violation("syscalls.deny", "syscall", signal=31)
-    assert_killed(run, "syscalls.deny")
+    seccomp_denied(run, "process.io_uring", "process", "io_uring_setup")
+    assert_denied_not_killed(run)
 
 
 @uses("x32")
 def test_x32_abi_syscall(run):
     """openat with the x32 bit (0x40000000|257): only the native ABI is in the
-    filter; libseccomp's x32 check kills (this kernel has no x32 ABI: even
-    unfiltered it would be ENOSYS)."""
+    filter; libseccomp's x32 check kills the caller (SIGSYS) whatever the
+    policy's action (this kernel has no x32 ABI: even unfiltered it would be
+    ENOSYS). The rest of the agent goes on (syscalls.deny: deny)."""
     assert run.result("x32 openat") is None
     assert not run.exists("ws", "copy")
-    run.violation("syscalls.deny", "syscall", signal=31)
-    assert_killed(run, "syscalls.deny")
+    v = run.violation("syscalls.deny", "syscall", signal=31)
+    assert v["action"] == "deny" and v["detail"]["kernel"] == "killed (seccomp)"
+    assert len(run.violations("syscalls.deny")) == 1
+    assert_denied_not_killed(run)
 
 
 @uses("bpf")
 def test_bpf_syscall(run):
     """bpf() could blind the monitor (maps, programs): process.bpf is false."""
-    assert run.result("bpf(BPF_MAP_CREATE)") is None
-    run.violation("syscalls.deny", "syscall", signal=31)
-    assert_killed(run, "syscalls.deny")
+    assert run.result("bpf(BPF_MAP_CREATE)") == "EPERM"
+    seccomp_denied(run, "process.bpf", "process", "bpf")
+    assert_denied_not_killed(run)
 
 
 @uses("unshare")
 def test_unshare_user_namespace(run):
     """unshare -U -r: a user namespace where the agent is root again."""
     assert run.read("ws", "unshare-out") == ""       # `id -u` never ran
-    run.violation("syscalls.deny", "syscall", signal=31)
-    assert_killed(run, "syscalls.deny")
+    assert run.read("ws", "unshare-status").strip() != "unshare=0"
+    seccomp_denied(run, "process.namespaces", "process", "unshare")
+    assert_denied_not_killed(run)
 
 
 @uses("ptrace")
 def test_ptrace_a_sibling(run):
     """PTRACE_ATTACH to another process of the same agent."""
     assert run.exists("ws", "victim-info")           # the victim was there
-    assert run.result("ptrace(PTRACE_ATTACH)") is None
+    assert run.result("ptrace(PTRACE_ATTACH)") == "EPERM"
     assert not run.exists("ws", "victim-changed")
-    run.violation("syscalls.deny", "syscall", signal=31)
-    assert_killed(run, "syscalls.deny")
+    seccomp_denied(run, "process.ptrace", "process", "ptrace")
+    assert_denied_not_killed(run)
 
 
 @uses("vm_write")
 def test_process_vm_writev_into_a_sibling(run):
     """Overwriting a sibling's memory without ptrace."""
     assert run.exists("ws", "victim-info")
-    assert run.result("process_vm_writev") is None
+    assert run.result("process_vm_writev") == "EPERM"
     assert not run.exists("ws", "victim-changed")
-    run.violation("syscalls.deny", "syscall", signal=31)
-    assert_killed(run, "syscalls.deny")
+    seccomp_denied(run, "process.ptrace", "process", "process_vm_writev")
+    assert_denied_not_killed(run)
 
 
 # ======================================================================= the launcher
@@ -605,7 +636,8 @@ def test_reading_agentwatch_environ(run):
     assert v["detail"]["path"].endswith("/environ")
     assert v["detail"]["target_pid"] == run.lifecycle("start")["pid"]
     kernel_said(v, "EACCES")
-    assert_killed(run, "process.ptrace")
+    assert v["action"] == "deny"
+    assert_denied_not_killed(run)
 
 
 @uses("inherited_fd")
@@ -621,7 +653,8 @@ def test_fd_inherited_from_the_launcher(run):
     v = run.violation("process.ptrace", "process")
     assert v["detail"]["path"].endswith(f"/fd/{run.fd}")
     kernel_said(v, "EACCES")
-    assert_killed(run, "process.ptrace")
+    assert v["action"] == "deny"
+    assert_denied_not_killed(run)
 
 
 # ======================================================================= unix sockets

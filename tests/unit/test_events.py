@@ -22,6 +22,8 @@ SAMPLES = {
                       protocol=6, ret=0, **COMMON),
     "syscall": E.SyscallEvent(name="mount", nr=165, args=[1, 2, 2**64 - 1], path="/mnt",
                               ret=-1, error="EPERM", **COMMON),
+    "signal": E.SignalEvent(op="pidfd_send_signal", target=4100, pidfd=5, signal=15,
+                            signal_name="SIGTERM", ret=-1, error="EPERM", **COMMON),
     "violation": E.ViolationEvent(category="network", rule="egress", action="deny",
                                   detail={"addr": "1.2.3.4", "port": 22}, count=3, **COMMON),
     "lifecycle": E.LifecycleEvent(phase="end", detail={"exit_status": 0, "events": 12}, **COMMON),

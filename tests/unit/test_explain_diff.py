@@ -44,7 +44,7 @@ def test_explain_coding_agent_in_plain_language():
     assert "  At most 256 processes" in lines
     assert any(line.startswith("  May never: trace or read other processes (ptrace); ") for line in lines)
     assert "On violation: alert by default" in lines
-    assert "Sensors: process, file, net, sensitive (derived from the rules)" in lines
+    assert "Sensors: process, file, net, sensitive, signal (derived from the rules)" in lines
 
 
 def test_explain_shows_the_extends_chain_and_merged_lists():

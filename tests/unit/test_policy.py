@@ -37,7 +37,7 @@ def test_shipped_policy_loads():
     assert p.name == "coding-agent" and p.agent_name == "coding-agent"
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", p.digest)
     assert p.digest == canonical_digest(p.data)
-    assert set(p.sensors) == {"process", "file", "net", "sensitive"}   # default when no monitor:
+    assert set(p.sensors) == {"process", "file", "net", "sensitive", "signal"}   # default when no monitor:
 
 
 def test_digest_is_stable_across_key_order_and_formatting(tmp_path):

@@ -75,7 +75,7 @@ on_violation: {default: alert, network: deny, rules: {"filesystem.deny": kill}}
     assert s.action_for("network", "network.egress") == "deny"
     assert s.action_for("filesystem", "filesystem.deny") == "kill"
     assert s.action_for("syscall", "syscalls.deny") == "alert"
-    assert p.sensors == ["process", "file", "net", "sensitive"]
+    assert p.sensors == ["process", "file", "net", "sensitive", "signal"]
     assert p.agent_name == "coding-*"
     assert s.filesystem.read[0].loc.line == 6
 
@@ -85,8 +85,8 @@ on_violation: {default: alert, network: deny, rules: {"filesystem.deny": kill}}
     ("filesystem: {deny: []}\n", ["process", "file"]),
     ("identity: {name: x}\n", ["process", "file"]),
     ("network: {}\n", ["process", "net"]),
-    ("process: {ptrace: true}\n", ["process"]),
-    ("process: {ptrace: false}\n", ["process", "sensitive"]),
+    ("process: {ptrace: true}\n", ["process", "signal"]),
+    ("process: {ptrace: false}\n", ["process", "sensitive", "signal"]),
     ("syscalls: {deny: [keyctl]}\n", ["process", "sensitive"]),
     ("network: {}\nmonitor: [process, net]\n", ["process", "net"]),
 ])

@@ -141,11 +141,12 @@ def test_named_constants(c_defines):
     expected = {"AW_NOARG": R.NOARG, "AW_STR_LEN": R.STR_LEN, "AW_ARGC_MAX": R.ARGC_MAX,
                 "AW_ARG_LEN": R.ARG_LEN, "AW_COMM_LEN": R.COMM_LEN,
                 "AW_EV_SYSCALL": R.EV_SYSCALL, "AW_EV_EXEC": R.EV_EXEC,
-                "AW_EV_FORK": R.EV_FORK, "AW_EV_EXIT": R.EV_EXIT,
+                "AW_EV_FORK": R.EV_FORK, "AW_EV_EXIT": R.EV_EXIT, "AW_EV_NOENTRY": R.EV_NOENTRY,
                 "AW_CNT_LOST_EVENTS": R.CNT_LOST_EVENTS, "AW_CNT_LOST_STASH": R.CNT_LOST_STASH,
                 "AW_CNT_SEEN": R.CNT_SEEN, "AW_SPEC_EMIT": R.SPEC_EMIT,
                 "AW_SPEC_WATCH": R.SPEC_WATCH, "AW_SPEC_NEED_ADDR": R.SPEC_NEED_ADDR,
-                "AW_SPEC_EXEC": R.SPEC_EXEC, "AW_SPEC_EXIT_GROUP": R.SPEC_EXIT_GROUP}
+                "AW_SPEC_EXEC": R.SPEC_EXEC, "AW_SPEC_EXIT_GROUP": R.SPEC_EXIT_GROUP,
+                "AW_SPEC_DENIED": R.SPEC_DENIED}
     for cname, pyval in expected.items():
         assert int(c_defines[cname], 0) == pyval, cname
     # counters indexes must fit the array the BPF side declares
@@ -153,7 +154,8 @@ def test_named_constants(c_defines):
 
 
 def test_spec_flags_are_distinct_bits():
-    flags = [R.SPEC_EMIT, R.SPEC_NEED_ADDR, R.SPEC_EXEC, R.SPEC_EXIT_GROUP, R.SPEC_WATCH]
+    flags = [R.SPEC_EMIT, R.SPEC_NEED_ADDR, R.SPEC_EXEC, R.SPEC_EXIT_GROUP, R.SPEC_WATCH,
+             R.SPEC_DENIED]
     for f in flags:
         assert f and f & (f - 1) == 0
     assert len(set(flags)) == len(flags)
@@ -214,6 +216,12 @@ def test_decode_syscall_negative_nr_and_large_ret():
     buf = struct.pack(SYSCALL, *hdr(R.EV_SYSCALL), -1, 0, 2**62, *([0] * 6), 0, 0, b"", b"")
     rec = R.decode(buf)[1]
     assert rec["nr"] == -1 and rec["ret"] == 2**62 and rec["str1"] == ""
+
+
+def test_decode_syscall_refused_before_entry():
+    buf = struct.pack(SYSCALL, *hdr(R.EV_NOENTRY), 101, 0, -1, *([0] * 6), 0, 0, b"", b"")
+    etype, rec = R.decode(buf)
+    assert etype == R.EV_NOENTRY and rec["nr"] == 101 and rec["ret"] == -1
 
 
 def _argv_blob(args):
@@ -282,7 +290,7 @@ def test_decode_accepts_trailing_bytes():
     assert R.decode(buf)[1]["code"] == 0
 
 
-@pytest.mark.parametrize("etype", [0, 5, 0xFFFFFFFF])
+@pytest.mark.parametrize("etype", [0, 6, 0xFFFFFFFF])
 def test_decode_unknown_type_raises(etype):
     buf = struct.pack(EXIT, *hdr(etype), 0, 0)
     with pytest.raises(ValueError, match=str(etype)):

@@ -152,3 +152,51 @@ def test_build_kills_other_abis_without_loading():
     insns = [struct.unpack("HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
     BPF_JMP_JGE_K = 0x35
     assert any(code == BPF_JMP_JGE_K and k == 0x40000000 for code, _, _, k in insns[:6])
+
+
+def test_actions_per_group_override_the_default():
+    p = SeccompPolicy(actions={"ptrace": "kill", "deny": "kill"}, deny=["getcwd"])
+    rules = plan(p)
+    assert verdict(rules, "ptrace") == "kill" and verdict(rules, "process_vm_writev") == "kill"
+    assert verdict(rules, "getcwd") == "kill"
+    assert verdict(rules, "bpf") == "errno" and verdict(rules, "unshare") == "errno"
+    assert "ptrace: kill" in sf.describe(p)[0] or "deny, ptrace" in sf.describe(p)[0]
+    with pytest.raises(ValueError, match="bpf"):
+        plan(SeccompPolicy(actions={"bpf": "trap"}))
+
+
+def test_no_memfd_at_all():
+    rules = plan(SeccompPolicy(memfd=False, actions={"memfd_exec": "kill"}))
+    assert verdict(rules, "memfd_create", 0, 0) == "kill"
+    assert [r.conds for r in rules if r.syscall == "memfd_create"] == [()]
+
+
+def test_errno_denied_lists_what_the_sensor_must_watch():
+    """Every syscall some call of which gets EPERM; kills and ENOSYS need no exit probe."""
+    got = sf.errno_denied(SeccompPolicy(actions={"ptrace": "kill"}, deny=["getcwd"]))
+    assert "bpf" in got and "unshare" in got and "getcwd" in got and "io_uring_enter" in got
+    assert "clone" in got and "personality" in got and "memfd_create" in got   # conditional rules
+    assert "ptrace" not in got and "clone3" not in got
+    assert len(got) == len(set(got))
+
+
+def test_toggle_of():
+    assert sf.toggle_of("io_uring_enter") == "io_uring"
+    assert sf.toggle_of("fsopen") == "namespaces"      # the mount family follows namespaces
+    assert sf.toggle_of("pidfd_getfd") == "ptrace"
+    assert sf.toggle_of("keyctl") is None and sf.toggle_of("getcwd") is None
+
+
+@pytest.mark.parametrize("ov, kills", [
+    ({"default": "deny"}, set()),
+    ({"process": "kill"}, {"ptrace", "change_uid", "namespaces", "mount", "bpf", "modules",
+                           "io_uring", "memfd_exec"}),
+    ({"default": "deny", "rules": {"process.ptrace": "kill"}}, {"ptrace"}),
+    ({"syscalls": "kill", "rules": {"process.bpf": "kill"}},
+     {"keyring", "personality", "other", "deny", "bpf"}),
+])
+def test_the_policy_chooses_kill_or_errno_per_rule(ov, kills):
+    from agentwatch.sandbox.plan import seccomp_actions
+    acts = seccomp_actions({"on_violation": ov})
+    assert {g for g, a in acts.items() if a == "kill"} == kills
+    assert set(acts.values()) <= {"kill", "errno"}

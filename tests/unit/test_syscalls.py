@@ -390,3 +390,28 @@ def test_resolve_always_absolute_and_normal(parts, cwd_parts):
     else:
         assert out.startswith("/") and os.path.normpath(out) == out
         assert "/../" not in out + "/" and not out.startswith("//")
+
+
+def test_specs_for_follows_the_seccomp_deny_list():
+    got = {s.name: s for s in S.specs_for(["file"], denied=["ptrace", "clone", "kcmp", "openat"])}
+    assert got["clone"].denied and got["clone"].enter and got["clone"].attach_exit
+    assert not S.BY_NAME["clone"].attach_exit                 # without seccomp: entry only
+    assert got["openat"].denied and got["openat"].enter      # watched anyway: flagged
+    for name in ("ptrace", "kcmp"):                          # not in the groups: exit only
+        assert got[name].denied and not got[name].enter and got[name].attach_exit
+    assert got["kcmp"].group == "seccomp" and got["ptrace"].group == "sensitive"
+    assert R.SPEC.unpack(got["kcmp"].packed())[0] & R.SPEC_DENIED
+    assert not R.SPEC.unpack(S.BY_NAME["ptrace"].packed())[0] & R.SPEC_DENIED
+    assert len(S.specs_for([], denied=["kcmp", "kcmp"])) == len(S.specs_for([])) + 1
+
+
+@pytest.mark.parametrize("name, args, target, tid, pidfd, sig", [
+    ("kill", (u64(-1), 9), -1, None, None, 9),
+    ("tgkill", (10, 11, 15), 10, 11, None, 15),
+    ("pidfd_send_signal", (4, 2, 0, 0), None, None, 4, 2),
+])
+def test_decode_signals(name, args, target, tid, pidfd, sig):
+    ev = S.decode(rec(name, args=args, ret=-1), S.BY_NAME[name])
+    assert ev.kind == "signal" and ev.op == name and ev.error == "EPERM"
+    assert (ev.target, ev.target_tid, ev.pidfd, ev.signal) == (target, tid, pidfd, sig)
+    assert ev.signal_name == {9: "SIGKILL", 15: "SIGTERM", 2: "SIGINT"}[sig]
