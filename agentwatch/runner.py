@@ -440,9 +440,12 @@ class Run:
         """A refusal by a BPF LSM program (sensors/lsm.py): exec or executable
         mapping of a file outside the allow set, or open of a denied file."""
         from .events import FileEvent
-        path = d.get("path") or _fd_path(d["pid"], d.get("ino")) or d.get("name") or ""
-        op = "exec" if d["op"] in ("exec", "mmap", "mprotect") else "open"
         proc = self.ctx.procs.get(d["pid"])
+        path = (d.get("path") or _fd_path(d["pid"], d.get("ino"))
+                or _path_by_inode(os.path.join(proc.cwd, d.get("name") or "") if proc and proc.cwd
+                                  else None, d.get("ino"))
+                or d.get("name") or "")
+        op = "exec" if d["op"] in ("exec", "mmap", "mprotect") else "open"
         ev = FileEvent(op=op, path=path, abspath=path if path.startswith("/") else None,
                        ts=round(time.time(), 6), run_id=self.run_id, agent=self.agent,
                        pid=d["pid"], tid=d.get("tid", d["pid"]), ppid=proc.ppid if proc else 0,
@@ -600,6 +603,15 @@ def _fd_path(pid, ino):
     except OSError:
         pass
     return None
+
+
+def _path_by_inode(path, ino):
+    """path when it names inode ino (a basename the LSM reported, joined to
+    the process's cwd), else None."""
+    try:
+        return path if path and ino and os.stat(path).st_ino == ino else None
+    except OSError:
+        return None
 
 
 def run_agent(opts):

@@ -6,14 +6,17 @@
  * under these names so the kernel lists them as aw_* like every agentwatch
  * program (bcc's LSM_PROBE would name them after the hook, "bprm_check_secu"
  * and so on, because bcc finds the attach target from the function name):
- *   aw_lsm_exec      bprm_check_security  exec of a file whose inode is not in
- *                                          lsm_exec_allow (also runs for the
- *                                          script of a #! exec and memfd fexecve)
- *   aw_lsm_open      file_open            open of an inode in lsm_file_deny
+ *   aw_lsm_exec      bprm_check_security  exec of a file that is not in
+ *                                          lsm_exec_allow, by its inode or an
+ *                                          ancestor directory's (also runs for
+ *                                          the script of a #! exec and memfd
+ *                                          fexecve)
+ *   aw_lsm_open      file_open            open of an inode in lsm_file_deny, or
+ *                                          of a file below a directory in it
  *   aw_lsm_connect   socket_connect       AF_INET/AF_INET6 connect to a port
  *                                          not in lsm_port_allow
- *   aw_lsm_mmap      mmap_file            PROT_EXEC mapping of a file whose
- *                                          inode is not in lsm_exec_allow (exec
+ *   aw_lsm_mmap      mmap_file            PROT_EXEC mapping of a file not in
+ *                                          lsm_exec_allow, as for exec (exec
  *                                          through the dynamic loader: ld.so
  *                                          maps the program itself)
  *   aw_lsm_mprotect  file_mprotect        making a file mapping executable
@@ -105,6 +108,9 @@ struct socket;                  /* only passed through: <linux/net.h> costs comp
 #ifndef AW_LSM_MAX_DENY
 #define AW_LSM_MAX_DENY 4096
 #endif
+#ifndef AW_LSM_MAX_DEPTH
+#define AW_LSM_MAX_DEPTH 24     /* ancestor directories looked up per judged file */
+#endif
 #ifndef AW_LSM_MAX_CGROUPS
 #define AW_LSM_MAX_CGROUPS 1024
 #endif
@@ -140,16 +146,12 @@ static __always_inline u32 aw_lsm_cfg(void)
 	return c ? *c : 0;
 }
 
-/* (ino, dev) of a file; 0 when it has no inode */
-static __always_inline int aw_lsm_file_key(struct file *file, struct aw_lsm_key *k)
+/* (ino, dev) of an inode; 0 when there is none */
+static __always_inline int aw_lsm_inode_key(struct inode *inode, struct aw_lsm_key *k)
 {
-	struct inode *inode = NULL;
 	struct super_block *sb = NULL;
 	dev_t dev = 0;
 	unsigned long ino = 0;
-	if (!file)
-		return 0;
-	bpf_probe_read_kernel(&inode, sizeof(inode), &file->f_inode);
 	if (!inode)
 		return 0;
 	bpf_probe_read_kernel(&ino, sizeof(ino), &inode->i_ino);
@@ -160,6 +162,60 @@ static __always_inline int aw_lsm_file_key(struct file *file, struct aw_lsm_key 
 	k->dev = dev;
 	k->pad = 0;
 	return 1;
+}
+
+/* (ino, dev) of a file */
+static __always_inline int aw_lsm_file_key(struct file *file, struct aw_lsm_key *k)
+{
+	struct inode *inode = NULL;
+	if (!file)
+		return 0;
+	bpf_probe_read_kernel(&inode, sizeof(inode), &file->f_inode);
+	return aw_lsm_inode_key(inode, k);
+}
+
+/* (ino, dev) of a dentry's inode; 0 for a negative dentry */
+static __always_inline int aw_lsm_dentry_key(struct dentry *d, struct aw_lsm_key *k)
+{
+	struct inode *inode = NULL;
+	bpf_probe_read_kernel(&inode, sizeof(inode), &d->d_inode);
+	return aw_lsm_inode_key(inode, k);
+}
+
+static __always_inline int aw_lsm_in_set(int deny, struct aw_lsm_key *k)
+{
+	if (deny)
+		return lsm_file_deny.lookup(k) != NULL;
+	return lsm_exec_allow.lookup(k) != NULL;
+}
+
+/* Is the file (key k), or one of its AW_LSM_MAX_DEPTH nearest ancestor
+ * directories, in the allow (deny=0) or deny (deny=1) set? Directories are
+ * keyed like files, so userspace names /usr/lib with one entry instead of
+ * enumerating ~100,000 files. The walk follows the name the file was opened
+ * by (f_path) up its filesystem's dentry tree and stops at that
+ * filesystem's root: a hard link elsewhere is judged by where it is, which
+ * is why the deny set also holds every file's own inode. */
+static __always_inline int aw_lsm_under(int deny, struct file *file, struct aw_lsm_key *k)
+{
+	if (aw_lsm_in_set(deny, k))
+		return 1;
+	struct dentry *d = NULL, *parent = NULL;
+	struct aw_lsm_key dk = {};
+	bpf_probe_read_kernel(&d, sizeof(d), &file->f_path.dentry);
+#pragma unroll
+	for (int i = 0; i < AW_LSM_MAX_DEPTH; i++) {
+		if (!d)
+			return 0;
+		parent = NULL;
+		bpf_probe_read_kernel(&parent, sizeof(parent), &d->d_parent);
+		if (!parent || parent == d)
+			return 0;       /* the filesystem's root */
+		d = parent;
+		if (aw_lsm_dentry_key(d, &dk) && aw_lsm_in_set(deny, &dk))
+			return 1;
+	}
+	return 0;
 }
 
 /* the file's basename (dentry name) as evidence */
@@ -224,7 +280,7 @@ BPF_PROG(aw_lsm_exec, struct linux_binprm *bprm, int ret)
 	struct file *file = NULL;
 	struct aw_lsm_key k = {};
 	bpf_probe_read_kernel(&file, sizeof(file), &bprm->file);
-	if (aw_lsm_file_key(file, &k) && lsm_exec_allow.lookup(&k))
+	if (aw_lsm_file_key(file, &k) && aw_lsm_under(0, file, &k))
 		return 0;
 	struct aw_lsm_event *e = aw_lsm_reserve(AW_LSM_H_EXEC);
 	if (e) {
@@ -249,7 +305,7 @@ BPF_PROG(aw_lsm_open, struct file *file, int ret)
 	if (!(cfg & AW_LSM_CFG_OPEN))
 		return 0;
 	struct aw_lsm_key k = {};
-	if (!aw_lsm_file_key(file, &k) || !lsm_file_deny.lookup(&k))
+	if (!aw_lsm_file_key(file, &k) || !aw_lsm_under(1, file, &k))
 		return 0;
 	unsigned int fl = 0;
 	bpf_probe_read_kernel(&fl, sizeof(fl), &file->f_flags);
@@ -309,7 +365,7 @@ BPF_PROG(aw_lsm_mmap, struct file *file, unsigned long reqprot, unsigned long pr
 	if (!(cfg & AW_LSM_CFG_EXEC))
 		return 0;
 	struct aw_lsm_key k = {};
-	if (aw_lsm_file_key(file, &k) && lsm_exec_allow.lookup(&k))
+	if (aw_lsm_file_key(file, &k) && aw_lsm_under(0, file, &k))
 		return 0;
 	return aw_lsm_deny_file(AW_LSM_H_MMAP, file, &k, prot, flags);
 }
@@ -330,7 +386,7 @@ BPF_PROG(aw_lsm_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
 	if (!file)
 		return 0;
 	struct aw_lsm_key k = {};
-	if (aw_lsm_file_key(file, &k) && lsm_exec_allow.lookup(&k))
+	if (aw_lsm_file_key(file, &k) && aw_lsm_under(0, file, &k))
 		return 0;
 	return aw_lsm_deny_file(AW_LSM_H_MPROTECT, file, &k, prot, 0);
 }

@@ -23,7 +23,7 @@ RUNTIME_READ = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/t
                 "/proc", "/etc/ld.so.cache"]
 RUNTIME_WRITE = ["/dev/null", "/dev/tty", "/dev/pts"]
 # where the dynamic loader finds shared libraries: their mappings are
-# executable, so the BPF LSM exec allow set must hold them
+# executable, so the BPF LSM exec allow list must cover them
 RUNTIME_LIBS = ["/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib"]
 PATH_FALLBACK = "landlock+seccomp+cgroup-bpf"
 PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK

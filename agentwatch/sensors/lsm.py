@@ -22,14 +22,17 @@ handed to ``on_denial`` by ``poll()``. Processes outside the watched cgroups
 are never judged (one hash lookup per hook call).
 
 ``exec_allow`` names files and directories; a directory stands for every
-regular file below it (recursively, symlinks followed to their targets). The
-allow set is a set of inodes, filled from userspace by opening each file
-with O_PATH: the kernel side never reads a path. It must contain the shared
+file below it: the programs look up the file's inode and those of its
+nearest ancestor directories (its dentry's parents, up to 24, within its
+filesystem), so naming /usr/lib costs one map entry. The sets hold inodes,
+filled from userspace by opening each named path with O_PATH: the kernel
+side never reads a path string. The allow list must cover the shared
 libraries and the dynamic loader of every allowed dynamic program, because
 their mappings are executable too. ``exec_allow=None`` turns the exec and mmap
-rules off. ``file_deny`` names files (a directory: every regular file below
-it at open() time; the directory itself and files created later are not
-covered) and may be empty. ``connect_ports=None`` turns the connect rule off
+rules off. ``file_deny`` names files and directories (a directory: itself, everything
+below it, also files created later, and the inode of every regular file
+below it at open() time, so that a hard link elsewhere is refused too) and
+may be empty. ``connect_ports=None`` turns the connect rule off
 ([] denies every inet connect).
 
 Identity of a file: (inode number, superblock device) as the kernel sees it,
@@ -70,7 +73,6 @@ bcc is imported only inside methods, so the pure parts work anywhere.
 import ctypes
 import errno
 import os
-import re
 import socket
 import stat
 
@@ -84,9 +86,8 @@ ENFORCEMENT = "bpf-lsm"      # doctor.ENFORCE_BPF_LSM: the path these denials co
 H_EXEC, H_OPEN, H_CONNECT, H_MMAP, H_MPROTECT = 1, 2, 3, 4, 5
 CFG_EXEC, CFG_OPEN, CFG_CONNECT = 0x1, 0x2, 0x4
 NAME_LEN = 64
-MAX_ALLOW, MAX_DENY = 65536, 4096
+MAX_ALLOW, MAX_DENY = 65536, 4096    # AW_LSM_MAX_ALLOW, AW_LSM_MAX_DENY
 PROT_EXEC = 0x4
-_SHARED_OBJECT = re.compile(r"\.so(\.[0-9.]+)?$")
 
 # (program, LSM hook, AW_LSM_CFG_* flag that makes it needed)
 PROGRAMS = (("aw_lsm_exec", "bprm_check_security", CFG_EXEC),
@@ -235,50 +236,44 @@ def file_key(path, mounts=None):
     return st.st_ino, dev, st.st_mode
 
 
-def _runnable(name, mode):
-    """Worth an exec allow entry: an executable, or a shared object (which
-    the dynamic loader maps executable whatever its mode bits)."""
-    return bool(mode & 0o111) or _SHARED_OBJECT.search(name) is not None
-
-
-def expand_files(paths, limit, what, mounts=None, runnable_only=False):
-    """{(ino, dev): path} of the regular files named by paths; a directory
-    contributes every regular file below it (runnable_only: only executables
-    and shared objects, so that /usr/lib is ~3,000 files, not ~100,000).
-    Raises LsmRuleError on a path that does not exist or when more than
-    limit files result."""
+def expand_files(paths, limit, what, mounts=None, walk=True):
+    """{(ino, dev): path} of each named file or directory (the BPF programs
+    match a file against its own inode and its ancestor directories'), and,
+    with walk, of every regular file below a named directory too (so that a
+    hard link elsewhere to a denied file is still that file). Raises
+    LsmRuleError on a path that does not exist, that is neither a file nor a
+    directory, or when more than limit entries result."""
     mounts = mount_devices() if mounts is None else mounts
     keys = {}
 
     def add(p):
         ino, dev, mode = file_key(p, mounts)
-        if stat.S_ISREG(mode):
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
             keys.setdefault((ino, dev), p)
-        return mode
-
-    def check_limit(p):
         if len(keys) > limit:
             raise LsmRuleError(f"{what}: more than {limit} files (at {p}); name fewer "
                                f"or smaller directories")
+        return mode
 
     for path in paths:
         path = os.fspath(path)
         mode = add(path)
-        check_limit(path)
-        if stat.S_ISDIR(mode):
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    f = os.path.join(root, name)
-                    try:
-                        if runnable_only and not _runnable(name, os.stat(f).st_mode):
-                            continue      # cheaper than file_key's open
-                        add(f)
-                    except (OSError, LsmRuleError):
-                        continue   # dangling symlink or vanished file: nothing to allow
-                    check_limit(f)
-        elif not stat.S_ISREG(mode):
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise LsmRuleError(f"{what}: {path} is neither a regular file nor a directory")
+        if not (walk and stat.S_ISDIR(mode)):
+            continue
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                f = os.path.join(root, name)
+                try:
+                    if not stat.S_ISREG(os.stat(f).st_mode):
+                        continue
+                    add(f)
+                except (OSError, LsmRuleError) as e:
+                    if isinstance(e, LsmRuleError) and len(keys) > limit:
+                        raise
+                    continue   # dangling symlink or vanished file: nothing to add
     return keys
 
 
@@ -441,7 +436,7 @@ class LsmGuard(DenialStream):
         mounts = mount_devices()
         self.allow_keys = ({} if self.exec_allow is None else
                            expand_files(self.exec_allow, MAX_ALLOW, "exec_allow", mounts,
-                                        runnable_only=True))
+                                        walk=False))
         self.deny_keys = expand_files(self.file_deny, MAX_DENY, "file_deny", mounts)
         self._paths = dict(self.allow_keys)
         self._paths.update(self.deny_keys)

@@ -508,13 +508,17 @@ def test_copied_binary_through_the_dynamic_loader(run):
     """ld-linux ./tool: the loader is an allowed program and maps ./tool
     itself, which Landlock's EXECUTE right does not cover. The workspace is
     mounted noexec, so the mapping fails; the judge also sees the loader's
-    argv and kills (often before the loader even tries)."""
+    argv and kills (often before the loader even tries). On the BPF LSM path
+    mmap_file refuses it first (the file is outside the exec allow list)."""
     assert run.result("mmap PROT_EXEC") == "EPERM"     # what the loader would get
     assert not run.exists("ws", "marker")
     noexec = run.lifecycle("start")["detail"]["enforcement"]["noexec"]
     assert sorted(noexec) == sorted([run.ws, run.tmp])
     v = run.violation("filesystem.exec", "filesystem", path=run.path("ws", "tool"))
-    assert v["detail"]["loader"].endswith("ld-linux-x86-64.so.2")
+    if LSM_HERE:     # BPF LSM mmap_file refused the map_exec step first
+        assert v["detail"]["kernel"] == "denied (EPERM) by BPF LSM mmap_file", v
+    else:
+        assert v["detail"]["loader"].endswith("ld-linux-x86-64.so.2")
     assert_killed(run, "filesystem.exec")
 
 

@@ -52,21 +52,25 @@ def test_exec_root_of_slash_turns_the_inode_exec_rule_off(tree):
     assert any("covers /" in n for n in p.notes)
 
 
-def test_directories_contribute_executables_and_shared_objects_only(tmp_path):
+def test_allow_lists_name_directories_deny_lists_also_hold_every_file(tmp_path):
     d = tmp_path / "lib" / "sub"
     d.mkdir(parents=True)
-    files = {"prog": 0o755, "libx.so": 0o644, "liby.so.6.1": 0o644, "data.txt": 0o644,
-             "module.py": 0o644, "notes.so.txt": 0o644}
-    for name, mode in files.items():
+    for name in ("prog", "libx.so", "data.txt"):
         (d / name).write_text(name)
-        (d / name).chmod(mode)
-    named = tmp_path / "named.txt"              # a file named outright is always in
+    named = tmp_path / "named.txt"
     named.write_text("x")
-    keys = expand_files([str(tmp_path / "lib"), str(named)], 100, "exec_allow",
-                        runnable_only=True)
-    got = sorted(os.path.basename(p) for p in keys.values())
-    assert got == ["libx.so", "liby.so.6.1", "named.txt", "prog"]
-    assert len(expand_files([str(tmp_path / "lib")], 100, "x")) == len(files)
+    lib = str(tmp_path / "lib")
+    # allow: one entry per named path, directories included (the BPF side
+    # walks a file's ancestors), nothing enumerated below them
+    keys = expand_files([lib, str(named)], 100, "exec_allow", walk=False)
+    assert sorted(keys.values()) == [lib, str(named)]
+    # deny: the directory and every file below it, so a hard link elsewhere
+    # to one of them is still refused
+    keys = expand_files([lib], 100, "file_deny")
+    assert sorted(os.path.relpath(p, lib) for p in keys.values()) == [
+        ".", "sub/data.txt", "sub/libx.so", "sub/prog"]
+    with pytest.raises(ValueError, match="neither a regular file nor a directory"):
+        expand_files(["/dev/null"], 100, "file_deny")
 
 
 def test_the_file_limit_is_not_swallowed(tmp_path):
