@@ -317,7 +317,13 @@ class Run:
                                on_kill=self._kill_for_violation, watched_files=watched,
                                egress_enforced=bool(self.plan and self.plan.egress is not None))
         self.correlator.add_run(self.ctx)
-        self.sensors.watch(self.cgroup.id)
+        # the policy's denied paths (and the run's identity files), so their
+        # records travel the priority ring buffer (bpf/priority.bpf.c)
+        routes = ([], [])
+        if self.compiled:
+            prefixes, names = self.compiled.kernel_routes()
+            routes = (prefixes + [os.path.abspath(p) for _, p in watched], names)
+        self.sensors.watch(self.cgroup.id, routes)
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,

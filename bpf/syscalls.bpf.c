@@ -55,7 +55,7 @@ static __always_inline u64 aw_arg(const u64 *args, u8 idx)
 static __always_inline void aw_emit_exec(const u64 *args, struct aw_spec *sp)
 {
 	struct aw_exec_event *e;
-	if (!AW_RESERVE(e))
+	if (!AW_RESERVE_PRIO(e))
 		return;
 	aw_fill_hdr(&e->h, AW_EV_EXEC);
 	e->argc = 0;
@@ -77,7 +77,7 @@ static __always_inline void aw_emit_exec(const u64 *args, struct aw_spec *sp)
 			e->truncated = 1;
 	}
 out:
-	aw_submit(e);
+	aw_submit_prio(e);
 }
 
 static __always_inline int aw_enter(struct aw_sys_enter_args *ctx, const int nargs)
@@ -159,7 +159,8 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		return 0;
 	}
 	struct aw_syscall_event *e;
-	if (!AW_RESERVE(e)) {
+	int prio = aw_priority(sp, ctx->ret, aw_arg(st->args, sp->path1), aw_arg(st->args, sp->path2));
+	if (!AW_RESERVE_ON(e, prio)) {
 		stash.delete(&tid);
 		return 0;
 	}
@@ -196,6 +197,6 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 			e->len2 = 2;
 	}
 	stash.delete(&tid);
-	aw_submit(e);
+	aw_submit_on(e, prio);
 	return 0;
 }
