@@ -248,6 +248,7 @@ class Run:
         stats = {"events": self.ctx.events, "lost_events": c["lost_events"],
                  "lost_events_per_cpu": c["lost_events_per_cpu"], "lost_stash": c["lost_stash"],
                  "records_submitted": c["submitted"], "records_received": c["received"],
+                 "rings": c["rings"],
                  "decode_errors": len(self.sensors.errors), "pids": len(self.cgroup.pids()),
                  "updated": time.time()}
         state.write_json_atomic(state.run_path(self.run_id, "stats.json"), stats)
@@ -255,6 +256,7 @@ class Run:
         if lost != self._last_lost:
             self._lifecycle("drops", {"lost_events": c["lost_events"], "lost_stash": c["lost_stash"],
                                       "lost_events_per_cpu": c["lost_events_per_cpu"],
+                                      "lost_priority": c["rings"]["priority"]["lost"],
                                       "message": f"{lost - self._last_lost} new events lost in the kernel"})
             self._last_lost = lost
         return stats
@@ -464,6 +466,7 @@ class Run:
             before = self.sensors.received
             self.sensors.poll(30)
             quiet = quiet + 1 if self.sensors.received == before else 0
+        self.sensors.drain()   # and deliver what was still held back for ordering
         self._reap()
         if self.egress:
             self.egress.poll(0)
@@ -480,6 +483,7 @@ class Run:
                                 "lost_events_per_cpu": stats["lost_events_per_cpu"],
                                 "records_submitted": stats["records_submitted"],
                                 "records_received": stats["records_received"],
+                                "rings": stats["rings"],
                                 "decode_errors": stats["decode_errors"],
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
         counts = {"events": self.ctx.events, "lost": lost,
@@ -490,7 +494,9 @@ class Run:
                         f"{self.ctx.events} events, {lost} lost")
         if stats["lost_events"]:
             per_cpu = ", ".join(f"{n} on CPU #{i}" for i, n in enumerate(stats["lost_events_per_cpu"]) if n)
-            self.summary += f" (ring buffer full: {per_cpu})"
+            rings = stats["rings"]
+            self.summary += (f" (ring buffers full: {per_cpu}; {rings['bulk']['lost']} bulk, "
+                             f"{rings['priority']['lost']} priority)")
         if verdict is not None:
             cats = ", ".join(f"{c} {n}" for c, n in sorted(verdict["by_category"].items())) or "none"
             self.summary += f"; violations: {verdict['violations']} ({cats})"
