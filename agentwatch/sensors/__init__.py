@@ -56,6 +56,7 @@ PRIO_PAGES = 256          # priority ring: 1 MiB (~1,600 syscall or ~360 exec re
 READ_BATCH = 4096         # records read from one ring per poll before the other's turn
 ORDER_SLACK_NS = 5_000_000  # a record is committed within this of its timestamp
 MAX_HELD = 1 << 18        # records held for ordering beyond this are delivered anyway
+DRAIN_ROUNDS = 64         # batches drain() reads at most (a full 16 MiB bulk ring is ~7)
 MAX_SLOTS = 1024          # AW_MAX_RUNS in common.bpf.c
 
 
@@ -252,6 +253,9 @@ class Sensors:
 
         def on_record(_ctx, data, size):
             return self._on_record(ring, data, size)
+        # bcc's own callback type (what its open_ring_buffer uses), but one
+        # libbpf manager per ring rather than bcc's single shared one, whose
+        # consume reads every ring to its end before returning
         ring.fn = bcc.libbcc._RINGBUF_CB_TYPE(on_record)
         ring.manager = bcc.lib.bpf_new_ringbuf(self.bpf[name].map_fd, ring.fn, None)
         if not ring.manager:
@@ -313,9 +317,13 @@ class Sensors:
         self._deliver()
 
     def drain(self):
-        """Read every record already in the ring buffers and deliver all,
-        without waiting."""
-        self._read(1 << 62)
+        """Read what the ring buffers hold and deliver everything read,
+        without waiting. Bounded (DRAIN_ROUNDS batches): another run sharing
+        the monitor may be filling them still."""
+        for _ in range(DRAIN_ROUNDS):
+            self._read(READ_BATCH)
+            if not any(ring.backlog for ring in self._rings):
+                break
         self._deliver(everything=True)
 
     def counters(self):
