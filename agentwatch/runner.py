@@ -274,6 +274,7 @@ class Run:
         stats = {"events": self.ctx.events, "lost_events": c["lost_events"],
                  "lost_events_per_cpu": c["lost_events_per_cpu"], "lost_stash": c["lost_stash"],
                  "records_submitted": c["submitted"], "records_received": c["received"],
+                 "rings": c["rings"],
                  "decode_errors": len(self.sensors.errors), "pids": len(self.cgroup.pids()),
                  "updated": time.time()}
         state.write_json_atomic(state.run_path(self.run_id, "stats.json"), stats)
@@ -281,6 +282,7 @@ class Run:
         if lost != self._last_lost:
             self._lifecycle("drops", {"lost_events": c["lost_events"], "lost_stash": c["lost_stash"],
                                       "lost_events_per_cpu": c["lost_events_per_cpu"],
+                                      "lost_priority": c["rings"]["priority"]["lost"],
                                       "message": f"{lost - self._last_lost} new events lost in the kernel"})
             self._last_lost = lost
         return stats
@@ -345,7 +347,13 @@ class Run:
                                egress_enforced=bool(self.plan and self.plan.egress is not None),
                                lsm_enforced=bool(self.plan and self.plan.lsm is not None))
         self.correlator.add_run(self.ctx)
-        self.sensors.watch(self.cgroup.id)
+        # the policy's denied paths (and the run's identity files), so their
+        # records travel the priority ring buffer (bpf/priority.bpf.c)
+        routes = ([], [])
+        if self.compiled:
+            prefixes, names = self.compiled.kernel_routes()
+            routes = (prefixes + [os.path.abspath(p) for _, p in watched], names)
+        self.sensors.watch(self.cgroup.id, routes)
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
@@ -519,6 +527,7 @@ class Run:
             before = self.sensors.received
             self.sensors.poll(30)
             quiet = quiet + 1 if self.sensors.received == before else 0
+        self.sensors.drain()   # and deliver what was still held back for ordering
         self._reap()
         for g in self._guards():
             g.poll(0)
@@ -535,6 +544,7 @@ class Run:
                                 "lost_events_per_cpu": stats["lost_events_per_cpu"],
                                 "records_submitted": stats["records_submitted"],
                                 "records_received": stats["records_received"],
+                                "rings": stats["rings"],
                                 "decode_errors": stats["decode_errors"],
                                 "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
@@ -546,7 +556,9 @@ class Run:
                         f"{self.ctx.events} events, {lost} lost")
         if stats["lost_events"]:
             per_cpu = ", ".join(f"{n} on CPU #{i}" for i, n in enumerate(stats["lost_events_per_cpu"]) if n)
-            self.summary += f" (ring buffer full: {per_cpu})"
+            rings = stats["rings"]
+            self.summary += (f" (ring buffers full: {per_cpu}; {rings['bulk']['lost']} bulk, "
+                             f"{rings['priority']['lost']} priority)")
         if verdict is not None:
             cats = ", ".join(f"{c} {n}" for c, n in sorted(verdict["by_category"].items())) or "none"
             self.summary += f"; violations: {verdict['violations']} ({cats})"

@@ -24,7 +24,7 @@ PROFILES = {
     "full": dict(host_reps=5, loop_n=2_000_000, reps=7, compile_tree="stdlib+dist", files=20_000,
                  storm_n=1_000_000, burst_n=500_000, burst_trials=3,
                  rates=[25_000, 50_000, 100_000, 150_000, 250_000], paced_s=2.0,
-                 flood_n=500_000, flood_trials=20, cold_reps=5, warm_reps=20, agents=10),
+                 flood_n=500_000, flood_trials=100, cold_reps=5, warm_reps=20, agents=10),
 }
 
 
@@ -432,15 +432,17 @@ def flood_violation(ctx):
                 if v.get("category") == "filesystem" and "id_rsa" in json.dumps(v.get("detail"))]
         c = r["counters"]
         trials.append({"reported": bool(hits), "opened": opened, "lost": c["lost_events"] + c["lost_stash"],
-                       "rule": hits[0].get("rule") if hits else None})
+                       "lost_priority": c["lost_priority"], "rule": hits[0].get("rule") if hits else None})
         lib.drop_run(ws, r["run_id"])
     valid = [t for t in trials if t["opened"]]
     rep = sum(1 for t in valid if t["reported"])
     pct = 100.0 * rep / len(valid) if valid else 0.0
     lost = sorted(t["lost"] for t in trials)
+    lost_prio = sum(t["lost_priority"] for t in trials)
     figs = [value_figure("violation under flood: reported", "%", pct, target="100%", met=pct == 100.0,
                          text=f"{rep}/{len(valid)} ({pct:.0f}%); lost per trial "
-                              f"{lost[0]:,}-{lost[-1]:,} of {s['flood_n']:,}")]
+                              f"{lost[0]:,}-{lost[-1]:,} of {s['flood_n']:,} (bulk ring), "
+                              f"{lost_prio} on the priority ring in all")]
     return {"params": {"flood_n": s["flood_n"], "trials": s["flood_trials"], "policy": "coding-agent"},
             "figures": figs, "trials": trials}
 

@@ -62,7 +62,9 @@ def do_run(m, req):
     return {"exit": code, "run_id": run.run_id, "to_exit_s": to_exit, "total_s": t1 - t0,
             "teardown_s": (t1 - run.t_agent_exit) if run.t_agent_exit else None,
             "events": run.ctx.events if getattr(run, "ctx", None) else None,
-            "counters": {k: after[k] - before[k] for k in COUNTERS}}
+            "counters": dict({k: after[k] - before[k] for k in COUNTERS},
+                             lost_priority=after["rings"]["priority"]["lost"]
+                             - before["rings"]["priority"]["lost"])}
 
 
 def do_plain(req):

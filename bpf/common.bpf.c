@@ -12,6 +12,9 @@
 #ifndef AW_RINGBUF_PAGES
 #define AW_RINGBUF_PAGES 2048   /* 8 MiB with 4 KiB pages */
 #endif
+#ifndef AW_PRIO_PAGES
+#define AW_PRIO_PAGES 256       /* 1 MiB */
+#endif
 #ifndef AW_MAX_RUNS
 #define AW_MAX_RUNS 1024
 #endif
@@ -19,7 +22,16 @@
 /* cgroup v2 id -> run slot. Filled by userspace before the agent may exec;
  * every program checks it first so other processes cost one hash lookup. */
 BPF_HASH(watched, u64, u32, AW_MAX_RUNS);
+/* Two ring buffers, so that a flood of benign file records cannot starve
+ * the records a verdict or the process tree depends on:
+ *  - "events" (bulk): ordinary file records, the bulk of any workload;
+ *  - "priority": process lifecycle (fork, exec, exit), chdir, network and
+ *    sensitive syscalls, any syscall the kernel refused (-EACCES, -EPERM)
+ *    and file records whose path the policy denies (aw_sensitive_path).
+ * Each has its own lost/submitted counters. The reader drains both every
+ * poll and merges them by timestamp (agentwatch/sensors/__init__.py). */
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(priority, AW_PRIO_PAGES);
 /* tgids of the agents' processes (added at fork and exec, removed at exit),
  * so probes running in another process (signal_generate runs in the
  * sender) can tell whether their target is an agent's */
@@ -30,6 +42,14 @@ static __always_inline int aw_watched(void)
 {
 	u64 cg = bpf_get_current_cgroup_id();
 	return watched.lookup(&cg) != NULL;
+}
+
+/* The current process's run slot, 0 when it is not watched. */
+static __always_inline u32 aw_slot(void)
+{
+	u64 cg = bpf_get_current_cgroup_id();
+	u32 *slot = watched.lookup(&cg);
+	return slot ? *slot : 0;
 }
 
 static __always_inline void aw_count(u32 idx)
@@ -51,26 +71,37 @@ static __always_inline void aw_fill_hdr(struct aw_hdr *h, u32 type)
 	bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 
-/* Reserve a record in the ring buffer or count the loss. Inlined, so the
- * size stays a constant the verifier can check. */
-static __always_inline void *aw_reserve(u32 size)
+/* Reserve a record in the bulk (prio 0) or priority ring buffer, or count
+ * the loss against that ring. Inlined, so the size stays a constant the
+ * verifier can check. */
+static __always_inline void *aw_reserve_on(u32 size, int prio)
 {
-	void *p = events.ringbuf_reserve(size);
+	void *p = prio ? priority.ringbuf_reserve(size) : events.ringbuf_reserve(size);
 	if (!p)
-		aw_count(AW_CNT_LOST_EVENTS);
+		aw_count(prio ? AW_CNT_LOST_PRIO : AW_CNT_LOST_EVENTS);
 	return p;
 }
-#define AW_RESERVE(ptr) (ptr = aw_reserve(sizeof(*ptr)))
+#define AW_RESERVE(ptr) (ptr = aw_reserve_on(sizeof(*ptr), 0))
+#define AW_RESERVE_ON(ptr, prio) (ptr = aw_reserve_on(sizeof(*ptr), prio))
+#define AW_RESERVE_PRIO(ptr) AW_RESERVE_ON(ptr, 1)
 
-static __always_inline void aw_submit(void *e)
+static __always_inline void aw_submit_on(void *e, int prio)
 {
-	u32 idx = AW_CNT_SEEN;
+	u32 idx = prio ? AW_CNT_SEEN_PRIO : AW_CNT_SEEN;
 	u64 *c = counters.lookup(&idx);
 	u64 n = 0;
 	if (c)
 		n = ++(*c);
-	/* Wake the reader on every 64th record of this CPU only: a wake-up per
-	 * event costs the agent microseconds of kernel time (measured: +17% on a
-	 * file-heavy workload). The reader also drains on its own every 100 ms. */
-	events.ringbuf_submit(e, (n & 63) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
+	/* Bulk: wake the reader on every 64th record of this CPU only: a wake-up
+	 * per event costs the agent microseconds of kernel time (measured: +17%
+	 * on a file-heavy workload). The reader also drains on its own every
+	 * 100 ms. Priority records are rare and may be a violation to act on:
+	 * each wakes the reader. (bpf_ringbuf_submit finds its ring from the
+	 * record, so either map name would do here.) */
+	if (prio)
+		priority.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+	else
+		events.ringbuf_submit(e, (n & 63) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
 }
+#define aw_submit(e) aw_submit_on(e, 0)
+#define aw_submit_prio(e) aw_submit_on(e, 1)

@@ -26,11 +26,14 @@
 #define AW_ARG_LEN   128
 
 /* Per-CPU counters (map "counters"): every event the kernel could not
- * deliver is counted here, never dropped silently. */
-#define AW_CNT_LOST_EVENTS 0  /* ring buffer full: event lost */
+ * deliver is counted here, never dropped silently. Each ring buffer has its
+ * own pair (bulk: "events", priority: "priority"; see common.bpf.c). */
+#define AW_CNT_LOST_EVENTS 0  /* bulk ring buffer full: event lost */
 #define AW_CNT_LOST_STASH  1  /* syscall-entry stash full: syscall not recorded */
-#define AW_CNT_SEEN        2  /* events submitted */
-#define AW_CNT_MAX         4
+#define AW_CNT_SEEN        2  /* events submitted to the bulk ring buffer */
+#define AW_CNT_LOST_PRIO   3  /* priority ring buffer full: event lost */
+#define AW_CNT_SEEN_PRIO   4  /* events submitted to the priority ring buffer */
+#define AW_CNT_MAX         8
 
 /* Per-syscall spec (map "specs", indexed by syscall number), written by
  * agentwatch/sensors/syscalls.py. Argument indexes are 0..5; AW_NOARG
@@ -43,6 +46,7 @@
 #define AW_SPEC_EXIT_GROUP 0x08  /* remember args[0] as the process exit code */
 #define AW_SPEC_DENIED     0x20  /* the seccomp filter refuses it with EPERM: report an
                                   * exit with -EPERM and no entry as AW_EV_NOENTRY */
+#define AW_SPEC_PRIORITY   0x40  /* records go to the priority ring buffer (process, net, sensitive, chdir) */
 
 struct aw_spec {
 	__u8 flags;
@@ -94,6 +98,26 @@ struct aw_exit_event {
 	struct aw_hdr h;
 	__s32 code;    /* exit_group() status & 0xff, or -1 when the process did not call it */
 	__s32 sig;     /* fatal signal seen delivered, or 0 */
+};
+
+/* Sensitive paths, per run slot (maps "sensitive_prefixes", an LPM trie,
+ * and "sensitive_names", a hash), filled by agentwatch/sensors/__init__.py
+ * from the policy's filesystem.deny patterns: a file record whose path has
+ * one of the prefixes, or one of the basenames, travels the priority ring
+ * (bpf/priority.bpf.c).
+ * An LPM trie key holds at most 256 bytes of data: the slot, then the path. */
+#define AW_PREFIX_LEN 248
+
+struct aw_prefix_key {
+	__u32 prefixlen;   /* in bits: 32 (the slot) + 8 per path byte */
+	__u32 slot;
+	char path[AW_PREFIX_LEN];
+};
+
+struct aw_name_key {
+	__u32 slot;
+	__u32 pad;
+	__u64 hash;        /* FNV-1a 64 of the basename's bytes */
 };
 
 #endif

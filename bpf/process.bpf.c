@@ -39,7 +39,7 @@ int aw_fork(struct tracepoint__sched__sched_process_fork *args)
 	    st->nr != AW_NR_FORK && st->nr != AW_NR_VFORK)
 		return 0;
 	struct aw_fork_event *e;
-	if (!AW_RESERVE(e))
+	if (!AW_RESERVE_PRIO(e))
 		return 0;
 	u32 child = args->child_pid;
 	u8 one = 1;
@@ -47,7 +47,7 @@ int aw_fork(struct tracepoint__sched__sched_process_fork *args)
 	aw_fill_hdr(&e->h, AW_EV_FORK);
 	e->child = args->child_pid;
 	e->pad = 0;
-	aw_submit(e);
+	aw_submit_prio(e);
 	return 0;
 }
 
@@ -124,7 +124,7 @@ int aw_exit(struct tracepoint__sched__sched_process_exit *args)
 		return 0;
 #endif
 	struct aw_exit_event *e;
-	if (!AW_RESERVE(e)) {
+	if (!AW_RESERVE_PRIO(e)) {
 		exit_codes.delete(&tgid);
 		fatal_sigs.delete(&tgid);
 		sent_sigs.delete(&tgid);
@@ -141,6 +141,6 @@ int aw_exit(struct tracepoint__sched__sched_process_exit *args)
 	fatal_sigs.delete(&tgid);
 	sent_sigs.delete(&tgid);
 	live.delete(&tgid);
-	aw_submit(e);
+	aw_submit_prio(e);
 	return 0;
 }

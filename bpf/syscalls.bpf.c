@@ -55,7 +55,7 @@ static __always_inline u64 aw_arg(const u64 *args, u8 idx)
 static __always_inline void aw_emit_exec(const u64 *args, struct aw_spec *sp)
 {
 	struct aw_exec_event *e;
-	if (!AW_RESERVE(e))
+	if (!AW_RESERVE_PRIO(e))
 		return;
 	aw_fill_hdr(&e->h, AW_EV_EXEC);
 	e->argc = 0;
@@ -77,7 +77,7 @@ static __always_inline void aw_emit_exec(const u64 *args, struct aw_spec *sp)
 			e->truncated = 1;
 	}
 out:
-	aw_submit(e);
+	aw_submit_prio(e);
 }
 
 static __always_inline int aw_enter(struct aw_sys_enter_args *ctx, const int nargs)
@@ -132,12 +132,13 @@ AW_ENTER(6)
 
 #define AW_EPERM 1
 
-/* Reserve a syscall record and fill its fixed part; st NULL: no arguments seen. */
+/* Reserve a syscall record on the bulk (prio 0) or priority ring and fill
+ * its fixed part; st NULL: no arguments seen. */
 static __always_inline struct aw_syscall_event *aw_syscall_record(u32 type, s32 nr, s64 ret,
-								   struct aw_stash *st)
+								   struct aw_stash *st, int prio)
 {
 	struct aw_syscall_event *e;
-	if (!AW_RESERVE(e))
+	if (!AW_RESERVE_ON(e, prio))
 		return NULL;
 	aw_fill_hdr(&e->h, type);
 	e->nr = nr;
@@ -166,9 +167,9 @@ static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 	struct aw_spec *sp = specs.lookup(&nr);
 	if (!sp || !(sp->flags & AW_SPEC_DENIED))
 		return 0;
-	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, NULL);
+	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, NULL, 1);
 	if (e)
-		aw_submit(e);
+		aw_submit_prio(e);     /* a denial: never behind a benign flood */
 	return 0;
 }
 
@@ -201,7 +202,8 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		stash.delete(&tid);
 		return 0;
 	}
-	struct aw_syscall_event *e = aw_syscall_record(AW_EV_SYSCALL, st->nr, ctx->ret, st);
+	int prio = aw_priority(sp, ctx->ret, aw_arg(st->args, sp->path1), aw_arg(st->args, sp->path2));
+	struct aw_syscall_event *e = aw_syscall_record(AW_EV_SYSCALL, st->nr, ctx->ret, st, prio);
 	if (!e) {
 		stash.delete(&tid);
 		return 0;
@@ -228,6 +230,6 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 			e->len2 = 2;
 	}
 	stash.delete(&tid);
-	aw_submit(e);
+	aw_submit_on(e, prio);
 	return 0;
 }

@@ -303,6 +303,23 @@ class CompiledPolicy:
         """Sensor groups to attach: ``monitor:`` or what the rules need."""
         return self.spec.sensor_groups()
 
+    def kernel_routes(self):
+        """(prefixes, basenames): filesystem.deny as the BPF sensor can match
+        it cheaply to send a file record to its priority ring buffer (see
+        bpf/priority.bpf.c). A pattern gives its leading literal directories
+        (${HOME}/.ssh/** -> /home/u/.ssh) and, when its last segment is
+        literal, that basename (**/.env -> .env), which also catches
+        relative paths. Patterns with neither (**/*.pem) are judged on
+        whichever ring their records travel."""
+        prefixes, names = set(), set()
+        for _, glob in self._deny.items:
+            last = glob.parts[-1] if glob.parts else None
+            if last and last[0] == M.LIT and last[1]:
+                names.add(last[1])
+            if glob.literal_prefix():
+                prefixes.add(glob.literal_prefix())
+        return sorted(prefixes), sorted(names)
+
 
 def _port_proto_ok(rule, port, proto):
     if rule.protocol != "any" and proto is not None and proto != rule.protocol:

@@ -218,7 +218,7 @@ class Glob:
         self.pattern = pattern
         self.parts = parse_parts(pattern)
         kinds = [p[0] for p in self.parts]
-        literal = self._literal_prefix()
+        literal = self.literal_prefix()
         if all(k == LIT for k in kinds):
             self._kind, self._exact = "exact", "/".join(p[1] for p in self.parts) or "/"
         elif kinds[-1] == ANY and all(k == LIT for k in kinds[:-1]) and kinds[0] == LIT:
@@ -227,7 +227,9 @@ class Glob:
             self._kind, self._exact = "general", None
         self._prefix = literal + "/" if literal else ("/" if kinds[0] == LIT else "")
 
-    def _literal_prefix(self):
+    def literal_prefix(self):
+        """The leading literal segments: /a/b for /a/b/*.c, "" when the glob
+        starts with a wildcard or ** (the root alone is no prefix)."""
         lits = []
         for p in self.parts:
             if p[0] != LIT:

@@ -1,10 +1,24 @@
 """Kernel sensors: the only place that imports bcc.
 
-``Sensors`` compiles bpf/agentwatch.bpf.c once, fills the syscall spec map,
-attaches exactly the tracepoints of the chosen groups, and hands decoded raw
-records to a callback. Cgroups are added to the in-kernel filter with
-``watch()`` before an agent may exec.
+``Sensors`` compiles the bpf/*.bpf.c sensors once, fills the syscall spec
+map, attaches exactly the tracepoints of the chosen groups, and hands decoded
+raw records to a callback. Cgroups are added to the in-kernel filter with
+``watch()`` before an agent may exec, each with a run slot and the sensitive
+paths of its policy.
+
+Records come from two ring buffers (bpf/common.bpf.c): "priority" (process
+lifecycle, chdir, network, sensitive syscalls, kernel denials, policy-denied
+paths) and "events" (the bulk: ordinary file records), so that a flood of
+bulk records cannot make a violation's record be lost. Each poll reads both,
+a bounded batch from each, and delivers records in timestamp order up to a
+watermark: the point up to which neither ring can still hold an older record.
+So the correlator sees a fork, exec or chdir before the records that follow
+it, whichever ring they travelled, and a bulk backlog delays a priority record
+by at most the time it takes to read one bulk ring (capacity / read rate).
 """
+import bisect
+import itertools
+import time
 import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +42,7 @@ def bpf_dir():
 # The sensor files making up the one BPF object a run loads, in order. bcc
 # generates tracepoint argument structs only for probes in the main text, so
 # the files are joined here rather than #included.
-BPF_FILES = ("common.bpf.c", "syscalls.bpf.c", "process.bpf.c")
+BPF_FILES = ("common.bpf.c", "priority.bpf.c", "syscalls.bpf.c", "process.bpf.c")
 
 
 # process.bpf.c: always attached, the process tree depends on them
@@ -37,6 +51,28 @@ PROCESS_PROBES = (("sched:sched_process_fork", "aw_fork"),
                   ("signal:signal_deliver", "aw_signal"),
                   ("signal:signal_generate", "aw_signal_gen"))
 PROG_PREFIX = "aw_"   # every agentwatch BPF program's name starts with it
+
+PRIO_PAGES = 256          # priority ring: 1 MiB (~1,600 syscall or ~360 exec records)
+READ_BATCH = 4096         # records read from one ring per poll before the other's turn
+ORDER_SLACK_NS = 5_000_000  # a record is committed within this of its timestamp
+MAX_HELD = 1 << 18        # records held for ordering beyond this are delivered anyway
+DRAIN_ROUNDS = 64         # batches drain() reads at most (a full 16 MiB bulk ring is ~7)
+MAX_SLOTS = 1024          # AW_MAX_RUNS in common.bpf.c
+
+
+class _Ring:
+    """One BPF ring buffer read through its own libbpf ring_buffer manager,
+    so each ring can be drained (and budgeted) on its own."""
+
+    def __init__(self, name):
+        self.name = name
+        self.manager = None
+        self.fn = None           # the ctypes callback: must outlive the manager
+        self.received = 0
+        self.taken = 0           # records read in this poll
+        self.budget = READ_BATCH
+        self.backlog = False     # the last read stopped at READ_BATCH: more may be waiting
+        self.last_ts = 0         # timestamp of the last record read
 
 
 def bpf_source():
@@ -92,10 +128,16 @@ class Sensors:
         self.bpf = None
         self.attached = []       # tracepoints attached
         self.missing = []        # tracepoints this kernel lacks
-        self.received = 0        # raw records read from the ring buffer
+        self.received = 0        # raw records read from the ring buffers
         self.nr_to_spec = {}
         self._callback = None
         self.errors = []         # records that failed to decode or process
+        self._rings = []         # priority first
+        self._held = []          # [(ts, seq, type, record)] read, not yet delivered
+        self._seq = itertools.count()
+        self._watermark = 0
+        self.slots = {}          # cgroup id -> run slot (1..MAX_SLOTS)
+        self._routes = {}        # slot -> (prefix keys, name keys) written to the maps
 
     # -- life cycle -----------------------------------------------------------
     def open(self, callback):
@@ -109,6 +151,7 @@ class Sensors:
                                      f"'mount -t tracefs tracefs {TRACEFS}' (see agentwatch doctor)")
         bcc = _import_bcc()
         cflags = [f"-I{bpf_dir()}", f"-DAW_RINGBUF_PAGES={self.ringbuf_pages}",
+                  f"-DAW_PRIO_PAGES={PRIO_PAGES}", f"-DAW_MAX_RUNS={MAX_SLOTS}",
                   "-Wno-unused-function"] + feature_cflags()
         try:
             self.bpf = bcc.BPF(text=bpf_source().encode(), cflags=cflags)
@@ -119,7 +162,7 @@ class Sensors:
             self._fill_specs()
             self._attach()
             self._callback = callback
-            self.bpf["events"].open_ring_buffer(self._on_record)
+            self._rings = [self._open_ring("priority"), self._open_ring("events")]
         except Exception:
             self.close()
             raise
@@ -135,6 +178,11 @@ class Sensors:
         if tps:
             with ThreadPoolExecutor(max_workers=min(64, len(tps))) as pool:
                 list(pool.map(self._detach_quietly, tps))
+        lib = _import_bcc().lib
+        for ring in self._rings:
+            if ring.manager:
+                lib.bpf_free_ringbuf(ring.manager)
+                ring.manager = None
         self.bpf.cleanup()
         self.bpf = None
 
@@ -183,41 +231,130 @@ class Sensors:
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn.encode())
             self.attached.append(tp)
 
-    def watch(self, cgroup_id, slot=1):
+    def watch(self, cgroup_id, routes=((), ())):
+        """Add a run's cgroup to the filter, with its own run slot and the
+        sensitive paths of its policy (CompiledPolicy.kernel_routes():
+        prefixes, basenames). Returns the slot."""
+        slot = next(i for i in range(1, MAX_SLOTS + 1) if i not in self.slots.values())
+        prefixes, names = routes
+        keys = ([R.prefix_key(slot, p) for p in prefixes], [R.name_key(slot, n) for n in names])
+        self._routes[slot] = keys
+        for table, raws in zip((self.bpf["sensitive_prefixes"], self.bpf["sensitive_names"]), keys):
+            for raw in raws:
+                table[table.Key.from_buffer_copy(raw)] = table.Leaf(1)
+        self.slots[cgroup_id] = slot
         self.bpf["watched"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(slot)
+        return slot
 
     def unwatch(self, cgroup_id):
         try:
             del self.bpf["watched"][ctypes.c_uint64(cgroup_id)]
         except KeyError:
             pass
+        slot = self.slots.pop(cgroup_id, None)
+        keys = self._routes.pop(slot, ((), ()))
+        for table, raws in zip((self.bpf["sensitive_prefixes"], self.bpf["sensitive_names"]), keys):
+            for raw in raws:
+                try:
+                    del table[table.Key.from_buffer_copy(raw)]
+                except KeyError:
+                    pass
 
     # -- records ------------------------------------------------------------------
-    def _on_record(self, _ctx, data, size):
+    def _open_ring(self, name):
+        bcc = _import_bcc()
+        ring = _Ring(name)
+
+        def on_record(_ctx, data, size):
+            return self._on_record(ring, data, size)
+        # bcc's own callback type (what its open_ring_buffer uses), but one
+        # libbpf manager per ring rather than bcc's single shared one, whose
+        # consume reads every ring to its end before returning
+        ring.fn = bcc.libbcc._RINGBUF_CB_TYPE(on_record)
+        ring.manager = bcc.lib.bpf_new_ringbuf(self.bpf[name].map_fd, ring.fn, None)
+        if not ring.manager:
+            raise KernelFeatureError(f"could not open the {name} ring buffer")
+        return ring
+
+    def _on_record(self, ring, data, size):
+        """Read one record: decode it and hold it for ordered delivery. A
+        negative return stops libbpf's reading of this ring (READ_BATCH)."""
         self.received += 1
+        ring.received += 1
+        ring.taken += 1
         try:
             etype, rec = R.decode(ctypes.string_at(data, size))
-            self._callback(etype, rec)
+            ring.last_ts = rec["ts"]
+            self._held.append((rec["ts"], next(self._seq), etype, rec))
         except Exception as e:  # never let one bad record stop the stream
             self.errors.append(f"{type(e).__name__}: {e}")
-        return 0
+        return -1 if ring.taken >= ring.budget else 0
+
+    def _read(self, budget):
+        """Read each ring (priority first) up to budget records; move the
+        watermark to where no ring can still hold an older record."""
+        lib = _import_bcc().lib
+        marks = []
+        for ring in self._rings:
+            ring.taken, ring.budget = 0, budget
+            t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            lib.bpf_consume_ringbuf(ring.manager)
+            ring.backlog = ring.taken >= budget
+            # a ring read to its end holds nothing older than t0 (give or take
+            # records still being written: ORDER_SLACK_NS)
+            marks.append(ring.last_ts if ring.backlog else t0)
+        self._watermark = max(self._watermark, min(marks) - ORDER_SLACK_NS)
+
+    def _deliver(self, everything=False):
+        held = self._held
+        if not held:
+            return
+        held.sort(key=lambda h: (h[0], h[1]))
+        cut = len(held) if everything else bisect.bisect_right(held, self._watermark, key=lambda h: h[0])
+        cut = max(cut, len(held) - MAX_HELD)
+        batch = held[:cut]
+        del held[:cut]
+        for _, _, etype, rec in batch:
+            try:
+                self._callback(etype, rec)
+            except Exception as e:  # never let one bad record stop the stream
+                self.errors.append(f"{type(e).__name__}: {e}")
 
     def poll(self, timeout_ms=100):
-        """Wait up to timeout_ms for records and deliver all that are ready
-        (the kernel wakes us only every 64 records, so drain after waiting)."""
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
+        """Wait up to timeout_ms for a priority record (each one wakes us),
+        then read both rings and deliver what is in order. Bulk records are
+        read at the latest when the wait times out; with a backlog, no wait."""
+        if not any(ring.backlog for ring in self._rings):
+            self._rings[0].taken = 0
+            _import_bcc().lib.bpf_poll_ringbuf(self._rings[0].manager, timeout_ms)
+        self._read(READ_BATCH)
+        self._deliver()
 
     def drain(self):
-        """Deliver every record already in the ring buffer, without waiting."""
-        self.bpf.ring_buffer_consume()
+        """Read what the ring buffers hold and deliver everything read,
+        without waiting. Bounded (DRAIN_ROUNDS batches): another run sharing
+        the monitor may be filling them still."""
+        for _ in range(DRAIN_ROUNDS):
+            self._read(READ_BATCH)
+            if not any(ring.backlog for ring in self._rings):
+                break
+        self._deliver(everything=True)
 
     def counters(self):
-        """Kernel-side counters: lost events per CPU, lost stashes, submitted."""
+        """Kernel-side counters (summed over CPUs and, for lost_events and
+        submitted, over both rings), and per ring in "rings"."""
         table = self.bpf["counters"]
+
         def percpu(idx):
             return [int(v) for v in table[ctypes.c_int(idx)]]
-        lost = percpu(R.CNT_LOST_EVENTS)
-        return {"lost_events": sum(lost), "lost_events_per_cpu": lost,
+        lost_bulk, lost_prio = percpu(R.CNT_LOST_EVENTS), percpu(R.CNT_LOST_PRIO)
+        submitted_bulk, submitted_prio = sum(percpu(R.CNT_SEEN)), sum(percpu(R.CNT_SEEN_PRIO))
+        received = {ring.name: ring.received for ring in self._rings}
+        return {"lost_events": sum(lost_bulk) + sum(lost_prio),
+                "lost_events_per_cpu": [a + b for a, b in zip(lost_bulk, lost_prio)],
                 "lost_stash": sum(percpu(R.CNT_LOST_STASH)),
-                "submitted": sum(percpu(R.CNT_SEEN)), "received": self.received}
+                "submitted": submitted_bulk + submitted_prio, "received": self.received,
+                "rings": {"priority": {"submitted": submitted_prio, "lost": sum(lost_prio),
+                                       "received": received.get("priority", 0)},
+                          "bulk": {"submitted": submitted_bulk, "lost": sum(lost_bulk),
+                                   "received": received.get("events", 0)}}}

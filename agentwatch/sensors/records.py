@@ -10,10 +10,13 @@ COMM_LEN = 16
 STR_LEN = 256
 ARGC_MAX = 20
 ARG_LEN = 128
+PREFIX_LEN = 248   # path bytes of a sensitive-prefix key (LPM trie data is at most 256 bytes)
+FNV_BASIS, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3   # bpf/priority.bpf.c
 
 EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY = 1, 2, 3, 4, 5
 
-CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2
+CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2    # bulk ring ("events"), stash
+CNT_LOST_PRIO, CNT_SEEN_PRIO = 3, 4                     # priority ring ("priority")
 NOARG = 0xFF
 
 SPEC_EMIT = 0x01
@@ -22,6 +25,7 @@ SPEC_EXEC = 0x04
 SPEC_EXIT_GROUP = 0x08
 SPEC_WATCH = 0x10
 SPEC_DENIED = 0x20
+SPEC_PRIORITY = 0x40
 
 HDR_FIELDS = [
     ("type", "I"), ("pid", "I"), ("tid", "I"), ("uid", "I"),
@@ -42,6 +46,8 @@ RECORDS = {
     "aw_exit_event": [("h", HDR_FIELDS), ("code", "i"), ("sig", "i")],
     "aw_spec": [(name, "B") for name in
                 ("flags", "path1", "path2", "addr", "addrlen", "msghdr", "deref", "argv")],
+    "aw_prefix_key": [("prefixlen", "I"), ("slot", "I"), ("path", f"{PREFIX_LEN}s")],
+    "aw_name_key": [("slot", "I"), ("pad", "I"), ("hash", "Q")],
 }
 
 
@@ -77,6 +83,28 @@ _SYSCALL = struct.Struct("<" + _flatten(RECORDS["aw_syscall_event"]))
 _EXEC = struct.Struct("<" + _flatten(RECORDS["aw_exec_event"]))
 _FORK_EXIT = struct.Struct("<" + _HDR.format[1:] + "ii")
 SPEC = struct.Struct("<" + _flatten(RECORDS["aw_spec"]))
+PREFIX_KEY = struct.Struct("<" + _flatten(RECORDS["aw_prefix_key"]))
+NAME_KEY = struct.Struct("<" + _flatten(RECORDS["aw_name_key"]))
+
+
+def prefix_key(slot, prefix):
+    """struct aw_prefix_key bytes for a sensitive path prefix of a run slot.
+    A prefix longer than the key is cut: it then matches more paths, never fewer."""
+    raw = prefix.encode("utf-8", "surrogateescape")[:PREFIX_LEN - 1]
+    return PREFIX_KEY.pack(32 + 8 * len(raw), slot, raw)
+
+
+def fnv1a(data):
+    """FNV-1a 64, as bpf/priority.bpf.c hashes a basename."""
+    h = FNV_BASIS
+    for c in data:
+        h = ((h ^ c) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def name_key(slot, name):
+    """struct aw_name_key bytes for a sensitive basename."""
+    return NAME_KEY.pack(slot, 0, fnv1a(name.encode("utf-8", "surrogateescape")))
 
 
 def cstr(raw):

@@ -55,13 +55,20 @@ class Spec:
         a grace period to detach, so attach only these."""
         return (self.emit and not self.exit_group and self.enter) or self.denied
 
+    @property
+    def priority(self):
+        """Records on the priority ring buffer (bpf/common.bpf.c): everything
+        but plain file operations, plus chdir, which the correlator needs
+        before the relative paths that follow it."""
+        return self.group != "file" or self.op == "chdir"
+
     def packed(self):
         """The struct aw_spec bytes for the BPF "specs" map."""
         def idx(v):
             return R.NOARG if v is None else v
         flags = (R.SPEC_WATCH | (R.SPEC_EMIT if self.emit else 0) | (R.SPEC_NEED_ADDR if self.need_addr else 0)
                  | (R.SPEC_EXEC if self.exec_ else 0) | (R.SPEC_EXIT_GROUP if self.exit_group else 0)
-                 | (R.SPEC_DENIED if self.denied else 0))
+                 | (R.SPEC_DENIED if self.denied else 0) | (R.SPEC_PRIORITY if self.priority else 0))
         return R.SPEC.pack(flags, idx(self.path1), idx(self.path2), idx(self.addr),
                            idx(self.addrlen), idx(self.msghdr), idx(self.deref), idx(self.argv))
 

@@ -80,7 +80,7 @@ def test_profiles_and_titles_cover_every_benchmark():
     keys = set(PROFILES["full"])
     assert all(set(p) == keys for p in PROFILES.values())
     assert set(TITLES) == set(BENCHMARKS)
-    assert PROFILES["full"]["flood_trials"] == 20 and PROFILES["quick"]["flood_trials"] == 3
+    assert PROFILES["full"]["flood_trials"] == 100 and PROFILES["quick"]["flood_trials"] == 3
     assert PROFILES["full"]["agents"] == PROFILES["quick"]["agents"] == 10
 
 

@@ -143,19 +143,22 @@ def test_named_constants(c_defines):
                 "AW_EV_SYSCALL": R.EV_SYSCALL, "AW_EV_EXEC": R.EV_EXEC,
                 "AW_EV_FORK": R.EV_FORK, "AW_EV_EXIT": R.EV_EXIT, "AW_EV_NOENTRY": R.EV_NOENTRY,
                 "AW_CNT_LOST_EVENTS": R.CNT_LOST_EVENTS, "AW_CNT_LOST_STASH": R.CNT_LOST_STASH,
-                "AW_CNT_SEEN": R.CNT_SEEN, "AW_SPEC_EMIT": R.SPEC_EMIT,
+                "AW_CNT_SEEN": R.CNT_SEEN, "AW_CNT_LOST_PRIO": R.CNT_LOST_PRIO,
+                "AW_CNT_SEEN_PRIO": R.CNT_SEEN_PRIO, "AW_SPEC_EMIT": R.SPEC_EMIT,
                 "AW_SPEC_WATCH": R.SPEC_WATCH, "AW_SPEC_NEED_ADDR": R.SPEC_NEED_ADDR,
                 "AW_SPEC_EXEC": R.SPEC_EXEC, "AW_SPEC_EXIT_GROUP": R.SPEC_EXIT_GROUP,
-                "AW_SPEC_DENIED": R.SPEC_DENIED}
+                "AW_SPEC_DENIED": R.SPEC_DENIED,
+                "AW_SPEC_PRIORITY": R.SPEC_PRIORITY, "AW_PREFIX_LEN": R.PREFIX_LEN}
     for cname, pyval in expected.items():
         assert int(c_defines[cname], 0) == pyval, cname
     # counters indexes must fit the array the BPF side declares
-    assert max(R.CNT_LOST_EVENTS, R.CNT_LOST_STASH, R.CNT_SEEN) < int(c_defines["AW_CNT_MAX"], 0)
+    assert max(R.CNT_LOST_EVENTS, R.CNT_LOST_STASH, R.CNT_SEEN, R.CNT_LOST_PRIO,
+               R.CNT_SEEN_PRIO) < int(c_defines["AW_CNT_MAX"], 0)
 
 
 def test_spec_flags_are_distinct_bits():
     flags = [R.SPEC_EMIT, R.SPEC_NEED_ADDR, R.SPEC_EXEC, R.SPEC_EXIT_GROUP, R.SPEC_WATCH,
-             R.SPEC_DENIED]
+             R.SPEC_DENIED, R.SPEC_PRIORITY]
     for f in flags:
         assert f and f & (f - 1) == 0
     assert len(set(flags)) == len(flags)
@@ -317,3 +320,36 @@ def test_decode_exec_argv_round_trip(args, truncated):
     rec = R.decode(buf)[1]
     assert [raw_bytes(a) for a in rec["argv"]] == args
     assert rec["truncated"] is truncated
+
+
+# ---- sensitive-path keys (bpf/priority.bpf.c) ------------------------------------
+
+def test_fnv_constants_match_the_bpf_side():
+    with open(os.path.join(REPO, "bpf", "priority.bpf.c")) as f:
+        src = f.read()
+    assert int(re.search(r"#define AW_FNV_BASIS (0x[0-9a-f]+)ULL", src).group(1), 16) == R.FNV_BASIS
+    assert int(re.search(r"#define AW_FNV_PRIME (0x[0-9a-f]+)ULL", src).group(1), 16) == R.FNV_PRIME
+
+
+def test_fnv1a_reference_values():
+    # published FNV-1a 64 test vectors
+    assert R.fnv1a(b"") == 0xCBF29CE484222325
+    assert R.fnv1a(b"a") == 0xAF63DC4C8601EC8C
+    assert R.fnv1a(b"foobar") == 0x85944171F73967E8
+
+
+def test_prefix_key_counts_bits_of_slot_and_path():
+    raw = R.prefix_key(3, "/home/u/.ssh")
+    prefixlen, slot, path = R.PREFIX_KEY.unpack(raw)
+    assert (prefixlen, slot) == (32 + 8 * len("/home/u/.ssh"), 3)
+    assert path.rstrip(b"\0") == b"/home/u/.ssh"
+
+
+def test_long_prefix_is_cut_to_fit_the_key():
+    prefixlen, _, path = R.PREFIX_KEY.unpack(R.prefix_key(1, "/" + "a" * 400))
+    assert prefixlen == 32 + 8 * (R.PREFIX_LEN - 1)   # the BPF side reads at most this many bytes
+    assert len(R.prefix_key(1, "/x")) == R.size("aw_prefix_key")
+
+
+def test_name_key_is_slot_and_hash():
+    assert R.NAME_KEY.unpack(R.name_key(2, ".env")) == (2, 0, R.fnv1a(b".env"))

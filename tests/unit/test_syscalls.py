@@ -160,14 +160,25 @@ def test_spec_packed_layout():
     # flags, path1, path2, addr, addrlen, msghdr, deref, argv
     assert p == bytes([R.SPEC_WATCH | R.SPEC_EMIT, 1, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG])
     assert S.BY_NAME["execve"].packed() == bytes(
-        [R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_EXEC, 0, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG, 1])
+        [R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_EXEC | R.SPEC_PRIORITY, 0, R.NOARG, R.NOARG, R.NOARG,
+         R.NOARG, R.NOARG, 1])
     assert S.BY_NAME["sendto"].packed() == bytes(
-        [R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_NEED_ADDR, R.NOARG, R.NOARG, 4, 5, R.NOARG, R.NOARG, R.NOARG])
+        [R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_NEED_ADDR | R.SPEC_PRIORITY, R.NOARG, R.NOARG, 4, 5,
+         R.NOARG, R.NOARG, R.NOARG])
     assert S.BY_NAME["sendmsg"].packed()[5] == 1
     assert S.BY_NAME["clone3"].packed() == bytes(
-        [R.SPEC_WATCH, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG, 0, R.NOARG])
-    assert S.BY_NAME["exit_group"].packed()[0] == R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_EXIT_GROUP
+        [R.SPEC_WATCH | R.SPEC_PRIORITY, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG, 0, R.NOARG])
+    assert S.BY_NAME["exit_group"].packed()[0] == (R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_EXIT_GROUP
+                                                   | R.SPEC_PRIORITY)
     assert S.BY_NAME["rename"].packed()[:3] == bytes([R.SPEC_WATCH | R.SPEC_EMIT, 0, 1])
+
+
+def test_priority_ring_takes_all_but_plain_file_operations():
+    """bpf/common.bpf.c: a flood of file records cannot starve the others;
+    chdir rides with them because relative paths after it depend on it."""
+    prio = {s.name for s in S.SPECS if R.SPEC.unpack(s.packed())[0] & R.SPEC_PRIORITY}
+    assert {"execve", "connect", "sendto", "ptrace", "chdir", "fchdir"} <= prio
+    assert not {"open", "openat", "unlink", "rename", "chmod"} & prio
 
 
 @pytest.mark.parametrize("spec", S.SPECS, ids=lambda s: s.name)

@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Which ring buffer a syscall record travels (see common.bpf.c): priority
+ * for what a verdict or the process tree depends on, bulk for the rest.
+ *
+ * The policy's filesystem.deny patterns reach the kernel in the simplest form
+ * that can be matched cheaply here, per run slot (written by
+ * agentwatch/sensors/__init__.py from CompiledPolicy.kernel_routes()):
+ *  - "sensitive_prefixes", an LPM trie of the literal leading directories of
+ *    each pattern after variable expansion (${HOME}/.ssh/ and all below ->
+ *    /home/u/.ssh): one lookup answers "is this absolute path under a denied
+ *    prefix";
+ *  - "sensitive_names", a hash set of the literal last segments of patterns
+ *    (.env for a .env anywhere, .netrc for ${HOME}/.netrc), keyed by their
+ *    FNV-1a hash: the only hint a relative path gives, since the process's
+ *    cwd is not a tracepoint argument.
+ * Both over-approximate (a prefix matches /home/u/.sshfoo too): routing only
+ * decides the ring, userspace still judges every record. The match is lexical
+ * on the path as written: "..", "//", symlinks, /proc/self/root detours and
+ * relative paths without a listed basename travel the bulk ring, where a
+ * loss is still counted.
+ */
+
+#define AW_EPERM  1
+#define AW_EACCES 13
+#define AW_FNV_BASIS 0xcbf29ce484222325ULL
+#define AW_FNV_PRIME 0x100000001b3ULL
+
+BPF_LPM_TRIE(sensitive_prefixes, struct aw_prefix_key, u8, 4096);
+BPF_HASH(sensitive_names, struct aw_name_key, u8, 4096);
+BPF_PERCPU_ARRAY(path_scratch, struct aw_prefix_key, 1);  /* too big for the stack */
+
+static __always_inline int aw_sensitive_path(u32 slot, u64 upath)
+{
+	u32 zero = 0;
+	struct aw_prefix_key *k = path_scratch.lookup(&zero);
+	if (!k || !upath)
+		return 0;
+	long n = bpf_probe_read_user_str(k->path, sizeof(k->path), (void *)upath);
+	if (n <= 1 || n > AW_PREFIX_LEN)
+		return 0;
+	k->slot = slot;
+	k->prefixlen = 32 + 8 * (n - 1);   /* the path's own length: bytes after its NUL are stale */
+	if (k->path[0] == '/' && sensitive_prefixes.lookup(k))
+		return 1;
+	/* The basename as a hash (FNV-1a, reset at each '/'), not a copy: a
+	 * copy needs the basename's offset, a value the verifier must then
+	 * track exactly on every path through this loop (too many states); a
+	 * hash it never has to know. A collision only routes a record to the
+	 * priority ring that did not need it. */
+	u64 h = AW_FNV_BASIS;
+#pragma clang loop unroll(disable)
+	for (u32 i = 0; i < AW_PREFIX_LEN; i++) {
+		u8 c = k->path[i];
+		if (!c)
+			break;
+		h = c == '/' ? AW_FNV_BASIS : (h ^ c) * AW_FNV_PRIME;
+	}
+	struct aw_name_key nk = {};
+	nk.slot = slot;
+	nk.hash = h;
+	return sensitive_names.lookup(&nk) != NULL;
+}
+
+/* 1 when a syscall exit record goes to the priority ring. path1/path2: the
+ * user pointers of the record's paths (0 when none). */
+static __always_inline int aw_priority(const struct aw_spec *sp, s64 ret, u64 path1, u64 path2)
+{
+	if (sp->flags & AW_SPEC_PRIORITY)
+		return 1;
+	if (ret == -AW_EACCES || ret == -AW_EPERM)
+		return 1;   /* a kernel denial */
+	if (ret < 0)
+		return 0;   /* ENOENT & co: nothing was touched */
+	u32 slot = aw_slot();
+	if (sp->path1 != AW_NOARG && aw_sensitive_path(slot, path1))
+		return 1;
+	return sp->path2 != AW_NOARG && aw_sensitive_path(slot, path2);
+}
