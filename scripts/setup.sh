@@ -18,6 +18,8 @@ MODE="${1:-setup}"
 shift || true
 
 say() { printf 'setup: %s\n' "$*" >&2; }
+# shellcheck source=lib.sh
+. "$ROOT/scripts/lib.sh"
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages, mounts tracefs and loads BPF): sudo $0 $MODE"
@@ -28,18 +30,8 @@ KREL="$(uname -r)"
 pkgs=(python3 python3-venv python3-bpfcc python3-seccomp gcc libc6-dev iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    installed "$p" || missing+=("$p")
 done
-apt_updated=0
-apt_install() {
-    if [ "$apt_updated" -eq 0 ]; then
-        say "apt-get update"
-        apt-get update -qq
-        apt_updated=1
-    fi
-    say "installing: $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 else

@@ -18,17 +18,8 @@ die() { printf 'vm-setup: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs Debian packages)"
 [ -x "$VENV/bin/pip" ] || die "no venv at $VENV: run scripts/setup.sh first"
 
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-apt_updated=0
-apt_install() {
-    if [ "$apt_updated" -eq 0 ]; then
-        say "apt-get update"
-        apt-get update -qq
-        apt_updated=1
-    fi
-    say "installing: $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+# shellcheck source=../../scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 missing=()
 for p in qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64 gcc libc6-dev; do
