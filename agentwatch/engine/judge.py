@@ -67,7 +67,7 @@ def file_sha256(path, limit=256 << 20):
         return None
 
 
-def _real(path, follow=True):
+def _realpath(path, follow=True):
     """The path with symlinks resolved now (what the kernel followed, unless
     the link changed since): a symlink in the workspace to a secret is judged
     as the secret. follow=False resolves the directories only, for calls
@@ -79,6 +79,42 @@ def _real(path, follow=True):
         return os.path.join(os.path.realpath(head), tail) if tail else os.path.realpath(path)
     except (OSError, ValueError):
         return path
+
+
+# _realpath costs an lstat per path component (~4 us for /dev/null), on every
+# file event. Paths that resolve to themselves (no symlink on the way: most
+# of them) are remembered: such a path only resolves elsewhere once a symlink
+# appears on it (symlink, rename, link) or a mount changes the tree. Those
+# operations by any run's agent clear the cache as they are judged (in
+# timestamp order, so before the events that follow them); changes made
+# outside the runs are seen within REAL_CACHE_S. /proc is never cached: its
+# magic links change with a process's fds and cwd, not with the tree.
+REAL_CACHE_S = 0.5
+REAL_CACHE_MAX = 1 << 16
+_RELINKING_OPS = frozenset(("symlink", "rename", "link"))
+_canonical = set()          # (path, follow) that resolved to path itself
+_canonical_until = 0.0      # time.monotonic() when _canonical is emptied
+
+
+def _real(path, follow=True):
+    """_realpath(), from the cache of canonical paths when it holds the path."""
+    global _canonical_until
+    key = (path, follow)
+    now = time.monotonic()
+    if now >= _canonical_until or len(_canonical) >= REAL_CACHE_MAX:
+        _canonical.clear()
+        _canonical_until = now + REAL_CACHE_S
+    elif key in _canonical:
+        return path
+    real = _realpath(path, follow)
+    if real == path and not path.startswith("/proc/"):
+        _canonical.add(key)
+    return real
+
+
+def forget_resolved():
+    """Empty the canonical-path cache (a symlink, rename, link or mount)."""
+    _canonical.clear()
 
 
 def _own_proc(path, pid):
@@ -184,10 +220,12 @@ class Judge:
 
     # -- entry point ---------------------------------------------------------------------
     def __call__(self, ev):
-        proc = self.run.procs.get(ev.pid)
-        if proc is not None and proc.launching and ev.kind != "exec":
-            return            # the launcher setting up the sandbox, not the agent
         kind = ev.kind
+        if (kind == "file" and ev.op in _RELINKING_OPS) or kind == "syscall":
+            forget_resolved()   # a path may resolve elsewhere from now on (mounts: syscall kind)
+        proc = self.run.procs.get(ev.pid)
+        if proc is not None and proc.launching and kind != "exec":
+            return            # the launcher setting up the sandbox, not the agent
         if kind == "file":
             self._file(ev)
         elif kind == "exec":

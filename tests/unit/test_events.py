@@ -75,6 +75,55 @@ def test_mutable_defaults_are_not_shared():
     assert b.argv == []
 
 
+def _json_dumps(ev):
+    return json.dumps(ev.__dict__, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_to_json_is_json_dumps_byte_for_byte(kind):
+    # the log's hash chain covers the exact line: the fast writer must not change a byte
+    assert SAMPLES[kind].to_json() == _json_dumps(SAMPLES[kind])
+    assert E.EVENT_TYPES[kind]().to_json() == _json_dumps(E.EVENT_TYPES[kind]())
+
+
+@pytest.mark.parametrize("value", [
+    None, True, False, 0, -1, 2**64 + 5, 1.5, -0.0, 1e300, float("nan"), float("inf"),
+    float("-inf"), "", "caf\u00e9 \"q\" \\ \n\t\x00 \udcff", ["a", 1, None, True], [],
+    {"k": [1.25, {"n": None}], "b": False}, (1, 2),
+])
+def test_to_json_values_of_any_type_as_json_writes_them(value):
+    for field in ("path", "flags", "ts", "access", "comm", "prev"):
+        ev = E.FileEvent(op="open", **COMMON)
+        setattr(ev, field, value)
+        assert ev.to_json() == _json_dumps(ev)
+
+
+def test_to_json_int_and_str_subclasses_as_json_writes_them():
+    import enum
+
+    class Num(enum.IntEnum):
+        A = 3
+
+    class Name(str):
+        pass
+    ev = E.FileEvent(op=Name("open"), flags=Num.A, **COMMON)
+    assert ev.to_json() == _json_dumps(ev)
+
+
+def test_to_json_attribute_added_after_init_is_written():
+    ev = E.ForkEvent(child=1, **COMMON)
+    ev.note = "extra"
+    assert ev.to_json() == _json_dumps(ev)
+    assert json.loads(ev.to_json())["note"] == "extra"
+    del ev.child
+    assert ev.to_json() == _json_dumps(ev)
+
+
+def test_to_json_of_the_base_class():
+    ev = E.Event(kind="lifecycle", ts=1.0, pid=3)
+    assert ev.to_json() == _json_dumps(ev)
+
+
 def test_non_ascii_and_undecodable_paths_round_trip():
     # records.cstr() decodes with surrogateescape: a path may hold lone surrogates
     ev = E.FileEvent(op="open", path="/tmp/caf\u00e9/\udcff\udcfe", **COMMON)

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from agentwatch.engine import judge as J
+from agentwatch.sensors import syscalls as S
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
 from test_engine import CHILD, LAUNCHER, NR, ROOT, env, feed, fork, syscall  # noqa: F401 (env: fixture)
@@ -219,3 +220,69 @@ def test_refusals_are_counted_once_each(judged):
     feed(judged.correlator, *[refused("ptrace", CHILD)] * 4, refused("bpf", CHILD))
     assert [v.detail["syscall"] for v in judged.violations()] == ["ptrace", "bpf"]
     assert judged.judge.by_rule["process.ptrace"] == 4
+
+
+# ------------------------------------------------------------------ path resolution cache
+
+SECRETS = HEAD + """filesystem:
+  read: ["/**"]
+  deny: ["{secret}/**"]
+on_violation: {{default: alert}}
+"""
+
+
+def _open(pid, path):
+    return syscall("openat", pid, (S.AT_FDCWD, 0, os.O_RDONLY), str1=path, ret=3)
+
+
+@pytest.fixture
+def linkable(judged, tmp_path):
+    """(judged under a policy denying tmp_path/secret, a plain file, the secret)."""
+    J.forget_resolved()
+    (tmp_path / "secret").mkdir()
+    secret = tmp_path / "secret" / "key"
+    secret.write_text("k")
+    plain = tmp_path / "plain"
+    plain.write_text("p")
+    judged.policy(SECRETS.format(secret=tmp_path / "secret"))
+    return judged, str(plain), str(secret)
+
+
+def test_a_symlink_the_agent_makes_on_a_resolved_path_is_followed_at_once(linkable):
+    judged, plain, secret = linkable
+    feed(judged.correlator, _open(CHILD, plain))
+    assert (plain, True) in J._canonical           # resolved to itself: remembered
+    os.unlink(plain)
+    os.symlink(secret, plain)                      # what the agent's symlink record reports
+    feed(judged.correlator, syscall("symlinkat", CHILD, (0, S.AT_FDCWD & 0xFFFFFFFFFFFFFFFF, 0),
+                                    str1=plain, data2=secret.encode(), ret=0),
+         _open(CHILD, plain))
+    [v] = judged.violations()
+    assert v.rule == "filesystem.deny" and v.detail["path"] == secret
+
+
+def test_a_symlink_made_outside_the_run_is_followed_within_the_cache_time(linkable, monkeypatch):
+    judged, plain, secret = linkable
+    now = [1000.0]
+    monkeypatch.setattr(J.time, "monotonic", lambda: now[0])
+    J._canonical_until = 0.0
+    feed(judged.correlator, _open(CHILD, plain))
+    os.unlink(plain)
+    os.symlink(secret, plain)                      # no record of it: not the agent's doing
+    feed(judged.correlator, _open(CHILD, plain))
+    assert judged.violations() == []               # the remembered resolution, for now
+    now[0] += J.REAL_CACHE_S
+    feed(judged.correlator, _open(CHILD, plain))
+    [v] = judged.violations()
+    assert v.detail["path"] == secret
+
+
+def test_only_paths_that_resolve_to_themselves_outside_proc_are_remembered(linkable, tmp_path):
+    judged, plain, secret = linkable
+    link = tmp_path / "link"
+    link.symlink_to(secret)
+    for _ in range(2):
+        feed(judged.correlator, _open(CHILD, str(link)), _open(CHILD, f"/proc/{os.getpid()}/status"))
+    assert (str(link), True) not in J._canonical
+    assert not any(p.startswith("/proc/") for p, _ in J._canonical)
+    assert [v.detail["path"] for v in judged.violations()] == [secret]   # then counted as a repeat
