@@ -58,6 +58,7 @@ ORDER_SLACK_NS = 5_000_000  # a record is committed within this of its timestamp
 MAX_HELD = 1 << 18        # records held for ordering beyond this are delivered anyway
 DRAIN_ROUNDS = 64         # batches drain() reads at most (a full 16 MiB bulk ring is ~7)
 MAX_SLOTS = 1024          # AW_MAX_RUNS in common.bpf.c
+_AFTER_ALL = float("inf")  # sorts after every sequence number
 
 
 class _Ring:
@@ -309,14 +310,15 @@ class Sensors:
         held = self._held
         if not held:
             return
-        held.sort(key=lambda h: (h[0], h[1]))
-        cut = len(held) if everything else bisect.bisect_right(held, self._watermark, key=lambda h: h[0])
+        held.sort()   # by (ts, seq): seq is unique, so nothing further is compared
+        cut = len(held) if everything else bisect.bisect_right(held, (self._watermark, _AFTER_ALL))
         cut = max(cut, len(held) - MAX_HELD)
         batch = held[:cut]
         del held[:cut]
+        callback = self._callback
         for _, _, etype, rec in batch:
             try:
-                self._callback(etype, rec)
+                callback(etype, rec)
             except Exception as e:  # never let one bad record stop the stream
                 self.errors.append(f"{type(e).__name__}: {e}")
 

@@ -79,6 +79,7 @@ def size(name):
 
 
 _HDR = struct.Struct("<" + _flatten(HDR_FIELDS))
+_TYPE = struct.Struct("<I")
 _SYSCALL = struct.Struct("<" + _flatten(RECORDS["aw_syscall_event"]))
 _EXEC = struct.Struct("<" + _flatten(RECORDS["aw_exec_event"]))
 _FORK_EXIT = struct.Struct("<" + _HDR.format[1:] + "ii")
@@ -109,18 +110,21 @@ def name_key(slot, name):
 
 def cstr(raw):
     """Bytes up to the first NUL, decoded without ever failing."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    return raw.partition(b"\0")[0].decode("utf-8", "surrogateescape")
 
 
 def decode(buf):
     """Raw ring-buffer record -> (type, dict). Unknown types raise ValueError."""
-    etype = _HDR.unpack_from(buf)[0]
-    if etype in (EV_SYSCALL, EV_NOENTRY):     # one layout; NOENTRY: refused before entry
+    etype = _TYPE.unpack_from(buf)[0]
+    if etype == EV_SYSCALL or etype == EV_NOENTRY:   # one layout; NOENTRY: refused before entry
+        # the bulk of all records: one dict display, no helper calls
         v = _SYSCALL.unpack_from(buf)
-        rec = _hdr(v)
-        rec.update(nr=v[7], len2=v[8], ret=v[9], args=v[10:16], extra=v[16:18],
-                   str1=cstr(v[18]), data2=v[19])
-    elif etype == EV_EXEC:
+        return etype, {"type": etype, "pid": v[1], "tid": v[2], "uid": v[3], "ts": v[4],
+                       "cgroup": v[5], "comm": v[6].partition(b"\0")[0].decode("utf-8", "surrogateescape"),
+                       "nr": v[7], "len2": v[8], "ret": v[9], "args": v[10:16], "extra": v[16:18],
+                       "str1": v[18].partition(b"\0")[0].decode("utf-8", "surrogateescape"),
+                       "data2": v[19]}
+    if etype == EV_EXEC:
         v = _EXEC.unpack_from(buf)
         rec = _hdr(v)
         argc = min(v[7], ARGC_MAX)

@@ -275,11 +275,11 @@ def _i32(v):
 def decode(rec, spec):
     """A raw syscall record -> FileEvent / NetEvent / SyscallEvent (without
     run identity or resolved paths: the engine adds those)."""
-    base = dict(pid=rec["pid"], tid=rec["tid"], uid=rec["uid"], comm=rec["comm"],
-                ret=rec["ret"], error=errno_name(rec["ret"]))
+    ret = rec["ret"]
     args = rec["args"]
     if spec.group == "file":
-        ev = FileEvent(op=spec.op, path=rec["str1"], **base)
+        ev = FileEvent(op=spec.op, path=rec["str1"], pid=rec["pid"], tid=rec["tid"], uid=rec["uid"],
+                       comm=rec["comm"], ret=ret, error=errno_name(ret) if ret < 0 else None)
         if spec.path2 is not None:
             ev.path2 = R.cstr(rec["data2"])
         if spec.name == "creat":
@@ -300,6 +300,8 @@ def decode(rec, spec):
         if spec.path1 is None:                  # fd-based variant: say which fd
             ev.path = f"fd:{_i32(args[0])}"
         return ev
+    base = dict(pid=rec["pid"], tid=rec["tid"], uid=rec["uid"], comm=rec["comm"],
+                ret=ret, error=errno_name(ret))
     if spec.group == "net":
         ev = NetEvent(op=spec.op, **base)
         if spec.op == "socket":
@@ -386,7 +388,18 @@ def resolve(path, cwd, dirfd, pid):
     return _norm(os.path.join(base, path))
 
 
+_NORMED = {}            # path -> _norm(path): lexical, so it never goes stale
+_NORMED_MAX = 1 << 16
+
+
 def _norm(path):
     """normpath, and '//x' -> '/x' (POSIX lets normpath keep a leading '//')."""
-    path = os.path.normpath(path)
-    return "/" + path.lstrip("/") if path.startswith("//") else path
+    done = _NORMED.get(path)
+    if done is None:
+        done = os.path.normpath(path)
+        if done.startswith("//"):
+            done = "/" + done.lstrip("/")
+        if len(_NORMED) >= _NORMED_MAX:
+            _NORMED.clear()
+        _NORMED[path] = done
+    return done
