@@ -97,14 +97,30 @@ class Correlator:
         run.events += 1
         run.emit(ev)
 
+    def _syscall(self, run, rec, proc):
+        spec = self.nr_to_spec.get(rec["nr"])
+        if spec is None:
+            return
+        if spec.op == "exec":
+            self._exec_done(run, rec, proc)
+            return
+        ev = S.decode(rec, spec)
+        if spec.group == "file":
+            self._resolve_paths(ev, spec, rec, proc)
+        elif ev.kind == "signal" and ev.pidfd is not None:
+            ev.target = S.pidfd_pid(rec["pid"], ev.pidfd)   # while the fd still lives
+        self._stamp(ev, run, rec, proc)
+
     # -- records -------------------------------------------------------------------
     def handle(self, etype, rec):
         run = self.runs.get(rec["cgroup"])
         if run is None:
             self.unattributed += 1
             return
-        proc = self._proc(run, rec["pid"])
-        if etype == R.EV_EXEC:
+        proc = run.procs.get(rec["pid"]) or self._proc(run, rec["pid"])
+        if etype == R.EV_SYSCALL:   # most records: tested first
+            self._syscall(run, rec, proc)
+        elif etype == R.EV_EXEC:
             run.pending_exec[rec["tid"]] = rec
         elif etype == R.EV_FORK:
             child = rec["child"]
@@ -123,19 +139,6 @@ class Correlator:
                 ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=[], ret=rec["ret"],
                                   error=errno_name(rec["ret"]), no_entry=True)
                 self._stamp(ev, run, rec, proc)
-        elif etype == R.EV_SYSCALL:
-            spec = self.nr_to_spec.get(rec["nr"])
-            if spec is None:
-                return
-            if spec.op == "exec":
-                self._exec_done(run, rec, proc)
-                return
-            ev = S.decode(rec, spec)
-            if spec.group == "file":
-                self._resolve_paths(ev, spec, rec, proc)
-            elif ev.kind == "signal" and ev.pidfd is not None:
-                ev.target = S.pidfd_pid(rec["pid"], ev.pidfd)   # while the fd still lives
-            self._stamp(ev, run, rec, proc)
 
     def _resolve_paths(self, ev, spec, rec, proc):
         if spec.path1 is not None:
