@@ -242,8 +242,8 @@ def build_unix_path(sb, ctx):
 
 @scenario
 def build_unix_short_name(sb, ctx):
-    """connect() by a relative, short name: a sockaddr so short that the
-    syscall sensor copies no byte of the name."""
+    """connect() by a relative, short name: a 4-byte sockaddr (family + "s"
+    + NUL), copied whole and resolved against the agent's cwd."""
     sb.listen("unix", "tcp", unix=sb.path("outside", "s"))
     sb.script = "cd $OUTSIDE && $A unix_connect s 0 5" + KILL_TAIL
 
@@ -672,20 +672,18 @@ def test_pathname_unix_socket_is_killed(run):
     anything (it waits 5 s, then sends)."""
     lst = run.listeners["unix"]
     assert lst.data == []                             # nothing sent
-    v = run.violation("network.unix", "network")
-    # the syscall sensor copies at most 26 bytes of this sockaddr (see report)
-    assert v["detail"]["addr"] and run.sock_path.startswith(v["detail"]["addr"])
+    v = run.violation("network.unix", "network", addr=run.sock_path)   # the whole name
     assert v["action"] == "kill"
     assert_killed(run, "network.unix")
 
 
 @uses("unix_short_name")
 def test_unix_socket_by_a_short_relative_name_is_killed(run):
-    """CANNOT BE DENIED (as above), and the sensor copies no byte of a
-    sockaddr this short: the judge reports the connect anyway (a connect
-    always names a socket) and kills."""
+    """CANNOT BE DENIED (as above). The sensor copies the caller's sockaddr
+    at its exact length, however short, and the name is resolved against
+    the agent's cwd, so the report names the socket file."""
     assert run.listeners["unix"].data == []
-    v = run.violation("network.unix", "network", addr="<name not captured>")
+    v = run.violation("network.unix", "network", addr=run.path("outside", "s"))
     assert v["action"] == "kill"
     assert_killed(run, "network.unix")
 
