@@ -438,6 +438,7 @@ def test_signalling_agentwatch_is_reported(run):
 
 # ======================================================================= secrets
 
+@pytest.mark.bpf_lsm
 @uses("secret_proc_root")
 def test_secret_through_proc_self_root(run):
     """cat /proc/self/root$HOME/.ssh/id_rsa: Landlock resolves the detour to
@@ -450,6 +451,7 @@ def test_secret_through_proc_self_root(run):
     assert_killed(run, "filesystem.deny")
 
 
+@pytest.mark.bpf_lsm
 @uses("secret_symlink")
 def test_secret_through_symlink_in_workspace(run):
     """A symlink in the workspace pointing at the key: the kernel follows
@@ -464,6 +466,7 @@ def test_secret_through_symlink_in_workspace(run):
     assert_killed(run, "filesystem.deny")
 
 
+@pytest.mark.bpf_lsm
 @uses("secret_hardlink")
 def test_secret_through_hardlink_in_workspace(run):
     """ln ~/.ssh/id_rsa $WS/notes.txt: a second name for the key inside a
@@ -492,6 +495,7 @@ def test_writing_git_hooks(run):
 
 # ======================================================================= code
 
+@pytest.mark.bpf_lsm
 @uses("exec_copied")
 def test_copied_and_renamed_binary(run):
     """A downloaded binary copied to $TMPDIR/ls and run through PATH: the
@@ -503,6 +507,7 @@ def test_copied_and_renamed_binary(run):
     assert_killed(run, "filesystem.exec")
 
 
+@pytest.mark.bpf_lsm
 @uses("exec_loader")
 def test_copied_binary_through_the_dynamic_loader(run):
     """ld-linux ./tool: the loader is an allowed program and maps ./tool
@@ -522,6 +527,7 @@ def test_copied_binary_through_the_dynamic_loader(run):
     assert_killed(run, "filesystem.exec")
 
 
+@pytest.mark.bpf_lsm
 @uses("exec_loader_shm")
 def test_readable_binary_through_the_dynamic_loader_is_killed(run):
     """A file that is readable but neither writable by the agent nor on a
@@ -546,6 +552,7 @@ def test_readable_binary_through_the_dynamic_loader_is_killed(run):
         assert v["count"] == 1 and repeats == [], repeats
 
 
+@pytest.mark.bpf_lsm
 @uses("memfd")
 def test_memfd_create_and_fexecve(run):
     """Fileless execution. Landlock lets fexecve() of a memfd through and
