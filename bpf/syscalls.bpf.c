@@ -131,6 +131,7 @@ AW_ENTER(5)
 AW_ENTER(6)
 
 #define AW_EPERM 1
+#define AW_SOCKADDR_MAX 110     /* sizeof(struct sockaddr_un), the largest we decode */
 
 /* Reserve a syscall record on the bulk (prio 0) or priority ring and fill
  * its fixed part; st NULL: no arguments seen. */
@@ -217,17 +218,14 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 	} else if (sp->path2 != AW_NOARG) {
 		bpf_probe_read_user_str(e->data2, sizeof(e->data2), (void *)aw_arg(st->args, sp->path2));
 	} else if (addr) {
-		/* constant-size reads the verifier accepts: the largest of the
-		 * uapi sockaddr sizes (un 110, in6 28, in 16) that fits len */
-		u32 n = len >= 110 ? 110 : len >= 28 ? 28 : len >= 16 ? 16 : 0;
-		if (n == 110 && !bpf_probe_read_user(e->data2, 110, (void *)addr))
-			e->len2 = len > 110 ? 110 : len;
-		else if (n == 28 && !bpf_probe_read_user(e->data2, 28, (void *)addr))
-			e->len2 = 28;
-		else if (n == 16 && !bpf_probe_read_user(e->data2, 16, (void *)addr))
-			e->len2 = 16;
-		else if (len >= 2 && !bpf_probe_read_user(e->data2, 2, (void *)addr))
-			e->len2 = 2;
+		/* exactly the caller's sockaddr, at most a sockaddr_un (110
+		 * bytes): a short unix name ("s", 5 bytes with the family) is
+		 * copied whole. The mask gives the verifier the bound it needs
+		 * for a variable size (a no-op after the clamp). */
+		u64 n = len > AW_SOCKADDR_MAX ? AW_SOCKADDR_MAX : len;
+		asm volatile("%0 &= 0x7f" : "+r"(n));   /* clang drops a plain C mask */
+		if (n && !bpf_probe_read_user(e->data2, n, (void *)addr))
+			e->len2 = n;
 	}
 	stash.delete(&tid);
 	aw_submit_on(e, prio);

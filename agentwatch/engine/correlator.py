@@ -107,6 +107,9 @@ class Correlator:
         ev = S.decode(rec, spec)
         if spec.group == "file":
             self._resolve_paths(ev, spec, rec, proc)
+        elif ev.kind == "net" and ev.family == "unix" and ev.addr and ev.addr[0] not in "@/" \
+                and not ev.addr.startswith("<") and proc.cwd:
+            ev.addr = os.path.join(proc.cwd, ev.addr)   # a relative socket name, as the kernel resolves it
         elif ev.kind == "signal" and ev.pidfd is not None:
             ev.target = S.pidfd_pid(rec["pid"], ev.pidfd)   # while the fd still lives
         self._stamp(ev, run, rec, proc)

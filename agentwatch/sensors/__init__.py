@@ -24,7 +24,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from ..errors import KernelFeatureError, PrivilegeError
+from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
 from . import records as R
 from . import syscalls as S
 
@@ -164,9 +164,14 @@ class Sensors:
             self._attach()
             self._callback = callback
             self._rings = [self._open_ring("priority"), self._open_ring("events")]
-        except Exception:
+        except AgentwatchError:
             self.close()
             raise
+        except Exception as e:     # bcc raises plain Exception when the verifier refuses
+            self.close()
+            raise KernelFeatureError(f"could not load or attach the BPF sensors: {e}; run "
+                                     "'agentwatch doctor' to see which kernel feature is "
+                                     "missing") from None
         return self
 
     def close(self):

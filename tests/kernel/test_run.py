@@ -157,6 +157,38 @@ def test_command_not_found_is_127_and_starts_nothing(state_dir):
     assert not (state_dir / "runs").exists() or not os.listdir(state_dir / "runs")
 
 
+def test_bpf_lsm_path_is_chosen_by_the_host_and_on_refuses_without_it(state_dir, tmp_path):
+    """--bpf-lsm auto takes the BPF LSM layer only where it loads (never on
+    the CI kernel: its headers are another version's); on refuses to start
+    without it, in one line, before anything exists."""
+    from agentwatch.errors import AgentwatchError
+    from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK
+    from agentwatch.sensors.lsm import LsmGuard
+    try:
+        LsmGuard.preflight()
+        here = PATH_BPF_LSM
+    except AgentwatchError:
+        here = PATH_FALLBACK
+    policy = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
+    ev = tmp_path / "ev.jsonl"
+    r = aw("run", "--policy", policy, "--allow-downgrade", "--events", str(ev), "--", "true",
+           cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    start = [e for e in read_events(ev) if e.get("phase") == "start"][0]
+    assert start["detail"]["enforcement"]["path"] == here
+    assert (start["detail"]["enforcement"]["bpf_lsm"] is None) == (here == PATH_FALLBACK)
+    off = aw("run", "--bpf-lsm", "off", "--policy", policy, "--allow-downgrade", "--", "true",
+             cwd=str(tmp_path))
+    assert off.returncode == 0 and f"enforcement: {PATH_FALLBACK};" in off.stderr, off.stderr
+    if here == PATH_FALLBACK:
+        on = aw("run", "--bpf-lsm", "on", "--policy", policy, "--allow-downgrade", "--", "true",
+                cwd=str(tmp_path))
+        assert on.returncode != 0 and "--bpf-lsm on:" in on.stderr, on.stderr
+        assert "Traceback" not in on.stderr and len(on.stderr.strip().splitlines()) == 1
+        runs = state_dir / "runs"
+        assert len(os.listdir(runs)) == 2          # the two runs above; nothing for this one
+
+
 def test_first_exec_captured_over_50_consecutive_runs(state_dir, tmp_path):
     """Races between the child's exec and the cgroup filter would lose the
     first exec now and then; 50 runs in a row must all have it. The runs share

@@ -249,3 +249,16 @@ def test_first_sight_of_unknown_pid(env):
     assert run.procs[stranger].ppid == 0
     assert events[0].abspath == "/abs/path" and events[0].ppid == 0
     assert c.ancestry(run, stranger) == [stranger]
+
+
+def test_unix_socket_names_resolve_against_the_cwd(env):
+    """connect() by a relative socket name reaches cwd/name; abstract and
+    absolute names are kept as written."""
+    c, run, events = env
+    sa = lambda name: b"\x01\x00" + name            # noqa: E731  AF_UNIX + sun_path
+    feed(c, syscall("chdir", ROOT, str1="/srv/run", ret=0),
+         syscall("connect", ROOT, (3, 0, 4), data2=sa(b"s\0"), len2=4),
+         syscall("connect", ROOT, (3, 0, 17), data2=sa(b"/run/docker.sock\0"), len2=19),
+         syscall("connect", ROOT, (3, 0, 6), data2=sa(b"\0agent"), len2=8))
+    nets = [e for e in events if e.kind == "net"]
+    assert [e.addr for e in nets] == ["/srv/run/s", "/run/docker.sock", "@agent"]

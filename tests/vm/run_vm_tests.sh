@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Run tests/vm/guest (the BPF LSM enforcement path) inside Debian's stock
-# kernel booted with BPF LSM under QEMU, over this machine's root filesystem.
+# Run tests/vm/guest (the BPF LSM layer's own tests), then the Landlock,
+# seccomp and egress tests and the adversarial suite a second time (the
+# escape attempts the BPF LSM layer judges; all of them with
+# AGENTWATCH_VM_FULL=1), inside Debian's stock kernel booted with BPF LSM
+# under QEMU, over this machine's root filesystem.
 #
 #   tests/vm/run_vm_tests.sh [--out DIR] [-- PYTEST_ARGS...]   (host, as root)
 #   tests/vm/run_vm_tests.sh --guest DIR [PYTEST_ARGS...]       (what runs inside the VM)
@@ -24,6 +27,10 @@ VENV="${AGENTWATCH_VENV:-$ROOT/.venv}"
 say() { printf 'vm: %s\n' "$*" >&2; }
 die() { printf 'vm: error: %s\n' "$*" >&2; exit 3; }
 
+# run in the VM after tests/vm/guest unless PYTEST_ARGS name others
+SECOND_RUN=(tests/kernel/test_landlock.py tests/kernel/test_seccomp.py tests/kernel/test_egress.py
+            tests/adversarial)
+
 # ---- inside the VM ------------------------------------------------------------------
 if [ "${1:-}" = "--guest" ]; then
     OUT="$2"
@@ -42,6 +49,9 @@ if [ "${1:-}" = "--guest" ]; then
     cd "$ROOT"
     start=$(date +%s.%N)
     set +e
+    # the layer's own tests, then the enforcement and adversarial suites a
+    # second time on this path (tests/conftest.py: which escape attempts)
+    [ "$#" -gt 0 ] || set -- "${SECOND_RUN[@]}"
     PYTHONPATH="$ROOT" "$py" -m pytest -p no:cacheprovider -p no:hypothesispytest -o addopts="" -v -rA --durations=0 \
         --junitxml="$OUT/junit.xml" tests/vm/guest "$@" >"$OUT/pytest.log" 2>&1
     rc=$?
@@ -108,7 +118,8 @@ set +e
 timeout "${AGENTWATCH_VM_TIMEOUT:-900}" vng $KVM_OPT --memory 2G --cpus 2 \
     --rwdir "$OUT" --cwd "$ROOT" \
     --run "/boot/vmlinuz-$KVER" --append "lsm=lockdown,capability,landlock,bpf" \
-    -- "bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" </dev/null >"$OUT/vm.log" 2>&1
+    -- "AGENTWATCH_VM_FULL=${AGENTWATCH_VM_FULL:-0} bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" \
+    </dev/null >"$OUT/vm.log" 2>&1
 vrc=$?
 set -e
 end=$(date +%s)
