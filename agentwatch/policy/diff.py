@@ -106,11 +106,24 @@ def _process(out, a, b):
     new_exec = None if b is None or b.exec is None else [e.describe() for e in b.exec]
     _allow_list(out, "run", "process.exec", old_exec, new_exec)
     _limit(out, "process.max_processes", a and a.max_processes, b and b.max_processes)
+    _run_as(out, a and a.run_as, b and b.run_as)
     for toggle in TOGGLES:
         was = a is None or a.toggles.get(toggle, True)
         now = b is None or b.toggles.get(toggle, True)
         if was != now:
             out.append(f"{GRANT if now else REVOKE} process.{toggle}")
+
+
+def _run_as(out, old, new):
+    """Without process.run_as the agent runs as agentwatch's user (root)."""
+    if old == new or (old and new and old.describe() == new.describe()):
+        return
+    if old is None:
+        out.append(f"{REVOKE} running as agentwatch's user, root (now process.run_as {new.describe()})")
+    elif new is None:
+        out.append(f"{GRANT} running as agentwatch's user, root (process.run_as {old.describe()} removed)")
+    else:
+        out.append(f"{CHANGE} process.run_as {old.describe()} -> {new.describe()}")
 
 
 def _syscalls(out, a, b):
