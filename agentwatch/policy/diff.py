@@ -116,14 +116,12 @@ def _process(out, a, b):
 
 def _run_as(out, old, new):
     """Without process.run_as the agent runs as agentwatch's user (root)."""
-    if old == new or (old and new and old.describe() == new.describe()):
-        return
-    if old is None:
-        out.append(f"{REVOKE} running as agentwatch's user, root (now process.run_as {new.describe()})")
-    elif new is None:
-        out.append(f"{GRANT} running as agentwatch's user, root (process.run_as {old.describe()} removed)")
-    else:
-        out.append(f"{CHANGE} process.run_as {old.describe()} -> {new.describe()}")
+    was, now = (r.describe() if r else None for r in (old, new))
+    root = "running as agentwatch's user, root"
+    if was != now:
+        out.append(f"{REVOKE} {root} (now process.run_as {now})" if was is None else
+                   f"{GRANT} {root} (process.run_as {was} removed)" if now is None else
+                   f"{CHANGE} process.run_as {was} -> {now}")
 
 
 def _syscalls(out, a, b):

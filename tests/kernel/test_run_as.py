@@ -18,20 +18,11 @@ import tempfile
 import pytest
 
 from agentwatch.sandbox.cgroups import leftover_cgroups
-from conftest import REPO, aw, read_events
+from conftest import REPO, aw, free_id, read_events
 
 pytestmark = pytest.mark.kernel
 NONROOT = os.path.join(REPO, "policies", "sandboxed-agent-nonroot.yaml")
 NOBODY = 65534
-
-
-def free_id(db):
-    for i in range(61000, 64000):
-        try:
-            db(i)
-        except KeyError:
-            return i
-    pytest.skip("no free id")
 
 
 @pytest.fixture

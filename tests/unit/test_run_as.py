@@ -14,19 +14,10 @@ from agentwatch.policy.diff import diff
 from agentwatch.policy.explain import explain
 from agentwatch.policy.schema import RunAs
 from agentwatch.sandbox import credentials
+from conftest import free_id
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEAD = "apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata:\n  name: t\n"
-
-
-def free_id(db):
-    """An id with no entry in the passwd (or group) database."""
-    for i in range(61000, 64000):
-        try:
-            db(i)
-        except KeyError:
-            return i
-    pytest.skip("no free id")
 
 
 FREE_UID = free_id(pwd.getpwuid)
