@@ -600,27 +600,24 @@ def _run_as(ck, value, loc):
         return None
     fields, ok = {}, True
     for key, v, vloc in ck.entries(m, RUN_AS_KEYS):
+        kind = "user" if key == "user" else "group"
         if key == "groups":
             triples = ck.items(v, vloc, "process.run_as.groups", "groups (names or ids)")
-            if triples is None:
-                ok = False
-                continue
-            got = [(_account(ck, g, gloc, f"process.run_as.groups[{i}]", "group"), gloc)
-                   for i, g, gloc in triples]
-            ok = ok and all(g is not None for g, _ in got)
-            fields["groups"] = tuple(g for g, _ in got)
-            checks = [(g, gloc, f"process.run_as.groups[{i}]") for (g, gloc), (i, _, _) in zip(got, triples)]
+            written = [(g, gloc, f"process.run_as.groups[{i}]") for i, g, gloc in triples or ()]
+            ok = ok and triples is not None
         else:
-            fields[key] = _account(ck, v, vloc, f"process.run_as.{key}", "user" if key == "user" else "group")
-            ok = ok and fields[key] is not None
-            checks = [(fields[key], vloc, f"process.run_as.{key}")]
-        # the policy may be written for another host: a missing account is a
-        # warning here, and `agentwatch run` refuses to start on such a host
-        for account, aloc, name in checks:
-            kind = "user" if key == "user" else "group"
+            written = [(v, vloc, f"process.run_as.{key}")]
+        accounts = []
+        for value_, aloc, name in written:
+            account = _account(ck, value_, aloc, name, kind)
+            ok = ok and account is not None
+            accounts.append(account)
+            # the policy may be written for another host: a missing account is a
+            # warning here, and `agentwatch run` refuses to start on such a host
             if account is not None and not _host_has(kind, account):
                 ck.warn(aloc, f"{name}: no {kind} {account!r} on this host; agentwatch run "
                               f"refuses to start here (use a numeric id, or create the {kind})")
+        fields[key] = tuple(accounts) if key == "groups" else accounts[0]
     if not ok:
         return None
     if isinstance(fields["user"], int) and fields.get("group") is None:
