@@ -25,7 +25,6 @@ from ..errors import LaunchError
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
@@ -155,11 +154,6 @@ def set_no_new_privs():
     """No exec may grant privileges again (setuid-root and file-capability
     binaries such as su or ping run without them)."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-
-
-def no_new_privs():
-    """True once no_new_privs is set (by us, Landlock or seccomp)."""
-    return _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1
 
 
 def drop_bounding_set(last):

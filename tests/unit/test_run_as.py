@@ -44,9 +44,9 @@ def problems(tmp_path, body):
     ("process: {run_as: {user: '1000', group: root, groups: [0, root]}}\n", RunAs(1000, "root", (0, "root"))),
 ])
 def test_run_as_is_parsed(tmp_path, body, want):
-    spec, found = check(write(tmp_path, body))
+    policy, found = check(write(tmp_path, body))
     assert [p for p in found if p.severity == "error"] == []
-    got = spec.spec.process.run_as if hasattr(spec, "spec") else spec.process.run_as
+    got = policy.spec.process.run_as
     assert (got.user, got.group, got.groups) == (want.user, want.group, want.groups)
 
 
