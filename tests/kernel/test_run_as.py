@@ -30,21 +30,23 @@ def box():
     """root/{ws,home,outside,tmp}: root is world-searchable; ws belongs to
     NOBODY; outside/config is root's, 0600, outside every allow list."""
     root = tempfile.mkdtemp(prefix="aw-runas-", dir="/tmp")
-    os.chmod(root, 0o755)
-    dirs = {d: os.path.join(root, d) for d in ("ws", "home", "outside", "tmp")}
-    for d in dirs.values():
-        os.mkdir(d)
-        os.chmod(d, 0o755)
-    os.chown(dirs["ws"], NOBODY, NOBODY)
-    os.chmod(dirs["tmp"], 0o1777)          # TMPDIR: not /tmp, whose tree the policies may write
-    config = os.path.join(dirs["outside"], "config")
-    with open(config, "w") as f:
-        f.write("setting = 1\n")
-    os.chmod(config, 0o600)
-    dirs.update(root=root, config=config, state=os.path.join(root, "state"))
-    os.mkdir(dirs["state"])
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.chmod(root, 0o755)
+        dirs = {d: os.path.join(root, d) for d in ("ws", "home", "outside", "tmp")}
+        for d in dirs.values():
+            os.mkdir(d)
+            os.chmod(d, 0o755)
+        os.chown(dirs["ws"], NOBODY, NOBODY)
+        os.chmod(dirs["tmp"], 0o1777)          # TMPDIR: not /tmp, whose tree the policies may write
+        config = os.path.join(dirs["outside"], "config")
+        with open(config, "w") as f:
+            f.write("setting = 1\n")
+        os.chmod(config, 0o600)
+        dirs.update(root=root, config=config, state=os.path.join(root, "state"))
+        os.mkdir(dirs["state"])
+        yield dirs
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run(box, policy, script, ws=None):
