@@ -176,6 +176,7 @@ class Run:
         self.variables = policy_variables(o.workspace or o.cwd)
         self.compiled = None
         self.plan = None
+        self.run_as = None               # sandbox.credentials.Credentials from process.run_as
         self.signer = self.prompt_signer = self.prompt_digest = None
         if self.policy:
             ident = self.policy.data.get("identity") or {}
@@ -192,6 +193,10 @@ class Run:
             protected = [self.policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
             self.plan = make_plan(self.policy.data, self.variables, protected,
                                   bpf_lsm=self._bpf_lsm_wanted())
+            run_as = self.policy.spec.process and self.policy.spec.process.run_as
+            if run_as is not None:
+                from .sandbox import credentials
+                self.run_as = credentials.resolve(run_as, str(run_as.loc))
             if self.plan.seccomp is not None:
                 from .sandbox.seccomp_filter import errno_denied
                 o.seccomp_denied = errno_denied(self.plan.seccomp)
@@ -236,7 +241,24 @@ class Run:
             "command": self.opts.argv, "executable": self.command,
             "cwd": self.opts.cwd or os.getcwd(),
             "enforcement": self.plan.record() if self.plan else {"path": "monitor-only"},
+            "agent_credentials": self._agent_credentials(),
         }
+
+    def _no_new_privs(self):
+        """Whether the child sets no_new_privs (and so drops every capability)."""
+        return self.run_as is not None or bool(self.plan and (self.plan.landlock or self.plan.seccomp))
+
+    def _agent_credentials(self):
+        """Who the agent runs as and with which capabilities: the policy's
+        process.run_as, else agentwatch's own ids. The child checks both in
+        /proc/self/status right before exec and does not start otherwise."""
+        from .sandbox import credentials
+        creds = self.run_as or credentials.inherited()
+        nnp = self._no_new_privs()
+        caps = (credentials.no_capabilities() if nnp
+                else credentials.capability_record(credentials.read_status()))
+        return {"uid": creds.uid, "gid": creds.gid, "groups": creds.groups, "user": creds.user,
+                "source": creds.source, "no_new_privs": nnp, "capabilities": caps}
 
     # -- output -----------------------------------------------------------------------
     def _emit(self, ev):
@@ -362,6 +384,9 @@ class Run:
         if self.plan:
             for line in self.plan.describe():
                 print(f"agentwatch: {line}", file=sys.stderr)
+        if self.run_as:
+            print(f"agentwatch: agent runs as {self.run_as.describe()} (process.run_as), "
+                  "no capabilities", file=sys.stderr)
         self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd,
                                     setup=self._child_steps())
         identity["root_pid"] = self.child.pid
@@ -414,18 +439,58 @@ class Run:
             self.wall_deadline = time.monotonic() + plan.wall_time
 
     def _child_steps(self):
-        """(step, callable) run by the child between fork and exec, in order."""
-        from .sandbox import landlock, mounts, seccomp_filter
-        plan = self.plan
+        """(step, callable) run by the child between fork and exec, in order.
+        Mounts need CAP_SYS_ADMIN and Landlock opens its rule paths as root,
+        so both come before the switch to process.run_as; the bounding set
+        needs CAP_SETPCAP, so it is emptied before the switch; the switch
+        comes before seccomp, which refuses the set*id family. Without
+        run_as the agent keeps agentwatch's ids, and drops every capability
+        when a sandbox layer set no_new_privs (unchanged since before run_as)."""
+        from .sandbox import credentials, landlock, mounts, seccomp_filter
+        plan, creds = self.plan, self.run_as
+        last_cap = credentials.cap_last_cap()
         steps = [("close inherited fds", launcher.close_inherited_fds),
                  ("disable core dumps", launcher.no_core_dumps)]
         if plan and plan.masks:
             steps.append(("mask denied paths", lambda: mounts.apply(plan.masks)))
         if plan and plan.landlock:
             steps.append(("apply Landlock", lambda: landlock.apply(plan.landlock)))
+        if creds is not None:
+            parent = os.getpid()
+            steps += [("set no_new_privs", credentials.set_no_new_privs),
+                      ("drop capabilities from the bounding set",
+                       lambda: credentials.drop_bounding_set(last_cap)),
+                      (f"switch to {creds.describe()}", lambda: credentials.switch(creds)),
+                      ("set parent-death signal again", lambda: launcher.pdeath_signal(parent)),
+                      ("drop capabilities", credentials.clear_capabilities)]
+            for what, path, mode in self._dirs_for(creds):
+                steps.append((f"check {what} is usable by uid {creds.uid}",
+                              lambda w=what, p=path, m=mode: credentials.check_usable(p, m, w, creds)))
         if plan and plan.seccomp:
             steps.append(("load seccomp filter", lambda: seccomp_filter.apply(plan.seccomp)))
+        if creds is None and self._no_new_privs():
+            steps.append(("drop capabilities", lambda: credentials.drop_capabilities(last_cap)))
+        if self._no_new_privs():
+            steps.append(("verify credentials and capabilities", lambda: credentials.verify(creds)))
         return steps
+
+    def _dirs_for(self, creds):
+        """(what, dir, access mode) the run_as user needs: the workspace and
+        TMPDIR, readable and searchable, and writable where the policy lets
+        the agent write there (no filesystem.write list: everywhere)."""
+        out = []
+        for name in ("WORKSPACE", "TMPDIR"):
+            path = self.variables[name]
+            if name == "TMPDIR" and not os.path.isdir(path):
+                continue
+            mode = os.R_OK | os.X_OK
+            probe = os.path.join(path, ".agentwatch-probe")
+            if self.compiled is None or self.compiled.check_file(probe, {"write"}) is None:
+                mode |= os.W_OK
+            elif name == "TMPDIR" and self.compiled.check_file(probe, {"read"}) is not None:
+                continue               # neither readable nor writable: nothing to check
+            out.append(("workspace" if name == "WORKSPACE" else "TMPDIR", path, mode))
+        return out
 
     def _on_egress_denial(self, d):
         from .events import NetEvent

@@ -83,6 +83,17 @@ def aw(*args, timeout=120, check=False, **kw):
                           capture_output=True, text=True, timeout=timeout, check=check, **kw)
 
 
+def free_id(lookup):
+    """A uid (lookup=pwd.getpwuid) or gid (grp.getgrgid) with no entry on
+    this host, so tests run as it without adding a user."""
+    for i in range(61000, 64000):
+        try:
+            lookup(i)
+        except KeyError:
+            return i
+    pytest.skip("no free id between 61000 and 64000")
+
+
 def read_events(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

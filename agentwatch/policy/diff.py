@@ -106,11 +106,22 @@ def _process(out, a, b):
     new_exec = None if b is None or b.exec is None else [e.describe() for e in b.exec]
     _allow_list(out, "run", "process.exec", old_exec, new_exec)
     _limit(out, "process.max_processes", a and a.max_processes, b and b.max_processes)
+    _run_as(out, a and a.run_as, b and b.run_as)
     for toggle in TOGGLES:
         was = a is None or a.toggles.get(toggle, True)
         now = b is None or b.toggles.get(toggle, True)
         if was != now:
             out.append(f"{GRANT if now else REVOKE} process.{toggle}")
+
+
+def _run_as(out, old, new):
+    """Without process.run_as the agent runs as agentwatch's user (root)."""
+    was, now = (r.describe() if r else None for r in (old, new))
+    root = "running as agentwatch's user, root"
+    if was != now:
+        out.append(f"{REVOKE} {root} (now process.run_as {now})" if was is None else
+                   f"{GRANT} {root} (process.run_as {was} removed)" if now is None else
+                   f"{CHANGE} process.run_as {was} -> {now}")
 
 
 def _syscalls(out, a, b):

@@ -78,6 +78,9 @@ def _process(spec, v):
         lines += _list("May run only:", [e.describe() for e in proc.exec], v)
     if proc.max_processes is not None:
         lines.append(f"  At most {proc.max_processes} processes")
+    if proc.run_as is not None:
+        lines.append(f"  Runs as: {proc.run_as.describe()} (process.run_as), with no capabilities; "
+                     "agentwatch itself stays root")
     lines.append("  Signals only to its own processes (process.signal)")
     never = [_TOGGLE_WORDS[t] for t in TOGGLES if proc.toggles.get(t) is False]
     may = [_TOGGLE_WORDS[t] for t in TOGGLES if proc.toggles.get(t) is True]

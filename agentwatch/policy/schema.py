@@ -50,6 +50,10 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B|i)?", re.I)
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+# a user or group name as shadow-utils accepts it (no all-digit names: those are ids)
+_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+MAX_ID = 4294967294              # (uid_t)-1 means "unchanged" to the set*id calls
+RUN_AS_KEYS = ("user", "group", "groups")
 
 
 # --------------------------------------------------------------- model
@@ -123,11 +127,32 @@ class Network:
     unix: object = False               # bool | tuple[Item]
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """process.run_as as written: user and group are names (str) or ids (int);
+    group None = the user's primary group; groups None = no supplementary
+    groups. Resolved against this host by agentwatch.sandbox.credentials."""
+    user: object
+    group: object = None
+    groups: tuple = None
+    loc: Loc = None
+
+    def describe(self):
+        """'agent', 'uid 65534, group 65534, groups: 100, docker'."""
+        text = f"uid {self.user}" if isinstance(self.user, int) else str(self.user)
+        if self.group is not None:
+            text += f", group {self.group}"
+        if self.groups:
+            text += ", groups: " + ", ".join(map(str, self.groups))
+        return text
+
+
 @dataclass
 class Process:
     exec: tuple = None                 # tuple[ExecRule]; None = any program
     max_processes: int = None
     toggles: dict = field(default_factory=dict)   # name -> bool, only those written
+    run_as: RunAs = None               # None: the agent runs as agentwatch's user (root)
 
 
 @dataclass
@@ -533,8 +558,82 @@ def _exec_entry(ck, item, iloc, name):
     return ExecRule(path, digest.lower() if digest else None, iloc)
 
 
+def _account(ck, value, loc, name, what):
+    """A user or group as written: a name (str) or an id (int, or a string
+    of digits); None (reported) when it is neither."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_ID:
+            ck.error(loc, f"{name}: {what} id must be between 0 and {MAX_ID}, got {value}")
+            return None
+        return value
+    if not isinstance(value, str):
+        ck.error(loc, f"{name}: expected a {what} name or numeric id, got {yaml_type(value)}")
+        return None
+    if not _ACCOUNT.fullmatch(value):
+        ck.error(loc, f"{name}: {value!r} is not a {what} name (letters, digits, '_', '.', '-'; "
+                      f"at most 32; not starting with a digit or '-')")
+        return None
+    return value
+
+
+def _host_has(kind, value):
+    """Whether a named user/group exists on this host (ids always count)."""
+    if isinstance(value, int):
+        return True
+    import grp
+    import pwd
+    try:
+        (pwd.getpwnam if kind == "user" else grp.getgrnam)(value)
+        return True
+    except KeyError:
+        return False
+
+
+def _run_as(ck, value, loc):
+    m = ck.mapping(value, loc, "process.run_as", RUN_AS_KEYS)
+    if m is None:
+        return None
+    if "user" not in m:
+        ck.error(loc, "process.run_as: missing required key 'user'")
+        return None
+    fields, ok = {}, True
+    for key, v, vloc in ck.entries(m, RUN_AS_KEYS):
+        kind = "user" if key == "user" else "group"
+        if key == "groups":
+            triples = ck.items(v, vloc, "process.run_as.groups", "groups (names or ids)")
+            written = [(g, gloc, f"process.run_as.groups[{i}]") for i, g, gloc in triples or ()]
+            ok = ok and triples is not None
+        else:
+            written = [(v, vloc, f"process.run_as.{key}")]
+        accounts = []
+        for value_, aloc, name in written:
+            account = _account(ck, value_, aloc, name, kind)
+            ok = ok and account is not None
+            accounts.append(account)
+            # the policy may be written for another host: a missing account is a
+            # warning here, and `agentwatch run` refuses to start on such a host
+            if account is not None and not _host_has(kind, account):
+                ck.warn(aloc, f"{name}: no {kind} {account!r} on this host; agentwatch run "
+                              f"refuses to start here (use a numeric id, or create the {kind})")
+        fields[key] = tuple(accounts) if key == "groups" else accounts[0]
+    if not ok:
+        return None
+    if isinstance(fields["user"], int) and fields.get("group") is None:
+        import pwd
+        try:
+            pwd.getpwuid(fields["user"])
+        except KeyError:
+            ck.warn(m.val_locs["user"], f"process.run_as.user: uid {fields['user']} has no passwd "
+                                        f"entry on this host, so it has no primary group here: give "
+                                        f"process.run_as.group (agentwatch run refuses to start "
+                                        f"without one)")
+    return RunAs(loc=loc, **fields)
+
+
 def _process(ck, value, loc, spec):
-    keys = ("exec", "max_processes", *TOGGLES)
+    keys = ("exec", "max_processes", *TOGGLES, "run_as")
     m = ck.mapping(value, loc, "process", keys)
     if m is None:
         return
@@ -548,6 +647,8 @@ def _process(ck, value, loc, spec):
                 proc.exec = tuple(r for r in rules if r is not None)
         elif key == "max_processes":
             proc.max_processes = ck.integer(v, vloc, "process.max_processes")
+        elif key == "run_as":
+            proc.run_as = _run_as(ck, v, vloc)
         else:
             b = ck.boolean(v, vloc, f"process.{key}")
             if b is not None:

@@ -5,11 +5,12 @@ and the BPF filter knows that cgroup, so not one event of the agent's own
 exec is missed. Each set-up step is named; if one fails, the child reports
 the step and errno through a close-on-exec pipe and the agent never starts.
 
-Two protections are the launcher's own: agentwatch makes itself
-non-dumpable before the fork (its /proc entries then need CAP_SYS_PTRACE),
-and a child that a sandbox layer put under no_new_privs (Landlock, seccomp)
-drops every capability right before exec, so an agent started as root does
-not keep root's powers inside the sandbox.
+One protection is the launcher's own: agentwatch makes itself non-dumpable
+before the fork (its /proc entries then need CAP_SYS_PTRACE). Everything
+else the child does is in its setup steps, which the runner lists
+(runner._child_steps): sandbox layers, the switch to the policy's
+process.run_as user, dropping every capability and verifying the result
+(sandbox/credentials.py).
 """
 import ctypes
 import errno
@@ -19,15 +20,12 @@ import shutil
 import signal
 
 from ..errors import LaunchError
+from .credentials import prctl
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
-PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
-PR_GET_NO_NEW_PRIVS = 39
-PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # Signals Python changes from their defaults (SIGPIPE ignored, SIGINT raising)
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
@@ -49,54 +47,6 @@ def close_inherited_fds():
 def no_core_dumps():
     """A sandbox kill (SIGSYS) must not leave core files in the agent's cwd."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def prctl(option, arg):
-    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def cap_last_cap():
-    """The highest capability number this kernel knows (read by the parent:
-    the sandboxed child may not be able to)."""
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 63
-
-
-def drop_capabilities(last):
-    """Child side, last step before exec: empty the bounding set (as root,
-    execve would otherwise grant it all again), the ambient and inheritable
-    sets, then effective and permitted. A sandboxed agent running as root
-    must not keep CAP_NET_RAW (packet sockets no cgroup hook sees),
-    CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH (open_by_handle_at) and the rest."""
-    for cap in range(last + 1):
-        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
-            e = ctypes.get_errno()
-            if e != errno.EINVAL:          # a capability this kernel does not know
-                raise OSError(e, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(e)}")
-    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
-    hdr, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
-    if _libc.capset(ctypes.byref(hdr), data) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"capset: {os.strerror(e)}")
-
-
-def sandboxed():
-    """True once a sandbox layer (Landlock, seccomp) set no_new_privs."""
-    return _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1
 
 
 def protect_monitor():
@@ -163,11 +113,19 @@ class Child:
             pass
 
 
+def pdeath_signal(parent):
+    """Child side: SIGKILL when agentwatch dies; again after a uid/gid
+    switch, because a credential change clears the setting."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        raise OSError(errno.ESRCH, "agentwatch is gone")
+
+
 def spawn(argv, env=None, cwd=None, setup=()):
     """Fork a child that will exec argv once released. setup is a list of
-    (step name, callable) run in the child just before exec (sandbox layers)."""
+    (step name, callable) run in the child just before exec, in order
+    (sandbox layers, credentials)."""
     protect_monitor()
-    last_cap = cap_last_cap()
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
@@ -194,9 +152,6 @@ def spawn(argv, env=None, cwd=None, setup=()):
                 os.chdir(cwd)
             for step, fn in setup:
                 fn()
-            if sandboxed():
-                step = "drop capabilities"
-                drop_capabilities(last_cap)
             step = f"exec {argv[0]}"
             os.execvpe(argv[0], argv, env if env is not None else os.environ)
         except BaseException as e:  # noqa: BLE001 - report anything, never return into the parent's code

@@ -5,7 +5,9 @@ identity: which layer enforces which section, and every rule this kernel
 cannot enforce (a *downgrade*). A policy section whose action is `deny` or
 `kill` is enforced in the kernel; `alert` sections are only judged by the
 engine. The child applies the plan in this order, each step named:
-close inherited fds, mask denied paths (mount namespace), Landlock, seccomp.
+close inherited fds, mask denied paths (mount namespace), Landlock, the
+switch to process.run_as (sandbox/credentials.py), seccomp, the capability
+drop and its check (runner._child_steps has the full list).
 """
 import concurrent.futures
 import ipaddress

@@ -1,5 +1,7 @@
 """Escape attempts against the execute-only sandbox (issue #4), on the real
-kernel, as root, under the shipped policies/sandboxed-agent.yaml.
+kernel, as root, under the shipped policies/sandboxed-agent.yaml (one
+scenario, chmod_outside_nonroot, under sandboxed-agent-nonroot.yaml: the
+agent runs as uid 65534).
 
 Each test checks one attempt and asserts both halves:
   1. the forbidden effect did not happen (file unchanged, secret not copied,
@@ -20,6 +22,8 @@ import json
 import os
 import shutil
 import socket
+import stat
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +36,8 @@ from agentwatch.sandbox.limits import leftover_v1
 
 pytestmark = pytest.mark.kernel
 LOADER = "/lib64/ld-linux-x86-64.so.2"
+NONROOT = POLICY.replace("sandboxed-agent.yaml", "sandboxed-agent-nonroot.yaml")
+NOBODY = 65534
 KILL_TAIL = f"\nsleep {KILL_GRACE_S}; echo survived > $WS/survived\n"
 FINISH = "\necho finished > $WS/finished\n"     # a denied (not killed) agent goes on
 
@@ -77,6 +83,22 @@ def build_chmod_outside(sb, ctx):
         f.write("setting = 1\n")
     os.chmod(sb.path("outside", "config"), 0o600)
     sb.script = "$A chmod_outside $OUTSIDE/config" + KILL_TAIL
+
+
+@scenario
+def build_chmod_outside_nonroot(sb, ctx):
+    """The same chmod and utime under sandboxed-agent-nonroot.yaml: the
+    agent runs as uid 65534, owns nothing outside, and the kernel says EPERM."""
+    build_chmod_outside(sb, ctx)
+    sb.policy = NONROOT
+    for d in (sb.root, sb.home, sb.outside):
+        os.chmod(d, 0o755)
+    for d in (sb.ws, sb.tmp):
+        os.chown(d, NOBODY, NOBODY)
+    sb.script = "$A chmod_outside $OUTSIDE/config" + FINISH
+
+
+build_chmod_outside_nonroot.world_searchable = True   # pytest's tmp dirs are 0700
 
 
 @scenario
@@ -282,7 +304,12 @@ def runs(request, tmp_path_factory, payloads):
     boxes = {}
     try:
         for name in needed:
-            sb = Sandbox(name, str(tmp_path_factory.mktemp(name)))
+            if getattr(SCENARIOS[name], "world_searchable", False):   # for a non-root agent
+                root = tempfile.mkdtemp(prefix=f"aw-adv-{name}-", dir="/tmp")
+                sb = Sandbox(name, root)
+                sb.cleanup.append(lambda r=root: shutil.rmtree(r, ignore_errors=True))
+            else:
+                sb = Sandbox(name, str(tmp_path_factory.mktemp(name)))
             boxes[name] = sb
             SCENARIOS[name](sb, ctx)
         order = sorted(boxes.values(), key=lambda b: b.name not in SLOW_FIRST)
@@ -402,13 +429,31 @@ def test_proc_self_root_detour_to_write_outside(run):
 def test_chmod_outside_the_sandbox_is_killed(run):
     """CANNOT BE DENIED on this kernel, only detected and killed: Landlock
     has no right for chmod, chown or utimes, and the agent runs as uid 0,
-    the owner of the file (dropping capabilities does not change that; a
-    non-root run_as uid or BPF LSM path_chmod would). The mode does change;
-    the judge sees the chmod and kills the agent."""
+    the owner of the file (dropping capabilities does not change that; BPF
+    LSM path_chmod would, and so does a non-root process.run_as: see the
+    next test). The mode does change; the judge sees the chmod and kills
+    the agent."""
     v = run.violation("filesystem.write", "filesystem", path=run.path("outside", "config"),
                       op="chmod")
     assert v["action"] == "kill" and v["detail"]["kernel"] == "allowed"
     assert_killed(run, "filesystem.write")
+
+
+@uses("chmod_outside_nonroot")
+def test_chmod_outside_the_sandbox_is_denied_for_a_nonroot_agent(run):
+    """With process.run_as (policies/sandboxed-agent-nonroot.yaml, uid 65534)
+    the same attempt is DENIED: the agent does not own the file, so chmod
+    and utime with explicit times get EPERM from the kernel (DAC), reported
+    with action deny; the agent goes on."""
+    assert run.lifecycle("start")["detail"]["agent_credentials"]["uid"] == NOBODY
+    assert run.result("chmod 0666") == "EPERM" and run.result("utime") == "EPERM"
+    st = os.stat(run.path("outside", "config"))
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime > 0
+    v = run.violation("filesystem.write", "filesystem", path=run.path("outside", "config"),
+                      op="chmod")
+    assert v["action"] == "deny" and v["uid"] == NOBODY
+    kernel_said(v, "EPERM")
+    assert_denied_not_killed(run)
 
 
 @uses("files")
