@@ -435,6 +435,10 @@ class Run:
         if plan.egress is not None:
             from .sensors.egress import Egress
             self.egress = Egress(plan.egress).open(self.cgroup.path, self._on_egress_denial)
+            if self.egress.unix_hooks is False:
+                identity["enforcement"]["notes"].append(
+                    "network.unix: this kernel has no cgroup unix socket hooks (Linux 6.7+): "
+                    "connections to pathname unix sockets are judged, not denied")
         if plan.wall_time:
             self.wall_deadline = time.monotonic() + plan.wall_time
 
@@ -494,6 +498,8 @@ class Run:
 
     def _on_egress_denial(self, d):
         from .events import NetEvent
+        if d.get("family") == "unix":
+            return    # counted; the syscall sensor reports it with the socket's name (EPERM)
         rule = {"loopback-not-allowed": "network.loopback", "raw-socket": "network.socket",
                 "family-not-allowed": "network.socket",
                 "protocol-not-allowed": "network.socket"}.get(d.get("rule"), "network.egress")

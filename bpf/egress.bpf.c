@@ -43,6 +43,8 @@
 #define AW_EG_OP_SENDMSG4 3
 #define AW_EG_OP_SENDMSG6 4
 #define AW_EG_OP_SOCKET   5
+#define AW_EG_OP_CONNECT_UNIX 6
+#define AW_EG_OP_SENDMSG_UNIX 7
 
 /* why */
 #define AW_EG_R_NO_RULE   1     /* destination in no allowed prefix */
@@ -51,6 +53,7 @@
 #define AW_EG_R_RAW       4     /* SOCK_RAW inet socket */
 #define AW_EG_R_FAMILY    5     /* inet/inet6 not in allow_families */
 #define AW_EG_R_PROTOCOL  6     /* inet socket that is neither TCP nor UDP */
+#define AW_EG_R_UNIX      7     /* unix socket address, no unix sockets allowed */
 
 /* per-CPU counters (map egress_counters) */
 #define AW_EG_CNT_DENIED 0
@@ -110,6 +113,7 @@ struct aw_egress_event {
 #define AW_EG_IPPROTO_UDP     17
 #define AW_EG_IPPROTO_UDPLITE 136
 #define AW_EG_IPPROTO_MPTCP   262
+#define AW_EG_AF_UNIX  1
 #define AW_EG_AF_INET  2
 #define AW_EG_AF_INET6 10
 
@@ -223,6 +227,19 @@ static __always_inline int aw_eg_addr6(struct bpf_sock_addr *ctx, u8 op)
 	return 0;
 }
 
+/* connect() or sendmsg() naming a unix socket (pathname or abstract), from
+ * the cgroup unix hooks of Linux 6.7+. Attached only when the policy allows
+ * no unix sockets, so every one is refused. The name is not readable here:
+ * the syscall sensor reports it, and the runner does not report these
+ * records a second time (they are counted). */
+static __always_inline int aw_eg_unix(struct bpf_sock_addr *ctx, u8 op)
+{
+	aw_eg_record(op, AW_EG_R_UNIX, AW_EG_AF_UNIX, 0, 0, 0, 0, 0, ctx->type, ctx->protocol);
+	return 0;
+}
+
+int aw_connect_unix(struct bpf_sock_addr *ctx) { return aw_eg_unix(ctx, AW_EG_OP_CONNECT_UNIX); }
+int aw_sendmsg_unix(struct bpf_sock_addr *ctx) { return aw_eg_unix(ctx, AW_EG_OP_SENDMSG_UNIX); }
 int aw_connect4(struct bpf_sock_addr *ctx) { return aw_eg_addr4(ctx, AW_EG_OP_CONNECT4); }
 int aw_connect6(struct bpf_sock_addr *ctx) { return aw_eg_addr6(ctx, AW_EG_OP_CONNECT6); }
 int aw_sendmsg4(struct bpf_sock_addr *ctx) { return aw_eg_addr4(ctx, AW_EG_OP_SENDMSG4); }

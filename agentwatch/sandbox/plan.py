@@ -211,7 +211,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                 else:
                     ports.update(range(lo, min(hi, lo + 64) + 1))
         loop = net.get("loopback", False)
-        p.egress = EgressRules(allow=allow, loopback=loop)
+        p.egress = EgressRules(allow=allow, loopback=loop, deny_unix=net.get("unix", False) is False)
         if rules is None:
             rules = landlock.LandlockRules(read=["/"], write=["/"], exec=["/"])
         if loop is not True and not any_port:

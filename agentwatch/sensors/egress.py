@@ -42,6 +42,7 @@ Rule semantics:
 bcc is imported only inside methods, so the rule logic is usable anywhere.
 """
 import ctypes
+import errno
 import ipaddress
 import os
 import struct
@@ -58,9 +59,11 @@ PROTO_BITS = {"tcp": P_TCP, "udp": P_UDP, "any": P_ANY}
 F_LOOPBACK = 0x1
 CFG_INET, CFG_INET6 = 0x1, 0x2
 OPS = {1: ("connect", "inet"), 2: ("connect", "inet6"), 3: ("sendmsg", "inet"),
-       4: ("sendmsg", "inet6"), 5: ("socket", None)}
+       4: ("sendmsg", "inet6"), 5: ("socket", None), 6: ("connect", "unix"),
+       7: ("sendmsg", "unix")}
 REASONS = {1: "no-allow-rule", 2: "port-not-allowed", 3: "loopback-not-allowed",
-           4: "raw-socket", 5: "family-not-allowed", 6: "protocol-not-allowed"}
+           4: "raw-socket", 5: "family-not-allowed", 6: "protocol-not-allowed",
+           7: "unix-not-allowed"}
 
 
 class Event(ctypes.Structure):
@@ -79,7 +82,7 @@ FAMILIES = {"unix": 1, "inet": 2, "ax25": 3, "ipx": 4, "appletalk": 5, "x25": 9,
             "llc": 26, "ib": 27, "mpls": 28, "can": 29, "tipc": 30, "bluetooth": 31,
             "alg": 38, "nfc": 39, "vsock": 40, "kcm": 41, "qipcrtr": 42, "smc": 43,
             "xdp": 44, "mctp": 45}
-AF_INET, AF_INET6 = 2, 10
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
                136: "udplite", 255: "raw", 262: "mptcp"}
 
@@ -95,6 +98,11 @@ PROGRAMS = (("aw_sock_create", "CGROUP_SOCK", "CGROUP_INET_SOCK_CREATE", 2),
             ("aw_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", 11),
             ("aw_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", 14),
             ("aw_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", 15))
+# unix socket addresses (Linux 6.7+), attached when the policy allows no unix
+# sockets; older kernels refuse the attach type and the run says so
+UNIX_PROGRAMS = (("aw_connect_unix", "CGROUP_SOCK_ADDR", "CGROUP_UNIX_CONNECT", 49),
+                 ("aw_sendmsg_unix", "CGROUP_SOCK_ADDR", "CGROUP_UNIX_SENDMSG", 50))
+UNIX_ATTACH_TYPES = {at for _, _, _, at in UNIX_PROGRAMS}
 
 
 class EgressRuleError(AgentwatchError, ValueError):
@@ -109,6 +117,8 @@ class EgressRules:
     loopback: object = False
     # socket() families allowed; only inet/inet6 are enforced in the kernel
     allow_families: tuple = ("unix", "inet", "inet6", "netlink")
+    # refuse every connect()/sendmsg() that names a unix socket (network.unix: false)
+    deny_unix: bool = False
 
 
 @dataclass(frozen=True)
@@ -274,7 +284,8 @@ def decode_denial(data):
     is_socket = opname == "socket"
     return {"pid": ev.pid, "tid": ev.tid, "uid": ev.uid,
             "comm": ev.comm.decode(errors="replace"), "cgroup": ev.cgroup,
-            "family": {AF_INET: "inet", AF_INET6: "inet6"}.get(ev.family, str(ev.family)),
+            "family": {AF_INET: "inet", AF_INET6: "inet6", AF_UNIX: "unix"}.get(
+                ev.family, str(ev.family)),
             "addr": None if is_socket else format_addr(ev.family, bytes(ev.addr)),
             "port": None if is_socket else ev.port,
             "proto": PROTO_NAMES.get(ev.protocol, str(ev.protocol)), "op": opname,
@@ -301,11 +312,13 @@ def attached_program_ids(cgroup_path):
     fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         out = {}
-        for _, _, atype, at in PROGRAMS:
+        for _, _, atype, at in PROGRAMS + UNIX_PROGRAMS:
             ids = (ctypes.c_uint32 * 64)()
             a = _QueryAttr(target_fd=fd, attach_type=at,
                            prog_ids=ctypes.addressof(ids), prog_cnt=64)
             ret, err = bpf_syscall(_BPF_PROG_QUERY, a)
+            if ret < 0 and err == errno.EINVAL and at in UNIX_ATTACH_TYPES:
+                continue          # a kernel before 6.7: no unix hooks to list
             if ret < 0:
                 raise OSError(err, f"BPF_PROG_QUERY {atype}: {os.strerror(err)}")
             out[atype] = list(ids[:a.prog_cnt])
@@ -329,6 +342,7 @@ class Egress(DenialStream):
         self.bpf = None
         self.cgroup_fd = None
         self.attached = []                     # (fn, attach type) in attach order
+        self.unix_hooks = None                 # deny_unix: attached (True) or not on this kernel
         self.received = 0
         self.errors = []                       # records that failed to decode or deliver
         self._on_denial = None
@@ -360,10 +374,29 @@ class Egress(DenialStream):
                 fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
                 bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
                 self.attached.append((fn, at))
+            if self.rules.deny_unix:
+                self.unix_hooks = self._attach_unix(bcc)
         except Exception:
             self.close()
             raise
         return self
+
+    def _attach_unix(self, bcc):
+        """Attach the unix hooks; False when this kernel has none (< 6.7:
+        the load is refused), after detaching a half-done pair."""
+        done = []
+        for name, ptype, _, at in UNIX_PROGRAMS:
+            try:
+                fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
+                bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
+            except Exception:
+                for fn, at in done:
+                    bcc.BPF.detach_func(fn, self.cgroup_fd, at)
+                    self.attached.remove((fn, at))
+                return False
+            done.append((fn, at))
+            self.attached.append((fn, at))
+        return True
 
     def _fill_maps(self):
         for table, entries in ((self.bpf[b"egress_allow4"], self.compiled.entries4),

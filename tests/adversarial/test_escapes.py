@@ -338,6 +338,13 @@ def run(request, runs):
     assert ours & {os.path.basename(d) for d in leftover_v1()} == set()
 
 
+def unix_hooks(sb):
+    """The run had the cgroup unix socket hooks (Linux 6.7+); the run's
+    identity notes when the kernel has none."""
+    notes = sb.lifecycle("start")["detail"]["enforcement"]["notes"]
+    return not any("no cgroup unix socket hooks" in n for n in notes)
+
+
 def kernel_said(v, *answers):
     """The violation records a kernel refusal with one of these errnos."""
     got = v["detail"].get("kernel") or ""
@@ -717,27 +724,38 @@ def test_fd_inherited_from_the_launcher(run):
 
 @uses("unix_path")
 def test_pathname_unix_socket_is_killed(run):
-    """CANNOT BE DENIED on this kernel, only detected and killed: Landlock
-    (ABI 7) has no right for connect() to a pathname unix socket, cgroup BPF
-    here has no unix hooks attached and the agent owns the socket file as
-    root. The connection is made; the judge kills the agent before it sends
-    anything (it waits 5 s, then sends)."""
+    """Linux 6.7+ (the CI kernel): DENIED by the cgroup unix connect hook,
+    which the policy's `unix: false` attaches (EPERM, no connection), and
+    the syscall sensor reports it with the socket's name. Older kernels (the
+    VM's 6.1): CANNOT BE DENIED (Landlock has no right for connect() to a
+    pathname unix socket and the agent owns the socket file as root), only
+    detected: the connection is made and the judge kills the agent before
+    it sends anything (it waits 5 s, then sends). Killed either way: the
+    rule's action is kill."""
     lst = run.listeners["unix"]
     assert lst.data == []                             # nothing sent
     v = run.violation("network.unix", "network", addr=run.sock_path)   # the whole name
     assert v["action"] == "kill"
     assert_killed(run, "network.unix")
+    if unix_hooks(run):
+        refused(run, "connect unix", "EPERM")
+        assert lst.connections == 0
+        assert v["detail"]["kernel"] == "denied (EPERM)"
 
 
 @uses("unix_short_name")
 def test_unix_socket_by_a_short_relative_name_is_killed(run):
-    """CANNOT BE DENIED (as above). The sensor copies the caller's sockaddr
+    """As above, by a relative name: the sensor copies the caller's sockaddr
     at its exact length, however short, and the name is resolved against
     the agent's cwd, so the report names the socket file."""
-    assert run.listeners["unix"].data == []
+    lst = run.listeners["unix"]
+    assert lst.data == []
     v = run.violation("network.unix", "network", addr=run.path("outside", "s"))
     assert v["action"] == "kill"
     assert_killed(run, "network.unix")
+    if unix_hooks(run):
+        refused(run, "connect unix", "EPERM")
+        assert lst.connections == 0
 
 
 @uses("unix_abstract")

@@ -352,3 +352,52 @@ def test_lost_records_are_counted(cgroup):
         assert c["received"] == len(denials) == 300 - c["lost"]
     finally:
         eg.close()
+
+
+def test_unix_sockets_refused_when_none_are_allowed(cgroup, egress, tmp_path):
+    """network.unix: false attaches the cgroup unix hooks (Linux 6.7+):
+    connect() and sendto() naming a pathname or abstract unix socket fail
+    with EPERM, each counted and recorded; without deny_unix they work.
+    On an older kernel the attach type does not exist and Egress says so
+    (unix_hooks False) instead of failing."""
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+    dg_path = str(tmp_path / "d.sock")
+    dg = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dg.bind(dg_path)
+    abstract = f"\0aw-test-{os.getpid()}"
+    ab = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ab.bind(abstract)
+    ab.listen(8)
+
+    def attempts():
+        def conn(name):
+            return err_of(lambda: socket.socket(socket.AF_UNIX).connect(name))
+
+        def send():
+            return err_of(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", dg_path))
+        return [conn(path), conn(abstract), send()]
+    try:
+        eg, denials = egress(EgressRules(loopback=True, deny_unix=False))
+        assert eg.unix_hooks is None
+        assert in_cgroup(cgroup, attempts)[1] == [0, 0, 0]
+        eg.close()
+        eg, denials = egress(EgressRules(loopback=True, deny_unix=True))
+        if eg.unix_hooks is False:
+            pytest.skip("no cgroup unix socket hooks on this kernel (Linux 6.7+)")
+        ids = attached_program_ids(cgroup)
+        assert len(ids["CGROUP_UNIX_CONNECT"]) == 1 and len(ids["CGROUP_UNIX_SENDMSG"]) == 1
+        pid, res = in_cgroup(cgroup, attempts)
+        assert res == [errno.EPERM] * 3
+        drain(eg, denials, 3)
+        assert [(d["op"], d["family"], d["rule"], d["pid"]) for d in denials] == [
+            ("connect", "unix", "unix-not-allowed", pid)] * 2 + [
+            ("sendmsg", "unix", "unix-not-allowed", pid)]
+        assert eg.counters()["denials"] == 3
+        eg.close()
+        assert attached_program_ids(cgroup)["CGROUP_UNIX_CONNECT"] == []
+    finally:
+        for s in (srv, dg, ab):
+            s.close()
