@@ -35,9 +35,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
     if IN_VM and not VM_FULL:
         # Under QEMU TCG an agent run costs about a minute, so the VM runs
-        # the escape attempts the BPF LSM layer judges (marked bpf_lsm); the
-        # others meet the same Landlock/seccomp/cgroup BPF layers on both
-        # paths. AGENTWATCH_VM_FULL=1 runs them all (~15-25 min).
+        # the escape attempts the BPF LSM layer refuses or could refuse
+        # (marked bpf_lsm); the others meet the same Landlock/seccomp/cgroup
+        # BPF layers on both paths. AGENTWATCH_VM_FULL=1 runs them all (~20 min).
         def runs_an_agent(i):
             return getattr(getattr(i, "function", None), "scenario", None) is not None
         keep = [i for i in items if "/adversarial/" not in str(i.fspath)

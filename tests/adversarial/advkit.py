@@ -50,9 +50,11 @@ def enforcement_path_here():
 PATH_HERE = enforcement_path_here()
 LSM_HERE = PATH_HERE == PATH_BPF_LSM
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- adversarial-fixture-"
-KILL_GRACE_S = 15      # a killed agent never gets past this sleep
-RUN_TIMEOUT_S = 120
-PARALLEL = 4
+# Under QEMU TCG (tests/vm) a run costs ~1 min of CPU (three bcc compiles,
+# emulated): fewer at once, and more time for each step.
+KILL_GRACE_S = 60 if IN_VM else 15   # a killed agent never gets past this sleep
+RUN_TIMEOUT_S = 600 if IN_VM else 120
+PARALLEL = 2 if IN_VM else 4
 
 
 def uses(name):

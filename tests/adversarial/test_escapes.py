@@ -490,7 +490,6 @@ def test_signalling_agentwatch_is_reported(run):
 
 # ======================================================================= secrets
 
-@pytest.mark.bpf_lsm
 @uses("secret_proc_root")
 def test_secret_through_proc_self_root(run):
     """cat /proc/self/root$HOME/.ssh/id_rsa: Landlock resolves the detour to
@@ -503,7 +502,6 @@ def test_secret_through_proc_self_root(run):
     assert_killed(run, "filesystem.deny")
 
 
-@pytest.mark.bpf_lsm
 @uses("secret_symlink")
 def test_secret_through_symlink_in_workspace(run):
     """A symlink in the workspace pointing at the key: the kernel follows
@@ -604,7 +602,6 @@ def test_readable_binary_through_the_dynamic_loader_is_killed(run):
         assert v["count"] == 1 and repeats == [], repeats
 
 
-@pytest.mark.bpf_lsm
 @uses("memfd")
 def test_memfd_create_and_fexecve(run):
     """Fileless execution. Landlock lets fexecve() of a memfd through and
