@@ -35,6 +35,7 @@ from .sinks.jsonl import JsonlSink
 
 STOP_GRACE_S = 3.0       # after SIGINT/SIGTERM: time the agent gets before SIGKILL
 STATS_EVERY_S = 1.0
+LSM_NAME_WAIT_S = 0.5   # how long a BPF LSM denial may wait for its file's path (see _on_lsm_denial)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Run:
         self.killed_for = None
         self.egress = None
         self.lsm = None
+        self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
         self.limits = None
         self.wall_deadline = None
 
@@ -517,24 +519,37 @@ class Run:
 
     def _on_lsm_denial(self, d):
         """A refusal by a BPF LSM program (sensors/lsm.py): exec or executable
-        mapping of a file outside the allow set, or open of a denied file."""
+        mapping of a file outside the allow set, or open of a denied file.
+        The program names the file by inode and basename; a name not found
+        yet waits (up to LSM_NAME_WAIT_S) for the process's exec record,
+        which carries the dynamic loader's argv, to reach the correlator."""
+        d["_until"] = time.monotonic() + LSM_NAME_WAIT_S
+        self._lsm_waiting.append(d)
+        self._report_lsm_denials()
+
+    def _report_lsm_denials(self, final=False):
         from .events import FileEvent
-        proc = self.ctx.procs.get(d["pid"])
-        path = (d.get("path") or _fd_path(d["pid"], d.get("ino"))
-                or _path_by_inode(os.path.join(proc.cwd, d.get("name") or "") if proc and proc.cwd
-                                  else None, d.get("ino"))
-                or d.get("name") or "")
-        op = "exec" if d["op"] in ("exec", "mmap", "mprotect") else "open"
-        ev = FileEvent(op=op, path=path, abspath=path if path.startswith("/") else None,
-                       ts=round(time.time(), 6), run_id=self.run_id, agent=self.agent,
-                       pid=d["pid"], tid=d.get("tid", d["pid"]), ppid=proc.ppid if proc else 0,
-                       uid=d.get("uid", 0), comm=d.get("comm", ""), ret=-1, error="EPERM")
-        rule = "filesystem.deny" if d["rule"] == "file-denied" else "filesystem.exec"
-        if self.judge:
-            self.judge.kernel_denial(ev, "filesystem", rule, f"BPF LSM {d['hook']}: {d['rule']}",
-                                     path, {"op": d["op"], "hook": d["hook"], "path": path,
-                                            "ino": d.get("ino"), "dev": d.get("dev")},
-                                     layer="bpf-lsm")
+        waiting, self._lsm_waiting = self._lsm_waiting, []
+        for d in waiting:
+            proc = self.ctx.procs.get(d["pid"])
+            path = (d.get("path") or _fd_path(d["pid"], d.get("ino"))
+                    or _named_by(proc, d.get("name"), d.get("ino")))
+            if not path and not final and time.monotonic() < d["_until"]:
+                self._lsm_waiting.append(d)
+                continue
+            path = path or d.get("name") or ""
+            op = "exec" if d["op"] in ("exec", "mmap", "mprotect") else "open"
+            ev = FileEvent(op=op, path=path, abspath=path if path.startswith("/") else None,
+                           ts=round(time.time(), 6), run_id=self.run_id, agent=self.agent,
+                           pid=d["pid"], tid=d.get("tid", d["pid"]),
+                           ppid=proc.ppid if proc else 0, uid=d.get("uid", 0),
+                           comm=d.get("comm", ""), ret=-1, error="EPERM")
+            rule = "filesystem.deny" if d["rule"] == "file-denied" else "filesystem.exec"
+            if self.judge:
+                self.judge.kernel_denial(
+                    ev, "filesystem", rule, f"BPF LSM {d['hook']}: {d['rule']}", path,
+                    {"op": d["op"], "hook": d["hook"], "path": path, "ino": d.get("ino"),
+                     "dev": d.get("dev")}, layer="bpf-lsm")
 
     def _guards(self):
         return [g for g in (self.lsm, self.egress) if g is not None]
@@ -545,6 +560,8 @@ class Run:
             self.sensors.poll(100)
             for g in self._guards():
                 g.poll(0)
+            if self._lsm_waiting:
+                self._report_lsm_denials()
             self._reap()
             if self.wall_deadline and time.monotonic() > self.wall_deadline:
                 self.wall_deadline = None
@@ -602,6 +619,7 @@ class Run:
         self._reap()
         for g in self._guards():
             g.poll(0)
+        self._report_lsm_denials(final=True)
         self.correlator.finish(self.ctx)
         if self.judge:
             self.judge.tick(final=True)
@@ -688,13 +706,22 @@ def _fd_path(pid, ino):
     return None
 
 
-def _path_by_inode(path, ino):
-    """path when it names inode ino (a basename the LSM reported, joined to
-    the process's cwd), else None."""
-    try:
-        return path if path and ino and os.stat(path).st_ino == ino else None
-    except OSError:
+def _named_by(proc, name, ino):
+    """The path of a file the BPF LSM reported by basename and inode: one of
+    the process's arguments (the dynamic loader's program) or the name in its
+    cwd, whichever is that inode; else None."""
+    if not proc or not name or not ino:
         return None
+    cands = [a for a in proc.argv or () if os.path.basename(a) == name]
+    cands.append(name)
+    for c in cands:
+        path = c if c.startswith("/") else os.path.join(proc.cwd or "/", c)
+        try:
+            if os.stat(path).st_ino == ino:
+                return path
+        except OSError:
+            continue
+    return None
 
 
 def run_agent(opts):

@@ -163,3 +163,25 @@ def test_without_the_lsm_layer_nothing_is_paired(tree):
     loader_exec(j, "/dev/shm/t")
     assert counted(j) == 2
     assert "noexec" in out[0].detail["kernel"]
+
+
+def test_a_file_the_lsm_names_by_basename_is_found_by_argv_or_cwd(tmp_path):
+    """The LSM program reports (inode, basename); the runner finds the path
+    in the process's argv (the dynamic loader's program) or its cwd, and only
+    when the inode agrees."""
+    from types import SimpleNamespace
+
+    from agentwatch.runner import _named_by
+    shm, ws = tmp_path / "shm", tmp_path / "ws"
+    shm.mkdir()
+    ws.mkdir()
+    (shm / "tool").write_text("a")
+    (ws / "tool").write_text("b")                      # same name, other inode
+    ino = os.stat(shm / "tool").st_ino
+    loader = SimpleNamespace(argv=["/lib64/ld-linux-x86-64.so.2", str(shm / "tool")], cwd=str(ws))
+    assert _named_by(loader, "tool", ino) == str(shm / "tool")
+    in_cwd = SimpleNamespace(argv=["sh"], cwd=str(shm))
+    assert _named_by(in_cwd, "tool", ino) == str(shm / "tool")
+    elsewhere = SimpleNamespace(argv=["sh"], cwd=str(ws))
+    assert _named_by(elsewhere, "tool", ino) is None   # ws/tool is another file
+    assert _named_by(None, "tool", ino) is None
