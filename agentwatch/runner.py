@@ -504,7 +504,8 @@ class Run:
             return    # counted; the syscall sensor reports it with the socket's name (EPERM)
         rule = {"loopback-not-allowed": "network.loopback", "raw-socket": "network.socket",
                 "family-not-allowed": "network.socket",
-                "protocol-not-allowed": "network.socket"}.get(d.get("rule"), "network.egress")
+                "protocol-not-allowed": "network.socket",
+                "bind-not-allowed": "network.bind"}.get(d.get("rule"), "network.egress")
         proc = self.ctx.procs.get(d["pid"])
         ev = NetEvent(op=d.get("op"), family=d.get("family"), addr=d.get("addr"), port=d.get("port"),
                       ts=round(time.time(), 6), run_id=self.run_id, agent=self.agent, pid=d["pid"],

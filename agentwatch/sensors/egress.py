@@ -60,10 +60,10 @@ F_LOOPBACK = 0x1
 CFG_INET, CFG_INET6 = 0x1, 0x2
 OPS = {1: ("connect", "inet"), 2: ("connect", "inet6"), 3: ("sendmsg", "inet"),
        4: ("sendmsg", "inet6"), 5: ("socket", None), 6: ("connect", "unix"),
-       7: ("sendmsg", "unix")}
+       7: ("sendmsg", "unix"), 8: ("bind", "inet"), 9: ("bind", "inet6")}
 REASONS = {1: "no-allow-rule", 2: "port-not-allowed", 3: "loopback-not-allowed",
            4: "raw-socket", 5: "family-not-allowed", 6: "protocol-not-allowed",
-           7: "unix-not-allowed"}
+           7: "unix-not-allowed", 8: "bind-not-allowed"}
 
 
 class Event(ctypes.Structure):
@@ -97,7 +97,9 @@ PROGRAMS = (("aw_sock_create", "CGROUP_SOCK", "CGROUP_INET_SOCK_CREATE", 2),
             ("aw_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", 10),
             ("aw_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", 11),
             ("aw_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", 14),
-            ("aw_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", 15))
+            ("aw_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", 15),
+            ("aw_bind4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_BIND", 8),
+            ("aw_bind6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_BIND", 9))
 # unix socket addresses (Linux 6.7+), attached when the policy allows no unix
 # sockets; older kernels refuse the attach type and the run says so
 UNIX_PROGRAMS = (("aw_connect_unix", "CGROUP_SOCK_ADDR", "CGROUP_UNIX_CONNECT", 49),
@@ -144,6 +146,8 @@ class Compiled:
     entries4: tuple
     entries6: tuple
     cfg: int
+    bind4: tuple = ()      # the allow rules alone (bind is always allowed on loopback)
+    bind6: tuple = ()
 
 
 # ---- rule compilation (pure) -----------------------------------------------------
@@ -245,6 +249,7 @@ def compile_rules(rules):
     for rule in rules.allow:
         net, lo, hi, mask = parse_rule(rule)
         (own4 if net.version == 4 else own6).setdefault(net, []).append((lo, hi, mask))
+    bind4, bind6 = compile_entries(dict(own4)), compile_entries(dict(own6))
     lb = loopback_ranges(rules.loopback)
     for z in LOOPBACK4:
         own4.setdefault(z, []).extend(lb)
@@ -252,7 +257,7 @@ def compile_rules(rules):
         own6.setdefault(z, []).extend(lb)
     fams = allowed_family_numbers(rules)
     cfg = (CFG_INET if AF_INET in fams else 0) | (CFG_INET6 if AF_INET6 in fams else 0)
-    return Compiled(compile_entries(own4), compile_entries(own6), cfg)
+    return Compiled(compile_entries(own4), compile_entries(own6), cfg, bind4, bind6)
 
 
 def allowed_family_numbers(rules):
@@ -400,7 +405,9 @@ class Egress(DenialStream):
 
     def _fill_maps(self):
         for table, entries in ((self.bpf[b"egress_allow4"], self.compiled.entries4),
-                               (self.bpf[b"egress_allow6"], self.compiled.entries6)):
+                               (self.bpf[b"egress_allow6"], self.compiled.entries6),
+                               (self.bpf[b"egress_bind4"], self.compiled.bind4),
+                               (self.bpf[b"egress_bind6"], self.compiled.bind6)):
             for e in entries:
                 table[table.Key.from_buffer_copy(e.key_bytes())] = \
                     table.Leaf.from_buffer_copy(e.value_bytes())

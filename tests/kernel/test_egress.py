@@ -325,7 +325,7 @@ def test_outside_the_cgroup_unaffected_and_close_detaches(cgroup, egress, ports)
     allowed, denied = ports
     eg, _ = egress(EgressRules(loopback=[allowed]))
     ids = [i for v in attached_program_ids(cgroup).values() for i in v]
-    assert len(ids) == 5
+    assert len(ids) == 7          # sock_create, connect4/6, sendmsg4/6, bind4/6 (no unix hooks)
     assert connect(AF4, "127.0.0.1", denied) == 0           # this process is not in the cgroup
     assert connect(AF6, "::1", denied) == 0
     assert in_cgroup(cgroup, lambda: connect(AF4, "127.0.0.1", denied))[1] == errno.EPERM
@@ -401,3 +401,53 @@ def test_unix_sockets_refused_when_none_are_allowed(cgroup, egress, tmp_path):
     finally:
         for s in (srv, dg, ab):
             s.close()
+
+
+def free_ports(n):
+    """n ports free on every address right now (bound once, released)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket(AF6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        socks.append(s)
+    out = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return out
+
+
+def bind_err(fam, addr, port, kind=socket.SOCK_STREAM):
+    def go():
+        s = socket.socket(fam, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr, port))
+        finally:
+            s.close()
+    return err_of(go)
+
+
+def test_bind_only_on_loopback_port_zero_or_allowed(cgroup, egress):
+    """bind4/bind6 judge like the engine's network.bind: loopback and port 0
+    always, other addresses only where network.allow allows the address,
+    port and protocol; a refusal is EPERM and a record."""
+    ok, other = free_ports(2)
+    eg, denials = egress(EgressRules(allow=[("0.0.0.0/0", ok, ok, "tcp")], loopback=False))
+    pid, res = in_cgroup(cgroup, lambda: [
+        bind_err(AF4, "127.0.0.1", other),            # loopback: always
+        bind_err(AF6, "::1", other),
+        bind_err(AF4, "0.0.0.0", 0),                  # ephemeral: a client
+        bind_err(AF4, "0.0.0.0", ok),                 # allowed by the rule
+        bind_err(AF4, "0.0.0.0", other),              # not allowed
+        bind_err(AF6, "::", other),                   # not allowed (v6: no rule at all)
+        bind_err(AF6, "::ffff:0.0.0.0", ok),          # mapped: judged as IPv4, allowed
+        bind_err(AF4, "0.0.0.0", ok, socket.SOCK_DGRAM),   # tcp rule, udp bind
+    ])
+    assert res == [0, 0, 0, 0, errno.EPERM, errno.EPERM, 0, errno.EPERM]
+    drain(eg, denials, 3)
+    got = [(d["op"], d["family"], d["addr"], d["port"], d["proto"], d["rule"]) for d in denials]
+    assert got == [("bind", "inet", "0.0.0.0", other, "tcp", "bind-not-allowed"),
+                   ("bind", "inet6", "::", other, "tcp", "bind-not-allowed"),
+                   ("bind", "inet", "0.0.0.0", ok, "udp", "bind-not-allowed")]
+    assert all(d["pid"] == pid for d in denials)
