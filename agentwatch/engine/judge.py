@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 from ..events import ViolationEvent
+from ..policy.compile import Decision
 from ..policy.matchers import normalize
 
 REPEAT_FLUSH_S = 5.0
@@ -289,7 +290,6 @@ class Judge:
         proc = getattr(self.policy.spec, "process", None)
         if proc is None or proc.toggles.get("ptrace") is not False:
             return False
-        from ..policy.compile import Decision
         d = Decision(category="process", rule="process.ptrace",
                      action=self.policy.action_for("process", "process.ptrace"),
                      reason=f"{m.group(2)} of process {m.group(1)}, which is not part of the run: "
@@ -307,7 +307,6 @@ class Judge:
                 self._decide(ev, d, wpath, {"path": wpath, "access": sorted(access), "op": ev.op})
 
     def _identity_decision(self, rule, reason):
-        from ..policy.compile import Decision
         return Decision(category="identity", rule=rule,
                         action=self.policy.action_for("identity", rule), reason=reason, pattern=None)
 
@@ -346,7 +345,6 @@ class Judge:
                 pass
         if exe and exe.startswith("/") and not exe.endswith(" (deleted)"):
             return self._judge_program(ev, exe)
-        from ..policy.compile import Decision
         what = exe or "an open file descriptor"
         d = Decision(category="filesystem", rule="filesystem.exec",
                      action=self.policy.action_for("filesystem", "filesystem.exec"),
@@ -362,7 +360,6 @@ class Judge:
         d = self.policy.check_exec(path, sha)
         evidence = {"path": path, "argv": ev.argv, "sha256": sha}
         if loader and d is not None:
-            from ..policy.compile import Decision
             d = Decision(category=d.category, rule=d.rule, action=d.action, pattern=d.pattern,
                          reason=f"{d.reason}, mapped by the dynamic loader {loader}")
             evidence["loader"] = loader
@@ -470,7 +467,6 @@ class Judge:
             return
         alive = sum(1 for p in self.run.procs.values() if not p.exited)
         if alive > limit:
-            from ..policy.compile import Decision
             d = Decision(category="process", rule="process.max_processes",
                          action=self.policy.action_for("process", "process.max_processes"),
                          reason=f"{alive} processes alive, the policy allows {limit}", pattern=None)
@@ -483,7 +479,6 @@ class Judge:
         list, the mount family) is syscalls.deny, or the toggle it belongs
         to. The kernel refused it, so the action is deny unless the rule says
         kill (then the agent is stopped as the policy asks)."""
-        from ..policy.compile import Decision
         from ..sandbox.seccomp_filter import toggle_of
         d = self.policy.check_syscall(ev.name)
         if d is None:
@@ -506,7 +501,6 @@ class Judge:
         """SIGSYS as a fatal signal: seccomp killed the process (a syscall of
         another ABI, x32 or i386, or a kill-action rule). The call never
         reached a tracepoint, so its exit is the only trace."""
-        from ..policy.compile import Decision
         d = Decision(category="syscall", rule="syscalls.deny",
                      action=self.policy.action_for("syscall", "syscalls.deny"),
                      reason="killed by seccomp (SIGSYS): a syscall of a non-native ABI "
@@ -544,7 +538,6 @@ class Judge:
             new = n - self._limit_counts.get(path, 0)
             self._limit_counts[path] = n
             from ..events import Event
-            from ..policy.compile import Decision
             what = (f"the pids limit refused {new} fork(s)" if rule == "resources.pids"
                     else f"the memory limit OOM-killed {new} process(es)")
             d = Decision(category="resource", rule=rule, action=self.policy.action_for("resource", rule),
@@ -556,7 +549,6 @@ class Judge:
 
     def limit_reached(self, rule, reason):
         from ..events import Event
-        from ..policy.compile import Decision
         d = Decision(category="resource", rule=rule, action="kill", reason=reason, pattern=None)
         ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=self.run.root_pid)
         self._decide(ev, d, rule, {})
@@ -565,7 +557,6 @@ class Judge:
         """A denial a kernel layer reported itself (cgroup BPF, BPF LSM)."""
         if evidence.get("op") == "socket" and reason.endswith("raw-socket"):
             return   # the syscall sensor's socket event reports it (see _net)
-        from ..policy.compile import Decision
         if rule == "network.egress" and evidence.get("addr"):
             from ..policy.matchers import canonical_ip
             ip = canonical_ip(evidence["addr"])
