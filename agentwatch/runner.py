@@ -298,7 +298,7 @@ class Run:
         stats = {"events": self.ctx.events, "lost_events": c["lost_events"],
                  "lost_events_per_cpu": c["lost_events_per_cpu"], "lost_stash": c["lost_stash"],
                  "records_submitted": c["submitted"], "records_received": c["received"],
-                 "rings": c["rings"],
+                 "rings": c["rings"], "killed_in_kernel": c["killed_in_kernel"],
                  "decode_errors": len(self.sensors.errors), "pids": len(self.cgroup.pids()),
                  "updated": time.time()}
         state.write_json_atomic(state.run_path(self.run_id, "stats.json"), stats)
@@ -373,11 +373,12 @@ class Run:
         self.correlator.add_run(self.ctx)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
-        routes = ([], [])
+        routes = kills = ([], [])
         if self.compiled:
             prefixes, names = self.compiled.kernel_routes()
             routes = (prefixes + [os.path.abspath(p) for _, p in watched], names)
-        self.sensors.watch(self.cgroup.id, routes)
+            kills = self.compiled.kernel_kills()
+        self.sensors.watch(self.cgroup.id, routes, kills)
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
@@ -637,6 +638,7 @@ class Run:
                                 "rings": stats["rings"],
                                 "decode_errors": stats["decode_errors"],
                                 "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},
+                                "killed_in_kernel": stats["killed_in_kernel"],
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
         counts = {"events": self.ctx.events, "lost": lost,
                   "violations": verdict["violations"] if verdict else 0}

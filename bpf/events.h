@@ -33,6 +33,11 @@
 #define AW_CNT_SEEN        2  /* events submitted to the bulk ring buffer */
 #define AW_CNT_LOST_PRIO   3  /* priority ring buffer full: event lost */
 #define AW_CNT_SEEN_PRIO   4  /* events submitted to the priority ring buffer */
+#define AW_CNT_KILLED      5  /* processes killed at an open's return (bpf_send_signal) */
+
+/* values of the sensitive_prefixes / sensitive_names maps (priority.bpf.c) */
+#define AW_ROUTE_PRIO 0x1       /* the record travels the priority ring */
+#define AW_ROUTE_KILL 0x2       /* an exact match of a kill-on-open path */
 #define AW_CNT_MAX         8
 
 /* Per-syscall spec (map "specs", indexed by syscall number), written by
@@ -46,6 +51,7 @@
 #define AW_SPEC_EXIT_GROUP 0x08  /* remember args[0] as the process exit code */
 #define AW_SPEC_DENIED     0x20  /* the seccomp filter refuses it with EPERM: report an
                                   * exit with -EPERM and no entry as AW_EV_NOENTRY */
+#define AW_SPEC_OPEN       0x80  /* open/openat/openat2/creat: a kill-on-open path may apply */
 #define AW_SPEC_PRIORITY   0x40  /* records go to the priority ring buffer (process, net, sensitive, chdir) */
 
 struct aw_spec {

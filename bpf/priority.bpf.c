@@ -30,6 +30,7 @@ BPF_LPM_TRIE(sensitive_prefixes, struct aw_prefix_key, u8, 4096);
 BPF_HASH(sensitive_names, struct aw_name_key, u8, 4096);
 BPF_PERCPU_ARRAY(path_scratch, struct aw_prefix_key, 1);  /* too big for the stack */
 
+/* The map value of the path's match (AW_ROUTE_* bits), 0 when none. */
 static __always_inline int aw_sensitive_path(u32 slot, u64 upath)
 {
 	u32 zero = 0;
@@ -41,8 +42,11 @@ static __always_inline int aw_sensitive_path(u32 slot, u64 upath)
 		return 0;
 	k->slot = slot;
 	k->prefixlen = 32 + 8 * (n - 1);   /* the path's own length: bytes after its NUL are stale */
-	if (k->path[0] == '/' && sensitive_prefixes.lookup(k))
-		return 1;
+	u8 *v = NULL;
+	if (k->path[0] == '/')
+		v = sensitive_prefixes.lookup(k);
+	if (v)
+		return *v;
 	/* The basename as a hash (FNV-1a, reset at each '/'), not a copy: a
 	 * copy needs the basename's offset, a value the verifier must then
 	 * track exactly on every path through this loop (too many states); a
@@ -59,11 +63,14 @@ static __always_inline int aw_sensitive_path(u32 slot, u64 upath)
 	struct aw_name_key nk = {};
 	nk.slot = slot;
 	nk.hash = h;
-	return sensitive_names.lookup(&nk) != NULL;
+	v = sensitive_names.lookup(&nk);
+	return v ? *v : 0;
 }
 
-/* 1 when a syscall exit record goes to the priority ring. path1/path2: the
- * user pointers of the record's paths (0 when none). */
+/* AW_ROUTE_PRIO when a syscall exit record goes to the priority ring, plus
+ * AW_ROUTE_KILL when one of its paths is an exact kill-on-open match (see
+ * aw_sys_exit). path1/path2: the user pointers of the record's paths (0
+ * when none). */
 static __always_inline int aw_priority(const struct aw_spec *sp, s64 ret, u64 path1, u64 path2)
 {
 	if (sp->flags & AW_SPEC_PRIORITY)
@@ -73,7 +80,8 @@ static __always_inline int aw_priority(const struct aw_spec *sp, s64 ret, u64 pa
 	if (ret < 0)
 		return 0;   /* ENOENT & co: nothing was touched */
 	u32 slot = aw_slot();
-	if (sp->path1 != AW_NOARG && aw_sensitive_path(slot, path1))
-		return 1;
-	return sp->path2 != AW_NOARG && aw_sensitive_path(slot, path2);
+	int r = sp->path1 != AW_NOARG ? aw_sensitive_path(slot, path1) : 0;
+	if (!r && sp->path2 != AW_NOARG)
+		r = aw_sensitive_path(slot, path2);
+	return r;
 }

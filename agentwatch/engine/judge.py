@@ -276,8 +276,12 @@ class Judge:
                 d = self.policy.check_file(p, access)
                 if d:
                     p = normalize(p)      # /proc/<pid>/root detours: the path they reach
-                    self._decide(ev, d, p, {"path": p, "named": ev.path, "access": sorted(access),
-                                            "op": ev.op})
+                    evidence = {"path": p, "named": ev.path, "access": sorted(access), "op": ev.op}
+                    if (d.rule == "filesystem.deny" and d.action == "kill" and ev.op == "open"
+                            and (ev.ret or 0) >= 0 and self.policy.killed_in_kernel(ev.path)):
+                        evidence["kernel"] = ("killed at the open's return (bpf_send_signal "
+                                              "SIGKILL): the content never reached the agent")
+                    self._decide(ev, d, p, evidence)
                     break
 
     def _other_process(self, ev, path):

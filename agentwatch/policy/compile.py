@@ -320,6 +320,43 @@ class CompiledPolicy:
                 prefixes.add(glob.literal_prefix())
         return sorted(prefixes), sorted(names)
 
+    def kernel_kills(self):
+        """(prefixes, basenames) on which the kernel itself kills at the
+        open's return (bpf_send_signal, bpf/syscalls.bpf.c), when the
+        policy's filesystem.deny action is kill: only the exact forms of
+        _kill_forms, so a kill never lands on a path the policy allows."""
+        if self.action_for("filesystem", "filesystem.deny") != "kill":
+            return [], []
+        prefixes, names = set(), set()
+        for _, glob in self._deny.items:
+            prefix, name = _kill_forms(glob)
+            if prefix:
+                prefixes.add(prefix)
+            if name:
+                names.add(name)
+        return sorted(prefixes), sorted(names)
+
+    def killed_in_kernel(self, named):
+        """Whether the kernel killed an open of ``named`` (as the process
+        wrote it), by the forms kernel_kills() gives."""
+        prefixes, names = self.kernel_kills()
+        return (any(named.startswith(p) for p in prefixes)
+                or (named.rsplit("/", 1)[-1] in names))
+
+
+def _kill_forms(glob):
+    """(prefix, basename) a deny glob gives the kernel's kill-on-open, when
+    a lexical match of the path as written is exact: /a/b/** -> "/a/b/"
+    (everything below), **/name -> "name" (any file so named); else
+    (None, None)."""
+    kinds = [p[0] for p in glob.parts]
+    if len(kinds) >= 2 and kinds[-1] == M.ANY and all(k == M.LIT for k in kinds[:-1]) \
+            and kinds[0] == M.LIT:
+        return glob.literal_prefix() + "/", None
+    if kinds == [M.ANY, M.LIT] and glob.parts[1][1]:
+        return None, glob.parts[1][1]
+    return None, None
+
 
 def _port_proto_ok(rule, port, proto):
     if rule.protocol != "any" and proto is not None and proto != rule.protocol:

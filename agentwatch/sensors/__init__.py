@@ -237,17 +237,23 @@ class Sensors:
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn.encode())
             self.attached.append(tp)
 
-    def watch(self, cgroup_id, routes=((), ())):
+    def watch(self, cgroup_id, routes=((), ()), kills=((), ())):
         """Add a run's cgroup to the filter, with its own run slot and the
         sensitive paths of its policy (CompiledPolicy.kernel_routes():
-        prefixes, basenames). Returns the slot."""
+        prefixes, basenames), and those on which the kernel kills at the
+        open's return (CompiledPolicy.kernel_kills()). Returns the slot."""
         slot = next(i for i in range(1, MAX_SLOTS + 1) if i not in self.slots.values())
-        prefixes, names = routes
-        keys = ([R.prefix_key(slot, p) for p in prefixes], [R.name_key(slot, n) for n in names])
+        values = {}
+        for (prefixes, names), value in ((routes, R.ROUTE_PRIO), (kills, R.ROUTE_PRIO | R.ROUTE_KILL)):
+            for raw in [("p", R.prefix_key(slot, p)) for p in prefixes] + \
+                       [("n", R.name_key(slot, n)) for n in names]:
+                values[raw] = value        # a kill entry wins over a route to the same key
+        keys = ([k for t, k in values if t == "p"], [k for t, k in values if t == "n"])
         self._routes[slot] = keys
-        for table, raws in zip((self.bpf["sensitive_prefixes"], self.bpf["sensitive_names"]), keys):
-            for raw in raws:
-                table[table.Key.from_buffer_copy(raw)] = table.Leaf(1)
+        for table, kind in ((self.bpf["sensitive_prefixes"], "p"), (self.bpf["sensitive_names"], "n")):
+            for (t, raw), value in values.items():
+                if t == kind:
+                    table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
         self.slots[cgroup_id] = slot
         self.bpf["watched"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(slot)
         return slot
@@ -360,6 +366,7 @@ class Sensors:
         return {"lost_events": sum(lost_bulk) + sum(lost_prio),
                 "lost_events_per_cpu": [a + b for a, b in zip(lost_bulk, lost_prio)],
                 "lost_stash": sum(percpu(R.CNT_LOST_STASH)),
+                "killed_in_kernel": sum(percpu(R.CNT_KILLED)),
                 "submitted": submitted_bulk + submitted_prio, "received": self.received,
                 "rings": {"priority": {"submitted": submitted_prio, "lost": sum(lost_prio),
                                        "received": received.get("priority", 0)},

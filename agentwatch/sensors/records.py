@@ -17,6 +17,8 @@ EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY = 1, 2, 3, 4, 5
 
 CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2    # bulk ring ("events"), stash
 CNT_LOST_PRIO, CNT_SEEN_PRIO = 3, 4                     # priority ring ("priority")
+CNT_KILLED = 5                                          # killed at an open's return
+ROUTE_PRIO, ROUTE_KILL = 0x1, 0x2                       # sensitive path map values
 NOARG = 0xFF
 
 SPEC_EMIT = 0x01
@@ -26,6 +28,7 @@ SPEC_EXIT_GROUP = 0x08
 SPEC_WATCH = 0x10
 SPEC_DENIED = 0x20
 SPEC_PRIORITY = 0x40
+SPEC_OPEN = 0x80
 
 HDR_FIELDS = [
     ("type", "I"), ("pid", "I"), ("tid", "I"), ("uid", "I"),

@@ -68,7 +68,8 @@ class Spec:
             return R.NOARG if v is None else v
         flags = (R.SPEC_WATCH | (R.SPEC_EMIT if self.emit else 0) | (R.SPEC_NEED_ADDR if self.need_addr else 0)
                  | (R.SPEC_EXEC if self.exec_ else 0) | (R.SPEC_EXIT_GROUP if self.exit_group else 0)
-                 | (R.SPEC_DENIED if self.denied else 0) | (R.SPEC_PRIORITY if self.priority else 0))
+                 | (R.SPEC_DENIED if self.denied else 0) | (R.SPEC_PRIORITY if self.priority else 0)
+                 | (R.SPEC_OPEN if self.op == "open" else 0))
         return R.SPEC.pack(flags, idx(self.path1), idx(self.path2), idx(self.addr),
                            idx(self.addrlen), idx(self.msghdr), idx(self.deref), idx(self.argv))
 

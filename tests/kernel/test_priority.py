@@ -67,3 +67,45 @@ print(json.dumps({{"exit": run.execute()}}))
     reported = {v["detail"]["path"] for v in events
                 if v["kind"] == "violation" and v["rule"] == "filesystem.deny"}
     assert reported == set(paths) | {str(work / ".env")}
+
+
+def test_kill_on_open_lands_before_the_open_returns(state_dir, tmp_path):
+    """A deny path the kernel cannot refuse (a `**/.env` glob is not
+    maskable) under a kill action: the sys_exit program sends SIGKILL at the
+    open's return, so the agent never reads the file, even though it would
+    print it at once and userspace could not kill it that fast. Paths that
+    only look alike (.envrc, ~/.sshfoo) are left alone."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".env").write_text("TOKEN=do-not-leak\n")
+    (work / ".envrc").write_text("ok\n")
+    home = tmp_path / "home"
+    (home / ".sshfoo").mkdir(parents=True)
+    (home / ".sshfoo" / "x").write_text("ok\n")
+    policy = tmp_path / "kill.yaml"
+    policy.write_text(f"""apiVersion: agentwatch/v1
+kind: AgentPolicy
+metadata: {{name: kill-on-open}}
+filesystem:
+  deny: ["**/.env", "{home}/.ssh/**"]
+on_violation: {{default: alert, rules: {{filesystem.deny: kill}}}}
+""")
+    out = tmp_path / "out.txt"
+    events_path = tmp_path / "events.jsonl"
+    # python reads and writes in one go after open(): no window for a userspace kill
+    agent = (f"import sys\nopen({str(out)!r}, 'w').write(open('.envrc').read() + "
+             f"open({str(home / '.sshfoo' / 'x')!r}).read())\n"
+             f"data = open('.env').read()\nopen({str(out)!r}, 'a').write(data)\n")
+    r = subprocess.run([sys.executable, "-m", "cli.main", "run", "--policy", str(policy),
+                        "--events", str(events_path), "--", "/usr/bin/python3", "-c", agent],
+                       cwd=str(work), env=dict(__import__("os").environ, PYTHONPATH=REPO),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 137, r.stderr[-2000:]
+    assert out.read_text() == "ok\nok\n"               # the look-alikes were read, .env never
+    events = read_events(events_path)
+    v = [e for e in events if e["kind"] == "violation" and e["rule"] == "filesystem.deny"]
+    assert len(v) == 1 and v[0]["action"] == "kill", v
+    assert v[0]["detail"]["path"] == str(work / ".env")
+    assert v[0]["detail"]["kernel"].startswith("killed at the open's return"), v[0]["detail"]
+    end = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "end"][0]["detail"]
+    assert end["killed_in_kernel"] >= 1

@@ -185,3 +185,21 @@ def test_a_file_the_lsm_names_by_basename_is_found_by_argv_or_cwd(tmp_path):
     elsewhere = SimpleNamespace(argv=["sh"], cwd=str(ws))
     assert _named_by(elsewhere, "tool", ino) is None   # ws/tool is another file
     assert _named_by(None, "tool", ino) is None
+
+
+def test_kernel_kills_only_exact_forms_and_only_for_kill(tree, tmp_path):
+    def compiled(rules):
+        p = tmp_path / "k.yaml"
+        p.write_text("apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {name: k}\n"
+                     "filesystem:\n  deny: ['${HOME}/.ssh/**', '**/.env', '${HOME}/.netrc',\n"
+                     "         '**/*.pem', '${WORKSPACE}/**/secret']\n"
+                     f"on_violation: {{default: alert, rules: {rules}}}\n")
+        return compile_policy(load(str(p)), tree)
+    c = compiled("{filesystem.deny: kill}")
+    # /a/b/** and **/name are exact as written; .netrc (no boundary), *.pem
+    # and ws/**/secret are left to userspace
+    assert c.kernel_kills() == ([tree["HOME"] + "/.ssh/"], [".env"])
+    assert c.killed_in_kernel(".env") and c.killed_in_kernel("/x/y/.env")
+    assert c.killed_in_kernel(tree["HOME"] + "/.ssh/id_rsa")
+    assert not c.killed_in_kernel(tree["HOME"] + "/.sshfoo") and not c.killed_in_kernel(".envrc")
+    assert compiled("{filesystem.deny: deny}").kernel_kills() == ([], [])

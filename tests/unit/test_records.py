@@ -148,7 +148,9 @@ def test_named_constants(c_defines):
                 "AW_SPEC_WATCH": R.SPEC_WATCH, "AW_SPEC_NEED_ADDR": R.SPEC_NEED_ADDR,
                 "AW_SPEC_EXEC": R.SPEC_EXEC, "AW_SPEC_EXIT_GROUP": R.SPEC_EXIT_GROUP,
                 "AW_SPEC_DENIED": R.SPEC_DENIED,
-                "AW_SPEC_PRIORITY": R.SPEC_PRIORITY, "AW_PREFIX_LEN": R.PREFIX_LEN}
+                "AW_SPEC_PRIORITY": R.SPEC_PRIORITY, "AW_PREFIX_LEN": R.PREFIX_LEN,
+                "AW_SPEC_OPEN": R.SPEC_OPEN, "AW_CNT_KILLED": R.CNT_KILLED,
+                "AW_ROUTE_PRIO": R.ROUTE_PRIO, "AW_ROUTE_KILL": R.ROUTE_KILL}
     for cname, pyval in expected.items():
         assert int(c_defines[cname], 0) == pyval, cname
     # counters indexes must fit the array the BPF side declares
@@ -158,7 +160,7 @@ def test_named_constants(c_defines):
 
 def test_spec_flags_are_distinct_bits():
     flags = [R.SPEC_EMIT, R.SPEC_NEED_ADDR, R.SPEC_EXEC, R.SPEC_EXIT_GROUP, R.SPEC_WATCH,
-             R.SPEC_DENIED, R.SPEC_PRIORITY]
+             R.SPEC_DENIED, R.SPEC_PRIORITY, R.SPEC_OPEN]
     for f in flags:
         assert f and f & (f - 1) == 0
     assert len(set(flags)) == len(flags)

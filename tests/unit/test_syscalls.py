@@ -158,7 +158,8 @@ def test_spec_packed_layout():
     p = S.BY_NAME["openat"].packed()
     assert len(p) == R.size("aw_spec") == 8
     # flags, path1, path2, addr, addrlen, msghdr, deref, argv
-    assert p == bytes([R.SPEC_WATCH | R.SPEC_EMIT, 1, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG])
+    assert p == bytes([R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_OPEN, 1, R.NOARG, R.NOARG, R.NOARG, R.NOARG,
+                       R.NOARG, R.NOARG])
     assert S.BY_NAME["execve"].packed() == bytes(
         [R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_EXEC | R.SPEC_PRIORITY, 0, R.NOARG, R.NOARG, R.NOARG,
          R.NOARG, R.NOARG, 1])
