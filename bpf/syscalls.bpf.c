@@ -206,7 +206,7 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 	int route = aw_priority(sp, ctx->ret, aw_arg(st->args, sp->path1), aw_arg(st->args, sp->path2));
 	if ((route & AW_ROUTE_KILL) && (sp->flags & AW_SPEC_OPEN) && ctx->ret >= 0) {
 		/* The policy kills on this path and nothing denied the open (a
-		 * `**/.env` glob cannot be masked): SIGKILL now is delivered before
+		 * glob like any-dir/.env cannot be masked): SIGKILL now is delivered before
 		 * the open returns to user space, so the file's content never
 		 * reaches the agent. The record still goes out and is judged. */
 		bpf_send_signal(9);
