@@ -87,6 +87,9 @@ def test_kill_on_open_lands_before_the_open_returns(state_dir, tmp_path):
 kind: AgentPolicy
 metadata: {{name: kill-on-open}}
 filesystem:
+  read: ["/**"]
+  write: ["{tmp_path}/**"]
+  exec: ["/usr/**"]
   deny: ["**/.env", "{home}/.ssh/**"]
 on_violation: {{default: alert, rules: {{filesystem.deny: kill}}}}
 """)
@@ -97,7 +100,7 @@ on_violation: {{default: alert, rules: {{filesystem.deny: kill}}}}
              f"open({str(home / '.sshfoo' / 'x')!r}).read())\n"
              f"data = open('.env').read()\nopen({str(out)!r}, 'a').write(data)\n")
     r = subprocess.run([sys.executable, "-m", "cli.main", "run", "--policy", str(policy),
-                        "--events", str(events_path), "--", "/usr/bin/python3", "-c", agent],
+                        "--allow-downgrade", "--events", str(events_path), "--", "/usr/bin/python3", "-c", agent],
                        cwd=str(work), env=dict(__import__("os").environ, PYTHONPATH=REPO),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 137, r.stderr[-2000:]
