@@ -208,12 +208,36 @@ static __always_inline void aw_eg_record(u8 op, u8 reason, u16 family, u32 a0, u
 	egress_events.ringbuf_submit(e, 0);
 }
 
+/* bind(): allowed to port 0 (an ephemeral port: a client), on loopback,
+ * and to an address and port network.allow allows; like the engine's
+ * network.bind rule. IPv4-mapped addresses are judged as IPv4. */
+static __always_inline u8 aw_eg_bind_judge4(u32 addr, u16 port, u8 pclass)
+{
+	if (!port || (bpf_ntohl(addr) >> 24) == 127)
+		return 0;
+	struct aw_eg_key4 k = {.prefixlen = 32, .addr = addr};
+	return aw_eg_match(egress_bind4.lookup(&k), port, pclass) ? AW_EG_R_BIND : 0;
+}
+
+static __always_inline u8 aw_eg_bind_judge6(u32 a0, u32 a1, u32 a2, u32 a3, u16 port, u8 pclass)
+{
+	if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff))
+		return aw_eg_bind_judge4(a3, port, pclass);
+	if (!port || (a0 == 0 && a1 == 0 && a2 == 0 && a3 == bpf_htonl(1)))
+		return 0;
+	struct aw_eg_key6 k = {.prefixlen = 128, .addr = {a0, a1, a2, a3}};
+	return aw_eg_match(egress_bind6.lookup(&k), port, pclass) ? AW_EG_R_BIND : 0;
+}
+
+/* connect, sendmsg and bind of an inet address: judged, recorded when refused */
 static __always_inline int aw_eg_addr4(struct bpf_sock_addr *ctx, u8 op)
 {
 	u32 addr = ctx->user_ip4;
 	u16 port = bpf_ntohs(ctx->user_port);
 	u32 type = ctx->type, protocol = ctx->protocol;
-	u8 reason = aw_eg_judge4(addr, port, aw_eg_pclass(protocol));
+	u8 pclass = aw_eg_pclass(protocol);
+	u8 reason = op == AW_EG_OP_BIND4 ? aw_eg_bind_judge4(addr, port, pclass)
+					 : aw_eg_judge4(addr, port, pclass);
 	if (!reason)
 		return 1;
 	aw_eg_record(op, reason, AW_EG_AF_INET, addr, 0, 0, 0, port, type, protocol);
@@ -226,7 +250,9 @@ static __always_inline int aw_eg_addr6(struct bpf_sock_addr *ctx, u8 op)
 	u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
 	u16 port = bpf_ntohs(ctx->user_port);
 	u32 type = ctx->type, protocol = ctx->protocol;
-	u8 reason = aw_eg_judge6(a0, a1, a2, a3, port, aw_eg_pclass(protocol));
+	u8 pclass = aw_eg_pclass(protocol);
+	u8 reason = op == AW_EG_OP_BIND6 ? aw_eg_bind_judge6(a0, a1, a2, a3, port, pclass)
+					 : aw_eg_judge6(a0, a1, a2, a3, port, pclass);
 	if (!reason)
 		return 1;
 	aw_eg_record(op, reason, AW_EG_AF_INET6, a0, a1, a2, a3, port, type, protocol);
@@ -246,48 +272,8 @@ static __always_inline int aw_eg_unix(struct bpf_sock_addr *ctx, u8 op)
 
 int aw_connect_unix(struct bpf_sock_addr *ctx) { return aw_eg_unix(ctx, AW_EG_OP_CONNECT_UNIX); }
 int aw_sendmsg_unix(struct bpf_sock_addr *ctx) { return aw_eg_unix(ctx, AW_EG_OP_SENDMSG_UNIX); }
-/* bind(): allowed to port 0 (an ephemeral port: a client), on loopback,
- * and to an address and port network.allow allows; like the engine's
- * network.bind rule. IPv4-mapped addresses are judged as IPv4. */
-static __always_inline u8 aw_eg_bind_judge4(u32 addr, u16 port, u8 pclass)
-{
-	if (!port || (bpf_ntohl(addr) >> 24) == 127)
-		return 0;
-	struct aw_eg_key4 k = {.prefixlen = 32, .addr = addr};
-	return aw_eg_match(egress_bind4.lookup(&k), port, pclass) ? AW_EG_R_BIND : 0;
-}
-
-int aw_bind4(struct bpf_sock_addr *ctx)
-{
-	u32 addr = ctx->user_ip4;
-	u16 port = bpf_ntohs(ctx->user_port);
-	u32 type = ctx->type, protocol = ctx->protocol;
-	u8 reason = aw_eg_bind_judge4(addr, port, aw_eg_pclass(protocol));
-	if (!reason)
-		return 1;
-	aw_eg_record(AW_EG_OP_BIND4, reason, AW_EG_AF_INET, addr, 0, 0, 0, port, type, protocol);
-	return 0;
-}
-
-int aw_bind6(struct bpf_sock_addr *ctx)
-{
-	u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
-	u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-	u16 port = bpf_ntohs(ctx->user_port);
-	u32 type = ctx->type, protocol = ctx->protocol;
-	u8 pclass = aw_eg_pclass(protocol), reason = 0;
-	if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
-		reason = aw_eg_bind_judge4(a3, port, pclass);
-	} else if (port && !(a0 == 0 && a1 == 0 && a2 == 0 && a3 == bpf_htonl(1))) {
-		struct aw_eg_key6 k = {.prefixlen = 128, .addr = {a0, a1, a2, a3}};
-		reason = aw_eg_match(egress_bind6.lookup(&k), port, pclass) ? AW_EG_R_BIND : 0;
-	}
-	if (!reason)
-		return 1;
-	aw_eg_record(AW_EG_OP_BIND6, reason, AW_EG_AF_INET6, a0, a1, a2, a3, port, type, protocol);
-	return 0;
-}
-
+int aw_bind4(struct bpf_sock_addr *ctx) { return aw_eg_addr4(ctx, AW_EG_OP_BIND4); }
+int aw_bind6(struct bpf_sock_addr *ctx) { return aw_eg_addr6(ctx, AW_EG_OP_BIND6); }
 int aw_connect4(struct bpf_sock_addr *ctx) { return aw_eg_addr4(ctx, AW_EG_OP_CONNECT4); }
 int aw_connect6(struct bpf_sock_addr *ctx) { return aw_eg_addr6(ctx, AW_EG_OP_CONNECT6); }
 int aw_sendmsg4(struct bpf_sock_addr *ctx) { return aw_eg_addr4(ctx, AW_EG_OP_SENDMSG4); }
