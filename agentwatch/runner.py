@@ -153,13 +153,10 @@ class Run:
         if mode == "off":
             return False
         from .sensors.lsm import LsmGuard
-        try:
-            LsmGuard.preflight()
-        except AgentwatchError as e:
-            if mode == "on":
-                raise KernelFeatureError(f"--bpf-lsm on: {e}") from None
-            return False
-        return True
+        why = LsmGuard.unavailable()
+        if why and mode == "on":
+            raise KernelFeatureError(f"--bpf-lsm on: {why}")
+        return why is None
 
     def _check(self):
         o = self.opts

@@ -462,6 +462,16 @@ class LsmGuard(DenialStream):
         if not ok:
             raise KernelFeatureError(f"refusing to load BPF LSM programs: {detail}")
 
+    @classmethod
+    def unavailable(cls):
+        """Why this host cannot run the BPF LSM path (preflight's message),
+        or None when it can."""
+        try:
+            cls.preflight()
+        except AgentwatchError as e:
+            return str(e)
+        return None
+
     # -- life cycle -------------------------------------------------------------------
     def open(self, cgroup, on_denial):
         """Load, attach, and start enforcing for cgroup (a cgroup v2 path or

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agentwatch.errors import AgentwatchError
 from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK
 from agentwatch.sensors.lsm import LsmGuard
 from conftest import REPO, aw_cmd, read_events
@@ -39,12 +38,9 @@ def enforcement_path_here():
     """The path `agentwatch run` takes here: BPF LSM on top where it loads
     (the VM of tests/vm, which must have it), else Landlock + seccomp +
     cgroup BPF (the CI kernel: no BPF LSM, headers of another version)."""
-    try:
-        LsmGuard.preflight()
-    except AgentwatchError as e:
-        assert not IN_VM, f"the VM must offer the BPF LSM path: {e}"
-        return PATH_FALLBACK
-    return PATH_BPF_LSM
+    why = LsmGuard.unavailable()
+    assert not (IN_VM and why), f"the VM must offer the BPF LSM path: {why}"
+    return PATH_FALLBACK if why else PATH_BPF_LSM
 
 
 PATH_HERE = enforcement_path_here()

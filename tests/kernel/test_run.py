@@ -161,14 +161,9 @@ def test_bpf_lsm_path_is_chosen_by_the_host_and_on_refuses_without_it(state_dir,
     """--bpf-lsm auto takes the BPF LSM layer only where it loads (never on
     the CI kernel: its headers are another version's); on refuses to start
     without it, in one line, before anything exists."""
-    from agentwatch.errors import AgentwatchError
     from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK
     from agentwatch.sensors.lsm import LsmGuard
-    try:
-        LsmGuard.preflight()
-        here = PATH_BPF_LSM
-    except AgentwatchError:
-        here = PATH_FALLBACK
+    here = PATH_FALLBACK if LsmGuard.unavailable() else PATH_BPF_LSM
     policy = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
     ev = tmp_path / "ev.jsonl"
     r = aw("run", "--policy", policy, "--allow-downgrade", "--events", str(ev), "--", "true",
