@@ -7,6 +7,7 @@ of an agent, so they are built for speed: prefix/exact globs are string
 comparisons, file verdicts are cached per (path, access), and nothing here
 does I/O except ``resolve_domains``, which the caller runs when it chooses.
 """
+import functools
 import os
 import socket
 import threading
@@ -325,6 +326,10 @@ class CompiledPolicy:
         open's return (bpf_send_signal, bpf/syscalls.bpf.c), when the
         policy's filesystem.deny action is kill: only the exact forms of
         _kill_forms, so a kill never lands on a path the policy allows."""
+        return self._kills
+
+    @functools.cached_property
+    def _kills(self):
         if self.action_for("filesystem", "filesystem.deny") != "kill":
             return [], []
         prefixes, names = set(), set()

@@ -243,17 +243,15 @@ class Sensors:
         prefixes, basenames), and those on which the kernel kills at the
         open's return (CompiledPolicy.kernel_kills()). Returns the slot."""
         slot = next(i for i in range(1, MAX_SLOTS + 1) if i not in self.slots.values())
-        values = {}
-        for (prefixes, names), value in ((routes, R.ROUTE_PRIO), (kills, R.ROUTE_PRIO | R.ROUTE_KILL)):
-            for raw in [("p", R.prefix_key(slot, p)) for p in prefixes] + \
-                       [("n", R.name_key(slot, n)) for n in names]:
-                values[raw] = value        # a kill entry wins over a route to the same key
-        keys = ([k for t, k in values if t == "p"], [k for t, k in values if t == "n"])
-        self._routes[slot] = keys
-        for table, kind in ((self.bpf["sensitive_prefixes"], "p"), (self.bpf["sensitive_names"], "n")):
-            for (t, raw), value in values.items():
-                if t == kind:
-                    table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
+        prefixes, names = {}, {}      # key bytes -> map value; a kill wins over a route
+        for (ps, ns), value in ((routes, R.ROUTE_PRIO), (kills, R.ROUTE_PRIO | R.ROUTE_KILL)):
+            prefixes.update((R.prefix_key(slot, p), value) for p in ps)
+            names.update((R.name_key(slot, n), value) for n in ns)
+        self._routes[slot] = (list(prefixes), list(names))
+        for table, values in ((self.bpf["sensitive_prefixes"], prefixes),
+                              (self.bpf["sensitive_names"], names)):
+            for raw, value in values.items():
+                table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
         self.slots[cgroup_id] = slot
         self.bpf["watched"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(slot)
         return slot
