@@ -73,7 +73,9 @@ class ExitEvent(Event):
 @dataclass(kw_only=True)
 class FileEvent(Event):
     kind: str = "file"
-    op: str = ""          # open, unlink, rename, mkdir, rmdir, chmod, chown, truncate, link, symlink, chdir
+    # open, unlink, rename, mkdir, rmdir, chmod, chown, truncate, link, symlink, chdir;
+    # mmap: an executable mapping the kernel killed the process at (flags: its prot)
+    op: str = ""
     path: str = ""        # as the process named it
     abspath: str = None   # resolved against its cwd or dirfd, when known
     path2: str = None     # rename/link/symlink second path

@@ -62,11 +62,12 @@ class Monitor:
     """Loaded sensors plus the correlator that attributes their records. A
     run embeds one; several runs can share one (tests, a future daemon)."""
 
-    def __init__(self, groups=SENSOR_GROUPS, ringbuf_pages=4096, denied=()):
+    def __init__(self, groups=SENSOR_GROUPS, ringbuf_pages=4096, denied=(), map_exec=False):
         """denied: syscalls a run's seccomp filter refuses with EPERM; their
-        exit tracepoints report each refusal (see sensors/syscalls.specs_for)."""
+        exit tracepoints report each refusal (see sensors/syscalls.specs_for).
+        map_exec: attach the mmap(PROT_EXEC) kill (bpf/mapexec.bpf.c)."""
         from .sensors import Sensors   # bcc is imported only here, after input checks
-        self.sensors = Sensors(groups, ringbuf_pages, denied)
+        self.sensors = Sensors(groups, ringbuf_pages, denied, map_exec)
         self.correlator = Correlator(self.sensors.nr_to_spec)
 
     def open(self):
@@ -215,6 +216,19 @@ class Run:
                 raise UsageError(f"--prompt {o.prompt_path}: cannot read: {e.strerror}") from None
             self.prompt_signer = integrity.check_signed(o.prompt_path, o.require_signed, None, trusted)
 
+    def _map_exec_roots(self):
+        """The plan's mmap(PROT_EXEC) kill roots, when this run's sensors
+        have the programs attached (a shared monitor may not: the plan then
+        notes that the loader's argv alone is judged)."""
+        roots = self.plan.map_exec if self.plan else None
+        if roots is not None and not self.sensors.map_exec:
+            note = ("filesystem.exec: the shared monitor has no mmap(PROT_EXEC) kill attached; "
+                    "the dynamic loader's argv is judged from userspace")
+            if note not in self.plan.notes:
+                self.plan.notes.append(note)
+            return None
+        return roots
+
     @staticmethod
     def _need_root():
         if os.geteuid() != 0:
@@ -351,8 +365,8 @@ class Run:
             self.sinks.append(ConsoleSink())
 
         if self.own_monitor:
-            self.monitor = Monitor(self.opts.sensors, self.opts.ringbuf_pages,
-                                   self.opts.seccomp_denied).open()
+            self.monitor = Monitor(self.opts.sensors, self.opts.ringbuf_pages, self.opts.seccomp_denied,
+                                   map_exec=bool(self.plan and self.plan.map_exec is not None)).open()
         self.sensors = self.monitor.sensors
         self.correlator = self.monitor.correlator
         state.register_owner(self.run_id)      # before the cgroup exists: sweeps skip it
@@ -366,7 +380,8 @@ class Run:
             self.judge = Judge(self.compiled, self.correlator, self.ctx, self._emit,
                                on_kill=self._kill_for_violation, watched_files=watched,
                                egress_enforced=bool(self.plan and self.plan.egress is not None),
-                               lsm_enforced=bool(self.plan and self.plan.lsm is not None))
+                               lsm_enforced=bool(self.plan and self.plan.lsm is not None),
+                               map_exec_roots=self._map_exec_roots())
         self.correlator.add_run(self.ctx)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
@@ -375,7 +390,7 @@ class Run:
             prefixes, names = self.compiled.kernel_routes()
             routes = (prefixes + [os.path.abspath(p) for _, p in watched], names)
             kills = self.compiled.kernel_kills()
-        self.sensors.watch(self.cgroup.id, routes, kills)
+        self.sensors.watch(self.cgroup.id, routes, kills, self._map_exec_roots())
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,

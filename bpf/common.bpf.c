@@ -38,6 +38,22 @@ BPF_RINGBUF_OUTPUT(priority, AW_PRIO_PAGES);
 BPF_HASH(live, u32, u8, 65536);
 BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
 
+/* Layout of every syscalls:sys_enter_* / sys_exit_* record (see the tracefs
+ * "format" files; checked by tests/kernel/test_mapexec.py). */
+struct aw_sys_enter_args {
+	u64 common;
+	s32 nr;
+	u32 pad;
+	u64 args[6];
+};
+
+struct aw_sys_exit_args {
+	u64 common;
+	s32 nr;
+	u32 pad;
+	s64 ret;
+};
+
 static __always_inline int aw_watched(void)
 {
 	u64 cg = bpf_get_current_cgroup_id();

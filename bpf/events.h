@@ -19,6 +19,9 @@
 #define AW_EV_NOENTRY 5  /* aw_syscall_event of a watched syscall that returned -EPERM
                           * with no entry seen: seccomp refused it before the
                           * sys_enter tracepoint; args, str1 and data2 are empty */
+#define AW_EV_MAPKILL 6  /* aw_syscall_event of an mmap(PROT_EXEC) the kernel killed the
+                          * process at (bpf/mapexec.bpf.c): the mmap's args, str1 the
+                          * path the fd was opened by, ret 0 */
 
 #define AW_COMM_LEN  16
 #define AW_STR_LEN   256  /* paths are cut here; the event says so */
@@ -33,7 +36,8 @@
 #define AW_CNT_SEEN        2  /* events submitted to the bulk ring buffer */
 #define AW_CNT_LOST_PRIO   3  /* priority ring buffer full: event lost */
 #define AW_CNT_SEEN_PRIO   4  /* events submitted to the priority ring buffer */
-#define AW_CNT_KILLED      5  /* processes killed at an open's return (bpf_send_signal) */
+#define AW_CNT_KILLED      5  /* processes killed in the kernel (bpf_send_signal): at an open's
+                              * return, or at an mmap(PROT_EXEC) (mapexec.bpf.c) */
 
 /* values of the sensitive_prefixes / sensitive_names maps (priority.bpf.c) */
 #define AW_ROUTE_PRIO 0x1       /* the record travels the priority ring */

@@ -124,23 +124,20 @@ int aw_exit(struct tracepoint__sched__sched_process_exit *args)
 		return 0;
 #endif
 	struct aw_exit_event *e;
-	if (!AW_RESERVE_PRIO(e)) {
-		exit_codes.delete(&tgid);
-		fatal_sigs.delete(&tgid);
-		sent_sigs.delete(&tgid);
-		live.delete(&tgid);
-		return 0;
+	if (AW_RESERVE_PRIO(e)) {
+		aw_fill_hdr(&e->h, AW_EV_EXIT);
+		s32 *code = exit_codes.lookup(&tgid);
+		s32 *sent = sent_sigs.lookup(&tgid);
+		s32 *sig = fatal_sigs.lookup(&tgid);
+		e->code = code ? (*code & 0xff) : -1;   /* what wait() would report */
+		e->sig = sent ? *sent : sig ? *sig : 0;
+		aw_submit_prio(e);
 	}
-	aw_fill_hdr(&e->h, AW_EV_EXIT);
-	s32 *code = exit_codes.lookup(&tgid);
-	s32 *sent = sent_sigs.lookup(&tgid);
-	s32 *sig = fatal_sigs.lookup(&tgid);
-	e->code = code ? (*code & 0xff) : -1;   /* what wait() would report */
-	e->sig = sent ? *sent : sig ? *sig : 0;
+	/* everything kept per process */
 	exit_codes.delete(&tgid);
 	fatal_sigs.delete(&tgid);
 	sent_sigs.delete(&tgid);
 	live.delete(&tgid);
-	aw_submit_prio(e);
+	fd_gen.delete(&tgid);
 	return 0;
 }

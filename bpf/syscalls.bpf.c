@@ -11,22 +11,6 @@
  * value, so a denied call (-EACCES, -EPERM) is visible as such.
  */
 
-/* Layout of every syscalls:sys_enter_* / sys_exit_* record (see the tracefs
- * "format" files; checked by tests/kernel/test_sensors.py). */
-struct aw_sys_enter_args {
-	u64 common;
-	s32 nr;
-	u32 pad;
-	u64 args[6];
-};
-
-struct aw_sys_exit_args {
-	u64 common;
-	s32 nr;
-	u32 pad;
-	s64 ret;
-};
-
 struct aw_stash {
 	s32 nr;
 	u32 pad;
@@ -203,6 +187,10 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		stash.delete(&tid);
 		return 0;
 	}
+	if ((sp->flags & AW_SPEC_OPEN) && ctx->ret >= 0)
+		aw_mapexec_open(aw_arg(st->args, sp->path1), ctx->ret);
+	else if ((sp->flags & AW_SPEC_EXEC) && ctx->ret == 0)
+		aw_mapexec_new_gen();   /* close-on-exec fds are gone with the old image */
 	int route = aw_priority(sp, ctx->ret, aw_arg(st->args, sp->path1), aw_arg(st->args, sp->path2));
 	if ((route & AW_ROUTE_KILL) && (sp->flags & AW_SPEC_OPEN) && ctx->ret >= 0) {
 		/* The policy kills on this path and nothing denied the open (a

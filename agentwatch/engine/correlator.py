@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..events import ExecEvent, ExitEvent, ForkEvent, SyscallEvent, errno_name
+from ..events import ExecEvent, ExitEvent, FileEvent, ForkEvent, SyscallEvent, errno_name
 from ..sensors import records as R
 from ..sensors import syscalls as S
 
@@ -135,6 +135,12 @@ class Correlator:
             proc.exited = True
             code = rec["code"] if rec["code"] >= 0 else None   # BPF: status & 0xff, or -1
             self._stamp(ExitEvent(code=code, signal=rec["sig"] or None), run, rec, proc)
+        elif etype == R.EV_MAPKILL:
+            # the kernel killed the process at an mmap(PROT_EXEC) of a file opened
+            # outside the exec roots (bpf/mapexec.bpf.c); str1: that path, absolute and clean
+            ev = FileEvent(op="mmap", path=rec["str1"], abspath=rec["str1"], access=["exec"],
+                           flags=rec["args"][2], ret=0)
+            self._stamp(ev, run, rec, proc)
         elif etype == R.EV_NOENTRY:
             # refused by seccomp before its entry tracepoint: a name and an errno, no arguments
             spec = self.nr_to_spec.get(rec["nr"])

@@ -41,6 +41,13 @@ _LOADER_OPTS_WITH_ARG = frozenset(("--library-path", "--preload", "--audit", "--
                                    "--inhibit-rpath", "--glibc-hwcaps-prepend",
                                    "--glibc-hwcaps-mask"))
 
+# two views of one kernel verdict, each reported once (Judge._paired): a BPF
+# LSM refusal seen by the LSM program and by the syscall sensor or loader
+# argv; an mmap(PROT_EXEC) kill seen by mapexec.bpf.c and by the loader argv
+_TWIN = {"bpf-lsm": "sensor", "sensor": "bpf-lsm", "mapexec": "loader", "loader": "mapexec"}
+_MAPEXEC_KILLED = ("killed at the mmap(PROT_EXEC) of the file (bpf_send_signal SIGKILL): "
+                   "none of its code ran")
+
 # file op -> the access it needs on path (and on path2)
 _FILE_ACCESS = {
     "unlink": ({"delete"}, None), "rmdir": ({"delete"}, None),
@@ -189,7 +196,7 @@ def _read_counter(path, key):
 
 class Judge:
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
-                 egress_enforced=False, lsm_enforced=False):
+                 egress_enforced=False, lsm_enforced=False, map_exec_roots=None):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run."""
@@ -214,6 +221,10 @@ class Judge:
         # syscall sensor (EPERM) or the dynamic loader's argv; one attempt is
         # one violation (see _paired)
         self.lsm_enforced = lsm_enforced
+        # the kernel kills at an mmap(PROT_EXEC) of a file opened by a path
+        # outside these prefixes (bpf/mapexec.bpf.c); its report and the
+        # loader argv's are one attempt too
+        self.map_exec_roots = map_exec_roots
         self._unpaired = Counter()  # (layer, pid, rule, basename) -> reports awaiting their twin
         self._limits_next = 0.0
         self._limit_files = None    # [(rule, counters file, key)], found on first use
@@ -249,6 +260,8 @@ class Judge:
     def _file(self, ev):
         if ev.error and ev.error not in DENIED:
             return            # ENOENT & co: nothing was touched (probing, PATH search)
+        if ev.op == "mmap":
+            return self._mapped(ev)
         if ev.op == "open":
             access = set(ev.access) - {"path"}
             targets = [(ev.abspath, access)]
@@ -333,9 +346,10 @@ class Judge:
         if ev.ret in (0, None) and _LOADER.match(os.path.basename(path)):
             prog = _loaded_program(ev.argv or [])
             if prog:
+                named = prog
                 if not prog.startswith("/") and proc and proc.cwd:
                     prog = os.path.join(proc.cwd, prog)
-                self._judge_program(ev, _real(_own_proc(prog, ev.pid)), loader=path)
+                self._judge_program(ev, _real(_own_proc(prog, ev.pid)), loader=path, named=named)
 
     def _fd_exec(self, ev, proc):
         """execveat(fd, "", AT_EMPTY_PATH) / fexecve: no path was named. A
@@ -356,7 +370,7 @@ class Judge:
                             "filesystem.exec", pattern=None)
         self._decide(ev, d, f"fd:{what}", {"path": exe, "argv": ev.argv, "fd_exec": True})
 
-    def _judge_program(self, ev, path, loader=None):
+    def _judge_program(self, ev, path, loader=None, named=None):
         sha = None
         if self.policy.needs_hash(path):
             sha = self._exec_hashes.get(path) or file_sha256(path)
@@ -367,10 +381,40 @@ class Judge:
             d = Decision(category=d.category, rule=d.rule, action=d.action, pattern=d.pattern,
                          reason=f"{d.reason}, mapped by the dynamic loader {loader}")
             evidence["loader"] = loader
-            evidence["kernel"] = ("mapping refused by BPF LSM mmap_file (EPERM)" if self.lsm_enforced
-                                  else "not refused at exec: the loader maps the file itself "
-                                       "(refused only where its mount is noexec)")
+            if self.lsm_enforced:
+                evidence["kernel"] = "mapping refused by BPF LSM mmap_file (EPERM)"
+            elif self._map_exec_kills(named):
+                if self._paired("loader", ev.pid, d.rule, path):
+                    return        # the kernel's report of the kill came first
+                evidence["kernel"] = _MAPEXEC_KILLED
+            else:
+                evidence["kernel"] = ("not refused at exec: the loader maps the file itself "
+                                      "(refused only where its mount is noexec)")
         self._decide(ev, d, path, evidence)
+
+    def _map_exec_kills(self, named):
+        """Whether bpf/mapexec.bpf.c kills a mapping of a file the loader
+        opens as `named`: an absolute, lexically clean path (it fits a key)
+        outside every exec root."""
+        roots = self.map_exec_roots
+        if roots is None or not named or not named.startswith("/") or len(named) >= 248:
+            return False
+        if named != os.path.normpath(named) or named.startswith("//"):
+            return False
+        return not any(named.startswith(r) for r in roots)
+
+    def _mapped(self, ev):
+        """The kernel killed the process at an mmap(PROT_EXEC) of a file it
+        opened outside the exec roots (ld.so, dlopen). The kernel's verdict
+        stands, whatever the path resolves to now."""
+        real = _real(ev.abspath)
+        if self._paired("mapexec", ev.pid, "filesystem.exec", real):
+            return                # the loader's argv already reported this attempt
+        d = Decision(category="filesystem", rule="filesystem.exec", action="kill", pattern=None,
+                     reason=f"executable mapping of {ev.abspath}: outside filesystem.exec and "
+                            "the library directories")
+        self._decide(ev, d, real, {"path": real, "named": ev.path, "op": "mmap",
+                                   "prot": ev.flags, "kernel": _MAPEXEC_KILLED})
 
     def _net(self, ev):
         if ev.op == "socket":
@@ -579,11 +623,11 @@ class Judge:
         self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)"))
 
     def _paired(self, layer, pid, rule, target):
-        """True when this report's twin from the other view of the same BPF
-        LSM refusal (the LSM program vs the syscall sensor or loader argv)
-        was already counted; else remember it so that its twin is not."""
+        """True when this report's twin from the other view of the same
+        kernel verdict was already counted (see _TWIN); else remember it so
+        that its twin is not."""
         key = (pid, rule, os.path.basename(str(target)))
-        other = "sensor" if layer == "bpf-lsm" else "bpf-lsm"
+        other = _TWIN[layer]
         if self._unpaired[(other,) + key] > 0:
             self._unpaired[(other,) + key] -= 1
             return True

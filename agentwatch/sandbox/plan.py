@@ -48,6 +48,7 @@ class EnforcementPlan:
     seccomp: SeccompPolicy = None
     egress: object = None                      # sensors.egress.EgressRules
     lsm: LsmRules = None                       # BPF LSM layer, where the kernel has it
+    map_exec: list = None                      # kill at mmap(PROT_EXEC) outside these prefixes
     masks: list = field(default_factory=list)  # mounts.plan_masks output
     limits: dict = field(default_factory=dict)
     wall_time: float = None
@@ -60,6 +61,9 @@ class EnforcementPlan:
         lines = [f"enforcement: {self.path}; kernel holds: {', '.join(self.enforced) or 'nothing'}"]
         lines += [f"downgrade: {d}" for d in self.downgrades]
         lines += [f"note: {n}" for n in self.notes]
+        if self.map_exec is not None:
+            lines.append("filesystem.exec: an executable mapping (ld.so, dlopen) of a file opened "
+                         "outside the exec roots is killed in the kernel at mmap")
         return lines
 
     def record(self):
@@ -69,7 +73,8 @@ class EnforcementPlan:
                 "noexec": [p for p, how in self.masks if how == "noexec"], "limits": self.limits,
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
-                                                          "file_deny": self.lsm.file_deny}}
+                                                          "file_deny": self.lsm.file_deny},
+                "map_exec_kill": self.map_exec}
 
 
 def section_action(data, section):
@@ -179,6 +184,8 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                          for w in wild]
         if bpf_lsm:
             p.lsm = lsm_rules(exec_ok, concrete, p.notes)
+        elif rule_action(data, "filesystem", "filesystem.exec") == "kill" and not notes_x:
+            p.map_exec = map_exec_roots(exec_ok)
         rules = landlock.LandlockRules(read=read + RUNTIME_READ, write=write + RUNTIME_WRITE,
                                        exec=exec_ok, ioctl_dev=["/dev/tty", "/dev/pts"])
         p.enforced.append("filesystem")
@@ -286,6 +293,23 @@ def lsm_rules(exec_ok, deny, notes):
         exec_allow = sorted({os.path.realpath(x) for x in execs + libs})
     file_deny = sorted({c for c in deny if not has_wildcards(c) and os.path.exists(c)})
     return LsmRules(exec_allow=exec_allow, file_deny=file_deny)
+
+
+def map_exec_roots(exec_ok):
+    """Path prefixes outside which the kernel kills an executable mapping
+    (bpf/mapexec.bpf.c): the exec roots and the library directories, each
+    as written and resolved (the loader opens /lib/... as well as
+    /usr/lib/...), directories ending in "/". The kernel matches the path
+    an fd was opened by lexically, so these over-approximate what
+    filesystem.exec allows: a kill never lands on an allowed file named as
+    such. None when a root is / (nothing could be killed)."""
+    roots = set()
+    for x in list(exec_ok) + RUNTIME_LIBS:
+        for p in {os.path.normpath(x), os.path.realpath(x)}:
+            if p == "/":
+                return None
+            roots.add(p + "/" if os.path.isdir(p) else p)
+    return sorted(roots)
 
 
 def _under(path, top):

@@ -42,7 +42,7 @@ def bpf_dir():
 # The sensor files making up the one BPF object a run loads, in order. bcc
 # generates tracepoint argument structs only for probes in the main text, so
 # the files are joined here rather than #included.
-BPF_FILES = ("common.bpf.c", "priority.bpf.c", "syscalls.bpf.c", "process.bpf.c")
+BPF_FILES = ("common.bpf.c", "priority.bpf.c", "mapexec.bpf.c", "syscalls.bpf.c", "process.bpf.c")
 
 
 # process.bpf.c: always attached, the process tree depends on them
@@ -50,6 +50,13 @@ PROCESS_PROBES = (("sched:sched_process_fork", "aw_fork"),
                   ("sched:sched_process_exit", "aw_exit"),
                   ("signal:signal_deliver", "aw_signal"),
                   ("signal:signal_generate", "aw_signal_gen"))
+# mapexec.bpf.c: attached only when a run's policy kills on filesystem.exec
+# (Sensors(map_exec=True)); close is one of the host's most frequent syscalls
+MAPEXEC_PROBES = (("syscalls:sys_enter_mmap", "aw_mapexec_mmap"),
+                  ("syscalls:sys_enter_close", "aw_mapexec_close"),
+                  ("syscalls:sys_enter_dup2", "aw_mapexec_dup"),
+                  ("syscalls:sys_enter_dup3", "aw_mapexec_dup"),
+                  ("syscalls:sys_enter_close_range", "aw_mapexec_close_range"))
 PROG_PREFIX = "aw_"   # every agentwatch BPF program's name starts with it
 
 PRIO_PAGES = 256          # priority ring: 1 MiB (~1,600 syscall or ~360 exec records)
@@ -122,8 +129,11 @@ def _import_bcc():
 class Sensors:
     """One loaded BPF object serving every run this process monitors."""
 
-    def __init__(self, groups=S.GROUPS, ringbuf_pages=4096, denied=()):
-        self.specs = S.specs_for(groups, denied)   # denied: what seccomp refuses with EPERM
+    def __init__(self, groups=S.GROUPS, ringbuf_pages=4096, denied=(), map_exec=False):
+        """denied: what seccomp refuses with EPERM; map_exec: attach the
+        mmap(PROT_EXEC) kill (bpf/mapexec.bpf.c) for runs given exec roots."""
+        self.specs = S.specs_for(groups, denied)
+        self.map_exec = map_exec
         self.groups = sorted({s.group for s in self.specs})
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
@@ -138,7 +148,7 @@ class Sensors:
         self._seq = itertools.count()
         self._watermark = 0
         self.slots = {}          # cgroup id -> run slot (1..MAX_SLOTS)
-        self._routes = {}        # slot -> (prefix keys, name keys) written to the maps
+        self._routes = {}        # slot -> {map name: [key bytes]} written for it
 
     # -- life cycle -----------------------------------------------------------
     def open(self, callback):
@@ -233,23 +243,31 @@ class Sensors:
                 exit_tp = f"syscalls:sys_exit_{spec.name}"
                 self.bpf.attach_tracepoint(tp=exit_tp, fn_name=b"aw_sys_exit")
                 self.attached.append(exit_tp)
-        for tp, fn in PROCESS_PROBES:
+        for tp, fn in PROCESS_PROBES + (MAPEXEC_PROBES if self.map_exec else ()):
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn.encode())
             self.attached.append(tp)
 
-    def watch(self, cgroup_id, routes=((), ()), kills=((), ())):
+    def watch(self, cgroup_id, routes=((), ()), kills=((), ()), exec_roots=None):
         """Add a run's cgroup to the filter, with its own run slot and the
         sensitive paths of its policy (CompiledPolicy.kernel_routes():
-        prefixes, basenames), and those on which the kernel kills at the
-        open's return (CompiledPolicy.kernel_kills()). Returns the slot."""
+        prefixes, basenames), those on which the kernel kills at the open's
+        return (CompiledPolicy.kernel_kills()), and exec_roots: the path
+        prefixes outside which an mmap(PROT_EXEC) kills (EnforcementPlan.
+        map_exec; None: no such kill). Returns the slot."""
         slot = next(i for i in range(1, MAX_SLOTS + 1) if i not in self.slots.values())
         prefixes, names = {}, {}      # key bytes -> map value; a kill wins over a route
         for (ps, ns), value in ((routes, R.ROUTE_PRIO), (kills, R.ROUTE_PRIO | R.ROUTE_KILL)):
             prefixes.update((R.prefix_key(slot, p), value) for p in ps)
             names.update((R.name_key(slot, n), value) for n in ns)
-        self._routes[slot] = (list(prefixes), list(names))
-        for table, values in ((self.bpf["sensitive_prefixes"], prefixes),
-                              (self.bpf["sensitive_names"], names)):
+        entries = {"sensitive_prefixes": prefixes, "sensitive_names": names}
+        if exec_roots is not None:
+            if not self.map_exec:
+                raise ValueError("exec_roots needs Sensors(map_exec=True)")
+            entries["exec_roots"] = {R.prefix_key(slot, p): 1 for p in exec_roots}
+            self.bpf["mapexec_on"][ctypes.c_int(slot)] = ctypes.c_uint8(1)
+        self._routes[slot] = {name: list(values) for name, values in entries.items()}
+        for name, values in entries.items():
+            table = self.bpf[name]
             for raw, value in values.items():
                 table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
         self.slots[cgroup_id] = slot
@@ -262,13 +280,17 @@ class Sensors:
         except KeyError:
             pass
         slot = self.slots.pop(cgroup_id, None)
-        keys = self._routes.pop(slot, ((), ()))
-        for table, raws in zip((self.bpf["sensitive_prefixes"], self.bpf["sensitive_names"]), keys):
+        if slot is None:
+            return
+        for name, raws in self._routes.pop(slot, {}).items():
+            table = self.bpf[name]
             for raw in raws:
                 try:
                     del table[table.Key.from_buffer_copy(raw)]
                 except KeyError:
                     pass
+        if self.map_exec:
+            self.bpf["mapexec_on"][ctypes.c_int(slot)] = ctypes.c_uint8(0)
 
     # -- records ------------------------------------------------------------------
     def _open_ring(self, name):

@@ -13,11 +13,11 @@ ARG_LEN = 128
 PREFIX_LEN = 248   # path bytes of a sensitive-prefix key (LPM trie data is at most 256 bytes)
 FNV_BASIS, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3   # bpf/priority.bpf.c
 
-EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY = 1, 2, 3, 4, 5
+EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY, EV_MAPKILL = 1, 2, 3, 4, 5, 6
 
 CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2    # bulk ring ("events"), stash
 CNT_LOST_PRIO, CNT_SEEN_PRIO = 3, 4                     # priority ring ("priority")
-CNT_KILLED = 5                                          # killed at an open's return
+CNT_KILLED = 5                                          # killed in the kernel (open, mmap)
 ROUTE_PRIO, ROUTE_KILL = 0x1, 0x2                       # sensitive path map values
 NOARG = 0xFF
 
@@ -119,7 +119,7 @@ def cstr(raw):
 def decode(buf):
     """Raw ring-buffer record -> (type, dict). Unknown types raise ValueError."""
     etype = _TYPE.unpack_from(buf)[0]
-    if etype == EV_SYSCALL or etype == EV_NOENTRY:   # one layout; NOENTRY: refused before entry
+    if etype == EV_SYSCALL or etype == EV_NOENTRY or etype == EV_MAPKILL:   # one layout (events.h)
         # the bulk of all records: one dict display, no helper calls
         v = _SYSCALL.unpack_from(buf)
         return etype, {"type": etype, "pid": v[1], "tid": v[2], "uid": v[3], "ts": v[4],
