@@ -56,16 +56,23 @@ on_violation: {{default: alert, rules: {{filesystem.exec: {exec_action}}}}}
     return p
 
 
-def _run(tmp_path, policy, agent, *args):
+LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+
+
+def _run(tmp_path, agent, shm_lib, exec_action="kill"):
+    """The agent script under _policy: argv out-file, the copied library, libc.
+    Returns (completed process, events, out-file)."""
+    policy = _policy(tmp_path, exec_action)
+    out = tmp_path / "out.txt"
     events_path = tmp_path / "events.jsonl"
     script = tmp_path / "agent.py"
     script.write_text(agent)
     r = subprocess.run([sys.executable, "-m", "cli.main", "run", "--policy", str(policy),
                         "--allow-downgrade", "--events", str(events_path), "--",
-                        "/usr/bin/python3", str(script), *args],
+                        "/usr/bin/python3", str(script), str(out), shm_lib, LIBC],
                        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO),
                        capture_output=True, text=True, timeout=180)
-    return r, read_events(events_path)
+    return r, read_events(events_path), out
 
 
 _PRELUDE = """
@@ -100,9 +107,7 @@ out.write("mapped the copy\\n")
 
 
 def test_executable_mapping_outside_the_exec_roots_is_killed_at_mmap(state_dir, tmp_path, shm_lib):
-    policy = _policy(tmp_path)
-    out = tmp_path / "out.txt"
-    r, events = _run(tmp_path, policy, AGENT, str(out), shm_lib, "/usr/lib/x86_64-linux-gnu/libc.so.6")
+    r, events, out = _run(tmp_path, AGENT, shm_lib)
     assert r.returncode == 137, r.stderr[-3000:]
     # every benign step ran; the mapping of the copy never returned
     assert out.read_text() == "imports\nclose\ndup2\n", r.stderr[-3000:]
@@ -138,9 +143,7 @@ out.write("second image mapped its own fd\\n")
 
 
 def test_marks_do_not_outlive_exec(state_dir, tmp_path, shm_lib):
-    policy = _policy(tmp_path)
-    out = tmp_path / "out.txt"
-    r, events = _run(tmp_path, policy, AGENT_EXEC, str(out), shm_lib, "/usr/lib/x86_64-linux-gnu/libc.so.6")
+    r, events, out = _run(tmp_path, AGENT_EXEC, shm_lib)
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("first ") and text.endswith("second image mapped its own fd\n"), text
@@ -150,10 +153,8 @@ def test_marks_do_not_outlive_exec(state_dir, tmp_path, shm_lib):
 def test_no_mmap_probe_without_a_kill_rule(state_dir, tmp_path, shm_lib):
     """alert on filesystem.exec: nothing attached to mmap or close (they
     tax every process on the host), and the mapping goes through."""
-    policy = _policy(tmp_path, exec_action="alert")
-    out = tmp_path / "out.txt"
-    r, events = _run(tmp_path, policy, _PRELUDE + "mapx(os.open(sys.argv[2], os.O_RDONLY))\n"
-                     "out.write('mapped\\n')\n", str(out), shm_lib, "/usr/lib/x86_64-linux-gnu/libc.so.6")
+    r, events, out = _run(tmp_path, _PRELUDE + "mapx(os.open(sys.argv[2], os.O_RDONLY))\n"
+                          "out.write('mapped\\n')\n", shm_lib, exec_action="alert")
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text() == "mapped\n"
     start = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "start"][0]["detail"]
