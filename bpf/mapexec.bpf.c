@@ -54,24 +54,24 @@ BPF_HASH(fd_gen, u32, u64, 16384);                              /* tgid -> fd ta
 BPF_PERCPU_ARRAY(mapexec_scratch, struct aw_prefix_key, 1);
 
 /* No "//", "/./", "/../" and no trailing "/", "/." or "/..": a lexical prefix
- * match of such a path says where the kernel resolved it. */
+ * match of such a path says where the kernel resolved it. w holds the last
+ * four bytes read, the latest lowest. The loop has the shape of the FNV loop
+ * in priority.bpf.c: Linux 6.1's verifier refuses loops that clang enters by
+ * falling through from inside them, and a flag carried through the loop
+ * would multiply the verifier's states. p holds a NUL (the caller checks). */
 static __always_inline int aw_clean_path(const char *p)
 {
-	u8 p1 = 0, p2 = 0, p3 = 0;   /* the three bytes before p[i] */
+	u32 w = 0;
 #pragma clang loop unroll(disable)
 	for (u32 i = 0; i < AW_PREFIX_LEN; i++) {
 		u8 c = p[i];
-		if (c == '/' || !c) {
-			if (p1 == '/' || (p1 == '.' && p2 == '/') || (p1 == '.' && p2 == '.' && p3 == '/'))
-				return 0;
-		}
 		if (!c)
-			return 1;
-		p3 = p2;
-		p2 = p1;
-		p1 = c;
+			break;
+		w = (w << 8) | c;
+		if ((w & 0xffff) == 0x2f2f || (w & 0xffffff) == 0x2f2e2f || w == 0x2f2e2e2f)
+			return 0;
 	}
-	return 0;
+	return !((w & 0xff) == '/' || (w & 0xffff) == 0x2f2e || (w & 0xffffff) == 0x2f2e2e);
 }
 
 static __always_inline u64 aw_fd_gen_now(u32 tgid)

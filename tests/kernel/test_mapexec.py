@@ -85,8 +85,9 @@ libc = os.open(sys.argv[3], os.O_RDONLY)
 """
 
 # the agent: library-heavy imports, then an fd number freed by close() and
-# one replaced by dup2() mapped executable (both now a library), then the
-# copied library itself, which must be the last thing it does
+# one replaced by dup2() mapped executable (both now a library), the copy
+# under a name the kernel does not judge (as Judge._map_exec_kills says),
+# then the copied library itself, which must be the last thing it does
 AGENT = _PRELUDE + """
 import ssl, json, decimal, ctypes, hashlib, sqlite3
 out.write("imports\\n")
@@ -100,6 +101,9 @@ bad = os.open(sys.argv[2], os.O_RDONLY)
 os.dup2(libc, bad)
 mapx(bad)
 out.write("dup2\\n")
+unclean = sys.argv[2].replace("/libtool.so", "//libtool.so")
+mapx(os.open(unclean, os.O_RDONLY))            # not judged lexically: left to the loader's argv
+out.write("unclean\\n")
 fd = os.open(sys.argv[2], os.O_RDONLY)
 mapx(fd)
 out.write("mapped the copy\\n")
@@ -110,7 +114,7 @@ def test_executable_mapping_outside_the_exec_roots_is_killed_at_mmap(state_dir, 
     r, events, out = _run(tmp_path, AGENT, shm_lib)
     assert r.returncode == 137, r.stderr[-3000:]
     # every benign step ran; the mapping of the copy never returned
-    assert out.read_text() == "imports\nclose\ndup2\n", r.stderr[-3000:]
+    assert out.read_text() == "imports\nclose\ndup2\nunclean\n", r.stderr[-3000:]
     start = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "start"][0]["detail"]
     assert start["enforcement"]["map_exec_kill"], start["enforcement"]
     assert "/dev/shm/" not in "".join(start["enforcement"]["map_exec_kill"])
