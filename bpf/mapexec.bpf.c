@@ -51,7 +51,6 @@ BPF_ARRAY(mapexec_on, u8, AW_MAX_RUNS + 1);                     /* slot -> 1: ki
 BPF_LPM_TRIE(exec_roots, struct aw_prefix_key, u8, 4096);
 BPF_TABLE("lru_hash", struct aw_fd_key, struct aw_fd_mark, fd_marks, 16384);
 BPF_HASH(fd_gen, u32, u64, 16384);                              /* tgid -> fd table generation */
-BPF_PERCPU_ARRAY(mapexec_scratch, struct aw_prefix_key, 1);
 
 /* No "//", "/./", "/../" and no trailing "/", "/." or "/..": a lexical prefix
  * match of such a path says where the kernel resolved it. w holds the last
@@ -94,34 +93,31 @@ static __always_inline void aw_mapexec_new_gen(void)
 	fd_gen.update(&tgid, &now);
 }
 
-/* An open returned fd: mark it when its path is outside every exec root. */
-static __always_inline void aw_mapexec_open(u64 upath, s64 fd)
+/* An open returned fd: mark it when its path (b, as aw_sys_exit read it)
+ * is outside every exec root. b's key header is overwritten. */
+static __always_inline void aw_mapexec_open(struct aw_path_buf *b, s64 fd)
 {
 	u32 slot = aw_slot();
 	u8 *on = mapexec_on.lookup(&slot);
 	if (!on || !*on)
 		return;
-	u32 zero = 0;
-	struct aw_prefix_key *k = mapexec_scratch.lookup(&zero);
-	if (!k)
-		return;
 	struct aw_fd_key fk = {};
 	fk.tgid = bpf_get_current_pid_tgid() >> 32;
 	fk.fd = (s32)fd;
-	long n = bpf_probe_read_user_str(k->path, sizeof(k->path), (void *)upath);
-	if (n <= 1 || n > AW_PREFIX_LEN || k->path[0] != '/' || !aw_clean_path(k->path)) {
+	long n = b->n;
+	if (n <= 1 || n > AW_PREFIX_LEN || b->path[0] != '/' || !aw_clean_path(b->path)) {
 		fd_marks.delete(&fk);
 		return;
 	}
-	k->slot = slot;
-	k->prefixlen = 32 + 8 * (n - 1);
-	if (exec_roots.lookup(k)) {
+	b->slot = slot;
+	b->prefixlen = 32 + 8 * (n - 1);
+	if (exec_roots.lookup((struct aw_prefix_key *)b)) {
 		fd_marks.delete(&fk);
 		return;
 	}
-	/* the key's slot and prefix length are overwritten by the mark's
-	 * generation: the path stays where it is */
-	struct aw_fd_mark *m = (struct aw_fd_mark *)k;
+	/* the key's slot and prefix length make room for the mark's
+	 * generation: the path stays where it is (same layout from there) */
+	struct aw_fd_mark *m = (struct aw_fd_mark *)b;
 	m->gen = aw_fd_gen_now(fk.tgid);
 	fd_marks.update(&fk, m);
 }

@@ -28,23 +28,40 @@
 
 BPF_LPM_TRIE(sensitive_prefixes, struct aw_prefix_key, u8, 4096);
 BPF_HASH(sensitive_names, struct aw_name_key, u8, 4096);
-BPF_PERCPU_ARRAY(path_scratch, struct aw_prefix_key, 1);  /* too big for the stack */
+/* A record's paths, each read from user memory once per syscall exit (see
+ * aw_sys_exit): routing, the mapping kill and the record copy all use it.
+ * The first 256 bytes are an aw_prefix_key, for the LPM tries. */
+struct aw_path_buf {
+	u32 prefixlen;
+	u32 slot;
+	char path[AW_STR_LEN];
+	long n;              /* bpf_probe_read_user_str's answer: length with the NUL, or < 0 */
+};
+BPF_PERCPU_ARRAY(path_bufs, struct aw_path_buf, 2);   /* [0] path1, [1] path2: too big for the stack */
+
+/* Read user string upath into path buffer idx; NULL when there is no buffer. */
+static __always_inline struct aw_path_buf *aw_read_path(u32 idx, u64 upath)
+{
+	struct aw_path_buf *b = path_bufs.lookup(&idx);
+	if (!b)
+		return NULL;
+	b->n = upath ? bpf_probe_read_user_str(b->path, sizeof(b->path), (void *)upath) : 0;
+	if (b->n <= 0)
+		b->path[0] = 0;
+	return b;
+}
 
 /* The map value of the path's match (AW_ROUTE_* bits), 0 when none. */
-static __always_inline int aw_sensitive_path(u32 slot, u64 upath)
+static __always_inline int aw_sensitive_path(u32 slot, struct aw_path_buf *k)
 {
-	u32 zero = 0;
-	struct aw_prefix_key *k = path_scratch.lookup(&zero);
-	if (!k || !upath)
-		return 0;
-	long n = bpf_probe_read_user_str(k->path, sizeof(k->path), (void *)upath);
+	long n = k->n;
 	if (n <= 1 || n > AW_PREFIX_LEN)
 		return 0;
 	k->slot = slot;
 	k->prefixlen = 32 + 8 * (n - 1);   /* the path's own length: bytes after its NUL are stale */
 	u8 *v = NULL;
 	if (k->path[0] == '/')
-		v = sensitive_prefixes.lookup(k);
+		v = sensitive_prefixes.lookup((struct aw_prefix_key *)k);
 	if (v)
 		return *v;
 	/* The basename as a hash (FNV-1a, reset at each '/'), not a copy: a
@@ -69,9 +86,9 @@ static __always_inline int aw_sensitive_path(u32 slot, u64 upath)
 
 /* AW_ROUTE_PRIO when a syscall exit record goes to the priority ring, plus
  * AW_ROUTE_KILL when one of its paths is an exact kill-on-open match (see
- * aw_sys_exit). path1/path2: the user pointers of the record's paths (0
- * when none). */
-static __always_inline int aw_priority(const struct aw_spec *sp, s64 ret, u64 path1, u64 path2)
+ * aw_sys_exit). path1/path2: the record's paths as read (NULL when none). */
+static __always_inline int aw_priority(const struct aw_spec *sp, s64 ret,
+				       struct aw_path_buf *path1, struct aw_path_buf *path2)
 {
 	if (sp->flags & AW_SPEC_PRIORITY)
 		return 1;
@@ -80,8 +97,8 @@ static __always_inline int aw_priority(const struct aw_spec *sp, s64 ret, u64 pa
 	if (ret < 0)
 		return 0;   /* ENOENT & co: nothing was touched */
 	u32 slot = aw_slot();
-	int r = sp->path1 != AW_NOARG ? aw_sensitive_path(slot, path1) : 0;
-	if (!r && sp->path2 != AW_NOARG)
+	int r = path1 ? aw_sensitive_path(slot, path1) : 0;
+	if (!r && path2)
 		r = aw_sensitive_path(slot, path2);
 	return r;
 }

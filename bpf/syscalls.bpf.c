@@ -187,11 +187,17 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		stash.delete(&tid);
 		return 0;
 	}
-	if ((sp->flags & AW_SPEC_OPEN) && ctx->ret >= 0)
-		aw_mapexec_open(aw_arg(st->args, sp->path1), ctx->ret);
-	else if ((sp->flags & AW_SPEC_EXEC) && ctx->ret == 0)
-		aw_mapexec_new_gen();   /* close-on-exec fds are gone with the old image */
-	int route = aw_priority(sp, ctx->ret, aw_arg(st->args, sp->path1), aw_arg(st->args, sp->path2));
+	/* each path read once: routing, the mapping kill and the record use it
+	 * (after a successful exec the old image's strings are gone: the entry
+	 * record already carried them) */
+	struct aw_path_buf *p1 = NULL, *p2 = NULL;
+	if (!(sp->flags & AW_SPEC_EXEC)) {
+		if (sp->path1 != AW_NOARG)
+			p1 = aw_read_path(0, aw_arg(st->args, sp->path1));
+		if (sp->path2 != AW_NOARG)
+			p2 = aw_read_path(1, aw_arg(st->args, sp->path2));
+	}
+	int route = aw_priority(sp, ctx->ret, p1, p2);
 	if ((route & AW_ROUTE_KILL) && (sp->flags & AW_SPEC_OPEN) && ctx->ret >= 0) {
 		/* The policy kills on this path and nothing denied the open (a
 		 * glob like any-dir/.env cannot be masked): SIGKILL now is delivered before
@@ -206,15 +212,11 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		stash.delete(&tid);
 		return 0;
 	}
-	if (sp->flags & AW_SPEC_EXEC) {
-		/* after a successful exec the old image's strings are gone: the
-		 * entry record already carried them */
-	} else if (sp->path1 != AW_NOARG)
-		bpf_probe_read_user_str(e->str1, sizeof(e->str1), (void *)aw_arg(st->args, sp->path1));
-	if (sp->flags & AW_SPEC_EXEC) {
-	} else if (sp->path2 != AW_NOARG) {
-		bpf_probe_read_user_str(e->data2, sizeof(e->data2), (void *)aw_arg(st->args, sp->path2));
-	} else if (addr) {
+	if (p1)
+		__builtin_memcpy(e->str1, p1->path, sizeof(e->str1));
+	if (p2) {
+		__builtin_memcpy(e->data2, p2->path, sizeof(e->data2));
+	} else if (addr && !(sp->flags & AW_SPEC_EXEC)) {
 		/* exactly the caller's sockaddr, at most a sockaddr_un (110
 		 * bytes): a short unix name ("s", 5 bytes with the family) is
 		 * copied whole. The mask gives the verifier the bound it needs
@@ -224,6 +226,11 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		if (n && !bpf_probe_read_user(e->data2, n, (void *)addr))
 			e->len2 = n;
 	}
+	/* last: it reuses p1's buffer for the mark it stores */
+	if ((sp->flags & AW_SPEC_OPEN) && ctx->ret >= 0 && p1)
+		aw_mapexec_open(p1, ctx->ret);
+	else if ((sp->flags & AW_SPEC_EXEC) && ctx->ret == 0)
+		aw_mapexec_new_gen();   /* close-on-exec fds are gone with the old image */
 	stash.delete(&tid);
 	aw_submit_on(e, prio);
 	return 0;

@@ -360,16 +360,12 @@ class Egress(DenialStream):
         if os.geteuid() != 0:
             raise PrivilegeError("attaching cgroup BPF programs needs root (CAP_BPF, "
                                  "CAP_NET_ADMIN, CAP_SYS_ADMIN)")
-        from . import _import_bcc, bpf_dir
+        from . import _import_bcc, bpf_dir, compile_bpf
         bcc = _import_bcc()
         with open(os.path.join(bpf_dir(), "egress.bpf.c")) as f:
             text = f.read()
-        try:
-            self.bpf = bcc.BPF(text=text.encode(), cflags=[
-                f"-DAW_EG_RINGBUF_PAGES={self.ringbuf_pages}", "-Wno-unused-function"])
-        except Exception as e:
-            raise KernelFeatureError(f"could not compile or load bpf/egress.bpf.c: {e}; "
-                                     "run 'agentwatch doctor'") from None
+        self.bpf = compile_bpf(text, [f"-DAW_EG_RINGBUF_PAGES={self.ringbuf_pages}",
+                                      "-Wno-unused-function"], "bpf/egress.bpf.c")
         try:
             self._fill_maps()
             self._on_denial = on_denial

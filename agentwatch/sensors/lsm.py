@@ -478,16 +478,10 @@ class LsmGuard(DenialStream):
         id). on_denial(dict) is called from poll()."""
         self.preflight()
         self.resolve()
-        try:
-            import bcc
-        except ImportError as e:
-            raise KernelFeatureError(f"bcc is not importable (Debian python3-bpfcc): {e}") from None
+        from . import compile_bpf
         with open(bpf_source_path()) as f:
             text = f.read()
-        try:
-            self.bpf = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function"])
-        except Exception as e:
-            raise KernelFeatureError(f"could not compile bpf/lsm.bpf.c: {e}") from None
+        self.bpf = compile_bpf(text, ["-Wno-unused-function"], "bpf/lsm.bpf.c")
         self._on_denial = on_denial
         try:
             self._fill_maps()
