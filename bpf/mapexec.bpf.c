@@ -49,8 +49,13 @@ struct aw_fd_mark {
 
 BPF_ARRAY(mapexec_on, u8, AW_MAX_RUNS + 1);                     /* slot -> 1: kill here */
 BPF_LPM_TRIE(exec_roots, struct aw_prefix_key, u8, 4096);
-BPF_TABLE("lru_hash", struct aw_fd_key, struct aw_fd_mark, fd_marks, 16384);
-BPF_HASH(fd_gen, u32, u64, 16384);                              /* tgid -> fd table generation */
+/* sized by Sensors(map_exec=...): ~4 MB of kernel memory when a run needs
+ * them, next to nothing otherwise (an LRU map is allocated in full) */
+#ifndef AW_MAPEXEC_FDS
+#define AW_MAPEXEC_FDS 64
+#endif
+BPF_TABLE("lru_hash", struct aw_fd_key, struct aw_fd_mark, fd_marks, AW_MAPEXEC_FDS);
+BPF_HASH(fd_gen, u32, u64, AW_MAPEXEC_FDS);                     /* tgid -> fd table generation */
 
 /* No "//", "/./", "/../" and no trailing "/", "/." or "/..": a lexical prefix
  * match of such a path says where the kernel resolved it. w holds the last

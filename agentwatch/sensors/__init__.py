@@ -57,6 +57,7 @@ MAPEXEC_PROBES = (("syscalls:sys_enter_mmap", "aw_mapexec_mmap"),
                   ("syscalls:sys_enter_dup2", "aw_mapexec_dup"),
                   ("syscalls:sys_enter_dup3", "aw_mapexec_dup"),
                   ("syscalls:sys_enter_close_range", "aw_mapexec_close_range"))
+MAPEXEC_FDS = 16384       # fds marked at once (LRU: the oldest mark goes first)
 PROG_PREFIX = "aw_"   # every agentwatch BPF program's name starts with it
 
 PRIO_PAGES = 256          # priority ring: 1 MiB (~1,600 syscall or ~360 exec records)
@@ -181,6 +182,8 @@ class Sensors:
         cflags = [f"-I{bpf_dir()}", f"-DAW_RINGBUF_PAGES={self.ringbuf_pages}",
                   f"-DAW_PRIO_PAGES={PRIO_PAGES}", f"-DAW_MAX_RUNS={MAX_SLOTS}",
                   "-Wno-unused-function"] + feature_cflags()
+        if self.map_exec:
+            cflags.append(f"-DAW_MAPEXEC_FDS={MAPEXEC_FDS}")
         self.bpf = compile_bpf(bpf_source(), cflags, "the BPF sensors")
         try:
             self._fill_specs()
