@@ -10,7 +10,7 @@ import sysconfig
 import time
 
 from . import lib
-from .lib import POLICY, alternate, compare_figure, log, value_figure
+from .lib import POLICY, STRICT_POLICY, alternate, compare_figure, log, value_figure
 
 # Sizes per profile: tiny is the smoke test's, quick is --quick, full the default.
 PROFILES = {
@@ -79,7 +79,9 @@ def _wait_programs_gone(ids, timeout=60):
 def host_tax(ctx):
     """A C loop outside any agent, with agentwatch monitoring an idle agent
     (coding-agent policy) vs with no agentwatch loaded; load and unload
-    alternate with the repetitions."""
+    alternate with the repetitions. Then the same under the strict
+    sandboxed-agent policy, whose filesystem.exec kill attaches mmap, close,
+    dup2, dup3 and close_range probes too (bpf/mapexec.bpf.c): reported."""
     s, ws = ctx.size, ctx.ws
     ctx.close()             # the baseline is "no agentwatch loaded": not even our shared monitor
     exe = ws.build("syscall_loop")
@@ -91,24 +93,24 @@ def host_tax(ctx):
         foreign.append(len(lib.aw_programs()))
         return _loop_best(exe, s["loop_n"])
 
-    def loaded():
-        return lib.retry_killed(loaded_once)
+    def loaded(policy=POLICY):
+        return lib.retry_killed(lambda: loaded_once(policy))
 
-    def loaded_once():
+    def loaded_once(policy):
         before = set(lib.aw_programs())
-        bg = lib.BackgroundRun(ws, ["sleep", "600"], policy=POLICY)
+        bg = lib.BackgroundRun(ws, ["sleep", "600"], policy=policy)
         ours = []
         try:
             rec = bg.wait_running()
-            info["tracepoints"] = (rec.get("identity") or {}).get("tracepoints")
+            info.setdefault("tracepoints", {})[os.path.basename(policy)] = \
+                (rec.get("identity") or {}).get("tracepoints")
             ours = sorted(set(lib.aw_programs()) - before)
             time.sleep(0.3)
             r = _loop_best(exe, s["loop_n"])
             # an untimed pass with BPF statistics on: what each program costs on this path
             _, st = lib.measure_prog_stats(lambda: _loop_once(exe, s["loop_n"]), ids=set(ours))
             bg.check_alive()              # still monitoring after the measurement?
-            prog_stats.clear()
-            prog_stats.update(st)
+            prog_stats[os.path.basename(policy)] = st
         finally:
             bg.stop()
         if not _wait_programs_gone(ours):
@@ -116,6 +118,7 @@ def host_tax(ctx):
         return r
 
     base, mon = alternate(unloaded, loaded, s["host_reps"])
+    base2, strict = alternate(unloaded, lambda: loaded(STRICT_POLICY), s["host_reps"])
     if any(foreign):
         notes.append(f"another agentwatch was loaded during {sum(1 for f in foreign if f)} "
                      "baseline sample(s): the baseline is not clean")
@@ -125,8 +128,13 @@ def host_tax(ctx):
                        pick(mon, "getppid_ns"), "delta", target="<= +25 ns", limit=25),
         compare_figure("host tax: openat+close outside agents", "ns", pick(base, "openclose_ns"),
                        pick(mon, "openclose_ns"), "delta", target="report"),
+        compare_figure("host tax: getppid outside agents, sandboxed-agent", "ns", pick(base2, "getppid_ns"),
+                       pick(strict, "getppid_ns"), "delta", target="report"),
+        compare_figure("host tax: openat+close outside agents, sandboxed-agent (close probe)", "ns",
+                       pick(base2, "openclose_ns"), pick(strict, "openclose_ns"), "delta", target="report"),
     ]
-    return {"params": {"loop_n": s["loop_n"], "reps": s["host_reps"], "best_of": 3, "policy": "coding-agent",
+    return {"params": {"loop_n": s["loop_n"], "reps": s["host_reps"], "best_of": 3,
+                       "policy": "coding-agent, then sandboxed-agent",
                        "tracepoints": info.get("tracepoints")},
             "figures": figs, "bpf_programs": prog_stats, "notes": notes}
 

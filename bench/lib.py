@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
 CSRC = os.path.join(BENCH, "csrc")
 POLICY = os.path.join(REPO, "policies", "coding-agent.yaml")
+STRICT_POLICY = os.path.join(REPO, "policies", "sandboxed-agent.yaml")   # kills: mapexec probes
 
 
 def log(msg):
@@ -297,7 +298,9 @@ def aw_cmd(*args):
 
 
 def run_argv(argv, policy=None):
-    return aw_cmd("run", *(["--policy", policy] if policy else []), "--", *argv)
+    # the strict policy's wildcard deny is a downgrade (killed at open, not refused)
+    opts = ["--policy", policy] + (["--allow-downgrade"] if policy == STRICT_POLICY else []) if policy else []
+    return aw_cmd("run", *opts, "--", *argv)
 
 
 def run_cli(ws, argv, policy=None, env=None, cwd=None, timeout=900):

@@ -57,11 +57,14 @@ def render(doc):
             title = ""
         for n in res.get("notes", []):
             notes.append(f"- {name}: {n}")
-        progs = res.get("bpf_programs")
-        if progs:
-            per = ", ".join(f"{k} {v['ns_per_run']} ns x {v['run_cnt']:,}" for k, v in progs.items()
+        progs = res.get("bpf_programs") or {}
+        # one {program: stats}, or one per policy ({policy: {program: stats}})
+        nested = progs and all("run_cnt" not in v for v in progs.values())
+        for label, group in (progs.items() if nested else [("", progs)] if progs else []):
+            per = ", ".join(f"{k} {v['ns_per_run']} ns x {v['run_cnt']:,}" for k, v in group.items()
                             if v["run_cnt"])
-            notes.append(f"- {name}: BPF ns per program run (kernel.bpf_stats): {per or 'no runs'}")
+            under = f" under {label}" if label else ""
+            notes.append(f"- {name}: BPF ns per program run{under} (kernel.bpf_stats): {per or 'no runs'}")
     if doc.get("killed_retries"):
         notes.append(f"- {doc['killed_retries']} sample(s) were retried because another agentwatch on "
                      "this machine SIGKILLed our agent (its start-up sweep removes run cgroups it has "

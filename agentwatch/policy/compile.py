@@ -325,7 +325,7 @@ class CompiledPolicy:
         """(prefixes, basenames) on which the kernel itself kills at the
         open's return (bpf_send_signal, bpf/syscalls.bpf.c), when the
         policy's filesystem.deny action is kill: only the exact forms of
-        _kill_forms, so a kill never lands on a path the policy allows."""
+        kill_forms, so a kill never lands on a path the policy allows."""
         return self._kills
 
     @functools.cached_property
@@ -334,7 +334,7 @@ class CompiledPolicy:
             return [], []
         prefixes, names = set(), set()
         for _, glob in self._deny.items:
-            prefix, name = _kill_forms(glob)
+            prefix, name = kill_forms(glob)
             if prefix:
                 prefixes.add(prefix)
             if name:
@@ -349,7 +349,7 @@ class CompiledPolicy:
                 or (named.rsplit("/", 1)[-1] in names))
 
 
-def _kill_forms(glob):
+def kill_forms(glob):
     """(prefix, basename) a deny glob gives the kernel's kill-on-open, when
     a lexical match of the path as written is exact: /a/b/** -> "/a/b/"
     (everything below), **/name -> "name" (any file so named); else

@@ -180,8 +180,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                         d = os.path.dirname(d)
         p.masks = mounts.plan_masks(masked, policy_files, noexec_dirs=noexec,
                                     pin_dirs=sorted(set(pins), key=len))
-        p.downgrades += [f"filesystem.deny {w!r}: has wildcards, cannot be masked; detected only"
-                         for w in wild]
+        p.downgrades += [_wild_deny(w, rule_action(data, "filesystem", "filesystem.deny")) for w in wild]
         if bpf_lsm:
             p.lsm = lsm_rules(exec_ok, concrete, p.notes)
         elif rule_action(data, "filesystem", "filesystem.exec") == "kill" and not notes_x:
@@ -293,6 +292,19 @@ def lsm_rules(exec_ok, deny, notes):
         exec_allow = sorted({os.path.realpath(x) for x in execs + libs})
     file_deny = sorted({c for c in deny if not has_wildcards(c) and os.path.exists(c)})
     return LsmRules(exec_allow=exec_allow, file_deny=file_deny)
+
+
+def _wild_deny(pattern, action):
+    """The downgrade a deny glob with wildcards is: Landlock cannot refuse it
+    and it cannot be masked. With a kill action, the forms the syscall exit
+    program matches (**/name, /a/b/**) are killed at the open's return."""
+    from ..policy.compile import kill_forms
+    from ..policy.matchers import Glob
+    head = f"filesystem.deny {pattern!r}: has wildcards, cannot be masked; "
+    if action == "kill" and any(kill_forms(Glob(pattern))):
+        return head + ("an open by a name it matches is killed in the kernel before it returns; "
+                       "other names (a link to it) are detected and killed by agentwatch")
+    return head + "detected only"
 
 
 def map_exec_roots(exec_ok):

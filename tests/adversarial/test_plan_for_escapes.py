@@ -33,8 +33,18 @@ def test_strict_policy_mounts(tree):
     # ~/.ssh is outside every allow list: Landlock refuses it (EACCES, reported);
     # a mask would answer ENOENT and hide the attempt
     assert not any(path.startswith(tree["home"]) for path, _ in p.masks)
-    assert p.downgrades == ["filesystem.deny '**/.env': has wildcards, cannot be masked; "
-                            "detected only"]
+    assert p.downgrades == ["filesystem.deny '**/.env': has wildcards, cannot be masked; an open "
+                            "by a name it matches is killed in the kernel before it returns; other "
+                            "names (a link to it) are detected and killed by agentwatch"]
+
+
+def test_a_wildcard_deny_the_kernel_cannot_kill_is_detected_only(tree):
+    data = load(POLICY).data
+    pem = dict(data, filesystem=dict(data["filesystem"], deny=["**/*.pem"]))
+    assert plan_for(pem, tree).downgrades == [
+        "filesystem.deny '**/*.pem': has wildcards, cannot be masked; detected only"]
+    alert = dict(data, on_violation=dict(data["on_violation"], rules={}))
+    assert plan_for(alert, tree).downgrades[0].endswith("cannot be masked; detected only")
 
 
 def test_readable_home_gets_its_secrets_masked(tree):
