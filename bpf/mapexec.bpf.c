@@ -137,28 +137,28 @@ static __always_inline void aw_mapexec_forget_fd(s32 fd)
 
 /* The programs below are attached only when a run's policy kills on
  * filesystem.exec (agentwatch/sensors/__init__.py, MAPEXEC_PROBES). */
-int aw_mapexec_close(struct aw_sys_enter_args *ctx)
+int aw_mapx_close(struct aw_sys_enter_args *ctx)
 {
 	if (aw_watched())
 		aw_mapexec_forget_fd((s32)ctx->args[0]);
 	return 0;
 }
 
-int aw_mapexec_dup(struct aw_sys_enter_args *ctx)    /* dup2, dup3: newfd is closed first */
+int aw_mapx_dup(struct aw_sys_enter_args *ctx)    /* dup2, dup3: newfd is closed first */
 {
 	if (aw_watched())
 		aw_mapexec_forget_fd((s32)ctx->args[1]);
 	return 0;
 }
 
-int aw_mapexec_close_range(struct aw_sys_enter_args *ctx)
+int aw_mapx_crange(struct aw_sys_enter_args *ctx)
 {
 	if (aw_watched())
 		aw_mapexec_new_gen();
 	return 0;
 }
 
-int aw_mapexec_mmap(struct aw_sys_enter_args *ctx)
+int aw_mapx_mmap(struct aw_sys_enter_args *ctx)
 {
 	if (!aw_watched())
 		return 0;

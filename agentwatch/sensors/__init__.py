@@ -52,11 +52,11 @@ PROCESS_PROBES = (("sched:sched_process_fork", "aw_fork"),
                   ("signal:signal_generate", "aw_signal_gen"))
 # mapexec.bpf.c: attached only when a run's policy kills on filesystem.exec
 # (Sensors(map_exec=True)); close is one of the host's most frequent syscalls
-MAPEXEC_PROBES = (("syscalls:sys_enter_mmap", "aw_mapexec_mmap"),
-                  ("syscalls:sys_enter_close", "aw_mapexec_close"),
-                  ("syscalls:sys_enter_dup2", "aw_mapexec_dup"),
-                  ("syscalls:sys_enter_dup3", "aw_mapexec_dup"),
-                  ("syscalls:sys_enter_close_range", "aw_mapexec_close_range"))
+MAPEXEC_PROBES = (("syscalls:sys_enter_mmap", "aw_mapx_mmap"),
+                  ("syscalls:sys_enter_close", "aw_mapx_close"),
+                  ("syscalls:sys_enter_dup2", "aw_mapx_dup"),
+                  ("syscalls:sys_enter_dup3", "aw_mapx_dup"),
+                  ("syscalls:sys_enter_close_range", "aw_mapx_crange"))
 MAPEXEC_FDS = 16384       # fds marked at once (LRU: the oldest mark goes first)
 PROG_PREFIX = "aw_"   # every agentwatch BPF program's name starts with it
 
