@@ -730,7 +730,7 @@ def _named_by(proc, name, ino):
     cands = [a for a in proc.argv or () if os.path.basename(a) == name]
     cands.append(name)
     for c in cands:
-        path = c if c.startswith("/") else os.path.join(proc.cwd or "/", c)
+        path = os.path.normpath(c if c.startswith("/") else os.path.join(proc.cwd or "/", c))
         try:
             if os.stat(path).st_ino == ino:
                 return path

@@ -263,7 +263,8 @@ def payloads(tmp_path_factory):
     out = tmp_path_factory.mktemp("payload")
     src = os.path.join(CSRC, "payload.c")
     built = {}
-    for name, flags in (("payload", ["-static"]), ("payload-dyn", [])):
+    for name, flags in (("payload", ["-static"]), ("payload-dyn", []),
+                        ("libpayload.so", ["-shared", "-fPIC", "-DAW_PRELOAD"])):
         exe = str(out / name)
         subprocess.run(["gcc", "-O2", "-Wall", *flags, "-o", exe, src], check=True)
         built[name] = exe

@@ -194,6 +194,17 @@ def build_exec_loader_shm(sb, ctx):
 
 
 @scenario
+def build_preload_shm(sb, ctx):
+    shm = f"/dev/shm/aw-adv-{uuid.uuid4().hex[:8]}"
+    os.mkdir(shm)
+    sb.cleanup.append(lambda: shutil.rmtree(shm, ignore_errors=True))
+    sb.shm_lib = os.path.join(shm, "libhook.so")
+    shutil.copy(ctx["payloads"]["libpayload.so"], sb.shm_lib)
+    sb.script = (f"AW_PAYLOAD_MARKER=$WS/marker LD_PRELOAD={sb.shm_lib} /usr/bin/true\n"
+                 "echo \"true=$?\" > $WS/preload-status" + KILL_TAIL)
+
+
+@scenario
 def build_memfd(sb, ctx):
     shutil.copy(ctx["payloads"]["payload"], sb.path("ws", "payload"))
     sb.script = "$A memfd_exec $WS/payload $WS/marker" + FINISH
@@ -610,6 +621,33 @@ def test_readable_binary_through_the_dynamic_loader_is_killed(run):
     repeats = [e for e in run.events if e["kind"] == "violation"
                and e["rule"] == "filesystem.exec" and e["detail"].get("repeat")]
     assert v["count"] == 1 and repeats == [], repeats
+
+
+@uses("preload_shm")
+def test_preloaded_library_from_a_readable_dir_is_killed(run):
+    """LD_PRELOAD of a library in /dev/shm (readable, not in the exec roots,
+    not noexec) into an allowed program: the dynamic loader maps it with
+    PROT_EXEC before main(), so its constructor would run inside the sandbox.
+    CI kernel: CANNOT BE DENIED, killed in the kernel at the moment of
+    detection: bpf/mapexec.bpf.c sends SIGKILL at that mmap's entry (the
+    loader opened the file by an absolute name outside the exec roots); no
+    loader argv names it, so the kernel's record alone reports it.
+    BPF LSM path: mmap_file refuses the mapping (the loader says "cannot be
+    preloaded" and goes on without it)."""
+    assert not run.exists("ws", "marker"), "the preloaded constructor ran"
+    v = run.violation("filesystem.exec", "filesystem", path=run.shm_lib)
+    assert v["action"] == "kill"
+    if LSM_HERE:
+        assert "BPF LSM" in v["detail"]["kernel"], v
+    else:
+        assert v["detail"]["op"] == "mmap", v
+        assert v["detail"]["kernel"].startswith("killed at the mmap(PROT_EXEC)"), v
+        # the shell may note how `true` ended before agentwatch stops the run: SIGKILL
+        if run.exists("ws", "preload-status"):
+            with open(run.path("ws", "preload-status")) as f:
+                assert f.read().strip() == "true=137", "the preloading process outlived its mmap"
+        assert run.lifecycle("end")["detail"]["killed_in_kernel"] >= 1
+    assert_killed(run, "filesystem.exec")
 
 
 @uses("memfd")

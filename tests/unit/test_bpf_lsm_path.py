@@ -182,6 +182,8 @@ def test_a_file_the_lsm_names_by_basename_is_found_by_argv_or_cwd(tmp_path):
     assert _named_by(loader, "tool", ino) == str(shm / "tool")
     in_cwd = SimpleNamespace(argv=["sh"], cwd=str(shm))
     assert _named_by(in_cwd, "tool", ino) == str(shm / "tool")
+    relative = SimpleNamespace(argv=["ld.so", "./tool"], cwd=str(shm))   # named as the caller wrote it
+    assert _named_by(relative, "tool", ino) == str(shm / "tool")
     elsewhere = SimpleNamespace(argv=["sh"], cwd=str(ws))
     assert _named_by(elsewhere, "tool", ino) is None   # ws/tool is another file
     assert _named_by(None, "tool", ino) is None

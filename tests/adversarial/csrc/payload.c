@@ -2,7 +2,9 @@
  * sandbox it leaves evidence. payload MARKER [SECONDS LATER_MARKER]: writes
  * MARKER at once, and LATER_MARKER after SECONDS (so a test can tell "ran,
  * then was killed" from "never ran"). Built static (memfd, copied binary)
- * and dynamic (run through the dynamic loader). */
+ * and dynamic (run through the dynamic loader), and as a shared library
+ * (-DAW_PRELOAD) whose constructor writes $AW_PAYLOAD_MARKER when the
+ * dynamic loader maps it into a program (LD_PRELOAD). */
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +19,15 @@ static void mark(const char *path)
 		close(fd);
 	}
 }
+
+#ifdef AW_PRELOAD
+__attribute__((constructor)) static void preloaded(void)
+{
+	const char *m = getenv("AW_PAYLOAD_MARKER");
+	if (m)
+		mark(m);
+}
+#endif
 
 int main(int argc, char **argv)
 {
