@@ -65,7 +65,7 @@ class Monitor:
     def __init__(self, groups=SENSOR_GROUPS, ringbuf_pages=4096, denied=(), map_exec=False):
         """denied: syscalls a run's seccomp filter refuses with EPERM; their
         exit tracepoints report each refusal (see sensors/syscalls.specs_for).
-        map_exec: attach the mmap(PROT_EXEC) kill (bpf/mapexec.bpf.c)."""
+        map_exec: attach the mmap(PROT_EXEC) probes (bpf/mapexec.bpf.c)."""
         from .sensors import Sensors   # bcc is imported only here, after input checks
         self.sensors = Sensors(groups, ringbuf_pages, denied, map_exec)
         self.correlator = Correlator(self.sensors.nr_to_spec)
@@ -217,12 +217,12 @@ class Run:
             self.prompt_signer = integrity.check_signed(o.prompt_path, o.require_signed, None, trusted)
 
     def _map_exec_roots(self):
-        """The plan's mmap(PROT_EXEC) kill roots, when this run's sensors
-        have the programs attached (a shared monitor may not: the plan then
+        """The plan's mmap(PROT_EXEC) roots, when this run's sensors have
+        the programs attached (a shared monitor may not: the plan then
         notes that the loader's argv alone is judged)."""
         roots = self.plan.map_exec if self.plan else None
         if roots is not None and not self.sensors.map_exec:
-            note = ("filesystem.exec: the shared monitor has no mmap(PROT_EXEC) kill attached; "
+            note = ("filesystem.exec: the shared monitor has no mmap(PROT_EXEC) probe attached; "
                     "the dynamic loader's argv is judged from userspace")
             if note not in self.plan.notes:
                 self.plan.notes.append(note)
@@ -381,7 +381,8 @@ class Run:
                                on_kill=self._kill_for_violation, watched_files=watched,
                                egress_enforced=bool(self.plan and self.plan.egress is not None),
                                lsm_enforced=bool(self.plan and self.plan.lsm is not None),
-                               map_exec_roots=self._map_exec_roots())
+                               map_exec_roots=self._map_exec_roots(),
+                               map_exec_kill=bool(self.plan and self.plan.map_exec_kill))
         self.correlator.add_run(self.ctx)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
@@ -390,7 +391,8 @@ class Run:
             prefixes, names = self.compiled.kernel_routes()
             routes = (prefixes + [os.path.abspath(p) for _, p in watched], names)
             kills = self.compiled.kernel_kills()
-        self.sensors.watch(self.cgroup.id, routes, kills, self._map_exec_roots())
+        self.sensors.watch(self.cgroup.id, routes, kills, self._map_exec_roots(),
+                           bool(self.plan and self.plan.map_exec_kill))
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,

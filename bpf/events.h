@@ -19,9 +19,10 @@
 #define AW_EV_NOENTRY 5  /* aw_syscall_event of a watched syscall that returned -EPERM
                           * with no entry seen: seccomp refused it before the
                           * sys_enter tracepoint; args, str1 and data2 are empty */
-#define AW_EV_MAPKILL 6  /* aw_syscall_event of an mmap(PROT_EXEC) the kernel killed the
-                          * process at (bpf/mapexec.bpf.c): the mmap's args, str1 the
-                          * path the fd was opened by, ret 0 */
+#define AW_EV_MAPKILL 6  /* aw_syscall_event of an mmap(PROT_EXEC) of a file opened outside
+                          * the exec roots (bpf/mapexec.bpf.c): the mmap's args, str1 the
+                          * path the fd was opened by, ret 1 when the process was killed
+                          * at it (AW_MAPX_KILL), 0 when only reported */
 
 #define AW_COMM_LEN  16
 #define AW_STR_LEN   256  /* paths are cut here; the event says so */
@@ -42,6 +43,10 @@
 /* values of the sensitive_prefixes / sensitive_names maps (priority.bpf.c) */
 #define AW_ROUTE_PRIO 0x1       /* the record travels the priority ring */
 #define AW_ROUTE_KILL 0x2       /* an exact match of a kill-on-open path */
+
+/* values of the mapexec_on map (mapexec.bpf.c), per run slot */
+#define AW_MAPX_REPORT 1        /* report an mmap(PROT_EXEC) of a marked fd */
+#define AW_MAPX_KILL   2        /* ... and SIGKILL the process at it */
 #define AW_CNT_MAX         8
 
 /* Per-syscall spec (map "specs", indexed by syscall number), written by

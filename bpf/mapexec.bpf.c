@@ -1,15 +1,17 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Kill at an executable mapping of a file the policy does not let run.
+ * Kill (or report) at an executable mapping of a file the policy does not
+ * let run.
  *
  * `ld.so /dev/shm/tool` (or dlopen of a library from there) runs a file
  * without exec'ing it: the loader opens it and maps it with PROT_EXEC, which
  * Landlock's EXECUTE right (execve only) never sees, and no LSM hook loads on
- * the CI kernel. For a run whose policy kills on filesystem.exec, this file
- * remembers which of the agent's fds were opened by a path outside the exec
- * roots and sends SIGKILL at the entry of an mmap(PROT_EXEC) of such an fd:
- * the signal is delivered before the mmap returns to user space, so none of
- * the file's code runs.
+ * the CI kernel. For a run whose filesystem section the kernel enforces,
+ * this file remembers which of the agent's fds were opened by a path outside
+ * the exec roots and, at the entry of an mmap(PROT_EXEC) of such an fd,
+ * reports it; where filesystem.exec's action is kill (AW_MAPX_KILL) it sends
+ * SIGKILL there, which is delivered before the mmap returns to user space,
+ * so none of the file's code runs.
  *
  *  - at an open's return (aw_mapexec_open, from aw_sys_exit): the path as
  *    written is looked up in "exec_roots" (an LPM trie per run slot: the
@@ -22,9 +24,9 @@
  *    and a successful exec start a new generation of the process's fd table
  *    (marks of an older generation are void), so a mark never outlives the
  *    open file it was made for and lands on another one;
- *  - mmap(PROT_EXEC, fd) of a marked fd of this generation: SIGKILL, counted
- *    (AW_CNT_KILLED), and an AW_EV_MAPKILL record naming the path goes out on
- *    the priority ring.
+ *  - mmap(PROT_EXEC, fd) of a marked fd of this generation: an AW_EV_MAPKILL
+ *    record naming the path goes out on the priority ring (ret 1 when the
+ *    process was killed at it: SIGKILL, counted in AW_CNT_KILLED).
  *
  * A forked child's inherited fds carry no mark (its fd table is a copy under
  * another tgid), a path that reaches an allowed file through a symlink is
@@ -47,7 +49,7 @@ struct aw_fd_mark {
 	char path[AW_PREFIX_LEN];   /* as the process wrote it */
 };
 
-BPF_ARRAY(mapexec_on, u8, AW_MAX_RUNS + 1);                     /* slot -> 1: kill here */
+BPF_ARRAY(mapexec_on, u8, AW_MAX_RUNS + 1);                     /* slot -> AW_MAPX_* or 0 */
 BPF_LPM_TRIE(exec_roots, struct aw_prefix_key, u8, 4096);
 /* sized by Sensors(map_exec=...): ~4 MB of kernel memory when a run needs
  * them, next to nothing otherwise (an LRU map is allocated in full) */
@@ -135,8 +137,8 @@ static __always_inline void aw_mapexec_forget_fd(s32 fd)
 	fd_marks.delete(&fk);
 }
 
-/* The programs below are attached only when a run's policy kills on
- * filesystem.exec (agentwatch/sensors/__init__.py, MAPEXEC_PROBES). */
+/* The programs below are attached only when a run needs them
+ * (agentwatch/sensors/__init__.py, MAPEXEC_PROBES). */
 int aw_mapx_close(struct aw_sys_enter_args *ctx)
 {
 	if (aw_watched())
@@ -160,9 +162,11 @@ int aw_mapx_crange(struct aw_sys_enter_args *ctx)
 
 int aw_mapx_mmap(struct aw_sys_enter_args *ctx)
 {
-	if (!aw_watched())
-		return 0;
 	if (!(ctx->args[2] & AW_PROT_EXEC) || (ctx->args[3] & AW_MAP_ANONYMOUS))
+		return 0;
+	u32 slot = aw_slot();
+	u8 *mode = mapexec_on.lookup(&slot);
+	if (!mode || !*mode)
 		return 0;
 	struct aw_fd_key fk = {};
 	fk.tgid = bpf_get_current_pid_tgid() >> 32;
@@ -173,14 +177,17 @@ int aw_mapx_mmap(struct aw_sys_enter_args *ctx)
 	u64 *gen = fd_gen.lookup(&fk.tgid);
 	if (!gen || *gen != m->gen)
 		return 0;
-	bpf_send_signal(9);
-	aw_count(AW_CNT_KILLED);
+	int kill = *mode == AW_MAPX_KILL;
+	if (kill) {
+		bpf_send_signal(9);
+		aw_count(AW_CNT_KILLED);
+	}
 	struct aw_syscall_event *e;
 	if (!AW_RESERVE_PRIO(e))
 		return 0;
 	aw_fill_hdr(&e->h, AW_EV_MAPKILL);
 	e->nr = ctx->nr;
-	e->ret = 0;
+	e->ret = kill;     /* 1: killed at it, 0: reported only */
 	e->len2 = 0;
 #pragma unroll
 	for (int i = 0; i < 6; i++)

@@ -47,6 +47,8 @@ _LOADER_OPTS_WITH_ARG = frozenset(("--library-path", "--preload", "--audit", "--
 _TWIN = {"bpf-lsm": "sensor", "sensor": "bpf-lsm", "mapexec": "loader", "loader": "mapexec"}
 _MAPEXEC_KILLED = ("killed at the mmap(PROT_EXEC) of the file (bpf_send_signal SIGKILL): "
                    "none of its code ran")
+_MAPEXEC_SEEN = ("not refused: mapped PROT_EXEC (Landlock's exec right covers execve only and "
+                 "no BPF LSM hook loads here); seen by the kernel at the mmap")
 
 # file op -> the access it needs on path (and on path2)
 _FILE_ACCESS = {
@@ -196,7 +198,8 @@ def _read_counter(path, key):
 
 class Judge:
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
-                 egress_enforced=False, lsm_enforced=False, map_exec_roots=None):
+                 egress_enforced=False, lsm_enforced=False, map_exec_roots=None,
+                 map_exec_kill=False):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run."""
@@ -221,10 +224,11 @@ class Judge:
         # syscall sensor (EPERM) or the dynamic loader's argv; one attempt is
         # one violation (see _paired)
         self.lsm_enforced = lsm_enforced
-        # the kernel kills at an mmap(PROT_EXEC) of a file opened by a path
-        # outside these prefixes (bpf/mapexec.bpf.c); its report and the
-        # loader argv's are one attempt too
+        # the kernel reports (and with map_exec_kill kills at) an mmap(PROT_EXEC)
+        # of a file opened by a path outside these prefixes (bpf/mapexec.bpf.c);
+        # its report and the loader argv's are one attempt too
         self.map_exec_roots = map_exec_roots
+        self.map_exec_kill = map_exec_kill
         self._unpaired = Counter()  # (layer, pid, rule, basename) -> reports awaiting their twin
         self._limits_next = 0.0
         self._limit_files = None    # [(rule, counters file, key)], found on first use
@@ -383,19 +387,19 @@ class Judge:
             evidence["loader"] = loader
             if self.lsm_enforced:
                 evidence["kernel"] = "mapping refused by BPF LSM mmap_file (EPERM)"
-            elif self._map_exec_kills(named):
+            elif self._map_exec_sees(named):
                 if self._paired("loader", ev.pid, d.rule, path):
-                    return        # the kernel's report of the kill came first
-                evidence["kernel"] = _MAPEXEC_KILLED
+                    return        # the kernel's report of the mapping came first
+                evidence["kernel"] = _MAPEXEC_KILLED if self.map_exec_kill else _MAPEXEC_SEEN
             else:
                 evidence["kernel"] = ("not refused at exec: the loader maps the file itself "
                                       "(refused only where its mount is noexec)")
         self._decide(ev, d, path, evidence)
 
-    def _map_exec_kills(self, named):
-        """Whether bpf/mapexec.bpf.c kills a mapping of a file the loader
-        opens as `named`: an absolute, lexically clean path (it fits a key)
-        outside every exec root."""
+    def _map_exec_sees(self, named):
+        """Whether bpf/mapexec.bpf.c reports (or kills at) a mapping of a
+        file the loader opens as `named`: an absolute, lexically clean path
+        (it fits a key) outside every exec root."""
         roots = self.map_exec_roots
         if roots is None or not named or not named.startswith("/") or len(named) >= 248:
             return False
@@ -404,17 +408,18 @@ class Judge:
         return not any(named.startswith(r) for r in roots)
 
     def _mapped(self, ev):
-        """The kernel killed the process at an mmap(PROT_EXEC) of a file it
-        opened outside the exec roots (ld.so, dlopen). The kernel's verdict
-        stands, whatever the path resolves to now."""
+        """The kernel saw (and with map_exec_kill killed the process at) an
+        mmap(PROT_EXEC) of a file it opened outside the exec roots (ld.so,
+        LD_PRELOAD, dlopen). A kill stands whatever the path resolves to now."""
         real = _real(ev.abspath)
         if self._paired("mapexec", ev.pid, "filesystem.exec", real):
             return                # the loader's argv already reported this attempt
-        d = Decision(category="filesystem", rule="filesystem.exec", action="kill", pattern=None,
+        action = "kill" if self.map_exec_kill else self.policy.action_for("filesystem", "filesystem.exec")
+        d = Decision(category="filesystem", rule="filesystem.exec", action=action, pattern=None,
                      reason=f"executable mapping of {ev.abspath}: outside filesystem.exec and "
                             "the library directories")
-        self._decide(ev, d, real, {"path": real, "named": ev.path, "op": "mmap",
-                                   "prot": ev.flags, "kernel": _MAPEXEC_KILLED})
+        self._decide(ev, d, real, {"path": real, "named": ev.path, "op": "mmap", "prot": ev.flags,
+                                   "kernel": _MAPEXEC_KILLED if self.map_exec_kill else _MAPEXEC_SEEN})
 
     def _net(self, ev):
         if ev.op == "socket":

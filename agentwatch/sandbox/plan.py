@@ -48,7 +48,8 @@ class EnforcementPlan:
     seccomp: SeccompPolicy = None
     egress: object = None                      # sensors.egress.EgressRules
     lsm: LsmRules = None                       # BPF LSM layer, where the kernel has it
-    map_exec: list = None                      # kill at mmap(PROT_EXEC) outside these prefixes
+    map_exec: list = None                      # report mmap(PROT_EXEC) outside these prefixes
+    map_exec_kill: bool = False                # ... and kill the process at it
     masks: list = field(default_factory=list)  # mounts.plan_masks output
     limits: dict = field(default_factory=dict)
     wall_time: float = None
@@ -63,7 +64,8 @@ class EnforcementPlan:
         lines += [f"note: {n}" for n in self.notes]
         if self.map_exec is not None:
             lines.append("filesystem.exec: an executable mapping (ld.so, dlopen) of a file opened "
-                         "outside the exec roots is killed in the kernel at mmap")
+                         "outside the exec roots is " + ("killed in the kernel at mmap" if self.map_exec_kill
+                                                         else "reported from the kernel (not refused)"))
         return lines
 
     def record(self):
@@ -74,7 +76,8 @@ class EnforcementPlan:
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
                                                           "file_deny": self.lsm.file_deny},
-                "map_exec_kill": self.map_exec}
+                "map_exec": None if self.map_exec is None else {
+                    "action": "kill" if self.map_exec_kill else "report", "roots": self.map_exec}}
 
 
 def section_action(data, section):
@@ -183,8 +186,11 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         p.downgrades += [_wild_deny(w, rule_action(data, "filesystem", "filesystem.deny")) for w in wild]
         if bpf_lsm:
             p.lsm = lsm_rules(exec_ok, concrete, p.notes)
-        elif rule_action(data, "filesystem", "filesystem.exec") == "kill" and not notes_x:
+        elif not notes_x:
+            # no LSM hook refuses a mapping here: the kernel reports it, and kills at it
+            # where the rule says kill (bpf/mapexec.bpf.c)
             p.map_exec = map_exec_roots(exec_ok)
+            p.map_exec_kill = rule_action(data, "filesystem", "filesystem.exec") == "kill"
         rules = landlock.LandlockRules(read=read + RUNTIME_READ, write=write + RUNTIME_WRITE,
                                        exec=exec_ok, ioctl_dev=["/dev/tty", "/dev/pts"])
         p.enforced.append("filesystem")

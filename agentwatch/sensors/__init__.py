@@ -50,8 +50,9 @@ PROCESS_PROBES = (("sched:sched_process_fork", "aw_fork"),
                   ("sched:sched_process_exit", "aw_exit"),
                   ("signal:signal_deliver", "aw_signal"),
                   ("signal:signal_generate", "aw_signal_gen"))
-# mapexec.bpf.c: attached only when a run's policy kills on filesystem.exec
-# (Sensors(map_exec=True)); close is one of the host's most frequent syscalls
+# mapexec.bpf.c: attached only when a run's filesystem section is enforced on
+# the Landlock path (Sensors(map_exec=True)); close is one of the host's most
+# frequent syscalls
 MAPEXEC_PROBES = (("syscalls:sys_enter_mmap", "aw_mapx_mmap"),
                   ("syscalls:sys_enter_close", "aw_mapx_close"),
                   ("syscalls:sys_enter_dup2", "aw_mapx_dup"),
@@ -150,7 +151,7 @@ class Sensors:
 
     def __init__(self, groups=S.GROUPS, ringbuf_pages=4096, denied=(), map_exec=False):
         """denied: what seccomp refuses with EPERM; map_exec: attach the
-        mmap(PROT_EXEC) kill (bpf/mapexec.bpf.c) for runs given exec roots."""
+        mmap(PROT_EXEC) probes (bpf/mapexec.bpf.c) for runs given exec roots."""
         self.specs = S.specs_for(groups, denied)
         self.map_exec = map_exec
         self.groups = sorted({s.group for s in self.specs})
@@ -263,13 +264,14 @@ class Sensors:
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn.encode())
             self.attached.append(tp)
 
-    def watch(self, cgroup_id, routes=((), ()), kills=((), ()), exec_roots=None):
+    def watch(self, cgroup_id, routes=((), ()), kills=((), ()), exec_roots=None, exec_kill=False):
         """Add a run's cgroup to the filter, with its own run slot and the
         sensitive paths of its policy (CompiledPolicy.kernel_routes():
         prefixes, basenames), those on which the kernel kills at the open's
         return (CompiledPolicy.kernel_kills()), and exec_roots: the path
-        prefixes outside which an mmap(PROT_EXEC) kills (EnforcementPlan.
-        map_exec; None: no such kill). Returns the slot."""
+        prefixes outside which an mmap(PROT_EXEC) is reported, and with
+        exec_kill killed at (EnforcementPlan.map_exec; None: neither).
+        Returns the slot."""
         slot = next(i for i in range(1, MAX_SLOTS + 1) if i not in self.slots.values())
         prefixes, names = {}, {}      # key bytes -> map value; a kill wins over a route
         for (ps, ns), value in ((routes, R.ROUTE_PRIO), (kills, R.ROUTE_PRIO | R.ROUTE_KILL)):
@@ -280,7 +282,8 @@ class Sensors:
             if not self.map_exec:
                 raise ValueError("exec_roots needs Sensors(map_exec=True)")
             entries["exec_roots"] = {R.prefix_key(slot, p): 1 for p in exec_roots}
-            self.bpf["mapexec_on"][ctypes.c_int(slot)] = ctypes.c_uint8(1)
+            mode = R.MAPX_KILL if exec_kill else R.MAPX_REPORT
+            self.bpf["mapexec_on"][ctypes.c_int(slot)] = ctypes.c_uint8(mode)
         self._routes[slot] = {name: list(values) for name, values in entries.items()}
         for name, values in entries.items():
             table = self.bpf[name]

@@ -19,6 +19,7 @@ CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2    # bulk ring ("events"), s
 CNT_LOST_PRIO, CNT_SEEN_PRIO = 3, 4                     # priority ring ("priority")
 CNT_KILLED = 5                                          # killed in the kernel (open, mmap)
 ROUTE_PRIO, ROUTE_KILL = 0x1, 0x2                       # sensitive path map values
+MAPX_REPORT, MAPX_KILL = 1, 2                           # mapexec_on map values
 NOARG = 0xFF
 
 SPEC_EMIT = 0x01

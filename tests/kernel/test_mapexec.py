@@ -86,7 +86,7 @@ libc = os.open(sys.argv[3], os.O_RDONLY)
 
 # the agent: library-heavy imports, then an fd number freed by close() and
 # one replaced by dup2() mapped executable (both now a library), the copy
-# under a name the kernel does not judge (as Judge._map_exec_kills says),
+# under a name the kernel does not judge (as Judge._map_exec_sees says),
 # then the copied library itself, which must be the last thing it does
 AGENT = _PRELUDE + """
 import ssl, json, decimal, ctypes, hashlib, sqlite3
@@ -116,8 +116,9 @@ def test_executable_mapping_outside_the_exec_roots_is_killed_at_mmap(state_dir, 
     # every benign step ran; the mapping of the copy never returned
     assert out.read_text() == "imports\nclose\ndup2\nunclean\n", r.stderr[-3000:]
     start = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "start"][0]["detail"]
-    assert start["enforcement"]["map_exec_kill"], start["enforcement"]
-    assert "/dev/shm/" not in "".join(start["enforcement"]["map_exec_kill"])
+    mx = start["enforcement"]["map_exec"]
+    assert mx["action"] == "kill" and mx["roots"], mx
+    assert "/dev/shm/" not in "".join(mx["roots"])
     v = [e for e in events if e["kind"] == "violation" and e["rule"] == "filesystem.exec"]
     assert len(v) == 1 and v[0]["action"] == "kill", v
     d = v[0]["detail"]
@@ -154,15 +155,31 @@ def test_marks_do_not_outlive_exec(state_dir, tmp_path, shm_lib):
     assert not [e for e in events if e["kind"] == "violation" and e["rule"] == "filesystem.exec"]
 
 
-def test_no_mmap_probe_without_a_kill_rule(state_dir, tmp_path, shm_lib):
-    """alert on filesystem.exec: nothing attached to mmap or close (they
-    tax every process on the host), and the mapping goes through."""
+def test_a_deny_rule_reports_the_mapping_it_cannot_refuse(state_dir, tmp_path, shm_lib):
+    """filesystem.exec: deny. No hook on this kernel can refuse the mapping:
+    it goes through, and the kernel's record reports it (action deny)."""
+    r, events, out = _run(tmp_path, _PRELUDE + "mapx(os.open(sys.argv[2], os.O_RDONLY))\n"
+                          "out.write('mapped\\n')\n", shm_lib, exec_action="deny")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.read_text() == "mapped\n"
+    start = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "start"][0]["detail"]
+    assert start["enforcement"]["map_exec"]["action"] == "report"
+    v = [e for e in events if e["kind"] == "violation" and e["rule"] == "filesystem.exec"]
+    assert len(v) == 1 and v[0]["action"] == "deny", v
+    assert v[0]["detail"]["path"] == shm_lib and v[0]["detail"]["kernel"].startswith("not refused"), v
+    end = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "end"][0]["detail"]
+    assert end["killed_in_kernel"] == 0, end
+
+
+def test_no_mmap_probe_when_the_filesystem_is_not_enforced(state_dir, tmp_path, shm_lib):
+    """alert everywhere: nothing attached to mmap or close (they tax every
+    process on the host), and the mapping goes through unreported."""
     r, events, out = _run(tmp_path, _PRELUDE + "mapx(os.open(sys.argv[2], os.O_RDONLY))\n"
                           "out.write('mapped\\n')\n", shm_lib, exec_action="alert")
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text() == "mapped\n"
     start = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "start"][0]["detail"]
-    assert start["enforcement"]["map_exec_kill"] is None
+    assert start["enforcement"]["map_exec"] is None
 
 
 def test_syscall_record_layout():

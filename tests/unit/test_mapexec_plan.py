@@ -36,14 +36,20 @@ def test_a_kill_rule_on_filesystem_exec_gets_the_mapping_kill(tree):
     # the library dirs as written and resolved: /lib is /usr/lib on merged-usr hosts
     assert "/lib/" in roots or "/lib" in roots
     assert not any(r.startswith(("/dev/shm", "/tmp", tree["WORKSPACE"])) for r in roots)
-    assert plan.record()["map_exec_kill"] == roots
+    assert plan.map_exec_kill
+    assert plan.record()["map_exec"] == {"action": "kill", "roots": roots}
     assert any("killed in the kernel at mmap" in line for line in plan.describe())
 
 
-def test_no_mapping_kill_without_a_kill_rule_or_on_the_lsm_path(tree):
+def test_a_deny_rule_gets_the_report_an_unenforced_filesystem_nothing(tree):
     data = load(STRICT).data
     assert make_plan(data, tree, landlock_abi=7, bpf_lsm=True).map_exec is None   # LSM refuses instead
-    alert = dict(data, on_violation=dict(data["on_violation"], rules={}))
+    deny = dict(data, on_violation=dict(data["on_violation"], rules={}))          # default: deny
+    plan = make_plan(deny, tree, landlock_abi=7)
+    assert plan.map_exec and not plan.map_exec_kill
+    assert plan.record()["map_exec"]["action"] == "report"
+    assert any("reported from the kernel" in line for line in plan.describe())
+    alert = dict(data, on_violation={"default": "alert"})
     assert make_plan(alert, tree, landlock_abi=7).map_exec is None
     assert make_plan(load(CODING).data, tree, landlock_abi=7).map_exec is None
 
@@ -58,7 +64,8 @@ def judged(tree):
     out = []
     compiled = compile_policy(load(STRICT), tree)
     run = RunContext(run_id="20261128-080000-abcdef", agent="a", cgroup_id=1, cwd=tree["WORKSPACE"])
-    j = Judge(compiled, Correlator({}), run, out.append, map_exec_roots=["/usr/bin/", "/usr/lib/"])
+    j = Judge(compiled, Correlator({}), run, out.append, map_exec_roots=["/usr/bin/", "/usr/lib/"],
+              map_exec_kill=True)
     return j, out
 
 
@@ -82,7 +89,7 @@ def mapkill(j, path, pid=PID):
 ])
 def test_which_loader_argv_the_kernel_kills(judged, named, killed):
     j, _ = judged
-    assert j._map_exec_kills(named) is killed
+    assert j._map_exec_sees(named) is killed
 
 
 @pytest.mark.parametrize("kernel_first", [True, False])
@@ -104,6 +111,17 @@ def test_a_kill_without_a_loader_is_reported_as_such(judged):
     assert [(v.rule, v.action) for v in out] == [("filesystem.exec", "kill")]
     d = out[0].detail
     assert d["op"] == "mmap" and d["named"] == "/opt/vendor/libx.so" and d["prot"] == 5
+
+
+def test_without_the_kill_the_mapping_is_reported_with_the_rules_action(judged):
+    j, out = judged
+    j.map_exec_kill = False
+    mapkill(j, "/opt/vendor/libx.so")
+    loader(j, "/dev/shm/aw-x/tool")
+    mapkill(j, "/dev/shm/aw-x/tool")          # the loader's twin: one report
+    assert [(v.rule, v.action) for v in out] == [("filesystem.exec", "kill")] * 2   # the policy's action
+    assert all(v.detail["kernel"].startswith("not refused") for v in out)
+    assert j.by_rule["filesystem.exec"] == 2
 
 
 def test_a_loader_the_kernel_cannot_judge_is_said_so(judged):
