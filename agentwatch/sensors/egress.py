@@ -105,6 +105,21 @@ PROGRAMS = (("aw_sock_create", "CGROUP_SOCK", "CGROUP_INET_SOCK_CREATE", 2),
 UNIX_PROGRAMS = (("aw_connect_unix", "CGROUP_SOCK_ADDR", "CGROUP_UNIX_CONNECT", 49),
                  ("aw_sendmsg_unix", "CGROUP_SOCK_ADDR", "CGROUP_UNIX_SENDMSG", 50))
 UNIX_ATTACH_TYPES = {at for _, _, _, at in UNIX_PROGRAMS}
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+
+def kernel_knows(*attach_types, btf=VMLINUX_BTF):
+    """False when the running kernel's BTF lacks one of these enum
+    bpf_attach_type names ("CGROUP_UNIX_CONNECT"): loading a program for it
+    would only fail, and bcc prints the refusal to stderr on every run.
+    True when they are there, or when there is no BTF to tell (then the
+    load decides)."""
+    try:
+        with open(btf, "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return all(b"BPF_" + name.encode() + b"\0" in data for name in attach_types)
 
 
 class EgressRuleError(AgentwatchError, ValueError):
@@ -385,6 +400,8 @@ class Egress(DenialStream):
     def _attach_unix(self, bcc):
         """Attach the unix hooks; False when this kernel has none (< 6.7:
         the load is refused), after detaching a half-done pair."""
+        if not kernel_knows(*(aname for _, _, aname, _ in UNIX_PROGRAMS)):
+            return False                 # before 6.7: no load to fail noisily
         done = []
         for name, ptype, _, at in UNIX_PROGRAMS:
             try:

@@ -298,3 +298,14 @@ def test_c_op_and_reason_codes_match():
     assert sorted(reasons) == sorted(E.REASONS)
     for k, name in reasons.items():
         assert name[len("AW_EG_R_"):].lower().split("_")[0] in E.REASONS[k]
+
+
+def test_attach_types_the_kernel_knows_come_from_its_btf(tmp_path):
+    """Linux < 6.7 has no CGROUP_UNIX_* attach types: the unix hooks are not
+    even loaded there (a refused load is printed by bcc on every run)."""
+    from agentwatch.sensors.egress import kernel_knows
+    btf = tmp_path / "vmlinux"
+    btf.write_bytes(b"\0BPF_CGROUP_INET4_CONNECT\0BPF_CGROUP_UNIX_CONNECT\0BPF_CGROUP_UNIX_SENDMSGX\0")
+    assert kernel_knows("CGROUP_INET4_CONNECT", "CGROUP_UNIX_CONNECT", btf=str(btf))
+    assert not kernel_knows("CGROUP_UNIX_CONNECT", "CGROUP_UNIX_SENDMSG", btf=str(btf))   # a longer name only
+    assert kernel_knows("CGROUP_UNIX_SENDMSG", btf=str(tmp_path / "none"))   # no BTF: the load decides
