@@ -222,10 +222,8 @@ class Run:
         notes that the loader's argv alone is judged)."""
         roots = self.plan.map_exec if self.plan else None
         if roots is not None and not self.sensors.map_exec:
-            note = ("filesystem.exec: the shared monitor has no mmap(PROT_EXEC) probe attached; "
-                    "the dynamic loader's argv is judged from userspace")
-            if note not in self.plan.notes:
-                self.plan.notes.append(note)
+            self.plan.notes.append("filesystem.exec: the shared monitor has no mmap(PROT_EXEC) "
+                                   "probe attached; the dynamic loader's argv is judged from userspace")
             return None
         return roots
 
@@ -373,6 +371,8 @@ class Run:
         self.cgroup = RunCgroup.create(self.run_id)
         self.ctx = RunContext(run_id=self.run_id, agent=self.agent, cgroup_id=self.cgroup.id,
                               cwd=self.opts.cwd or os.getcwd(), emit=self._on_event)
+        map_roots = self._map_exec_roots()      # once: it may add a note to the plan
+        map_kill = map_roots is not None and self.plan.map_exec_kill
         if self.compiled:
             watched = [("identity.policy_write", self.policy.path)]
             if self.opts.prompt_path:
@@ -381,8 +381,7 @@ class Run:
                                on_kill=self._kill_for_violation, watched_files=watched,
                                egress_enforced=bool(self.plan and self.plan.egress is not None),
                                lsm_enforced=bool(self.plan and self.plan.lsm is not None),
-                               map_exec_roots=self._map_exec_roots(),
-                               map_exec_kill=bool(self.plan and self.plan.map_exec_kill))
+                               map_exec_roots=map_roots, map_exec_kill=map_kill)
         self.correlator.add_run(self.ctx)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
@@ -391,8 +390,7 @@ class Run:
             prefixes, names = self.compiled.kernel_routes()
             routes = (prefixes + [os.path.abspath(p) for _, p in watched], names)
             kills = self.compiled.kernel_kills()
-        self.sensors.watch(self.cgroup.id, routes, kills, self._map_exec_roots(),
-                           bool(self.plan and self.plan.map_exec_kill))
+        self.sensors.watch(self.cgroup.id, routes, kills, map_roots, map_kill)
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,

@@ -136,8 +136,9 @@ class Correlator:
             code = rec["code"] if rec["code"] >= 0 else None   # BPF: status & 0xff, or -1
             self._stamp(ExitEvent(code=code, signal=rec["sig"] or None), run, rec, proc)
         elif etype == R.EV_MAPKILL:
-            # the kernel killed the process at an mmap(PROT_EXEC) of a file opened
-            # outside the exec roots (bpf/mapexec.bpf.c); str1: that path, absolute and clean
+            # the kernel saw (and, by the run's plan, killed the process at) an
+            # mmap(PROT_EXEC) of a file opened outside the exec roots
+            # (bpf/mapexec.bpf.c); str1: that path, absolute and clean
             ev = FileEvent(op="mmap", path=rec["str1"], abspath=rec["str1"], access=["exec"],
                            flags=rec["args"][2], ret=0)
             self._stamp(ev, run, rec, proc)

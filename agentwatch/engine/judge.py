@@ -19,6 +19,7 @@ from collections import Counter
 from ..events import ViolationEvent
 from ..policy.compile import Decision
 from ..policy.matchers import normalize
+from ..sensors.records import PREFIX_LEN
 
 REPEAT_FLUSH_S = 5.0
 LIMITS_EVERY_S = 0.5    # how often the resource limits' counters are read
@@ -390,18 +391,23 @@ class Judge:
             elif self._map_exec_sees(named):
                 if self._paired("loader", ev.pid, d.rule, path):
                     return        # the kernel's report of the mapping came first
-                evidence["kernel"] = _MAPEXEC_KILLED if self.map_exec_kill else _MAPEXEC_SEEN
+                evidence["kernel"] = self._map_exec_verdict
             else:
                 evidence["kernel"] = ("not refused at exec: the loader maps the file itself "
                                       "(refused only where its mount is noexec)")
         self._decide(ev, d, path, evidence)
+
+    @property
+    def _map_exec_verdict(self):
+        """What the kernel did at a mapping bpf/mapexec.bpf.c sees."""
+        return _MAPEXEC_KILLED if self.map_exec_kill else _MAPEXEC_SEEN
 
     def _map_exec_sees(self, named):
         """Whether bpf/mapexec.bpf.c reports (or kills at) a mapping of a
         file the loader opens as `named`: an absolute, lexically clean path
         (it fits a key) outside every exec root."""
         roots = self.map_exec_roots
-        if roots is None or not named or not named.startswith("/") or len(named) >= 248:
+        if roots is None or not named or not named.startswith("/") or len(named) >= PREFIX_LEN:
             return False
         if named != os.path.normpath(named) or named.startswith("//"):
             return False
@@ -419,7 +425,7 @@ class Judge:
                      reason=f"executable mapping of {ev.abspath}: outside filesystem.exec and "
                             "the library directories")
         self._decide(ev, d, real, {"path": real, "named": ev.path, "op": "mmap", "prot": ev.flags,
-                                   "kernel": _MAPEXEC_KILLED if self.map_exec_kill else _MAPEXEC_SEEN})
+                                   "kernel": self._map_exec_verdict})
 
     def _net(self, ev):
         if ev.op == "socket":

@@ -314,13 +314,13 @@ def _wild_deny(pattern, action):
 
 
 def map_exec_roots(exec_ok):
-    """Path prefixes outside which the kernel kills an executable mapping
-    (bpf/mapexec.bpf.c): the exec roots and the library directories, each
+    """Path prefixes outside which the kernel reports (or kills at) an
+    executable mapping (bpf/mapexec.bpf.c): the exec roots and the library directories, each
     as written and resolved (the loader opens /lib/... as well as
     /usr/lib/...), directories ending in "/". The kernel matches the path
     an fd was opened by lexically, so these over-approximate what
     filesystem.exec allows: a kill never lands on an allowed file named as
-    such. None when a root is / (nothing could be killed)."""
+    such. None when a root is / (nothing could be outside)."""
     roots = set()
     for x in list(exec_ok) + RUNTIME_LIBS:
         for p in {os.path.normpath(x), os.path.realpath(x)}:
