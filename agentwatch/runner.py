@@ -17,6 +17,7 @@ import platform
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ from .sinks.jsonl import JsonlSink
 
 STOP_GRACE_S = 3.0       # after SIGINT/SIGTERM: time the agent gets before SIGKILL
 STATS_EVERY_S = 1.0
+DRAIN_S = 2.0            # after the agent's end: how long its last records may take to arrive
+SHARED_POLL_S = 0.02     # a run on a shared monitor reads the rings this often (priority records too)
 LSM_NAME_WAIT_S = 0.5   # how long a BPF LSM denial may wait for its file's path (see _on_lsm_denial)
 
 
@@ -56,11 +59,20 @@ class RunOptions:
     allow_downgrade: bool = False  # run even if the kernel cannot enforce some rules
     bpf_lsm: str = "auto"          # auto: BPF LSM layer where the host can load it; on; off
     seccomp_denied: list = field(default_factory=list)  # syscalls seccomp refuses with EPERM (from the plan)
+    stdio: tuple = None            # fds for the agent's stdin, stdout, stderr (default: ours)
+    stderr: object = None          # where agentwatch's own messages go (default: sys.stderr)
+    client: dict = None            # set by the daemon: who asked for the run (kernel's SO_PEERCRED)
 
 
 class Monitor:
     """Loaded sensors plus the correlator that attributes their records. A
-    run embeds one; several runs can share one (tests, a future daemon)."""
+    run embeds one; several runs can share one, one after the other (tests)
+    or at the same time, each in its own thread (agentwatch/daemon.py).
+
+    Shared state (the rings, the correlator, every run's judge) is touched
+    only under `lock`; whichever run holds it reads the rings for all. Child
+    exit statuses are reaped here, for every run, and kept in `exits` until
+    the run whose agent it was takes its own."""
 
     def __init__(self, groups=SENSOR_GROUPS, ringbuf_pages=4096, denied=(), map_exec=False):
         """denied: syscalls a run's seccomp filter refuses with EPERM; their
@@ -69,6 +81,31 @@ class Monitor:
         from .sensors import Sensors   # bcc is imported only here, after input checks
         self.sensors = Sensors(groups, ringbuf_pages, denied, map_exec)
         self.correlator = Correlator(self.sensors.nr_to_spec)
+        self.lock = threading.RLock()
+        self.children = set()            # the runs' agent pids
+        self.exits = {}                  # agent pid -> wait status, until its run takes it
+
+    def reap(self):
+        """Reap every exited child (agents, and orphans re-parented to us as
+        subreaper) and keep each status for its run. Call with the lock held."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:     # an orphan's status is nobody's
+                self.exits[pid] = status
+
+    def take_exit(self, pid):
+        """The wait status of agent pid once it exited, else None."""
+        with self.lock:
+            self.reap()
+            status = self.exits.pop(pid, None)
+            if status is not None:
+                self.children.discard(pid)
+            return status
 
     def open(self):
         self.sensors.open(self.correlator.handle)
@@ -84,11 +121,13 @@ class Monitor:
         self.close()
 
 
-def policy_variables(workspace=None):
-    """${WORKSPACE}, ${HOME}, ${TMPDIR} for a run (HOME of the invoking user)."""
-    home = os.environ.get("HOME") or os.path.expanduser("~")
+def policy_variables(workspace=None, env=None):
+    """${WORKSPACE}, ${HOME}, ${TMPDIR} for a run (HOME of the invoking user:
+    env, the environment the agent gets, else ours)."""
+    env = os.environ if env is None else env
+    home = env.get("HOME") or os.path.expanduser("~")
     return {"WORKSPACE": os.path.abspath(workspace or os.getcwd()), "HOME": home,
-            "TMPDIR": os.environ.get("TMPDIR") or "/tmp"}
+            "TMPDIR": env.get("TMPDIR") or "/tmp"}
 
 
 def gc(log=None):
@@ -145,6 +184,7 @@ class Run:
         self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
         self.limits = None
         self.wall_deadline = None
+        self.err = opts.stderr or sys.stderr   # agentwatch's own messages
 
     # -- input ----------------------------------------------------------------------
     def _bpf_lsm_wanted(self):
@@ -173,7 +213,7 @@ class Run:
         self.command = launcher.resolve_command(o.argv, o.env)
         self.agent = (o.name or (self.policy.agent_name if self.policy else "")
                       or os.path.basename(o.argv[0]))
-        self.variables = policy_variables(o.workspace or o.cwd)
+        self.variables = policy_variables(o.workspace or o.cwd, o.env)
         self.compiled = None
         self.plan = None
         self.run_as = None               # sandbox.credentials.Credentials from process.run_as
@@ -253,6 +293,7 @@ class Run:
             "cwd": self.opts.cwd or os.getcwd(),
             "enforcement": self.plan.record() if self.plan else {"path": "monitor-only"},
             "agent_credentials": self._agent_credentials(),
+            "client": self.opts.client,
         }
 
     def _no_new_privs(self):
@@ -322,12 +363,19 @@ class Run:
 
     # -- signals ------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
+        self.stop(signum)
+
+    def stop(self, signum):
+        """Stop the agent (SIGINT, SIGTERM or SIGHUP to agentwatch): signal
+        it, SIGKILL after STOP_GRACE_S or at a second request."""
         self.stop_requested += 1
         if self.stop_requested == 1:
             self.stop_signal = signum
             self.stop_deadline = time.monotonic() + STOP_GRACE_S
-            if signum != signal.SIGINT and self.cgroup:  # the terminal already sent SIGINT to the agent
-                self.cgroup.signal_all(signal.SIGTERM)
+            # a terminal's Ctrl-C reached the agent already, unless the daemon started it
+            remote = self.opts.client is not None
+            if self.cgroup and (signum != signal.SIGINT or remote):
+                self.cgroup.signal_all(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
         elif self.cgroup:
             self.cgroup.kill()
 
@@ -343,8 +391,11 @@ class Run:
                        "owner": {"pid": os.getpid(), "start_time": state.process_start_time(os.getpid())},
                        "identity": self._identity()}
         self._save_record()
-        old_handlers = {s: signal.signal(s, self._on_signal)
-                        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            # else (the daemon) whoever asked for the run forwards its signals to stop()
+            old_handlers = {s: signal.signal(s, self._on_signal)
+                            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             return self._execute()
         finally:
@@ -360,7 +411,7 @@ class Run:
             except OSError as e:
                 raise UsageError(f"--events {self.opts.events_path}: {e.strerror}") from None
         if self.opts.show:
-            self.sinks.append(ConsoleSink())
+            self.sinks.append(ConsoleSink(self.err))
 
         if self.own_monitor:
             self.monitor = Monitor(self.opts.sensors, self.opts.ringbuf_pages, self.opts.seccomp_denied,
@@ -381,8 +432,8 @@ class Run:
                                on_kill=self._kill_for_violation, watched_files=watched,
                                egress_enforced=bool(self.plan and self.plan.egress is not None),
                                lsm_enforced=bool(self.plan and self.plan.lsm is not None),
-                               map_exec_roots=map_roots, map_exec_kill=map_kill)
-        self.correlator.add_run(self.ctx)
+                               map_exec_roots=map_roots, map_exec_kill=map_kill,
+                               seccomp_denied=self.opts.seccomp_denied)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
         routes = kills = ([], [])
@@ -390,7 +441,11 @@ class Run:
             prefixes, names = self.compiled.kernel_routes()
             routes = (prefixes + [os.path.abspath(p) for _, p in watched], names)
             kills = self.compiled.kernel_kills()
-        self.sensors.watch(self.cgroup.id, routes, kills, map_roots, map_kill)
+        with self.monitor.lock:
+            if not self.own_monitor:
+                self.sensors.add_denied(self.opts.seccomp_denied)
+            self.correlator.add_run(self.ctx)
+            self.sensors.watch(self.cgroup.id, routes, kills, map_roots, map_kill)
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
@@ -398,27 +453,34 @@ class Run:
         self._setup_enforcement(identity)
         if self.plan:
             for line in self.plan.describe():
-                print(f"agentwatch: {line}", file=sys.stderr)
+                print(f"agentwatch: {line}", file=self.err)
         if self.run_as:
             print(f"agentwatch: agent runs as {self.run_as.describe()} (process.run_as), "
-                  "no capabilities", file=sys.stderr)
-        self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd,
-                                    setup=self._child_steps())
-        identity["root_pid"] = self.child.pid
-        self.correlator.set_root(self.ctx, self.child.pid, os.getpid())
-        try:
-            self.cgroup.add(self.child.pid)
-            if self.limits:
-                self.limits.add(self.child.pid)
-        except OSError as e:
-            self.child.abort()
-            raise LaunchError(f"agent did not start: joining cgroup {self.cgroup.path} failed: {e}")
-        self._save_record(status="running", identity=identity, root_pid=self.child.pid)
-        self._lifecycle("start", identity)
-        try:
+                  "no capabilities", file=self.err)
+        self.err.flush()
+        if self.stop_requested:
+            raise LaunchError(f"agent not started: stopped by signal {self.stop_signal} "
+                              "while agentwatch was setting up", exit_code=128 + self.stop_signal)
+        with self.monitor.lock:
+            self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd,
+                                        setup=self._child_steps(), stdio=self.opts.stdio)
+            self.monitor.children.add(self.child.pid)
+            identity["root_pid"] = self.child.pid
+            self.correlator.set_root(self.ctx, self.child.pid, os.getpid())
+            try:
+                self.cgroup.add(self.child.pid)
+                if self.limits:
+                    self.limits.add(self.child.pid)
+            except OSError as e:
+                self.child.abort()
+                raise LaunchError(f"agent did not start: joining cgroup {self.cgroup.path} failed: {e}")
+            self._save_record(status="running", identity=identity, root_pid=self.child.pid)
+            self._lifecycle("start", identity)
+        try:   # not under the lock: release waits for the exec (see launcher.spawn)
             self.child.release()
         except LaunchError:
-            os.waitpid(self.child.pid, 0)
+            while self.monitor.take_exit(self.child.pid) is None:
+                time.sleep(0.005)
             self.child = None
             raise
         self._loop()
@@ -571,66 +633,82 @@ class Run:
     def _loop(self):
         next_stats = time.monotonic() + STATS_EVERY_S
         while self.exit_status is None:
-            self.sensors.poll(100)
-            for g in self._guards():
-                g.poll(0)
-            if self._lsm_waiting:
-                self._report_lsm_denials()
-            self._reap()
-            if self.wall_deadline and time.monotonic() > self.wall_deadline:
-                self.wall_deadline = None
-                self._lifecycle("warning", {"message": "wall time limit reached: stopping the agent"})
-                if self.judge:
-                    self.judge.limit_reached("resources.wall_time",
-                                             f"ran longer than {self.plan.wall_time:g} s")
-                self.cgroup.kill()
-            now = time.monotonic()
-            if self.stop_deadline and now > self.stop_deadline:
-                self.cgroup.kill()
-                self.stop_deadline = None
-            if self.judge:
-                self.judge.tick(now)
-            if now >= next_stats:
-                for s in self.sinks:
-                    s.flush()
-                self._stats()
-                next_stats = now + STATS_EVERY_S
+            if self.own_monitor:
+                next_stats = self._step(next_stats, 100)
             else:
-                for s in self.sinks:
-                    s.flush()
+                # a shared monitor: hold its lock only to read what is there
+                # (for every run), then let the other runs have it
+                with self.monitor.lock:
+                    next_stats = self._step(next_stats, 0)
+                time.sleep(SHARED_POLL_S)
+
+    def _step(self, next_stats, timeout_ms):
+        """One turn of the loop: read the rings, reap, check deadlines, flush.
+        Returns when the next stats are due."""
+        self.sensors.poll(timeout_ms)
+        for g in self._guards():
+            g.poll(0)
+        if self._lsm_waiting:
+            self._report_lsm_denials()
+        self._reap()
+        if self.wall_deadline and time.monotonic() > self.wall_deadline:
+            self.wall_deadline = None
+            self._lifecycle("warning", {"message": "wall time limit reached: stopping the agent"})
+            if self.judge:
+                self.judge.limit_reached("resources.wall_time",
+                                         f"ran longer than {self.plan.wall_time:g} s")
+            self.cgroup.kill()
+        now = time.monotonic()
+        if self.stop_deadline and now > self.stop_deadline:
+            self.cgroup.kill()
+            self.stop_deadline = None
+        if self.judge:
+            self.judge.tick(now)
+        for s in self.sinks:
+            s.flush()
+        if now >= next_stats:
+            self._stats()
+            next_stats = now + STATS_EVERY_S
+        return next_stats
 
     def _reap(self):
-        """Reap our children (the agent, and orphans re-parented to us)."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if self.child and pid == self.child.pid:
+        """Take the agent's exit status once it exited (the monitor reaps
+        every child: the agents, and orphans re-parented to us)."""
+        if self.child and self.exit_status is None:
+            status = self.monitor.take_exit(self.child.pid)
+            if status is not None:
                 code = os.waitstatus_to_exitcode(status)
                 self.exit_status = code if code >= 0 else 128 - code
 
     def _finish(self):
         """After the agent exited: kill leftovers, drain, report."""
+        lock = self.monitor.lock
         leftover = self.cgroup.pids()
         if leftover:
-            self._lifecycle("warning", {"message": f"killed {len(leftover)} process(es) the agent "
-                                                   "left running", "killed": leftover})
+            with lock:
+                self._lifecycle("warning", {"message": f"killed {len(leftover)} process(es) the "
+                                                       "agent left running", "killed": leftover})
             self.cgroup.kill()
         deadline = time.monotonic() + 5
         while self.cgroup.pids() and time.monotonic() < deadline:
-            self.sensors.poll(20)
-            self._reap()
-        # the last exit records may still be in flight: drain until quiet
-        quiet = 0
-        while quiet < 3:
-            before = self.sensors.received
-            self.sensors.poll(30)
-            quiet = quiet + 1 if self.sensors.received == before else 0
+            with lock:
+                self.sensors.poll(20)
+                self.monitor.reap()
+        # the last exit records may still be in flight: read until quiet (at
+        # most DRAIN_S: on a shared monitor other runs may never be quiet)
+        quiet, deadline = 0, time.monotonic() + DRAIN_S
+        while quiet < 3 and time.monotonic() < deadline:
+            with lock:
+                before = self.sensors.received
+                self.sensors.poll(30)
+                quiet = quiet + 1 if self.sensors.received == before else 0
+        with lock:
+            self._drained()
+
+    def _drained(self):
+        """The agent's records are read: deliver them, judge, report."""
         self.sensors.drain()   # and deliver what was still held back for ordering
-        self._reap()
+        self.monitor.reap()
         for g in self._guards():
             g.poll(0)
         self._report_lsm_denials(final=True)
@@ -680,14 +758,15 @@ class Run:
             status = "failed"
             raise
         finally:
-            for s in self.sinks:
-                s.close()
-            if self.sensors:
-                if self.cgroup:
+            lock = self.monitor.lock if self.monitor else threading.RLock()
+            with lock:
+                for s in self.sinks:
+                    s.close()
+                if self.sensors and self.cgroup:
                     self.sensors.unwatch(self.cgroup.id)
                     self.correlator.remove_run(self.ctx)
-                if self.own_monitor:
-                    self.monitor.close()
+            if self.sensors and self.own_monitor:
+                self.monitor.close()
             if self.cgroup:
                 self.cgroup.kill()
             for g in self._guards():   # only once the agent tree is dead

@@ -6,6 +6,7 @@ import click
 
 from agentwatch.errors import AgentwatchError
 
+from . import daemon as daemon_cmd
 from . import doctor as doctor_cmd
 from . import keys as keys_cmd
 from . import run as run_cmd
@@ -24,6 +25,7 @@ cli.add_command(runs_cmd.tail)
 cli.add_command(runs_cmd.ps)
 cli.add_command(runs_cmd.gc)
 cli.add_command(doctor_cmd.doctor)
+cli.add_command(daemon_cmd.daemon_group)     # agentwatch daemon start|stop|status|run
 cli.add_command(keys_cmd.key_group)     # agentwatch key generate
 cli.add_command(keys_cmd.log_group)     # agentwatch log verify
 policy_group.add_command(keys_cmd.policy_sign)     # agentwatch policy sign

@@ -1,6 +1,7 @@
 """agentwatch run"""
 import click
 
+from agentwatch import daemon
 from agentwatch.runner import RunOptions, run_agent
 
 
@@ -30,16 +31,24 @@ from agentwatch.runner import RunOptions, run_agent
                    "refuses to start without it.")
 @click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
               help="Extra trusted public key (repeatable); see 'agentwatch key'.")
+@click.option("--daemon/--no-daemon", "use_daemon", default=None,
+              help="Run on the shared monitor of 'agentwatch daemon' (--daemon: it must be "
+                   "running) or load one for this run alone (--no-daemon). Default: the daemon "
+                   "when one answers.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
 def run(ctx, policy_path, name, events_path, show, workspace, prompt_path, require_signed,
-        allow_downgrade, bpf_lsm, trust, command):
+        allow_downgrade, bpf_lsm, trust, use_daemon, command):
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]
 
     The exit status is the agent's own (128+N when a signal N killed it)."""
-    code = run_agent(RunOptions(argv=list(command), policy_path=policy_path, name=name,
-                                events_path=events_path, show=show, workspace=workspace,
-                                prompt_path=prompt_path, require_signed=require_signed,
-                                trust=list(trust), allow_downgrade=allow_downgrade,
-                                bpf_lsm=bpf_lsm))
+    opts = RunOptions(argv=list(command), policy_path=policy_path, name=name,
+                      events_path=events_path, show=show, workspace=workspace,
+                      prompt_path=prompt_path, require_signed=require_signed,
+                      trust=list(trust), allow_downgrade=allow_downgrade, bpf_lsm=bpf_lsm)
+    code = None
+    if use_daemon is not False:
+        code = daemon.run_remote(opts, require=bool(use_daemon))
+    if code is None:
+        code = run_agent(opts)
     ctx.exit(code)

@@ -200,11 +200,14 @@ def _read_counter(path, key):
 class Judge:
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
                  egress_enforced=False, lsm_enforced=False, map_exec_roots=None,
-                 map_exec_kill=False):
+                 map_exec_kill=False, seccomp_denied=None):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
-        [(rule, path)] whose content must not change during the run."""
+        [(rule, path)] whose content must not change during the run;
+        seccomp_denied: the syscalls this run's filter refuses with EPERM
+        (None: take every refusal the sensors report as the filter's)."""
         self.policy = compiled
+        self.seccomp_denied = None if seccomp_denied is None else set(seccomp_denied)
         self.correlator = correlator
         self.run = run
         self.emit = emit
@@ -539,6 +542,8 @@ class Judge:
         to. The kernel refused it, so the action is deny unless the rule says
         kill (then the agent is stopped as the policy asks)."""
         from ..sandbox.seccomp_filter import toggle_of
+        if self.seccomp_denied is not None and ev.name not in self.seccomp_denied:
+            return   # a shared monitor watches it for another run's filter: not ours
         d = self.policy.check_syscall(ev.name)
         if d is None:
             toggle = toggle_of(ev.name)

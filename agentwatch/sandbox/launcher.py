@@ -121,12 +121,16 @@ def pdeath_signal(parent):
         raise OSError(errno.ESRCH, "agentwatch is gone")
 
 
-def spawn(argv, env=None, cwd=None, setup=()):
+def spawn(argv, env=None, cwd=None, setup=(), stdio=None):
     """Fork a child that will exec argv once released. setup is a list of
     (step name, callable) run in the child just before exec, in order
-    (sandbox layers, credentials)."""
+    (sandbox layers, credentials). stdio: three fds to become the child's
+    0, 1, 2 (the daemon passes its client's); default: ours.
+
+    Both pipes are close-on-exec: in the daemon, another run's child forked
+    meanwhile holds copies only until its own exec."""
     protect_monitor()
-    go_r, go_w = os.pipe()
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     pid = os.fork()
@@ -143,6 +147,10 @@ def spawn(argv, env=None, cwd=None, setup=()):
             if os.read(go_r, 1) != b"g":
                 os._exit(1)           # parent gone or aborted us
             os.close(go_r)
+            if stdio is not None:
+                step = "set up stdin, stdout and stderr"
+                for target, fd in enumerate(stdio):
+                    os.dup2(fd, target)          # the copy is not close-on-exec
             step = "reset signals"
             for sig in _RESET_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)

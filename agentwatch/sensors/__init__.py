@@ -153,6 +153,7 @@ class Sensors:
         """denied: what seccomp refuses with EPERM; map_exec: attach the
         mmap(PROT_EXEC) probes (bpf/mapexec.bpf.c) for runs given exec roots."""
         self.specs = S.specs_for(groups, denied)
+        self._asked = (list(groups), list(denied))
         self.map_exec = map_exec
         self.groups = sorted({s.group for s in self.specs})
         self.ringbuf_pages = ringbuf_pages
@@ -233,36 +234,61 @@ class Sensors:
 
     # -- configuration ----------------------------------------------------------
     def _fill_specs(self):
-        table = self.bpf["specs"]
         for spec in self.specs:
-            try:
-                nr = S.syscall_number(spec.name)
-            except Exception:
-                self.missing.append(spec.name)
-                continue
-            if nr < 0 or nr >= 512:
-                self.missing.append(spec.name)
-                continue
-            self.nr_to_spec[nr] = spec
-            table[ctypes.c_int(nr)] = table.Leaf.from_buffer_copy(spec.packed())
+            self._set_spec(spec)
+
+    def _set_spec(self, spec):
+        """Write spec into the kernel's per-syscall table; False when this
+        kernel has no such syscall (noted in missing)."""
+        try:
+            nr = S.syscall_number(spec.name)
+        except Exception:
+            nr = -1
+        if not 0 <= nr < 512:
+            self.missing.append(spec.name)
+            return False
+        self.nr_to_spec[nr] = spec
+        table = self.bpf["specs"]
+        table[ctypes.c_int(nr)] = table.Leaf.from_buffer_copy(spec.packed())
+        return True
 
     def _attach(self):
         for nr, spec in sorted(self.nr_to_spec.items()):
-            enter = f"syscalls:sys_enter_{spec.name}"
-            if not os.path.isdir(os.path.join(TRACEFS, "events/syscalls", f"sys_enter_{spec.name}")):
-                self.missing.append(spec.name)
-                continue
-            if spec.enter:
-                nargs = syscall_nargs(spec.name)
-                self.bpf.attach_tracepoint(tp=enter, fn_name=f"aw_sys_enter{nargs}".encode())
-                self.attached.append(enter)
-            if spec.attach_exit:     # see Spec.attach_exit
-                exit_tp = f"syscalls:sys_exit_{spec.name}"
-                self.bpf.attach_tracepoint(tp=exit_tp, fn_name=b"aw_sys_exit")
-                self.attached.append(exit_tp)
+            self._attach_spec(spec)
         for tp, fn in PROCESS_PROBES + (MAPEXEC_PROBES if self.map_exec else ()):
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn.encode())
             self.attached.append(tp)
+
+    def _attach_spec(self, spec):
+        """Attach what spec needs and is not attached yet."""
+        if not os.path.isdir(os.path.join(TRACEFS, "events/syscalls", f"sys_enter_{spec.name}")):
+            self.missing.append(spec.name)
+            return
+        enter, exit_tp = f"syscalls:sys_enter_{spec.name}", f"syscalls:sys_exit_{spec.name}"
+        if spec.enter and enter not in self.attached:
+            nargs = syscall_nargs(spec.name)
+            self.bpf.attach_tracepoint(tp=enter, fn_name=f"aw_sys_enter{nargs}".encode())
+            self.attached.append(enter)
+        if spec.attach_exit and exit_tp not in self.attached:     # see Spec.attach_exit
+            self.bpf.attach_tracepoint(tp=exit_tp, fn_name=b"aw_sys_exit")
+            self.attached.append(exit_tp)
+
+    def add_denied(self, denied):
+        """Also report the refusals of these syscalls (a run on a shared
+        monitor whose seccomp filter refuses calls the monitor was loaded
+        without): mark their specs and attach their exit tracepoints, at
+        run time. Returns the names added."""
+        groups, asked = self._asked
+        new = [n for n in dict.fromkeys(denied) if n not in asked]
+        if not new:
+            return []
+        self._asked = (groups, asked + new)
+        old = {s.name: s for s in self.specs}
+        self.specs = S.specs_for(groups, asked + new)
+        for spec in self.specs:
+            if old.get(spec.name) != spec and spec.name not in self.missing and self._set_spec(spec):
+                self._attach_spec(spec)
+        return new
 
     def watch(self, cgroup_id, routes=((), ()), kills=((), ()), exec_roots=None, exec_kill=False):
         """Add a run's cgroup to the filter, with its own run slot and the

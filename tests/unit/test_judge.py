@@ -286,3 +286,12 @@ def test_only_paths_that_resolve_to_themselves_outside_proc_are_remembered(linka
     assert (str(link), True) not in J._canonical
     assert not any(p.startswith("/proc/") for p, _ in J._canonical)
     assert [v.detail["path"] for v in judged.violations()] == [secret]   # then counted as a repeat
+
+
+def test_refusal_of_a_syscall_this_runs_filter_allows_is_not_its_own(judged):
+    """On a shared monitor (the daemon) another run's filter may have the
+    exit tracepoint of a syscall watched: an EPERM from it in this run is not
+    this run's seccomp refusal."""
+    judged.judge.seccomp_denied = {"ptrace"}
+    feed(judged.correlator, refused("unshare", CHILD), refused("ptrace", CHILD))
+    assert [v.detail["syscall"] for v in judged.violations()] == ["ptrace"]

@@ -1,0 +1,481 @@
+"""`agentwatch daemon`: one loaded monitor that every `agentwatch run` shares.
+
+An embedded run compiles and loads the BPF sensors itself: a second or more
+of start-up and ~160 MB of resident memory per agentwatch process. The
+daemon does that once; each run then costs a cgroup, a thread and its log.
+`agentwatch run` uses the daemon when one answers on the socket (or, with
+--daemon, insists on it) and embeds a monitor otherwise.
+
+Protocol: AF_UNIX SOCK_SEQPACKET at <state dir>/daemon.sock (mode 0600), one
+JSON object per message.
+  client -> daemon
+    {"op": "run", "options": {...}}   with the client's stdin, stdout and
+                                      stderr attached (SCM_RIGHTS)
+    {"op": "signal", "signum": N}     the client got SIGINT, SIGTERM or SIGHUP
+    {"op": "status"} / {"op": "shutdown"}
+  daemon -> client
+    {"exit": N}                       the agent's exit status (128+N: signal N)
+    {"error": message, "type": class name, "exit_code": N}
+    status: {"pid", "started", "runs": [...], "sensors": {...}}
+Who asks is the kernel's word (SO_PEERCRED), recorded in the run identity
+as "client"; only root is served, as `agentwatch run` needs root anyway.
+The agent gets the client's stdio and environment, runs in the client's
+working directory, and its exit status goes back to the client. A client
+that goes away (killed, crashed, its terminal closed) stops its run as
+SIGHUP would.
+"""
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+
+from . import errors, state
+from .errors import AgentwatchError, UsageError
+
+MAX_MSG = 1 << 20          # a run request carries the client's whole environment
+START_TIMEOUT_S = 120      # `daemon start`: how long loading the sensors may take
+STOP_TIMEOUT_S = 30
+
+# RunOptions fields a client may set; paths are made absolute on its side
+_PATH_FIELDS = ("policy_path", "events_path", "workspace", "prompt_path")
+_FIELDS = {"argv": list, "policy_path": str, "name": str, "events_path": str, "show": bool,
+           "cwd": str, "env": dict, "workspace": str, "prompt_path": str,
+           "require_signed": bool, "trust": list, "allow_downgrade": bool, "bpf_lsm": str}
+
+
+def socket_path():
+    return os.path.join(state.state_dir(), "daemon.sock")
+
+
+def _send(conn, obj, fds=()):
+    data = json.dumps(obj).encode()
+    if fds:
+        socket.send_fds(conn, [data], list(fds))
+    else:
+        conn.send(data)
+
+
+def _recv(conn, maxfds=0):
+    """One message: (obj, fds), or (None, []) at end of connection."""
+    if maxfds:
+        data, fds, _flags, _addr = socket.recv_fds(conn, MAX_MSG, maxfds, socket.MSG_CMSG_CLOEXEC)
+    else:
+        data, fds = conn.recv(MAX_MSG), []
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        for fd in fds:
+            os.close(fd)
+        raise UsageError("agentwatch daemon: a message that is not a JSON object")
+    return obj, fds
+
+
+# -- options over the wire ---------------------------------------------------------------
+
+def request_options(opts):
+    """The client side: RunOptions -> the request's "options" (paths made
+    absolute, the working directory and the environment filled in)."""
+    out = {"argv": list(opts.argv), "cwd": opts.cwd or os.getcwd(),
+           "env": dict(os.environ if opts.env is None else opts.env)}
+    for name in _FIELDS:
+        if name in out:
+            continue
+        value = getattr(opts, name)
+        if name in _PATH_FIELDS and value:
+            value = os.path.abspath(value)
+        elif name == "trust":
+            value = [os.path.abspath(p) for p in value]
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def options_from_request(raw):
+    """The daemon side: a request's "options" -> RunOptions, every field
+    checked (unknown, mistyped or relative paths: UsageError)."""
+    from .runner import RunOptions
+    if not isinstance(raw, dict):
+        raise UsageError("agentwatch daemon: run request without options")
+    for name, value in raw.items():
+        kind = _FIELDS.get(name)
+        if kind is None:
+            raise UsageError(f"agentwatch daemon: unknown run option {name!r}")
+        if not isinstance(value, kind):
+            raise UsageError(f"agentwatch daemon: run option {name!r} must be a {kind.__name__}")
+    argv, env = raw.get("argv"), raw.get("env", {})
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise UsageError("agentwatch daemon: the environment must map strings to strings")
+    paths = [raw.get(n) for n in _PATH_FIELDS + ("cwd",)] + list(raw.get("trust", []))
+    for p in paths:
+        if p is not None and (not isinstance(p, str) or not os.path.isabs(p)):
+            raise UsageError(f"agentwatch daemon: path {p!r} is not absolute")
+    return RunOptions(**raw)
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+class Daemon:
+    """Serve runs on one Monitor until shutdown (a request, SIGTERM, SIGINT)."""
+
+    def __init__(self, path=None, ringbuf_pages=4096, log=None):
+        self.path = path or socket_path()
+        self.ringbuf_pages = ringbuf_pages
+        self.log = log or (lambda msg: print(f"agentwatch daemon: {msg}", file=sys.stderr, flush=True))
+        self.monitor = None
+        self.sock = None
+        self.runs = {}               # run id -> Run
+        self.threads = set()
+        self.stopping = threading.Event()
+        self.started = None
+
+    def serve(self):
+        from .runner import Monitor, gc
+        from .sandbox import launcher
+        if os.geteuid() != 0:
+            raise errors.PrivilegeError("agentwatch daemon needs root (it loads BPF programs and "
+                                        "creates cgroups); run it with sudo")
+        if ping(self.path) is not None:
+            raise UsageError(f"an agentwatch daemon already answers on {self.path}")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        swept = gc(log=self.log)
+        if swept:
+            self.log(f"swept {len(swept)} run(s) a crashed agentwatch left")
+        t0 = time.monotonic()
+        self.monitor = Monitor(ringbuf_pages=self.ringbuf_pages, map_exec=True).open()
+        try:
+            launcher.set_child_subreaper()
+            self._listen()
+            self.started = time.time()
+            self.log(f"ready on {self.path} (pid {os.getpid()}): sensors loaded in "
+                     f"{time.monotonic() - t0:.1f} s, {len(self.monitor.sensors.attached)} "
+                     f"tracepoints")
+            old = {s: signal.signal(s, lambda *_: self.stopping.set())
+                   for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+            try:
+                self._accept_loop()
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        finally:
+            self._shutdown()
+
+    def _listen(self):
+        try:
+            os.unlink(self.path)          # stale: nobody answered on it
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        sock.settimeout(0.2)
+        self.sock = sock
+
+    def _accept_loop(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                with self.monitor.lock:       # orphans re-parented to us while no run reaps
+                    self.monitor.reap()
+                continue
+            except InterruptedError:
+                continue
+            conn.settimeout(None)
+            t = threading.Thread(target=self._client, args=(conn,), daemon=True)
+            self.threads.add(t)
+            t.start()
+
+    def _shutdown(self):
+        if self.sock is not None:
+            self.sock.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        runs = list(self.runs.values())
+        if runs:
+            self.log(f"stopping {len(runs)} run(s)")
+        for run in runs:
+            run.stop(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for t in list(self.threads):
+            t.join(max(0.1, deadline - time.monotonic()))
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        self.log("stopped")
+
+    # -- one client ----------------------------------------------------------------------
+    def _client(self, conn):
+        fds, pid = [], "?"
+        try:
+            with conn:
+                pid, uid, gid = struct.unpack("3i", conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                try:
+                    req, fds = _recv(conn, maxfds=3)
+                    if req is None:
+                        return
+                    if uid != 0:
+                        raise errors.PrivilegeError("agentwatch run needs root (it creates cgroups "
+                                                    "and loads BPF programs); run it with sudo")
+                    op = req.get("op")
+                    if op == "status":
+                        _send(conn, self.status())
+                    elif op == "shutdown":
+                        self.log(f"shutdown asked by pid {pid}")
+                        self.stopping.set()
+                        _send(conn, {"ok": True})
+                    elif op == "run":
+                        self._run(conn, req, fds, {"pid": pid, "uid": uid, "gid": gid,
+                                                   "via": "agentwatch daemon"})
+                    else:
+                        raise UsageError(f"agentwatch daemon: unknown request {op!r}")
+                except AgentwatchError as e:
+                    _reply_error(conn, e)
+        except OSError as e:
+            self.log(f"client pid {pid}: {e}")
+        except Exception:
+            self.log("internal error:\n" + traceback.format_exc())
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.threads.discard(threading.current_thread())
+
+    def _run(self, conn, req, fds, client):
+        from .runner import Run
+        if len(fds) != 3:
+            raise UsageError("agentwatch daemon: a run request carries stdin, stdout and stderr")
+        if self.stopping.is_set():
+            raise UsageError("the agentwatch daemon is shutting down")
+        opts = options_from_request(req.get("options"))
+        opts.stdio, opts.client = tuple(fds), client
+        err = os.fdopen(os.dup(fds[2]), "w", buffering=1, errors="replace")
+        opts.stderr = err
+        run = Run(opts, monitor=self.monitor)
+        self.runs[run.run_id] = run
+        watcher = threading.Thread(target=self._watch_client, args=(conn, run), daemon=True)
+        watcher.start()
+        self.log(f"run {run.run_id}: {' '.join(opts.argv)} for pid {client['pid']}")
+        try:
+            code = run.execute()
+            if getattr(run, "summary", None):
+                print(run.summary, file=err)
+            _send(conn, {"exit": code})
+            self.log(f"run {run.run_id}: exited {code}")
+        except AgentwatchError as e:
+            self.log(f"run {run.run_id}: {e}")
+            raise
+        except Exception:
+            self.log(f"run {run.run_id}: internal error:\n" + traceback.format_exc())
+            raise AgentwatchError(f"internal error in the agentwatch daemon (run {run.run_id}); "
+                                  f"its log has the details") from None
+        finally:
+            self.runs.pop(run.run_id, None)
+            try:
+                err.close()
+            except OSError:
+                pass
+
+    def _watch_client(self, conn, run):
+        """Forward the client's signals to its run; its going away is SIGHUP."""
+        while True:
+            try:
+                msg, _ = _recv(conn)
+            except (OSError, AgentwatchError):
+                msg = None
+            if msg is None:
+                if run.exit_status is None and run.run_id in self.runs:
+                    self.log(f"run {run.run_id}: the client went away: stopping the agent")
+                    run.stop(signal.SIGHUP)
+                return
+            if msg.get("op") == "signal" and msg.get("signum") in (signal.SIGINT, signal.SIGTERM,
+                                                                    signal.SIGHUP):
+                run.stop(msg["signum"])
+
+    def status(self):
+        s = self.monitor.sensors
+        return {"pid": os.getpid(), "started": self.started, "socket": self.path,
+                "runs": [{"run_id": r.run_id, "agent": getattr(r, "agent", None),
+                          "root_pid": r.child.pid if r.child else None,
+                          "client": r.opts.client} for r in list(self.runs.values())],
+                "sensors": {"tracepoints": len(s.attached), "groups": s.groups,
+                            "map_exec": s.map_exec},
+                "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))}}
+
+
+def _reply_error(conn, e):
+    try:
+        _send(conn, {"error": str(e), "type": type(e).__name__, "exit_code": e.exit_code})
+    except OSError:
+        pass
+
+
+# -- the client --------------------------------------------------------------------------------
+
+def _connect(path=None):
+    """A connection to the daemon, or None when none answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path or socket_path())
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError):
+        sock.close()
+        return None
+    return sock
+
+
+def _ask(sock, obj):
+    with sock:
+        _send(sock, obj)
+        reply, _ = _recv(sock)
+    if reply is None:
+        raise AgentwatchError("the agentwatch daemon closed the connection without an answer")
+    if "error" in reply:
+        raise _error_from(reply)
+    return reply
+
+
+def ping(path=None):
+    """The daemon's status, or None when none answers."""
+    sock = _connect(path)
+    if sock is None:
+        return None
+    try:
+        return _ask(sock, {"op": "status"})
+    except (OSError, AgentwatchError):
+        return None
+
+
+def shutdown(path=None):
+    """Ask the daemon to stop; wait until it did. False when none was running."""
+    sock = _connect(path)
+    if sock is None:
+        return False
+    _ask(sock, {"op": "shutdown"})
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while os.path.exists(path or socket_path()):
+        if time.monotonic() > deadline:
+            raise AgentwatchError(f"the agentwatch daemon did not stop within {STOP_TIMEOUT_S} s")
+        time.sleep(0.05)
+    return True
+
+
+def _error_from(reply):
+    cls = getattr(errors, str(reply.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, AgentwatchError)):
+        cls = AgentwatchError
+    e = cls.__new__(cls)
+    Exception.__init__(e, reply.get("error", "the agentwatch daemon refused the run"))
+    e.exit_code = int(reply.get("exit_code", 1))
+    return e
+
+
+def run_remote(opts, path=None, require=False):
+    """Run the agent on the daemon: its exit status, or None when no daemon
+    answers (require: that is an error). Our SIGINT, SIGTERM and SIGHUP are
+    forwarded to the run."""
+    sock = _connect(path)
+    if sock is None:
+        if require:
+            raise UsageError(f"--daemon: no agentwatch daemon answers on {path or socket_path()}; "
+                             "start one with 'agentwatch daemon start'")
+        return None
+    stdio = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            stdio.append(fd)
+        except OSError:         # closed: the agent gets /dev/null there
+            stdio.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+
+    def forward(signum, _frame):
+        try:
+            _send(sock, {"op": "signal", "signum": signum})
+        except OSError:
+            pass
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with sock:
+            _send(sock, {"op": "run", "options": request_options(opts)}, fds=stdio)
+            reply, _ = _recv(sock)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if reply is None:
+        raise AgentwatchError("the agentwatch daemon went away during the run; its log "
+                              f"({os.path.join(state.state_dir(), 'daemon.log')} when started "
+                              "with 'agentwatch daemon start') says why")
+    if "error" in reply:
+        raise _error_from(reply)
+    return int(reply["exit"])
+
+
+def start(log_path=None, timeout=START_TIMEOUT_S, progress=None):
+    """Start a daemon in the background (its output in log_path); return
+    its status once it answers."""
+    import subprocess
+    path = socket_path()
+    if ping(path) is not None:
+        raise UsageError(f"an agentwatch daemon already answers on {path}")
+    log_path = log_path or os.path.join(state.state_dir(), "daemon.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agentwatch.daemon"], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        st = ping(path)
+        if st is not None and st.get("pid") == proc.pid:
+            return st
+        if proc.poll() is not None:
+            raise AgentwatchError(f"the agentwatch daemon exited ({proc.returncode}) before it "
+                                  f"was ready:\n{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise AgentwatchError(f"the agentwatch daemon was not ready within {timeout} s; "
+                                  f"its log:\n{_tail(log_path)}")
+        if progress:
+            progress()
+        time.sleep(0.2)
+
+
+def _tail(path, lines=15):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def main():
+    """`python -m agentwatch.daemon`: serve in the foreground."""
+    try:
+        Daemon().serve()
+    except AgentwatchError as e:
+        print(f"agentwatch daemon: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""agentwatch daemon start | stop | status | run: the shared monitor."""
+import time
+
+import click
+
+from agentwatch import daemon
+
+
+@click.group("daemon")
+def daemon_group():
+    """One loaded monitor that every 'agentwatch run' on this host shares
+    (start-up without a BPF compile, one set of sensors for all agents)."""
+
+
+@daemon_group.command("start")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False),
+              help="Where the daemon writes its log (default: <state dir>/daemon.log).")
+def start(log_path):
+    """Start the daemon in the background; return once it answers."""
+    t0 = time.monotonic()
+    click.echo("agentwatch: starting the daemon (compiling and loading the BPF sensors)...", err=True)
+    st = daemon.start(log_path)
+    click.echo(f"agentwatch daemon running: pid {st['pid']}, socket {st['socket']}, "
+               f"{st['sensors']['tracepoints']} tracepoints, ready in {time.monotonic() - t0:.1f} s")
+
+
+@daemon_group.command("stop")
+def stop():
+    """Stop the daemon: its runs' agents get SIGTERM, then SIGKILL."""
+    if not daemon.shutdown():
+        raise click.ClickException(f"no agentwatch daemon answers on {daemon.socket_path()}")
+    click.echo("agentwatch daemon stopped")
+
+
+@daemon_group.command("status")
+def status():
+    """Whether a daemon runs, and the runs it serves (exit 1: none runs)."""
+    st = daemon.ping()
+    if st is None:
+        click.echo(f"no agentwatch daemon answers on {daemon.socket_path()}")
+        raise SystemExit(1)
+    up = time.time() - st["started"]
+    click.echo(f"agentwatch daemon: pid {st['pid']}, up {up:.0f} s, socket {st['socket']}")
+    click.echo(f"  sensors: {st['sensors']['tracepoints']} tracepoints "
+               f"({', '.join(st['sensors']['groups'])})")
+    c = st["counters"]
+    click.echo(f"  records: {c['received']} received, {c['lost_events']} lost")
+    click.echo(f"  runs: {len(st['runs'])}")
+    for r in st["runs"]:
+        click.echo(f"    {r['run_id']}  {r['agent'] or '?'}  agent pid {r['root_pid'] or '-'}  "
+                   f"for pid {r['client']['pid']}")
+
+
+@daemon_group.command("run")
+def run_foreground():
+    """Serve in the foreground (for systemd, or to watch its log)."""
+    daemon.Daemon().serve()

@@ -1,0 +1,187 @@
+"""agentwatch daemon: one loaded monitor that `agentwatch run` shares.
+
+Real daemon, real CLI clients, real BPF: runs go through the socket at the
+same time, each keeps its own events, stdio and exit status; the sandbox and
+the seccomp refusals hold as in an embedded run; Ctrl-C, a vanished client
+and `daemon stop` leave no agent, cgroup or BPF program behind."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import REPO, aw, aw_cmd, read_events
+
+POLICIES = os.path.join(REPO, "policies")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """A daemon on its own state dir for this module; stopped at the end."""
+    d = tmp_path_factory.mktemp("daemon") / "state"
+    d.mkdir()
+    env = {"AGENTWATCH_STATE_DIR": str(d)}
+    r = aw("daemon", "start", env=env, timeout=180)
+    assert r.returncode == 0, r.stderr + r.stdout
+    pid = int(r.stdout.split("pid ")[1].split(",")[0])
+    yield d, env
+    stop = aw("daemon", "stop", env=env, timeout=60)
+    _assert_gone(pid, d)
+    assert stop.returncode == 0, stop.stderr
+
+
+def _assert_gone(pid, state_dir):
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.exists(f"/proc/{pid}"):
+        os.kill(pid, signal.SIGKILL)      # the daemon we started, by its id
+        pytest.fail("the daemon did not stop")
+    assert not os.path.exists(state_dir / "daemon.sock")
+
+
+def _client(env, *args, **kw):
+    return subprocess.Popen(aw_cmd() + ["run"] + list(args), cwd=kw.pop("cwd", REPO),
+                            env=dict(os.environ, PYTHONPATH=REPO, **env), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _status(env):
+    from agentwatch import daemon
+    return daemon.ping(os.path.join(env["AGENTWATCH_STATE_DIR"], "daemon.sock"))
+
+
+def _wait_for(pred, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _run_record(state_dir, run_id):
+    with open(state_dir / "runs" / run_id / "run.json") as f:
+        return json.load(f)
+
+
+def test_concurrent_runs_keep_their_own_stdio_events_and_exit(daemon):
+    state_dir, env = daemon
+    a = _client(env, "--daemon", "--name", "agent-a", "--",
+                "/bin/sh", "-c", "echo A-out; echo A-err >&2; sleep 2; exit 3")
+    b = _client(env, "--daemon", "--name", "agent-b", "--", "/bin/sh", "-c", "cat; exit 5")
+    # both runs live on the daemon at once (b waits for its stdin)
+    st = _wait_for(lambda: (lambda s: s if s and len(s["runs"]) == 2 else None)(_status(env)),
+                   what="two runs on the daemon")
+    assert {r["client"]["pid"] for r in st["runs"]} == {a.pid, b.pid}
+    out_b, err_b = b.communicate("B-in\n", timeout=60)
+    out_a, err_a = a.communicate(timeout=60)
+    assert (a.returncode, b.returncode) == (3, 5), err_a + err_b
+    assert out_a == "A-out\n" and "A-err" in err_a
+    assert out_b == "B-in\n"
+    runs = {}
+    for line in (err_a, err_b):
+        run_id = line.split("agentwatch: run ")[1].split()[0]
+        runs[run_id] = read_events(state_dir / "runs" / run_id / "events.jsonl")
+    by_agent = {evs[0]["agent"]: evs for evs in runs.values()}
+    assert set(by_agent) == {"agent-a", "agent-b"}
+    for agent, evs in by_agent.items():
+        assert {e["agent"] for e in evs} == {agent}
+        start = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "start")
+        # who asked is the kernel's word (SO_PEERCRED), recorded in the identity
+        client = start["detail"]["client"]
+        assert client["pid"] == (a.pid if agent == "agent-a" else b.pid) and client["uid"] == 0
+        execs = {os.path.basename(e["filename"]) for e in evs if e["kind"] == "exec" and e["ret"] == 0}
+        # each log holds its own agent's programs, not the other's
+        assert execs == ({"sh", "sleep"} if agent == "agent-a" else {"sh", "cat"}), execs
+        end = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "end")
+        assert end["detail"]["exit_status"] == (3 if agent == "agent-a" else 5)
+
+
+def test_sandbox_holds_and_refusals_are_reported_on_the_daemon(daemon, tmp_path):
+    """The client's HOME is the policy's ${HOME} (the daemon's is /root); a
+    seccomp refusal is reported though the daemon loaded without it."""
+    state_dir, env = daemon
+    home, ws = tmp_path / "home", tmp_path / "ws"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("SECRET-KEY\n")
+    ws.mkdir()
+    p = _client(dict(env, HOME=str(home)), "--daemon", "--allow-downgrade",
+                "--policy", os.path.join(POLICIES, "sandboxed-agent.yaml"), "--",
+                "/bin/sh", "-c", f"unshare -U /bin/true; echo unshare=$?; cat {home}/.ssh/id_rsa; "
+                                 "echo cat=$?", cwd=str(ws))
+    out, err = p.communicate(timeout=120)
+    assert "SECRET-KEY" not in out, out
+    assert "unshare=1" in out, out + err           # refused by seccomp (EPERM)
+    run_id = err.split("agentwatch: run ")[1].split()[0]
+    evs = read_events(state_dir / "runs" / run_id / "events.jsonl")
+    viol = [e for e in evs if e["kind"] == "violation"]
+    assert any(v["category"] == "process" and "unshare" in json.dumps(v["detail"]) for v in viol), viol
+    assert any(v["category"] == "filesystem" and v["rule"] == "filesystem.deny" for v in viol), viol
+    ident = _run_record(state_dir, run_id)["identity"]
+    assert ident["variables"]["HOME"] == str(home)
+    assert ident["enforcement"]["path"] != "monitor-only"
+
+
+def test_ctrl_c_stops_the_agent_and_a_vanished_client_stops_its_run(daemon):
+    state_dir, env = daemon
+    from agentwatch.sandbox.cgroups import leftover_cgroups
+    before = set(leftover_cgroups())
+    # Ctrl-C: the client forwards SIGINT, the agent (not in the client's
+    # process group) gets it from the daemon
+    p = _client(env, "--daemon", "--", "/bin/sleep", "300")
+    run = _wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
+        _status(env)), what="the run to start")
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=30)
+    assert p.returncode == 130
+    assert not os.path.exists(f"/proc/{run['root_pid']}")
+    # a client killed outright: the daemon stops its run (as SIGHUP would)
+    q = _client(env, "--daemon", "--", "/bin/sh", "-c", "sleep 300 & sleep 300 & wait")
+    run = _wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
+        _status(env)), what="the second run to start")
+    q.kill()
+    q.communicate(timeout=30)
+    _wait_for(lambda: not _status(env)["runs"], what="the daemon to end the orphaned run")
+    assert not os.path.exists(f"/proc/{run['root_pid']}")
+    rec = _run_record(state_dir, run["run_id"])
+    assert rec["status"] == "exited" and rec["exit_status"] == 128 + signal.SIGTERM
+    assert set(leftover_cgroups()) <= before
+
+
+def test_daemon_stop_ends_its_runs_and_unloads(tmp_path):
+    """Its own daemon: stopping it ends a running agent (the client gets
+    143), and the socket, the cgroup and every aw_* program are gone."""
+    from agentwatch.sandbox.cgroups import leftover_cgroups
+    from agentwatch.sensors.inventory import agentwatch_programs
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    env = {"AGENTWATCH_STATE_DIR": str(state_dir)}
+    before = set(agentwatch_programs())
+    r = aw("daemon", "start", env=env, timeout=180)
+    assert r.returncode == 0, r.stderr
+    pid = _status(env)["pid"]
+    try:
+        p = _client(env, "--daemon", "--", "/bin/sleep", "300")
+        run = _wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
+            _status(env)), what="the run to start")
+        stop = aw("daemon", "stop", env=env, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        p.communicate(timeout=30)
+        assert p.returncode == 143
+        assert not os.path.exists(f"/proc/{run['root_pid']}")
+        assert run["run_id"] not in leftover_cgroups()
+    finally:
+        _assert_gone(pid, state_dir)
+    assert set(agentwatch_programs()) <= before
+    log = (state_dir / "daemon.log").read_text()
+    assert "stopping 1 run(s)" in log and "stopped" in log
+
+
+def test_daemon_flag_without_a_daemon_says_how_to_start_one(tmp_path):
+    r = aw("run", "--daemon", "--", "/bin/true", env={"AGENTWATCH_STATE_DIR": str(tmp_path)})
+    assert r.returncode == 2
+    assert "no agentwatch daemon answers" in r.stderr and "agentwatch daemon start" in r.stderr
+    assert "Traceback" not in r.stderr
