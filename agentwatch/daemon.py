@@ -84,18 +84,20 @@ def _recv(conn, maxfds=0):
 # -- options over the wire ---------------------------------------------------------------
 
 def request_options(opts):
-    """The client side: RunOptions -> the request's "options" (paths made
-    absolute, the working directory and the environment filled in)."""
-    out = {"argv": list(opts.argv), "cwd": opts.cwd or os.getcwd(),
-           "env": dict(os.environ if opts.env is None else opts.env)}
+    """The client side: RunOptions, or a dict of its fields (what the CLI
+    has, without importing the runner) -> the request's "options" (paths
+    made absolute, the working directory and the environment filled in)."""
+    opts = dict(opts if isinstance(opts, dict) else vars(opts))
+    out = {"argv": list(opts["argv"]), "cwd": opts.get("cwd") or os.getcwd(),
+           "env": dict(os.environ if opts.get("env") is None else opts["env"])}
     for name in _FIELDS:
         if name in out:
             continue
-        value = getattr(opts, name)
+        value = opts.get(name)
         if name in _PATH_FIELDS and value:
             value = os.path.abspath(value)
         elif name == "trust":
-            value = [os.path.abspath(p) for p in value]
+            value = [os.path.abspath(p) for p in value or ()]
         if value is not None:
             out[name] = value
     return out
@@ -278,12 +280,13 @@ class Daemon:
         watcher = threading.Thread(target=self._watch_client, args=(conn, run), daemon=True)
         watcher.start()
         self.log(f"run {run.run_id}: {' '.join(opts.argv)} for pid {client['pid']}")
+        t0 = time.monotonic()
         try:
             code = run.execute()
             if getattr(run, "summary", None):
                 print(run.summary, file=err)
             _send(conn, {"exit": code})
-            self.log(f"run {run.run_id}: exited {code}")
+            self.log(f"run {run.run_id}: exited {code} after {time.monotonic() - t0:.3f} s")
         except AgentwatchError as e:
             self.log(f"run {run.run_id}: {e}")
             raise
@@ -318,7 +321,7 @@ class Daemon:
         s = self.monitor.sensors
         return {"pid": os.getpid(), "started": self.started, "socket": self.path,
                 "runs": [{"run_id": r.run_id, "agent": getattr(r, "agent", None),
-                          "root_pid": r.child.pid if r.child else None,
+                          "root_pid": r.record.get("root_pid"),   # once it runs in its cgroup
                           "client": r.opts.client} for r in list(self.runs.values())],
                 "sensors": {"tracepoints": len(s.attached), "groups": s.groups,
                             "map_exec": s.map_exec},

@@ -14,6 +14,7 @@ import getpass
 import hashlib
 import os
 import platform
+import select
 import signal
 import socket
 import sys
@@ -632,15 +633,28 @@ class Run:
 
     def _loop(self):
         next_stats = time.monotonic() + STATS_EVERY_S
-        while self.exit_status is None:
-            if self.own_monitor:
+        if self.own_monitor:
+            while self.exit_status is None:
                 next_stats = self._step(next_stats, 100)
-            else:
-                # a shared monitor: hold its lock only to read what is there
-                # (for every run), then let the other runs have it
+            return
+        # a shared monitor: hold its lock only to read what is there (for
+        # every run), then let the other runs have it; wake early when the
+        # agent exits (its pidfd turns readable)
+        try:
+            pidfd = os.pidfd_open(self.child.pid)
+        except OSError:
+            pidfd = None
+        try:
+            while self.exit_status is None:
                 with self.monitor.lock:
                     next_stats = self._step(next_stats, 0)
-                time.sleep(SHARED_POLL_S)
+                if pidfd is None:
+                    time.sleep(SHARED_POLL_S)
+                else:
+                    select.select([pidfd], [], [], SHARED_POLL_S)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     def _step(self, next_stats, timeout_ms):
         """One turn of the loop: read the rings, reap, check deadlines, flush.
@@ -694,20 +708,25 @@ class Run:
             with lock:
                 self.sensors.poll(20)
                 self.monitor.reap()
-        # the last exit records may still be in flight: read until quiet (at
-        # most DRAIN_S: on a shared monitor other runs may never be quiet)
-        quiet, deadline = 0, time.monotonic() + DRAIN_S
-        while quiet < 3 and time.monotonic() < deadline:
+        # Every process of the run has exited, so each of its records was
+        # submitted by now (BPF programs run in the process, before it
+        # leaves the cgroup): read until the rings were read to their end
+        # past this moment (bounded: under a flood, drain() below takes
+        # what is left and drops are counted).
+        t_empty = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
             with lock:
-                before = self.sensors.received
-                self.sensors.poll(30)
-                quiet = quiet + 1 if self.sensors.received == before else 0
+                self.sensors.poll(5)
+                if self.sensors.delivered_until(t_empty):
+                    break
         with lock:
             self._drained()
 
     def _drained(self):
         """The agent's records are read: deliver them, judge, report."""
-        self.sensors.drain()   # and deliver what was still held back for ordering
+        if self.own_monitor:
+            self.sensors.drain()   # and deliver what was still held back for ordering
         self.monitor.reap()
         for g in self._guards():
             g.poll(0)

@@ -297,10 +297,80 @@ def aw_cmd(*args):
     return [sys.executable, os.path.join(BENCH, "aw_cli.py"), *args]
 
 
-def run_argv(argv, policy=None):
+def run_argv(argv, policy=None, cmd=aw_cmd, daemon=False):
+    """`agentwatch run`, with a monitor of its own (--no-daemon: a daemon the
+    suite started may answer on the state dir) or on the daemon."""
     # the strict policy's wildcard deny is a downgrade (killed at open, not refused)
     opts = ["--policy", policy] + (["--allow-downgrade"] if policy == STRICT_POLICY else []) if policy else []
-    return aw_cmd("run", *opts, "--", *argv)
+    return cmd("run", "--daemon" if daemon else "--no-daemon", *opts, "--", *argv)
+
+
+# -- agentwatch daemon: one monitor all runs share, and its thin CLI client ------------------
+
+def client_cmd(*args):
+    """The checkout's CLI as a user runs it (cli.main; `run` on the daemon
+    imports only the protocol: the thin client whose cost is measured)."""
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+class Daemon:
+    """`agentwatch daemon start` on the workspace's state dir; close() stops
+    it (and kills it by its pid if it did not stop)."""
+
+    def __init__(self, ws):
+        from agentwatch import daemon
+        self.ws, self.path = ws, os.path.join(ws.state, "daemon.sock")
+        t0 = time.monotonic()
+        r = subprocess.run(client_cmd("daemon", "start"), env=aw_env(ws), cwd=ws.root,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"agentwatch daemon start failed: {r.stderr[-1500:]}")
+        self.ready_s = time.monotonic() - t0
+        self.pid = daemon.ping(self.path)["pid"]
+
+    def status(self):
+        from agentwatch import daemon
+        return daemon.ping(self.path)
+
+    def client(self, argv, policy=None, **kw):
+        """`agentwatch run --daemon ... -- argv`, left running (Popen)."""
+        return self.ws.popen(run_argv(argv, policy, cmd=client_cmd, daemon=True), cwd=self.ws.root,
+                             env=aw_env(self.ws), **kw)
+
+    def run(self, argv, policy=None):
+        """`agentwatch run --daemon -- argv` to completion: wall seconds."""
+        t0 = time.monotonic()
+        p = subprocess.run(run_argv(argv, policy, cmd=client_cmd, daemon=True), cwd=self.ws.root,
+                           env=aw_env(self.ws), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           timeout=300)
+        wall = time.monotonic() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"agentwatch run --daemon exited {p.returncode}: "
+                               f"{p.stderr.decode(errors='replace')[-1500:]}")
+        return wall
+
+    def close(self):
+        subprocess.run(client_cmd("daemon", "stop"), env=aw_env(self.ws), cwd=self.ws.root,
+                       capture_output=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while not process_gone(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not process_gone(self.pid):
+            os.kill(self.pid, signal.SIGKILL)        # ours: started above
+
+
+def process_gone(pid):
+    """Whether pid has exited (a zombie counts: reaped here when it is our
+    child, e.g. re-parented to a subreaper we are)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def run_cli(ws, argv, policy=None, env=None, cwd=None, timeout=900):

@@ -63,3 +63,14 @@ def diff(ctx, old, new):
     a, b = _load_or_exit(ctx, old), _load_or_exit(ctx, new)
     for line in diff_policies(a, b):
         click.echo(line)
+
+
+def _with_signing():
+    """The policy group with sign and verify (cli/keys.py) added."""
+    from .keys import policy_sign, policy_verify
+    policy.add_command(policy_sign)      # agentwatch policy sign
+    policy.add_command(policy_verify)    # agentwatch policy verify
+    return policy
+
+
+policy_group = _with_signing()

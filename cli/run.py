@@ -2,7 +2,6 @@
 import click
 
 from agentwatch import daemon
-from agentwatch.runner import RunOptions, run_agent
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -42,13 +41,14 @@ def run(ctx, policy_path, name, events_path, show, workspace, prompt_path, requi
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]
 
     The exit status is the agent's own (128+N when a signal N killed it)."""
-    opts = RunOptions(argv=list(command), policy_path=policy_path, name=name,
-                      events_path=events_path, show=show, workspace=workspace,
-                      prompt_path=prompt_path, require_signed=require_signed,
-                      trust=list(trust), allow_downgrade=allow_downgrade, bpf_lsm=bpf_lsm)
+    fields = dict(argv=list(command), policy_path=policy_path, name=name,
+                  events_path=events_path, show=show, workspace=workspace,
+                  prompt_path=prompt_path, require_signed=require_signed,
+                  trust=list(trust), allow_downgrade=allow_downgrade, bpf_lsm=bpf_lsm)
     code = None
-    if use_daemon is not False:
-        code = daemon.run_remote(opts, require=bool(use_daemon))
+    if use_daemon is not False:      # the daemon's thin client imports no more than this
+        code = daemon.run_remote(fields, require=bool(use_daemon))
     if code is None:
-        code = run_agent(opts)
+        from agentwatch.runner import RunOptions, run_agent
+        code = run_agent(RunOptions(**fields))
     ctx.exit(code)

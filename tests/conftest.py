@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -92,6 +93,17 @@ def free_id(lookup):
         except KeyError:
             return i
     pytest.skip("no free id between 61000 and 64000")
+
+
+def wait_for(pred, timeout=30, what="condition"):
+    """pred()'s first true value, polled every 50 ms; fails after timeout s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def read_events(path):

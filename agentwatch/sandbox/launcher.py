@@ -85,7 +85,10 @@ class Child:
 
     def release(self):
         """Let the child exec; raise LaunchError naming the step that failed."""
-        os.write(self._go, b"g")
+        try:
+            os.write(self._go, b"g")
+        except BrokenPipeError:
+            pass    # a signal killed the child first: its exit status tells
         os.close(self._go)
         data = b""
         while True:
@@ -143,6 +146,12 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None):
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:
                 os._exit(1)
+            # before the wait: a Ctrl-C or SIGTERM for the agent that comes
+            # now must stop it, not run agentwatch's handler in this copy
+            step = "reset signals"
+            for sig in _RESET_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
             step = "wait for the monitor"
             if os.read(go_r, 1) != b"g":
                 os._exit(1)           # parent gone or aborted us
@@ -151,10 +160,6 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None):
                 step = "set up stdin, stdout and stderr"
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)          # the copy is not close-on-exec
-            step = "reset signals"
-            for sig in _RESET_SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
             if cwd:
                 step = f"chdir to {cwd}"
                 os.chdir(cwd)

@@ -408,6 +408,12 @@ class Sensors:
         self._read(READ_BATCH)
         self._deliver()
 
+    def delivered_until(self, t_ns):
+        """Whether every record stamped before t_ns (CLOCK_MONOTONIC, as
+        bpf_ktime_get_ns) has been read and delivered: the rings were read
+        to their end at least ORDER_SLACK_NS after it."""
+        return self._watermark >= t_ns and not any(ring.backlog for ring in self._rings)
+
     def drain(self):
         """Read what the ring buffers hold and deliver everything read,
         without waiting. Bounded (DRAIN_ROUNDS batches): another run sharing

@@ -8,10 +8,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import REPO, aw, aw_cmd, read_events
+from conftest import REPO, aw, aw_cmd, read_events, wait_for
+
+sys.path.insert(0, REPO)
+from bench.lib import process_gone  # noqa: E402
 
 POLICIES = os.path.join(REPO, "policies")
 
@@ -33,9 +37,9 @@ def daemon(tmp_path_factory):
 
 def _assert_gone(pid, state_dir):
     deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while not process_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if os.path.exists(f"/proc/{pid}"):
+    if not process_gone(pid):
         os.kill(pid, signal.SIGKILL)      # the daemon we started, by its id
         pytest.fail("the daemon did not stop")
     assert not os.path.exists(state_dir / "daemon.sock")
@@ -52,16 +56,6 @@ def _status(env):
     return daemon.ping(os.path.join(env["AGENTWATCH_STATE_DIR"], "daemon.sock"))
 
 
-def _wait_for(pred, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _run_record(state_dir, run_id):
     with open(state_dir / "runs" / run_id / "run.json") as f:
         return json.load(f)
@@ -73,7 +67,7 @@ def test_concurrent_runs_keep_their_own_stdio_events_and_exit(daemon):
                 "/bin/sh", "-c", "echo A-out; echo A-err >&2; sleep 2; exit 3")
     b = _client(env, "--daemon", "--name", "agent-b", "--", "/bin/sh", "-c", "cat; exit 5")
     # both runs live on the daemon at once (b waits for its stdin)
-    st = _wait_for(lambda: (lambda s: s if s and len(s["runs"]) == 2 else None)(_status(env)),
+    st = wait_for(lambda: (lambda s: s if s and len(s["runs"]) == 2 else None)(_status(env)),
                    what="two runs on the daemon")
     assert {r["client"]["pid"] for r in st["runs"]} == {a.pid, b.pid}
     out_b, err_b = b.communicate("B-in\n", timeout=60)
@@ -132,7 +126,7 @@ def test_ctrl_c_stops_the_agent_and_a_vanished_client_stops_its_run(daemon):
     # Ctrl-C: the client forwards SIGINT, the agent (not in the client's
     # process group) gets it from the daemon
     p = _client(env, "--daemon", "--", "/bin/sleep", "300")
-    run = _wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
+    run = wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
         _status(env)), what="the run to start")
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=30)
@@ -140,11 +134,11 @@ def test_ctrl_c_stops_the_agent_and_a_vanished_client_stops_its_run(daemon):
     assert not os.path.exists(f"/proc/{run['root_pid']}")
     # a client killed outright: the daemon stops its run (as SIGHUP would)
     q = _client(env, "--daemon", "--", "/bin/sh", "-c", "sleep 300 & sleep 300 & wait")
-    run = _wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
+    run = wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
         _status(env)), what="the second run to start")
     q.kill()
     q.communicate(timeout=30)
-    _wait_for(lambda: not _status(env)["runs"], what="the daemon to end the orphaned run")
+    wait_for(lambda: not _status(env)["runs"], what="the daemon to end the orphaned run")
     assert not os.path.exists(f"/proc/{run['root_pid']}")
     rec = _run_record(state_dir, run["run_id"])
     assert rec["status"] == "exited" and rec["exit_status"] == 128 + signal.SIGTERM
@@ -165,7 +159,7 @@ def test_daemon_stop_ends_its_runs_and_unloads(tmp_path):
     pid = _status(env)["pid"]
     try:
         p = _client(env, "--daemon", "--", "/bin/sleep", "300")
-        run = _wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
+        run = wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
             _status(env)), what="the run to start")
         stop = aw("daemon", "stop", env=env, timeout=60)
         assert stop.returncode == 0, stop.stderr

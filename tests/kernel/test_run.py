@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, aw, aw_cmd, read_events
+from conftest import REPO, aw, aw_cmd, read_events, wait_for
 
 pytestmark = pytest.mark.kernel
 AGENTS = os.path.join(REPO, "tests", "kernel", "agents")
@@ -236,16 +236,6 @@ def test_burst_of_100k_events_all_logged_or_counted(state_dir, tmp_path, cbin):
     print(f"burst: {opens} of {n} opens logged, {lost} lost")
 
 
-def _wait_for(pred, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _running_run(state_dir):
     from agentwatch import state
     runs = [r for r in state.list_runs() if r.get("status") == "running"]
@@ -270,13 +260,13 @@ def _spawn_aw(*args):
 def test_signal_stops_the_whole_tree_and_cleans_up(state_dir, sig, expect):
     p = _spawn_aw("run", "--name", "sleeper", "--", "/bin/sh", "-c", "sleep 300 & sleep 300 & wait")
     try:
-        rec = _wait_for(lambda: _running_run(state_dir), what="run to start")
-        pids = _wait_for(lambda: len(_cgroup_pids(rec)) >= 3 and _cgroup_pids(rec), what="agent tree")
+        rec = wait_for(lambda: _running_run(state_dir), what="run to start")
+        pids = wait_for(lambda: len(_cgroup_pids(rec)) >= 3 and _cgroup_pids(rec), what="agent tree")
         ps = aw("ps", "--json")
         rows = json.loads(ps.stdout)
         assert [r["run_id"] for r in rows] == [rec["run_id"]]
         assert rows[0]["agent"] == "sleeper"
-        _wait_for(lambda: json.loads(aw("ps", "--json").stdout)[0]["pids"] >= 3, what="ps pid count")
+        wait_for(lambda: json.loads(aw("ps", "--json").stdout)[0]["pids"] >= 3, what="ps pid count")
         p.send_signal(sig)
         out, err = p.communicate(timeout=30)
     finally:
@@ -296,8 +286,8 @@ def test_crashed_agentwatch_is_swept_by_gc(state_dir):
     from agentwatch.sensors.inventory import agentwatch_programs
     before = set(agentwatch_programs())     # other runs on the host may have theirs
     p = _spawn_aw("run", "--", "/bin/sh", "-c", "sleep 300 & wait")
-    rec = _wait_for(lambda: _running_run(state_dir), what="run to start")
-    pids = _wait_for(lambda: len(_cgroup_pids(rec)) >= 2 and _cgroup_pids(rec), what="agent tree")
+    rec = wait_for(lambda: _running_run(state_dir), what="run to start")
+    pids = wait_for(lambda: len(_cgroup_pids(rec)) >= 2 and _cgroup_pids(rec), what="agent tree")
     ours = set(agentwatch_programs()) - before
     assert ours
     p.kill()                       # agentwatch dies without cleaning up
@@ -309,7 +299,7 @@ def test_crashed_agentwatch_is_swept_by_gc(state_dir):
     assert r.returncode == 0 and "swept 1" in r.stdout, r.stdout + r.stderr
     assert not os.path.exists(rec["identity"]["cgroup"])
     for pid in pids:
-        _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5, what=f"pid {pid} gone")
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5, what=f"pid {pid} gone")
     assert state.read_json(state.run_path(rec["run_id"], "run.json"))["status"] == "crashed"
 
 
@@ -329,7 +319,7 @@ def test_tail_follows_a_live_run_and_replays_it(state_dir, tmp_path):
                     break
                 lines.append(json.loads(line))
             return any(d["filename"] == "/bin/echo" for d in lines)
-        _wait_for(got_echo, timeout=15, what="tail to print the exec")
+        wait_for(got_echo, timeout=15, what="tail to print the exec")
     finally:
         tail.send_signal(signal.SIGINT)
         _, err = tail.communicate(timeout=10)

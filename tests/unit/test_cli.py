@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -132,17 +133,36 @@ def test_ps_table(capsys, state_dir):
 
 # ---- help ------------------------------------------------------------------------
 
-def test_every_command_is_registered():
-    assert {"run", "tail", "ps", "gc", "doctor"} <= set(cli.commands)
+COMMANDS = cli.list_commands(None)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["-h"]] + [[name, "--help"] for name in sorted(cli.commands)])
+def test_every_command_is_registered_and_loads():
+    """Commands are imported when used (cli/main.py LazyGroup): each entry
+    loads, under its own name."""
+    assert {"run", "tail", "ps", "gc", "doctor", "daemon", "policy", "key", "log"} <= set(COMMANDS)
+    for name in COMMANDS:
+        cmd = cli.get_command(None, name)
+        assert isinstance(cmd, click.Command) and cmd.name == name
+    assert {"lint", "explain", "diff", "sign", "verify"} <= set(cli.get_command(None, "policy").commands)
+
+
+def test_the_run_client_does_not_import_the_engine():
+    """`agentwatch run` on the daemon: the client imports the CLI and the
+    daemon protocol, not the runner, the policy engine or bcc."""
+    code = ("import sys, cli.main, cli.run; "
+            "heavy = [m for m in ('agentwatch.runner', 'agentwatch.engine', 'agentwatch.policy', 'bcc') "
+            "if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.strip() == "[]", r.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"]] + [[name, "--help"] for name in COMMANDS])
 def test_help(args):
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert r.output.startswith("Usage:")
     if len(args) == 2:
-        first_words = " ".join(cli.commands[args[0]].help.split()[:5])
+        first_words = " ".join(cli.get_command(None, args[0]).help.split()[:5])
         assert first_words in " ".join(r.output.split())
 
 
