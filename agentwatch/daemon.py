@@ -240,6 +240,7 @@ class Daemon:
                         raise errors.PrivilegeError("agentwatch run needs root (it creates cgroups "
                                                     "and loads BPF programs); run it with sudo")
                     op = req.get("op")
+                    self._refuse_agents(pid, op)
                     if op == "status":
                         _send(conn, self.status())
                     elif op == "shutdown":
@@ -253,10 +254,14 @@ class Daemon:
                         raise UsageError(f"agentwatch daemon: unknown request {op!r}")
                 except AgentwatchError as e:
                     _reply_error(conn, e)
+                except OSError:
+                    raise
+                except Exception:
+                    self.log("internal error:\n" + traceback.format_exc())
+                    _reply_error(conn, AgentwatchError("internal error in the agentwatch daemon; "
+                                                       "its log has the details"))
         except OSError as e:
             self.log(f"client pid {pid}: {e}")
-        except Exception:
-            self.log("internal error:\n" + traceback.format_exc())
         finally:
             for fd in fds:
                 try:
@@ -264,6 +269,23 @@ class Daemon:
                 except OSError:
                     pass
             self.threads.discard(threading.current_thread())
+
+    def _refuse_agents(self, pid, op):
+        """A process inside a run's cgroup (an agent, even one running as
+        root under a permissive policy) gets nothing from the daemon: a run
+        it starts would be outside its own sandbox and monitoring, a
+        shutdown would stop every agent. Reported on its run."""
+        from .sandbox.cgroups import run_of_pid
+        run_id = run_of_pid(pid)
+        if run_id is None:
+            return
+        self.log(f"refused {op!r} from pid {pid}, an agent of run {run_id}")
+        run = self.runs.get(run_id)
+        if run is not None and run.judge is not None:
+            with self.monitor.lock:
+                run.judge.daemon_refused(pid, str(op))
+        raise errors.PrivilegeError(f"the agentwatch daemon refuses requests from agents: pid {pid} "
+                                    f"runs in the cgroup of run {run_id}")
 
     def _run(self, conn, req, fds, client):
         from .runner import Run

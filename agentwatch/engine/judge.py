@@ -617,6 +617,19 @@ class Judge:
         ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=self.run.root_pid)
         self._decide(ev, d, rule, {})
 
+    def daemon_refused(self, pid, op):
+        """A process of this run asked agentwatch's daemon to act (op: run,
+        shutdown, status); the daemon refused: an agent never starts runs
+        outside its own sandbox or stops others'. Who asked is the kernel's
+        word (the socket's peer credentials, the pid's cgroup)."""
+        from ..events import Event
+        proc = self.run.procs.get(pid)
+        d = Decision(category="identity", rule="identity.daemon", action="deny", pattern=None,
+                     reason=f"an agent asked the agentwatch daemon to {op}")
+        ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=pid,
+                   ppid=proc.ppid if proc else 0)
+        self._decide(ev, d, f"daemon:{op}", {"op": op, "kernel": "refused (peer in the run's cgroup)"})
+
     def kernel_denial(self, ev, category, rule, reason, target, evidence, layer="cgroup-bpf"):
         """A denial a kernel layer reported itself (cgroup BPF, BPF LSM)."""
         if evidence.get("op") == "socket" and reason.endswith("raw-socket"):

@@ -108,6 +108,20 @@ class RunCgroup:
             time.sleep(0.02)
 
 
+def run_of_pid(pid):
+    """The run id whose cgroup holds process pid (any depth below it), or
+    None: not an agent's process, or gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    parts = line[3:].strip().split("/")
+                    return parts[2] if len(parts) > 2 and parts[1] == ROOT_NAME and parts[2] else None
+    except OSError:
+        pass
+    return None
+
+
 def leftover_cgroups():
     """Run cgroups that exist under the agentwatch root (names are run ids)."""
     try:

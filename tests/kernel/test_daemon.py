@@ -179,3 +179,26 @@ def test_daemon_flag_without_a_daemon_says_how_to_start_one(tmp_path):
     assert r.returncode == 2
     assert "no agentwatch daemon answers" in r.stderr and "agentwatch daemon start" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_agent_gets_nothing_from_the_daemon(daemon, tmp_path):
+    """An agent running as root under a permissive policy asks the daemon
+    for a run of its own (outside its sandbox and monitoring) and to shut
+    down: both refused by its cgroup (kernel's word), reported on its run."""
+    state_dir, env = daemon
+    inner = " ".join(aw_cmd())
+    script = (f"{inner} run --daemon -- /bin/true; echo run=$?; "
+              f"{inner} daemon stop; echo stop=$?")
+    p = _client(env, "--daemon", "--policy",
+                os.path.join(POLICIES, "coding-agent.yaml"), "--", "/bin/sh", "-c", script,
+                cwd=str(tmp_path))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "run=1" in out and "stop=1" in out, out + err
+    assert err.count("the agentwatch daemon refuses requests from agents") == 2, err
+    assert _status(env) is not None                     # still serving
+    run_id = err.split("agentwatch: run ")[1].split()[0]
+    viol = [e for e in read_events(state_dir / "runs" / run_id / "events.jsonl")
+            if e["kind"] == "violation"]
+    got = sorted((v["rule"], v["detail"]["op"]) for v in viol if v["category"] == "identity")
+    assert got == [("identity.daemon", "run"), ("identity.daemon", "shutdown")], viol
