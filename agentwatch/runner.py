@@ -648,6 +648,8 @@ class Run:
             while self.exit_status is None:
                 with self.monitor.lock:
                     next_stats = self._step(next_stats, 0)
+                if self.sensors.backlog:
+                    continue                # records are waiting: read on
                 if pidfd is None:
                     time.sleep(SHARED_POLL_S)
                 else:

@@ -82,7 +82,9 @@ def host_tax(ctx):
     (coding-agent policy) vs with no agentwatch loaded; load and unload
     alternate with the repetitions. Then the same under the strict
     sandboxed-agent policy, whose filesystem.exec kill attaches mmap, close,
-    dup2, dup3 and close_range probes too (bpf/mapexec.bpf.c): reported."""
+    dup2, dup3 and close_range probes too (bpf/mapexec.bpf.c), and with an
+    idle `agentwatch daemon` (every sensor group and the mapexec probes
+    attached, no run): reported."""
     s, ws = ctx.size, ctx.ws
     ctx.close()             # the baseline is "no agentwatch loaded": not even our shared monitor
     exe = ws.build("syscall_loop")
@@ -118,8 +120,26 @@ def host_tax(ctx):
             notes.append("agentwatch programs still loaded 60 s after the idle run stopped")
         return r
 
+    def daemon_idle():
+        before = set(lib.aw_programs())
+        d = lib.Daemon(ws)
+        ours = []
+        try:
+            info.setdefault("tracepoints", {})["daemon"] = d.status()["sensors"]["tracepoints"]
+            ours = sorted(set(lib.aw_programs()) - before)
+            time.sleep(0.3)
+            r = _loop_best(exe, s["loop_n"])
+            _, prog_stats["daemon"] = lib.measure_prog_stats(lambda: _loop_once(exe, s["loop_n"]),
+                                                             ids=set(ours))
+        finally:
+            d.close()
+        if not _wait_programs_gone(ours):
+            notes.append("agentwatch programs still loaded 60 s after the daemon stopped")
+        return r
+
     base, mon = alternate(unloaded, loaded, s["host_reps"])
     base2, strict = alternate(unloaded, lambda: loaded(STRICT_POLICY), s["host_reps"])
+    base3, idle_daemon = alternate(unloaded, daemon_idle, s["host_reps"])
     if any(foreign):
         notes.append(f"another agentwatch was loaded during {sum(1 for f in foreign if f)} "
                      "baseline sample(s): the baseline is not clean")
@@ -133,9 +153,13 @@ def host_tax(ctx):
                        pick(strict, "getppid_ns"), "delta", target="report"),
         compare_figure("host tax: openat+close outside agents, sandboxed-agent (close probe)", "ns",
                        pick(base2, "openclose_ns"), pick(strict, "openclose_ns"), "delta", target="report"),
+        compare_figure("host tax: getppid, idle agentwatch daemon", "ns", pick(base3, "getppid_ns"),
+                       pick(idle_daemon, "getppid_ns"), "delta", target="report"),
+        compare_figure("host tax: openat+close, idle agentwatch daemon", "ns", pick(base3, "openclose_ns"),
+                       pick(idle_daemon, "openclose_ns"), "delta", target="report"),
     ]
     return {"params": {"loop_n": s["loop_n"], "reps": s["host_reps"], "best_of": 3,
-                       "policy": "coding-agent, then sandboxed-agent",
+                       "policy": "coding-agent, then sandboxed-agent, then an idle daemon",
                        "tracepoints": info.get("tracepoints")},
             "figures": figs, "bpf_programs": prog_stats, "notes": notes}
 

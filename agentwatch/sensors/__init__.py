@@ -402,17 +402,22 @@ class Sensors:
         """Wait up to timeout_ms for a priority record (each one wakes us),
         then read both rings and deliver what is in order. Bulk records are
         read at the latest when the wait times out; with a backlog, no wait."""
-        if not any(ring.backlog for ring in self._rings):
+        if not self.backlog:
             self._rings[0].taken = 0
             _import_bcc().lib.bpf_poll_ringbuf(self._rings[0].manager, timeout_ms)
         self._read(READ_BATCH)
         self._deliver()
 
+    @property
+    def backlog(self):
+        """The last read stopped at READ_BATCH on some ring: more is waiting."""
+        return any(ring.backlog for ring in self._rings)
+
     def delivered_until(self, t_ns):
         """Whether every record stamped before t_ns (CLOCK_MONOTONIC, as
         bpf_ktime_get_ns) has been read and delivered: the rings were read
         to their end at least ORDER_SLACK_NS after it."""
-        return self._watermark >= t_ns and not any(ring.backlog for ring in self._rings)
+        return self._watermark >= t_ns and not self.backlog
 
     def drain(self):
         """Read what the ring buffers hold and deliver everything read,
@@ -420,7 +425,7 @@ class Sensors:
         the monitor may be filling them still."""
         for _ in range(DRAIN_ROUNDS):
             self._read(READ_BATCH)
-            if not any(ring.backlog for ring in self._rings):
+            if not self.backlog:
                 break
         self._deliver(everything=True)
 
