@@ -246,7 +246,7 @@ class Daemon:
                     elif op == "shutdown":
                         self.log(f"shutdown asked by pid {pid}")
                         self.stopping.set()
-                        _send(conn, {"ok": True})
+                        _send(conn, {"ok": True, "pid": os.getpid()})
                     elif op == "run":
                         self._run(conn, req, fds, {"pid": pid, "uid": uid, "gid": gid,
                                                    "via": "agentwatch daemon"})
@@ -319,6 +319,11 @@ class Daemon:
         finally:
             self.runs.pop(run.run_id, None)
             try:
+                conn.shutdown(socket.SHUT_RD)   # wakes the watcher (EOF) before conn closes
+            except OSError:
+                pass
+            watcher.join(5)
+            try:
                 err.close()
             except OSError:
                 pass
@@ -330,8 +335,10 @@ class Daemon:
                 msg, _ = _recv(conn)
             except (OSError, AgentwatchError):
                 msg = None
+            if run.run_id not in self.runs:
+                return                   # the run is over (its end woke us)
             if msg is None:
-                if run.exit_status is None and run.run_id in self.runs:
+                if run.exit_status is None:
                     self.log(f"run {run.run_id}: the client went away: stopping the agent")
                     run.stop(signal.SIGHUP)
                 return
@@ -392,17 +399,24 @@ def ping(path=None):
         return None
 
 
-def shutdown(path=None):
-    """Ask the daemon to stop; wait until it did. False when none was running."""
+def shutdown(path=None, timeout=STOP_TIMEOUT_S + 60):
+    """Ask the daemon to stop; wait until its process is gone (its runs
+    ended, its programs detached). False when none was running."""
+    import select
     sock = _connect(path)
     if sock is None:
         return False
-    _ask(sock, {"op": "shutdown"})
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while os.path.exists(path or socket_path()):
-        if time.monotonic() > deadline:
-            raise AgentwatchError(f"the agentwatch daemon did not stop within {STOP_TIMEOUT_S} s")
-        time.sleep(0.05)
+    pid = _ask(sock, {"op": "shutdown"})["pid"]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:    # readable once it exited
+            raise AgentwatchError(f"the agentwatch daemon (pid {pid}) did not stop within "
+                                  f"{timeout} s; see its log")
+    finally:
+        os.close(pidfd)
     return True
 
 
@@ -465,9 +479,13 @@ def start(log_path=None, timeout=START_TIMEOUT_S, progress=None):
         raise UsageError(f"an agentwatch daemon already answers on {path}")
     log_path = log_path or os.path.join(state.state_dir(), "daemon.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    # from / (holds no mount busy), importing this very agentwatch
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "agentwatch.daemon"], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
+                                stdout=log, stderr=log, start_new_session=True, cwd="/", env=env)
     deadline = time.monotonic() + timeout
     while True:
         st = ping(path)

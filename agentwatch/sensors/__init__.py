@@ -24,7 +24,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
+from ..errors import AgentwatchError, KernelFeatureError, LaunchError, PrivilegeError
 from . import records as R
 from . import syscalls as S
 
@@ -298,7 +298,11 @@ class Sensors:
         prefixes outside which an mmap(PROT_EXEC) is reported, and with
         exec_kill killed at (EnforcementPlan.map_exec; None: neither).
         Returns the slot."""
-        slot = next(i for i in range(1, MAX_SLOTS + 1) if i not in self.slots.values())
+        taken = set(self.slots.values())
+        slot = next((i for i in range(1, MAX_SLOTS + 1) if i not in taken), None)
+        if slot is None:
+            raise LaunchError(f"agent not started: this monitor already watches {MAX_SLOTS} runs "
+                              "(AW_MAX_RUNS)")
         prefixes, names = {}, {}      # key bytes -> map value; a kill wins over a route
         for (ps, ns), value in ((routes, R.ROUTE_PRIO), (kills, R.ROUTE_PRIO | R.ROUTE_KILL)):
             prefixes.update((R.prefix_key(slot, p), value) for p in ps)

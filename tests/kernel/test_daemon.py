@@ -161,8 +161,10 @@ def test_daemon_stop_ends_its_runs_and_unloads(tmp_path):
         p = _client(env, "--daemon", "--", "/bin/sleep", "300")
         run = wait_for(lambda: (lambda s: s and s["runs"] and s["runs"][0]["root_pid"] and s["runs"][0])(
             _status(env)), what="the run to start")
-        stop = aw("daemon", "stop", env=env, timeout=60)
+        stop = aw("daemon", "stop", env=env, timeout=120)
         assert stop.returncode == 0, stop.stderr
+        assert process_gone(pid)              # `stop` returns once the daemon is gone
+        assert set(agentwatch_programs()) <= before
         p.communicate(timeout=30)
         assert p.returncode == 143
         assert not os.path.exists(f"/proc/{run['root_pid']}")
