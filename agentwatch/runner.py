@@ -37,7 +37,8 @@ from .sinks.jsonl import JsonlSink
 
 STOP_GRACE_S = 3.0       # after SIGINT/SIGTERM: time the agent gets before SIGKILL
 STATS_EVERY_S = 1.0
-DRAIN_S = 2.0            # after the agent's end: how long its last records may take to arrive
+DRAIN_S = 2.0            # after the agent's end: how long its own monitor reads before drain()
+SHARED_DRAIN_S = 300.0   # on a shared monitor: the bound on reading up to the agent's end
 SHARED_POLL_S = 0.02     # a run on a shared monitor reads the rings this often (priority records too)
 LSM_NAME_WAIT_S = 0.5   # how long a BPF LSM denial may wait for its file's path (see _on_lsm_denial)
 
@@ -713,16 +714,22 @@ class Run:
         # Every process of the run has exited, so each of its records was
         # submitted by now (BPF programs run in the process, before it
         # leaves the cgroup): read until the rings were read to their end
-        # past this moment (bounded: under a flood, drain() below takes
-        # what is left and drops are counted).
+        # past this moment. A monitor of our own then drains what is left
+        # at once (drain()); a shared one must read on in order, however
+        # long the backlog (other runs' records interleave with ours), or
+        # records of this run read after its end would be dropped unseen.
         t_empty = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        deadline = time.monotonic() + DRAIN_S
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + (DRAIN_S if self.own_monitor else SHARED_DRAIN_S)
+        done = False
+        while not done and time.monotonic() < deadline:
             with lock:
                 self.sensors.poll(5)
-                if self.sensors.delivered_until(t_empty):
-                    break
+                done = self.sensors.delivered_until(t_empty)
         with lock:
+            if not done and not self.own_monitor:
+                self._lifecycle("warning", {"message": "the shared monitor did not read up to the "
+                                                       f"agent's end within {SHARED_DRAIN_S:g} s: "
+                                                       "the log may lack its last records"})
             self._drained()
 
     def _drained(self):
