@@ -8,10 +8,12 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def doctor(as_json):
     """Check each kernel feature agentwatch uses, and what its absence disables."""
+    from agentwatch import daemon
     from agentwatch.doctor import enforcement_path, format_table, report, run_checks
     checks = run_checks()
+    st = daemon.ping()
     if as_json:
-        click.echo(json.dumps(report(checks), indent=1))
+        click.echo(json.dumps(dict(report(checks), daemon=st), indent=1))
     else:
         click.echo(format_table(checks))
         path = enforcement_path(checks)
@@ -24,3 +26,9 @@ def doctor(as_json):
                        "executable mappings of files outside the exec allow list (by inode: "
                        "copies, renames and the dynamic loader included) and opens of denied "
                        "files under any name, on top of Landlock, seccomp and cgroup BPF")
+        if st is None:
+            click.echo(f"\nagentwatch daemon: not running ('agentwatch daemon start': runs start "
+                       "in ~0.1 s and share one monitor)")
+        else:
+            click.echo(f"\nagentwatch daemon: running, pid {st['pid']}, {len(st['runs'])} run(s), "
+                       f"{st['sensors']['tracepoints']} tracepoints attached")

@@ -233,3 +233,11 @@ def test_a_flood_in_one_run_does_not_hide_anothers_violation(daemon, tmp_path, c
     end = next(e for e in fev if e["kind"] == "lifecycle" and e["phase"] == "end")["detail"]
     opens = sum(1 for e in fev if e["kind"] == "file" and e["path"] == "/dev/null")
     assert opens <= 200000 and opens + end["lost_events"] >= 200000   # lost: counted per daemon
+
+
+def test_doctor_says_whether_a_daemon_serves(daemon, tmp_path):
+    _, env = daemon
+    on = json.loads(aw("doctor", "--json", env=env).stdout)["daemon"]
+    assert on["pid"] == _status(env)["pid"] and on["sensors"]["tracepoints"] > 0
+    off = aw("doctor", env={"AGENTWATCH_STATE_DIR": str(tmp_path)})
+    assert "agentwatch daemon: not running" in off.stdout
