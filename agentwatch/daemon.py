@@ -26,6 +26,7 @@ SIGHUP would.
 """
 import json
 import os
+import queue
 import signal
 import socket
 import struct
@@ -295,7 +296,7 @@ class Daemon:
             raise UsageError("the agentwatch daemon is shutting down")
         opts = options_from_request(req.get("options"))
         opts.stdio, opts.client = tuple(fds), client
-        err = os.fdopen(os.dup(fds[2]), "w", buffering=1, errors="replace")
+        err = ClientStream(os.dup(fds[2]))
         opts.stderr = err
         run = Run(opts, monitor=self.monitor)
         self.runs[run.run_id] = run
@@ -307,6 +308,7 @@ class Daemon:
             code = run.execute()
             if getattr(run, "summary", None):
                 print(run.summary, file=err)
+            err.close()                        # written out before the client exits
             _send(conn, {"exit": code})
             self.log(f"run {run.run_id}: exited {code} after {time.monotonic() - t0:.3f} s")
         except AgentwatchError as e:
@@ -323,10 +325,7 @@ class Daemon:
             except OSError:
                 pass
             watcher.join(5)
-            try:
-                err.close()
-            except OSError:
-                pass
+            err.close()
 
     def _watch_client(self, conn, run):
         """Forward the client's signals to its run; its going away is SIGHUP."""
@@ -355,6 +354,64 @@ class Daemon:
                 "sensors": {"tracepoints": len(s.attached), "groups": s.groups,
                             "map_exec": s.map_exec},
                 "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))}}
+
+
+class ClientStream:
+    """A client's stderr as the daemon's run writes it (plan lines, --show
+    events, the summary): through a bounded queue to a thread of its own, so
+    a slow or stopped terminal never blocks the thread that holds the
+    monitor's lock (--show writes an event while the rings are read for
+    every run). Lines beyond the queue are dropped, and counted at close."""
+
+    def __init__(self, fd, max_items=20000):
+        self._file = os.fdopen(fd, "w", buffering=1, errors="replace")
+        self._queue = queue.Queue(max_items)
+        self.dropped = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def isatty(self):
+        return self._file.isatty()
+
+    def write(self, text):
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+        return len(text)
+
+    def flush(self):
+        pass                  # the pump writes line by line
+
+    def _pump(self):
+        while True:
+            text = self._queue.get()
+            if text is None:
+                return
+            try:
+                self._file.write(text)
+            except (OSError, ValueError):
+                pass          # the client's stderr is gone: nothing to tell
+
+    def close(self, timeout=5.0):
+        """Write out what is queued (waiting up to timeout), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.dropped:
+                self._queue.put(f"agentwatch: {self.dropped} line(s) of output dropped: "
+                                "stderr did not keep up (the run log has every event)\n", timeout=timeout)
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            try:
+                self._file.close()
+            except OSError:
+                pass
 
 
 def _reply_error(conn, e):

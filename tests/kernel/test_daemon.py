@@ -241,3 +241,36 @@ def test_doctor_says_whether_a_daemon_serves(daemon, tmp_path):
     assert on["pid"] == _status(env)["pid"] and on["sensors"]["tracepoints"] > 0
     off = aw("doctor", env={"AGENTWATCH_STATE_DIR": str(tmp_path)})
     assert "agentwatch daemon: not running" in off.stdout
+
+
+def test_a_stopped_show_terminal_does_not_stall_other_runs(daemon):
+    """--show on the daemon writes every event to the client's stderr. A
+    client whose stderr nobody reads (a stopped terminal) must not hold up
+    the monitor: another run still starts and ends at once."""
+    state_dir, env = daemon
+    r, w = os.pipe()
+    try:
+        shown = subprocess.Popen(aw_cmd() + ["run", "--daemon", "--show", "--", "/bin/sh", "-c",
+                                             "for i in $(seq 300); do /bin/true; done; sleep 2"],
+                                 cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **env),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w)
+        os.close(w)
+        w = None
+        time.sleep(1.5)                       # its --show output now fills the unread pipe
+        t0 = time.monotonic()
+        other = _client(env, "--daemon", "--", "/bin/true")
+        other.communicate(timeout=60)
+        took = time.monotonic() - t0
+        assert other.returncode == 0 and took < 10, took
+        out = b""
+        while True:                           # read it now: the shown run completes
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            out += chunk
+        assert shown.wait(timeout=60) == 0
+        assert b"exec /bin/true" in out or b"/bin/true" in out
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)

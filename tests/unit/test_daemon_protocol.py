@@ -2,6 +2,8 @@
 errors a client gets back, the socket's place."""
 import os
 import socket
+import threading
+import time
 
 import pytest
 
@@ -75,3 +77,30 @@ def test_socket_lives_in_the_state_dir(monkeypatch, tmp_path):
     with pytest.raises(UsageError, match="agentwatch daemon start"):
         D.run_remote(RunOptions(argv=["true"]), require=True)
     assert D.run_remote(RunOptions(argv=["true"])) is None
+
+
+def test_client_stream_never_blocks_and_counts_what_it_drops():
+    """A stopped terminal (a full pipe nobody reads) must not block the
+    daemon's run thread: writes queue up to a bound, then are dropped and
+    counted, and the count is written once the reader drains."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    cs = D.ClientStream(w, max_items=2)
+    t0 = time.monotonic()
+    for i in range(50):
+        print(f"line {i}", file=cs)          # two writes each: the text and "\n"
+    assert time.monotonic() - t0 < 1.0
+    assert cs.dropped >= 90
+    got = []
+    reader = threading.Thread(target=lambda: got.append(b"".join(iter(lambda: os.read(r, 65536), b""))))
+    reader.start()
+    cs.close()
+    reader.join(10)
+    os.close(r)
+    assert b"line(s) of output dropped" in got[0] and b"line 0" in got[0]
