@@ -125,6 +125,11 @@ def options_from_request(raw):
     for p in paths:
         if p is not None and (not isinstance(p, str) or not os.path.isabs(p)):
             raise UsageError(f"agentwatch daemon: path {p!r} is not absolute")
+    events = raw.get("events_path")
+    if events and os.path.exists(events) and not os.path.isfile(events):
+        # a FIFO or device would block the daemon's writes for every run
+        raise UsageError(f"--events {events}: not a regular file (on the daemon, the run log "
+                         "and --events must be files; 'agentwatch tail --run ID' follows a run)")
     return RunOptions(**raw)
 
 

@@ -104,3 +104,11 @@ def test_client_stream_never_blocks_and_counts_what_it_drops():
     reader.join(10)
     os.close(r)
     assert b"line(s) of output dropped" in got[0] and b"line 0" in got[0]
+
+
+def test_events_to_a_fifo_is_refused(tmp_path):
+    fifo = tmp_path / "ev"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="not a regular file"):
+        D.options_from_request({"argv": ["x"], "events_path": str(fifo)})
+    D.options_from_request({"argv": ["x"], "events_path": str(tmp_path / "new.jsonl")})
