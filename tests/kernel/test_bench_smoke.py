@@ -199,8 +199,8 @@ def test_benchmark_results_well_formed(suite, name):
 
 
 def test_bpf_statistics_reported(suite):
-    host = suite["doc"]["benchmarks"]["host_tax"]["bpf_programs"]   # per policy
-    assert sorted(host) == ["coding-agent.yaml", "sandboxed-agent.yaml"]
+    host = suite["doc"]["benchmarks"]["host_tax"]["bpf_programs"]   # per policy, and the idle daemon
+    assert sorted(host) == ["coding-agent.yaml", "daemon", "sandboxed-agent.yaml"]
     for name, progs in [("storm", suite["doc"]["benchmarks"]["storm"]["bpf_programs"])] + sorted(host.items()):
         ran = {k: v for k, v in progs.items() if v["run_cnt"]}
         assert ran, f"{name}: no aw_* program ran with statistics on"
@@ -208,6 +208,8 @@ def test_bpf_statistics_reported(suite):
     # the strict policy's exec kill puts a probe on close, which the host loop calls
     assert host["sandboxed-agent.yaml"]["aw_mapx_close"]["run_cnt"] > 0
     assert "aw_mapx_close" not in host["coding-agent.yaml"]
+    # the daemon attaches every group and the mapexec probes, with no run at all
+    assert host["daemon"]["aw_mapx_close"]["run_cnt"] > 0
     # openat (4 arguments) runs the entry program at least once per call of the storm loop
     storm = suite["doc"]["benchmarks"]["storm"]
     assert storm["bpf_programs"]["aw_sys_enter4"]["run_cnt"] >= storm["params"]["n"]
