@@ -41,6 +41,7 @@ from .errors import AgentwatchError, UsageError
 MAX_MSG = 1 << 20          # a run request carries the client's whole environment
 START_TIMEOUT_S = 120      # `daemon start`: how long loading the sensors may take
 STOP_TIMEOUT_S = 30
+REQUEST_TIMEOUT_S = 10     # a client that connects must ask within this
 
 # RunOptions fields a client may set; paths are made absolute on its side
 _PATH_FIELDS = ("policy_path", "events_path", "workspace", "prompt_path")
@@ -206,7 +207,7 @@ class Daemon:
                 continue
             except InterruptedError:
                 continue
-            conn.settimeout(None)
+            conn.settimeout(REQUEST_TIMEOUT_S)
             t = threading.Thread(target=self._client, args=(conn,), daemon=True)
             self.threads.add(t)
             t.start()
@@ -242,6 +243,7 @@ class Daemon:
                     req, fds = _recv(conn, maxfds=3)
                     if req is None:
                         return
+                    conn.settimeout(None)        # a run's connection lasts as long as the run
                     if uid != 0:
                         raise errors.PrivilegeError("agentwatch run needs root (it creates cgroups "
                                                     "and loads BPF programs); run it with sudo")
