@@ -504,13 +504,14 @@ def run_remote(opts, path=None, require=False):
             raise UsageError(f"--daemon: no agentwatch daemon answers on {path or socket_path()}; "
                              "start one with 'agentwatch daemon start'")
         return None
-    stdio = []
+    stdio, opened = [], []
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
             stdio.append(fd)
         except OSError:         # closed: the agent gets /dev/null there
-            stdio.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+            opened.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+            stdio.append(opened[-1])
 
     def forward(signum, _frame):
         try:
@@ -525,6 +526,8 @@ def run_remote(opts, path=None, require=False):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        for fd in opened:
+            os.close(fd)
     if reply is None:
         raise AgentwatchError("the agentwatch daemon went away during the run; its log "
                               f"({os.path.join(state.state_dir(), 'daemon.log')} when started "

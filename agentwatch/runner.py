@@ -475,6 +475,7 @@ class Run:
                     self.limits.add(self.child.pid)
             except OSError as e:
                 self.child.abort()
+                self.monitor.children.discard(self.child.pid)   # reaped by abort()
                 raise LaunchError(f"agent did not start: joining cgroup {self.cgroup.path} failed: {e}")
             self._save_record(status="running", identity=identity, root_pid=self.child.pid)
             self._lifecycle("start", identity)

@@ -530,7 +530,7 @@ def startup(ctx):
     log(f"startup: agentwatch run --daemon -- true x {s['warm_reps']}")
     d = lib.Daemon(ws)
     try:
-        d.run(["true"])                                  # the first run attaches nothing new
+        d.run(["true"])                                  # untimed warm-up
         db, dm = alternate(plain, lambda: d.run(["true"]), s["warm_reps"])
         dpol = [d.run(["true"], policy=POLICY) for _ in range(min(3, s["warm_reps"]))]
     finally:

@@ -350,11 +350,12 @@ class Daemon:
         return wall
 
     def close(self):
-        subprocess.run(client_cmd("daemon", "stop"), env=aw_env(self.ws), cwd=self.ws.root,
-                       capture_output=True, timeout=120)
-        deadline = time.monotonic() + 60
-        while not process_gone(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        from agentwatch import daemon
+        from agentwatch.errors import AgentwatchError
+        try:
+            daemon.shutdown(self.path)       # returns once the process is gone
+        except AgentwatchError as e:
+            log(f"agentwatch daemon stop: {e}")
         if not process_gone(self.pid):
             os.kill(self.pid, signal.SIGKILL)        # ours: started above
 
