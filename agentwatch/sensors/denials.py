@@ -27,12 +27,44 @@ class DenialStream:
         if self.bpf is not None:
             self.bpf.ring_buffer_poll(timeout_ms)
 
+    def _totals(self):
+        table = self.bpf[self.COUNTERS]
+        return tuple(sum(int(v) for v in table[ctypes.c_int(idx)]) for idx in (CNT_DENIED, CNT_LOST))
+
     def counters(self):
         """denials counted in the kernel, records lost (ring buffer full),
-        records received here."""
-        table = self.bpf[self.COUNTERS]
-
-        def total(idx):
-            return sum(int(v) for v in table[ctypes.c_int(idx)])
-        return {"denials": total(CNT_DENIED), "lost": total(CNT_LOST),
+        records received here; since the last _start_stream()."""
+        denied, lost = self._totals()
+        base = getattr(self, "_base", (0, 0))
+        return {"denials": denied - base[0], "lost": lost - base[1],
                 "received": self.received, "errors": len(self.errors)}
+
+    def _start_stream(self, on_denial):
+        """Deliver records to on_denial from here on and count from zero: a
+        reused object's earlier records and counts belong to an earlier run."""
+        self._base = self._totals()
+        self.received = 0
+        self.errors = []
+        self._on_denial = on_denial
+
+    def _end_stream(self):
+        """Once nothing is attached: discard whatever record is still in the
+        ring (its run has ended and read its own), so none reaches the next."""
+        self._on_denial = lambda _d: None
+        self.poll(0)
+        self._on_denial = None
+
+
+def clear_map(table, what):
+    """Delete every key of a BPF hash or LPM map; raise if it is not empty
+    afterwards (a reused enforcement object must not keep an old rule)."""
+    for _ in range(3):
+        keys = list(table.keys())
+        if not keys:
+            return
+        for k in keys:
+            try:
+                del table[k]
+            except KeyError:
+                pass
+    raise RuntimeError(f"could not clear BPF map {what}")

@@ -49,7 +49,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
-from .denials import CNT_DENIED, CNT_LOST, DenialStream  # noqa: F401 (counter indexes)
+from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)
 
 # ---- constants shared with bpf/egress.bpf.c (checked by tests/unit/test_egress_rules.py)
 MAX_RANGES = 16
@@ -350,14 +350,14 @@ def attached_program_ids(cgroup_path):
 # ---- the kernel side ---------------------------------------------------------------
 
 class Egress(DenialStream):
-    """The egress programs attached to one cgroup."""
+    """The egress programs attached to one cgroup. Reusable: release() detaches
+    and forgets the rules but keeps the programs loaded, so a shared monitor
+    (the daemon) compiles them once, not once per run."""
 
     COUNTERS = b"egress_counters"
     enforcement = "cgroup-bpf"
 
     def __init__(self, rules, ringbuf_pages=64):
-        self.rules = rules
-        self.compiled = compile_rules(rules)   # bad rules fail before anything loads
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
         self.cgroup_fd = None
@@ -366,25 +366,37 @@ class Egress(DenialStream):
         self.received = 0
         self.errors = []                       # records that failed to decode or deliver
         self._on_denial = None
+        self.use(rules)
+
+    def use(self, rules):
+        """The rules the next open() enforces (bad rules fail here, before
+        anything loads). Not while attached."""
+        if self.cgroup_fd is not None:
+            raise RuntimeError("Egress is attached to a cgroup: release() it first")
+        self.compiled = compile_rules(rules)
+        self.rules = rules
+        return self
 
     def open(self, cgroup_path, on_denial):
-        """Compile, load, fill the maps, then attach (so the cgroup is never
-        judged by half-filled maps; an empty map denies everything anyway)."""
-        if self.bpf is not None:
+        """Compile and load (once), fill the maps, then attach (so the cgroup
+        is never judged by half-filled maps; an empty map denies everything
+        anyway)."""
+        if self.cgroup_fd is not None:
             raise RuntimeError("Egress is already open")
         if os.geteuid() != 0:
             raise PrivilegeError("attaching cgroup BPF programs needs root (CAP_BPF, "
                                  "CAP_NET_ADMIN, CAP_SYS_ADMIN)")
         from . import _import_bcc, bpf_dir, compile_bpf
         bcc = _import_bcc()
-        with open(os.path.join(bpf_dir(), "egress.bpf.c")) as f:
-            text = f.read()
-        self.bpf = compile_bpf(text, [f"-DAW_EG_RINGBUF_PAGES={self.ringbuf_pages}",
-                                      "-Wno-unused-function"], "bpf/egress.bpf.c")
+        if self.bpf is None:
+            with open(os.path.join(bpf_dir(), "egress.bpf.c")) as f:
+                text = f.read()
+            self.bpf = compile_bpf(text, [f"-DAW_EG_RINGBUF_PAGES={self.ringbuf_pages}",
+                                          "-Wno-unused-function"], "bpf/egress.bpf.c")
+            self.bpf[b"egress_events"].open_ring_buffer(self._on_record)
         try:
             self._fill_maps()
-            self._on_denial = on_denial
-            self.bpf[b"egress_events"].open_ring_buffer(self._on_record)
+            self._start_stream(on_denial)
             self.cgroup_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
             for name, ptype, _, at in PROGRAMS:
                 fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
@@ -426,22 +438,48 @@ class Egress(DenialStream):
                     table.Leaf.from_buffer_copy(e.value_bytes())
         self.bpf[b"egress_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(self.compiled.cfg)
 
-    def close(self):
-        """Detach every program, then unload. Idempotent. From here on the
-        cgroup is unrestricted: stop the agent first. A program that fails to
-        detach stays attached (fail closed) until the cgroup is removed."""
-        if self.bpf is None:
-            return
+    def _clear_maps(self):
+        for name in (b"egress_allow4", b"egress_allow6", b"egress_bind4", b"egress_bind6"):
+            clear_map(self.bpf[name], name.decode())
+        self.bpf[b"egress_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+
+    def _detach(self):
+        """Detach every program from the cgroup. A program that fails to
+        detach stays attached (fail closed) until the cgroup is removed;
+        the error is kept, and raised by release()."""
         from bcc import BPF
+        failed = []
         for fn, at in reversed(self.attached):
             try:
                 BPF.detach_func(fn, self.cgroup_fd, at)
             except Exception as e:
-                self.errors.append(f"detach {fn.name}: {e}")
+                failed.append(f"detach {fn.name}: {e}")
+        self.errors += failed
         self.attached = []
+        self.unix_hooks = None
         if self.cgroup_fd is not None:
             os.close(self.cgroup_fd)
             self.cgroup_fd = None
+        return failed
+
+    def release(self):
+        """Detach from the cgroup, forget its rules and records; the programs
+        stay loaded for the next use() and open(). Raises if anything of the
+        old run could remain (then close() instead: never reuse it)."""
+        if self.bpf is None:
+            raise RuntimeError("Egress is not loaded")
+        failed = self._detach()
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        self._end_stream()
+        self._clear_maps()
+
+    def close(self):
+        """Detach every program, then unload. Idempotent. From here on the
+        cgroup is unrestricted: stop the agent first."""
+        if self.bpf is None:
+            return
+        self._detach()
         self.bpf.cleanup()
         self.bpf = None
 

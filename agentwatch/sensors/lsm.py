@@ -78,7 +78,7 @@ import stat
 
 from .inventory import bpf_syscall
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
-from .denials import CNT_DENIED, CNT_LOST, DenialStream  # noqa: F401 (counter indexes)
+from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)
 
 ENFORCEMENT = "bpf-lsm"      # doctor.ENFORCE_BPF_LSM: the path these denials come from
 
@@ -413,22 +413,31 @@ class LsmGuard(DenialStream):
     enforcement = ENFORCEMENT
 
     def __init__(self, exec_allow, file_deny=(), connect_ports=None):
+        self.bpf = None
+        self.prog_fds = {}       # name -> prog fd
+        self.link_fds = {}       # name -> link fd (attachment)
+        self.cgroups = []
+        self.received = 0
+        self.errors = []
+        self._on_denial = None
+        self.use(exec_allow, file_deny, connect_ports)
+
+    def use(self, exec_allow, file_deny=(), connect_ports=None):
+        """The rules the next open() enforces. Not while enforcing: a
+        released guard is reused by a shared monitor (the daemon), which
+        compiles the programs once, not once per run."""
+        if self.link_fds or self.cgroups:
+            raise RuntimeError("LsmGuard is enforcing: release() it first")
         self.exec_allow = None if exec_allow is None else [os.fspath(p) for p in exec_allow]
         self.file_deny = [os.fspath(p) for p in (file_deny or ())]
         self.connect_ports = parse_ports(connect_ports)
         self.cfg = ((CFG_EXEC if self.exec_allow is not None else 0)
                     | (CFG_OPEN if self.file_deny else 0)
                     | (CFG_CONNECT if self.connect_ports is not None else 0))
-        self.bpf = None
-        self.prog_fds = {}       # name -> prog fd
-        self.link_fds = {}       # name -> link fd (attachment)
-        self.cgroups = []
         self.allow_keys = {}
         self.deny_keys = {}
         self._paths = {}
-        self.received = 0
-        self.errors = []
-        self._on_denial = None
+        return self
 
     # -- pure preparation -----------------------------------------------------------
     def resolve(self):
@@ -474,24 +483,26 @@ class LsmGuard(DenialStream):
 
     # -- life cycle -------------------------------------------------------------------
     def open(self, cgroup, on_denial):
-        """Load, attach, and start enforcing for cgroup (a cgroup v2 path or
-        id). on_denial(dict) is called from poll()."""
+        """Load (once), attach, and start enforcing for cgroup (a cgroup v2
+        path or id). on_denial(dict) is called from poll()."""
         self.preflight()
         self.resolve()
-        from . import compile_bpf
-        with open(bpf_source_path()) as f:
-            text = f.read()
-        self.bpf = compile_bpf(text, ["-Wno-unused-function"], "bpf/lsm.bpf.c")
-        self._on_denial = on_denial
+        if self.bpf is None:
+            from . import compile_bpf
+            with open(bpf_source_path()) as f:
+                text = f.read()
+            self.bpf = compile_bpf(text, ["-Wno-unused-function"], "bpf/lsm.bpf.c")
+            self.bpf[b"lsm_events"].open_ring_buffer(self._on_record)
         try:
             self._fill_maps()
+            self._start_stream(on_denial)
             for name, hook, need in PROGRAMS:
                 if not self.cfg & need:
                     continue
-                insns = self.bpf.dump_func(name.encode())
-                self.prog_fds[name] = load_lsm_program(name, hook, insns)
+                if name not in self.prog_fds:
+                    insns = self.bpf.dump_func(name.encode())
+                    self.prog_fds[name] = load_lsm_program(name, hook, insns)
                 self.link_fds[name] = attach_lsm_program(self.prog_fds[name])
-            self.bpf[b"lsm_events"].open_ring_buffer(self._on_record)
             self.watch(cgroup)
         except Exception:
             self.close()
@@ -518,6 +529,24 @@ class LsmGuard(DenialStream):
         self.cgroups.append(cg_id)
         return cg_id
 
+    def release(self):
+        """Stop enforcing: detach, forget the cgroups, rules and records; the
+        programs stay loaded for the next use() and open(). Raises if
+        anything of the old run could remain (then close(): never reuse it)."""
+        if self.bpf is None:
+            raise RuntimeError("LsmGuard is not loaded")
+        for name in list(self.link_fds):
+            os.close(self.link_fds.pop(name))       # the link's last fd: detached
+        clear_map(self.bpf[b"lsm_watched"], "lsm_watched")
+        self.cgroups = []
+        self._end_stream()
+        clear_map(self.bpf[b"lsm_exec_allow"], "lsm_exec_allow")
+        clear_map(self.bpf[b"lsm_file_deny"], "lsm_file_deny")
+        ports = self.bpf[b"lsm_port_allow"]
+        for p in self.connect_ports or ():
+            ports[ctypes.c_int(p)] = ctypes.c_uint8(0)
+        self.bpf[b"lsm_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+
     def close(self):
         """Detach and unload everything. Idempotent. From here on the cgroups
         are unrestricted by this layer: stop the agent first."""
@@ -525,6 +554,7 @@ class LsmGuard(DenialStream):
             os.close(self.link_fds.pop(name))
         for name in list(self.prog_fds):
             os.close(self.prog_fds.pop(name))
+        self.cgroups = []
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

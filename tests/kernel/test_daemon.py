@@ -119,6 +119,62 @@ def test_sandbox_holds_and_refusals_are_reported_on_the_daemon(daemon, tmp_path)
     assert ident["enforcement"]["path"] != "monitor-only"
 
 
+def _loopback_policy(path, port):
+    path.write_text(f"""apiVersion: agentwatch/v1
+kind: AgentPolicy
+metadata: {{name: loopback-{port}}}
+network: {{allow: [], loopback: [{port}], unix: true}}
+on_violation: {{network: deny}}
+""")
+    return str(path)
+
+
+def _egress_programs():
+    from agentwatch.sensors.inventory import agentwatch_programs
+    return {i for i, n in agentwatch_programs() if n == "aw_connect4"}
+
+
+def test_sandboxed_runs_reuse_the_enforcement_programs_with_their_own_rules(daemon, tmp_path):
+    """The daemon compiles a run's cgroup BPF egress programs once and gives
+    the next sandboxed run the same programs with that run's rules only:
+    a port the first run's policy allowed is refused under the second's (UDP:
+    Landlock judges TCP connects before cgroup BPF would)."""
+    import socket
+    state_dir, env = daemon
+    servers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for s in servers:
+        s.bind(("127.0.0.1", 0))
+    try:
+        a, b = (s.getsockname()[1] for s in servers)
+        probe = ("import socket,sys\n"
+                 "for p in sys.argv[1:]:\n"
+                 "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "    print(p, s.connect_ex(('127.0.0.1', int(p))), flush=True)\n")
+
+        def run(port):
+            p = _client(env, "--daemon", "--policy", _loopback_policy(tmp_path / f"p{port}.yaml", port),
+                        "--", sys.executable, "-c", probe, str(a), str(b))
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            return dict(line.split() for line in out.splitlines()), err
+        got, _ = run(a)
+        assert got == {str(a): "0", str(b): "1"}, got           # EPERM for the other port
+        kept = _egress_programs()
+        assert kept, "the daemon did not keep the released egress programs"
+        got, err = run(b)
+        assert got == {str(a): "1", str(b): "0"}, got           # the first rules are gone
+        assert _egress_programs() == kept, "a second run compiled its own programs"
+        run_id = err.split("agentwatch: run ")[1].split()[0]
+        evs = read_events(state_dir / "runs" / run_id / "events.jsonl")
+        denied = [e for e in evs if e["kind"] == "violation" and e["category"] == "network"]
+        assert [v["detail"].get("port") for v in denied] == [a], denied
+        end = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "end")
+        assert end["detail"]["kernel_denials"]["cgroup-bpf"]["denials"] == 1   # its own only
+    finally:
+        for s in servers:
+            s.close()
+
+
 def test_ctrl_c_stops_the_agent_and_a_vanished_client_stops_its_run(daemon):
     state_dir, env = daemon
     from agentwatch.sandbox.cgroups import leftover_cgroups

@@ -338,6 +338,40 @@ def test_outside_the_cgroup_unaffected_and_close_detaches(cgroup, egress, ports)
     eg.close()   # idempotent
 
 
+def test_released_egress_is_reused_with_the_new_rules_only(cgroup, ports):
+    """What a shared monitor (the daemon) does between runs: release() keeps
+    the programs loaded (no second compile) but leaves nothing of the old
+    run: no attachment, no rule, no record, no count."""
+    allowed, denied = ports
+    first, second = [], []
+    eg = Egress(EgressRules(loopback=[allowed])).open(cgroup, first.append)
+    try:
+        ids = sorted(i for v in attached_program_ids(cgroup).values() for i in v)
+        assert in_cgroup(cgroup, lambda: [connect(AF4, "127.0.0.1", allowed),
+                                          connect(AF4, "127.0.0.1", denied)])[1] == [0, errno.EPERM]
+        assert len(drain(eg, first, 1)) == 1
+        eg.release()
+        assert all(v == [] for v in attached_program_ids(cgroup).values())
+        for m in (b"egress_allow4", b"egress_allow6", b"egress_bind4", b"egress_bind6"):
+            assert list(eg.bpf[m].keys()) == [], f"{m} kept the first rules"
+        assert in_cgroup(cgroup, lambda: connect(AF4, "127.0.0.1", denied))[1] == 0
+        eg.use(EgressRules(loopback=[denied])).open(cgroup, second.append)
+        assert sorted(i for v in attached_program_ids(cgroup).values() for i in v) == ids, \
+            "the released programs were not reused"
+        # the first rules are gone: the port they allowed is refused now
+        assert in_cgroup(cgroup, lambda: [connect(AF4, "127.0.0.1", allowed),
+                                          connect(AF4, "127.0.0.1", denied)])[1] == [errno.EPERM, 0]
+        got = drain(eg, second, 1)
+        assert [(d["rule"], d["port"]) for d in got] == [("port-not-allowed", allowed)], got
+        assert len(first) == 1
+        c = eg.counters()
+        assert (c["denials"], c["lost"], c["received"]) == (1, 0, 1), c
+    finally:
+        eg.close()
+    assert all(v == [] for v in attached_program_ids(cgroup).values())
+    assert not {i for i, _ in loaded_programs()} & set(ids)
+
+
 def test_lost_records_are_counted(cgroup):
     """One 4 KiB page holds ~46 records: a burst of 300 denials, unread,
     must be fully accounted for (every denial counted, the unrecorded as lost)."""

@@ -8,7 +8,7 @@ import errno
 import os
 import stat
 
-from lsmkit import awprobe, doctor_path, in_the_vm, lsm  # noqa: F401 (fixtures)
+from lsmkit import LDSO, LIBC, TRUE, awprobe, doctor_path, in_the_vm, lsm  # noqa: F401 (fixtures)
 
 PROT_EXEC = 0x4
 
@@ -140,3 +140,33 @@ def test_every_denial_was_counted_and_delivered(lsm):
     assert c["lost"] == 0 and c["errors"] == 0, c
     assert c["denials"] == c["received"] == len(lsm.denials), (c, len(lsm.denials))
     lsm.assert_path(lsm.denials)
+
+
+def test_a_released_guard_is_reused_with_the_new_rules_only(lsm):
+    """What the daemon does between two sandboxed runs: release() detaches
+    and forgets the rules, the programs stay loaded, and the next use() +
+    open() enforces its own rules only. Runs last: it re-points the
+    session's guard."""
+    w, g = lsm.world, lsm.guard
+    loaded = dict(g.prog_fds)
+    g.release()
+    assert g.program_names() == [] and g.cgroups == []
+    for m in (b"lsm_watched", b"lsm_exec_allow", b"lsm_file_deny"):
+        assert list(g.bpf[m].keys()) == [], f"{m} kept the first rules"
+    rc, res, err, recs = lsm.attempt("exec", w.copy)          # nothing enforced now
+    assert (rc, res, recs) == (0, None, []), err
+    # the new rules allow the copy (not bin/) and deny the public file (not the secret)
+    g.use([TRUE, LDSO, LIBC, w.copy], [w.public], None).open(lsm.cgroup, lsm.denials.append)
+    assert g.prog_fds["aw_lsm_exec"] == loaded["aw_lsm_exec"], "the programs were loaded again"
+    assert g.program_names() == ["aw_lsm_exec", "aw_lsm_mmap", "aw_lsm_mprotect", "aw_lsm_open"]
+    rc, res, err, recs = lsm.attempt("exec", w.copy)
+    assert (rc, res, recs) == (0, None, []), err
+    rc, res, err, recs = lsm.attempt("exec", w.tool)
+    assert res == {"op": "exec", "ret": -1, "errno": errno.EPERM} and len(recs) == 1, (res, err, recs)
+    rc, res, err, recs = lsm.attempt("open", w.secret)
+    assert res["ret"] >= 0 and recs == [], (res, err)
+    rc, res, err, recs = lsm.attempt("open", w.public)
+    assert res == {"op": "open", "ret": -1, "errno": errno.EPERM} and len(recs) == 1, (res, err)
+    c = g.counters()
+    assert (c["denials"], c["received"], c["lost"]) == (2, 2, 0), c
+    lsm.assert_path(recs)
