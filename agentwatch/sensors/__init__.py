@@ -20,6 +20,7 @@ import bisect
 import itertools
 import time
 import ctypes
+import threading
 import os
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -128,21 +129,28 @@ def _import_bcc():
     return bcc
 
 
+_COMPILE_LOCK = threading.Lock()
+
+
 def compile_bpf(text, cflags, what):
     """One BPF object from C text (bcc: clang + LLVM in this process), or a
-    KernelFeatureError naming `what`. LLVM frees most of what it allocated
-    to compile, but glibc keeps the freed heap: malloc_trim hands it back
-    (~24 MB of RSS per object on this machine kind)."""
+    KernelFeatureError naming `what`. One compile at a time per process:
+    bcc's clang front end is not thread-safe (two sandboxed runs starting
+    at once on the daemon corrupted its heap: "malloc_consolidate():
+    unaligned fastbin chunk detected"). LLVM frees most of what it
+    allocated to compile, but glibc keeps the freed heap: malloc_trim hands
+    it back (~24 MB of RSS per object on this machine kind)."""
     bcc = _import_bcc()
-    try:
-        obj = bcc.BPF(text=text.encode(), cflags=cflags)
-    except Exception as e:
-        raise KernelFeatureError(f"could not compile or load {what}: {e}; run 'agentwatch "
-                                 "doctor' to see which kernel feature is missing") from None
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass                 # not glibc: nothing to hand back this way
+    with _COMPILE_LOCK:
+        try:
+            obj = bcc.BPF(text=text.encode(), cflags=cflags)
+        except Exception as e:
+            raise KernelFeatureError(f"could not compile or load {what}: {e}; run 'agentwatch "
+                                     "doctor' to see which kernel feature is missing") from None
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass             # not glibc: nothing to hand back this way
     return obj
 
 

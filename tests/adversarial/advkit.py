@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ import pytest
 from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK
 from agentwatch.sensors.lsm import LsmGuard
 from conftest import REPO, aw_cmd, read_events
+
+sys.path.insert(0, REPO)
+from bench.lib import process_gone  # noqa: E402
 
 POLICY = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
 ATTEMPTS = os.path.join(REPO, "tests", "adversarial", "agents", "attempts.py")
@@ -46,8 +50,11 @@ def enforcement_path_here():
 PATH_HERE = enforcement_path_here()
 LSM_HERE = PATH_HERE == PATH_BPF_LSM
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- adversarial-fixture-"
-# Under QEMU TCG (tests/vm) a run costs ~1 min of CPU (three bcc compiles,
-# emulated): fewer at once, and more time for each step.
+# Under QEMU TCG (tests/vm) an embedded run costs ~1 min of CPU (three bcc
+# compiles, emulated), so there the runs go through one `agentwatch daemon`,
+# which compiles once for all (AGENTWATCH_ADV_DAEMON=1 does that here too);
+# a scenario about agentwatch's own process (Sandbox.embedded) runs without.
+ON_DAEMON = IN_VM or os.environ.get("AGENTWATCH_ADV_DAEMON") == "1"
 KILL_GRACE_S = 60 if IN_VM else 15   # a killed agent never gets past this sleep
 RUN_TIMEOUT_S = 600 if IN_VM else 120
 PARALLEL = 2 if IN_VM else 4
@@ -120,6 +127,34 @@ class Listener:
         self.sock.close()
 
 
+# ----------------------------------------------------------------- the daemon
+
+_daemons = {}   # state dir -> pid of the daemon started here
+
+
+def daemon(state_dir, stop=False):
+    """Start `agentwatch daemon` on state_dir (ON_DAEMON runs go through it),
+    or stop the one started here; stopping kills it (by its id) if it does
+    not stop by itself."""
+    import signal
+    env = dict(os.environ, PYTHONPATH=REPO, AGENTWATCH_STATE_DIR=state_dir)
+    if not stop:
+        r = subprocess.run(aw_cmd() + ["daemon", "start"], env=env, capture_output=True,
+                           text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
+        assert r.returncode == 0, f"agentwatch daemon start: {r.stderr}{r.stdout}"
+        _daemons[state_dir] = int(r.stdout.split("pid ")[1].split(",")[0])
+        return
+    pid = _daemons.pop(state_dir, None)
+    if pid is None:
+        return
+    r = subprocess.run(aw_cmd() + ["daemon", "stop"], env=env, capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT_S, cwd=REPO)
+    if not process_gone(pid):
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"the daemon did not stop (killed): {r.stderr}")
+    assert r.returncode == 0, f"agentwatch daemon stop: {r.stderr}"
+
+
 # ----------------------------------------------------------------- a run
 
 @dataclass
@@ -131,6 +166,7 @@ class Sandbox:
     pass_fds: tuple = ()
     policy: str = POLICY
     prefix: list = field(default_factory=list)   # argv before /bin/sh agent.sh (e.g. env -u)
+    embedded: bool = False       # about the agentwatch process itself: never on a daemon
     listeners: dict = field(default_factory=dict)
     cleanup: list = field(default_factory=list)
     # results
@@ -151,6 +187,7 @@ class Sandbox:
     def path(self, *parts):
         return os.path.join(self.root, *parts)
 
+    on_daemon = property(lambda self: ON_DAEMON and not self.embedded)
     ws = property(lambda self: self.path("ws"))
     home = property(lambda self: self.path("home"))
     tmp = property(lambda self: self.path("tmp"))
@@ -170,6 +207,7 @@ class Sandbox:
                    OUTSIDE=self.outside, AGENTWATCH_STATE_DIR=state_dir, **self.env)
         argv = aw_cmd() + ["run", "--policy", self.policy, "--workspace", self.ws,
                            "--allow-downgrade", "--events", self.path("events.jsonl"),
+                           "--daemon" if self.on_daemon else "--no-daemon",
                            "--", *self.prefix, "/bin/sh", agent]
         t0 = time.monotonic()
         try:

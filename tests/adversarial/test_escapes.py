@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from advkit import (KILL_GRACE_S, LSM_HERE, PARALLEL, PATH_HERE, POLICY, SECRET, Sandbox, max_alive,
-                    netns, payloads, uses)  # noqa: F401  (fixtures)
+from advkit import (KILL_GRACE_S, LSM_HERE, PARALLEL, PATH_HERE, POLICY, SECRET, Sandbox, daemon,
+                    max_alive, netns, payloads, uses)  # noqa: F401  (fixtures)
 from agentwatch.sandbox.cgroups import leftover_cgroups
 from agentwatch.sandbox.limits import leftover_v1
 
@@ -249,6 +249,7 @@ def build_environ(sb, ctx):
     sb.canary = f"AW-CANARY-{uuid.uuid4().hex}"
     sb.env["AW_CANARY"] = sb.canary            # in agentwatch's environment only:
     sb.prefix = ["/usr/bin/env", "-u", "AW_CANARY"]   # the agent is not given it
+    sb.embedded = True                         # a daemon's environment never had it
     sb.script = ('echo "${AW_CANARY:-unset}" > $WS/own-env\n'
                  "$A environ $PPID $WS/env-copy" + FINISH)
 
@@ -266,6 +267,7 @@ def build_inherited_fd(sb, ctx):
     sb.cleanup.append(lambda: os.close(fd))
     sb.pass_fds = (fd,)
     sb.fd = fd
+    sb.embedded = True                         # a daemon does not inherit the client's fds
     sb.script = f"$A inherited_fd {fd} $PPID $WS/fd-copy" + FINISH
 
 
@@ -326,6 +328,8 @@ def runs(request, tmp_path_factory, payloads):
                 sb = Sandbox(name, str(tmp_path_factory.mktemp(name)))
             boxes[name] = sb
             SCENARIOS[name](sb, ctx)
+        if any(b.on_daemon for b in boxes.values()):
+            daemon(state)
         order = sorted(boxes.values(), key=lambda b: b.name not in SLOW_FIRST)
         with ThreadPoolExecutor(PARALLEL) as pool:
             list(pool.map(lambda b: b.run(state), order))
@@ -333,6 +337,7 @@ def runs(request, tmp_path_factory, payloads):
     finally:
         for sb in boxes.values():
             sb.finish()
+        daemon(state, stop=True)
 
 
 @pytest.fixture

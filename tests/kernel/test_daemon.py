@@ -175,6 +175,25 @@ def test_sandboxed_runs_reuse_the_enforcement_programs_with_their_own_rules(daem
             s.close()
 
 
+def test_sandboxed_runs_starting_at_once_all_run(daemon, tmp_path):
+    """Four sandboxed runs asked for at the same moment: at least two compile
+    their enforcement programs at once (bcc's compiler is not thread-safe:
+    this crashed the daemon before compiles were serialised)."""
+    state_dir, env = daemon
+    pid = _status(env)["pid"]
+    clients = []
+    for i in range(4):
+        ws = tmp_path / f"ws{i}"
+        ws.mkdir()
+        clients.append(_client(env, "--daemon", "--allow-downgrade",
+                               "--policy", os.path.join(POLICIES, "sandboxed-agent.yaml"),
+                               "--", "/bin/sh", "-c", f"echo run-{i}", cwd=str(ws)))
+    for i, c in enumerate(clients):
+        out, err = c.communicate(timeout=180)
+        assert (c.returncode, out) == (0, f"run-{i}\n"), err
+    assert _status(env)["pid"] == pid, "the daemon went away"
+
+
 def test_ctrl_c_stops_the_agent_and_a_vanished_client_stops_its_run(daemon):
     state_dir, env = daemon
     from agentwatch.sandbox.cgroups import leftover_cgroups
