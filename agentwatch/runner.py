@@ -539,7 +539,8 @@ class Run:
         if plan.lsm is not None:
             from .sensors.lsm import LsmGuard
             try:
-                self.lsm = self._guard(LsmGuard, plan.lsm.exec_allow, plan.lsm.file_deny).open(
+                self.lsm = self._guard(LsmGuard, plan.lsm.exec_allow, plan.lsm.file_deny, None,
+                                       plan.lsm.signals).open(
                     self.cgroup.path, self._on_lsm_denial)
             except AgentwatchError as e:
                 raise LaunchError(f"agent not started: loading the BPF LSM layer failed: {e} "
@@ -642,7 +643,11 @@ class Run:
         mapping of a file outside the allow set, or open of a denied file.
         The program names the file by inode and basename; a name not found
         yet waits (up to LSM_NAME_WAIT_S) for the process's exec record,
-        which carries the dynamic loader's argv, to reach the correlator."""
+        which carries the dynamic loader's argv, to reach the correlator.
+        A refused signal is counted only: the signal sensor reports it, with
+        the EPERM the hook gave (one attempt, one report)."""
+        if d.get("op") == "kill":
+            return
         d["_until"] = time.monotonic() + LSM_NAME_WAIT_S
         self._lsm_waiting.append(d)
         self._report_lsm_denials()

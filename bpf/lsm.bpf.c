@@ -21,6 +21,11 @@
  *                                          maps the program itself)
  *   aw_lsm_mprotect  file_mprotect        making a file mapping executable
  *                                          later (mmap PROT_READ + mprotect)
+ *   aw_lsm_kill      task_kill            a signal to a process outside the
+ *                                          watched cgroups (agentwatch, the
+ *                                          daemon, another run, the host),
+ *                                          as Landlock's signal scope does
+ *                                          from ABI 6 (Linux 6.12)
  * Each program first looks up the caller's cgroup id in lsm_watched; every
  * other process pays one hash lookup and is never denied. A refused call
  * fails with EPERM and one record goes to the lsm_events ring buffer.
@@ -49,11 +54,13 @@
 #define AW_LSM_H_CONNECT  3
 #define AW_LSM_H_MMAP     4
 #define AW_LSM_H_MPROTECT 5
+#define AW_LSM_H_KILL     6
 
 /* lsm_cfg[0] flags: which rules are enforced */
 #define AW_LSM_CFG_EXEC    0x1  /* exec/mmap/mprotect allow-list by inode */
 #define AW_LSM_CFG_OPEN    0x2  /* open deny-list by inode */
 #define AW_LSM_CFG_CONNECT 0x4  /* connect port allow-list */
+#define AW_LSM_CFG_SIGNAL  0x8  /* signals only within the watched cgroups */
 
 /* per-CPU counters (map lsm_counters) */
 #define AW_LSM_CNT_DENIED 0
@@ -96,6 +103,9 @@ struct aw_lsm_event {
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/mm_types.h>
+#include <linux/sched.h>
+#include <linux/cgroup-defs.h>
+#include <linux/kernfs.h>
 
 struct socket;                  /* only passed through: <linux/net.h> costs compile time */
 
@@ -392,4 +402,40 @@ BPF_PROG(aw_lsm_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
 }
 
 #endif /* AW_LAYOUT_ONLY */
+/* kill: a user signal (kill, tkill, tgkill, pidfd_send_signal, sigqueue)
+ * to a task whose cgroup v2 is not one this guard watches. Signals the
+ * kernel sends itself (SIGCHLD to the parent, SIGPIPE) do not come here. */
+BPF_PROG(aw_lsm_kill, struct task_struct *p, struct kernel_siginfo *info, int sig,
+	 const struct cred *cred, int ret)
+{
+	if (ret)
+		return ret;
+	u32 cfg = aw_lsm_cfg();
+	if (!(cfg & AW_LSM_CFG_SIGNAL))
+		return 0;
+	struct css_set *cset = NULL;
+	struct cgroup *cgrp = NULL;
+	struct kernfs_node *kn = NULL;
+	u64 target = 0;
+	pid_t tgid = 0;
+	bpf_probe_read_kernel(&cset, sizeof(cset), &p->cgroups);
+	if (cset)
+		bpf_probe_read_kernel(&cgrp, sizeof(cgrp), &cset->dfl_cgrp);
+	if (cgrp)
+		bpf_probe_read_kernel(&kn, sizeof(kn), &cgrp->kn);
+	if (kn)
+		bpf_probe_read_kernel(&target, sizeof(target), &kn->id);
+	if (target && lsm_watched.lookup(&target))
+		return 0;
+	bpf_probe_read_kernel(&tgid, sizeof(tgid), &p->tgid);
+	struct aw_lsm_event *e = aw_lsm_reserve(AW_LSM_H_KILL);
+	if (e) {
+		e->prot = (u32)sig;
+		e->flags = (u32)tgid;
+		e->ino = target;
+		lsm_events.ringbuf_submit(e, 0);
+	}
+	return -AW_LSM_EPERM;
+}
+
 #endif /* AW_LSM_BPF_C */

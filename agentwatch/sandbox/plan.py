@@ -39,6 +39,7 @@ class LsmRules:
     off), and no open of the files below file_deny under any name."""
     exec_allow: list = None
     file_deny: list = field(default_factory=list)
+    signals: bool = False      # signals only within the run (Landlock ABI < 6 cannot scope them)
 
 
 @dataclass
@@ -75,7 +76,8 @@ class EnforcementPlan:
                 "noexec": [p for p, how in self.masks if how == "noexec"], "limits": self.limits,
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
-                                                          "file_deny": self.lsm.file_deny},
+                                                          "file_deny": self.lsm.file_deny,
+                                                          "signals": self.lsm.signals},
                 "map_exec": None if self.map_exec is None else {
                     "action": "kill" if self.map_exec_kill else "report", "roots": self.map_exec}}
 
@@ -238,7 +240,11 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
     if rules is not None:
         rules.scope_signals = True      # the agent cannot signal agentwatch or anyone outside
         p.landlock = landlock.plan(rules, abi)
-        p.downgrades += [f"landlock: {d}" for d in p.landlock.downgrades]
+        lost = p.landlock.downgrades
+        if p.lsm is not None and not p.landlock.scoped & landlock.SCOPE_SIGNAL:
+            p.lsm.signals = True        # the BPF LSM task_kill hook scopes them instead
+            lost = [d for d in lost if not d.startswith("signal scoping")]
+        p.downgrades += [f"landlock: {d}" for d in lost]
         if abi == 0:
             p.downgrades.append("landlock unavailable: filesystem and TCP rules are detected only")
             p.landlock = None

@@ -41,7 +41,20 @@ def test_plan_adds_the_lsm_layer_only_when_the_host_has_it(tree):
     # concrete deny paths that exist; **/.env has wildcards
     assert p.lsm.file_deny == [os.path.join(tree["HOME"], ".ssh")]
     rec = p.record()["bpf_lsm"]
-    assert rec == {"exec_allow": p.lsm.exec_allow, "file_deny": p.lsm.file_deny}
+    assert rec == {"exec_allow": p.lsm.exec_allow, "file_deny": p.lsm.file_deny, "signals": False}
+
+
+def test_signals_are_scoped_by_the_lsm_layer_where_landlock_cannot(tree):
+    """Landlock scopes signals from ABI 6 (6.12); below, the BPF LSM task_kill
+    program holds the rule, so it is no downgrade; without BPF LSM it is."""
+    data = load(STRICT).data
+    p = make_plan(data, tree, [STRICT], landlock_abi=3, bpf_lsm=True)
+    assert p.lsm.signals is True
+    assert not any("signal scoping" in d for d in p.downgrades), p.downgrades
+    p = make_plan(data, tree, [STRICT], landlock_abi=3)
+    assert any("signal scoping" in d for d in p.downgrades), p.downgrades
+    p = make_plan(data, tree, [STRICT], landlock_abi=7, bpf_lsm=True)
+    assert p.lsm.signals is False       # Landlock's scope holds it
 
 
 def test_exec_root_of_slash_turns_the_inode_exec_rule_off(tree):

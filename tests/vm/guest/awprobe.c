@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +85,11 @@ int main(int argc, char **argv)
 		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(arg))};
 		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 		long r = connect(s, (struct sockaddr *)&sa, sizeof(sa));
+		return report(op, r, errno);
+	}
+	if (strcmp(op, "kill") == 0) {         /* kill PID|self [SIG] (default 0: probe only) */
+		pid_t target = strcmp(arg, "self") == 0 ? getpid() : atoi(arg);
+		long r = kill(target, argc - i > 2 ? atoi(argv[i + 2]) : 0);
 		return report(op, r, errno);
 	}
 	if (strcmp(op, "mmapx") == 0 || strcmp(op, "mprotect") == 0) {

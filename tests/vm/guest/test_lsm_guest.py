@@ -7,6 +7,7 @@ attempt from a process in the guarded cgroup and asserts the kernel's answer
 import errno
 import os
 import stat
+import subprocess
 
 from lsmkit import LDSO, LIBC, TRUE, awprobe, doctor_path, in_the_vm, lsm  # noqa: F401 (fixtures)
 
@@ -155,10 +156,12 @@ def test_a_released_guard_is_reused_with_the_new_rules_only(lsm):
         assert list(g.bpf[m].keys()) == [], f"{m} kept the first rules"
     rc, res, err, recs = lsm.attempt("exec", w.copy)          # nothing enforced now
     assert (rc, res, recs) == (0, None, []), err
-    # the new rules allow the copy (not bin/) and deny the public file (not the secret)
-    g.use([TRUE, LDSO, LIBC, w.copy], [w.public], None).open(lsm.cgroup, lsm.denials.append)
+    # the new rules allow the copy (not bin/), deny the public file (not the
+    # secret), and scope signals to the cgroup
+    g.use([TRUE, LDSO, LIBC, w.copy], [w.public], None, True).open(lsm.cgroup, lsm.denials.append)
     assert g.prog_fds["aw_lsm_exec"] == loaded["aw_lsm_exec"], "the programs were loaded again"
-    assert g.program_names() == ["aw_lsm_exec", "aw_lsm_mmap", "aw_lsm_mprotect", "aw_lsm_open"]
+    assert g.program_names() == ["aw_lsm_exec", "aw_lsm_kill", "aw_lsm_mmap", "aw_lsm_mprotect",
+                                 "aw_lsm_open"]
     rc, res, err, recs = lsm.attempt("exec", w.copy)
     assert (rc, res, recs) == (0, None, []), err
     rc, res, err, recs = lsm.attempt("exec", w.tool)
@@ -167,6 +170,20 @@ def test_a_released_guard_is_reused_with_the_new_rules_only(lsm):
     assert res["ret"] >= 0 and recs == [], (res, err)
     rc, res, err, recs = lsm.attempt("open", w.public)
     assert res == {"op": "open", "ret": -1, "errno": errno.EPERM} and len(recs) == 1, (res, err)
+    # a signal within the cgroup is allowed; one to a process outside (this
+    # test's own child) is refused, and the child lives on
+    rc, res, err, recs = lsm.attempt("kill", "self", 0)
+    assert res == {"op": "kill", "ret": 0, "errno": 0} and recs == [], (res, err)
+    outside = subprocess.Popen(["sleep", "60"])
+    try:
+        rc, res, err, recs = lsm.attempt("kill", outside.pid, 15)
+        assert res == {"op": "kill", "ret": -1, "errno": errno.EPERM}, (res, err)
+        assert [(r["rule"], r["target_pid"], r["signal"]) for r in recs] == \
+            [("signal-outside-run", outside.pid, 15)], recs
+        assert outside.poll() is None
+    finally:
+        outside.kill()
+        outside.wait()
     c = g.counters()
-    assert (c["denials"], c["received"], c["lost"]) == (2, 2, 0), c
+    assert (c["denials"], c["received"], c["lost"]) == (3, 3, 0), c
     lsm.assert_path(recs)
