@@ -498,7 +498,8 @@ def test_signalling_agentwatch_is_denied(run):
 def test_signalling_agentwatch_is_reported(run):
     """The same kill: seen by the signal sensor (kill(2)), judged as a
     signal to a process outside the run, reported once with what the kernel
-    answered (the LSM program's own record is counted, not reported); the agent is not stopped for it (process.signal: deny)."""
+    answered (the LSM program's own record is counted, not reported); the
+    agent is not stopped for it (process.signal: deny)."""
     agentwatch = run.lifecycle("start")["pid"]
     v = run.violation("process.signal", "process", target_pid=agentwatch)
     assert v["action"] == "deny"
