@@ -22,11 +22,8 @@ IS_ROOT = os.geteuid() == 0
 # tests/vm/guest runs only inside the BPF LSM VM (tests/vm/run_vm_tests.sh sets
 # AGENTWATCH_VM_GUEST=1 there). Kept here, not in a tests/vm/conftest.py: a
 # second module named "conftest" would shadow this one for `from conftest import`.
-collect_ignore = [] if os.environ.get("AGENTWATCH_VM_GUEST") == "1" else ["vm/guest"]
-
-
 IN_VM = os.environ.get("AGENTWATCH_VM_GUEST") == "1"
-VM_FULL = os.environ.get("AGENTWATCH_VM_FULL") == "1"
+collect_ignore = [] if IN_VM else ["vm/guest"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,19 +31,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not IS_ROOT and ("/kernel/" in str(item.fspath) or "/adversarial/" in str(item.fspath)):
             item.add_marker(skip)
-    if IN_VM and not VM_FULL:
-        # Under QEMU TCG an agent run costs about a minute, so the VM runs
-        # the escape attempts the BPF LSM layer refuses or could refuse
-        # (marked bpf_lsm); the others meet the same Landlock/seccomp/cgroup
-        # BPF layers on both paths. AGENTWATCH_VM_FULL=1 runs them all (~20 min).
-        def runs_an_agent(i):
-            return getattr(getattr(i, "function", None), "scenario", None) is not None
-        keep = [i for i in items if "/adversarial/" not in str(i.fspath)
-                or i.get_closest_marker("bpf_lsm") or not runs_an_agent(i)]
-        dropped = [i for i in items if i not in keep]
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)

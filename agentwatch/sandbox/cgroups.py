@@ -29,6 +29,35 @@ def root_path():
     return os.path.join(cgroup2_mount(), ROOT_NAME)
 
 
+def delegate_controllers(path, wanted):
+    """Enable the wanted cgroup v2 controllers (e.g. pids, memory, cpu) for
+    path: in cgroup.subtree_control of each ancestor, from the mount down.
+    A host whose init does not delegate them (no systemd, e.g. a minimal VM)
+    leaves every cgroup without limits otherwise. Controllers the hierarchy
+    does not have (bound to cgroup v1 on hybrid hosts) and writes the kernel
+    refuses are skipped: the caller falls back or reports them missing."""
+    mount = cgroup2_mount()
+    rel = os.path.relpath(os.path.dirname(path), mount)
+    parts = [] if rel == "." else rel.split(os.sep)
+    d = mount
+    for part in [None] + parts:
+        if part is not None:
+            d = os.path.join(d, part)
+        try:
+            with open(os.path.join(d, "cgroup.controllers")) as f:
+                have = set(f.read().split())
+            with open(os.path.join(d, "cgroup.subtree_control")) as f:
+                on = set(f.read().split())
+        except OSError:
+            return
+        for ctl in sorted(set(wanted) & have - on):
+            try:
+                with open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
+                    f.write(f"+{ctl}")
+            except OSError:
+                pass
+
+
 class RunCgroup:
     def __init__(self, path):
         self.path = path

@@ -58,6 +58,9 @@ class Limits:
 
     def setup(self):
         """Parent side, before the agent exists: create/limit the cgroups."""
+        from .cgroups import delegate_controllers
+        if self.v2_path and not all(self._v2_has(c) for c in self.want):
+            delegate_controllers(self.v2_path, self.want)
         v1 = v1_mounts()
         for ctl, val in self.want.items():
             files = self._files(ctl, val)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run tests/vm/guest (the BPF LSM layer's own tests), then the Landlock,
-# seccomp and egress tests and the adversarial suite a second time (the
-# escape attempts the BPF LSM layer judges; all of them with
-# AGENTWATCH_VM_FULL=1), inside Debian's stock kernel booted with BPF LSM
-# under QEMU, over this machine's root filesystem.
+# seccomp and egress tests and the whole adversarial suite a second time
+# (its runs go through one agentwatch daemon there: tests/adversarial/advkit.py),
+# inside Debian's stock kernel booted with BPF LSM under QEMU, over this
+# machine's root filesystem.
 #
 #   tests/vm/run_vm_tests.sh [--out DIR] [-- PYTEST_ARGS...]   (host, as root)
 #   tests/vm/run_vm_tests.sh --guest DIR [PYTEST_ARGS...]       (what runs inside the VM)
@@ -59,6 +59,7 @@ if [ "${1:-}" = "--guest" ]; then
     end=$(date +%s.%N)
     echo "guest pytest: $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}') s" >>"$OUT/guest-info"
     echo "$rc" >"$OUT/guest-rc"
+    dmesg 2>/dev/null | tail -n 200 >"$OUT/dmesg" || true   # OOM kills and the like
     exit 0
 fi
 
@@ -118,7 +119,7 @@ set +e
 timeout "${AGENTWATCH_VM_TIMEOUT:-900}" vng $KVM_OPT --memory 2G --cpus 2 \
     --rwdir "$OUT" --cwd "$ROOT" \
     --run "/boot/vmlinuz-$KVER" --append "lsm=lockdown,capability,landlock,bpf" \
-    -- "AGENTWATCH_VM_FULL=${AGENTWATCH_VM_FULL:-0} bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" \
+    -- "bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" \
     </dev/null >"$OUT/vm.log" 2>&1
 vrc=$?
 set -e
