@@ -9,6 +9,7 @@ Order matters and is the point of this module:
     drops, and remove the cgroup and the BPF programs.
 Stale state from a crashed agentwatch is swept at start (and by `agentwatch gc`).
 """
+import collections
 import fnmatch
 import getpass
 import hashlib
@@ -41,6 +42,7 @@ DRAIN_S = 2.0            # after the agent's end: how long its own monitor reads
 SHARED_DRAIN_S = 300.0   # on a shared monitor: the bound on reading up to the agent's end
 SHARED_POLL_S = 0.02     # a run on a shared monitor reads the rings this often (priority records too)
 LSM_NAME_WAIT_S = 0.5   # how long a BPF LSM denial may wait for its file's path (see _on_lsm_denial)
+LSM_RECENT_OPENS = 16   # files opened per process kept to name a BPF LSM refusal by
 
 
 @dataclass
@@ -217,6 +219,7 @@ class Run:
         self.egress = None
         self.lsm = None
         self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
+        self._lsm_opened = {}            # pid -> its last files opened (BPF LSM path only)
         self.limits = None
         self.wall_deadline = None
         self.err = opts.stderr or sys.stderr   # agentwatch's own messages
@@ -360,6 +363,14 @@ class Run:
         self._emit(ev)
         if self.judge:
             self.judge(ev)
+        if self.lsm is not None and ev.kind == "file" and ev.op == "open" and ev.ret >= 0 \
+                and ev.abspath:
+            # names a BPF LSM refusal (by inode and basename) may need: LD_PRELOAD
+            # and dlopen name the library nowhere else
+            recent = self._lsm_opened.get(ev.pid)
+            if recent is None:
+                recent = self._lsm_opened[ev.pid] = collections.deque(maxlen=LSM_RECENT_OPENS)
+            recent.append(ev.abspath)
 
     def _kill_for_violation(self, decision):
         if not self.killed_for:
@@ -540,7 +551,7 @@ class Run:
             from .sensors.lsm import LsmGuard
             try:
                 self.lsm = self._guard(LsmGuard, plan.lsm.exec_allow, plan.lsm.file_deny, None,
-                                       plan.lsm.signals).open(
+                                       plan.lsm.signals, plan.lsm.unix).open(
                     self.cgroup.path, self._on_lsm_denial)
             except AgentwatchError as e:
                 raise LaunchError(f"agent not started: loading the BPF LSM layer failed: {e} "
@@ -550,7 +561,7 @@ class Run:
             from .sensors.egress import Egress
             self.egress = self._guard(Egress, plan.egress).open(self.cgroup.path,
                                                                  self._on_egress_denial)
-            if self.egress.unix_hooks is False:
+            if self.egress.unix_hooks is False and not (plan.lsm and plan.lsm.unix):
                 identity["enforcement"]["notes"].append(
                     "network.unix: this kernel has no cgroup unix socket hooks (Linux 6.7+): "
                     "connections to pathname unix sockets are judged, not denied")
@@ -644,9 +655,10 @@ class Run:
         The program names the file by inode and basename; a name not found
         yet waits (up to LSM_NAME_WAIT_S) for the process's exec record,
         which carries the dynamic loader's argv, to reach the correlator.
-        A refused signal is counted only: the signal sensor reports it, with
-        the EPERM the hook gave (one attempt, one report)."""
-        if d.get("op") == "kill":
+        A refused signal or unix socket address is counted only: the signal
+        and syscall sensors report it, with the EPERM the hook gave and the
+        socket's name (one attempt, one report)."""
+        if d.get("op") == "kill" or d.get("family") == "unix":
             return
         d["_until"] = time.monotonic() + LSM_NAME_WAIT_S
         self._lsm_waiting.append(d)
@@ -658,7 +670,7 @@ class Run:
         for d in waiting:
             proc = self.ctx.procs.get(d["pid"])
             path = (d.get("path") or _fd_path(d["pid"], d.get("ino"))
-                    or _named_by(proc, d.get("name"), d.get("ino")))
+                    or _named_by(proc, d.get("name"), d.get("ino"), self._lsm_opened.get(d["pid"])))
             if not path and not final and time.monotonic() < d["_until"]:
                 self._lsm_waiting.append(d)
                 continue
@@ -878,13 +890,15 @@ def _fd_path(pid, ino):
     return None
 
 
-def _named_by(proc, name, ino):
+def _named_by(proc, name, ino, opened=()):
     """The path of a file the BPF LSM reported by basename and inode: one of
-    the process's arguments (the dynamic loader's program) or the name in its
-    cwd, whichever is that inode; else None."""
+    the process's arguments (the dynamic loader's program), a file it opened
+    lately (LD_PRELOAD, dlopen) or the name in its cwd, whichever is that
+    inode; else None."""
     if not proc or not name or not ino:
         return None
     cands = [a for a in proc.argv or () if os.path.basename(a) == name]
+    cands += [p for p in reversed(opened or ()) if os.path.basename(p) == name]
     cands.append(name)
     for c in cands:
         path = os.path.normpath(c if c.startswith("/") else os.path.join(proc.cwd or "/", c))

@@ -14,7 +14,13 @@
  *   aw_lsm_open      file_open            open of an inode in lsm_file_deny, or
  *                                          of a file below a directory in it
  *   aw_lsm_connect   socket_connect       AF_INET/AF_INET6 connect to a port
- *                                          not in lsm_port_allow
+ *                                          not in lsm_port_allow; AF_UNIX
+ *                                          connect (pathname or abstract)
+ *                                          under AW_LSM_CFG_UNIX
+ *   aw_lsm_sendmsg   socket_sendmsg       a datagram to a unix socket
+ *                                          address, under AW_LSM_CFG_UNIX
+ *                                          (the cgroup unix hooks' job on
+ *                                          Linux 6.7+)
  *   aw_lsm_mmap      mmap_file            PROT_EXEC mapping of a file not in
  *                                          lsm_exec_allow, as for exec (exec
  *                                          through the dynamic loader: ld.so
@@ -55,12 +61,14 @@
 #define AW_LSM_H_MMAP     4
 #define AW_LSM_H_MPROTECT 5
 #define AW_LSM_H_KILL     6
+#define AW_LSM_H_SENDMSG  7
 
 /* lsm_cfg[0] flags: which rules are enforced */
 #define AW_LSM_CFG_EXEC    0x1  /* exec/mmap/mprotect allow-list by inode */
 #define AW_LSM_CFG_OPEN    0x2  /* open deny-list by inode */
 #define AW_LSM_CFG_CONNECT 0x4  /* connect port allow-list */
 #define AW_LSM_CFG_SIGNAL  0x8  /* signals only within the watched cgroups */
+#define AW_LSM_CFG_UNIX    0x10 /* no connect/sendmsg to a unix socket address */
 
 /* per-CPU counters (map lsm_counters) */
 #define AW_LSM_CNT_DENIED 0
@@ -104,6 +112,7 @@ struct aw_lsm_event {
 #include <linux/in6.h>
 #include <linux/mm_types.h>
 #include <linux/sched.h>
+#include <linux/socket.h>
 #include <linux/cgroup-defs.h>
 #include <linux/kernfs.h>
 
@@ -128,6 +137,7 @@ struct socket;                  /* only passed through: <linux/net.h> costs comp
 #define AW_LSM_EPERM 1
 #define AW_LSM_AF_INET  2
 #define AW_LSM_AF_INET6 10
+#define AW_LSM_AF_UNIX  1
 #define AW_LSM_PROT_EXEC 0x4
 
 BPF_HASH(lsm_watched, u64, u32, AW_LSM_MAX_CGROUPS);
@@ -324,17 +334,33 @@ BPF_PROG(aw_lsm_open, struct file *file, int ret)
 
 /* connect: AF_INET / AF_INET6 destinations whose port is not allowed. The
  * sockaddr is the kernel's copy of the caller's (uapi layout). */
+static __always_inline int aw_lsm_deny_unix(u32 hook)
+{
+	struct aw_lsm_event *e = aw_lsm_reserve(hook);
+	if (e) {
+		e->family = AW_LSM_AF_UNIX;
+		lsm_events.ringbuf_submit(e, 0);
+	}
+	return -AW_LSM_EPERM;
+}
+
 BPF_PROG(aw_lsm_connect, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
 {
 	if (ret)
 		return ret;
 	u32 cfg = aw_lsm_cfg();
-	if (!(cfg & AW_LSM_CFG_CONNECT))
+	if (!(cfg & (AW_LSM_CFG_CONNECT | AW_LSM_CFG_UNIX)))
 		return 0;
 	u16 family = 0;
+	if (addrlen < (int)sizeof(family))
+		return 0;       /* no family: the kernel refuses it */
+	bpf_probe_read_kernel(&family, sizeof(family), &address->sa_family);
+	if (family == AW_LSM_AF_UNIX)
+		return (cfg & AW_LSM_CFG_UNIX) ? aw_lsm_deny_unix(AW_LSM_H_CONNECT) : 0;
+	if (!(cfg & AW_LSM_CFG_CONNECT))
+		return 0;
 	if (addrlen < (int)sizeof(struct sockaddr_in))
 		return 0;       /* too short for an inet address: the kernel refuses it */
-	bpf_probe_read_kernel(&family, sizeof(family), &address->sa_family);
 	if (family != AW_LSM_AF_INET && family != AW_LSM_AF_INET6)
 		return 0;
 	struct sockaddr_in6 sa = {};
@@ -402,6 +428,26 @@ BPF_PROG(aw_lsm_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
 }
 
 #endif /* AW_LAYOUT_ONLY */
+/* sendmsg: a datagram addressed to a unix socket (sendto, sendmsg with a
+ * name). msg_name is the kernel's copy of the caller's address. */
+BPF_PROG(aw_lsm_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)
+{
+	if (ret)
+		return ret;
+	u32 cfg = aw_lsm_cfg();
+	if (!(cfg & AW_LSM_CFG_UNIX))
+		return 0;
+	void *name = NULL;
+	int namelen = 0;
+	u16 family = 0;
+	bpf_probe_read_kernel(&name, sizeof(name), &msg->msg_name);
+	bpf_probe_read_kernel(&namelen, sizeof(namelen), &msg->msg_namelen);
+	if (!name || namelen < (int)sizeof(family))
+		return 0;
+	bpf_probe_read_kernel(&family, sizeof(family), name);
+	return family == AW_LSM_AF_UNIX ? aw_lsm_deny_unix(AW_LSM_H_SENDMSG) : 0;
+}
+
 /* kill: a user signal (kill, tkill, tgkill, pidfd_send_signal, sigqueue)
  * to a task whose cgroup v2 is not one this guard watches. Signals the
  * kernel sends itself (SIGCHLD to the parent, SIGPIPE) do not come here. */

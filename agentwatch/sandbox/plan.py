@@ -40,6 +40,7 @@ class LsmRules:
     exec_allow: list = None
     file_deny: list = field(default_factory=list)
     signals: bool = False      # signals only within the run (Landlock ABI < 6 cannot scope them)
+    unix: bool = False         # no unix socket connect/sendmsg (network.unix: false)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class EnforcementPlan:
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
                                                           "file_deny": self.lsm.file_deny,
-                                                          "signals": self.lsm.signals},
+                                                          "signals": self.lsm.signals,
+                                                          "unix": self.lsm.unix},
                 "map_exec": None if self.map_exec is None else {
                     "action": "kill" if self.map_exec_kill else "report", "roots": self.map_exec}}
 
@@ -226,6 +228,8 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                     ports.update(range(lo, min(hi, lo + 64) + 1))
         loop = net.get("loopback", False)
         p.egress = EgressRules(allow=allow, loopback=loop, deny_unix=net.get("unix", False) is False)
+        if p.lsm is not None:   # also where the kernel has no cgroup unix hooks (before 6.7)
+            p.lsm.unix = p.egress.deny_unix
         if rules is None:
             rules = landlock.LandlockRules(read=["/"], write=["/"], exec=["/"])
         if loop is not True and not any_port:

@@ -1,6 +1,6 @@
 """BPF LSM enforcement for agent cgroups (bpf/lsm.bpf.c), the "bpf-lsm" path.
 
-``LsmGuard(exec_allow, file_deny, connect_ports, signals).open(cgroup, on_denial)``
+``LsmGuard(exec_allow, file_deny, connect_ports, signals, unix).open(cgroup, on_denial)``
 compiles bpf/lsm.bpf.c with bcc, fills its maps, loads and attaches the LSM
 programs its rules need and adds the cgroup to their filter. For processes in that cgroup
 (and their descendants) the kernel then refuses, with EPERM:
@@ -16,6 +16,9 @@ programs its rules need and adds the cgroup to their filter. For processes in th
             (file_open; hard links, symlinks, /proc/self/root detours)
   connect   AF_INET/AF_INET6 connect() to a port not allowed (socket_connect),
             when ``connect_ports`` is not None
+  unix      connect() or sendmsg() to a unix socket address, pathname or
+            abstract (socket_connect, socket_sendmsg), when ``unix``: the
+            cgroup unix hooks' rule for kernels before 6.7
   kill      a signal to a process outside the watched cgroups (task_kill),
             when ``signals``: Landlock's signal scope for kernels before
             6.12 (ABI 6), so an agent cannot stop agentwatch or its daemon
@@ -86,8 +89,8 @@ from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401
 ENFORCEMENT = "bpf-lsm"      # doctor.ENFORCE_BPF_LSM: the path these denials come from
 
 # ---- constants shared with bpf/lsm.bpf.c ----------------------------------------------
-H_EXEC, H_OPEN, H_CONNECT, H_MMAP, H_MPROTECT, H_KILL = 1, 2, 3, 4, 5, 6
-CFG_EXEC, CFG_OPEN, CFG_CONNECT, CFG_SIGNAL = 0x1, 0x2, 0x4, 0x8
+H_EXEC, H_OPEN, H_CONNECT, H_MMAP, H_MPROTECT, H_KILL, H_SENDMSG = 1, 2, 3, 4, 5, 6, 7
+CFG_EXEC, CFG_OPEN, CFG_CONNECT, CFG_SIGNAL, CFG_UNIX = 0x1, 0x2, 0x4, 0x8, 0x10
 NAME_LEN = 64
 MAX_ALLOW, MAX_DENY = 65536, 4096    # AW_LSM_MAX_ALLOW, AW_LSM_MAX_DENY
 PROT_EXEC = 0x4
@@ -95,7 +98,8 @@ PROT_EXEC = 0x4
 # (program, LSM hook, AW_LSM_CFG_* flag that makes it needed)
 PROGRAMS = (("aw_lsm_exec", "bprm_check_security", CFG_EXEC),
             ("aw_lsm_open", "file_open", CFG_OPEN),
-            ("aw_lsm_connect", "socket_connect", CFG_CONNECT),
+            ("aw_lsm_connect", "socket_connect", CFG_CONNECT | CFG_UNIX),
+            ("aw_lsm_sendmsg", "socket_sendmsg", CFG_UNIX),
             ("aw_lsm_mmap", "mmap_file", CFG_EXEC),
             ("aw_lsm_mprotect", "file_mprotect", CFG_EXEC),
             ("aw_lsm_kill", "task_kill", CFG_SIGNAL))
@@ -104,7 +108,8 @@ HOOKS = {H_EXEC: ("bprm_check_security", "exec", "exec-not-allowed"),
          H_CONNECT: ("socket_connect", "connect", "port-not-allowed"),
          H_MMAP: ("mmap_file", "mmap", "exec-mapping-not-allowed"),
          H_MPROTECT: ("file_mprotect", "mprotect", "exec-mapping-not-allowed"),
-         H_KILL: ("task_kill", "kill", "signal-outside-run")}
+         H_KILL: ("task_kill", "kill", "signal-outside-run"),
+         H_SENDMSG: ("socket_sendmsg", "sendmsg", "unix-not-allowed")}
 
 
 class Key(ctypes.Structure):
@@ -307,6 +312,8 @@ def decode_denial(data, paths=None):
            "comm": ev.comm.decode(errors="replace"), "ts": ev.ts}
     if ev.hook == H_KILL:
         rec.update(signal=ev.prot, target_pid=ev.flags, target_cgroup=ev.ino)
+    elif ev.hook in (H_CONNECT, H_SENDMSG) and ev.family == 1:
+        rec.update(family="unix", rule="unix-not-allowed")
     elif ev.hook == H_CONNECT:
         fam = ev.family
         raw = bytes(ev.addr)
@@ -419,7 +426,7 @@ class LsmGuard(DenialStream):
 
     enforcement = ENFORCEMENT
 
-    def __init__(self, exec_allow, file_deny=(), connect_ports=None, signals=False):
+    def __init__(self, exec_allow, file_deny=(), connect_ports=None, signals=False, unix=False):
         self.bpf = None
         self.prog_fds = {}       # name -> prog fd
         self.link_fds = {}       # name -> link fd (attachment)
@@ -427,9 +434,9 @@ class LsmGuard(DenialStream):
         self.received = 0
         self.errors = []
         self._on_denial = None
-        self.use(exec_allow, file_deny, connect_ports, signals)
+        self.use(exec_allow, file_deny, connect_ports, signals, unix)
 
-    def use(self, exec_allow, file_deny=(), connect_ports=None, signals=False):
+    def use(self, exec_allow, file_deny=(), connect_ports=None, signals=False, unix=False):
         """The rules the next open() enforces. Not while enforcing: a
         released guard is reused by a shared monitor (the daemon), which
         compiles the programs once, not once per run."""
@@ -441,7 +448,8 @@ class LsmGuard(DenialStream):
         self.cfg = ((CFG_EXEC if self.exec_allow is not None else 0)
                     | (CFG_OPEN if self.file_deny else 0)
                     | (CFG_CONNECT if self.connect_ports is not None else 0)
-                    | (CFG_SIGNAL if signals else 0))
+                    | (CFG_SIGNAL if signals else 0)
+                    | (CFG_UNIX if unix else 0))
         self.allow_keys = {}
         self.deny_keys = {}
         self._paths = {}

@@ -358,8 +358,9 @@ def run(request, runs):
 
 
 def unix_hooks(sb):
-    """The run had the cgroup unix socket hooks (Linux 6.7+); the run's
-    identity notes when the kernel has none."""
+    """The run's unix socket connects were refused in the kernel: by the
+    cgroup unix socket hooks (Linux 6.7+) or the BPF LSM socket_connect
+    program; the run's identity notes when neither was there."""
     notes = sb.lifecycle("start")["detail"]["enforcement"]["notes"]
     return not any("no cgroup unix socket hooks" in n for n in notes)
 
@@ -779,12 +780,13 @@ def test_fd_inherited_from_the_launcher(run):
 def test_pathname_unix_socket_is_killed(run):
     """Linux 6.7+ (the CI kernel): DENIED by the cgroup unix connect hook,
     which the policy's `unix: false` attaches (EPERM, no connection), and
-    the syscall sensor reports it with the socket's name. Older kernels (the
-    VM's 6.1): CANNOT BE DENIED (Landlock has no right for connect() to a
-    pathname unix socket and the agent owns the socket file as root), only
-    detected: the connection is made and the judge kills the agent before
-    it sends anything (it waits 5 s, then sends). Killed either way: the
-    rule's action is kill."""
+    the syscall sensor reports it with the socket's name. Older kernels with
+    BPF LSM (the VM's 6.1): DENIED by the socket_connect program (EPERM).
+    Older kernels without: CANNOT BE DENIED (Landlock has no right for
+    connect() to a pathname unix socket and the agent owns the socket file
+    as root), only detected: the connection is made and the judge kills the
+    agent before it sends anything (it waits 5 s, then sends). Killed either
+    way: the rule's action is kill."""
     lst = run.listeners["unix"]
     assert lst.data == []                             # nothing sent
     v = run.violation("network.unix", "network", addr=run.sock_path)   # the whole name
@@ -814,7 +816,8 @@ def test_unix_socket_by_a_short_relative_name_is_killed(run):
 @uses("unix_abstract")
 def test_abstract_unix_socket(run):
     """A test-owned abstract socket outside the sandbox: Landlock's
-    abstract-unix scope refuses the connect (EPERM)."""
+    abstract-unix scope (Linux 6.12+) or the BPF LSM socket_connect program
+    (older kernels with BPF LSM: the VM's 6.1) refuses the connect (EPERM)."""
     refused(run, "connect unix", "EPERM")
     lst = run.listeners["unix"]
     assert lst.connections == 0 and lst.data == []
@@ -825,6 +828,14 @@ def test_abstract_unix_socket(run):
 
 
 # ======================================================================= network
+
+def tcp_refusal(run):
+    """What a refused TCP connect returns: EACCES from Landlock's TCP port
+    rules (ABI 4, Linux 6.7+), else EPERM from the cgroup BPF connect hook
+    (the VM's 6.1)."""
+    downgrades = run.lifecycle("start")["detail"]["enforcement"]["downgrades"]
+    return "EPERM" if any("TCP connect rules need ABI" in d for d in downgrades) else "EACCES"
+
 
 def _net_violation(run, tag, rule="network.loopback"):
     proto, fam, addr, port = run.ports[tag]
@@ -853,12 +864,12 @@ def test_dns_to_a_resolver_in_another_network_namespace(netns, run):
     if netns is None:
         pytest.skip("network namespaces cannot be made on this host")
     tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
-    assert tries["dns-netns"] == "EPERM" and tries["dns-netns-tcp"] == "EACCES"
+    assert tries["dns-netns"] == "EPERM" and tries["dns-netns-tcp"] == tcp_refusal(run)
     with open(netns["log"]) as f:
         got = f.read()
     assert "CONTROL" in got and "LEAK" not in got
     kernel_said(_net_violation(run, "dns-netns", "network.egress"), "EPERM")
-    kernel_said(_net_violation(run, "dns-netns-tcp", "network.egress"), "EACCES")
+    kernel_said(_net_violation(run, "dns-netns-tcp", "network.egress"), tcp_refusal(run))
 
 
 @uses("network")
@@ -878,9 +889,9 @@ def test_ipv6_loopback_other_port(run):
     if "tcp6" not in run.ports:
         pytest.skip("no IPv6 on this host")
     tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
-    assert tries["tcp6"] == "EACCES" and tries["udp6"] == "EPERM"
+    assert tries["tcp6"] == tcp_refusal(run) and tries["udp6"] == "EPERM"
     assert run.listeners["tcp6"].connections == 0 and run.listeners["udp6"].data == []
-    kernel_said(_net_violation(run, "tcp6"), "EACCES")
+    kernel_said(_net_violation(run, "tcp6"), tcp_refusal(run))
     kernel_said(_net_violation(run, "udp6"), "EPERM")
 
 
@@ -891,10 +902,10 @@ def test_ipv4_mapped_ipv6_destination(run):
     if "tcp-mapped" not in run.ports:
         pytest.skip("no IPv6 on this host")
     tries = {a["tag"]: a["result"] for a in run.attempts("sendto") + run.attempts("connect")}
-    assert tries["tcp-mapped"] == "EACCES" and tries["udp-mapped"] == "EPERM"
+    assert tries["tcp-mapped"] == tcp_refusal(run) and tries["udp-mapped"] == "EPERM"
     assert run.listeners["tcp-mapped"].connections == 0
     assert run.listeners["udp-mapped"].data == []
-    kernel_said(_net_violation(run, "tcp-mapped"), "EACCES")
+    kernel_said(_net_violation(run, "tcp-mapped"), tcp_refusal(run))
     kernel_said(_net_violation(run, "udp-mapped"), "EPERM")
 
 
@@ -902,15 +913,16 @@ def test_ipv4_mapped_ipv6_destination(run):
 def test_direct_connect_bypassing_the_proxy(run):
     """HTTP_PROXY points at 127.0.0.1:18080, the policy's one loopback port:
     through it the request goes out (control); straight to the destination
-    it is refused (Landlock TCP port rule, EACCES)."""
+    it is refused (Landlock TCP port rule, EACCES; before ABI 4 the cgroup
+    BPF connect hook, EPERM)."""
     tries = {a["tag"]: a["result"] for a in run.attempts("connect")}
-    assert tries["via-proxy"] == "ok" and tries["bypass-proxy"] == "EACCES"
+    assert tries["via-proxy"] == "ok" and tries["bypass-proxy"] == tcp_refusal(run)
     proxy = run.listeners["proxy"]
     assert proxy.connections == 1 and proxy.data and proxy.data[0].startswith(b"GET http://")
     direct = run.listeners["direct"]
     assert direct.connections == 0 and direct.data == []
     v = run.violation("network.loopback", "network", addr="127.0.0.1", port=direct.port)
-    kernel_said(v, "EACCES")
+    kernel_said(v, tcp_refusal(run))
     assert not run.violations(port=18080)           # the allowed path is not a violation
 
 

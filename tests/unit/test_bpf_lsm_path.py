@@ -41,7 +41,8 @@ def test_plan_adds_the_lsm_layer_only_when_the_host_has_it(tree):
     # concrete deny paths that exist; **/.env has wildcards
     assert p.lsm.file_deny == [os.path.join(tree["HOME"], ".ssh")]
     rec = p.record()["bpf_lsm"]
-    assert rec == {"exec_allow": p.lsm.exec_allow, "file_deny": p.lsm.file_deny, "signals": False}
+    assert rec == {"exec_allow": p.lsm.exec_allow, "file_deny": p.lsm.file_deny, "signals": False,
+                   "unix": True}         # network.unix: false (the cgroup hooks need 6.7+)
 
 
 def test_signals_are_scoped_by_the_lsm_layer_where_landlock_cannot(tree):
@@ -218,3 +219,20 @@ def test_kernel_kills_only_exact_forms_and_only_for_kill(tree, tmp_path):
     assert c.killed_in_kernel(tree["HOME"] + "/.ssh/id_rsa")
     assert not c.killed_in_kernel(tree["HOME"] + "/.sshfoo") and not c.killed_in_kernel(".envrc")
     assert compiled("{filesystem.deny: deny}").kernel_kills() == ([], [])
+
+
+def test_a_refused_preload_is_named_by_the_file_the_process_opened(tmp_path):
+    """LD_PRELOAD names the library in the environment only: the BPF LSM
+    refusal (basename and inode) is named by the process's recent opens."""
+    from types import SimpleNamespace
+    from agentwatch.runner import _named_by
+    lib = tmp_path / "libhook.so"
+    lib.write_bytes(b"\x7fELF")
+    other = tmp_path / "sub"
+    other.mkdir()
+    (other / "libhook.so").write_bytes(b"other inode")
+    proc = SimpleNamespace(argv=["/usr/bin/true"], cwd="/")
+    ino = lib.stat().st_ino
+    assert _named_by(proc, "libhook.so", ino) is None
+    opened = [str(lib), str(other / "libhook.so"), "/etc/ld.so.cache"]
+    assert _named_by(proc, "libhook.so", ino, opened) == str(lib)   # by inode, not by name
