@@ -50,11 +50,14 @@ def enforcement_path_here():
 PATH_HERE = enforcement_path_here()
 LSM_HERE = PATH_HERE == PATH_BPF_LSM
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- adversarial-fixture-"
-# Under QEMU TCG (tests/vm) an embedded run costs ~1 min of CPU (three bcc
-# compiles, emulated), so there the runs go through one `agentwatch daemon`,
-# which compiles once for all (AGENTWATCH_ADV_DAEMON=1 does that here too);
-# a scenario about agentwatch's own process (Sandbox.embedded) runs without.
-ON_DAEMON = IN_VM or os.environ.get("AGENTWATCH_ADV_DAEMON") == "1"
+# The runs go through one `agentwatch daemon`, which compiles and attaches the
+# sensors and the enforcement programs once for all (under QEMU TCG, tests/vm,
+# an embedded run costs ~1 min of CPU: three bcc compiles, emulated). A
+# scenario about agentwatch's own process (Sandbox.embedded) runs without one,
+# and so do HOST_EMBEDDED on the host, so that both monitor modes meet escape
+# attempts. AGENTWATCH_ADV_DAEMON=0 runs every scenario embedded.
+ON_DAEMON = os.environ.get("AGENTWATCH_ADV_DAEMON", "1") != "0"
+HOST_EMBEDDED = ("files", "network", "fork_bomb", "memory")
 KILL_GRACE_S = 60 if IN_VM else 15   # a killed agent never gets past this sleep
 RUN_TIMEOUT_S = 600 if IN_VM else 120
 PARALLEL = 2 if IN_VM else 4
@@ -187,7 +190,8 @@ class Sandbox:
     def path(self, *parts):
         return os.path.join(self.root, *parts)
 
-    on_daemon = property(lambda self: ON_DAEMON and not self.embedded)
+    on_daemon = property(lambda self: ON_DAEMON and not self.embedded
+                         and (IN_VM or self.name not in HOST_EMBEDDED))
     ws = property(lambda self: self.path("ws"))
     home = property(lambda self: self.path("home"))
     tmp = property(lambda self: self.path("tmp"))

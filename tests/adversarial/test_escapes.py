@@ -9,12 +9,15 @@ Each test checks one attempt and asserts both halves:
   2. a violation of the right category was reported for it, attributed to
      the run, with what the kernel answered,
 and which enforcement path the run got (on this kernel Landlock + seccomp +
-cgroup BPF: BPF LSM programs cannot be loaded here, see KERNEL-FACTS).
+cgroup BPF: BPF LSM programs cannot be loaded here, see KERNEL-FACTS; in
+the VM of tests/vm, BPF LSM on top).
 
 Where the kernel cannot deny an attempt on this kernel, the test says so in
 its docstring and asserts that it was detected and the agent killed.
 Attempts whose policy rule kills the agent have a run of their own; the
-others share one run per theme (see advkit.py for the machinery).
+others share one run per theme. The runs go through one `agentwatch daemon`
+(its programs are shared and reused between runs, which the sandbox must
+survive); a few scenarios run embedded (see advkit.py for the machinery).
 """
 import fcntl
 import hashlib
