@@ -43,6 +43,7 @@ SHARED_DRAIN_S = 300.0   # on a shared monitor: the bound on reading up to the a
 SHARED_POLL_S = 0.02     # a run on a shared monitor reads the rings this often (priority records too)
 LSM_NAME_WAIT_S = 0.5   # how long a BPF LSM denial may wait for its file's path (see _on_lsm_denial)
 LSM_RECENT_OPENS = 16   # files opened per process kept to name a BPF LSM refusal by
+LSM_OPENED_PIDS = 4096  # ... for this many processes at most
 
 
 @dataclass
@@ -369,6 +370,8 @@ class Run:
             # and dlopen name the library nowhere else
             recent = self._lsm_opened.get(ev.pid)
             if recent is None:
+                if len(self._lsm_opened) >= LSM_OPENED_PIDS:      # the oldest process first
+                    del self._lsm_opened[next(iter(self._lsm_opened))]
                 recent = self._lsm_opened[ev.pid] = collections.deque(maxlen=LSM_RECENT_OPENS)
             recent.append(ev.abspath)
 

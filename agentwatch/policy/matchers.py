@@ -322,6 +322,17 @@ def _fixed_prefix(text):
     return "".join(out)
 
 
+def _fixed_suffix(text):
+    """The literal end of a segment pattern: up to its last wildcard, or its
+    last bracket expression's ']' (read backwards, ']' closes a bracket)."""
+    out = []
+    for c in reversed(text):
+        if c in _META or c == "]":
+            break
+        out.append(c)
+    return "".join(reversed(out))
+
+
 def _seg_overlap(a, b):
     """Some segment matches both (conservative: may answer True)."""
     if a[0] == LIT:
@@ -335,7 +346,7 @@ def _seg_overlap(a, b):
         wild = a if a[0] == WILD else b if b[0] == WILD else None
         return a == b or (wild is not None and _fixed_prefix(wild[2]) == "")
     pa, pb = _fixed_prefix(a[2]), _fixed_prefix(b[2])
-    sa, sb = _fixed_prefix(a[2][::-1])[::-1], _fixed_prefix(b[2][::-1])[::-1]
+    sa, sb = _fixed_suffix(a[2]), _fixed_suffix(b[2])
     return (pa.startswith(pb) or pb.startswith(pa)) and (sa.endswith(sb) or sb.endswith(sa))
 
 
