@@ -47,7 +47,7 @@ SECOND_RUN = {"test_landlock": "tests/kernel/test_landlock.py",
               "test_plan_for_escapes": "tests/adversarial/test_plan_for_escapes.py"}
 
 
-def test_functions(path):
+def functions_in(path):
     """Names of the test functions in path."""
     with open(os.path.join(REPO, path)) as f:
         tree = ast.parse(f.read(), path)
@@ -166,6 +166,6 @@ def test_second_run_on_the_bpf_lsm_path(vm, mod):
     bad = [f"{name}: {el.get('message', '')[:300]}" for name, tc in sorted(cases.items())
            for el in (tc.find("failure"), tc.find("error")) if el is not None]
     assert not bad, "[in the BPF LSM VM]\n" + "\n".join(bad)
-    missing = set(test_functions(SECOND_RUN[mod])) - {n.split("[")[0] for n in cases}
+    missing = set(functions_in(SECOND_RUN[mod])) - {n.split("[")[0] for n in cases}
     assert not missing, f"not run in the VM: {sorted(missing)}"
     assert any(tc.find("skipped") is None for tc in cases.values()), "all skipped in the VM"
