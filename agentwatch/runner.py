@@ -90,6 +90,7 @@ class Monitor:
         self.children = set()            # the runs' agent pids
         self.exits = {}                  # agent pid -> wait status, until its run takes it
         self.idle_guards = []            # enforcement objects (LsmGuard, Egress) runs gave back
+        self.closed = False
 
     def reap(self):
         """Reap every exited child (agents, and orphans re-parented to us as
@@ -139,7 +140,10 @@ class Monitor:
             guard.close()
             return
         with self.lock:
-            self.idle_guards.append(guard)
+            if not self.closed:
+                self.idle_guards.append(guard)
+                return
+        guard.close()              # the monitor closed while the run ended
 
     def open(self):
         self.sensors.open(self.correlator.handle)
@@ -147,6 +151,7 @@ class Monitor:
 
     def close(self):
         with self.lock:
+            self.closed = True
             guards, self.idle_guards = self.idle_guards, []
         for g in guards:
             g.close()
