@@ -41,6 +41,7 @@ from .errors import AgentwatchError, UsageError
 MAX_MSG = 1 << 20          # a run request carries the client's whole environment
 START_TIMEOUT_S = 120      # `daemon start`: how long loading the sensors may take
 STOP_TIMEOUT_S = 30
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 REQUEST_TIMEOUT_S = 10     # a client that connects must ask within this
 
 # RunOptions fields a client may set; paths are made absolute on its side
@@ -171,15 +172,32 @@ class Daemon:
             self.log(f"ready on {self.path} (pid {os.getpid()}): sensors loaded in "
                      f"{time.monotonic() - t0:.1f} s, {len(self.monitor.sensors.attached)} "
                      f"tracepoints")
-            old = {s: signal.signal(s, lambda *_: self.stopping.set())
-                   for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+            # Stop signals are taken by one thread that knows who sent them
+            # (sigwaitinfo): an agent's SIGTERM would otherwise stop every run,
+            # wherever no kernel layer refuses it (no policy, or a kernel with
+            # neither Landlock's signal scope nor BPF LSM). Blocked here, before
+            # the client threads exist, so that all of them inherit the mask;
+            # the launcher clears it in the agent.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            threading.Thread(target=self._stop_signals, daemon=True).start()
             try:
                 self._accept_loop()
             finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         finally:
             self._shutdown()
+
+    def _stop_signals(self):
+        """Stop on SIGTERM, SIGINT or SIGHUP, unless an agent sent it."""
+        while not self.stopping.is_set():
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            name = signal.Signals(info.si_signo).name
+            try:
+                self._refuse_agents(info.si_pid, f"signal {name}")
+            except errors.PrivilegeError:
+                continue               # refused and reported on the agent's run
+            self.log(f"{name} from pid {info.si_pid}: stopping")
+            self.stopping.set()
 
     def _listen(self):
         try:

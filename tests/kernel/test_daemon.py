@@ -194,6 +194,30 @@ def test_sandboxed_runs_starting_at_once_all_run(daemon, tmp_path):
     assert _status(env)["pid"] == pid, "the daemon went away"
 
 
+def test_an_agents_stop_signal_does_not_stop_the_daemon(daemon, tmp_path):
+    """An agent with no kernel layer in its way (an alert-only policy: no
+    Landlock signal scope) sends SIGTERM and SIGHUP to the daemon: the daemon
+    knows the sender (sigwaitinfo), refuses, reports it on the run, and
+    serves on."""
+    state_dir, env = daemon
+    pid = _status(env)["pid"]
+    policy = tmp_path / "alert.yaml"
+    policy.write_text("apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {name: alert-only}\n"
+                      "on_violation: {default: alert}\n")
+    p = _client(env, "--daemon", "--policy", str(policy), "--", "/bin/sh", "-c",
+                f"kill -TERM {pid}; kill -HUP {pid}; sleep 0.3; echo alive")
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out) == (0, "alive\n"), err
+    assert _status(env)["pid"] == pid, "the daemon stopped for an agent's signal"
+    run_id = err.split("agentwatch: run ")[1].split()[0]
+    evs = read_events(state_dir / "runs" / run_id / "events.jsonl")
+    refused = sorted(v["detail"]["op"] for v in evs
+                     if v["kind"] == "violation" and v["rule"] == "identity.daemon")
+    assert refused == ["signal SIGHUP", "signal SIGTERM"], refused
+    log = (state_dir / "daemon.log").read_text()
+    assert "refused 'signal SIGTERM'" in log and "refused 'signal SIGHUP'" in log
+
+
 def test_ctrl_c_stops_the_agent_and_a_vanished_client_stops_its_run(daemon):
     state_dir, env = daemon
     from agentwatch.sandbox.cgroups import leftover_cgroups
