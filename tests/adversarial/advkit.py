@@ -132,30 +132,32 @@ class Listener:
 
 # ----------------------------------------------------------------- the daemon
 
-_daemons = {}   # state dir -> pid of the daemon started here
-
-
-def daemon(state_dir, stop=False):
-    """Start `agentwatch daemon` on state_dir (ON_DAEMON runs go through it),
-    or stop the one started here; stopping kills it (by its id) if it does
-    not stop by itself."""
-    import signal
+def start_daemon(state_dir):
+    """`agentwatch daemon start` on state_dir (ON_DAEMON runs go through it);
+    returns its pid."""
+    from agentwatch import daemon
     env = dict(os.environ, PYTHONPATH=REPO, AGENTWATCH_STATE_DIR=state_dir)
-    if not stop:
-        r = subprocess.run(aw_cmd() + ["daemon", "start"], env=env, capture_output=True,
-                           text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
-        assert r.returncode == 0, f"agentwatch daemon start: {r.stderr}{r.stdout}"
-        _daemons[state_dir] = int(r.stdout.split("pid ")[1].split(",")[0])
-        return
-    pid = _daemons.pop(state_dir, None)
-    if pid is None:
-        return
-    r = subprocess.run(aw_cmd() + ["daemon", "stop"], env=env, capture_output=True, text=True,
-                       timeout=RUN_TIMEOUT_S, cwd=REPO)
+    r = subprocess.run(aw_cmd() + ["daemon", "start"], env=env, capture_output=True,
+                       text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
+    assert r.returncode == 0, f"agentwatch daemon start: {r.stderr}{r.stdout}"
+    return daemon.ping(os.path.join(state_dir, "daemon.sock"))["pid"]
+
+
+def stop_daemon(state_dir, pid):
+    """Stop the daemon started above; it must stop by itself (else it is
+    killed, by its id, and the test fails)."""
+    import signal
+    from agentwatch import daemon
+    from agentwatch.errors import AgentwatchError
+    try:
+        daemon.shutdown(os.path.join(state_dir, "daemon.sock"))   # returns once it is gone
+        error = None
+    except AgentwatchError as e:
+        error = e
     if not process_gone(pid):
         os.kill(pid, signal.SIGKILL)
-        raise AssertionError(f"the daemon did not stop (killed): {r.stderr}")
-    assert r.returncode == 0, f"agentwatch daemon stop: {r.stderr}"
+        raise AssertionError(f"the daemon did not stop (killed): {error}")
+    assert error is None, f"agentwatch daemon stop: {error}"
 
 
 # ----------------------------------------------------------------- a run

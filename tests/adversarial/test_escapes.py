@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from advkit import (KILL_GRACE_S, LSM_HERE, PARALLEL, PATH_HERE, POLICY, SECRET, Sandbox, daemon,
-                    max_alive, netns, payloads, uses)  # noqa: F401  (fixtures)
+from advkit import (KILL_GRACE_S, LSM_HERE, PARALLEL, PATH_HERE, POLICY, SECRET, Sandbox, max_alive,
+                    netns, payloads, start_daemon, stop_daemon, uses)  # noqa: F401  (fixtures)
 from agentwatch.sandbox.cgroups import leftover_cgroups
 from agentwatch.sandbox.limits import leftover_v1
 
@@ -320,7 +320,7 @@ def runs(request, tmp_path_factory, payloads):
     ctx = {"payloads": payloads,
            "netns": request.getfixturevalue("netns") if "network" in needed else None}
     state = str(tmp_path_factory.mktemp("state"))     # shared: gc must see every live run
-    boxes = {}
+    boxes, daemon_pid = {}, None
     try:
         for name in needed:
             if getattr(SCENARIOS[name], "world_searchable", False):   # for a non-root agent
@@ -332,7 +332,7 @@ def runs(request, tmp_path_factory, payloads):
             boxes[name] = sb
             SCENARIOS[name](sb, ctx)
         if any(b.on_daemon for b in boxes.values()):
-            daemon(state)
+            daemon_pid = start_daemon(state)
         order = sorted(boxes.values(), key=lambda b: b.name not in SLOW_FIRST)
         with ThreadPoolExecutor(PARALLEL) as pool:
             list(pool.map(lambda b: b.run(state), order))
@@ -340,7 +340,8 @@ def runs(request, tmp_path_factory, payloads):
     finally:
         for sb in boxes.values():
             sb.finish()
-        daemon(state, stop=True)
+        if daemon_pid is not None:
+            stop_daemon(state, daemon_pid)
 
 
 @pytest.fixture
