@@ -13,6 +13,7 @@ class DenialStream:
     _decode(raw) -> dict."""
 
     COUNTERS = None
+    _base = (0, 0)         # counter totals when the stream (re)started
 
     def _on_record(self, _ctx, data, size):
         self.received += 1
@@ -35,8 +36,7 @@ class DenialStream:
         """denials counted in the kernel, records lost (ring buffer full),
         records received here; since the last _start_stream()."""
         denied, lost = self._totals()
-        base = getattr(self, "_base", (0, 0))
-        return {"denials": denied - base[0], "lost": lost - base[1],
+        return {"denials": denied - self._base[0], "lost": lost - self._base[1],
                 "received": self.received, "errors": len(self.errors)}
 
     def _start_stream(self, on_denial):
