@@ -84,6 +84,10 @@ class FileEvent(Event):
     mode: int = None
     ret: int = 0
     error: str = None
+    # this line stands for `repeat` more calls by the thread identical to its
+    # previous file line (same op, absolute path, flags and result), folded in
+    # the kernel; ts is the last one's (bpf/common.bpf.c, "Repeats")
+    repeat: int = None
 
 
 @dataclass(kw_only=True)

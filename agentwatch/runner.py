@@ -403,6 +403,7 @@ class Run:
                  "lost_events_per_cpu": c["lost_events_per_cpu"], "lost_stash": c["lost_stash"],
                  "records_submitted": c["submitted"], "records_received": c["received"],
                  "rings": c["rings"], "killed_in_kernel": c["killed_in_kernel"],
+                 "repeated": self.ctx.repeated, "unmatched_repeats": self.ctx.unmatched_repeats,
                  "decode_errors": len(self.sensors.errors), "pids": len(self.cgroup.pids()),
                  "updated": time.time()}
         state.write_json_atomic(state.run_path(self.run_id, "stats.json"), stats)
@@ -811,7 +812,7 @@ class Run:
         if self.judge:
             self.judge.tick(final=True)
         stats = self._stats()
-        lost = stats["lost_events"] + stats["lost_stash"]
+        lost = stats["lost_events"] + stats["lost_stash"] + stats["unmatched_repeats"]
         verdict = self.judge.summary() if self.judge else None
         self._lifecycle("end", {"exit_status": self.exit_status, "events": self.ctx.events,
                                 "violations": verdict,
@@ -820,6 +821,8 @@ class Run:
                                 "lost_events_per_cpu": stats["lost_events_per_cpu"],
                                 "records_submitted": stats["records_submitted"],
                                 "records_received": stats["records_received"],
+                                "repeated": stats["repeated"],
+                                "unmatched_repeats": stats["unmatched_repeats"],
                                 "rings": stats["rings"],
                                 "decode_errors": stats["decode_errors"],
                                 "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},

@@ -87,11 +87,91 @@ static __always_inline void aw_fill_hdr(struct aw_hdr *h, u32 type)
 	bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 
+static __always_inline void aw_count_n(u32 idx, u64 n)
+{
+	u64 *c = counters.lookup(&idx);
+	if (c)
+		*c += n;
+}
+
+/* Repeats: a thread making the same file call over and over (a loop opening
+ * /dev/null, a build polling a lock file) costs one record and a count, not
+ * a record per call: the monitor's cost is per record (issue #5). Per thread,
+ * the last bulk file record that may be repeated (aw_fold_start in
+ * syscalls.bpf.c: absolute path, one path, no address) is kept here; an
+ * identical call adds to its count (aw_fold). The count goes out as an
+ * aw_repeat_event on the bulk ring before any other record of the thread
+ * (aw_reserve_on), at the thread's exit (aw_repeat_end), and once a second
+ * while the calls go on, so the thread's records stay in their order and no
+ * count waits longer than the thread's next record. */
+#ifndef AW_REPEAT_THREADS
+#define AW_REPEAT_THREADS 8192   /* threads folding at once; beyond, records are not folded */
+#endif
+#define AW_REPEAT_NS 1000000000ULL
+struct aw_repeat {
+	s32 nr;
+	u32 count;          /* calls folded since the last aw_repeat_event */
+	s64 ret;
+	u64 args[6];
+	u64 extra[2];
+	u64 ts;             /* the record the calls repeat */
+	u64 first;          /* the first and last call in count */
+	u64 last;
+	long n;             /* path length with its NUL; 0: nothing to fold into */
+	char path[AW_STR_LEN];
+};
+BPF_HASH(repeats, u32, struct aw_repeat, AW_REPEAT_THREADS);
+
+/* Write r's count as an aw_repeat_event (or count its calls lost). */
+static __always_inline void aw_repeat_out(struct aw_repeat *r)
+{
+	struct aw_repeat_event *e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		aw_count_n(AW_CNT_LOST_EVENTS, r->count);
+	} else {
+		aw_fill_hdr(&e->h, AW_EV_REPEAT);
+		e->nr = r->nr;
+		e->count = r->count;
+		e->orig_ts = r->ts;
+		e->first = r->first;
+		e->last = r->last;
+		aw_count_n(AW_CNT_FOLDED, r->count);
+		aw_count(AW_CNT_SEEN);
+		events.ringbuf_submit(e, 0);
+	}
+	r->count = 0;
+}
+
+/* The thread writes another record: out with its count, nothing to fold into. */
+static __always_inline void aw_repeat_break(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct aw_repeat *r = repeats.lookup(&tid);
+	if (r && r->n) {
+		if (r->count)
+			aw_repeat_out(r);
+		r->n = 0;
+	}
+}
+
+/* The thread exits: out with its count, forget it. */
+static __always_inline void aw_repeat_end(u32 tid)
+{
+	struct aw_repeat *r = repeats.lookup(&tid);
+	if (!r)
+		return;
+	if (r->n && r->count)
+		aw_repeat_out(r);
+	repeats.delete(&tid);
+}
+
 /* Reserve a record in the bulk (prio 0) or priority ring buffer, or count
  * the loss against that ring. Inlined, so the size stays a constant the
- * verifier can check. */
+ * verifier can check. Every record of a thread goes through here, so its
+ * pending repeat count goes out first. */
 static __always_inline void *aw_reserve_on(u32 size, int prio)
 {
+	aw_repeat_break();
 	void *p = prio ? priority.ringbuf_reserve(size) : events.ringbuf_reserve(size);
 	if (!p)
 		aw_count(prio ? AW_CNT_LOST_PRIO : AW_CNT_LOST_EVENTS);

@@ -23,6 +23,8 @@
                           * the exec roots (bpf/mapexec.bpf.c): the mmap's args, str1 the
                           * path the fd was opened by, ret 1 when the process was killed
                           * at it (AW_MAPX_KILL), 0 when only reported */
+#define AW_EV_REPEAT  7  /* aw_repeat_event: the thread's last record (a bulk file record)
+                          * happened count more times, identically (bpf/common.bpf.c) */
 
 #define AW_COMM_LEN  16
 #define AW_STR_LEN   256  /* paths are cut here; the event says so */
@@ -39,6 +41,8 @@
 #define AW_CNT_SEEN_PRIO   4  /* events submitted to the priority ring buffer */
 #define AW_CNT_KILLED      5  /* processes killed in the kernel (bpf_send_signal): at an open's
                               * return, or at an mmap(PROT_EXEC) (mapexec.bpf.c) */
+#define AW_CNT_FOLDED      6  /* calls folded into the count of an aw_repeat_event written
+                              * (a lost one's calls count in AW_CNT_LOST_EVENTS instead) */
 
 /* values of the sensitive_prefixes / sensitive_names maps (priority.bpf.c) */
 #define AW_ROUTE_PRIO 0x1       /* the record travels the priority ring */
@@ -101,6 +105,20 @@ struct aw_exec_event {
 	__u32 truncated;       /* 1 when argv had more than AW_ARGC_MAX entries */
 	char filename[AW_STR_LEN];
 	char argv[AW_ARGC_MAX][AW_ARG_LEN];
+};
+
+/* Repeats (bpf/common.bpf.c): calls identical to the record stamped orig_ts
+ * (same thread, syscall, arguments, absolute path and result), with no other
+ * record of the thread in between, folded into a count. h.ts is when this
+ * record was written: just before the thread's next record, at its exit, or
+ * once a second while it keeps repeating. */
+struct aw_repeat_event {
+	struct aw_hdr h;
+	__s32 nr;
+	__u32 count;           /* identical calls after the record stamped orig_ts */
+	__u64 orig_ts;         /* h.ts of the record they repeat */
+	__u64 first;           /* the first of them */
+	__u64 last;            /* the last of them */
 };
 
 struct aw_fork_event {

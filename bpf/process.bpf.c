@@ -113,6 +113,7 @@ int aw_exit(struct tracepoint__sched__sched_process_exit *args)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id, tgid = id >> 32;
 	stash.delete(&tid);
+	aw_repeat_end(tid);
 #ifdef AW_HAVE_GROUP_DEAD
 	if (!args->group_dead)
 		return 0;

@@ -23,6 +23,7 @@ struct aw_stash {
 BPF_ARRAY(specs, struct aw_spec, AW_NR_MAX);
 BPF_HASH(stash, u32, struct aw_stash, 16384);        /* tid -> entry args */
 BPF_HASH(exit_codes, u32, s32, 16384);               /* tgid -> exit_group() status */
+BPF_PERCPU_ARRAY(repeat_new, struct aw_repeat, 1);   /* a thread's first kept record: too big for the stack */
 
 struct user_msghdr_head {   /* leading fields of uapi struct user_msghdr */
 	u64 msg_name;
@@ -139,6 +140,87 @@ static __always_inline struct aw_syscall_event *aw_syscall_record(u32 type, s32 
 	return e;
 }
 
+/* Repeats (see common.bpf.c). A record may be folded into when it is a
+ * bulk file record with one path, absolute as written, read whole, and no
+ * address: the same bytes then name the same file whatever the thread's cwd
+ * (a relative path is never folded, so a chdir by another thread cannot
+ * change what a repeat meant). */
+static __always_inline int aw_foldable(struct aw_spec *sp, int prio, struct aw_path_buf *p1,
+				       struct aw_path_buf *p2, u64 addr)
+{
+	return !prio && p1 && !p2 && !addr && !(sp->flags & AW_SPEC_EXEC) &&
+	       p1->n > 1 && p1->n < AW_STR_LEN && p1->path[0] == '/';
+}
+
+/* The call is the same as the thread's kept record (syscall, the other
+ * arguments, the struct behind deref, result and path bytes; not where the
+ * path was in memory, which a language runtime may change from call to call):
+ * count it. */
+static __always_inline int aw_fold(u32 tid, struct aw_spec *sp, struct aw_stash *st, s64 ret,
+				   struct aw_path_buf *p1)
+{
+	struct aw_repeat *r = repeats.lookup(&tid);
+	if (!r || !r->n || r->nr != st->nr || r->ret != ret || r->n != p1->n)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		if (i != sp->path1 && r->args[i] != st->args[i])
+			return 0;
+	if (r->extra[0] != st->extra[0] || r->extra[1] != st->extra[1])
+		return 0;
+	long n = p1->n;
+#pragma unroll
+	for (int i = 0; i < AW_STR_LEN / 8; i++) {
+		long left = n - i * 8;
+		if (left <= 0)
+			break;
+		u64 a = ((u64 *)r->path)[i], b = ((u64 *)p1->path)[i];
+		if (left < 8) {    /* bytes after the NUL are stale: compare up to it */
+			u64 mask = (1ULL << (left * 8)) - 1;
+			a &= mask;
+			b &= mask;
+		}
+		if (a != b)
+			return 0;
+	}
+	u64 now = bpf_ktime_get_ns();
+	if (!r->count)
+		r->first = now;
+	r->count++;
+	r->last = now;
+	if (now - r->first >= AW_REPEAT_NS)
+		aw_repeat_out(r);   /* a long run of calls: once a second */
+	return 1;
+}
+
+/* Keep the record just reserved (stamped ts) as the thread's record to fold into. */
+static __always_inline void aw_fold_start(u32 tid, struct aw_stash *st, s64 ret,
+					  struct aw_path_buf *p1, u64 ts)
+{
+	struct aw_repeat *r = repeats.lookup(&tid);
+	int fresh = !r;
+	if (fresh) {
+		u32 zero = 0;
+		r = repeat_new.lookup(&zero);
+		if (!r)
+			return;
+	}
+	r->nr = st->nr;
+	r->count = 0;
+	r->ret = ret;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		r->args[i] = st->args[i];
+	r->extra[0] = st->extra[0];
+	r->extra[1] = st->extra[1];
+	r->ts = ts;
+	r->first = r->last = 0;
+	r->n = p1->n;
+	__builtin_memcpy(r->path, p1->path, sizeof(r->path));
+	if (fresh)
+		repeats.update(&tid, r);   /* map full: this thread's records are not folded */
+}
+
 /* A syscall the seccomp filter refused with EPERM: seccomp runs before the
  * sys_enter tracepoint (syscall_trace_enter returns at once), so there is no
  * stash, but sys_exit still fires with the errno. Only syscalls whose spec
@@ -207,11 +289,20 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 		aw_count(AW_CNT_KILLED);
 	}
 	int prio = route & AW_ROUTE_PRIO;
+	int fold = aw_foldable(sp, prio, p1, p2, addr);
+	if (fold && aw_fold(tid, sp, st, ctx->ret, p1)) {
+		if ((sp->flags & AW_SPEC_OPEN) && ctx->ret >= 0)
+			aw_mapexec_open(p1, ctx->ret);
+		stash.delete(&tid);
+		return 0;
+	}
 	struct aw_syscall_event *e = aw_syscall_record(AW_EV_SYSCALL, st->nr, ctx->ret, st, prio);
 	if (!e) {
 		stash.delete(&tid);
 		return 0;
 	}
+	if (fold)
+		aw_fold_start(tid, st, ctx->ret, p1, e->h.ts);
 	if (p1)
 		__builtin_memcpy(e->str1, p1->path, sizeof(e->str1));
 	if (p2) {

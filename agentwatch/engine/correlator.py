@@ -5,6 +5,7 @@ fork, exec and chdir records, so a double-forked, setsid'd grandchild is still
 known as the run's, with its full ancestry. Attribution itself comes from the
 kernel: a record belongs to the run whose cgroup it was emitted from.
 """
+import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from ..sensors import records as R
 from ..sensors import syscalls as S
 
 MAX_ANCESTRY = 64
+LAST_FILE_MAX = 16384   # threads whose last file event is kept for repeats (the kernel folds for 8192)
 
 
 @dataclass
@@ -38,6 +40,9 @@ class RunContext:
     pending_exec: dict = field(default_factory=dict)  # tid -> exec entry record
     events: int = 0
     emit: object = None      # callable(Event): the run's sinks
+    last_file: dict = field(default_factory=dict)  # tid -> (record ts, FileEvent): what a repeat repeats
+    repeated: int = 0        # calls written as repeat counts
+    unmatched_repeats: int = 0   # calls of repeat records whose first record was not seen
 
 
 def monotonic_to_wall():
@@ -107,6 +112,11 @@ class Correlator:
         ev = S.decode(rec, spec)
         if spec.group == "file":
             self._resolve_paths(ev, spec, rec, proc)
+            last = run.last_file    # most recently active thread last: the first goes when full
+            last.pop(rec["tid"], None)
+            last[rec["tid"]] = (rec["ts"], ev)
+            if len(last) > LAST_FILE_MAX:
+                del last[next(iter(last))]
         elif ev.kind == "net" and ev.family == "unix" and ev.addr and ev.addr[0] not in "@/" \
                 and not ev.addr.startswith("<") and proc.cwd:
             ev.addr = os.path.join(proc.cwd, ev.addr)   # a relative socket name, as the kernel resolves it
@@ -130,7 +140,10 @@ class Correlator:
             run.procs[child] = Proc(pid=child, ppid=rec["pid"], cwd=proc.cwd, exe=proc.exe,
                                     argv=proc.argv)
             self._stamp(ForkEvent(child=child), run, rec, proc)
+        elif etype == R.EV_REPEAT:
+            self._repeat(run, rec, proc)
         elif etype == R.EV_EXIT:
+            run.last_file.pop(rec["tid"], None)
             self._flush_exec(run, rec["pid"])
             proc.exited = True
             code = rec["code"] if rec["code"] >= 0 else None   # BPF: status & 0xff, or -1
@@ -149,6 +162,23 @@ class Correlator:
                 ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=[], ret=rec["ret"],
                                   error=errno_name(rec["ret"]), no_entry=True)
                 self._stamp(ev, run, rec, proc)
+
+    def _repeat(self, run, rec, proc):
+        """The kernel folded `count` calls identical to the thread's last file
+        record (bpf/common.bpf.c): one line, a copy of that record's event
+        with `repeat` and the last call's time. A repeat of a record not seen
+        (it cannot be lost in the kernel without the count being dropped
+        with it, but a record can fail to decode) is counted, not guessed."""
+        last = run.last_file.get(rec["tid"])
+        if last is None or last[0] != rec["orig_ts"]:
+            run.unmatched_repeats += rec["count"]
+            return
+        ev = copy.copy(last[1])
+        ev.access = list(ev.access)
+        ev.prev = None
+        ev.repeat = rec["count"]
+        run.repeated += rec["count"]
+        self._stamp(ev, run, {**rec, "ts": rec["last"]}, proc)
 
     def _resolve_paths(self, ev, spec, rec, proc):
         if spec.path1 is not None:

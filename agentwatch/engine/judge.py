@@ -672,12 +672,16 @@ class Judge:
                 and "hook" not in evidence and self._paired("sensor", ev.pid, d.rule, target)):
             return
         key = (d.rule, target)
-        self.by_category[d.category] += 1
-        self.by_rule[d.rule] += 1
+        n = getattr(ev, "repeat", None) or 1    # a line the kernel folded n calls into
+        self.by_category[d.category] += n
+        self.by_rule[d.rule] += n
         if key in self.first_seen:
-            self.repeats[key] += 1
+            self.repeats[key] += n
             self.repeat_info[key] = (d.category, d.action)
             return
+        if n > 1:
+            self.repeats[key] += n - 1
+            self.repeat_info[key] = (d.category, d.action)
         self.first_seen[key] = ev.ts
         proc = self.run.procs.get(ev.pid)
         detail = dict(evidence, reason=d.reason, pattern=d.pattern, event=ev.kind,

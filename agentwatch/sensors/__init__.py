@@ -455,6 +455,7 @@ class Sensors:
                 "lost_events_per_cpu": [a + b for a, b in zip(lost_bulk, lost_prio)],
                 "lost_stash": sum(percpu(R.CNT_LOST_STASH)),
                 "killed_in_kernel": sum(percpu(R.CNT_KILLED)),
+                "folded": sum(percpu(R.CNT_FOLDED)),
                 "submitted": submitted_bulk + submitted_prio, "received": self.received,
                 "rings": {"priority": {"submitted": submitted_prio, "lost": sum(lost_prio),
                                        "received": received.get("priority", 0)},

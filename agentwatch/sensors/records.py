@@ -13,11 +13,12 @@ ARG_LEN = 128
 PREFIX_LEN = 248   # path bytes of a sensitive-prefix key (LPM trie data is at most 256 bytes)
 FNV_BASIS, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3   # bpf/priority.bpf.c
 
-EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY, EV_MAPKILL = 1, 2, 3, 4, 5, 6
+EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY, EV_MAPKILL, EV_REPEAT = 1, 2, 3, 4, 5, 6, 7
 
 CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2    # bulk ring ("events"), stash
 CNT_LOST_PRIO, CNT_SEEN_PRIO = 3, 4                     # priority ring ("priority")
 CNT_KILLED = 5                                          # killed in the kernel (open, mmap)
+CNT_FOLDED = 6                                          # calls folded into repeat records written
 ROUTE_PRIO, ROUTE_KILL = 0x1, 0x2                       # sensitive path map values
 MAPX_REPORT, MAPX_KILL = 1, 2                           # mapexec_on map values
 NOARG = 0xFF
@@ -46,6 +47,8 @@ RECORDS = {
         ("h", HDR_FIELDS), ("argc", "I"), ("truncated", "I"),
         ("filename", f"{STR_LEN}s"), ("argv", f"{ARGC_MAX * ARG_LEN}s"),
     ],
+    "aw_repeat_event": [("h", HDR_FIELDS), ("nr", "i"), ("count", "I"), ("orig_ts", "Q"),
+                        ("first", "Q"), ("last", "Q")],
     "aw_fork_event": [("h", HDR_FIELDS), ("child", "I"), ("pad", "I")],
     "aw_exit_event": [("h", HDR_FIELDS), ("code", "i"), ("sig", "i")],
     "aw_spec": [(name, "B") for name in
@@ -87,6 +90,7 @@ _TYPE = struct.Struct("<I")
 _SYSCALL = struct.Struct("<" + _flatten(RECORDS["aw_syscall_event"]))
 _EXEC = struct.Struct("<" + _flatten(RECORDS["aw_exec_event"]))
 _FORK_EXIT = struct.Struct("<" + _HDR.format[1:] + "ii")
+_REPEAT = struct.Struct("<" + _flatten(RECORDS["aw_repeat_event"]))
 SPEC = struct.Struct("<" + _flatten(RECORDS["aw_spec"]))
 PREFIX_KEY = struct.Struct("<" + _flatten(RECORDS["aw_prefix_key"]))
 NAME_KEY = struct.Struct("<" + _flatten(RECORDS["aw_name_key"]))
@@ -135,6 +139,10 @@ def decode(buf):
         argv_raw = v[10]
         rec.update(argc=argc, truncated=bool(v[8]), filename=cstr(v[9]),
                    argv=[cstr(argv_raw[i * ARG_LEN:(i + 1) * ARG_LEN]) for i in range(argc)])
+    elif etype == EV_REPEAT:
+        v = _REPEAT.unpack_from(buf)
+        rec = _hdr(v)
+        rec.update(nr=v[7], count=v[8], orig_ts=v[9], first=v[10], last=v[11])
     elif etype in (EV_FORK, EV_EXIT):
         v = _FORK_EXIT.unpack_from(buf)
         rec = _hdr(v)

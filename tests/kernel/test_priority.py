@@ -56,7 +56,7 @@ print(json.dumps({{"exit": run.execute()}}))
     # the flood really overflowed the bulk ring, and not the priority ring
     assert rings["bulk"]["lost"] > FLOODS * FLOOD_N // 2, rings
     assert rings["priority"]["lost"] == 0, rings
-    # exact accounting: the bulk ring had exactly the /dev/null opens; the
+    # exact accounting: the bulk ring had exactly the /dev/null and /dev/zero opens; the
     # priority ring the violations, exec entry and return, exit and the
     # launcher's chdir into the cwd, none lost
     assert rings["bulk"]["submitted"] + rings["bulk"]["lost"] == (FLOODS + 1) * FLOOD_N

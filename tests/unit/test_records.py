@@ -177,6 +177,7 @@ SYSCALL = HDR + "iIq6Q2Q256s256s"
 EXEC = HDR + "II256s2560s"
 FORK = HDR + "II"
 EXIT = HDR + "ii"
+REPEAT = HDR + "iIQQQ"
 
 
 def hdr(etype, pid=4242, tid=4243, uid=1000, ts=123456789, cgroup=777, comm=b"agent"):
@@ -188,6 +189,7 @@ def test_hand_formats_have_the_record_sizes():
     assert struct.calcsize(EXEC) == R.size("aw_exec_event")
     assert struct.calcsize(FORK) == R.size("aw_fork_event")
     assert struct.calcsize(EXIT) == R.size("aw_exit_event")
+    assert struct.calcsize(REPEAT) == R.size("aw_repeat_event")
 
 
 def test_decode_header_fields():
@@ -297,7 +299,13 @@ def test_decode_accepts_trailing_bytes():
     assert R.decode(buf)[1]["code"] == 0
 
 
-@pytest.mark.parametrize("etype", [0, 7, 0xFFFFFFFF])
+def test_decode_repeat():
+    rec = R.decode(struct.pack(REPEAT, *hdr(R.EV_REPEAT, tid=7), 257, 2**32 - 1, 11, 12, 2**63))[1]
+    assert {k: rec[k] for k in ("tid", "nr", "count", "orig_ts", "first", "last")} == {
+        "tid": 7, "nr": 257, "count": 2**32 - 1, "orig_ts": 11, "first": 12, "last": 2**63}
+
+
+@pytest.mark.parametrize("etype", [0, 8, 0xFFFFFFFF])
 def test_decode_unknown_type_raises(etype):
     buf = struct.pack(EXIT, *hdr(etype), 0, 0)
     with pytest.raises(ValueError, match=str(etype)):
