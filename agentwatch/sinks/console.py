@@ -26,7 +26,8 @@ def describe(d):
         path = d.get("abspath") or d.get("path")
         extra = f" -> {d['path2']}" if d.get("path2") else ""
         access = f" ({','.join(d['access'])})" if d.get("access") else ""
-        return f"file {d.get('op')} {path}{extra}{access}{_result(d)}"
+        again = f" x{d['repeat']} more" if d.get("repeat") else ""   # folded in the kernel
+        return f"file {d.get('op')} {path}{extra}{access}{_result(d)}{again}"
     if k == "net":
         if d.get("op") == "socket":
             return f"net socket {d.get('family')}/{d.get('sock_type')}{_result(d)}"

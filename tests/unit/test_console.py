@@ -25,6 +25,8 @@ def d(**kw):
     (d(kind="exit", code=None, signal=None), "exit"),
     (d(kind="file", op="open", path="a", abspath="/w/a", access=["read", "write"]),
      "file open /w/a (read,write)"),
+    (d(kind="file", op="open", path="/dev/null", abspath="/dev/null", access=["read"], repeat=99999),
+     "file open /dev/null (read) x99999 more"),
     (d(kind="file", op="rename", path="a", abspath=None, path2="/w/b", access=[], error="EACCES"),
      "file rename a -> /w/b -> EACCES"),
     (d(kind="net", op="socket", family="inet", sock_type="raw", error="EPERM"),

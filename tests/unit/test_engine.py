@@ -262,3 +262,48 @@ def test_unix_socket_names_resolve_against_the_cwd(env):
          syscall("connect", ROOT, (3, 0, 6), data2=sa(b"\0agent"), len2=8))
     nets = [e for e in events if e.kind == "net"]
     assert [e.addr for e in nets] == ["/srv/run/s", "/run/docker.sock", "@agent"]
+
+
+# ---- repeats (bpf/common.bpf.c folds identical calls into a count) -------------
+
+def repeat(pid, orig_ts, count, last, tid=None, nr="openat", **kw):
+    return R.EV_REPEAT, dict(hdr(R.EV_REPEAT, pid, tid=tid, **kw), nr=NR[nr], count=count,
+                             orig_ts=orig_ts, first=orig_ts + 1, last=last)
+
+
+def test_a_repeat_is_a_copy_of_the_threads_last_file_event_with_its_count(env):
+    c, run, events = env
+    feed(c, syscall("openat", ROOT, (AT_FDCWD, 0, 0o1), ret=3, str1="/tmp/x", ts=1_000),
+         repeat(ROOT, 1_000, 41, last=9_000_000_000, ts=9_000_000_500))
+    first, rep = events
+    assert first.repeat is None and rep.repeat == 41
+    assert rep is not first and rep.access == first.access and rep.access is not first.access
+    assert (rep.op, rep.path, rep.abspath, rep.flags, rep.ret) == (first.op, first.path, first.abspath,
+                                                                   first.flags, first.ret)
+    assert rep.ts - first.ts == pytest.approx(9.0, abs=1e-5)   # the last call's time
+    assert (run.events, run.repeated, run.unmatched_repeats) == (2, 41, 0)
+    # a second count of the same run of calls repeats the same first record
+    feed(c, repeat(ROOT, 1_000, 5, last=10_000_000_000))
+    assert events[-1].repeat == 5 and events[-1].path == "/tmp/x" and run.repeated == 46
+
+
+def test_a_repeat_of_a_record_not_seen_is_counted_not_guessed(env):
+    c, run, events = env
+    feed(c, syscall("openat", ROOT, (AT_FDCWD, 0, 0), ret=3, str1="/etc/a", ts=1_000),
+         repeat(ROOT, 999, 7, last=2_000),                                      # another record's
+         repeat(CHILD, 1_000, 3, last=2_000, tid=CHILD),                        # another thread
+         syscall("openat", ROOT, (AT_FDCWD, 0, 0), ret=3, str1="/etc/b", ts=1_500),
+         repeat(ROOT, 1_000, 2, last=2_000))                                    # not the last one
+    assert [e.path for e in events] == ["/etc/a", "/etc/b"]
+    assert (run.repeated, run.unmatched_repeats) == (0, 12)
+
+
+def test_the_kept_event_goes_with_the_thread_and_the_oldest_first(env, monkeypatch):
+    from agentwatch.engine import correlator
+    c, run, events = env
+    feed(c, syscall("openat", ROOT, (AT_FDCWD, 0, 0), ret=3, str1="/etc/a", ts=1_000), exit_(ROOT))
+    assert run.last_file == {}
+    monkeypatch.setattr(correlator, "LAST_FILE_MAX", 2)
+    for tid, ts in ((1, 10), (2, 20), (1, 30), (3, 40)):     # 1 was active after 2: 2 goes
+        feed(c, syscall("openat", CHILD, (AT_FDCWD, 0, 0), ret=3, str1="/etc/a", tid=tid, ts=ts))
+    assert list(run.last_file) == [1, 3]

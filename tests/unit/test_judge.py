@@ -13,7 +13,7 @@ from agentwatch.engine import judge as J
 from agentwatch.sensors import syscalls as S
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
-from test_engine import CHILD, LAUNCHER, NR, ROOT, env, feed, fork, syscall  # noqa: F401 (env: fixture)
+from test_engine import CHILD, LAUNCHER, NR, ROOT, env, feed, fork, repeat, syscall  # noqa: F401 (env: fixture)
 
 HEAD = "apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata:\n  name: t\n"
 OUTSIDE = 5_000_999
@@ -155,6 +155,31 @@ def test_repeats_are_counted_not_reported_again(judged):
     feed(judged.correlator, *[sig("kill", CHILD, OUTSIDE, 15, ret=-1)] * 3)
     assert len(judged.violations()) == 1
     assert judged.judge.by_rule["process.signal"] == 3
+
+
+@pytest.mark.parametrize("before", [1, 3])
+def test_a_folded_repeat_counts_every_call_it_stands_for(judged, before):
+    """The kernel folds identical calls into one line with repeat=N: the
+    verdict counts N, and the sum of count over the rule's violations is
+    the number of calls (the first reported in full, the rest as totals)."""
+    judged.policy(HEAD + "filesystem: {read: ['/**'], write: ['/w/**']}\non_violation: {default: alert}\n")
+    write = syscall("openat", CHILD, (S.AT_FDCWD, 0, os.O_WRONLY), ret=3, str1="/etc/x", ts=1_000)
+    feed(judged.correlator, *[write] * before, repeat(CHILD, 1_000, 9, last=5_000))
+    assert judged.judge.by_rule["filesystem.write"] == before + 9
+    judged.judge.tick(final=True)
+    viol = judged.violations()
+    assert len(viol) == 2 and viol[0].count == 1 and viol[1].detail["repeat"]
+    assert sum(v.count for v in viol) == before + 9
+
+
+def test_a_folded_line_seen_first_is_one_report_and_the_rest_a_total(judged):
+    from agentwatch.events import FileEvent
+    judged.policy(HEAD + "filesystem: {read: ['/**'], write: ['/w/**']}\non_violation: {default: alert}\n")
+    judged.judge(FileEvent(op="open", path="/etc/x", abspath="/etc/x", access=["write"],
+                           flags=os.O_WRONLY, ret=3, pid=CHILD, repeat=5))
+    judged.judge.tick(final=True)
+    assert [v.count for v in judged.violations()] == [1, 4]
+    assert judged.judge.by_rule["filesystem.write"] == 5
 
 
 def test_signals_are_not_judged_without_a_process_section(judged):
