@@ -1,9 +1,11 @@
 /* Opens a file as fast as it can (or at a given rate): a burst of file
  * events for the throughput and violation-under-flood benchmarks.
  *
- *   burst -n N [-p PATH] [-r RATE] [-x EXTRA] [-o OUTFILE]
+ *   burst -n N [-p PATH] [-a ALT] [-r RATE] [-x EXTRA] [-o OUTFILE]
  *
- * N opens of PATH (default /dev/null), each closed at once; with -r, paced
+ * N opens of PATH (default /dev/null), each closed at once; with -a, every
+ * other open is of ALT, so no two calls in a row are the same and the kernel
+ * folds none into a repeat count (bpf/common.bpf.c); with -r, paced
  * to RATE opens per second; with -x, EXTRA is opened (read) once halfway
  * through (the violation in the flood). Prints one JSON line with the time
  * taken to OUTFILE (or stdout). Static, so the only other events are its exec
@@ -25,17 +27,18 @@ int main(int argc, char **argv)
 {
 	long n = 100000;
 	double rate = 0;
-	const char *path = "/dev/null", *extra = NULL, *outfile = NULL;
+	const char *path = "/dev/null", *alt = NULL, *extra = NULL, *outfile = NULL;
 	int c;
-	while ((c = getopt(argc, argv, "n:p:r:x:o:")) != -1) {
+	while ((c = getopt(argc, argv, "n:p:a:r:x:o:")) != -1) {
 		switch (c) {
 		case 'n': n = atol(optarg); break;
 		case 'p': path = optarg; break;
+		case 'a': alt = optarg; break;
 		case 'r': rate = atof(optarg); break;
 		case 'x': extra = optarg; break;
 		case 'o': outfile = optarg; break;
 		default:
-			fprintf(stderr, "usage: %s -n N [-p PATH] [-r RATE] [-x EXTRA] [-o OUT]\n", argv[0]);
+			fprintf(stderr, "usage: %s -n N [-p PATH] [-a ALT] [-r RATE] [-x EXTRA] [-o OUT]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -48,7 +51,7 @@ int main(int argc, char **argv)
 			if (fd >= 0)
 				close(fd);
 		}
-		int fd = open(path, O_RDONLY);
+		int fd = open(alt && (i & 1) ? alt : path, O_RDONLY);
 		if (fd >= 0)
 			close(fd);
 		if (rate > 0 && (i & 63) == 63) {

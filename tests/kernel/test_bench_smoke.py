@@ -217,11 +217,16 @@ def test_bpf_statistics_reported(suite):
 
 def test_drop_accounting_and_violation_fields(suite):
     tp = suite["doc"]["benchmarks"]["throughput"]
-    for t in tp["trials"]:
-        assert t["records_received"] <= t["records_submitted"] + t["lost_reported"]
-        assert t["logged_opens"] + t["lost_actual"] == t["n"] or not t["exact"]
-        assert t["producer_rate"] > 0 and t["log_rate"] > 0
-    assert tp["sweep"] and all(x["achieved"] > 0 for x in tp["sweep"])
+    for mode in ("repeated", "distinct"):
+        for t in tp[mode]["trials"]:
+            assert t["records_received"] <= t["records_submitted"] + t["lost_reported"]
+            assert t["logged_opens"] + t["lost_actual"] == t["n"] or not t["exact"]
+            assert t["kernel_consistent"], t
+            assert t["producer_rate"] > 0 and t["log_rate"] > 0
+        assert tp[mode]["sweep"] and all(x["achieved"] > 0 for x in tp[mode]["sweep"])
+    # the same call over and over is folded into a few lines; calls in turn are a line each
+    assert all(t["logged_lines"] < t["n"] / 100 for t in tp["repeated"]["trials"]), tp["repeated"]["trials"]
+    assert all(t["repeat_lines"] == 0 for t in tp["distinct"]["trials"])
     fv = suite["doc"]["benchmarks"]["flood_violation"]
     assert fv["trials"] and all(t["opened"] for t in fv["trials"])
     phases = suite["doc"]["benchmarks"]["startup"]["cold_phases"]
