@@ -48,7 +48,8 @@ REQUEST_TIMEOUT_S = 10     # a client that connects must ask within this
 _PATH_FIELDS = ("policy_path", "events_path", "workspace", "prompt_path")
 _FIELDS = {"argv": list, "policy_path": str, "name": str, "events_path": str, "show": bool,
            "cwd": str, "env": dict, "workspace": str, "prompt_path": str,
-           "require_signed": bool, "trust": list, "allow_downgrade": bool, "bpf_lsm": str}
+           "require_signed": bool, "trust": list, "allow_downgrade": bool, "bpf_lsm": str,
+           "fold": bool}
 
 
 def socket_path():

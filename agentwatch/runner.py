@@ -67,6 +67,7 @@ class RunOptions:
     stdio: tuple = None            # fds for the agent's stdin, stdout, stderr (default: ours)
     stderr: object = None          # where agentwatch's own messages go (default: sys.stderr)
     client: dict = None            # set by the daemon: who asked for the run (kernel's SO_PEERCRED)
+    fold: bool = True              # identical file calls in a row: one line + a repeat count (README "Repeats")
 
 
 class Monitor:
@@ -500,7 +501,7 @@ class Run:
             if not self.own_monitor:
                 self.sensors.add_denied(self.opts.seccomp_denied)
             self.correlator.add_run(self.ctx)
-            self.sensors.watch(self.cgroup.id, routes, kills, map_roots, map_kill)
+            self.sensors.watch(self.cgroup.id, routes, kills, map_roots, map_kill, fold=self.opts.fold)
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,

@@ -121,6 +121,7 @@ struct aw_repeat {
 	char path[AW_STR_LEN];
 };
 BPF_HASH(repeats, u32, struct aw_repeat, AW_REPEAT_THREADS);
+BPF_ARRAY(no_fold, u8, AW_MAX_RUNS + 1);   /* per run slot: 1 = a record per call (--no-fold) */
 
 /* Write r's count as an aw_repeat_event (or count its calls lost). */
 static __always_inline void aw_repeat_out(struct aw_repeat *r)

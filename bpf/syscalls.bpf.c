@@ -148,8 +148,12 @@ static __always_inline struct aw_syscall_event *aw_syscall_record(u32 type, s32 
 static __always_inline int aw_foldable(struct aw_spec *sp, int prio, struct aw_path_buf *p1,
 				       struct aw_path_buf *p2, u64 addr)
 {
-	return !prio && p1 && !p2 && !addr && !(sp->flags & AW_SPEC_EXEC) &&
-	       p1->n > 1 && p1->n < AW_STR_LEN && p1->path[0] == '/';
+	if (prio || !p1 || p2 || addr || (sp->flags & AW_SPEC_EXEC) ||
+	    p1->n <= 1 || p1->n >= AW_STR_LEN || p1->path[0] != '/')
+		return 0;
+	u32 slot = aw_slot();
+	u8 *off = no_fold.lookup(&slot);
+	return !off || !*off;
 }
 
 /* The call is the same as the thread's kept record (syscall, the other

@@ -30,6 +30,10 @@ from agentwatch import daemon
                    "refuses to start without it.")
 @click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
               help="Extra trusted public key (repeatable); see 'agentwatch key'.")
+@click.option("--fold/--no-fold", default=True, show_default=True,
+              help="Fold a thread's identical file calls in a row (same path, flags and result) "
+                   "into one line with a repeat count, in the kernel; --no-fold writes a line "
+                   "(and costs a record) per call.")
 @click.option("--daemon/--no-daemon", "use_daemon", default=None,
               help="Run on the shared monitor of 'agentwatch daemon' (--daemon: it must be "
                    "running) or load one for this run alone (--no-daemon). Default: the daemon "
@@ -37,14 +41,14 @@ from agentwatch import daemon
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
 def run(ctx, policy_path, name, events_path, show, workspace, prompt_path, require_signed,
-        allow_downgrade, bpf_lsm, trust, use_daemon, command):
+        allow_downgrade, bpf_lsm, trust, fold, use_daemon, command):
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]
 
     The exit status is the agent's own (128+N when a signal N killed it)."""
     fields = dict(argv=list(command), policy_path=policy_path, name=name,
                   events_path=events_path, show=show, workspace=workspace,
                   prompt_path=prompt_path, require_signed=require_signed,
-                  trust=list(trust), allow_downgrade=allow_downgrade, bpf_lsm=bpf_lsm)
+                  trust=list(trust), allow_downgrade=allow_downgrade, bpf_lsm=bpf_lsm, fold=fold)
     code = None
     if use_daemon is not False:      # the daemon's thin client imports no more than this
         code = daemon.run_remote(fields, require=bool(use_daemon))

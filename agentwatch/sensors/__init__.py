@@ -298,13 +298,15 @@ class Sensors:
                 self._attach_spec(spec)
         return new
 
-    def watch(self, cgroup_id, routes=((), ()), kills=((), ()), exec_roots=None, exec_kill=False):
+    def watch(self, cgroup_id, routes=((), ()), kills=((), ()), exec_roots=None, exec_kill=False,
+              fold=True):
         """Add a run's cgroup to the filter, with its own run slot and the
         sensitive paths of its policy (CompiledPolicy.kernel_routes():
         prefixes, basenames), those on which the kernel kills at the open's
         return (CompiledPolicy.kernel_kills()), and exec_roots: the path
         prefixes outside which an mmap(PROT_EXEC) is reported, and with
         exec_kill killed at (EnforcementPlan.map_exec; None: neither).
+        fold False: a record per call, never a repeat count (bpf/common.bpf.c).
         Returns the slot."""
         taken = set(self.slots.values())
         slot = next((i for i in range(1, MAX_SLOTS + 1) if i not in taken), None)
@@ -327,6 +329,7 @@ class Sensors:
             table = self.bpf[name]
             for raw, value in values.items():
                 table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
+        self.bpf["no_fold"][ctypes.c_int(slot)] = ctypes.c_uint8(0 if fold else 1)
         self.slots[cgroup_id] = slot
         self.bpf["watched"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(slot)
         return slot

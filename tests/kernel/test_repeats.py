@@ -142,3 +142,15 @@ on_violation: {{default: alert}}
     viol = [v for v in events if v["kind"] == "violation" and v["rule"] == "filesystem.write"]
     assert sum(v["count"] for v in viol) == 10, viol
     assert _lifecycle(events, "end")["violations"]["by_rule"]["filesystem.write"] == 10
+
+
+def test_no_fold_writes_a_line_per_call(state_dir, tmp_path, cbin):
+    burst = cbin("burst")
+    ev = tmp_path / "events.jsonl"
+    r = aw("run", "--no-fold", "--events", str(ev), "--", burst, "2000", "/dev/null", timeout=120)
+    assert r.returncode == 0, r.stderr
+    events = read_events(ev)
+    lines = [e for e in events if e["kind"] == "file" and e["path"] == "/dev/null"]
+    end = _lifecycle(events, "end")
+    assert len(lines) + end["lost_events"] == 2000 and not any(e["repeat"] for e in lines)
+    assert end["repeated"] == 0

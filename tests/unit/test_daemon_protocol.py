@@ -16,7 +16,7 @@ def test_request_carries_absolute_paths_cwd_and_environment(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AW_PROBE", "1")
     opts = RunOptions(argv=["tool", "-x"], policy_path="p.yaml", events_path="out/ev.jsonl",
-                      workspace="ws", trust=["k.pub"], allow_downgrade=True)
+                      workspace="ws", trust=["k.pub"], allow_downgrade=True, fold=False)
     req = D.request_options(opts)
     assert req["argv"] == ["tool", "-x"] and req["cwd"] == str(tmp_path)
     assert req["policy_path"] == str(tmp_path / "p.yaml")
@@ -27,11 +27,13 @@ def test_request_carries_absolute_paths_cwd_and_environment(tmp_path, monkeypatc
     back = D.options_from_request(req)
     assert back.policy_path == req["policy_path"] and back.env["AW_PROBE"] == "1"
     assert back.argv == ["tool", "-x"] and back.client is None
+    assert req["fold"] is False and back.fold is False     # --no-fold reaches the daemon's run
 
 
 @pytest.mark.parametrize("raw, says", [
     ({"argv": ["x"], "stdio": [0, 1, 2]}, "unknown run option 'stdio'"),   # fds come by SCM_RIGHTS only
     ({"argv": ["x"], "show": "yes"}, "'show' must be a bool"),
+    ({"argv": ["x"], "fold": 0}, "'fold' must be a bool"),
     ({"argv": []}, "no command given"),
     ({"argv": ["x"], "policy_path": "rel.yaml"}, "not absolute"),
     ({"argv": ["x"], "trust": ["k.pub"]}, "not absolute"),
