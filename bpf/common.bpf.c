@@ -24,7 +24,8 @@
 BPF_HASH(watched, u64, u32, AW_MAX_RUNS);
 /* Two ring buffers, so that a flood of benign file records cannot starve
  * the records a verdict or the process tree depends on:
- *  - "events" (bulk): ordinary file records, the bulk of any workload;
+ *  - "events" (bulk): ordinary file records, the bulk of any workload, and
+ *    the repeat counts folded from them (see "Repeats" below);
  *  - "priority": process lifecycle (fork, exec, exit), chdir, network and
  *    sensitive syscalls, any syscall the kernel refused (-EACCES, -EPERM)
  *    and file records whose path the policy denies (aw_sensitive_path).

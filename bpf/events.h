@@ -34,7 +34,7 @@
 /* Per-CPU counters (map "counters"): every event the kernel could not
  * deliver is counted here, never dropped silently. Each ring buffer has its
  * own pair (bulk: "events", priority: "priority"; see common.bpf.c). */
-#define AW_CNT_LOST_EVENTS 0  /* bulk ring buffer full: event lost */
+#define AW_CNT_LOST_EVENTS 0  /* bulk ring buffer full: event lost (a repeat count: its calls) */
 #define AW_CNT_LOST_STASH  1  /* syscall-entry stash full: syscall not recorded */
 #define AW_CNT_SEEN        2  /* events submitted to the bulk ring buffer */
 #define AW_CNT_LOST_PRIO   3  /* priority ring buffer full: event lost */
