@@ -405,6 +405,7 @@ class Run:
                  "records_submitted": c["submitted"], "records_received": c["received"],
                  "rings": c["rings"], "killed_in_kernel": c["killed_in_kernel"],
                  "repeated": self.ctx.repeated, "unmatched_repeats": self.ctx.unmatched_repeats,
+                 "folded": c["folded"],
                  "decode_errors": len(self.sensors.errors), "pids": len(self.cgroup.pids()),
                  "updated": time.time()}
         state.write_json_atomic(state.run_path(self.run_id, "stats.json"), stats)
@@ -824,6 +825,7 @@ class Run:
                                 "records_received": stats["records_received"],
                                 "repeated": stats["repeated"],
                                 "unmatched_repeats": stats["unmatched_repeats"],
+                                "folded": stats["folded"],
                                 "rings": stats["rings"],
                                 "decode_errors": stats["decode_errors"],
                                 "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},

@@ -48,6 +48,7 @@ def test_identical_opens_are_one_line_and_an_exact_count(state_dir, tmp_path, cb
     assert lines[0]["repeat"] is None and all(e["repeat"] for e in lines[1:]), lines
     assert sum(e["repeat"] or 1 for e in lines) == n
     assert end["repeated"] == n - 1 and end["unmatched_repeats"] == 0
+    assert end["folded"] == n - 1      # the kernel's count of calls folded into counts written
     assert end["lost_events"] == 0
     # records: exec entry and return, exit, the first open and one per repeat line
     assert end["records_submitted"] == 3 + 1 + (len(lines) - 1)
