@@ -56,6 +56,7 @@ run = Run.__new__(Run)
 run.run_id = "20260101-000000-abcdef"
 run.chain = integrity.Chain(run.run_id)
 run.sinks = [JsonlSink(os.path.join(tmp, "events.jsonl"))]
+run.lsm = None          # no BPF LSM guard: the Landlock path, as on the CI host
 ctx = RunContext(run_id=run.run_id, agent="bench", cgroup_id=CG, cwd=tmp, emit=run._on_event)
 run.ctx = ctx
 run.judge = Judge(compiled, corr, ctx, run._emit, watched_files=[("identity.policy_write", pol.path)])
