@@ -48,6 +48,62 @@ def nothing_left_behind(request):
     assert agentwatch_programs() == [], "agentwatch BPF programs still loaded after the test session"
 
 
+_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine)
+
+
+def _held_tracepoints():
+    """tracefs ids of every tracepoint a run may attach: both ends of each
+    watched syscall, the exit of each one a seccomp filter may refuse, and
+    the process and mapexec probes."""
+    from agentwatch.sandbox import seccomp_filter
+    from agentwatch.sensors import MAPEXEC_PROBES, PROCESS_PROBES, TRACEFS
+    from agentwatch.sensors import syscalls as S
+    names = {f"syscalls:sys_{end}_{s.name}" for s in S.SPECS for end in ("enter", "exit")}
+    names |= {f"syscalls:sys_exit_{n}" for group, _ in seccomp_filter.GROUPS.values() for n in group}
+    names |= {tp for tp, _ in MAPEXEC_PROBES + PROCESS_PROBES}
+    ids = []
+    for name in sorted(names):
+        try:
+            with open(os.path.join(TRACEFS, "events", *name.split(":"), "id")) as f:
+                ids.append(int(f.read()))
+        except OSError:
+            pass            # not on this kernel
+    return ids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracepoints_held(request):
+    """Hold a disabled perf event (no BPF program) on every tracepoint a run
+    may attach, for the whole session. The kernel unregisters a tracepoint
+    from perf when its last perf event closes, and then waits for an RCU
+    grace period under its global event_mutex (perf_trace_event_unreg), so
+    each run's teardown of ~140 tracepoints takes ~5 s on a host with slow
+    grace periods, and the suite is mostly that wait. Held here, every
+    run's own attach, detach and program unload still happen, for real;
+    only the idle tracepoint's unregister waits for the end of the session.
+    Best effort: without it the tests are the same, only slower."""
+    kernel_tests = any("/kernel/" in str(i.fspath) or "/adversarial/" in str(i.fspath)
+                       for i in request.session.items)
+    fds = []
+    if IS_ROOT and kernel_tests and _PERF_EVENT_OPEN:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        attr = ctypes.create_string_buffer(64)     # struct perf_event_attr, PERF_ATTR_SIZE_VER0
+        for tp_id in _held_tracepoints():
+            # type PERF_TYPE_TRACEPOINT (2), size, config = the id; flags: disabled (bit 0)
+            ctypes.memmove(attr, (2).to_bytes(4, "little") + (64).to_bytes(4, "little")
+                           + tp_id.to_bytes(8, "little") + bytes(24) + (1).to_bytes(8, "little"), 48)
+            fd = libc.syscall(_PERF_EVENT_OPEN, attr, -1, 0, -1, 8)   # any pid, CPU 0, FD_CLOEXEC
+            if fd >= 0:
+                fds.append(fd)
+    yield len(fds)
+    if fds:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            list(pool.map(os.close, fds))
+
+
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch):
     d = tmp_path / "state"
