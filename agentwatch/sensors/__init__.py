@@ -211,9 +211,11 @@ class Sensors:
         return self
 
     def close(self):
-        """Detach everything. Each tracepoint detach waits for an RCU grace
-        period (~70 ms on the CI VM); detaching from many threads at once lets
-        the kernel share grace periods, so 130 tracepoints take ~0.2 s, not 9."""
+        """Detach everything. The last detach of a tracepoint waits for an RCU
+        grace period, partly under the kernel's global event_mutex; detaching
+        from many threads at once shares what it can (~0.2 s for 130
+        tracepoints where grace periods are short; 5.0 s instead of 9.7 for
+        139 where they are slow, README "Known limits")."""
         if self.bpf is None:
             return
         tps = list(self.bpf.tracepoint_fds)
