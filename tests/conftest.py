@@ -85,7 +85,8 @@ def tracepoints_held(request):
     kernel_tests = any("/kernel/" in str(i.fspath) or "/adversarial/" in str(i.fspath)
                        for i in request.session.items)
     fds = []
-    if IS_ROOT and kernel_tests and _PERF_EVENT_OPEN:
+    # not in the VM guest: a CI run there timed out (cause not yet known) with it held
+    if IS_ROOT and kernel_tests and _PERF_EVENT_OPEN and not IN_VM:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.restype = ctypes.c_long
