@@ -33,11 +33,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _has_kernel_tests(session):
+    return any("/kernel/" in str(i.fspath) or "/adversarial/" in str(i.fspath) for i in session.items)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind(request):
     yield
-    kernel_tests = any("/kernel/" in str(i.fspath) or "/adversarial/" in str(i.fspath)
-                       for i in request.session.items)
+    kernel_tests = _has_kernel_tests(request.session)
     if not IS_ROOT or not kernel_tests:
         return
     from agentwatch.sandbox.cgroups import leftover_cgroups
@@ -82,8 +85,7 @@ def tracepoints_held(request):
     run's own attach, detach and program unload still happen, for real;
     only the idle tracepoint's unregister waits for the end of the session.
     Best effort: without it the tests are the same, only slower."""
-    kernel_tests = any("/kernel/" in str(i.fspath) or "/adversarial/" in str(i.fspath)
-                       for i in request.session.items)
+    kernel_tests = _has_kernel_tests(request.session)
     fds = []
     # not in the VM guest: a CI run there timed out (cause not yet known) with it held
     if IS_ROOT and kernel_tests and _PERF_EVENT_OPEN and not IN_VM:
