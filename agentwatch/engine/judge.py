@@ -675,13 +675,13 @@ class Judge:
         n = getattr(ev, "repeat", None) or 1    # a line the kernel folded n calls into
         self.by_category[d.category] += n
         self.by_rule[d.rule] += n
-        if key in self.first_seen:
-            self.repeats[key] += n
+        seen = key in self.first_seen
+        again = n if seen else n - 1    # calls after the first of this rule and target
+        if again:
+            self.repeats[key] += again
             self.repeat_info[key] = (d.category, d.action)
+        if seen:
             return
-        if n > 1:
-            self.repeats[key] += n - 1
-            self.repeat_info[key] = (d.category, d.action)
         self.first_seen[key] = ev.ts
         proc = self.run.procs.get(ev.pid)
         detail = dict(evidence, reason=d.reason, pattern=d.pattern, event=ev.kind,
