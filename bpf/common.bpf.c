@@ -69,11 +69,16 @@ static __always_inline u32 aw_slot(void)
 	return slot ? *slot : 0;
 }
 
-static __always_inline void aw_count(u32 idx)
+static __always_inline void aw_count_n(u32 idx, u64 n)
 {
 	u64 *c = counters.lookup(&idx);
 	if (c)
-		(*c)++;
+		*c += n;
+}
+
+static __always_inline void aw_count(u32 idx)
+{
+	aw_count_n(idx, 1);
 }
 
 static __always_inline void aw_fill_hdr(struct aw_hdr *h, u32 type)
@@ -86,13 +91,6 @@ static __always_inline void aw_fill_hdr(struct aw_hdr *h, u32 type)
 	h->ts = bpf_ktime_get_ns();
 	h->cgroup = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&h->comm, sizeof(h->comm));
-}
-
-static __always_inline void aw_count_n(u32 idx, u64 n)
-{
-	u64 *c = counters.lookup(&idx);
-	if (c)
-		*c += n;
 }
 
 /* Repeats: a thread making the same file call over and over (a loop opening
@@ -159,11 +157,7 @@ static __always_inline void aw_repeat_break(void)
 /* The thread exits: out with its count, forget it. */
 static __always_inline void aw_repeat_end(u32 tid)
 {
-	struct aw_repeat *r = repeats.lookup(&tid);
-	if (!r)
-		return;
-	if (r->n && r->count)
-		aw_repeat_out(r);
+	aw_repeat_break();
 	repeats.delete(&tid);
 }
 
