@@ -277,7 +277,7 @@ class Run:
             o.sensors = self.compiled.sensor_groups()
             protected = [self.policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
             self.plan = make_plan(self.policy.data, self.variables, protected,
-                                  bpf_lsm=self._bpf_lsm_wanted())
+                                  bpf_lsm=self._bpf_lsm_wanted(), ttys=self._ttys())
             run_as = self.policy.spec.process and self.policy.spec.process.run_as
             if run_as is not None:
                 from .sandbox import credentials
@@ -300,6 +300,18 @@ class Run:
             except OSError as e:
                 raise UsageError(f"--prompt {o.prompt_path}: cannot read: {e.strerror}") from None
             self.prompt_signer = integrity.check_signed(o.prompt_path, o.require_signed, None, trusted)
+
+    def _ttys(self):
+        """The terminal devices on the agent's stdin, stdout and stderr."""
+        out = []
+        for fd in self.opts.stdio or (0, 1, 2):
+            try:
+                name = os.ttyname(fd)
+            except OSError:
+                continue
+            if name.startswith("/dev/") and name not in out:
+                out.append(name)
+        return out
 
     def _map_exec_roots(self):
         """The plan's mmap(PROT_EXEC) roots, when this run's sensors have
@@ -340,6 +352,10 @@ class Run:
             "agent_credentials": self._agent_credentials(),
             "client": self.opts.client,
         }
+
+    def _pid_ns(self):
+        """Whether the agent gets a PID namespace of its own (under the run's init)."""
+        return bool(self.plan and "pid" in self.plan.namespaces)
 
     def _no_new_privs(self):
         """Whether the child sets no_new_privs (and so drops every capability)."""
@@ -478,7 +494,8 @@ class Run:
         state.register_owner(self.run_id)      # before the cgroup exists: sweeps skip it
         self.cgroup = RunCgroup.create(self.run_id)
         self.ctx = RunContext(run_id=self.run_id, agent=self.agent, cgroup_id=self.cgroup.id,
-                              cwd=self.opts.cwd or os.getcwd(), emit=self._on_event)
+                              cwd=self.opts.cwd or os.getcwd(), emit=self._on_event,
+                              pid_ns=self._pid_ns())
         map_roots = self._map_exec_roots()      # once: it may add a note to the plan
         map_kill = map_roots is not None and self.plan.map_exec_kill
         if self.compiled:
@@ -520,7 +537,8 @@ class Run:
                               "while agentwatch was setting up", exit_code=128 + self.stop_signal)
         with self.monitor.lock:
             self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd,
-                                        setup=self._child_steps(), stdio=self.opts.stdio)
+                                        setup=self._child_steps(), stdio=self.opts.stdio,
+                                        pid_ns=self._pid_ns())
             self.monitor.children.add(self.child.pid)
             identity["root_pid"] = self.child.pid
             self.correlator.set_root(self.ctx, self.child.pid, os.getpid())
@@ -594,17 +612,21 @@ class Run:
         comes before seccomp, which refuses the set*id family. Without
         run_as the agent keeps agentwatch's ids, and drops every capability
         when a sandbox layer set no_new_privs (unchanged since before run_as)."""
-        from .sandbox import credentials, landlock, mounts, seccomp_filter
+        from .sandbox import credentials, landlock, mounts, namespaces, seccomp_filter
         plan, creds = self.plan, self.run_as
         last_cap = credentials.cap_last_cap()
         steps = [("close inherited fds", launcher.close_inherited_fds),
                  ("disable core dumps", launcher.no_core_dumps)]
+        private = bool(plan and plan.namespaces)
+        if private:
+            steps.append((f"enter private {', '.join(plan.namespaces)} and mount namespaces",
+                          lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc)))
         if plan and plan.masks:
-            steps.append(("mask denied paths", lambda: mounts.apply(plan.masks)))
+            steps.append(("mask denied paths", lambda: mounts.apply(plan.masks, new_ns=not private)))
         if plan and plan.landlock:
             steps.append(("apply Landlock", lambda: landlock.apply(plan.landlock)))
         if creds is not None:
-            parent = os.getpid()
+            parent = 0 if self._pid_ns() else os.getpid()   # pid 1's parent is outside its namespace
             steps += [("set no_new_privs", credentials.set_no_new_privs),
                       ("drop capabilities from the bounding set",
                        lambda: credentials.drop_bounding_set(last_cap)),

@@ -43,6 +43,8 @@ class RunContext:
     last_file: dict = field(default_factory=dict)  # tid -> (record ts, FileEvent): what a repeat repeats
     repeated: int = 0        # calls written as repeat counts
     unmatched_repeats: int = 0   # calls of repeat records whose first record was not seen
+    pid_ns: bool = False     # the run has a PID namespace of its own: pids its processes write
+                             # (a kill() target) are that namespace's, and name only the run's
 
 
 def monotonic_to_wall():

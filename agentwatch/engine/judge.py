@@ -481,6 +481,11 @@ class Judge:
 
     def _signal_target(self, ev):
         """(outside the run: True/False/None when unknown, description, pid or None)."""
+        if self.run.pid_ns and ev.pidfd is None and not (ev.op == "kill" and ev.target == 0):
+            # a pid, tid or group the agent names is one of its own PID namespace,
+            # which holds the run's processes only (kill -1 included); its own group
+            # (kill 0) is agentwatch's, judged below, and a pidfd is read from the host
+            return False, None, None
         if ev.op == "kill" and ev.target is not None and ev.target <= 0:
             if ev.target == -1:
                 return True, "every process the agent may signal (kill -1)", None

@@ -20,6 +20,7 @@ import shutil
 import signal
 
 from ..errors import LaunchError
+from . import namespaces
 from .credentials import prctl
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -118,17 +119,24 @@ class Child:
 
 def pdeath_signal(parent):
     """Child side: SIGKILL when agentwatch dies; again after a uid/gid
-    switch, because a credential change clears the setting."""
+    switch, because a credential change clears the setting. parent: the
+    pid getppid() returns while agentwatch lives (0 for pid 1 of a new PID
+    namespace: its parent is outside it)."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         raise OSError(errno.ESRCH, "agentwatch is gone")
 
 
-def spawn(argv, env=None, cwd=None, setup=(), stdio=None):
+def spawn(argv, env=None, cwd=None, setup=(), stdio=None, pid_ns=False):
     """Fork a child that will exec argv once released. setup is a list of
     (step name, callable) run in the child just before exec, in order
     (sandbox layers, credentials). stdio: three fds to become the child's
     0, 1, 2 (the daemon passes its client's); default: ours.
+
+    pid_ns: the child is pid 1 of a new PID namespace: after the setup steps
+    it forks the agent and stays as the run's init (sandbox/namespaces.py).
+    The pid returned is the init's; a failed exec is still reported through
+    the same pipe, by the agent.
 
     Both pipes are close-on-exec: in the daemon, another run's child forked
     meanwhile holds copies only until its own exec."""
@@ -136,7 +144,12 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None):
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        pid = namespaces.fork_in_new_pid_ns() if pid_ns else os.fork()
+    except OSError as e:
+        for fd in (go_r, go_w, err_r, err_w):
+            os.close(fd)
+        raise LaunchError(f"agent did not start: {e}", exit_code=126) from None
     if pid == 0:  # child: only async-signal-safe-ish work from here on
         step = "start"
         try:
@@ -144,7 +157,7 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None):
             os.close(err_r)
             step = "set parent-death signal"
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:
+            if os.getppid() != (0 if pid_ns else parent):
                 os._exit(1)
             # before the wait: a Ctrl-C or SIGTERM for the agent that comes
             # now must stop it, not run agentwatch's handler in this copy
@@ -165,6 +178,12 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None):
                 os.chdir(cwd)
             for step, fn in setup:
                 fn()
+            if pid_ns:
+                step = "fork the agent from the run's init"
+                agent = os.fork()
+                if agent:
+                    os.close(err_w)          # the agent's copy reports its exec
+                    namespaces.init_loop(agent)
             step = f"exec {argv[0]}"
             os.execvpe(argv[0], argv, env if env is not None else os.environ)
         except BaseException as e:  # noqa: BLE001 - report anything, never return into the parent's code

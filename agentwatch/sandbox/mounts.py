@@ -57,12 +57,14 @@ def plan_masks(deny_paths, readonly_files, noexec_dirs=(), pin_dirs=()):
     return sorted(out, key=lambda m: _ORDER[m[1]])
 
 
-def apply(masks):
-    """Child side: new mount namespace, then cover each path."""
+def apply(masks, new_ns=True):
+    """Child side: new mount namespace (unless the run's namespaces step
+    made one already: sandbox/namespaces.enter), then cover each path."""
     if not masks:
         return
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(_mount(None, "/", None, MS_REC | MS_PRIVATE), "make / private")
+    if new_ns:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        _check(_mount(None, "/", None, MS_REC | MS_PRIVATE), "make / private")
     for path, how in masks:
         if how == "noexec":
             _check(_mount(path, path, None, MS_BIND | MS_REC), "bind", path)

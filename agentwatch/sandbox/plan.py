@@ -15,15 +15,34 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from . import landlock, mounts
+from . import landlock, mounts, namespaces as ns
 from .seccomp_filter import SeccompPolicy
-from ..policy.matchers import expand, has_wildcards
+from ..policy.matchers import Glob, expand, has_wildcards
 
 ENFORCING = ("deny", "kill")
-# what an agent needs to run at all, beyond the policy's own lists
-RUNTIME_READ = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/tty", "/dev/pts",
-                "/proc", "/etc/ld.so.cache"]
-RUNTIME_WRITE = ["/dev/null", "/dev/tty", "/dev/pts"]
+# What an agent needs to run at all, beyond the policy's own lists, and why.
+# Each grant is recorded in the plan (EnforcementPlan.widened: `policy
+# explain` and the run identity list it) and dropped where the policy's
+# filesystem.deny names it. The agent's terminal is added as the device it
+# is (the pty of its stdin, stdout or stderr), never all of /dev/pts.
+RUNTIME_READ = {
+    "/dev/null": "the empty file every program opens",
+    "/dev/zero": "zero pages (allocators, dd)",
+    "/dev/urandom": "randomness (TLS, hash seeds)",
+    "/dev/random": "randomness (TLS, hash seeds)",
+    "/dev/tty": "the agent's controlling terminal, for prompts",
+    "/proc": "the run's own procfs (its PID namespace: only the run's processes)",
+    "/etc/ld.so.cache": "the dynamic loader's index of libraries",
+}
+RUNTIME_WRITE = {
+    "/dev/null": "the empty file every program opens",
+    "/dev/tty": "the agent's controlling terminal, for prompts",
+}
+# why the host's /proc is granted when the run shares the host's PID namespace
+HOST_PROC_WHY = ("the host's /proc (process.host_namespaces shares the PID namespace: every host "
+                 "process is listed, and readable where its owner allows)")
+PROC_NET_NOTE = ("/proc/<pid>/net shows the network namespace's tables, and the run shares the "
+                 "host's: its sockets are listed there (reads outside the policy are reported)")
 # where the dynamic loader finds shared libraries: their mappings are
 # executable, so the BPF LSM exec allow list must cover them
 RUNTIME_LIBS = ["/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib"]
@@ -59,11 +78,19 @@ class EnforcementPlan:
     downgrades: list = field(default_factory=list)  # rules the kernel cannot hold here
     notes: list = field(default_factory=list)       # stricter-than-written outcomes, for the record
     resolved: dict = field(default_factory=dict)    # domain -> [ips]
+    namespaces: list = field(default_factory=list)  # private ones the run gets: "pid", "ipc" (+ mount)
+    proc: str = None                                # the run's procfs: "pid" (subset=pid), "full", None
+    widened: list = field(default_factory=list)     # grants beyond the policy's lists: {path, access, why}
 
     def describe(self):
         lines = [f"enforcement: {self.path}; kernel holds: {', '.join(self.enforced) or 'nothing'}"]
         lines += [f"downgrade: {d}" for d in self.downgrades]
         lines += [f"note: {n}" for n in self.notes]
+        if self.namespaces:
+            lines.append(f"namespaces: private {', '.join(self.namespaces + ['mount'])}"
+                         + (f"; /proc: {ns.proc_options(self.proc == 'pid')}" if self.proc else ""))
+        lines += [f"added beyond the policy: {w['access']} {w['path']} ({w['why']})"
+                  for w in self.widened]
         if self.map_exec is not None:
             lines.append("filesystem.exec: an executable mapping (ld.so, dlopen) of a file opened "
                          "outside the exec roots is " + ("killed in the kernel at mmap" if self.map_exec_kill
@@ -76,6 +103,9 @@ class EnforcementPlan:
                 "masked": [p for p, how in self.masks if how in ("dir", "file", "ro")],
                 "noexec": [p for p, how in self.masks if how == "noexec"], "limits": self.limits,
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
+                "namespaces": self.namespaces,
+                "proc": None if self.proc is None else ns.proc_options(self.proc == "pid"),
+                "widened": self.widened,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
                                                           "file_deny": self.lsm.file_deny,
                                                           "signals": self.lsm.signals,
@@ -140,15 +170,23 @@ def resolve_domains(domains, timeout=2.0):
     return out
 
 
-def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False):
+def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False,
+              ns_missing=None, ttys=()):
     """bpf_lsm: the host can load agentwatch's BPF LSM programs (doctor's
-    bpf-lsm check: BPF LSM active and headers of exactly this kernel)."""
+    bpf-lsm check: BPF LSM active and headers of exactly this kernel).
+    ns_missing: {kind: why} for the namespaces this host cannot make
+    (default: sandbox.namespaces.probe() as root; none otherwise).
+    ttys: the terminal devices on the agent's stdio (granted as such)."""
     p = EnforcementPlan()
     fs = data.get("filesystem")
     net = data.get("network")
     proc = data.get("process") or {}
     res = data.get("resources") or {}
     abi = landlock.abi_version() if landlock_abi is None else landlock_abi
+    shared = set(proc.get("host_namespaces") or ())
+    if ns_missing is None:
+        ns_missing = ns.probe([k for k in ns.KINDS if k not in shared]) if os.geteuid() == 0 else {}
+    own_pid = "pid" not in shared and "pid" not in ns_missing
 
     # ---- filesystem: Landlock allow lists + masks for denies inside them
     if fs is not None and section_action(data, "filesystem") in ENFORCING:
@@ -163,7 +201,10 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         concrete = [d[:-3] if d.endswith("/**") else d for d in deny]
         wild = [d for d, c in zip(deny, concrete) if has_wildcards(c)]
         exec_ok = [x for x in execs if x not in write]
-        granted = read + write + exec_ok + RUNTIME_READ + RUNTIME_WRITE
+        own = {"write": _exp(fs.get("write"), variables)}
+        own["read"] = _exp(fs.get("read"), variables) + own["write"] + _exp(exec_src, variables)
+        rt_read, rt_write = runtime_grants(p, own, deny, own_pid, ttys)
+        granted = read + write + exec_ok + rt_read + rt_write
         # Mask only what Landlock would otherwise grant: a denied path outside
         # every allow list is already refused by Landlock (EACCES, reported),
         # whereas a mask answers ENOENT, which hides the attempt.
@@ -190,13 +231,18 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         p.downgrades += [_wild_deny(w, rule_action(data, "filesystem", "filesystem.deny")) for w in wild]
         if bpf_lsm:
             p.lsm = lsm_rules(exec_ok, concrete, p.notes)
+            p.widened += [{"path": d, "access": "exec (BPF LSM)",
+                           "why": "libraries the dynamic loader maps executable"}
+                          for d in (p.lsm.exec_allow or ()) if d in RUNTIME_LIBS
+                          and not any(_under(d, os.path.realpath(x)) for x in exec_ok)]
         elif not notes_x:
             # no LSM hook refuses a mapping here: the kernel reports it, and kills at it
             # where the rule says kill (bpf/mapexec.bpf.c)
             p.map_exec = map_exec_roots(exec_ok)
             p.map_exec_kill = rule_action(data, "filesystem", "filesystem.exec") == "kill"
-        rules = landlock.LandlockRules(read=read + RUNTIME_READ, write=write + RUNTIME_WRITE,
-                                       exec=exec_ok, ioctl_dev=["/dev/tty", "/dev/pts"])
+        rules = landlock.LandlockRules(read=read + rt_read, write=write + rt_write, exec=exec_ok,
+                                       ioctl_dev=[t for t in rt_write if t.startswith("/dev/")
+                                                  and t != "/dev/null"])
         p.enforced.append("filesystem")
     else:
         rules = None
@@ -291,7 +337,65 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         p.wall_time = parse_seconds(res["wall_time"])
     if p.landlock or p.seccomp or p.egress:
         p.path = PATH_BPF_LSM if p.lsm else PATH_FALLBACK
+        _namespaces(p, fs, shared, ns_missing, variables)
     return p
+
+
+def _namespaces(p, fs, shared, missing, variables):
+    """Every enforced run gets private PID and IPC namespaces (and a mount
+    namespace for its procfs) unless process.host_namespaces shares them;
+    one this host cannot make is a downgrade (sandbox/namespaces.py)."""
+    for kind in ns.KINDS:
+        if kind in shared:
+            p.notes.append(f"process.host_namespaces: the agent shares the host's {kind} namespace "
+                           + ("(it sees every host process and can name them by pid)" if kind == "pid"
+                              else "(it can reach host SysV IPC objects and POSIX queues)"))
+        elif kind in missing:
+            p.downgrades.append(f"process: no private {kind} namespace on this host ({missing[kind]}): "
+                                + ("host processes stay visible and reachable by pid" if kind == "pid"
+                                   else "host SysV IPC objects stay reachable"))
+        else:
+            p.namespaces.append(kind)
+    if "pid" in p.namespaces:
+        p.proc = "full" if _reads_host_proc(fs, variables) else "pid"
+        if p.proc == "full":
+            p.notes.append("/proc: " + PROC_NET_NOTE)
+
+
+def _reads_host_proc(fs, variables):
+    """Whether the policy lets the agent read host-wide /proc files
+    (/proc/meminfo, /proc/sys, ...): no filesystem section, or a read
+    rule that matches one of them."""
+    if fs is None:
+        return True
+    globs = [Glob(g) for g in _exp(list(fs.get("read") or ()) + list(fs.get("write") or ()), variables)]
+    return any(g.matches(path) for g in globs for path in ns.HOST_WIDE_PROC)
+
+
+def runtime_grants(p, own, deny, own_pid, ttys):
+    """(read paths, write paths) the agent needs beyond the policy's lists
+    (own: {"read": globs, "write": globs}, expanded), each one the policy
+    does not grant itself recorded in p.widened with why; a path the
+    policy's filesystem.deny covers is not granted (and that is noted)."""
+    def covered(path, globs):
+        return any(Glob(g).matches(path) or _under(path, g[:-3] if g.endswith("/**") else g)
+                   for g in globs)
+    terminals = {t: "the agent's terminal (the pty of its stdin, stdout or stderr)" for t in ttys}
+    out = []
+    for table, access in ((RUNTIME_READ, "read"), (RUNTIME_WRITE, "write")):
+        kept = []
+        for path, why in list(table.items()) + list(terminals.items()):
+            if path == "/proc" and not own_pid:
+                why = HOST_PROC_WHY
+            if covered(path, deny):
+                p.notes.append(f"filesystem.deny covers {path}: not granted for {access} "
+                               f"although agents usually need it ({why})")
+                continue
+            kept.append(path)
+            if not covered(path, own[access]):
+                p.widened.append({"path": path, "access": access, "why": why})
+        out.append(kept)
+    return out[0], out[1]
 
 
 def lsm_rules(exec_ok, deny, notes):
