@@ -1,4 +1,6 @@
 """agentwatch policy lint | explain | diff"""
+import os
+
 import click
 
 from agentwatch.policy import check
@@ -48,7 +50,27 @@ def lint(ctx, files, strict):
 def explain(ctx, file, workspace):
     """Say in plain language what FILE allows, after extends and variables."""
     pol = _load_or_exit(ctx, file)
-    click.echo(explain_policy(pol, default_variables(workspace)), nl=False)
+    variables = default_variables(workspace)
+    click.echo(explain_policy(pol, variables), nl=False)
+    click.echo("".join(f"{line}\n" for line in _kernel_lines(pol, variables)), nl=False)
+
+
+def _kernel_lines(pol, variables):
+    """What the kernel would hold for a run of the policy on this host:
+    the enforcement plan's summary, namespaces and every grant it adds
+    beyond the policy's own lists (issue #14: no silent widening)."""
+    from agentwatch.sandbox.plan import make_plan
+    ttys = []
+    for fd in (0, 1, 2):
+        name = os.ttyname(fd) if os.isatty(fd) else None
+        if name and name not in ttys:
+            ttys.append(name)
+    plan = make_plan(pol.data, variables, [pol.path], ttys=ttys)
+    lines = ["", "Kernel enforcement on this host (a run of this policy)"]
+    lines += [f"  {line}" for line in plan.describe()]
+    if plan.path != "monitor-only" and not plan.widened:
+        lines.append("  added beyond the policy: nothing")
+    return lines
 
 
 @policy.command()

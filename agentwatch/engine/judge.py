@@ -35,6 +35,7 @@ _PTRACE_ENTRIES = frozenset(("environ", "mem", "maps", "smaps", "smaps_rollup", 
                              "pagemap", "auxv", "fd", "fdinfo", "map_files", "root", "cwd",
                              "exe", "stack", "syscall", "io", "personality", "ns"))
 _PROC_PID = re.compile(r"^/proc/(\d+)/(?:task/\d+/)?([^/]+)")
+_PROC_NUM = re.compile(r"^/proc/(\d+)(/.*)?$")
 # the ELF interpreter: run by hand, it maps the program named in its argv
 # with PROT_EXEC, which Landlock's EXECUTE right (execve only) never sees
 _LOADER = re.compile(r"^ld(-linux)?([-.].*)?\.so(\.\d+)*$")
@@ -175,6 +176,13 @@ def _comm(pid):
     return _proc_status(pid, "Name")
 
 
+def _ns_pid(pid):
+    """A live process's pid in its own (innermost) PID namespace."""
+    v = _proc_status(pid, "NSpid")
+    last = v.split()[-1] if v else None
+    return int(last) if last and last.isdigit() else None
+
+
 def _pgid(pid):
     """The process group of a live process (field 5 of /proc/<pid>/stat)."""
     try:
@@ -218,6 +226,7 @@ class Judge:
         self.by_category = Counter()
         self.by_rule = Counter()
         self.unjudged = 0           # events whose path could not be resolved
+        self._ns_pids = {}          # pid in the run's PID namespace -> host pid (_host_proc)
         self._next_flush = time.monotonic() + REPEAT_FLUSH_S
         self._watched = [(rule, path, file_sha256(path)) for rule, path in watched_files]
         self._exec_hashes = {}
@@ -289,6 +298,8 @@ class Judge:
                     self.unjudged += 1
                 continue
             path = _own_proc(path, ev.pid)
+            if self.run.pid_ns:
+                path = self._host_proc(path)
             if self._other_process(ev, path):
                 continue
             self._identity_write(ev, path, access)
@@ -312,6 +323,8 @@ class Judge:
         m = _PROC_PID.match(path)
         if not m or m.group(2) not in _PTRACE_ENTRIES or int(m.group(1)) in self.run.procs:
             return False
+        if self.run.pid_ns:
+            return False      # its /proc lists only the run's own processes
         proc = getattr(self.policy.spec, "process", None)
         if proc is None or proc.toggles.get("ptrace") is not False:
             return False
@@ -322,6 +335,26 @@ class Judge:
         self._decide(ev, d, path, {"path": path, "named": ev.path, "target_pid": int(m.group(1)),
                                    "op": ev.op})
         return True
+
+    def _host_proc(self, path):
+        """A run with its own PID namespace names its processes by that
+        namespace's pids: /proc/<n>/... is the same path with n's host pid
+        (read from the NSpid line of each live process of the run), so the
+        path is judged, and resolved, as the process it names. Unchanged
+        when no live process of the run has n (then it names nothing)."""
+        m = _PROC_NUM.match(path)
+        if not m:
+            return path
+        n = int(m.group(1))
+        host = self._ns_pids.get(n)
+        if host is None or host not in self.run.procs:
+            self._ns_pids = {}
+            for pid in list(self.run.procs):
+                inner = _ns_pid(pid)
+                if inner is not None:
+                    self._ns_pids[inner] = pid
+            host = self._ns_pids.get(n)
+        return path if host is None else f"/proc/{host}{m.group(2) or ''}"
 
     def _identity_write(self, ev, path, access):
         if access <= {"read"}:

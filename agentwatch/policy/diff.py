@@ -107,6 +107,12 @@ def _process(out, a, b):
     _allow_list(out, "run", "process.exec", old_exec, new_exec)
     _limit(out, "process.max_processes", a and a.max_processes, b and b.max_processes)
     _run_as(out, a and a.run_as, b and b.run_as)
+    was_shared = set(a.host_namespaces if a else ())
+    now_shared = set(b.host_namespaces if b else ())
+    out += [f"{GRANT} the host's {k} namespace (process.host_namespaces)"
+            for k in sorted(now_shared - was_shared)]
+    out += [f"{REVOKE} the host's {k} namespace (process.host_namespaces)"
+            for k in sorted(was_shared - now_shared)]
     for toggle in TOGGLES:
         was = a is None or a.toggles.get(toggle, True)
         now = b is None or b.toggles.get(toggle, True)

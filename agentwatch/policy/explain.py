@@ -82,6 +82,13 @@ def _process(spec, v):
         lines.append(f"  Runs as: {proc.run_as.describe()} (process.run_as), with no capabilities; "
                      "agentwatch itself stays root")
     lines.append("  Signals only to its own processes (process.signal)")
+    own = [k.upper() for k in ("pid", "ipc") if k not in proc.host_namespaces]
+    if own:
+        lines.append(f"  Own {' and '.join(own)} namespace{'s' if len(own) > 1 else ''} when enforced "
+                     "(sees no host process or IPC object of that kind)")
+    if proc.host_namespaces:
+        lines.append(f"  Shares the host's {', '.join(proc.host_namespaces)} namespace "
+                     "(process.host_namespaces)")
     never = [_TOGGLE_WORDS[t] for t in TOGGLES if proc.toggles.get(t) is False]
     may = [_TOGGLE_WORDS[t] for t in TOGGLES if proc.toggles.get(t) is True]
     if never:

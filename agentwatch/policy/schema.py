@@ -54,6 +54,7 @@ _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 MAX_ID = 4294967294              # (uid_t)-1 means "unchanged" to the set*id calls
 RUN_AS_KEYS = ("user", "group", "groups")
+PROCESS_KEYS = ("exec", "max_processes", *TOGGLES, "run_as", "host_namespaces")
 
 
 # --------------------------------------------------------------- model
@@ -153,6 +154,7 @@ class Process:
     max_processes: int = None
     toggles: dict = field(default_factory=dict)   # name -> bool, only those written
     run_as: RunAs = None               # None: the agent runs as agentwatch's user (root)
+    host_namespaces: tuple = ()        # namespaces the agent shares with the host: "pid", "ipc"
 
 
 @dataclass
@@ -633,7 +635,7 @@ def _run_as(ck, value, loc):
 
 
 def _process(ck, value, loc, spec):
-    keys = ("exec", "max_processes", *TOGGLES, "run_as")
+    keys = PROCESS_KEYS
     m = ck.mapping(value, loc, "process", keys)
     if m is None:
         return
@@ -649,10 +651,35 @@ def _process(ck, value, loc, spec):
             proc.max_processes = ck.integer(v, vloc, "process.max_processes")
         elif key == "run_as":
             proc.run_as = _run_as(ck, v, vloc)
+        elif key == "host_namespaces":
+            proc.host_namespaces = _host_namespaces(ck, v, vloc)
         else:
             b = ck.boolean(v, vloc, f"process.{key}")
             if b is not None:
                 proc.toggles[key] = b
+
+
+HOST_NAMESPACES = ("pid", "ipc")
+_SHARED_RISK = {"pid": "the agent sees every host process in /proc (command lines, and more where "
+                       "their owner allows) and can name them by pid (prlimit, setpriority, signals "
+                       "where no other layer refuses)",
+                "ipc": "the agent can attach host SysV shared memory, semaphores and message queues "
+                       "and host POSIX queues"}
+
+
+def _host_namespaces(ck, value, loc):
+    """process.host_namespaces: the private namespaces an enforced run gives
+    up (sandbox/namespaces.py); each one shared is a warning with its risk."""
+    items = ck.strings(value, loc, "process.host_namespaces", "namespace names", "a namespace name")
+    out = []
+    for item in items or ():
+        if item.value not in HOST_NAMESPACES:
+            ck.error(item.loc, f"process.host_namespaces: unknown namespace {item.value!r} "
+                               f"(one of: {', '.join(HOST_NAMESPACES)})")
+            continue
+        ck.warn(item.loc, f"process.host_namespaces: {item.value}: {_SHARED_RISK[item.value]}")
+        out.append(item.value)
+    return tuple(dict.fromkeys(out))
 
 
 def _syscalls(ck, value, loc, spec):

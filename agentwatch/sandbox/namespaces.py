@@ -50,6 +50,7 @@ CLONE_NEWPID = 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC, MS_PRIVATE = 16384, 1 << 18
 PR_SET_NAME = 15
+_SYS_CLOSE_RANGE = 436
 
 KINDS = ("pid", "ipc")          # what a policy can share with the host (process.host_namespaces)
 INIT_COMM = b"aw-init"
@@ -172,6 +173,9 @@ def init_loop(agent):
     child, and exit with the agent's status when the agent exits (the
     kernel then kills the rest of the namespace). Never returns."""
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(INIT_COMM), 0, 0, 0)
+    # nothing of agentwatch's stays open in here (an fd its caller leaked)
+    _libc.syscall(ctypes.c_long(_SYS_CLOSE_RANGE), ctypes.c_uint(3), ctypes.c_uint(0xFFFFFFFF),
+                  ctypes.c_uint(0))
     code = 1
     try:
         while True:

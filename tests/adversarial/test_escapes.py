@@ -64,8 +64,10 @@ def build_files(sb, ctx):
     sb.policy = sb.path("ws", "policy", "sandboxed-agent.yaml")   # writable dir: only the mount holds
     shutil.copy(POLICY, sb.policy)
     sb.script = """
+trap '' TERM
 $A policy_edit $WS/policy/sandboxed-agent.yaml $WS/policy/evil.yaml
 $A signal $PPID
+$A signal_group
 echo finished > $WS/finished
 """
 
@@ -185,11 +187,26 @@ def build_exec_loader(sb, ctx):
                  f"{LOADER} ./tool $WS/marker" + KILL_TAIL)
 
 
+def readable_dir(sb):
+    """A directory the agent may read but not write, on an exec-capable mount
+    outside the exec roots: where anyone on the host can drop a file (as in
+    /dev/shm, which an enforced run no longer shares with the host). The
+    run's policy is sandboxed-agent.yaml with this directory readable."""
+    import yaml
+    d = sb.path("readable")
+    os.makedirs(d, exist_ok=True)
+    with open(POLICY) as f:
+        data = yaml.safe_load(f)
+    data["filesystem"]["read"].append(d + "/**")
+    sb.policy = sb.path("readable-policy.yaml")
+    with open(sb.policy, "w") as f:
+        yaml.safe_dump(data, f)
+    return d
+
+
 @scenario
 def build_exec_loader_shm(sb, ctx):
-    shm = f"/dev/shm/aw-adv-{uuid.uuid4().hex[:8]}"
-    os.mkdir(shm)
-    sb.cleanup.append(lambda: shutil.rmtree(shm, ignore_errors=True))
+    shm = readable_dir(sb)
     shutil.copy(ctx["payloads"]["payload-dyn"], os.path.join(shm, "tool"))
     os.chmod(os.path.join(shm, "tool"), 0o755)
     sb.shm_tool = os.path.join(shm, "tool")
@@ -198,9 +215,7 @@ def build_exec_loader_shm(sb, ctx):
 
 @scenario
 def build_preload_shm(sb, ctx):
-    shm = f"/dev/shm/aw-adv-{uuid.uuid4().hex[:8]}"
-    os.mkdir(shm)
-    sb.cleanup.append(lambda: shutil.rmtree(shm, ignore_errors=True))
+    shm = readable_dir(sb)
     sb.shm_lib = os.path.join(shm, "libhook.so")
     shutil.copy(ctx["payloads"]["libpayload.so"], sb.shm_lib)
     sb.script = (f"AW_PAYLOAD_MARKER=$WS/marker LD_PRELOAD={sb.shm_lib} /usr/bin/true\n"
@@ -489,11 +504,17 @@ def test_chmod_outside_the_sandbox_is_denied_for_a_nonroot_agent(run):
 
 @uses("files")
 def test_signalling_agentwatch_is_denied(run):
-    """kill -TERM of agentwatch's pid (the daemon's, on a daemon): refused
-    with EPERM by Landlock's signal scope (Linux 6.12+, the CI kernel) or,
-    on older kernels with BPF LSM (the VM's 6.1), by the LSM task_kill
-    program; agentwatch is not stopped."""
-    assert run.result("kill -TERM") == "EPERM"
+    """The agent cannot name agentwatch: its parent ($PPID) is pid 1 of the
+    run's PID namespace, the run's init, which ignores the SIGTERM (pid 1
+    has no handler for it); agentwatch's own pid does not exist in there.
+    What remains is its process group, which agentwatch shares with the
+    agent: kill(0, SIGTERM) is delivered to the agent's own processes, and
+    the part that would reach agentwatch is refused by Landlock's signal
+    scope (Linux 6.12+, the CI kernel) or, on older kernels with BPF LSM
+    (the VM's 6.1), by the LSM task_kill program. agentwatch is not stopped."""
+    assert run.attempts("kill -TERM")[0]["pid"] == 1, run.report()
+    assert run.result("kill -TERM") == "ok"            # the init's, and ignored
+    assert run.result("kill -TERM 0") == "ok"          # delivered inside the run only
     end = run.lifecycle("end")
     assert end["detail"]["stopped_by_signal"] is None
     assert run.rc == 0 and run.exists("ws", "finished")
@@ -501,16 +522,16 @@ def test_signalling_agentwatch_is_denied(run):
 
 @uses("files")
 def test_signalling_agentwatch_is_reported(run):
-    """The same kill: seen by the signal sensor (kill(2)), judged as a
-    signal to a process outside the run, reported once with what the kernel
-    answered (the LSM program's own record is counted, not reported); the
-    agent is not stopped for it (process.signal: deny)."""
-    agentwatch = run.lifecycle("start")["pid"]
-    v = run.violation("process.signal", "process", target_pid=agentwatch)
+    """The group kill, seen by the signal sensor (kill(2)): judged as a
+    signal to a process group outside the run (agentwatch's), reported once
+    (the LSM program's own record of the refused part is counted, not
+    reported); the agent is not stopped for it (process.signal: deny). The
+    SIGTERM to the run's own init is within the run: not a violation."""
+    v = run.violation("process.signal", "process")
     assert v["action"] == "deny"
     assert v["detail"]["op"] == "kill" and v["detail"]["signal_name"] == "SIGTERM"
-    assert v["detail"]["target"] == f"agentwatch (pid {agentwatch})"
-    kernel_said(v, "EPERM")
+    assert v["detail"]["target"].startswith("process group "), v
+    assert v["detail"]["kernel"] == "delivered to at least one process of the target set", v
     assert len(run.violations("process.signal")) == 1           # one attempt, one report
     assert run.rc == 0 and run.exists("ws", "finished")
 
@@ -608,7 +629,7 @@ def test_copied_binary_through_the_dynamic_loader(run):
 @uses("exec_loader_shm")
 def test_readable_binary_through_the_dynamic_loader_is_killed(run):
     """A file that is readable but neither writable by the agent nor on a
-    noexec mount (here /dev/shm, where anyone on the host can drop one),
+    noexec mount (a directory like /dev/shm, where anyone on the host can drop one),
     mapped by the loader with PROT_EXEC.
     CI kernel: CANNOT BE DENIED, killed in the kernel at the moment of
     detection: neither Landlock nor seccomp can refuse the mapping, so
@@ -638,7 +659,7 @@ def test_readable_binary_through_the_dynamic_loader_is_killed(run):
 
 @uses("preload_shm")
 def test_preloaded_library_from_a_readable_dir_is_killed(run):
-    """LD_PRELOAD of a library in /dev/shm (readable, not in the exec roots,
+    """LD_PRELOAD of a library in a readable dir (like /dev/shm: not in the exec roots,
     not noexec) into an allowed program: the dynamic loader maps it with
     PROT_EXEC before main(), so its constructor would run inside the sandbox.
     CI kernel: CANNOT BE DENIED, killed in the kernel at the moment of
@@ -746,35 +767,31 @@ def test_process_vm_writev_into_a_sibling(run):
 
 @uses("environ")
 def test_reading_agentwatch_environ(run):
-    """/proc/<agentwatch>/environ, holding a canary the agent was not given.
-    On this kernel Landlock alone lets a sandboxed process read an
-    unsandboxed one's environ (same uid); agentwatch is non-dumpable and the
-    agent has no CAP_SYS_PTRACE, so it is EACCES."""
+    """/proc/$PPID/environ, where agentwatch's environment (holding a canary
+    the agent was not given) used to be one read away. In the run's PID
+    namespace $PPID is pid 1, the run's init: a forked copy of agentwatch,
+    non-dumpable, so its procfs has no entry for it (hidepid=invisible):
+    ENOENT. agentwatch's own pid names nothing in there, and the host's /proc
+    is not mounted in the agent's view at all."""
     assert run.read("ws", "own-env").strip() == "unset"
-    refused(run, "read environ", "EACCES")
+    assert run.attempts("read environ")[0]["path"] == "/proc/1/environ", run.report()
+    refused(run, "read environ", "ENOENT")
     assert run.canary not in run.read("ws", "env-copy")
-    v = run.violation("process.ptrace", "process")
-    assert v["detail"]["path"].endswith("/environ")
-    assert v["detail"]["target_pid"] == run.lifecycle("start")["pid"]
-    kernel_said(v, "EACCES")
-    assert v["action"] == "deny"
+    assert run.lifecycle("start")["detail"]["enforcement"]["namespaces"] == ["pid", "ipc"]
     assert_denied_not_killed(run)
 
 
 @uses("inherited_fd")
 def test_fd_inherited_from_the_launcher(run):
     """agentwatch was started with an extra open fd (a file outside the
-    sandbox). The agent gets 0, 1, 2 only: the fd is closed (EBADF), and the
-    detour through /proc/<agentwatch>/fd/N is refused (EACCES)."""
+    sandbox). The agent gets 0, 1, 2 only: the fd is closed (EBADF); the
+    detour through /proc/$PPID/fd/N finds no such process (the run's init
+    is hidden, and closed every fd above 2 anyway)."""
     own = run.attempts("own fds")[0]["value"]
     assert str(run.fd) not in own
     assert run.result("read inherited fd") == "EBADF"
-    refused(run, "read via launcher's /proc fd", "EACCES")
+    refused(run, "read via launcher's /proc fd", "ENOENT")
     assert run.fd_secret not in run.read("ws", "fd-copy")
-    v = run.violation("process.ptrace", "process")
-    assert v["detail"]["path"].endswith(f"/fd/{run.fd}")
-    kernel_said(v, "EACCES")
-    assert v["action"] == "deny"
     assert_denied_not_killed(run)
 
 

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
+import tempfile
 
 import pytest
 
@@ -33,9 +33,9 @@ def _a_library():
 @pytest.fixture
 def shm_lib():
     """A readable library on an exec-capable mount outside the exec roots
-    (/dev/shm), removed afterwards."""
-    d = f"/dev/shm/aw-mapexec-{uuid.uuid4().hex[:8]}"
-    os.mkdir(d)
+    and the write paths (a directory of its own in /tmp; not /dev/shm, which
+    is a private tmpfs in an enforced run), removed afterwards."""
+    d = tempfile.mkdtemp(prefix="aw-mapexec-")
     lib = os.path.join(d, "libtool.so")
     shutil.copy(_a_library(), lib)
     yield lib
@@ -118,7 +118,7 @@ def test_executable_mapping_outside_the_exec_roots_is_killed_at_mmap(state_dir, 
     start = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "start"][0]["detail"]
     mx = start["enforcement"]["map_exec"]
     assert mx["action"] == "kill" and mx["roots"], mx
-    assert "/dev/shm/" not in "".join(mx["roots"])
+    assert os.path.dirname(shm_lib) not in "".join(mx["roots"])
     v = [e for e in events if e["kind"] == "violation" and e["rule"] == "filesystem.exec"]
     assert len(v) == 1 and v[0]["action"] == "kill", v
     d = v[0]["detail"]

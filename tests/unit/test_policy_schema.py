@@ -373,7 +373,8 @@ def _schema():
 def test_json_schema_lists_the_same_keys_as_the_validator():
     props = _schema()["properties"]
     assert set(props) == set(S.TOP_KEYS)
-    assert set(props["process"]["properties"]) == {"exec", "max_processes", *S.TOGGLES, "run_as"}
+    assert set(props["process"]["properties"]) == set(S.PROCESS_KEYS)
+    assert props["process"]["properties"]["host_namespaces"]["items"]["enum"] == list(S.HOST_NAMESPACES)
     assert tuple(props["process"]["properties"]["run_as"]["properties"]) == S.RUN_AS_KEYS
     assert set(props["on_violation"]["properties"]) == {"default", *S.SECTIONS, "rules"}
     assert set(props["on_violation"]["properties"]["rules"]["properties"]) == set(S.RULES)

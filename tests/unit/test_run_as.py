@@ -189,7 +189,8 @@ def test_steps_with_run_as(tmp_path):
     (tmp_path / ".ssh").mkdir()
     creds = credentials.Credentials(uid=65534, gid=65534, source="process.run_as")
     steps = [name for name, _ in _run(tmp_path, STRICT, creds)._child_steps()]
-    assert steps == ["close inherited fds", "disable core dumps", "mask denied paths", "apply Landlock",
+    assert steps == ["close inherited fds", "disable core dumps",
+                     "enter private pid, ipc and mount namespaces", "mask denied paths", "apply Landlock",
                      "set no_new_privs", "drop capabilities from the bounding set",
                      "switch to uid 65534, gid 65534, supplementary groups: none",
                      "set parent-death signal again", "drop capabilities",
@@ -202,7 +203,8 @@ def test_steps_without_run_as_are_unchanged(tmp_path):
     """As before run_as: agentwatch's ids; every capability dropped after the
     sandbox layers (which set no_new_privs), now verified too."""
     steps = [name for name, _ in _run(tmp_path, STRICT)._child_steps()]
-    assert steps == ["close inherited fds", "disable core dumps", "mask denied paths", "apply Landlock",
+    assert steps == ["close inherited fds", "disable core dumps",
+                     "enter private pid, ipc and mount namespaces", "mask denied paths", "apply Landlock",
                      "load seccomp filter", "drop capabilities", "verify credentials and capabilities"]
     alert = _run(tmp_path, "process: {ptrace: false}\n")       # no kernel layer: root's capabilities
     assert [name for name, _ in alert._child_steps()] == ["close inherited fds", "disable core dumps"]

@@ -113,6 +113,14 @@ def send_signal(pid):
     attempt("kill -TERM", lambda: os.kill(pid, signal.SIGTERM), pid=pid)
 
 
+def signal_group():
+    """kill(0, SIGTERM): every process of the caller's group, which is
+    agentwatch's (the agent starts in it). The kernel refuses the part that
+    would reach agentwatch; this process and its shell ignore SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    attempt("kill -TERM 0", lambda: os.kill(0, signal.SIGTERM))
+
+
 def inherited_fd(fd, ppid, dst):
     report("own fds", "ok", value=sorted(os.listdir("/proc/self/fd")))
     data = attempt("read inherited fd", lambda: os.read(fd, 4096).decode(errors="replace"), fd=fd)
@@ -347,6 +355,7 @@ def memory_hog(marker, mb):
 STEPS = {
     "copy": copy, "policy_edit": policy_edit, "cgroup_escape": cgroup_escape,
     "proc_root_write": proc_root_write, "chmod_outside": chmod_outside, "signal": lambda pid: send_signal(int(pid)),
+    "signal_group": signal_group,
     "inherited_fd": lambda fd, ppid, dst: inherited_fd(int(fd), int(ppid), dst),
     "environ": lambda pid, dst: environ(int(pid), dst),
     "memfd_exec": memfd_exec, "map_exec": map_exec, "x32_open": x32_open, "bpf": bpf_map,
