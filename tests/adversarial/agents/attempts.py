@@ -119,6 +119,7 @@ def signal_group():
     would reach agentwatch; this process and its shell ignore SIGTERM."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     attempt("kill -TERM 0", lambda: os.kill(0, signal.SIGTERM))
+    time.sleep(1)     # the judge reads the caller's group while it lives (README Known limits)
 
 
 def inherited_fd(fd, ppid, dst):
