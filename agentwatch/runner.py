@@ -228,6 +228,7 @@ class Run:
         self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
         self._lsm_opened = {}            # pid -> its last files opened (BPF LSM path only)
         self.limits = None
+        self.init_reaped = True          # False while the run's init (PID namespace) is unreaped
         self.wall_deadline = None
         self.err = opts.stderr or sys.stderr   # agentwatch's own messages
 
@@ -540,6 +541,7 @@ class Run:
                                         setup=self._child_steps(), stdio=self.opts.stdio,
                                         pid_ns=self._pid_ns())
             self.monitor.children.add(self.child.pid)
+            self.init_reaped = not self._pid_ns()
             identity["root_pid"] = self.child.pid
             self.correlator.set_root(self.ctx, self.child.pid, os.getpid())
             try:
@@ -743,10 +745,11 @@ class Run:
                     next_stats = self._step(next_stats, 0)
                 if self.sensors.backlog:
                     continue                # records are waiting: read on
-                if pidfd is None:
-                    time.sleep(SHARED_POLL_S)
+                wake = [fd for fd in (pidfd, self.child.status_fd) if fd is not None]
+                if wake:
+                    select.select(wake, [], [], SHARED_POLL_S)
                 else:
-                    select.select([pidfd], [], [], SHARED_POLL_S)
+                    time.sleep(SHARED_POLL_S)
         finally:
             if pidfd is not None:
                 os.close(pidfd)
@@ -784,7 +787,10 @@ class Run:
         """Take the agent's exit status once it exited (the monitor reaps
         every child: the agents, and orphans re-parented to us)."""
         if self.child and self.exit_status is None:
-            status = self.monitor.take_exit(self.child.pid)
+            status = self.child.agent_status()       # the run's init says it (PID namespace)
+            if status is None:
+                status = self.monitor.take_exit(self.child.pid)
+                self.init_reaped = self.init_reaped or status is not None
             if status is not None:
                 code = os.waitstatus_to_exitcode(status)
                 self.exit_status = code if code >= 0 else 128 - code
@@ -792,17 +798,22 @@ class Run:
     def _finish(self):
         """After the agent exited: kill leftovers, drain, report."""
         lock = self.monitor.lock
-        leftover = self.cgroup.pids()
+        leftover = [p for p in self.cgroup.pids() if p != self.child.pid]   # not the run's init
         if leftover:
             with lock:
                 self._lifecycle("warning", {"message": f"killed {len(leftover)} process(es) the "
                                                        "agent left running", "killed": leftover})
             self.cgroup.kill()
+        elif not self.init_reaped:
+            self.cgroup.kill()           # the init waits for nothing more: no need to wait for it
         deadline = time.monotonic() + 5
         while self.cgroup.pids() and time.monotonic() < deadline:
             with lock:
                 self.sensors.poll(20)
                 self.monitor.reap()
+        while not self.init_reaped and time.monotonic() < deadline:   # the monitor keeps it else
+            self.init_reaped = self.monitor.take_exit(self.child.pid) is not None
+            time.sleep(0.005)
         # Every process of the run has exited, so each of its records was
         # submitted by now (BPF programs run in the process, before it
         # leaves the cgroup): read until the rings were read to their end
@@ -892,6 +903,8 @@ class Run:
                 self.monitor.close()
             if self.cgroup:
                 self.cgroup.kill()
+            if self.child is not None:
+                self.child.close()
             for g in self._guards():   # only once the agent tree is dead
                 if self.own_monitor:
                     g.close()

@@ -77,12 +77,42 @@ def resolve_command(argv, env=None):
 
 
 class Child:
-    """A forked agent that has not exec'ed yet."""
+    """A forked agent that has not exec'ed yet (pid: the run's init, when
+    the agent has a PID namespace of its own; status_fd: where that init
+    writes the agent's wait status)."""
 
-    def __init__(self, pid, go_fd, err_fd):
+    def __init__(self, pid, go_fd, err_fd, status_fd=None):
         self.pid = pid
         self._go = go_fd
         self._err = err_fd
+        self.status_fd = status_fd
+        self._status = b""
+
+    def agent_status(self):
+        """The agent's wait status once the run's init wrote it, else None
+        (always None without a PID namespace: then the child is the agent,
+        and its own exit status is the agent's)."""
+        if self.status_fd is None:
+            return None
+        try:
+            chunk = os.read(self.status_fd, 64)
+        except BlockingIOError:
+            return None
+        if not chunk:                # the init is gone without a word: its own status tells
+            os.close(self.status_fd)
+            self.status_fd = None
+            return None
+        self._status += chunk
+        if not self._status.endswith(b"\n"):
+            return None
+        os.close(self.status_fd)
+        self.status_fd = None
+        return int(self._status)
+
+    def close(self):
+        if self.status_fd is not None:
+            os.close(self.status_fd)
+            self.status_fd = None
 
     def release(self):
         """Let the child exec; raise LaunchError naming the step that failed."""
@@ -143,18 +173,22 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None, pid_ns=False):
     protect_monitor()
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    st_r, st_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK) if pid_ns else (None, None)
     parent = os.getpid()
     try:
         pid = namespaces.fork_in_new_pid_ns() if pid_ns else os.fork()
     except OSError as e:
-        for fd in (go_r, go_w, err_r, err_w):
-            os.close(fd)
+        for fd in (go_r, go_w, err_r, err_w, st_r, st_w):
+            if fd is not None:
+                os.close(fd)
         raise LaunchError(f"agent did not start: {e}", exit_code=126) from None
     if pid == 0:  # child: only async-signal-safe-ish work from here on
         step = "start"
         try:
             os.close(go_w)
             os.close(err_r)
+            if st_r is not None:
+                os.close(st_r)
             step = "set parent-death signal"
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != (0 if pid_ns else parent):
@@ -183,7 +217,9 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None, pid_ns=False):
                 agent = os.fork()
                 if agent:
                     os.close(err_w)          # the agent's copy reports its exec
-                    namespaces.init_loop(agent)
+                    os.set_blocking(st_w, True)
+                    namespaces.init_loop(agent, st_w)
+                os.close(st_w)
             step = f"exec {argv[0]}"
             os.execvpe(argv[0], argv, env if env is not None else os.environ)
         except BaseException as e:  # noqa: BLE001 - report anything, never return into the parent's code
@@ -194,4 +230,6 @@ def spawn(argv, env=None, cwd=None, setup=(), stdio=None, pid_ns=False):
                 os._exit(127 if err == errno.ENOENT else 126)
     os.close(go_r)
     os.close(err_w)
-    return Child(pid, go_w, err_r)
+    if st_w is not None:
+        os.close(st_w)
+    return Child(pid, go_w, err_r, st_r)

@@ -20,8 +20,9 @@ How the namespaces are made, and why this way:
   re-parented to it. So the agent is not pid 1: the child stays as the run's
   init (`init_loop`, comm "aw-init"), sandboxed exactly like the agent (it
   ran every set-up step itself), forks the agent, reaps every orphan, and
-  exits with the agent's status (128+N when a signal N killed it). Its exit
-  ends the namespace: the kernel kills whatever the agent left running.
+  writes the agent's wait status to agentwatch when the agent exits;
+  agentwatch then kills what the agent left running and says so, as in a
+  run without a namespace. If the init dies, the kernel kills the rest.
   agentwatch signals every process of the run's cgroup itself (Run.stop), so
   init forwards nothing; Ctrl-C reaches the agent from the terminal, whose
   foreground process group the agent is still in. The init is a forked copy
@@ -168,13 +169,18 @@ def enter(ipc=True, proc=None):
             raise _err("mount the run's mqueue on /dev/mqueue")
 
 
-def init_loop(agent):
+def init_loop(agent, status_fd):
     """pid 1 of the run's namespace, once it forked the agent: reap every
-    child, and exit with the agent's status when the agent exits (the
-    kernel then kills the rest of the namespace). Never returns."""
+    child; when the agent exits, write its wait status to status_fd (for
+    agentwatch, which then kills what the agent left running and says so,
+    as it does without a namespace), and exit once no child is left. If the
+    init dies first, the kernel kills the rest of the namespace. Never returns."""
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(INIT_COMM), 0, 0, 0)
     # nothing of agentwatch's stays open in here (an fd its caller leaked)
-    _libc.syscall(ctypes.c_long(_SYS_CLOSE_RANGE), ctypes.c_uint(3), ctypes.c_uint(0xFFFFFFFF),
+    if status_fd != 3:
+        os.dup2(status_fd, 3)
+        status_fd = 3
+    _libc.syscall(ctypes.c_long(_SYS_CLOSE_RANGE), ctypes.c_uint(4), ctypes.c_uint(0xFFFFFFFF),
                   ctypes.c_uint(0))
     code = 1
     try:
@@ -188,6 +194,9 @@ def init_loop(agent):
             if pid == agent:
                 code = os.waitstatus_to_exitcode(status)
                 code = code if code >= 0 else 128 - code
-                break
+                try:
+                    os.write(status_fd, b"%d\n" % status)
+                except OSError:
+                    pass             # agentwatch is gone: the parent-death signal follows
     finally:
         os._exit(code)
