@@ -154,6 +154,7 @@ def test_attribution_keeps_host_pids_ancestry_and_exits(state_dir, tmp_path):
                       "process: {ptrace: false}\non_violation: {default: deny}\n")
     ev = tmp_path / "events.jsonl"
     script = ("(sh -c 'sleep 0.3; /bin/cat /etc/hostname > " + str(ws) + "/gc' &) ; sleep 1; "
+              "(sleep 60 &) ; "
               "sleep 5 & kill -TERM $!; wait $!; echo killed=$? > " + str(ws) + "/child; exit 7")
     r = aw("run", "--policy", str(policy), "--allow-downgrade", "--no-daemon", "--events", str(ev),
            "--", "/bin/sh", "-c", script, cwd=str(ws))
@@ -174,3 +175,8 @@ def test_attribution_keeps_host_pids_ancestry_and_exits(state_dir, tmp_path):
     assert not [e for e in events if e["kind"] == "violation" and e["rule"] == "process.signal"]
     end = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "end"][0]
     assert end["detail"]["exit_status"] == 7
+    # the orphaned sleep outlived the agent: agentwatch killed it and says so
+    # (the run's init is not counted among them)
+    left = [e for e in events if e["kind"] == "lifecycle" and e["phase"] == "warning"
+            and "left running" in e["detail"].get("message", "")]
+    assert len(left) == 1 and root not in left[0]["detail"]["killed"], left
