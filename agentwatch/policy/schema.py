@@ -14,6 +14,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from ..core import units
 from . import matchers as M
 from .source import Loc, yaml_type
 
@@ -48,8 +49,6 @@ CATEGORY_SECTION = {"filesystem": "filesystem", "network": "network", "process":
 _SIGNER = re.compile(r"ed25519:[0-9a-fA-F]{64}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B|i)?", re.I)
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 # a user or group name as shadow-utils accepts it (no all-digit names: those are ids)
 _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 MAX_ID = 4294967294              # (uid_t)-1 means "unchanged" to the set*id calls
@@ -323,6 +322,15 @@ class _Checker:
             self.error(loc, f"{name}: must be at least {minimum}, got {value}")
             return None
         return value
+
+    def unit(self, parse, value, loc, name):
+        """A duration or size parsed by agentwatch.core.units, the parser the
+        sandbox applies it with; None (reported) when it is not one."""
+        try:
+            return parse(value)
+        except units.UnitError as e:
+            self.error(loc, f"{name}: {e}")
+            return None
 
     def items(self, value, loc, name, what):
         """(index, item, loc) of a list; reports a non-list and exact
@@ -676,34 +684,6 @@ def _syscalls(ck, value, loc, spec):
     spec.syscalls = tuple(good)
 
 
-def parse_memory(value):
-    """'2G', '512Mi', 1073741824 -> bytes, or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    m = _MEMORY.fullmatch(value.strip()) if isinstance(value, str) else None
-    if not m:
-        return None
-    scale = 1024 ** "KMGTP".index(m.group(2).upper()) * 1024 if m.group(2) else 1
-    size = int(float(m.group(1)) * scale)
-    return size if size > 0 else None
-
-
-def parse_duration(value):
-    """'30m', '1h30m', 90 -> seconds, or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if value > 0 else None
-    m = _DURATION.fullmatch(value.strip()) if isinstance(value, str) and value.strip() else None
-    if not m:
-        return None
-    d, h, mi, s = (int(x or 0) for x in m.groups())
-    total = ((d * 24 + h) * 60 + mi) * 60 + s
-    return float(total) if total > 0 else None
-
-
 def _resources(ck, value, loc, spec):
     keys = ("memory", "cpu", "pids", "wall_time")
     m = ck.mapping(value, loc, "resources", keys)
@@ -713,9 +693,7 @@ def _resources(ck, value, loc, spec):
     for key, v, vloc in ck.entries(m, keys):
         res.written[key] = v
         if key == "memory":
-            res.memory = parse_memory(v)
-            if res.memory is None:
-                ck.error(vloc, f"resources.memory: expected a size like \"2G\" or \"512M\", got {v!r}")
+            res.memory = ck.unit(units.parse_size, v, vloc, "resources.memory")
         elif key == "cpu":
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4096
             if not ok:
@@ -725,9 +703,7 @@ def _resources(ck, value, loc, spec):
         elif key == "pids":
             res.pids = ck.integer(v, vloc, "resources.pids")
         else:
-            res.wall_time = parse_duration(v)
-            if res.wall_time is None:
-                ck.error(vloc, f"resources.wall_time: expected a duration like \"30m\" or \"1h30m\", got {v!r}")
+            res.wall_time = ck.unit(units.parse_duration, v, vloc, "resources.wall_time")
 
 
 def _on_violation(ck, value, loc, spec):

@@ -287,8 +287,8 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
     if proc.get("max_processes") and "pids" not in p.limits:
         p.limits["pids"] = proc["max_processes"]
     if res.get("wall_time"):
-        from .limits import parse_seconds
-        p.wall_time = parse_seconds(res["wall_time"])
+        from ..core.units import parse_duration
+        p.wall_time = parse_duration(res["wall_time"])
     if p.landlock or p.seccomp or p.egress:
         p.path = PATH_BPF_LSM if p.lsm else PATH_FALLBACK
     return p
