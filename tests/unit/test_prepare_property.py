@@ -151,6 +151,12 @@ def prepare(tmp_path, doc, abi):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(doc=policies, abi=st.integers(0, 7))
+# network.loopback ranges ("lo-hi", which lint accepts) reached Landlock as
+# strings: sorted() with int ports raised TypeError, int("8000-8002") ValueError
+@example(doc=dict(HEAD, network={"allow": [{"cidr": "10.0.0.0/8", "ports": [443]}],
+                                 "loopback": ["8000-8100", 53]},
+                  on_violation={"network": "deny"}), abi=7)
+@example(doc=dict(HEAD, network={"loopback": ["8000-8002"]}, on_violation={"network": "deny"}), abi=7)
 def test_preparation_succeeds_or_refuses_with_an_agentwatch_error(tmp_path, doc, abi):
     assert prepare(tmp_path, doc, abi) in ("ok", "load", "compile", "plan")
 
