@@ -7,6 +7,7 @@ uses. wall_time is enforced by the runner (it stops the agent tree)."""
 import os
 
 from ..core.units import parse_size
+from ..errors import LaunchError
 
 
 def v1_mounts(mounts="/proc/mounts"):
@@ -20,6 +21,19 @@ def v1_mounts(mounts="/proc/mounts"):
                     if opt in ("cpu", "memory", "pids"):
                         out[opt] = parts[1]
     return out
+
+
+def _write(ctl, val, directory, files):
+    """Write a limit's files; a value the kernel refuses is a LaunchError
+    naming it (the caller removes what was made)."""
+    for name, content in files:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "w") as f:
+                f.write(content)
+        except OSError as e:
+            raise LaunchError(f"agent not started: the kernel refused the {ctl} limit {val!r} "
+                              f"(writing {content!r} to {path}: {e.strerror})") from None
 
 
 class Limits:
@@ -49,17 +63,13 @@ class Limits:
         for ctl, val in self.want.items():
             files = self._files(ctl, val)
             if self._v2_has(ctl):
-                for name, content in files["v2"]:
-                    with open(os.path.join(self.v2_path, name), "w") as f:
-                        f.write(content)
+                _write(ctl, val, self.v2_path, files["v2"])
                 self.applied[ctl] = "v2"
             elif ctl in v1:
                 d = os.path.join(v1[ctl], "agentwatch", self.run_id)
                 os.makedirs(d, exist_ok=True)
                 self.dirs.append(d)
-                for name, content in files["v1"]:
-                    with open(os.path.join(d, name), "w") as f:
-                        f.write(content)
+                _write(ctl, val, d, files["v1"])
                 self.applied[ctl] = "v1"
             else:
                 self.missing.append(ctl)
