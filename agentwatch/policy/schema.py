@@ -52,6 +52,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # a user or group name as shadow-utils accepts it (no all-digit names: those are ids)
 _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 MAX_ID = 4294967294              # (uid_t)-1 means "unchanged" to the set*id calls
+# what the kernel takes as a limit (sandbox/limits.py writes them; more or
+# less is refused with EINVAL/ERANGE, measured on 6.18):
+MAX_PIDS = 4194304               # PID_MAX_LIMIT, the largest pids.max
+MIN_CPU, MAX_CPU = 0.01, 4096    # a CFS quota of at least 1 ms per 100 ms period
 RUN_AS_KEYS = ("user", "group", "groups")
 
 
@@ -314,12 +318,15 @@ class _Checker:
             return None
         return value
 
-    def integer(self, value, loc, name, minimum=1):
+    def integer(self, value, loc, name, minimum=1, maximum=None):
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(loc, f"{name}: expected an integer, got {yaml_type(value)}")
             return None
         if value < minimum:
             self.error(loc, f"{name}: must be at least {minimum}, got {value}")
+            return None
+        if maximum is not None and value > maximum:
+            self.error(loc, f"{name}: must be at most {maximum}, got {value}")
             return None
         return value
 
@@ -654,7 +661,7 @@ def _process(ck, value, loc, spec):
                 rules = [_exec_entry(ck, item, iloc, f"process.exec[{i}]") for i, item, iloc in triples]
                 proc.exec = tuple(r for r in rules if r is not None)
         elif key == "max_processes":
-            proc.max_processes = ck.integer(v, vloc, "process.max_processes")
+            proc.max_processes = ck.integer(v, vloc, "process.max_processes", maximum=MAX_PIDS)
         elif key == "run_as":
             proc.run_as = _run_as(ck, v, vloc)
         else:
@@ -695,13 +702,14 @@ def _resources(ck, value, loc, spec):
         if key == "memory":
             res.memory = ck.unit(units.parse_size, v, vloc, "resources.memory")
         elif key == "cpu":
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4096
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and MIN_CPU <= v <= MAX_CPU
             if not ok:
                 got = repr(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else yaml_type(v)
-                ck.error(vloc, f"resources.cpu: expected a number of CPUs like 1.5 (0-4096], got {got}")
+                ck.error(vloc, f"resources.cpu: expected a number of CPUs like 1.5 "
+                               f"({MIN_CPU}-{MAX_CPU}), got {got}")
             res.cpu = float(v) if ok else None
         elif key == "pids":
-            res.pids = ck.integer(v, vloc, "resources.pids")
+            res.pids = ck.integer(v, vloc, "resources.pids", maximum=MAX_PIDS)
         else:
             res.wall_time = ck.unit(units.parse_duration, v, vloc, "resources.wall_time")
 

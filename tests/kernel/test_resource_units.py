@@ -66,6 +66,9 @@ def test_a_wall_time_of_several_units_stops_the_agent(state_dir, tmp_path):
     ('{wall_time: "0s"}', "resources.wall_time: must be more than zero"),
     ('{memory: "1E"}', "resources.memory: expected a size like"),
     ('{memory: "8192P"}', "resources.memory: must be at most 2^63 - 1 bytes"),
+    # linted clean before, then Limits.setup died on the kernel's EINVAL / ERANGE
+    ("{cpu: 0.001}", "resources.cpu: expected a number of CPUs like 1.5 (0.01-4096)"),
+    ("{pids: 1000000000000000000000000000000}", "resources.pids: must be at most 4194304"),
 ])
 def test_a_bad_value_is_one_error_line(state_dir, tmp_path, resources, message):
     path = policy(tmp_path, resources)

@@ -123,6 +123,10 @@ def test_sensor_groups_are_derived_from_the_rules(tmp_path, body, groups):
     ("resources: {wall_time: 36501d}\n", "resources.wall_time: must be at most 36500d"),
     ("resources: {memory: 2X}\n", "5:21: resources.memory: expected a size like"),
     ("resources: {memory: 8192P}\n", "resources.memory: must be at most 2^63 - 1 bytes"),
+    # limits the kernel would refuse (EINVAL, ERANGE) when the run applies them
+    ("resources: {cpu: 0.001}\n", "5:18: resources.cpu: expected a number of CPUs like 1.5 (0.01-4096), got 0.001"),
+    ("resources: {pids: 1000000000000000000000000000000}\n", "5:19: resources.pids: must be at most 4194304"),
+    ("process: {max_processes: 4194305}\n", "5:26: process.max_processes: must be at most 4194304"),
     ("filesystem: {read: [/a, /a]}\n", "warning: filesystem.read: duplicate entry '/a' (already at line 5)"),
 ])
 def test_each_problem_is_reported_where_it_is(tmp_path, body, expected):
@@ -372,6 +376,9 @@ def test_json_schema_lists_the_same_keys_as_the_validator():
     assert set(props["on_violation"]["properties"]["rules"]["properties"]) == set(S.RULES)
     assert props["monitor"]["items"]["enum"] == list(S.SENSOR_GROUPS)
     assert _schema()["$defs"]["action"]["enum"] == list(S.ACTIONS)
+    res = props["resources"]["properties"]
+    assert (res["cpu"]["minimum"], res["cpu"]["maximum"]) == (S.MIN_CPU, S.MAX_CPU)
+    assert res["pids"]["maximum"] == props["process"]["properties"]["max_processes"]["maximum"] == S.MAX_PIDS
 
 
 def test_sensor_groups_match_the_sensors():

@@ -68,7 +68,8 @@ sizes = st.one_of(st.sampled_from(["512M", "2G", "1P", "1.5GiB", "4096", "100B",
 durations = st.one_of(st.sampled_from(["90s", "1h30m", "2.5h", "2d", "36500d", "0.001s", "90", 0.001,
                                        3153600000, 1, 1e-300]),
                       st.floats(min_value=1e-9, max_value=3e9))
-cpus = st.one_of(st.sampled_from([0.001, 1, 1.5, 4096, 4096.0, 1e-300]), st.floats(1e-6, 4096))
+cpus = st.one_of(st.sampled_from([0.01, 0.001, 1, 1.5, 4096, 4096.0, 1e-300]), st.floats(1e-6, 4096))
+pids = st.sampled_from([1, 64, 4194304, 4194305, HUGE])
 actions = st.sampled_from(ACTIONS)
 
 
@@ -78,7 +79,7 @@ def lists(elements):
 
 process = st.fixed_dictionaries({}, optional={
     "exec": lists(st.one_of(globs, st.fixed_dictionaries({"path": globs}, optional={"sha256": hexes}))),
-    "max_processes": st.sampled_from([1, 2, 64, HUGE]),
+    "max_processes": pids,
     "run_as": st.fixed_dictionaries({"user": accounts},
                                     optional={"group": accounts, "groups": lists(accounts)}),
     **{t: st.booleans() for t in TOGGLES}})
@@ -101,7 +102,7 @@ policies = st.fixed_dictionaries(
         "process": process,
         "syscalls": st.fixed_dictionaries({}, optional={"deny": lists(syscall_names)}),
         "resources": st.fixed_dictionaries({}, optional={"memory": sizes, "cpu": cpus,
-                                                         "pids": st.sampled_from([1, 64, HUGE]),
+                                                         "pids": pids,
                                                          "wall_time": durations}),
         "on_violation": st.fixed_dictionaries({}, optional={
             "default": actions, **{s: actions for s in SECTIONS},
