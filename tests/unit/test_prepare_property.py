@@ -10,6 +10,8 @@ Name resolution is stubbed here (documentation addresses, or a failure):
 the generated domains are under .test and .invalid, and no query leaves
 the machine. Crashes this test found are pinned as examples below."""
 import json
+import os
+import re
 import socket
 from unittest import mock
 
@@ -108,7 +110,11 @@ policies = st.fixed_dictionaries(
             "default": actions, **{s: actions for s in SECTIONS},
             "rules": st.dictionaries(st.sampled_from(RULES), actions, max_size=4)}),
         "monitor": st.lists(st.sampled_from(SENSOR_GROUPS), max_size=5, unique=True),
+        # base.yaml is written when the test draws a base policy (see prepare)
+        "extends": st.sampled_from(["base.yaml", "./base.yaml", "sub/../base.yaml", "policy.yaml",
+                                    "missing.yaml", "/nonexistent/ü.yaml", "."]),
     })
+workspaces = st.sampled_from(["ws", "ws ü", "ws[1]*?", "${HOME}", "a/../b", "日本"])
 
 
 # ---------------------------------------------------------------- the preparation path
@@ -124,12 +130,20 @@ def _fake_getaddrinfo(host, *args, **kw):
             (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{n:x}", 0, 0, 0))]
 
 
-def prepare(tmp_path, doc, abi):
+def _write(path, doc):
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def prepare(tmp_path, doc, abi, base=None, workspace="ws"):
     """load -> compile -> plan -> the plan's record, as `agentwatch run`
     does before it forks. Returns the step reached."""
     path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    variables = {"WORKSPACE": str(tmp_path / "ws ü"), "HOME": str(tmp_path / "home"), "TMPDIR": "/tmp"}
+    _write(path, doc)
+    if base is not None:
+        _write(tmp_path / "base.yaml", base)
+    else:
+        (tmp_path / "base.yaml").unlink(missing_ok=True)
+    variables = {"WORKSPACE": str(tmp_path / workspace), "HOME": str(tmp_path / "home"), "TMPDIR": "/tmp"}
     step = "load"
     try:
         policy = load(str(path))
@@ -144,22 +158,26 @@ def prepare(tmp_path, doc, abi):
         return "ok"
     except AgentwatchError as e:
         assert str(e).strip(), f"{step}: {type(e).__name__} with no message"
-        if step == "load":                              # every line is FILE:LINE:COL: message
-            assert all(line.startswith(str(path) + ":") for line in str(e).splitlines()), str(e)
+        if step == "load":          # every line is FILE:LINE:COL: message, FILE one of the chain
+            files = (str(path), str(tmp_path / "base.yaml"))
+            for line in str(e).splitlines():
+                m = re.match(r"(.+?):\d+:\d+: ", line)
+                assert m and os.path.normpath(m[1]) in files, str(e)
         return step
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
-@given(doc=policies, abi=st.integers(0, 7))
+@given(doc=policies, abi=st.integers(0, 7), base=st.none() | policies, workspace=workspaces)
 # network.loopback ranges ("lo-hi", which lint accepts) reached Landlock as
 # strings: sorted() with int ports raised TypeError, int("8000-8002") ValueError
 @example(doc=dict(HEAD, network={"allow": [{"cidr": "10.0.0.0/8", "ports": [443]}],
                                  "loopback": ["8000-8100", 53]},
-                  on_violation={"network": "deny"}), abi=7)
-@example(doc=dict(HEAD, network={"loopback": ["8000-8002"]}, on_violation={"network": "deny"}), abi=7)
-def test_preparation_succeeds_or_refuses_with_an_agentwatch_error(tmp_path, doc, abi):
-    assert prepare(tmp_path, doc, abi) in ("ok", "load", "compile", "plan")
+                  on_violation={"network": "deny"}), abi=7, base=None, workspace="ws")
+@example(doc=dict(HEAD, network={"loopback": ["8000-8002"]}, on_violation={"network": "deny"}), abi=7,
+         base=None, workspace="ws")
+def test_preparation_succeeds_or_refuses_with_an_agentwatch_error(tmp_path, doc, abi, base, workspace):
+    assert prepare(tmp_path, doc, abi, base, workspace) in ("ok", "load", "compile", "plan")
 
 
 def test_the_generator_reaches_the_plan(tmp_path):
@@ -169,8 +187,8 @@ def test_the_generator_reaches_the_plan(tmp_path):
 
     @settings(max_examples=60, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(doc=policies, abi=st.integers(0, 7))
-    def count(doc, abi):
-        reached.append(prepare(tmp_path, doc, abi))
+    @given(doc=policies, abi=st.integers(0, 7), base=st.none() | policies, workspace=workspaces)
+    def count(doc, abi, base, workspace):
+        reached.append(prepare(tmp_path, doc, abi, base, workspace))
     count()
     assert reached.count("ok") >= len(reached) // 3, reached
