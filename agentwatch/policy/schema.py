@@ -15,12 +15,12 @@ import re
 from dataclasses import dataclass, field
 
 from ..core import units
+from ..events import ACTIONS          # the violation actions (the contract in events.py)
 from . import matchers as M
 from .source import Loc, yaml_type
 
 API_VERSION = "agentwatch/v1"
 SENSOR_GROUPS = ("process", "file", "net", "sensitive", "signal")   # = agentwatch.sensors.syscalls.GROUPS
-ACTIONS = ("alert", "deny", "kill")
 SECTIONS = ("filesystem", "network", "process", "syscalls", "resources", "identity")
 PROTOCOLS = ("tcp", "udp", "any")
 
