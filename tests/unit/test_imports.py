@@ -69,5 +69,5 @@ def test_missing_bcc_is_a_clear_error(monkeypatch):
     from agentwatch import sensors
     monkeypatch.setitem(sys.modules, "bcc", None)
     with pytest.raises(KernelFeatureError) as e:
-        sensors._import_bcc()
+        sensors.import_bcc()
     assert "python3-bpfcc" in str(e.value)
