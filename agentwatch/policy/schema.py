@@ -42,7 +42,7 @@ RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.d
          "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
          "resources.wall_time", "identity.name", "identity.signer")
 
-# violation categories (events.py / ARCHITECTURE.md) -> policy section names
+# violation categories (events.CATEGORIES; docs/policy.md "Rules") -> policy section names
 CATEGORY_SECTION = {"filesystem": "filesystem", "network": "network", "process": "process",
                     "syscall": "syscalls", "resource": "resources", "identity": "identity"}
 

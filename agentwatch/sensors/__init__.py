@@ -1,8 +1,8 @@
 """Kernel sensors. bcc is imported here and nowhere else outside this
 package (``import_bcc``; doctor's probes get it from there too;
 tests/unit/test_imports.py checks). The egress and BPF LSM enforcement
-(egress.py, lsm.py) live here today and move to guards/ (ARCHITECTURE.md),
-which will be the other package that may import bcc.
+(egress.py, lsm.py) live here today; when they move to a guards/ package
+(issue #15), that will be the other package that may import bcc.
 
 ``Sensors`` compiles the bpf/*.bpf.c sensors once, fills the syscall spec
 map, attaches exactly the tracepoints of the chosen groups, and hands decoded

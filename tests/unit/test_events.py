@@ -197,9 +197,9 @@ def _made(what):
 
 
 def test_every_violation_category_and_action_is_in_the_contract():
-    """events.CATEGORIES and events.ACTIONS are the contract of
-    ARCHITECTURE.md ("a violation has category one of ..."): every literal
-    the code puts there is one of them, and the policy uses the same words."""
+    """events.CATEGORIES and events.ACTIONS are the contract (a violation's
+    category is one of ..., its action one of ...): every literal the code
+    puts there is one of them, and the policy uses the same words."""
     from agentwatch.policy import schema
     categories, actions = list(_made(0)), list(_made(1))
     assert len(categories) > 20 and len(actions) >= 5          # the scan sees the makers
