@@ -42,6 +42,7 @@ _SCALE = {u: 1024 ** (i + 1) for i, u in enumerate("kmgtp")}
 
 MAX_SECONDS = 100 * 365 * 86400          # 36500d
 MAX_BYTES = 2 ** 63 - 1                  # below 8192P
+_MAX_SECONDS_TEXT, _MAX_BYTES_TEXT = "36500d (100 years)", "2^63 - 1 bytes (below 8192P)"
 DURATION_EXAMPLES = 'a duration like "90s", "30m", "1h30m" or "2.5h", or a number of seconds'
 SIZE_EXAMPLES = ('a size like "512M", "2G" or "1.5GiB" (K, M, G, T, P: powers of 1024), '
                  'or a number of bytes')
@@ -90,18 +91,19 @@ def parse_duration(value):
             ctx.prec = len(value) + 20
             total = (decimal.Decimal(bare) if bare else
                      sum(decimal.Decimal(n) * s for n, s in zip(parts, _SECONDS) if n))
-    return float(_bounded(total, value, MAX_SECONDS, "36500d (100 years)"))
+    return float(_bounded(total, value, MAX_SECONDS, _MAX_SECONDS_TEXT))
 
 
 def parse_size(value):
     """A size (see the module docstring) -> bytes (int)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return _bounded(value, value, MAX_BYTES, "2^63 - 1 bytes (below 8192P)")
+        return _bounded(value, value, MAX_BYTES, _MAX_BYTES_TEXT)
     m = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if m is None:
         raise UnitError(f"expected {SIZE_EXAMPLES}, got {_got(value)}")
     number, unit = m.groups()
     with decimal.localcontext() as ctx:
         ctx.prec = len(value) + 20
-        total = (decimal.Decimal(number) * _SCALE.get((unit or "").lower(), 1)).to_integral_value(decimal.ROUND_CEILING)
-    return int(_bounded(total, value, MAX_BYTES, "2^63 - 1 bytes (below 8192P)"))
+        total = decimal.Decimal(number) * _SCALE.get((unit or "").lower(), 1)
+    total = total.to_integral_value(decimal.ROUND_CEILING)          # a fraction of a byte rounds up
+    return int(_bounded(total, value, MAX_BYTES, _MAX_BYTES_TEXT))

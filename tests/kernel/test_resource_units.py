@@ -46,7 +46,8 @@ def test_hours_and_minutes_and_petabytes_are_the_limits_applied(state_dir, tmp_p
     assert str(1 << 50) in r.stdout.split(), r.stdout        # the kernel holds 1P, as written
     enforcement = identity(state_dir)["enforcement"]
     assert enforcement["wall_time"] == 5400
-    assert enforcement["limits"] == {"memory": "1P"} and enforcement["limits_applied"]["memory"] in ("v1", "v2")
+    assert enforcement["limits"] == {"memory": "1P"}
+    assert enforcement["limits_applied"]["memory"] in ("v1", "v2")
 
 
 def test_a_wall_time_of_several_units_stops_the_agent(state_dir, tmp_path):
@@ -75,7 +76,7 @@ def test_a_bad_value_is_one_error_line(state_dir, tmp_path, resources, message):
     r = aw("run", "--policy", path, "--", "/bin/true")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("agentwatch: error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"agentwatch: error: {path}:4:") and message in errors[0], \
-        r.stderr
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"agentwatch: error: {path}:4:") and message in errors[0], r.stderr
     from agentwatch import state
     assert state.list_runs() == []                           # nothing started

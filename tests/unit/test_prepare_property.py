@@ -53,11 +53,9 @@ labels = st.one_of(st.sampled_from(["a", "xn--bcher-kva", "A-B", "0", "ü"]),
 domains = st.builds(lambda star, ls, tld, dot: star + ".".join(ls + [tld]) + dot,
                     st.sampled_from(["", "*."]), st.lists(labels, min_size=0, max_size=3),
                     st.sampled_from(["test", "invalid", "TEST"]), st.sampled_from(["", "."]))
-net_rules = st.one_of(
-    st.fixed_dictionaries({"cidr": cidrs}, optional={"ports": st.lists(ports, max_size=3),
-                                                      "protocol": st.sampled_from(["tcp", "udp", "any"])}),
-    st.fixed_dictionaries({"domain": domains}, optional={"ports": st.lists(ports, max_size=3),
-                                                          "protocol": st.sampled_from(["tcp", "udp", "any"])}))
+_rule_options = {"ports": st.lists(ports, max_size=3), "protocol": st.sampled_from(["tcp", "udp", "any"])}
+net_rules = st.one_of(st.fixed_dictionaries({"cidr": cidrs}, optional=_rule_options),
+                      st.fixed_dictionaries({"domain": domains}, optional=_rule_options))
 unix_globs = st.one_of(st.sampled_from(["@", "@name*", "@*", "@\u00e9", "/run/*.sock", "**",
                                         "${TMPDIR}/**"]), globs)
 accounts = st.sampled_from([0, "0", "root", "nobody", 65534, 4294967294, "4294967294", "nogroup",

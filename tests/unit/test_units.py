@@ -78,7 +78,8 @@ def test_what_lint_accepts_is_what_the_run_applies(tmp_path):
     plan = make_plan(policy.data, {}, landlock_abi=7, bpf_lsm=False)
     assert plan.wall_time == 5400
     files = Limits._files("memory", plan.limits["memory"])
-    assert files["v2"][0] == ("memory.max", str(1 << 50)) and files["v1"] == [("memory.limit_in_bytes", str(1 << 50))]
+    assert files["v2"][0] == ("memory.max", str(1 << 50))
+    assert files["v1"] == [("memory.limit_in_bytes", str(1 << 50))]
 
 
 # ---------------------------------------------------------------- the JSON Schema says the same
