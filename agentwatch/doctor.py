@@ -4,8 +4,9 @@ Every check tries the feature for real (load a BPF program, call a syscall,
 read a kernel file) instead of trusting kernel config, and never raises: a
 failure becomes ``Check(ok=False)`` with the reason in ``detail``.
 
-Imports without root and without bcc; bcc is imported only inside the BPF
-probes, which report "needs root" when run unprivileged.
+Imports without root and without bcc; bcc is loaded (by
+agentwatch.sensors.import_bcc, the one place that imports it) only inside
+the BPF probes, which report "needs root" when run unprivileged.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+from .errors import KernelFeatureError
+from .sensors import import_bcc
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 TRACEFS = "/sys/kernel/tracing"
@@ -149,9 +153,9 @@ def _bpf(text: str, use):
     if os.geteuid() != 0:
         raise _Fail("needs root")
     try:
-        import bcc
-    except Exception as e:  # noqa: BLE001 - report any import problem
-        raise _Fail(f"needs bcc ({e})") from None
+        bcc = import_bcc()
+    except KernelFeatureError:
+        raise _Fail("needs bcc (see the bcc check)") from None
     b = None
     with _capture_fd2() as chatter:
         try:
@@ -210,10 +214,9 @@ def _probe_tracefs():
 
 def _probe_bcc():
     try:
-        import bcc
-    except Exception as e:  # noqa: BLE001
-        return False, (f"import bcc failed ({e}); install Debian python3-bpfcc and use "
-                       "a venv made with --system-site-packages")
+        bcc = import_bcc()
+    except KernelFeatureError as e:
+        return False, str(e)
     version = getattr(bcc, "__version__", "?")
     return True, f"bcc {version} ({os.path.dirname(bcc.__file__)})"
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields
 from json.encoder import encode_basestring_ascii as _escape
 
 KINDS = ("exec", "fork", "exit", "file", "net", "syscall", "signal", "violation", "lifecycle")
+# a violation's category and action: a contract other tools rely on (docs/policy.md
+# "Rules" lists the categories, "On violation" the actions, which the policy's
+# on_violation takes); tests/unit/test_events.py checks every one the code writes
 CATEGORIES = ("filesystem", "network", "process", "syscall", "resource", "identity", "protocol")
 ACTIONS = ("alert", "deny", "kill")
 

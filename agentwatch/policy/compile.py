@@ -8,7 +8,6 @@ comparisons, file verdicts are cached per (path, access), and nothing here
 does I/O except ``resolve_domains``, which the caller runs when it chooses.
 """
 import functools
-import os
 import socket
 import threading
 import time
@@ -382,46 +381,3 @@ def compile_policy(policy, variables):
         return CompiledPolicy(spec, variables)
     except KeyError as e:
         raise PolicyError(f"policy uses ${{{e.args[0]}}} but no value was given for it") from None
-
-
-# --------------------------------------------------------------- benchmark
-
-_BENCH_PATHS = ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/etc/ld.so.cache", "/home/u/.ssh/id_rsa",
-                "/work/ws/src/main.py", "/work/ws/.env", "/tmp/t/x", "/etc/passwd",
-                "/proc/self/root/etc/shadow", "/usr/share/zoneinfo/UTC", "/var/log/syslog"]
-_BENCH_ADDRS = [("inet", "151.101.0.223", 443), ("inet", "127.0.0.1", 8081),
-                ("inet6", "::ffff:10.1.2.3", 80), ("inet", "8.8.8.8", 53), ("inet6", "2a04:4e42::223", 443)]
-
-
-def _default_bench_policy():
-    here = os.path.dirname(os.path.abspath(__file__))
-    from . import load
-    return load(os.path.join(here, "..", "..", "policies", "coding-agent.yaml"))
-
-
-def bench(n=100_000, policy=None):
-    """Judgements per second for check_file (uncached and cached) and
-    check_connect over a mix of allowed and denied events. ``policy``
-    defaults to policies/coding-agent.yaml of this checkout."""
-    policy = policy or _default_bench_policy()
-    cp = compile_policy(policy, {"WORKSPACE": "/work/ws", "HOME": "/home/u", "TMPDIR": "/tmp"})
-    cp.domain_ips = {"pypi.org": {"151.101.0.223"}, "api.anthropic.com": {"160.79.104.10"}}
-    accesses = [{"read"}, {"write", "create"}]
-    results = {"n": n}
-
-    def timed(label, fn):
-        start = time.perf_counter()
-        for i in range(n):
-            fn(i)
-        results[label] = round(n / (time.perf_counter() - start))
-
-    def file_uncached(i):
-        cp._file_cache.clear()
-        cp.check_file(_BENCH_PATHS[i % len(_BENCH_PATHS)] + str(i % 7), accesses[i & 1])
-
-    timed("check_file_per_s", file_uncached)
-    timed("check_file_cached_per_s",
-          lambda i: cp.check_file(_BENCH_PATHS[i % len(_BENCH_PATHS)], accesses[i & 1]))
-    timed("check_connect_per_s",
-          lambda i: cp.check_connect(*_BENCH_ADDRS[i % len(_BENCH_ADDRS)], "tcp"))
-    return results

@@ -14,12 +14,13 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from ..core import units
+from ..events import ACTIONS          # the violation actions (the contract in events.py)
 from . import matchers as M
 from .source import Loc, yaml_type
 
 API_VERSION = "agentwatch/v1"
 SENSOR_GROUPS = ("process", "file", "net", "sensitive", "signal")   # = agentwatch.sensors.syscalls.GROUPS
-ACTIONS = ("alert", "deny", "kill")
 SECTIONS = ("filesystem", "network", "process", "syscalls", "resources", "identity")
 PROTOCOLS = ("tcp", "udp", "any")
 
@@ -41,18 +42,20 @@ RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.d
          "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
          "resources.wall_time", "identity.name", "identity.signer")
 
-# violation categories (events.py / ARCHITECTURE.md) -> policy section names
+# violation categories (events.CATEGORIES; docs/policy.md "Rules") -> policy section names
 CATEGORY_SECTION = {"filesystem": "filesystem", "network": "network", "process": "process",
                     "syscall": "syscalls", "resource": "resources", "identity": "identity"}
 
 _SIGNER = re.compile(r"ed25519:[0-9a-fA-F]{64}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B|i)?", re.I)
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 # a user or group name as shadow-utils accepts it (no all-digit names: those are ids)
 _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 MAX_ID = 4294967294              # (uid_t)-1 means "unchanged" to the set*id calls
+# what the kernel takes as a limit (sandbox/limits.py writes them; more or
+# less is refused with EINVAL/ERANGE, measured on 6.18):
+MAX_PIDS = 4194304               # PID_MAX_LIMIT, the largest pids.max
+MIN_CPU, MAX_CPU = 0.01, 4096    # a CFS quota of at least 1 ms per 100 ms period
 RUN_AS_KEYS = ("user", "group", "groups")
 PROCESS_KEYS = ("exec", "max_processes", *TOGGLES, "run_as", "host_namespaces")
 
@@ -317,14 +320,26 @@ class _Checker:
             return None
         return value
 
-    def integer(self, value, loc, name, minimum=1):
+    def integer(self, value, loc, name, minimum=1, maximum=None):
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(loc, f"{name}: expected an integer, got {yaml_type(value)}")
             return None
         if value < minimum:
             self.error(loc, f"{name}: must be at least {minimum}, got {value}")
             return None
+        if maximum is not None and value > maximum:
+            self.error(loc, f"{name}: must be at most {maximum}, got {value}")
+            return None
         return value
+
+    def unit(self, parse, value, loc, name):
+        """A duration or size parsed by agentwatch.core.units, the parser the
+        sandbox applies it with; None (reported) when it is not one."""
+        try:
+            return parse(value)
+        except units.UnitError as e:
+            self.error(loc, f"{name}: {e}")
+            return None
 
     def items(self, value, loc, name, what):
         """(index, item, loc) of a list; reports a non-list and exact
@@ -648,7 +663,7 @@ def _process(ck, value, loc, spec):
                 rules = [_exec_entry(ck, item, iloc, f"process.exec[{i}]") for i, item, iloc in triples]
                 proc.exec = tuple(r for r in rules if r is not None)
         elif key == "max_processes":
-            proc.max_processes = ck.integer(v, vloc, "process.max_processes")
+            proc.max_processes = ck.integer(v, vloc, "process.max_processes", maximum=MAX_PIDS)
         elif key == "run_as":
             proc.run_as = _run_as(ck, v, vloc)
         elif key == "host_namespaces":
@@ -703,34 +718,6 @@ def _syscalls(ck, value, loc, spec):
     spec.syscalls = tuple(good)
 
 
-def parse_memory(value):
-    """'2G', '512Mi', 1073741824 -> bytes, or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    m = _MEMORY.fullmatch(value.strip()) if isinstance(value, str) else None
-    if not m:
-        return None
-    scale = 1024 ** "KMGTP".index(m.group(2).upper()) * 1024 if m.group(2) else 1
-    size = int(float(m.group(1)) * scale)
-    return size if size > 0 else None
-
-
-def parse_duration(value):
-    """'30m', '1h30m', 90 -> seconds, or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if value > 0 else None
-    m = _DURATION.fullmatch(value.strip()) if isinstance(value, str) and value.strip() else None
-    if not m:
-        return None
-    d, h, mi, s = (int(x or 0) for x in m.groups())
-    total = ((d * 24 + h) * 60 + mi) * 60 + s
-    return float(total) if total > 0 else None
-
-
 def _resources(ck, value, loc, spec):
     keys = ("memory", "cpu", "pids", "wall_time")
     m = ck.mapping(value, loc, "resources", keys)
@@ -740,21 +727,18 @@ def _resources(ck, value, loc, spec):
     for key, v, vloc in ck.entries(m, keys):
         res.written[key] = v
         if key == "memory":
-            res.memory = parse_memory(v)
-            if res.memory is None:
-                ck.error(vloc, f"resources.memory: expected a size like \"2G\" or \"512M\", got {v!r}")
+            res.memory = ck.unit(units.parse_size, v, vloc, "resources.memory")
         elif key == "cpu":
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4096
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and MIN_CPU <= v <= MAX_CPU
             if not ok:
                 got = repr(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else yaml_type(v)
-                ck.error(vloc, f"resources.cpu: expected a number of CPUs like 1.5 (0-4096], got {got}")
+                ck.error(vloc, f"resources.cpu: expected a number of CPUs like 1.5 "
+                               f"({MIN_CPU}-{MAX_CPU}), got {got}")
             res.cpu = float(v) if ok else None
         elif key == "pids":
-            res.pids = ck.integer(v, vloc, "resources.pids")
+            res.pids = ck.integer(v, vloc, "resources.pids", maximum=MAX_PIDS)
         else:
-            res.wall_time = parse_duration(v)
-            if res.wall_time is None:
-                ck.error(vloc, f"resources.wall_time: expected a duration like \"30m\" or \"1h30m\", got {v!r}")
+            res.wall_time = ck.unit(units.parse_duration, v, vloc, "resources.wall_time")
 
 
 def _on_violation(ck, value, loc, spec):

@@ -2,27 +2,12 @@
 has them, else the cgroup v1 hierarchies of hybrid hosts (the CI host has
 cpu, memory and pids only as v1), else nothing (and the plan says so).
 
-wall_time is enforced by the runner (it stops the agent tree)."""
+Sizes are parsed by agentwatch.core.units, the parser the policy validator
+uses. wall_time is enforced by the runner (it stops the agent tree)."""
 import os
-import re
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(v):
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(v).lower())
-    if not m:
-        raise ValueError(f"not a size: {v!r} (use e.g. 512M or 2G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def parse_seconds(v):
-    if isinstance(v, (int, float)):
-        return float(v)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*", str(v).lower())
-    if not m:
-        raise ValueError(f"not a duration: {v!r} (use e.g. 90s, 30m, 2h)")
-    return float(m.group(1)) * {"s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
+from ..core.units import parse_size
+from ..errors import LaunchError
 
 
 def v1_mounts(mounts="/proc/mounts"):
@@ -36,6 +21,19 @@ def v1_mounts(mounts="/proc/mounts"):
                     if opt in ("cpu", "memory", "pids"):
                         out[opt] = parts[1]
     return out
+
+
+def _write(ctl, val, directory, files):
+    """Write a limit's files; a value the kernel refuses is a LaunchError
+    naming it (the caller removes what was made)."""
+    for name, content in files:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "w") as f:
+                f.write(content)
+        except OSError as e:
+            raise LaunchError(f"agent not started: the kernel refused the {ctl} limit {val!r} "
+                              f"(writing {content!r} to {path}: {e.strerror})") from None
 
 
 class Limits:
@@ -65,17 +63,13 @@ class Limits:
         for ctl, val in self.want.items():
             files = self._files(ctl, val)
             if self._v2_has(ctl):
-                for name, content in files["v2"]:
-                    with open(os.path.join(self.v2_path, name), "w") as f:
-                        f.write(content)
+                _write(ctl, val, self.v2_path, files["v2"])
                 self.applied[ctl] = "v2"
             elif ctl in v1:
                 d = os.path.join(v1[ctl], "agentwatch", self.run_id)
                 os.makedirs(d, exist_ok=True)
                 self.dirs.append(d)
-                for name, content in files["v1"]:
-                    with open(os.path.join(d, name), "w") as f:
-                        f.write(content)
+                _write(ctl, val, d, files["v1"])
                 self.applied[ctl] = "v1"
             else:
                 self.missing.append(ctl)
@@ -86,7 +80,7 @@ class Limits:
             n = str(int(val))
             return {"v2": [("pids.max", n)], "v1": [("pids.max", n)]}
         if ctl == "memory":
-            b = str(parse_bytes(val))
+            b = str(parse_size(val))
             return {"v2": [("memory.max", b), ("memory.swap.max", "0")],
                     "v1": [("memory.limit_in_bytes", b)]}
         period = 100000

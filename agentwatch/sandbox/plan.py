@@ -271,7 +271,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                 if lo is None:
                     any_port = True
                 else:
-                    ports.update(range(lo, min(hi, lo + 64) + 1))
+                    ports.update(_landlock_ports(lo, hi))
         loop = net.get("loopback", False)
         p.egress = EgressRules(allow=allow, loopback=loop, deny_unix=net.get("unix", False) is False)
         if p.lsm is not None:   # also where the kernel has no cgroup unix hooks (before 6.7)
@@ -279,7 +279,9 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         if rules is None:
             rules = landlock.LandlockRules(read=["/"], write=["/"], exec=["/"])
         if loop is not True and not any_port:
-            loop_ports = set(loop) if isinstance(loop, list) else set()
+            # entries are ports or "lo-hi" ranges, as in network.allow
+            loop_ports = {port for x in (loop if isinstance(loop, list) else ())
+                          for port in _landlock_ports(*_port_range(x))}
             rules.tcp_connect = sorted(ports | loop_ports)
         rules.scope_abstract_unix = net.get("unix", False) is False
         if net.get("unix") not in (True, False):
@@ -333,8 +335,8 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
     if proc.get("max_processes") and "pids" not in p.limits:
         p.limits["pids"] = proc["max_processes"]
     if res.get("wall_time"):
-        from .limits import parse_seconds
-        p.wall_time = parse_seconds(res["wall_time"])
+        from ..core.units import parse_duration
+        p.wall_time = parse_duration(res["wall_time"])
     if p.landlock or p.seccomp or p.egress:
         p.path = PATH_BPF_LSM if p.lsm else PATH_FALLBACK
         _namespaces(p, fs, shared, ns_missing, variables)
@@ -450,6 +452,12 @@ def _under(path, top):
 
 def _under_any(path, tops):
     return any(_under(path, os.path.realpath(t)) for t in tops)
+
+
+def _landlock_ports(lo, hi):
+    """The ports of a range that get a Landlock TCP rule (one rule per port;
+    at most 65 of a range)."""
+    return range(lo, min(hi, lo + 64) + 1)
 
 
 def _port_range(v):

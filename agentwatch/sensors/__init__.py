@@ -1,4 +1,8 @@
-"""Kernel sensors: the only place that imports bcc.
+"""Kernel sensors. bcc is imported here and nowhere else outside this
+package (``import_bcc``; doctor's probes get it from there too;
+tests/unit/test_imports.py checks). The egress and BPF LSM enforcement
+(egress.py, lsm.py) live here today; when they move to a guards/ package
+(issue #15), that will be the other package that may import bcc.
 
 ``Sensors`` compiles the bpf/*.bpf.c sensors once, fills the syscall spec
 map, attaches exactly the tracepoints of the chosen groups, and hands decoded
@@ -118,10 +122,11 @@ def feature_cflags():
     return flags
 
 
-def _import_bcc():
+def import_bcc():
+    """The bcc module, or a KernelFeatureError saying how to get it."""
     try:
         import bcc
-    except ImportError as e:
+    except (ImportError, OSError) as e:       # OSError: libbcc.so missing or broken
         raise KernelFeatureError(
             "bcc is not importable (Debian/Ubuntu package python3-bpfcc); run the set-up "
             "command from README.md, or use a venv made with --system-site-packages. "
@@ -140,7 +145,7 @@ def compile_bpf(text, cflags, what):
     unaligned fastbin chunk detected"). LLVM frees most of what it
     allocated to compile, but glibc keeps the freed heap: malloc_trim hands
     it back (~24 MB of RSS per object on this machine kind)."""
-    bcc = _import_bcc()
+    bcc = import_bcc()
     with _COMPILE_LOCK:
         try:
             obj = bcc.BPF(text=text.encode(), cflags=cflags)
@@ -222,7 +227,7 @@ class Sensors:
         if tps:
             with ThreadPoolExecutor(max_workers=min(64, len(tps))) as pool:
                 list(pool.map(self._detach_quietly, tps))
-        lib = _import_bcc().lib
+        lib = import_bcc().lib
         for ring in self._rings:
             if ring.manager:
                 lib.bpf_free_ringbuf(ring.manager)
@@ -356,7 +361,7 @@ class Sensors:
 
     # -- records ------------------------------------------------------------------
     def _open_ring(self, name):
-        bcc = _import_bcc()
+        bcc = import_bcc()
         ring = _Ring(name)
 
         def on_record(_ctx, data, size):
@@ -387,7 +392,7 @@ class Sensors:
     def _read(self, budget):
         """Read each ring (priority first) up to budget records; move the
         watermark to where no ring can still hold an older record."""
-        lib = _import_bcc().lib
+        lib = import_bcc().lib
         marks = []
         for ring in self._rings:
             ring.taken, ring.budget = 0, budget
@@ -421,7 +426,7 @@ class Sensors:
         read at the latest when the wait times out; with a backlog, no wait."""
         if not self.backlog:
             self._rings[0].taken = 0
-            _import_bcc().lib.bpf_poll_ringbuf(self._rings[0].manager, timeout_ms)
+            import_bcc().lib.bpf_poll_ringbuf(self._rings[0].manager, timeout_ms)
         self._read(READ_BATCH)
         self._deliver()
 

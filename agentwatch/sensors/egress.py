@@ -386,8 +386,8 @@ class Egress(DenialStream):
         if os.geteuid() != 0:
             raise PrivilegeError("attaching cgroup BPF programs needs root (CAP_BPF, "
                                  "CAP_NET_ADMIN, CAP_SYS_ADMIN)")
-        from . import _import_bcc, bpf_dir, compile_bpf
-        bcc = _import_bcc()
+        from . import bpf_dir, compile_bpf, import_bcc
+        bcc = import_bcc()
         if self.bpf is None:
             with open(os.path.join(bpf_dir(), "egress.bpf.c")) as f:
                 text = f.read()

@@ -1,7 +1,9 @@
 """agentwatch/events.py: the event schema and its JSON Lines codec."""
+import ast
 import dataclasses
 import errno
 import json
+import os
 
 import pytest
 
@@ -158,3 +160,50 @@ def test_from_dict_rejects_unknown_kinds(d):
 ])
 def test_errno_name(ret, name):
     assert E.errno_name(ret) == name
+
+
+# ---------------------------------------------------------------- the violation vocabulary
+
+# where each maker of a decision or violation takes its category and action
+# (positional index, keyword); None: the maker has no such argument
+_MAKERS = {"Decision": ((0, "category"), (2, "action")), "_decide": ((0, "category"), None),
+           "kernel_denial": ((1, "category"), None), "ViolationEvent": ((None, "category"), (None, "action"))}
+
+
+def _literals(call, where):
+    index, keyword = where
+    args = [call.args[index]] if index is not None and len(call.args) > index else []
+    args += [k.value for k in call.keywords if k.arg == keyword]
+    return [a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+
+
+def _made(what):
+    """(file:line, literal) of every category (what=0) or action (1) the code
+    writes into a Decision or a ViolationEvent."""
+    root = os.path.dirname(E.__file__)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    fn = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                    where = _MAKERS.get(fn, (None, None))[what]
+                    for value in _literals(node, where) if where else ():
+                        yield f"{os.path.relpath(path, root)}:{node.lineno}", value
+
+
+def test_every_violation_category_and_action_is_in_the_contract():
+    """events.CATEGORIES and events.ACTIONS are the contract (a violation's
+    category is one of ..., its action one of ...): every literal the code
+    puts there is one of them, and the policy uses the same words."""
+    from agentwatch.policy import schema
+    categories, actions = list(_made(0)), list(_made(1))
+    assert len(categories) > 20 and len(actions) >= 5          # the scan sees the makers
+    assert [c for c in categories if c[1] not in E.CATEGORIES] == []
+    assert [a for a in actions if a[1] not in E.ACTIONS] == []
+    assert schema.ACTIONS is E.ACTIONS
+    assert set(schema.CATEGORY_SECTION) <= set(E.CATEGORIES)

@@ -1,5 +1,9 @@
 """Every module imports on its own in a fresh interpreter (no circular
-imports), and none needs bcc: bcc is imported only when sensors are opened."""
+imports), and none needs bcc: bcc is imported only when sensors are opened,
+and only by sensors/ (and guards/). Imports point down the layer table
+(LAYERS below): cli -> api -> harness/daemon -> run -> integrity -> engine ->
+sandbox/guards/sensors -> policy -> core."""
+import ast
 import os
 import subprocess
 import sys
@@ -69,5 +73,120 @@ def test_missing_bcc_is_a_clear_error(monkeypatch):
     from agentwatch import sensors
     monkeypatch.setitem(sys.modules, "bcc", None)
     with pytest.raises(KernelFeatureError) as e:
-        sensors._import_bcc()
+        sensors.import_bcc()
     assert "python3-bpfcc" in str(e.value)
+
+
+# ---------------------------------------------------------------- the layer table
+
+# From the top down: a module may import its own layer and the layers below
+# it, never one above (README "Architecture"; issue #15). Each layer lists
+# the module prefixes it holds today; the longest prefix wins.
+LAYERS = [
+    ("cli", ["cli"]),
+    # doctor: the `agentwatch doctor` probes; the target puts them behind api.py
+    ("api", ["agentwatch.api", "agentwatch.doctor"]),
+    ("harness/daemon", ["agentwatch.harness", "agentwatch.daemon"]),
+    # runner.py becomes the run/ package; follow.py (tail: reads what a run
+    # writes to its log) moves behind api.py, over the engine's event bus
+    ("run", ["agentwatch.run", "agentwatch.runner", "agentwatch.follow"]),
+    # integrity.py (keys, signatures, log chain) becomes the integrity/ package, here
+    ("integrity", ["agentwatch.integrity"]),
+    # sinks/ (run log, console) become the engine's reporter and run/'s log
+    ("engine", ["agentwatch.engine", "agentwatch.sinks"]),
+    # sensors/egress.py and sensors/lsm.py (enforcement) move to guards/
+    ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors"]),
+    ("policy", ["agentwatch.policy"]),
+    # errors.py and events.py move into core/; state.py (the state directory
+    # layout) imports nothing of agentwatch and stays at the bottom
+    ("core", ["agentwatch.core", "agentwatch.errors", "agentwatch.events", "agentwatch.state",
+              "agentwatch"]),
+]
+RANK = {name: len(LAYERS) - i for i, (name, _) in enumerate(LAYERS)}     # higher = nearer the top
+
+# (importer, imported): upward imports that exist today, each with why; the
+# reshaping of issue #15 removes them, and a test fails when one is gone
+# from the code but still listed here. Add none.
+KNOWN_UPWARD = {}
+
+
+def layer(module):
+    best = max((p for _, prefixes in LAYERS for p in prefixes
+                if module == p or module.startswith(p + ".")), key=len, default=None)
+    return next((name for name, prefixes in LAYERS if best in prefixes), None)
+
+
+def _path(module):
+    rel = module.replace(".", os.sep)
+    pkg = os.path.join(REPO, rel, "__init__.py")
+    return pkg if os.path.exists(pkg) else os.path.join(REPO, rel + ".py")
+
+
+def imports(module):
+    """(imported module, line) of every import of agentwatch or cli in
+    module, at module level or inside a function (a lazy import is an import)."""
+    path = _path(module)
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [(target, a.name) for a in node.names]
+        else:
+            continue
+        for target, name in names:
+            if target.split(".")[0] not in ("agentwatch", "cli"):
+                continue
+            # `from pkg import mod` imports the module pkg.mod
+            yield (f"{target}.{name}" if name and f"{target}.{name}" in MODULES else target), node.lineno
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in MODULES if layer(m) is None] == []
+
+
+def test_imports_point_down_the_layer_table():
+    upward = []
+    for module in MODULES:
+        for target, line in imports(module):
+            if RANK[layer(target)] > RANK[layer(module)] and (module, target) not in KNOWN_UPWARD:
+                upward.append(f"{os.path.relpath(_path(module), REPO)}:{line}: {module} ({layer(module)}) "
+                              f"imports {target} ({layer(target)})")
+    assert upward == [], "imports pointing up the layer table:\n" + "\n".join(upward)
+
+
+def test_known_upward_imports_still_exist():
+    """So the exception list shrinks as the tree is reshaped."""
+    found = {(m, t) for m in MODULES for t, _ in imports(m)}
+    assert [pair for pair in KNOWN_UPWARD if pair not in found] == []
+
+
+def test_layer_check_sees_lazy_and_relative_imports():
+    """The scan finds what the rule is about: a function-level relative
+    import (runner's `from .sandbox.plan import make_plan`), a relative
+    `from . import submodule` (plan's landlock), an absolute import in cli/."""
+    assert ("agentwatch.sandbox.plan" in {t for t, _ in imports("agentwatch.runner")})
+    assert ("agentwatch.sandbox.landlock" in {t for t, _ in imports("agentwatch.sandbox.plan")})
+    assert any(t.startswith("agentwatch.") for t, _ in imports("cli.run"))
+    assert RANK["cli"] > RANK["run"] > RANK["engine"] > RANK["sandbox/guards/sensors"] > RANK["core"]
+
+
+def test_only_sensors_and_guards_import_bcc():
+    """Everything else imports without bcc (and without root); doctor's
+    probes get it from agentwatch.sensors.import_bcc."""
+    found = []
+    for module in MODULES:
+        if module.startswith(("agentwatch.sensors", "agentwatch.guards")):
+            continue
+        with open(_path(module)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n and n.split(".")[0] == "bcc" for n in names):
+                found.append(f"{module}:{node.lineno}")
+    assert found == []

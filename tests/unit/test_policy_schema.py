@@ -94,19 +94,6 @@ def test_sensor_groups_are_derived_from_the_rules(tmp_path, body, groups):
     assert load(write(tmp_path, HEAD + body)).sensors == groups
 
 
-@pytest.mark.parametrize("value, expected", [("2G", 2 << 30), ("512Mi", 512 << 20), ("1.5K", 1536),
-                                             ("100", 100), (4096, 4096), ("1GiB", 1 << 30),
-                                             ("0", None), ("2X", None), (True, None), ("", None)])
-def test_parse_memory(value, expected):
-    assert S.parse_memory(value) == expected
-
-
-@pytest.mark.parametrize("value, expected", [("30m", 1800), ("1h30m", 5400), ("2d", 172800), ("45s", 45),
-                                             (90, 90), ("", None), ("0s", None), ("5x", None), (False, None)])
-def test_parse_duration(value, expected):
-    assert S.parse_duration(value) == expected
-
-
 # ---------------------------------------------------------------- problems and where they are
 
 @pytest.mark.parametrize("body, expected", [
@@ -130,6 +117,16 @@ def test_parse_duration(value, expected):
     ("identity: {name: 'a[b'}\n", "unbalanced '['"),
     ("monitor: [proc]\n", "unknown sensor group 'proc' (did you mean 'process'?)"),
     ("resources: {cpu: 0}\n", "resources.cpu: expected a number of CPUs"),
+    # durations and sizes: agentwatch.core.units (tests/unit/test_units.py has the grammar)
+    ("resources: {wall_time: 1h 30m}\n", "5:24: resources.wall_time: expected a duration like"),
+    ("resources: {wall_time: 0s}\n", "5:24: resources.wall_time: must be more than zero"),
+    ("resources: {wall_time: 36501d}\n", "resources.wall_time: must be at most 36500d"),
+    ("resources: {memory: 2X}\n", "5:21: resources.memory: expected a size like"),
+    ("resources: {memory: 8192P}\n", "resources.memory: must be at most 2^63 - 1 bytes"),
+    # limits the kernel would refuse (EINVAL, ERANGE) when the run applies them
+    ("resources: {cpu: 0.001}\n", "5:18: resources.cpu: expected a number of CPUs like 1.5 (0.01-4096), got 0.001"),
+    ("resources: {pids: 1000000000000000000000000000000}\n", "5:19: resources.pids: must be at most 4194304"),
+    ("process: {max_processes: 4194305}\n", "5:26: process.max_processes: must be at most 4194304"),
     ("filesystem: {read: [/a, /a]}\n", "warning: filesystem.read: duplicate entry '/a' (already at line 5)"),
 ])
 def test_each_problem_is_reported_where_it_is(tmp_path, body, expected):
@@ -380,6 +377,9 @@ def test_json_schema_lists_the_same_keys_as_the_validator():
     assert set(props["on_violation"]["properties"]["rules"]["properties"]) == set(S.RULES)
     assert props["monitor"]["items"]["enum"] == list(S.SENSOR_GROUPS)
     assert _schema()["$defs"]["action"]["enum"] == list(S.ACTIONS)
+    res = props["resources"]["properties"]
+    assert (res["cpu"]["minimum"], res["cpu"]["maximum"]) == (S.MIN_CPU, S.MAX_CPU)
+    assert res["pids"]["maximum"] == props["process"]["properties"]["max_processes"]["maximum"] == S.MAX_PIDS
 
 
 def test_sensor_groups_match_the_sensors():
