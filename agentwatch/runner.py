@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from . import integrity, state
 from .engine import Correlator, RunContext
+from .engine.bus import EventBus
 from .engine.judge import Judge
 from .errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyError, PrivilegeError,
                      UsageError)
@@ -221,6 +222,7 @@ class Run:
         self.stop_deadline = None
         self._last_lost = 0
         self.chain = integrity.Chain(self.run_id)
+        self.bus = EventBus()            # every logged event, for other layers (engine/bus.py)
         self.judge = None
         self.killed_for = None
         self.egress = None
@@ -381,6 +383,8 @@ class Run:
         self.chain.advance(line)
         for s in self.sinks:
             s.write(ev, line)
+        if self.bus.subscribers:         # nobody subscribed: nothing to do (the common case)
+            self.bus.publish(ev)
 
     def _on_event(self, ev):
         """Every event the correlator attributes to this run: log it, judge it."""
@@ -863,6 +867,7 @@ class Run:
                                 "decode_errors": stats["decode_errors"],
                                 "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},
                                 "killed_in_kernel": stats["killed_in_kernel"],
+                                "bus": self.bus.counters(),
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
         counts = {"events": self.ctx.events, "lost": lost,
                   "violations": verdict["violations"] if verdict else 0}
@@ -905,6 +910,7 @@ class Run:
                 self.cgroup.kill()
             if self.child is not None:
                 self.child.close()
+            self.bus.close()
             for g in self._guards():   # only once the agent tree is dead
                 if self.own_monitor:
                     g.close()

@@ -26,6 +26,7 @@ from agentwatch.engine import Correlator, RunContext  # noqa: E402
 from agentwatch.engine.judge import Judge  # noqa: E402
 from agentwatch.policy import load as load_policy  # noqa: E402
 from agentwatch.policy.compile import compile_policy  # noqa: E402
+from agentwatch.engine.bus import EventBus  # noqa: E402
 from agentwatch.runner import Run  # noqa: E402
 from agentwatch.sensors import Sensors, _Ring  # noqa: E402
 from agentwatch.sensors import records as R  # noqa: E402
@@ -57,6 +58,7 @@ run.run_id = "20260101-000000-abcdef"
 run.chain = integrity.Chain(run.run_id)
 run.sinks = [JsonlSink(os.path.join(tmp, "events.jsonl"))]
 run.lsm = None          # no BPF LSM guard: the Landlock path, as on the CI host
+run.bus = EventBus()    # no subscriber, as in a run nobody follows through the API
 ctx = RunContext(run_id=run.run_id, agent="bench", cgroup_id=CG, cwd=tmp, emit=run._on_event)
 run.ctx = ctx
 run.judge = Judge(compiled, corr, ctx, run._emit, watched_files=[("identity.policy_write", pol.path)])
