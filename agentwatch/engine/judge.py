@@ -19,6 +19,7 @@ from collections import Counter
 from ..events import ViolationEvent
 from ..policy.compile import Decision
 from ..policy.matchers import normalize
+from ..policy.schema import CATEGORY_SECTION
 from ..sensors.records import PREFIX_LEN
 
 REPEAT_FLUSH_S = 5.0
@@ -195,6 +196,9 @@ def _read_counter(path, key):
     except (OSError, ValueError):
         pass
     return None
+
+
+_CATEGORY_OF = {section: category for category, section in CATEGORY_SECTION.items()}
 
 
 class Judge:
@@ -434,9 +438,13 @@ class Judge:
         if ev.op == "socket":
             # judged here even when refused: a capability check or the cgroup
             # BPF program may have said no (kernel_denial leaves raw sockets to us)
-            d = self.policy.check_socket(ev.family, ev.sock_type)
-            self._decide(ev, d, f"{ev.family}/{ev.sock_type}", {"family": ev.family,
-                                                                 "type": ev.sock_type})
+            d = self.policy.check_socket(ev.family, ev.sock_type, ev.protocol)
+            evidence = {"family": ev.family, "type": ev.sock_type}
+            target = f"{ev.family}/{ev.sock_type}"
+            if ev.family == "netlink":
+                evidence["protocol"] = ev.protocol
+                target += f"/{ev.protocol}"
+            self._decide(ev, d, target, evidence)
             return
         if self.egress_enforced and ev.error == "EPERM" and ev.family in ("inet", "inet6"):
             return
@@ -541,10 +549,17 @@ class Judge:
         list, the mount family) is syscalls.deny, or the toggle it belongs
         to. The kernel refused it, so the action is deny unless the rule says
         kill (then the agent is stopped as the policy asks)."""
-        from ..sandbox.seccomp_filter import toggle_of
+        from ..sandbox.seccomp_filter import BY_ARGUMENT, toggle_of
         if self.seccomp_denied is not None and ev.name not in self.seccomp_denied:
             return   # a shared monitor watches it for another run's filter: not ours
         d = self.policy.check_syscall(ev.name)
+        if d is None and ev.name in BY_ARGUMENT:
+            # refused for its arguments (a socket family, a terminal ioctl), which
+            # the filter compared and nobody else saw: the rule says which kind
+            rule, why = BY_ARGUMENT[ev.name]
+            category = _CATEGORY_OF[rule.split(".", 1)[0]]
+            d = Decision(category=category, rule=rule, reason=f"{ev.name}: {why}", pattern=None,
+                         action=self.policy.action_for(category, rule))
         if d is None:
             toggle = toggle_of(ev.name)
             proc = getattr(self.policy.spec, "process", None)

@@ -186,13 +186,23 @@ def syscall_number(name):
 
 _DENIED_WHY = ("refused by the run's seccomp filter (EPERM): its exit tracepoint alone "
                "reports each refusal (seccomp runs before sys_enter)")
+_BY_ARG_WHY = ("refused by the run's seccomp filter for some arguments only (EPERM): the "
+               "entry probe stashes every call it lets through, so an exit with EPERM and no "
+               "entry is a refusal and an ordinary EPERM is not")
 
 
 def specs_for(groups, denied=()):
     """The specs of `groups` (and "process"), plus one for every syscall in
     `denied`, the names the run's seccomp filter refuses with EPERM: a watched
     one is marked so its refused calls are reported, any other gets its exit
-    tracepoint alone (group "seccomp"), so the attached set follows the filter."""
+    tracepoint alone (group "seccomp"), so the attached set follows the filter.
+    A syscall the filter refuses only for some arguments (socket by family,
+    ioctl by request: seccomp_filter.CONDITIONAL) gets its entry tracepoint
+    too, stash only: the calls the filter lets through then have an entry,
+    and one of them failing with EPERM for its own reasons is not reported
+    as a refusal. That costs two tracepoints (ioctl is the one called often:
+    see README "Known limits")."""
+    from ..sandbox.seccomp_filter import CONDITIONAL
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown sensor group(s): {', '.join(sorted(unknown))}; "
@@ -204,7 +214,10 @@ def specs_for(groups, denied=()):
             out[at[name]] = replace(out[at[name]], denied=True)
         else:
             base = BY_NAME.get(name) or Spec(name=name, group="seccomp", op=name, why=_DENIED_WHY)
-            out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))
+            if name in CONDITIONAL:
+                out.append(replace(base, emit=False, enter=True, denied=True, why=_BY_ARG_WHY))
+            else:
+                out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))
     return out
 
 

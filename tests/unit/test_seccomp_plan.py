@@ -41,7 +41,8 @@ def test_default_policy_denies_every_group_but_change_uid():
 
 
 def test_toggles_remove_their_group():
-    everything = {t: True for t in GROUPS} | {"personality": True, "memfd_exec": True}
+    everything = {t: True for t in GROUPS} | {"personality": True, "memfd_exec": True,
+                                              "terminal": True, "prio_user": True}
     rules = plan(SeccompPolicy(other=(), **everything))
     assert list(rules) == []
     rules = plan(SeccompPolicy(other=(), **(everything | {"change_uid": False})))
@@ -190,10 +191,12 @@ def test_toggle_of():
 @pytest.mark.parametrize("ov, kills", [
     ({"default": "deny"}, set()),
     ({"process": "kill"}, {"ptrace", "change_uid", "namespaces", "mount", "bpf", "modules",
-                           "io_uring", "memfd_exec"}),
+                           "io_uring", "memfd_exec", "terminal"}),
     ({"default": "deny", "rules": {"process.ptrace": "kill"}}, {"ptrace"}),
     ({"syscalls": "kill", "rules": {"process.bpf": "kill"}},
-     {"keyring", "personality", "other", "deny", "bpf"}),
+     {"keyring", "personality", "other", "deny", "prio_user", "bpf"}),
+    ({"network": "kill"}, {"socket"}),
+    ({"rules": {"process.terminal": "kill"}}, {"terminal"}),
 ])
 def test_the_policy_chooses_kill_or_errno_per_rule(ov, kills):
     from agentwatch.sandbox.plan import seccomp_actions
