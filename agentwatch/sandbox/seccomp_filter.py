@@ -483,10 +483,15 @@ def describe(p: SeccompPolicy) -> list[str]:
         lines.append("  setpriority(PRIO_USER), ioprio_set(IOPRIO_WHO_USER) refused (they reach "
                      "every process of a uid on the host)")
     if p.socket_families is not None:
-        fams = sorted(p.socket_families)
-        netlink = (f"; netlink protocols {', '.join(map(str, sorted(p.netlink_protocols)))} only"
-                   if AF_NETLINK in fams else "")
-        lines.append(f"  socket, socketpair: only families {', '.join(map(str, fams))}{netlink}")
+        from ..policy.schema import NETLINK_PROTOCOLS, SOCKET_FAMILIES
+        fam_name = {n: f for f, n in SOCKET_FAMILIES.items()} | {AF_NETLINK: "netlink"}
+        proto_name = {n: f for f, n in NETLINK_PROTOCOLS.items()}
+        fams = [fam_name.get(f, str(f)) for f in sorted(p.socket_families)]
+        protos = [proto_name.get(n, str(n)) for n in sorted(p.netlink_protocols)]
+        netlink = (f" (netlink: {', '.join(protos)} only)" if AF_NETLINK in p.socket_families
+                   and len(protos) < NETLINK_MAX_LINKS else "")
+        lines.append(f"  socket, socketpair: only {', '.join(fams)}{netlink}; other families "
+                     "refused (compared on the low 32 bits)")
     other = [n for n in p.other if n in present]
     if other:
         lines.append(f"  always denied: {', '.join(other)}")
