@@ -227,3 +227,165 @@ def test_extra_deny():
 def test_unknown_name_is_refused_before_loading():
     with pytest.raises(ValueError, match="nosuchcall"):
         sf.build(SeccompPolicy(deny=["getcwd", "nosuchcall"]))
+
+
+# ---------------------------------------------------------------- issue #14: sockets, terminals, *_USER
+
+TIOCSTI = 0x5412
+AF_VSOCK, AF_PACKET, AF_NETLINK = 40, 17, 16
+NETLINK_ROUTE, NETLINK_USERSOCK, NETLINK_SOCK_DIAG = 0, 2, 4
+SOCK_PACKET = 10
+PRIO_PROCESS, PRIO_USER, IOPRIO_WHO_USER = 0, 2, 3
+NO_SUCH_UID = 4000123        # no process has it: unfiltered, the *_USER calls say ESRCH
+SOCKETS = SeccompPolicy(socket_families=(1, 2, 10, 16))   # what plan.py gives a network section
+
+
+def make_socket(family, kind, proto=0):
+    fd = sc("socket", family, kind, proto)
+    if fd >= 0:
+        os.close(fd)
+        return "fd"
+    return fd
+
+
+def tiocsti(high=0, byte=b"x"):
+    """TIOCSTI on a fresh pty's slave (the child is root: no controlling
+    terminal needed); the byte is read back from the slave, raw and
+    non-blocking, to see whether it was queued. (result, what was queued)."""
+    master, slave = os.openpty()
+    try:
+        c = ctypes.create_string_buffer(byte)
+        return sc("ioctl", slave, high | TIOCSTI, ctypes.addressof(c)), input_queued(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def input_queued(fd):
+    """What a terminal's input queue holds, read without blocking. Raw mode
+    first (TCSANOW: TCSAFLUSH would discard it), so a partial line counts."""
+    import termios
+    import tty
+    tty.setraw(fd, termios.TCSANOW)
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
+
+
+def rtm_getaddr():
+    """An RTM_GETADDR dump over NETLINK_ROUTE (what getaddrinfo's AI_ADDRCONFIG
+    and getifaddrs do): the number of RTM_NEWADDR messages (lo has one)."""
+    import socket
+    import struct
+    RTM_NEWADDR, RTM_GETADDR, NLM_F_REQUEST, NLM_F_DUMP, NLMSG_DONE = 20, 22, 1, 0x300, 3
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    try:
+        s.bind((0, 0))
+        s.send(struct.pack("=IHHII", 16 + 8, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+               + struct.pack("=BBBBI", 0, 0, 0, 0, 0))
+        n = 0
+        while True:
+            data = s.recv(65536)
+            off = 0
+            while off < len(data):
+                length, kind = struct.unpack_from("=IH", data, off)
+                if kind == NLMSG_DONE:
+                    return n
+                n += kind == RTM_NEWADDR
+                off += (length + 3) & ~3
+    finally:
+        s.close()
+
+
+def addrconfig_lookup():
+    import socket
+    return len(socket.getaddrinfo("localhost", 80, flags=socket.AI_ADDRCONFIG)) > 0
+
+
+def socketpair(family):
+    fds = (ctypes.c_int * 2)()
+    ret = sc("socketpair", family, 1, 0, ctypes.addressof(fds))
+    if ret == 0:
+        os.close(fds[0])
+        os.close(fds[1])
+        return "pair"
+    return ret
+
+
+IOPRIO_BE4 = (2 << 13) | 4
+REFUSED = {
+    "socket(AF_VSOCK)": (lambda: make_socket(AF_VSOCK, 1), -errno.EPERM),
+    "socket(AF_VSOCK | 1 << 32)": (lambda: make_socket((1 << 32) | AF_VSOCK, 1), -errno.EPERM),
+    "socket(AF_PACKET, SOCK_RAW)": (lambda: make_socket(AF_PACKET, 3), -errno.EPERM),
+    "socket(AF_INET, SOCK_PACKET)": (lambda: make_socket(2, SOCK_PACKET, 0x0300), -errno.EPERM),
+    "socket(AF_NETLINK, NETLINK_USERSOCK)": (lambda: make_socket(AF_NETLINK, 3, NETLINK_USERSOCK),
+                                             -errno.EPERM),
+    "socket(AF_NETLINK, NETLINK_SOCK_DIAG)": (lambda: make_socket(AF_NETLINK, 3, NETLINK_SOCK_DIAG),
+                                              -errno.EPERM),
+    "socket(AF_NETLINK, USERSOCK | 1 << 32)":
+        (lambda: make_socket(AF_NETLINK, 3, (1 << 32) | NETLINK_USERSOCK), -errno.EPERM),
+    "socketpair(AF_VSOCK)": (lambda: socketpair(AF_VSOCK), -errno.EPERM),
+    "ioctl(TIOCSTI)": (lambda: tiocsti(), (-errno.EPERM, b"")),
+    "ioctl(TIOCSTI | 1 << 32)": (lambda: tiocsti(1 << 32), (-errno.EPERM, b"")),
+    "setpriority(PRIO_USER)": (lambda: sc("setpriority", PRIO_USER, NO_SUCH_UID, 19), -errno.EPERM),
+    "ioprio_set(IOPRIO_WHO_USER)": (lambda: sc("ioprio_set", IOPRIO_WHO_USER, NO_SUCH_UID, IOPRIO_BE4),
+                                    -errno.EPERM),
+}
+
+LET_THROUGH = {
+    "socket(AF_UNIX)": (lambda: make_socket(1, 1), "fd"),
+    "socket(AF_INET, SOCK_STREAM)": (lambda: make_socket(2, 1), "fd"),
+    "socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC)": (lambda: make_socket(10, 2 | 0o2000000), "fd"),
+    "socketpair(AF_UNIX)": (lambda: socketpair(1), "pair"),
+    "RTM_GETADDR dump over NETLINK_ROUTE": (lambda: rtm_getaddr() >= 1, True),
+    "getaddrinfo(AI_ADDRCONFIG)": (addrconfig_lookup, True),
+    "ioctl(TIOCGWINSZ) on a pty": (lambda: _winsz(), 0),
+    "setpriority(PRIO_PROCESS, self)": (lambda: sc("setpriority", PRIO_PROCESS, 0, 0), 0),
+}
+
+
+def _winsz():
+    import termios
+    master, slave = os.openpty()
+    buf = ctypes.create_string_buffer(8)
+    try:
+        return sc("ioctl", slave, termios.TIOCGWINSZ, ctypes.addressof(buf))
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_sockets_terminals_and_user_wide_calls_are_refused(name):
+    call, expected = REFUSED[name]
+    assert in_child(None, call).value != expected, "unfiltered, the kernel already gives that result"
+    assert in_child(SOCKETS, call) == Outcome(expected, 0, 0)
+
+
+def test_unfiltered_tiocsti_is_queued():
+    """The control for the read-back: without the filter the byte is queued."""
+    assert in_child(None, tiocsti) == Outcome((0, b"x"), 0, 0)
+
+
+@pytest.mark.parametrize("name", LET_THROUGH)
+def test_ordinary_sockets_and_tty_ioctls_still_work(name):
+    call, expected = LET_THROUGH[name]
+    assert in_child(SOCKETS, call) == Outcome(expected, 0, 0)
+
+
+def test_terminal_and_user_wide_rules_hold_without_a_network_section():
+    """Every filtered run refuses TIOCSTI and PRIO_USER; sockets are left alone
+    when no family list is given."""
+    bare = SeccompPolicy(**{t: True for t in sf.GROUPS}, personality=True, memfd_exec=True, other=())
+    assert in_child(bare, tiocsti).value == (-errno.EPERM, b"")
+    assert in_child(bare, lambda: sc("setpriority", PRIO_USER, NO_SUCH_UID, 19)).value == -errno.EPERM
+    assert in_child(bare, lambda: make_socket(AF_PACKET, 3)).value == "fd"
+
+
+def test_more_netlink_protocols_and_families_when_listed():
+    p = SeccompPolicy(socket_families=(1, 2, 10, 16, AF_VSOCK), netlink_protocols=(0, NETLINK_SOCK_DIAG))
+    assert in_child(p, lambda: make_socket(AF_NETLINK, 3, NETLINK_SOCK_DIAG)).value == "fd"
+    assert in_child(p, lambda: make_socket(AF_NETLINK, 3, NETLINK_USERSOCK)).value == -errno.EPERM
+    assert in_child(p, lambda: make_socket(AF_VSOCK, 1)).value != -errno.EPERM
