@@ -389,3 +389,204 @@ def test_more_netlink_protocols_and_families_when_listed():
     assert in_child(p, lambda: make_socket(AF_NETLINK, 3, NETLINK_SOCK_DIAG)).value == "fd"
     assert in_child(p, lambda: make_socket(AF_NETLINK, 3, NETLINK_USERSOCK)).value == -errno.EPERM
     assert in_child(p, lambda: make_socket(AF_VSOCK, 1)).value != -errno.EPERM
+
+
+# ---------------------------------------------------------------- a whole run on a terminal
+
+TERMINAL_AGENT = r'''
+import ctypes, errno, json, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+libc.syscall.restype = ctypes.c_long
+TIOCSTI, TIOCSCTTY = 0x5412, 0x540E
+
+
+def report(op, result):
+    print("ATTEMPT " + json.dumps({"op": op, "result": result}), flush=True)
+
+
+def err(e):
+    return errno.errorcode.get(e, str(e))
+
+
+def ioctl(fd, req, arg=None):
+    return "ok" if libc.ioctl(fd, req, arg) == 0 else err(ctypes.get_errno())
+
+
+def inject(fd, text, high=0):
+    return [ioctl(fd, high | TIOCSTI, ctypes.c_char_p(bytes([c]))) for c in text]
+
+
+def attempt(op, fn):
+    try:
+        report(op, fn())
+    except OSError as e:
+        report(op, err(e.errno))
+
+
+def rtm_getaddr():
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    s.bind((0, 0))
+    s.send(struct.pack("=IHHIIBBBBI", 24, 22, 0x301, 1, 0, 0, 0, 0, 0, 0))
+    n = 0
+    while True:
+        data, off = s.recv(65536), 0
+        while off < len(data):
+            length, kind = struct.unpack_from("=IH", data, off)
+            if kind == 3:
+                return n
+            n += kind == 20
+            off += (length + 3) & ~3
+
+
+def lookup():
+    return sorted(a[4][0] for a in socket.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_ADDRCONFIG))
+
+
+print("READY", flush=True)
+report("read a line", sys.stdin.readline().strip())
+report("TIOCSTI fd 0", inject(0, b"echo PWNED\n"))
+tty = os.open("/dev/tty", os.O_RDWR)
+report("TIOCSTI /dev/tty", inject(tty, b"id\n"))
+report("TIOCSTI high bits", inject(tty, b"x", 1 << 32))
+report("TIOCSCTTY (not a session leader)", ioctl(0, TIOCSCTTY, None))
+attempt("socket AF_VSOCK", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).fileno() and "ok")
+attempt("socket AF_PACKET", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW).fileno() and "ok")
+attempt("socket NETLINK_USERSOCK", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 2).fileno() and "ok")
+attempt("RTM_GETADDR", rtm_getaddr)
+attempt("getaddrinfo AI_ADDRCONFIG", lookup)
+for name, nr, who in (("setpriority PRIO_USER", 141, 2), ("ioprio_set IOPRIO_WHO_USER", 251, 3)):
+    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_long(who), ctypes.c_long(4000123), ctypes.c_long(19))
+    report(name, "ok" if ret == 0 else err(ctypes.get_errno()))
+print("DONE", flush=True)
+'''
+
+
+@pytest.fixture
+def terminal_run(tmp_path):
+    """`agentwatch run` under policies/sandboxed-agent.yaml, started the way a
+    user starts it from a shell: in a session of its own whose controlling
+    terminal is a pty the test holds (both ends). The agent gets the terminal
+    as its stdio and controlling terminal (embedded run: a daemon would give
+    it only the fds). Yields (pty slave fd, master output so far, events)
+    once the run has ended."""
+    import fcntl
+    import json
+    import termios
+    import time
+    from conftest import IN_VM, REPO, aw_cmd, read_events
+    if platform.machine() != "x86_64":
+        pytest.skip("the agent script uses x86_64 syscall numbers")
+    ws, home, tmp = (tmp_path / d for d in ("ws", "home", "tmp"))
+    for d in (ws, home, tmp):
+        d.mkdir()
+    (ws / "agent.py").write_text(TERMINAL_AGENT)
+    events = tmp_path / "events.jsonl"
+    master, slave = os.openpty()
+    output, lock = bytearray(), threading.Lock()
+
+    def pump():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:        # EIO once every slave fd is closed
+                return
+            if not data:
+                return
+            with lock:
+                output.extend(data)
+
+    def become_terminal_session():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)    # after setsid (start_new_session)
+
+    env = dict(os.environ, PYTHONPATH=REPO, HOME=str(home), TMPDIR=str(tmp))
+    policy = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
+    proc = subprocess.Popen(aw_cmd() + ["run", "--policy", policy, "--workspace", str(ws),
+                                        "--allow-downgrade", "--no-daemon", "--events", str(events),
+                                        "--", "/usr/bin/python3", "-I", str(ws / "agent.py")],
+                            cwd=str(ws), env=env, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True, preexec_fn=become_terminal_session)
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + (600 if IN_VM else 120)
+    typed = False
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            with lock:
+                ready = b"READY" in output
+            if ready and not typed:
+                os.write(master, b"hello agent\n")     # typed on the terminal
+                typed = True
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the run did not end in time; output:\n{bytes(output).decode(errors='replace')}")
+        time.sleep(0.2)                                # the last output into the pump
+        with lock:
+            text = bytes(output).decode(errors="replace")
+        yield {"slave": slave, "output": text, "rc": proc.returncode,
+               "events": read_events(str(events)) if events.exists() else [],
+               "attempts": {a["op"]: a["result"] for a in (json.loads(line.split("ATTEMPT ", 1)[1])
+                                                         for line in text.splitlines()
+                                                         if "ATTEMPT " in line)}}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(slave)
+        os.close(master)
+        reader.join(5)
+
+
+def counted(events, rule):
+    """Calls reported under rule: the first report and every repeat total."""
+    return sum(e["count"] for e in events if e["kind"] == "violation" and e["rule"] == rule)
+
+
+def test_terminal_run(terminal_run):
+    """CVE-2017-5226 from an interactive shell: TIOCSTI on fd 0 and on a
+    fresh /dev/tty queues nothing on the user's terminal, on any kernel and
+    whatever dev.tty.legacy_tiocsti says; each call is refused (EPERM) and
+    reported as process.terminal. An ordinary EPERM of the same syscall
+    (TIOCSCTTY by a process that is not a session leader) is not taken for
+    a refusal. Interactive use still works: the agent reads what is typed
+    and its output reaches the terminal. The same run refuses and reports
+    socket families and netlink protocols outside the policy and the *_USER
+    priority calls, while address look-ups over NETLINK_ROUTE still work."""
+    r = terminal_run
+    got, events = r["attempts"], r["events"]
+    report = f"rc={r['rc']}\n{r['output'][-4000:]}"
+    assert r["rc"] == 0 and "DONE" in r["output"], report
+    assert got["read a line"] == "hello agent", report                   # input reached it
+    assert input_queued(r["slave"]) == b"", "TIOCSTI queued input on the user's terminal"
+    assert got["TIOCSTI fd 0"] == ["EPERM"] * 11, report
+    assert got["TIOCSTI /dev/tty"] == ["EPERM"] * 3 and got["TIOCSTI high bits"] == ["EPERM"], report
+    assert got["TIOCSCTTY (not a session leader)"] == "EPERM", report
+    assert counted(events, "process.terminal") == 15, report
+    first = [e for e in events if e["kind"] == "violation" and e["rule"] == "process.terminal"
+             and not e["detail"].get("repeat")]
+    assert len(first) == 1 and first[0]["action"] == "deny", first
+    assert first[0]["detail"]["kernel"] == "denied (EPERM, seccomp)" and first[0]["detail"]["syscall"] == "ioctl"
+
+    for op in ("socket AF_VSOCK", "socket AF_PACKET", "socket NETLINK_USERSOCK"):
+        assert got[op] == "EPERM", report
+    assert counted(events, "network.socket") == 3, report
+    sock = [e for e in events if e["kind"] == "violation" and e["rule"] == "network.socket"
+            and not e["detail"].get("repeat")]
+    assert [e["detail"]["kernel"] for e in sock] == ["denied (EPERM, seccomp)"], sock
+    assert isinstance(got["RTM_GETADDR"], int) and got["RTM_GETADDR"] >= 1, report   # lo's 127.0.0.1
+    import socket
+    try:
+        here = sorted(a[4][0] for a in socket.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_ADDRCONFIG))
+    except socket.gaierror as e:
+        here = str(e.errno)
+    assert got["getaddrinfo AI_ADDRCONFIG"] == here, report     # as outside the sandbox
+
+    assert got["setpriority PRIO_USER"] == "EPERM" and got["ioprio_set IOPRIO_WHO_USER"] == "EPERM"
+    prio = {e["detail"]["syscall"]: e for e in events if e["kind"] == "violation"
+            and e["rule"] == "syscalls.deny" and e["detail"].get("syscall") in ("setpriority", "ioprio_set")}
+    assert set(prio) == {"setpriority", "ioprio_set"}, report
+    assert all(e["detail"]["kernel"] == "denied (EPERM, seccomp)" for e in prio.values())
