@@ -647,8 +647,10 @@ class Judge:
 
     def kernel_denial(self, ev, category, rule, reason, target, evidence, layer="cgroup-bpf"):
         """A denial a kernel layer reported itself (cgroup BPF, BPF LSM)."""
-        if evidence.get("op") == "socket" and reason.endswith("raw-socket"):
-            return   # the syscall sensor's socket event reports it (see _net)
+        if evidence.get("op") == "socket" and reason.endswith(("raw-socket", "family-not-allowed")):
+            # the syscall sensor's socket event reports it (see _net: check_socket
+            # judges raw sockets and network.families alike); one attempt, one report
+            return
         if rule == "network.egress" and evidence.get("addr"):
             from ..policy.matchers import canonical_ip
             ip = canonical_ip(evidence["addr"])

@@ -314,3 +314,21 @@ def test_diff_families_and_netlink(tmp_path):
         "+ grants: netlink sockets of any protocol (network.netlink)"]
     assert diff_bodies(tmp_path, "network: {netlink: true}\n", "network: {netlink: false}\n") == [
         "- revokes: netlink sockets of any protocol (now only: none)"]
+
+
+def test_a_socket_the_cgroup_program_refuses_is_reported_once(by_arg):
+    """network.families without inet6: the filter refuses it first, but were
+    the cgroup BPF program to refuse it (family-not-allowed, or raw-socket),
+    the sensor's socket event is the one report, not the program's too."""
+    from agentwatch.events import NetEvent
+    by_arg.policy(HEAD + "network: {families: [unix, inet]}\non_violation: {default: deny}\n")
+    spec = S.BY_NAME["socket"]
+    by_arg.correlator.nr_to_spec[S.syscall_number("socket")] = spec
+    for reason, kind in (("family-not-allowed", socket.SOCK_STREAM), ("raw-socket", socket.SOCK_RAW)):
+        family = socket.AF_INET6 if kind == socket.SOCK_STREAM else socket.AF_INET
+        ev = NetEvent(op="socket", family="inet6", pid=CHILD, tid=CHILD, ret=-1, error="EPERM")
+        by_arg.judge.kernel_denial(ev, "network", "network.socket", f"cgroup BPF: {reason}", None,
+                                   {"op": "socket", "family": "inet6"})
+        feed(by_arg.correlator, syscall("socket", CHILD, (family, kind, 0), ret=-1))
+    got = [(v.rule, v.detail["family"], v.detail["type"]) for v in by_arg.violations()]
+    assert got == [("network.socket", "inet6", "stream"), ("network.socket", "inet", "raw")]
