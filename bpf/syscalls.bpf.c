@@ -229,7 +229,11 @@ static __always_inline void aw_fold_start(u32 tid, struct aw_stash *st, s64 ret,
  * sys_enter tracepoint (syscall_trace_enter returns at once), so there is no
  * stash, but sys_exit still fires with the errno. Only syscalls whose spec
  * says the filter denies them are reported, and only -EPERM: a lost stash
- * (counted) of a call that failed otherwise is not taken for a denial. */
+ * (counted) of a call that failed otherwise is not taken for a denial. A
+ * syscall the filter refuses only for some arguments (socket by family,
+ * ioctl by request) has its entry probe attached too (stash only, no
+ * AW_SPEC_EMIT), so the calls it let through have a stash and their own
+ * EPERM is not one of these. */
 static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 {
 	if (ctx->ret != -AW_EPERM)

@@ -17,9 +17,9 @@ x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 
 def verdict(rules, syscall, *args):
     """What the planned filter does with syscall(args): an action, or None (allowed).
     Mirrors libseccomp: rules for one syscall are OR'ed, conds in a rule AND'ed."""
-    args = list(args) + [0] * (6 - len(args))
+    args = [a & (2**64 - 1) for a in args] + [0] * (6 - len(args))   # registers: -1 is 2**64 - 1
     for r in rules:
-        if r.syscall == syscall and all(args[c.arg] & c.mask == c.value for c in r.conds):
+        if r.syscall == syscall and all(c.matches(args) for c in r.conds):
             return r.action
     return None
 

@@ -15,6 +15,7 @@ from agentwatch.sandbox.plan import make_plan
 from agentwatch.sandbox.seccomp_filter import SeccompPolicy, plan
 from agentwatch.sensors import syscalls as S
 from test_explain_diff import VARS, diff_bodies
+from test_seccomp_plan import verdict
 from test_judge import judged, refused  # noqa: F401 (fixture)
 from test_engine import CHILD, NR, env, feed, syscall  # noqa: F401 (env: fixture)
 
@@ -22,16 +23,6 @@ HEAD = "apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {name: t}\n"
 U64 = 2**64 - 1
 DEFAULT_FAMILIES = (1, 2, 10, 16)     # unix, inet, inet6, netlink (route only)
 POLICY = os.path.join(os.path.dirname(__file__), "..", "..", "policies", "sandboxed-agent.yaml")
-
-
-def verdict(rules, syscall_name, *args):
-    """What the planned filter does with syscall(args): an action, or None (allowed).
-    Mirrors libseccomp: rules for one syscall are OR'ed, conds in a rule AND'ed."""
-    args = [a & U64 for a in args] + [0] * (6 - len(args))
-    for r in rules:
-        if r.syscall == syscall_name and all(c.matches(args) for c in r.conds):
-            return r.action
-    return None
 
 
 SOCKETS = plan(SeccompPolicy(socket_families=DEFAULT_FAMILIES))
