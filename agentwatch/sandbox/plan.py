@@ -256,10 +256,11 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             p.downgrades.append("landlock unavailable: filesystem and TCP rules are detected only")
             p.landlock = None
 
-    # ---- process toggles and syscalls: seccomp. Every run with a kernel
-    # layer gets a filter, if only for the rules no policy turns off
-    # (terminal injection, host-wide priority changes: seccomp_filter.py);
-    # with the network section enforced it also holds the socket families.
+    # ---- process toggles and syscalls: seccomp. Every run with a section
+    # the kernel enforces (filesystem, network, process, syscalls) gets a
+    # filter, if only for the rules no policy turns off (terminal injection,
+    # host-wide priority changes: seccomp_filter.py); with the network
+    # section enforced it also holds the socket families.
     proc_act, sys_act = section_action(data, "process"), section_action(data, "syscalls")
     if p.enforced or proc_act in ENFORCING or sys_act in ENFORCING:
         # EPERM, reported by the syscall sensor's exit probe; kill (SIGSYS)
