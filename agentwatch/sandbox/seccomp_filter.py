@@ -5,8 +5,10 @@ Why a deny list on a default-ALLOW filter: agents run arbitrary toolchains
 enumerated, so an allow list would break them in ways nobody can predict.
 What this layer removes is the small set of syscalls that widen the kernel's
 attack surface or escape the other layers (ptrace, bpf, namespaces, mounts,
-modules, io_uring, keyrings, ...). File and network rules are Landlock's and
-cgroup BPF's job; seccomp cannot see paths or socket addresses.
+modules, io_uring, keyrings, ...) and the calls whose register arguments
+say enough to refuse them: socket families, terminal ioctls (below). File
+and network address rules are Landlock's and cgroup BPF's job; seccomp
+cannot see paths or socket addresses (they are behind pointers).
 
 Denied means EPERM or a kill, per rule group (SeccompPolicy.actions, from
 the policy's on_violation in sandbox/plan.py). An EPERM refusal happens
