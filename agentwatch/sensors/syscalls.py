@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import signal as _signal
 
 from ..events import FileEvent, NetEvent, SignalEvent, SyscallEvent, errno_name
+from ..policy.schema import SOCKET_FAMILIES
 from . import records as R
 
 GROUPS = ("process", "file", "net", "sensitive", "signal")
@@ -244,11 +245,8 @@ def open_access(flags):
     return access
 
 
-_FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "inet", socket.AF_INET6: "inet6",
-             socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet", 0: "unspec"}
-for _name in ("AF_VSOCK", "AF_BLUETOOTH", "AF_CAN", "AF_ALG", "AF_XDP"):
-    if hasattr(socket, _name):
-        _FAMILIES[getattr(socket, _name)] = _name[3:].lower()
+# the names network.families uses, so the judge can look an event's family up there
+_FAMILIES = {number: name for name, number in SOCKET_FAMILIES.items()} | {16: "netlink", 0: "unspec"}
 _TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 6: "dccp", 10: "packet"}
 
 
