@@ -437,7 +437,8 @@ class Judge:
     def _net(self, ev):
         if ev.op == "socket":
             # judged here even when refused: a capability check or the cgroup
-            # BPF program may have said no (kernel_denial leaves raw sockets to us)
+            # BPF program may have said no (kernel_denial leaves raw sockets and
+            # families to us); a family seccomp refused has no event here (_seccomp_denied)
             d = self.policy.check_socket(ev.family, ev.sock_type, ev.protocol)
             evidence = {"family": ev.family, "type": ev.sock_type}
             target = f"{ev.family}/{ev.sock_type}"

@@ -330,3 +330,24 @@ def test_the_sensor_names_families_as_the_policy_does():
     for name, number in SOCKET_FAMILIES.items():
         assert S.family_name(number) == name
     assert S.family_name(16) == "netlink" and S.family_name(0) == "unspec" and S.family_name(99) == "af99"
+
+
+@pytest.mark.parametrize("body, valid", [
+    ("network: {families: [unix, inet, inet6, vsock], netlink: [route, audit]}\n", True),
+    ("network: {netlink: true}\n", True),
+    ("network: {families: [vsok]}\n", False),
+    ("network: {netlink: [uevent]}\n", False),
+    ("network: {families: unix}\n", False),
+])
+def test_json_schema_agrees_on_the_new_keys(tmp_path, body, valid):
+    import json
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+    from agentwatch.policy import check
+    path = tmp_path / "p.yaml"
+    path.write_text(HEAD + body)
+    assert (check(str(path))[0] is not None) == valid
+    with open(os.path.join(os.path.dirname(POLICY), "agentpolicy.schema.json")) as f:
+        schema = json.load(f)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid(yaml.safe_load(HEAD + body)) == valid
