@@ -242,7 +242,28 @@ static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 	struct aw_spec *sp = specs.lookup(&nr);
 	if (!sp || !(sp->flags & AW_SPEC_DENIED))
 		return 0;
-	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, NULL, 1);
+	struct aw_stash *args = NULL;
+#ifdef AW_EXIT_ARGS
+	/* The call's arguments, which no tracepoint record carries: the
+	 * registers saved at syscall entry (struct pt_regs, the uapi layout
+	 * of asm/ptrace.h), which a refused call leaves as they were but for
+	 * ax. With them the judge tells a refusal (a terminal ioctl, a socket
+	 * family) from an ordinary EPERM of the same syscall, and says what
+	 * was refused, without an entry probe on every call. */
+	struct aw_stash regs = {};
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	const u64 *r = (const u64 *)bpf_task_pt_regs(task);
+	/* di, si, dx, r10, r8, r9: the syscall argument registers, by index */
+	bpf_probe_read_kernel(&regs.args[0], 8, &r[14]);
+	bpf_probe_read_kernel(&regs.args[1], 8, &r[13]);
+	bpf_probe_read_kernel(&regs.args[2], 8, &r[12]);
+	bpf_probe_read_kernel(&regs.args[3], 8, &r[7]);
+	bpf_probe_read_kernel(&regs.args[4], 8, &r[9]);
+	bpf_probe_read_kernel(&regs.args[5], 8, &r[8]);
+	regs.extra[0] = AW_NOENTRY_ARGS;
+	args = &regs;
+#endif
+	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, args, 1);
 	if (e)
 		aw_submit_prio(e);     /* a denial: never behind a benign flood */
 	return 0;

@@ -204,14 +204,18 @@ _CATEGORY_OF = {section: category for category, section in CATEGORY_SECTION.item
 class Judge:
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
                  egress_enforced=False, lsm_enforced=False, map_exec_roots=None,
-                 map_exec_kill=False, seccomp_denied=None):
+                 map_exec_kill=False, seccomp_denied=None, seccomp_rules=None):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run;
         seccomp_denied: the syscalls this run's filter refuses with EPERM
-        (None: take every refusal the sensors report as the filter's)."""
+        (None: take every refusal the sensors report as the filter's);
+        seccomp_rules: the filter's rules (seccomp_filter.plan), against which
+        the arguments of a refusal, where the sensor could read them, are
+        checked (None: not checked)."""
         self.policy = compiled
         self.seccomp_denied = None if seccomp_denied is None else set(seccomp_denied)
+        self.seccomp_rules = seccomp_rules
         self.correlator = correlator
         self.run = run
         self.emit = emit
@@ -550,9 +554,19 @@ class Judge:
         list, the mount family) is syscalls.deny, or the toggle it belongs
         to. The kernel refused it, so the action is deny unless the rule says
         kill (then the agent is stopped as the policy asks)."""
-        from ..sandbox.seccomp_filter import BY_ARGUMENT, toggle_of
+        from ..sandbox.seccomp_filter import BY_ARGUMENT, CONDITIONAL, toggle_of
         if self.seccomp_denied is not None and ev.name not in self.seccomp_denied:
             return   # a shared monitor watches it for another run's filter: not ours
+        evidence = {"syscall": ev.name, "args": ev.args[:3] or None,
+                    "kernel": f"denied ({ev.error}, seccomp)"}
+        if ev.args and self.seccomp_rules is not None and ev.name in CONDITIONAL:
+            # the arguments, read from the registers at exit: which rule refused it,
+            # or none (an ordinary EPERM of a call the filter let through)
+            hit = next((r for r in self.seccomp_rules if r.syscall == ev.name and r.action == "errno"
+                        and all(c.matches(ev.args) for c in r.conds)), None)
+            if hit is None:
+                return
+            evidence["refused"] = hit.why
         d = self.policy.check_syscall(ev.name)
         if d is None and ev.name in BY_ARGUMENT:
             # refused for its arguments (a socket family, a terminal ioctl), which
@@ -574,8 +588,7 @@ class Judge:
         if d.action != "kill":
             d = Decision(category=d.category, rule=d.rule, action="deny", reason=d.reason,
                          pattern=d.pattern)
-        self._decide(ev, d, ev.name, {"syscall": ev.name, "args": None,
-                                      "kernel": f"denied ({ev.error}, seccomp)"})
+        self._decide(ev, d, ev.name, evidence)
 
     def _seccomp_kill(self, ev):
         """SIGSYS as a fatal signal: seccomp killed the process (a syscall of

@@ -322,16 +322,21 @@ def _socket_rules(p, action):
     bits, everything from 64 up by one 64-bit compare (over-refusing only
     values with high bits set, which no libc passes); netlink protocols
     0..31 each (the kernel refuses the rest itself, EPROTONOSUPPORT)."""
+    from ..policy.schema import NETLINK_PROTOCOLS, SOCKET_FAMILIES
+    family = {n: f for f, n in SOCKET_FAMILIES.items()}
+    protocol = {n: f for f, n in NETLINK_PROTOCOLS.items()}
     allowed = set(p.socket_families)
-    conds = [(Cond(0, U32, f),) for f in range(1, FAMILY_RULES_UPTO) if f not in allowed]
-    conds.append((Cond(0, 0, FAMILY_RULES_UPTO, "ge"),))
+    conds = [((Cond(0, U32, f),), f"family {family.get(f, f)}: not in network.families")
+             for f in range(1, FAMILY_RULES_UPTO) if f not in allowed]
+    conds.append(((Cond(0, 0, FAMILY_RULES_UPTO, "ge"),), "an unknown family (64 or more)"))
     if AF_NETLINK in allowed:
-        conds += [(Cond(0, U32, AF_NETLINK), Cond(2, U32, proto))
+        conds += [((Cond(0, U32, AF_NETLINK), Cond(2, U32, proto)),
+                   f"netlink protocol {protocol.get(proto, proto)}: not in network.netlink")
                   for proto in range(NETLINK_MAX_LINKS) if proto not in set(p.netlink_protocols)]
     if 17 not in allowed:   # AF_PACKET
-        conds.append((Cond(0, U32, AF_INET), Cond(1, SOCK_TYPE_MASK, SOCK_PACKET)))
-    why = "socket family or netlink protocol outside network.families / network.netlink"
-    return [Rule(name, action, c, why) for name in ("socket", "socketpair") for c in conds]
+        conds.append(((Cond(0, U32, AF_INET), Cond(1, SOCK_TYPE_MASK, SOCK_PACKET)),
+                      "SOCK_PACKET, a packet socket: packet is not in network.families"))
+    return [Rule(name, action, c, why) for name in ("socket", "socketpair") for c, why in conds]
 
 
 def plan(p: SeccompPolicy) -> Plan:

@@ -192,17 +192,19 @@ _BY_ARG_WHY = ("refused by the run's seccomp filter for some arguments only (EPE
                "entry is a refusal and an ordinary EPERM is not")
 
 
-def specs_for(groups, denied=()):
+def specs_for(groups, denied=(), exit_args=False):
     """The specs of `groups` (and "process"), plus one for every syscall in
     `denied`, the names the run's seccomp filter refuses with EPERM: a watched
     one is marked so its refused calls are reported, any other gets its exit
     tracepoint alone (group "seccomp"), so the attached set follows the filter.
     A syscall the filter refuses only for some arguments (socket by family,
-    ioctl by request: seccomp_filter.CONDITIONAL) gets its entry tracepoint
-    too, stash only: the calls the filter lets through then have an entry,
-    and one of them failing with EPERM for its own reasons is not reported
-    as a refusal. That costs two tracepoints (ioctl is the one called often:
-    see README "Known limits")."""
+    ioctl by request: seccomp_filter.CONDITIONAL) needs its arguments to be
+    told from an ordinary call failing with EPERM for its own reasons. With
+    exit_args (the exit program reads them from the task's registers, see
+    Sensors.exit_args) the exit tracepoint alone does, and the judge
+    compares them with the run's filter; without, it gets its entry
+    tracepoint too, stash only, so the calls the filter lets through have an
+    entry (ioctl is the one called often: see README "Known limits")."""
     from ..sandbox.seccomp_filter import CONDITIONAL
     unknown = set(groups) - set(GROUPS)
     if unknown:
@@ -215,7 +217,7 @@ def specs_for(groups, denied=()):
             out[at[name]] = replace(out[at[name]], denied=True)
         else:
             base = BY_NAME.get(name) or Spec(name=name, group="seccomp", op=name, why=_DENIED_WHY)
-            if name in CONDITIONAL:
+            if name in CONDITIONAL and not exit_args:
                 out.append(replace(base, emit=False, enter=True, denied=True, why=_BY_ARG_WHY))
             else:
                 out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))

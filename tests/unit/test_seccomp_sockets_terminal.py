@@ -210,7 +210,7 @@ def test_strict_policy_plan():
 
 # ------------------------------------------------------------------ the sensor and the judge
 
-def test_conditional_refusals_keep_an_entry_probe():
+def test_conditional_refusals_keep_an_entry_probe_without_exit_args():
     specs = {s.name: s for s in S.specs_for(["process"], ["ioctl", "socket", "setpriority", "kcmp"])}
     for name in ("ioctl", "socket", "setpriority"):
         s = specs[name]
@@ -218,6 +218,14 @@ def test_conditional_refusals_keep_an_entry_probe():
     assert not specs["kcmp"].enter and specs["kcmp"].attach_exit   # refused whole: exit only
     net = {s.name: s for s in S.specs_for(["process", "net"], ["socket"])}
     assert net["socket"].enter and net["socket"].emit and net["socket"].denied
+
+
+def test_with_exit_args_the_exit_tracepoint_alone_serves():
+    specs = {s.name: s for s in S.specs_for(["process"], ["ioctl", "setpriority", "kcmp"], exit_args=True)}
+    for name in ("ioctl", "setpriority", "kcmp"):
+        assert not specs[name].enter and specs[name].attach_exit and specs[name].denied, name
+    net = {s.name: s for s in S.specs_for(["process", "net"], ["socket"], exit_args=True)}
+    assert net["socket"].enter and net["socket"].emit      # watched anyway: both ends
 
 
 @pytest.fixture
@@ -351,3 +359,36 @@ def test_json_schema_agrees_on_the_new_keys(tmp_path, body, valid):
         schema = json.load(f)
     validator = jsonschema.Draft202012Validator(schema)
     assert validator.is_valid(yaml.safe_load(HEAD + body)) == valid
+
+
+# ------------------------------------------------------------------ arguments read at exit
+
+def refused_with_args(name, pid, *args):
+    """An EV_NOENTRY record whose arguments the exit program read (R.NOENTRY_ARGS)."""
+    from agentwatch.sensors import records as R
+    _, r = syscall(name, pid, args, ret=-1, extra=(R.NOENTRY_ARGS, 0))
+    return R.EV_NOENTRY, r
+
+
+def test_arguments_tell_a_refusal_from_an_ordinary_eperm(by_arg):
+    """With the run's filter rules, an EPERM exit without an entry is a
+    refusal only if the filter refuses those arguments; the report says which."""
+    by_arg.judge.seccomp_rules = list(plan(SeccompPolicy(socket_families=DEFAULT_FAMILIES)))
+    feed(by_arg.correlator,
+         refused_with_args("ioctl", CHILD, 0, 0x540E, 0),                  # TIOCSCTTY: its own EPERM
+         refused_with_args("ioctl", CHILD, 0, (1 << 32) | TIOCSTI, 0),     # refused, high bits too
+         refused_with_args("socket", CHILD, socket.AF_NETLINK, 3, 2),      # usersock: refused
+         refused_with_args("socket", CHILD, socket.AF_INET, 3, 0),         # raw inet: not the filter's
+         refused_with_args("setpriority", CHILD, 0, 1, 19))                # PRIO_PROCESS: its own
+    got = [(v.rule, v.detail["args"], v.detail["refused"]) for v in by_arg.violations()]
+    assert got == [("process.terminal", [0, (1 << 32) | TIOCSTI, 0],
+                    "TIOCSTI: " + sf.TERMINAL_IOCTLS["TIOCSTI"][1]),
+                   ("network.socket", [socket.AF_NETLINK, 3, 2],
+                    "netlink protocol usersock: not in network.netlink")]
+
+
+def test_without_rules_or_arguments_every_refusal_counts(by_arg):
+    feed(by_arg.correlator, refused_with_args("ioctl", CHILD, 0, 0x540E, 0))   # no rules given
+    by_arg.judge.seccomp_rules = list(plan(SeccompPolicy()))
+    feed(by_arg.correlator, refused("setpriority", CHILD))                  # no arguments read
+    assert [v.rule for v in by_arg.violations()] == ["process.terminal", "syscalls.deny"]
