@@ -231,9 +231,10 @@ static __always_inline void aw_fold_start(u32 tid, struct aw_stash *st, s64 ret,
  * says the filter denies them are reported, and only -EPERM: a lost stash
  * (counted) of a call that failed otherwise is not taken for a denial. A
  * syscall the filter refuses only for some arguments (socket by family,
- * ioctl by request) has its entry probe attached too (stash only, no
- * AW_SPEC_EMIT), so the calls it let through have a stash and their own
- * EPERM is not one of these. */
+ * ioctl by request) can fail with EPERM for its own reasons too: with
+ * AW_EXIT_ARGS the record carries the arguments, which the judge checks
+ * against the run's filter; without, its entry probe is attached too
+ * (stash only, no AW_SPEC_EMIT), so the calls it let through have a stash. */
 static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 {
 	if (ctx->ret != -AW_EPERM)
