@@ -549,7 +549,8 @@ class Judge:
 
     def _seccomp_denied(self, ev):
         """A syscall the seccomp filter refused with EPERM before its entry
-        tracepoint (no arguments were seen). Judged by name like any sensitive
+        tracepoint (its arguments only as read from the registers at exit, where
+        the kernel allows it). Judged by name like any sensitive
         syscall; one the policy names nowhere (the filter's always-denied
         list, the mount family) is syscalls.deny, or the toggle it belongs
         to. The kernel refused it, so the action is deny unless the rule says
