@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import KernelFeatureError
-from .sensors import import_bcc
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 TRACEFS = "/sys/kernel/tracing"
@@ -153,6 +152,7 @@ def _bpf(text: str, use):
     if os.geteuid() != 0:
         raise _Fail("needs root")
     try:
+        from .sensors import import_bcc   # here: importing doctor loads neither bcc nor the policy code
         bcc = import_bcc()
     except KernelFeatureError:
         raise _Fail("needs bcc (see the bcc check)") from None
@@ -214,6 +214,7 @@ def _probe_tracefs():
 
 def _probe_bcc():
     try:
+        from .sensors import import_bcc   # here: importing doctor loads neither bcc nor the policy code
         bcc = import_bcc()
     except KernelFeatureError as e:
         return False, str(e)

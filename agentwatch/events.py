@@ -115,7 +115,7 @@ class SyscallEvent(Event):
     path: str = None      # a string argument when the syscall has one (mount source, memfd name, ...)
     ret: int = 0
     error: str = None
-    # True: refused before its entry tracepoint ran (seccomp errno): no arguments were seen
+    # True: refused before its entry tracepoint ran (seccomp errno); args only as read at exit
     no_entry: bool = False
 
 

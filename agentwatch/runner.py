@@ -512,7 +512,8 @@ class Run:
                                egress_enforced=bool(self.plan and self.plan.egress is not None),
                                lsm_enforced=bool(self.plan and self.plan.lsm is not None),
                                map_exec_roots=map_roots, map_exec_kill=map_kill,
-                               seccomp_denied=self.opts.seccomp_denied)
+                               seccomp_denied=self.opts.seccomp_denied,
+                               seccomp_rules=self._seccomp_rules())
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
         routes = kills = ([], [])
@@ -667,6 +668,14 @@ class Run:
                 continue               # neither readable nor writable: nothing to check
             out.append(("workspace" if name == "WORKSPACE" else "TMPDIR", path, mode))
         return out
+
+    def _seccomp_rules(self):
+        """The run's filter rules, for the judge to tell a by-argument refusal
+        from an ordinary EPERM (None: no filter)."""
+        if self.plan is None or self.plan.seccomp is None:
+            return None
+        from .sandbox.seccomp_filter import plan
+        return list(plan(self.plan.seccomp))
 
     def _on_egress_denial(self, d):
         from .events import NetEvent

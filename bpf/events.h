@@ -18,7 +18,11 @@
 #define AW_EV_EXIT    4  /* the last thread of a process exited */
 #define AW_EV_NOENTRY 5  /* aw_syscall_event of a watched syscall that returned -EPERM
                           * with no entry seen: seccomp refused it before the
-                          * sys_enter tracepoint; args, str1 and data2 are empty */
+                          * sys_enter tracepoint; str1 and data2 are empty; args
+                          * are the call's arguments, read from the task's saved
+                          * registers, when extra[0] is AW_NOENTRY_ARGS (built
+                          * with -DAW_EXIT_ARGS: x86_64, Linux 5.15+, BTF), else 0 */
+#define AW_NOENTRY_ARGS 1
 #define AW_EV_MAPKILL 6  /* aw_syscall_event of an mmap(PROT_EXEC) of a file opened outside
                           * the exec roots (bpf/mapexec.bpf.c): the mmap's args, str1 the
                           * path the fd was opened by, ret 1 when the process was killed

@@ -229,7 +229,12 @@ static __always_inline void aw_fold_start(u32 tid, struct aw_stash *st, s64 ret,
  * sys_enter tracepoint (syscall_trace_enter returns at once), so there is no
  * stash, but sys_exit still fires with the errno. Only syscalls whose spec
  * says the filter denies them are reported, and only -EPERM: a lost stash
- * (counted) of a call that failed otherwise is not taken for a denial. */
+ * (counted) of a call that failed otherwise is not taken for a denial. A
+ * syscall the filter refuses only for some arguments (socket by family,
+ * ioctl by request) can fail with EPERM for its own reasons too: with
+ * AW_EXIT_ARGS the record carries the arguments, which the judge checks
+ * against the run's filter; without, its entry probe is attached too
+ * (stash only, no AW_SPEC_EMIT), so the calls it let through have a stash. */
 static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 {
 	if (ctx->ret != -AW_EPERM)
@@ -238,7 +243,28 @@ static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 	struct aw_spec *sp = specs.lookup(&nr);
 	if (!sp || !(sp->flags & AW_SPEC_DENIED))
 		return 0;
-	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, NULL, 1);
+	struct aw_stash *args = NULL;
+#ifdef AW_EXIT_ARGS
+	/* The call's arguments, which no tracepoint record carries: the
+	 * registers saved at syscall entry (struct pt_regs, the uapi layout
+	 * of asm/ptrace.h), which a refused call leaves as they were but for
+	 * ax. With them the judge tells a refusal (a terminal ioctl, a socket
+	 * family) from an ordinary EPERM of the same syscall, and says what
+	 * was refused, without an entry probe on every call. */
+	struct aw_stash regs = {};
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	const u64 *r = (const u64 *)bpf_task_pt_regs(task);
+	/* di, si, dx, r10, r8, r9: the syscall argument registers, by index */
+	bpf_probe_read_kernel(&regs.args[0], 8, &r[14]);
+	bpf_probe_read_kernel(&regs.args[1], 8, &r[13]);
+	bpf_probe_read_kernel(&regs.args[2], 8, &r[12]);
+	bpf_probe_read_kernel(&regs.args[3], 8, &r[7]);
+	bpf_probe_read_kernel(&regs.args[4], 8, &r[9]);
+	bpf_probe_read_kernel(&regs.args[5], 8, &r[8]);
+	regs.extra[0] = AW_NOENTRY_ARGS;
+	args = &regs;
+#endif
+	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, args, 1);
 	if (e)
 		aw_submit_prio(e);     /* a denial: never behind a benign flood */
 	return 0;

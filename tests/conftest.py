@@ -63,6 +63,8 @@ def _held_tracepoints():
     from agentwatch.sensors import syscalls as S
     names = {f"syscalls:sys_{end}_{s.name}" for s in S.SPECS for end in ("enter", "exit")}
     names |= {f"syscalls:sys_exit_{n}" for group, _ in seccomp_filter.GROUPS.values() for n in group}
+    # refused for some arguments only: both ends (sensors/syscalls.specs_for)
+    names |= {f"syscalls:sys_{end}_{n}" for n in seccomp_filter.CONDITIONAL for end in ("enter", "exit")}
     names |= {tp for tp, _ in MAPEXEC_PROBES + PROCESS_PROBES}
     ids = []
     for name in sorted(names):

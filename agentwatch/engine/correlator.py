@@ -158,10 +158,12 @@ class Correlator:
                            flags=rec["args"][2], ret=0)
             self._stamp(ev, run, rec, proc)
         elif etype == R.EV_NOENTRY:
-            # refused by seccomp before its entry tracepoint: a name and an errno, no arguments
+            # refused by seccomp before its entry tracepoint: a name and an errno, and
+            # the arguments where the exit program could read them (R.NOENTRY_ARGS)
             spec = self.nr_to_spec.get(rec["nr"])
             if spec is not None:
-                ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=[], ret=rec["ret"],
+                args = list(rec["args"]) if rec["extra"][0] == R.NOENTRY_ARGS else []
+                ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=args, ret=rec["ret"],
                                   error=errno_name(rec["ret"]), no_entry=True)
                 self._stamp(ev, run, rec, proc)
 

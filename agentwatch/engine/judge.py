@@ -19,6 +19,7 @@ from collections import Counter
 from ..events import ViolationEvent
 from ..policy.compile import Decision
 from ..policy.matchers import normalize
+from ..policy.schema import CATEGORY_SECTION
 from ..sensors.records import PREFIX_LEN
 
 REPEAT_FLUSH_S = 5.0
@@ -205,17 +206,24 @@ def _read_counter(path, key):
     return None
 
 
+_CATEGORY_OF = {section: category for category, section in CATEGORY_SECTION.items()}
+
+
 class Judge:
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
                  egress_enforced=False, lsm_enforced=False, map_exec_roots=None,
-                 map_exec_kill=False, seccomp_denied=None):
+                 map_exec_kill=False, seccomp_denied=None, seccomp_rules=None):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run;
         seccomp_denied: the syscalls this run's filter refuses with EPERM
-        (None: take every refusal the sensors report as the filter's)."""
+        (None: take every refusal the sensors report as the filter's);
+        seccomp_rules: the filter's rules (seccomp_filter.plan), against which
+        the arguments of a refusal, where the sensor could read them, are
+        checked (None: not checked)."""
         self.policy = compiled
         self.seccomp_denied = None if seccomp_denied is None else set(seccomp_denied)
+        self.seccomp_rules = seccomp_rules
         self.correlator = correlator
         self.run = run
         self.emit = emit
@@ -466,10 +474,15 @@ class Judge:
     def _net(self, ev):
         if ev.op == "socket":
             # judged here even when refused: a capability check or the cgroup
-            # BPF program may have said no (kernel_denial leaves raw sockets to us)
-            d = self.policy.check_socket(ev.family, ev.sock_type)
-            self._decide(ev, d, f"{ev.family}/{ev.sock_type}", {"family": ev.family,
-                                                                 "type": ev.sock_type})
+            # BPF program may have said no (kernel_denial leaves raw sockets and
+            # families to us); a family seccomp refused has no event here (_seccomp_denied)
+            d = self.policy.check_socket(ev.family, ev.sock_type, ev.protocol)
+            evidence = {"family": ev.family, "type": ev.sock_type}
+            target = f"{ev.family}/{ev.sock_type}"
+            if ev.family == "netlink":
+                evidence["protocol"] = ev.protocol
+                target += f"/{ev.protocol}"
+            self._decide(ev, d, target, evidence)
             return
         if self.egress_enforced and ev.error == "EPERM" and ev.family in ("inet", "inet6"):
             return
@@ -574,15 +587,33 @@ class Judge:
 
     def _seccomp_denied(self, ev):
         """A syscall the seccomp filter refused with EPERM before its entry
-        tracepoint (no arguments were seen). Judged by name like any sensitive
+        tracepoint (its arguments only as read from the registers at exit, where
+        the kernel allows it). Judged by name like any sensitive
         syscall; one the policy names nowhere (the filter's always-denied
         list, the mount family) is syscalls.deny, or the toggle it belongs
         to. The kernel refused it, so the action is deny unless the rule says
         kill (then the agent is stopped as the policy asks)."""
-        from ..sandbox.seccomp_filter import toggle_of
+        from ..sandbox.seccomp_filter import BY_ARGUMENT, CONDITIONAL, toggle_of
         if self.seccomp_denied is not None and ev.name not in self.seccomp_denied:
             return   # a shared monitor watches it for another run's filter: not ours
+        evidence = {"syscall": ev.name, "args": ev.args[:3] or None,
+                    "kernel": f"denied ({ev.error}, seccomp)"}
+        if ev.args and self.seccomp_rules is not None and ev.name in CONDITIONAL:
+            # the arguments, read from the registers at exit: which rule refused it,
+            # or none (an ordinary EPERM of a call the filter let through)
+            hit = next((r for r in self.seccomp_rules if r.syscall == ev.name and r.action == "errno"
+                        and all(c.matches(ev.args) for c in r.conds)), None)
+            if hit is None:
+                return
+            evidence["refused"] = hit.why
         d = self.policy.check_syscall(ev.name)
+        if d is None and ev.name in BY_ARGUMENT:
+            # refused for its arguments (a socket family, a terminal ioctl), which
+            # the filter compared and nobody else saw: the rule says which kind
+            rule, why = BY_ARGUMENT[ev.name]
+            category = _CATEGORY_OF[rule.split(".", 1)[0]]
+            d = Decision(category=category, rule=rule, reason=f"{ev.name}: {why}", pattern=None,
+                         action=self.policy.action_for(category, rule))
         if d is None:
             toggle = toggle_of(ev.name)
             proc = getattr(self.policy.spec, "process", None)
@@ -596,8 +627,7 @@ class Judge:
         if d.action != "kill":
             d = Decision(category=d.category, rule=d.rule, action="deny", reason=d.reason,
                          pattern=d.pattern)
-        self._decide(ev, d, ev.name, {"syscall": ev.name, "args": None,
-                                      "kernel": f"denied ({ev.error}, seccomp)"})
+        self._decide(ev, d, ev.name, evidence)
 
     def _seccomp_kill(self, ev):
         """SIGSYS as a fatal signal: seccomp killed the process (a syscall of
@@ -670,8 +700,10 @@ class Judge:
 
     def kernel_denial(self, ev, category, rule, reason, target, evidence, layer="cgroup-bpf"):
         """A denial a kernel layer reported itself (cgroup BPF, BPF LSM)."""
-        if evidence.get("op") == "socket" and reason.endswith("raw-socket"):
-            return   # the syscall sensor's socket event reports it (see _net)
+        if evidence.get("op") == "socket" and reason.endswith(("raw-socket", "family-not-allowed")):
+            # the syscall sensor's socket event reports it (see _net: check_socket
+            # judges raw sockets and network.families alike); one attempt, one report
+            return
         if rule == "network.egress" and evidence.get("addr"):
             from ..policy.matchers import canonical_ip
             ip = canonical_ip(evidence["addr"])

@@ -18,7 +18,6 @@ from . import matchers as M
 from .schema import TOGGLES, PolicySpec
 
 _TOGGLE_OF = {sc: toggle for toggle, calls in TOGGLES.items() for sc in calls}
-_SOCKET_FAMILIES = ("unix", "inet", "inet6", "netlink")
 _PROTOCOLS = {"tcp": "tcp", "stream": "tcp", "udp": "udp", "dgram": "udp"}
 _CACHE_MAX = 8192
 
@@ -150,16 +149,27 @@ class CompiledPolicy:
 
     # ----------------------------------------------------------- network
 
-    def check_socket(self, family, sock_type):
-        """raw/packet sockets and families other than unix, inet, inet6 and
-        netlink (which is raw by nature) are out of policy when there is a
-        network section."""
-        if self._net is None:
+    def check_socket(self, family, sock_type, protocol=None):
+        """With a network section: raw inet sockets (and the obsolete
+        SOCK_PACKET) always, families outside network.families, and netlink
+        protocols outside network.netlink are out of policy (network.socket).
+        The seccomp filter refuses the same families and protocols when the
+        section is enforced (sandbox/seccomp_filter.py)."""
+        net = self._net
+        if net is None:
             return None
         if family in ("inet", "inet6") and sock_type in ("raw", "packet"):
+            if sock_type == "packet" and "packet" in net.families:
+                return None
             return self._decide("network", "network.socket", f"{sock_type} {family} socket")
-        if family not in _SOCKET_FAMILIES:
-            return self._decide("network", "network.socket", f"{family} socket")
+        if family == "netlink":
+            if net.netlink is True or (net.netlink and protocol in net.netlink_numbers()):
+                return None
+            return self._decide("network", "network.socket",
+                                f"netlink protocol {protocol} socket: not in network.netlink")
+        if family not in net.families:
+            return self._decide("network", "network.socket",
+                                f"{family} socket: not in network.families")
         return None
 
     def check_connect(self, family, addr, port=None, protocol=None, op="connect"):

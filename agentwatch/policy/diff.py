@@ -89,6 +89,19 @@ def _network(out, a, b):
     _socket_scope(out, "loopback", _ports(a.loopback), _ports(b.loopback))
     _socket_scope(out, "unix sockets", a.unix if isinstance(a.unix, bool) else _values(a.unix),
                   b.unix if isinstance(b.unix, bool) else _values(b.unix))
+    added, removed = _items(list(a.families), list(b.families))
+    out += [f"{GRANT} {x} sockets (network.families)" for x in added]
+    out += [f"{REVOKE} {x} sockets (network.families)" for x in removed]
+    if a.netlink != b.netlink:
+        if b.netlink is True:
+            out.append(f"{GRANT} netlink sockets of any protocol (network.netlink)")
+        elif a.netlink is True:
+            out.append(f"{REVOKE} netlink sockets of any protocol (now only: "
+                       f"{', '.join(b.netlink) or 'none'})")
+        else:
+            added, removed = _items(list(a.netlink), list(b.netlink))
+            out += [f"{GRANT} netlink {x} sockets (network.netlink)" for x in added]
+            out += [f"{REVOKE} netlink {x} sockets (network.netlink)" for x in removed]
 
 
 def _limit(out, what, old, new, old_text=None, new_text=None):

@@ -61,10 +61,13 @@ def _network(spec):
     loopback = _sockets(True if lo is True else [f"port {a}" if a == b else f"ports {a}-{b}"
                                                   for a, b in lo or ()], "Loopback")
     unix = _sockets(True if net.unix is True else [i.value for i in net.unix or ()], "Unix sockets")
+    netlink = ("netlink of any protocol" if net.netlink is True else
+               f"netlink ({', '.join(net.netlink)} only)" if net.netlink else "no netlink")
     return ["Network (everything not listed is denied)",
             f"  Egress: {'only ' if net.allow else ''}{egress}",
             f"  {loopback}", f"  {unix}",
-            "  Sockets: only unix, inet, inet6, netlink; no raw or packet sockets"]
+            f"  Socket families: only {', '.join(net.families) or 'none'}; {netlink}; "
+            "no raw inet sockets (network.families, network.netlink)"]
 
 
 def _process(spec, v):

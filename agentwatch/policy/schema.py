@@ -23,6 +23,20 @@ API_VERSION = "agentwatch/v1"
 SENSOR_GROUPS = ("process", "file", "net", "sensitive", "signal")   # = agentwatch.sensors.syscalls.GROUPS
 SECTIONS = ("filesystem", "network", "process", "syscalls", "resources", "identity")
 PROTOCOLS = ("tcp", "udp", "any")
+# socket families by name (linux/socket.h) for network.families; netlink is
+# network.netlink's (by protocol), so it is not listed here
+SOCKET_FAMILIES = {"unix": 1, "inet": 2, "ax25": 3, "ipx": 4, "appletalk": 5, "x25": 9,
+                   "inet6": 10, "key": 15, "packet": 17, "rds": 21, "llc": 26, "ib": 27,
+                   "mpls": 28, "can": 29, "tipc": 30, "bluetooth": 31, "alg": 38, "nfc": 39,
+                   "vsock": 40, "kcm": 41, "qipcrtr": 42, "smc": 43, "xdp": 44, "mctp": 45}
+DEFAULT_FAMILIES = ("unix", "inet", "inet6")
+# netlink protocols by name (linux/netlink.h) for network.netlink
+NETLINK_PROTOCOLS = {"route": 0, "usersock": 2, "sock_diag": 4, "nflog": 5, "xfrm": 6,
+                     "selinux": 7, "iscsi": 8, "audit": 9, "fib_lookup": 10, "connector": 11,
+                     "netfilter": 12, "ip6_fw": 13, "dnrtmsg": 14, "kobject_uevent": 15,
+                     "generic": 16, "scsitransport": 18, "ecryptfs": 19, "rdma": 20,
+                     "crypto": 21, "smc": 22}
+DEFAULT_NETLINK = ("route",)
 
 # process toggles -> the syscalls that exercise them (check_syscall judges by name)
 TOGGLES = {
@@ -39,6 +53,7 @@ TOGGLES = {
 RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.deny",
          "network.egress", "network.loopback", "network.unix", "network.bind", "network.socket",
          "process.exec", "process.max_processes", *(f"process.{t}" for t in TOGGLES), "process.signal",
+         "process.terminal",
          "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
          "resources.wall_time", "identity.name", "identity.signer")
 
@@ -129,6 +144,18 @@ class Network:
     allow: tuple = ()                  # tuple[NetRule]
     loopback: object = False           # bool | ((lo, hi), ...)
     unix: object = False               # bool | tuple[Item]
+    families: tuple = DEFAULT_FAMILIES     # socket families (names), netlink aside
+    netlink: object = DEFAULT_NETLINK      # True (any protocol) | tuple of protocol names ((): none)
+
+    def family_numbers(self):
+        """AF_* numbers socket() may create: the families, and netlink when
+        any netlink protocol is allowed."""
+        nums = {SOCKET_FAMILIES[f] for f in self.families}
+        return sorted(nums | ({16} if self.netlink else set()))
+
+    def netlink_numbers(self):
+        """Netlink protocol numbers allowed (all 32 for True)."""
+        return list(range(32)) if self.netlink is True else sorted(NETLINK_PROTOCOLS[n] for n in self.netlink)
 
 
 @dataclass(frozen=True)
@@ -524,15 +551,39 @@ def _unix_entries(ck, value, loc, name):
     return tuple(good)
 
 
+def _names(ck, value, loc, name, table, what):
+    """A list of names from table (socket families, netlink protocols), or None."""
+    items = ck.strings(value, loc, name, f"{what} names", f"a {what} name")
+    if items is None:
+        return None
+    good = []
+    for item in items:
+        if item.value in table:
+            good.append(item.value)
+        elif name == "network.families" and item.value == "netlink":
+            ck.error(item.loc, "network.families: netlink is allowed by protocol: list them in "
+                               "network.netlink (default [route])")
+        else:
+            ck.error(item.loc, f"{name}: unknown {what} {item.value!r}"
+                               f"{_did_you_mean(item.value, table)}; known: {', '.join(sorted(table))}")
+    return tuple(dict.fromkeys(good))
+
+
 def _network(ck, value, loc, spec):
-    keys = ("allow", "loopback", "unix")
+    keys = ("allow", "loopback", "unix", "families", "netlink")
     m = ck.mapping(value, loc, "network", keys)
     if m is None:
         return
     net = spec.network = Network()
     for key, v, vloc in ck.entries(m, keys):
         spec.locs[f"network.{key}"] = vloc
-        if key == "allow":
+        if key == "families":
+            net.families = _names(ck, v, vloc, "network.families", SOCKET_FAMILIES, "socket family") or ()
+        elif key == "netlink" and not isinstance(v, bool):
+            net.netlink = _names(ck, v, vloc, "network.netlink", NETLINK_PROTOCOLS, "netlink protocol") or ()
+        elif key == "netlink":
+            net.netlink = True if v else ()
+        elif key == "allow":
             triples = ck.items(v, vloc, "network.allow", "rules ({cidr: ...} or {domain: ...})")
             rules = [_net_rule(ck, item, iloc, f"network.allow[{i}]") for i, item, iloc in triples or ()]
             net.allow = tuple(r for r in rules if r is not None)
@@ -850,6 +901,13 @@ _LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1
 def _check_network(ck, spec):
     if spec.network is None:
         return
+    if "network.families" in spec.locs:
+        missing = [f for f in DEFAULT_FAMILIES if f not in spec.network.families]
+        if missing:
+            ck.warn(spec.locs["network.families"],
+                    f"network.families: without {', '.join(missing)} the agent cannot create "
+                    f"{'that kind' if len(missing) == 1 else 'those kinds'} of socket, which most "
+                    f"programs need; the list replaces the default [unix, inet, inet6]")
     for rule in spec.network.allow:
         if rule.cidr:
             net = ipaddress.ip_network(rule.cidr)

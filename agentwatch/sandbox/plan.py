@@ -138,8 +138,10 @@ def seccomp_actions(data):
     rules = {t: ("process", f"process.{t}") for t in ("ptrace", "change_uid", "namespaces", "bpf",
                                                        "modules", "io_uring", "memfd_exec")}
     rules["mount"] = rules["namespaces"]
-    for group in ("keyring", "personality", "other", "deny"):
+    for group in ("keyring", "personality", "other", "deny", "prio_user"):
         rules[group] = ("syscalls", "syscalls.deny")
+    rules["terminal"] = ("process", "process.terminal")
+    rules["socket"] = ("network", "network.socket")
     return {g: "kill" if rule_action(data, *r) == "kill" else "errno" for g, r in rules.items()}
 
 
@@ -273,7 +275,8 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                 else:
                     ports.update(_landlock_ports(lo, hi))
         loop = net.get("loopback", False)
-        p.egress = EgressRules(allow=allow, loopback=loop, deny_unix=net.get("unix", False) is False)
+        p.egress = EgressRules(allow=allow, loopback=loop, deny_unix=net.get("unix", False) is False,
+                               allow_families=tuple(_net_spec(net).families))
         if p.lsm is not None:   # also where the kernel has no cgroup unix hooks (before 6.7)
             p.lsm.unix = p.egress.deny_unix
         if rules is None:
@@ -301,9 +304,13 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             p.downgrades.append("landlock unavailable: filesystem and TCP rules are detected only")
             p.landlock = None
 
-    # ---- process toggles and syscalls: seccomp
+    # ---- process toggles and syscalls: seccomp. Every run with a section
+    # the kernel enforces (filesystem, network, process, syscalls) gets a
+    # filter, if only for the rules no policy turns off (terminal injection,
+    # host-wide priority changes: seccomp_filter.py); with the network
+    # section enforced it also holds the socket families.
     proc_act, sys_act = section_action(data, "process"), section_action(data, "syscalls")
-    if proc_act in ENFORCING or sys_act in ENFORCING:
+    if p.enforced or proc_act in ENFORCING or sys_act in ENFORCING:
         # EPERM, reported by the syscall sensor's exit probe; kill (SIGSYS)
         # where the policy's on_violation says kill for the rule
         sc = SeccompPolicy(action="errno", actions=seccomp_actions(data))
@@ -324,8 +331,12 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             sc.other = ()
         if sys_act in ENFORCING:
             sc.deny = list((data.get("syscalls") or {}).get("deny") or [])
+        if "network" in p.enforced:
+            spec = _net_spec(net)
+            sc.socket_families, sc.netlink_protocols = spec.family_numbers(), spec.netlink_numbers()
         p.seccomp = sc
-        p.enforced.append("process" if proc_act in ENFORCING else "syscalls")
+        if proc_act in ENFORCING or sys_act in ENFORCING:
+            p.enforced.append("process" if proc_act in ENFORCING else "syscalls")
         if proc_act in ENFORCING and proc.get("exec"):
             p.downgrades.append("process.exec sha256 pins are checked after exec (kill), "
                                 "not before")
@@ -398,6 +409,15 @@ def runtime_grants(p, own, deny, own_pid, ttys):
                 p.widened.append({"path": path, "access": access, "why": why})
         out.append(kept)
     return out[0], out[1]
+
+
+def _net_spec(net):
+    """network.families and network.netlink of the (validated) network
+    section, with their defaults."""
+    from ..policy.schema import DEFAULT_FAMILIES, DEFAULT_NETLINK, Network
+    netlink = net.get("netlink", DEFAULT_NETLINK)
+    return Network(families=tuple(net.get("families", DEFAULT_FAMILIES)),
+                   netlink=() if netlink is False else netlink)
 
 
 def lsm_rules(exec_ok, deny, notes):

@@ -5,13 +5,44 @@ Why a deny list on a default-ALLOW filter: agents run arbitrary toolchains
 enumerated, so an allow list would break them in ways nobody can predict.
 What this layer removes is the small set of syscalls that widen the kernel's
 attack surface or escape the other layers (ptrace, bpf, namespaces, mounts,
-modules, io_uring, keyrings, ...). File and network rules are Landlock's and
-cgroup BPF's job; seccomp cannot see paths or socket addresses.
+modules, io_uring, keyrings, ...) and the calls whose register arguments
+say enough to refuse them: socket families, terminal ioctls (below). File
+and network address rules are Landlock's and cgroup BPF's job; seccomp
+cannot see paths or socket addresses (they are behind pointers).
 
 Denied means EPERM or a kill, per rule group (SeccompPolicy.actions, from
 the policy's on_violation in sandbox/plan.py). An EPERM refusal happens
 before the sys_enter tracepoint, so it is reported from the syscall's exit
-tracepoint: errno_denied() lists what the syscall sensor must watch.
+tracepoint: errno_denied() lists what the syscall sensor must watch. For
+the syscalls refused only for some arguments (BY_ARGUMENT: socket by
+family, ioctl by request, ...) the sensor also attaches the entry
+tracepoint, so that an ordinary call that fails with EPERM for another
+reason has an entry and is not taken for a refusal (sensors/syscalls.py).
+
+Refused in every run that has a filter at all (sandbox/plan.py loads one
+for any run with a kernel-enforced section), whatever the policy says:
+  * terminal input injection and console take-over (TERMINAL_IOCTLS):
+    TIOCSTI and friends write into the input queue of the terminal the
+    agent was started from, which the user's shell reads after the agent
+    exits (CVE-2017-5226). Refused here rather than left to the kernel's
+    dev.tty.legacy_tiocsti sysctl (Linux 6.2+; Debian 12's 6.1 has none),
+    so it holds on every kernel. The request is compared on its low 32 bits
+    (the kernel takes an unsigned int; CVE-2019-10063 bypassed flatpak's
+    64-bit compare with high bits set).
+  * setpriority(PRIO_USER) and ioprio_set(IOPRIO_WHO_USER): they reach
+    every process of a uid on the host, whatever pid namespace the agent
+    is in (the PRIO_PROCESS/PGRP forms are left to the pid namespace).
+With a network section enforced, socket() and socketpair() of a family the
+policy does not list (SeccompPolicy.socket_families; default unix, inet,
+inet6), and of a netlink protocol it does not list (netlink_protocols;
+default NETLINK_ROUTE, which getaddrinfo's AI_ADDRCONFIG, getifaddrs and
+if_nameindex use), are refused here: cgroup BPF's sock_create hook runs
+for inet and inet6 sockets only (sensors/egress.py).
+
+A relayed pty (a session of the agent's own, as script(1) gives) was
+considered and not done: the refusal above closes TIOCSTI on every kernel,
+and a relay would change job control, window size and raw mode for
+interactive agents. An agent keeps the user's terminal as its stdio.
 
 Three steps, so each can be tested without the next:
     plan(policy)     pure: the list of rules, with warnings for skipped names
@@ -44,10 +75,16 @@ Gaps, said out loud:
     posix_spawn) fall back to clone(), whose flags register is checked.
   * A syscall libseccomp does not know by name (newer than its table) cannot
     be named in a rule; plan() skips it with a warning instead of failing.
+  * Sockets made through io_uring (IORING_OP_SOCKET, Linux 5.19+) never
+    pass socket(): the family rules hold only where io_uring is refused
+    too (process.io_uring: false, enforced, as in every shipped policy).
+  * On architectures that still have socketcall(2) (s390x, ppc64, not
+    x86_64 or aarch64), socket() through it is not checked by family.
 """
 from __future__ import annotations
 
 import errno
+import termios
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -72,6 +109,56 @@ CLONE_NEW_FLAGS = {   # clone(2) flags that create namespaces. CLONE_NEWTIME (0x
 MFD_EXEC = 0x10
 PER_LINUX = 0
 PER_QUERY = 0xFFFFFFFF
+U32 = 0xFFFFFFFF        # mask for an int argument: the kernel reads its low 32 bits
+
+# ioctl requests refused in every filtered run, and why (x86_64/generic values;
+# the TIOC* numbers differ on a few architectures, so they come from termios)
+TERMINAL_IOCTLS = {
+    "TIOCSTI": (getattr(termios, "TIOCSTI", 0x5412),
+                "pushes bytes into the terminal's input queue: the user's shell runs them "
+                "after the agent exits"),
+    "TIOCLINUX": (getattr(termios, "TIOCLINUX", 0x541C),
+                  "virtual console services: paste the selection into the input queue "
+                  "(CVE-2023-1523), set the selection, blank or switch consoles"),
+    "TIOCCONS": (getattr(termios, "TIOCCONS", 0x541D),
+                 "redirects the console's output (kernel messages) to the agent's terminal"),
+    "TIOCSETD": (getattr(termios, "TIOCSETD", 0x5423),
+                 "changes the terminal's line discipline: the user's terminal stays broken "
+                 "after exit, and rare disciplines (n_hdlc, n_gsm) were kernel exploits"),
+    "KDSKBENT": (0x4B47, "rewrites a key of a virtual console's keymap: the user's next "
+                         "keystroke types what the agent chose"),
+    "KDSKBSENT": (0x4B49, "rewrites a function key's string on a virtual console (input "
+                          "injection at the next key press)"),
+    "KDSETKEYCODE": (0x4B4D, "remaps a virtual console's scancodes to keycodes"),
+}
+# Considered and left allowed: TIOCSCTTY (taking a terminal another session
+# holds needs CAP_SYS_ADMIN, which the agent does not have), TIOCSIG and
+# TIOCPKT (pty master only: the agent holds no master of the user's
+# terminal), KDSKBMODE/KDSETMODE (a keyboard or display mode: denial of
+# service on a console, not injection), TIOCSWINSZ (resizing is ordinary).
+PRIO_USER = 2
+IOPRIO_WHO_USER = 3
+AF_INET, AF_NETLINK = 2, 16
+SOCK_PACKET, SOCK_TYPE_MASK = 10, 0xF     # socket(AF_INET, SOCK_PACKET) is AF_PACKET to the kernel
+FAMILY_RULES_UPTO = 64    # families 1..63 by number, >= 64 by one compare (AF_MAX is 46 on 6.18)
+NETLINK_MAX_LINKS = 32    # the kernel refuses a netlink protocol outside 0..31 itself
+
+# syscalls the filter may refuse for some arguments only, and the rule their
+# refusals are reported under (clone, personality and memfd_create follow
+# their process toggles, see toggle_of); the sensor attaches their entry
+# probe so that ordinary calls failing with EPERM are not taken for refusals
+BY_ARGUMENT = {
+    "socket": ("network.socket", "a socket family or netlink protocol the policy does not list "
+                                 "(network.families, network.netlink)"),
+    "socketpair": ("network.socket", "a socket family the policy does not list (network.families)"),
+    "ioctl": ("process.terminal", "an ioctl that writes into a terminal's input or takes over a "
+                                  "console (" + ", ".join(TERMINAL_IOCTLS) + ")"),
+    "setpriority": ("syscalls.deny", "setpriority(PRIO_USER): reaches every process of a uid on "
+                                     "the host"),
+    "ioprio_set": ("syscalls.deny", "ioprio_set(IOPRIO_WHO_USER): reaches every process of a uid "
+                                    "on the host"),
+}
+CONDITIONAL = frozenset(BY_ARGUMENT) | {"clone", "personality", "memfd_create"}
 
 # policy toggle -> (syscalls denied when it is False, why)
 GROUPS = {
@@ -137,9 +224,17 @@ class SeccompPolicy:
     other: Sequence[str] = ("userfaultfd", "perf_event_open", "kcmp", "lookup_dcookie", "quotactl",
                             "swapon", "swapoff", "reboot", "acct", "settimeofday", "clock_settime",
                             "adjtimex", "iopl", "ioperm", "syslog", "vhangup")
+    terminal: bool = False      # False: TERMINAL_IOCTLS refused
+    prio_user: bool = False     # False: setpriority(PRIO_USER), ioprio_set(IOPRIO_WHO_USER) refused
+    # AF_* numbers socket()/socketpair() may create; None: no family rule (no
+    # network section enforced). AF_UNSPEC (0) is never refused: the kernel
+    # has no such family and says EAFNOSUPPORT itself.
+    socket_families: Sequence[int] = None
+    netlink_protocols: Sequence[int] = (0,)   # with AF_NETLINK allowed: NETLINK_ROUTE only
     action: str = "errno"
     # per rule group, overriding `action`: a toggle name (see GROUPS), "personality",
-    # "memfd_exec", "other" or "deny"; the policy's on_violation decides (sandbox/plan.py)
+    # "memfd_exec", "other", "deny", "terminal", "prio_user" or "socket"; the
+    # policy's on_violation decides (sandbox/plan.py)
     actions: dict = field(default_factory=dict)
 
     def action_of(self, group):
@@ -148,13 +243,20 @@ class SeccompPolicy:
 
 @dataclass(frozen=True)
 class Cond:
-    """Matches when (args[arg] & mask) == value (libseccomp MASKED_EQ).
+    """Matches when (args[arg] & mask) == value (libseccomp MASKED_EQ), or
+    with op "ge" when args[arg] >= value, all 64 bits unsigned (mask unused).
 
     Masks below 2**32 look at the low 32 bits only, which is what the kernel
-    reads for `unsigned int` arguments (personality, memfd_create flags)."""
+    reads for `int` and `unsigned int` arguments (personality, memfd_create
+    flags, socket families, ioctl requests)."""
     arg: int
     mask: int
     value: int
+    op: str = "eq"
+
+    def matches(self, args):
+        v = args[self.arg]
+        return v >= self.value if self.op == "ge" else v & self.mask == self.value
 
 
 @dataclass(frozen=True)
@@ -212,6 +314,31 @@ def _personality_rules(action):
     return rules
 
 
+def _socket_rules(p, action):
+    """socket() and socketpair() of a family outside p.socket_families, or
+    of a netlink protocol outside p.netlink_protocols. libseccomp takes one
+    comparison per argument per rule (conditions ANDed), so "not in the
+    set" is one rule per refused value: families 1..63 each on their low 32
+    bits, everything from 64 up by one 64-bit compare (over-refusing only
+    values with high bits set, which no libc passes); netlink protocols
+    0..31 each (the kernel refuses the rest itself, EPROTONOSUPPORT)."""
+    from ..policy.schema import NETLINK_PROTOCOLS, SOCKET_FAMILIES
+    family = {n: f for f, n in SOCKET_FAMILIES.items()}
+    protocol = {n: f for f, n in NETLINK_PROTOCOLS.items()}
+    allowed = set(p.socket_families)
+    conds = [((Cond(0, U32, f),), f"family {family.get(f, f)}: not in network.families")
+             for f in range(1, FAMILY_RULES_UPTO) if f not in allowed]
+    conds.append(((Cond(0, 0, FAMILY_RULES_UPTO, "ge"),), "an unknown family (64 or more)"))
+    if AF_NETLINK in allowed:
+        conds += [((Cond(0, U32, AF_NETLINK), Cond(2, U32, proto)),
+                   f"netlink protocol {protocol.get(proto, proto)}: not in network.netlink")
+                  for proto in range(NETLINK_MAX_LINKS) if proto not in set(p.netlink_protocols)]
+    if 17 not in allowed:   # AF_PACKET
+        conds.append(((Cond(0, U32, AF_INET), Cond(1, SOCK_TYPE_MASK, SOCK_PACKET)),
+                      "SOCK_PACKET, a packet socket: packet is not in network.families"))
+    return [Rule(name, action, c, why) for name in ("socket", "socketpair") for c, why in conds]
+
+
 def plan(p: SeccompPolicy) -> Plan:
     """The rules for policy p, in order. Pure: loads nothing.
 
@@ -241,6 +368,16 @@ def plan(p: SeccompPolicy) -> Plan:
     if not p.memfd_exec:
         rules.append(Rule("memfd_create", act("memfd_exec"), (Cond(1, MFD_EXEC, MFD_EXEC),),
                           "with MFD_EXEC"))
+    if not p.terminal:
+        rules += [Rule("ioctl", act("terminal"), (Cond(1, U32, req),), f"{name}: {why}")
+                  for name, (req, why) in TERMINAL_IOCTLS.items()]
+    if not p.prio_user:
+        rules += [Rule("setpriority", act("prio_user"), (Cond(0, U32, PRIO_USER),),
+                       "PRIO_USER reaches every process of a uid on the host"),
+                  Rule("ioprio_set", act("prio_user"), (Cond(0, U32, IOPRIO_WHO_USER),),
+                       "IOPRIO_WHO_USER reaches every process of a uid on the host")]
+    if p.socket_families is not None:
+        rules += _socket_rules(p, act("socket"))
     rules += [Rule(n, act("other"), (), "always denied (policy: other)") for n in p.other]
     rules += [Rule(n, act("deny"), (), "denied by policy (syscalls.deny)") for n in p.deny]
 
@@ -309,7 +446,8 @@ def build(p: SeccompPolicy):
     f.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
     f.set_attr(seccomp.Attr.CTL_NNP, 1)
     for r in rules:
-        args = [seccomp.Arg(c.arg, seccomp.MASKED_EQ, c.mask, c.value) for c in r.conds]
+        args = [seccomp.Arg(c.arg, seccomp.GE, c.value) if c.op == "ge" else
+                seccomp.Arg(c.arg, seccomp.MASKED_EQ, c.mask, c.value) for c in r.conds]
         f.add_rule(_action(r.action), r.syscall, *args)
     return f
 
@@ -345,6 +483,22 @@ def describe(p: SeccompPolicy) -> list[str]:
     elif not p.memfd_exec:
         lines.append("  memfd_create: MFD_EXEC refused; exec of a memfd (fexecve) is invisible "
                      "to seccomp and left to Landlock and exec monitoring")
+    if not p.terminal:
+        lines.append(f"  ioctl: {', '.join(TERMINAL_IOCTLS)} refused (terminal input injection, "
+                     "console take-over; compared on the low 32 bits)")
+    if not p.prio_user:
+        lines.append("  setpriority(PRIO_USER), ioprio_set(IOPRIO_WHO_USER) refused (they reach "
+                     "every process of a uid on the host)")
+    if p.socket_families is not None:
+        from ..policy.schema import NETLINK_PROTOCOLS, SOCKET_FAMILIES
+        fam_name = {n: f for f, n in SOCKET_FAMILIES.items()} | {AF_NETLINK: "netlink"}
+        proto_name = {n: f for f, n in NETLINK_PROTOCOLS.items()}
+        fams = [fam_name.get(f, str(f)) for f in sorted(p.socket_families)]
+        protos = [proto_name.get(n, str(n)) for n in sorted(p.netlink_protocols)]
+        netlink = (f" (netlink: {', '.join(protos)} only)" if AF_NETLINK in p.socket_families
+                   and len(protos) < NETLINK_MAX_LINKS else "")
+        lines.append(f"  socket, socketpair: only {', '.join(fams)}{netlink}; other families "
+                     "refused (compared on the low 32 bits)")
     other = [n for n in p.other if n in present]
     if other:
         lines.append(f"  always denied: {', '.join(other)}")

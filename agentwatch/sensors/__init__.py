@@ -122,6 +122,24 @@ def feature_cflags():
     return flags
 
 
+def exit_args_possible():
+    """The exit program can read a refused call's arguments from the task's
+    saved registers (-DAW_EXIT_ARGS, bpf/syscalls.bpf.c): x86_64 (the
+    register layout it reads), BTF (bpf_get_current_task_btf) and Linux
+    5.15+ (bpf_task_pt_regs). Sensors.open falls back without it if the
+    kernel refuses the program anyway. AGENTWATCH_EXIT_ARGS=0 turns it off
+    (the tests run both ways)."""
+    if os.environ.get("AGENTWATCH_EXIT_ARGS") == "0":
+        return False
+    if os.uname().machine != "x86_64" or not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return False
+    try:
+        major, minor = (int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 15)
+
+
 def import_bcc():
     """The bcc module, or a KernelFeatureError saying how to get it."""
     try:
@@ -165,7 +183,8 @@ class Sensors:
     def __init__(self, groups=S.GROUPS, ringbuf_pages=4096, denied=(), map_exec=False):
         """denied: what seccomp refuses with EPERM; map_exec: attach the
         mmap(PROT_EXEC) probes (bpf/mapexec.bpf.c) for runs given exec roots."""
-        self.specs = S.specs_for(groups, denied)
+        self.exit_args = exit_args_possible()   # refused calls' arguments read at exit
+        self.specs = S.specs_for(groups, denied, exit_args=self.exit_args)
         self._asked = (list(groups), list(denied))
         self.map_exec = map_exec
         self.groups = sorted({s.group for s in self.specs})
@@ -199,6 +218,20 @@ class Sensors:
                   "-Wno-unused-function"] + feature_cflags()
         if self.map_exec:
             cflags.append(f"-DAW_MAPEXEC_FDS={MAPEXEC_FDS}")
+        try:
+            self._load(cflags + (["-DAW_EXIT_ARGS"] if self.exit_args else []), callback)
+        except KernelFeatureError:
+            if not self.exit_args:
+                raise
+            # the kernel refused the register read: without it, the syscalls
+            # refused by argument get their entry probe back (specs_for)
+            self.exit_args = False
+            self.specs = S.specs_for(*self._asked, exit_args=False)
+            self.attached, self.missing, self.nr_to_spec = [], [], {}
+            self._load(cflags, callback)
+        return self
+
+    def _load(self, cflags, callback):
         self.bpf = compile_bpf(bpf_source(), cflags, "the BPF sensors")
         try:
             self._fill_specs()
@@ -213,7 +246,6 @@ class Sensors:
             raise KernelFeatureError(f"could not load or attach the BPF sensors: {e}; run "
                                      "'agentwatch doctor' to see which kernel feature is "
                                      "missing") from None
-        return self
 
     def close(self):
         """Detach everything. The last detach of a tracepoint waits for an RCU
@@ -299,7 +331,7 @@ class Sensors:
             return []
         self._asked = (groups, asked + new)
         old = {s.name: s for s in self.specs}
-        self.specs = S.specs_for(groups, asked + new)
+        self.specs = S.specs_for(groups, asked + new, exit_args=self.exit_args)
         for spec in self.specs:
             if old.get(spec.name) != spec and spec.name not in self.missing and self._set_spec(spec):
                 self._attach_spec(spec)

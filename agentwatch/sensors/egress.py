@@ -19,13 +19,18 @@ on an AF_INET6 socket) to its IPv4 code, so such denials are recorded by
 sendmsg4 with family "inet"; TCP connects to mapped addresses come through
 connect6 and are recorded as "inet6" ::ffff:a.b.c.d.
 
-What this layer cannot see (the seccomp/Landlock layers must cover it):
-- socket() of any family other than inet/inet6 (AF_PACKET, AF_VSOCK, ...):
-  the kernel runs the sock_create hook from inet_create/inet6_create only, so
-  ``allow_families`` is enforced here for inet/inet6 alone; use
-  ``allowed_family_numbers()`` for a seccomp filter on socket(). The obsolete
-  socket(AF_INET, SOCK_PACKET) is turned into AF_PACKET before that hook, so
-  seccomp must refuse it by type too.
+What this layer cannot see (the seccomp/Landlock layers cover it):
+- socket() of any family other than inet/inet6 (AF_PACKET, AF_VSOCK, netlink
+  by protocol, ...): the kernel runs the sock_create hook from
+  inet_create/inet6_create only, so ``allow_families`` is enforced here for
+  inet/inet6 alone. The seccomp filter refuses the rest before any of this
+  runs (sandbox/seccomp_filter.py ``socket_families``, from the policy's
+  network.families and network.netlink, sandbox/plan.py), including the
+  obsolete socket(AF_INET, SOCK_PACKET), which the kernel turns into
+  AF_PACKET before this hook. A family seccomp refuses never reaches this
+  hook, so a refused inet6 (network.families without it) is reported once,
+  from the filter's refusal, and "family-not-allowed" here is a second
+  layer that only fires if the two disagree.
 - bind() and listen(): allowed (binding does not send; inbound is not egress).
 - sockets created outside the cgroup and handed in (inherited fds,
   SCM_RIGHTS): cgroup hooks judge a socket by the cgroup it was created in.
@@ -49,6 +54,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
+from ..policy.schema import SOCKET_FAMILIES
 from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)
 
 # ---- constants shared with bpf/egress.bpf.c (checked by tests/unit/test_egress_rules.py)
@@ -77,11 +83,7 @@ class Event(ctypes.Structure):
 
 
 # socket families by name (linux/socket.h); only inet and inet6 are enforced here
-FAMILIES = {"unix": 1, "inet": 2, "ax25": 3, "ipx": 4, "appletalk": 5, "x25": 9,
-            "inet6": 10, "key": 15, "netlink": 16, "packet": 17, "rds": 21,
-            "llc": 26, "ib": 27, "mpls": 28, "can": 29, "tipc": 30, "bluetooth": 31,
-            "alg": 38, "nfc": 39, "vsock": 40, "kcm": 41, "qipcrtr": 42, "smc": 43,
-            "xdp": 44, "mctp": 45}
+FAMILIES = dict(SOCKET_FAMILIES, netlink=16)
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
                136: "udplite", 255: "raw", 262: "mptcp"}
@@ -132,8 +134,8 @@ class EgressRules:
     allow: list = field(default_factory=list)
     # True, False, or the loopback ports allowed (127.0.0.0/8, ::1, mapped)
     loopback: object = False
-    # socket() families allowed; only inet/inet6 are enforced in the kernel
-    allow_families: tuple = ("unix", "inet", "inet6", "netlink")
+    # socket() families allowed; only inet/inet6 are enforced here (seccomp holds the rest)
+    allow_families: tuple = ("unix", "inet", "inet6")
     # refuse every connect()/sendmsg() that names a unix socket (network.unix: false)
     deny_unix: bool = False
 
@@ -276,9 +278,8 @@ def compile_rules(rules):
 
 
 def allowed_family_numbers(rules):
-    """AF_* numbers of allow_families: a seccomp filter on socket() should
-    refuse every other family (and (AF_INET, SOCK_PACKET)), which cgroup BPF
-    cannot see."""
+    """AF_* numbers of allow_families (the inet and inet6 bits of the
+    sock_create program's configuration come from them)."""
     out = set()
     for name in rules.allow_families:
         if name not in FAMILIES:

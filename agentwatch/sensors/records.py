@@ -22,6 +22,7 @@ CNT_FOLDED = 6                                          # calls folded into repe
 ROUTE_PRIO, ROUTE_KILL = 0x1, 0x2                       # sensitive path map values
 MAPX_REPORT, MAPX_KILL = 1, 2                           # mapexec_on map values
 NOARG = 0xFF
+NOENTRY_ARGS = 1    # extra[0] of an EV_NOENTRY record whose args were read (-DAW_EXIT_ARGS)
 
 SPEC_EMIT = 0x01
 SPEC_NEED_ADDR = 0x02

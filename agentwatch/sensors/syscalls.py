@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import signal as _signal
 
 from ..events import FileEvent, NetEvent, SignalEvent, SyscallEvent, errno_name
+from ..policy.schema import SOCKET_FAMILIES
 from . import records as R
 
 GROUPS = ("process", "file", "net", "sensitive", "signal")
@@ -186,13 +187,25 @@ def syscall_number(name):
 
 _DENIED_WHY = ("refused by the run's seccomp filter (EPERM): its exit tracepoint alone "
                "reports each refusal (seccomp runs before sys_enter)")
+_BY_ARG_WHY = ("refused by the run's seccomp filter for some arguments only (EPERM): the "
+               "entry probe stashes every call it lets through, so an exit with EPERM and no "
+               "entry is a refusal and an ordinary EPERM is not")
 
 
-def specs_for(groups, denied=()):
+def specs_for(groups, denied=(), exit_args=False):
     """The specs of `groups` (and "process"), plus one for every syscall in
     `denied`, the names the run's seccomp filter refuses with EPERM: a watched
     one is marked so its refused calls are reported, any other gets its exit
-    tracepoint alone (group "seccomp"), so the attached set follows the filter."""
+    tracepoint alone (group "seccomp"), so the attached set follows the filter.
+    A syscall the filter refuses only for some arguments (socket by family,
+    ioctl by request: seccomp_filter.CONDITIONAL) needs its arguments to be
+    told from an ordinary call failing with EPERM for its own reasons. With
+    exit_args (the exit program reads them from the task's registers, see
+    Sensors.exit_args) the exit tracepoint alone does, and the judge
+    compares them with the run's filter; without, it gets its entry
+    tracepoint too, stash only, so the calls the filter lets through have an
+    entry (ioctl is the one called often: see README "Known limits")."""
+    from ..sandbox.seccomp_filter import CONDITIONAL
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown sensor group(s): {', '.join(sorted(unknown))}; "
@@ -204,7 +217,10 @@ def specs_for(groups, denied=()):
             out[at[name]] = replace(out[at[name]], denied=True)
         else:
             base = BY_NAME.get(name) or Spec(name=name, group="seccomp", op=name, why=_DENIED_WHY)
-            out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))
+            if name in CONDITIONAL and not exit_args:
+                out.append(replace(base, emit=False, enter=True, denied=True, why=_BY_ARG_WHY))
+            else:
+                out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))
     return out
 
 
@@ -231,11 +247,8 @@ def open_access(flags):
     return access
 
 
-_FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "inet", socket.AF_INET6: "inet6",
-             socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet", 0: "unspec"}
-for _name in ("AF_VSOCK", "AF_BLUETOOTH", "AF_CAN", "AF_ALG", "AF_XDP"):
-    if hasattr(socket, _name):
-        _FAMILIES[getattr(socket, _name)] = _name[3:].lower()
+# the names network.families uses, so the judge can look an event's family up there
+_FAMILIES = {number: name for name, number in SOCKET_FAMILIES.items()} | {16: "netlink", 0: "unspec"}
 _TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 6: "dccp", 10: "packet"}
 
 

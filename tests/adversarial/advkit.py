@@ -130,6 +130,29 @@ class Listener:
         self.sock.close()
 
 
+class NetlinkListener:
+    """A host process's NETLINK_USERSOCK socket, the kind of netlink
+    endpoint any process may send to: the agent must not reach it.
+    ``portid`` is its address; ``drain()`` what arrived."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 2)   # NETLINK_USERSOCK
+        self.sock.bind((0, 0))
+        self.portid = self.sock.getsockname()[0]
+        self.sock.setblocking(False)
+        self.data = []
+
+    def drain(self):
+        while True:
+            try:
+                self.data.append(self.sock.recv(65536))
+            except BlockingIOError:
+                return self.data
+
+    def close(self):
+        self.sock.close()
+
+
 # ----------------------------------------------------------------- the daemon
 
 def start_daemon(state_dir):

@@ -152,7 +152,8 @@ def test_named_constants(c_defines):
                 "AW_SPEC_PRIORITY": R.SPEC_PRIORITY, "AW_PREFIX_LEN": R.PREFIX_LEN,
                 "AW_SPEC_OPEN": R.SPEC_OPEN, "AW_CNT_KILLED": R.CNT_KILLED,
                 "AW_ROUTE_PRIO": R.ROUTE_PRIO, "AW_ROUTE_KILL": R.ROUTE_KILL,
-                "AW_MAPX_REPORT": R.MAPX_REPORT, "AW_MAPX_KILL": R.MAPX_KILL}
+                "AW_MAPX_REPORT": R.MAPX_REPORT, "AW_MAPX_KILL": R.MAPX_KILL,
+                "AW_NOENTRY_ARGS": R.NOENTRY_ARGS}
     for cname, pyval in expected.items():
         assert int(c_defines[cname], 0) == pyval, cname
     # counters indexes must fit the array the BPF side declares

@@ -17,9 +17,9 @@ x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 
 def verdict(rules, syscall, *args):
     """What the planned filter does with syscall(args): an action, or None (allowed).
     Mirrors libseccomp: rules for one syscall are OR'ed, conds in a rule AND'ed."""
-    args = list(args) + [0] * (6 - len(args))
+    args = [a & (2**64 - 1) for a in args] + [0] * (6 - len(args))   # registers: -1 is 2**64 - 1
     for r in rules:
-        if r.syscall == syscall and all(args[c.arg] & c.mask == c.value for c in r.conds):
+        if r.syscall == syscall and all(c.matches(args) for c in r.conds):
             return r.action
     return None
 
@@ -41,7 +41,8 @@ def test_default_policy_denies_every_group_but_change_uid():
 
 
 def test_toggles_remove_their_group():
-    everything = {t: True for t in GROUPS} | {"personality": True, "memfd_exec": True}
+    everything = {t: True for t in GROUPS} | {"personality": True, "memfd_exec": True,
+                                              "terminal": True, "prio_user": True}
     rules = plan(SeccompPolicy(other=(), **everything))
     assert list(rules) == []
     rules = plan(SeccompPolicy(other=(), **(everything | {"change_uid": False})))
@@ -190,10 +191,12 @@ def test_toggle_of():
 @pytest.mark.parametrize("ov, kills", [
     ({"default": "deny"}, set()),
     ({"process": "kill"}, {"ptrace", "change_uid", "namespaces", "mount", "bpf", "modules",
-                           "io_uring", "memfd_exec"}),
+                           "io_uring", "memfd_exec", "terminal"}),
     ({"default": "deny", "rules": {"process.ptrace": "kill"}}, {"ptrace"}),
     ({"syscalls": "kill", "rules": {"process.bpf": "kill"}},
-     {"keyring", "personality", "other", "deny", "bpf"}),
+     {"keyring", "personality", "other", "deny", "prio_user", "bpf"}),
+    ({"network": "kill"}, {"socket"}),
+    ({"rules": {"process.terminal": "kill"}}, {"terminal"}),
 ])
 def test_the_policy_chooses_kill_or_errno_per_rule(ov, kills):
     from agentwatch.sandbox.plan import seccomp_actions

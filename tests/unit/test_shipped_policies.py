@@ -129,7 +129,9 @@ def test_coding_agent_protocol_and_socket_types(coding):
     assert coding.check_connect("inet", "151.101.0.223", 443, None, "connect") is None    # unknown: by port
     assert rule(coding.check_socket("inet", "raw")) == "network.socket"
     assert rule(coding.check_socket("packet", "raw")) == "network.socket"
-    assert coding.check_socket("netlink", "raw") is None
+    assert coding.check_socket("netlink", "raw", 0) is None          # NETLINK_ROUTE: address look-ups
+    assert rule(coding.check_socket("netlink", "raw", 2)) == "network.socket"   # NETLINK_USERSOCK
+    assert rule(coding.check_socket("vsock", "stream")) == "network.socket"
     assert coding.check_socket("inet6", "stream") is None
 
 

@@ -326,6 +326,34 @@ def sockets(port):
         attempt("packet bind lo", lambda: p.bind(("lo", 0)))
 
 
+def families(port):
+    """Socket families no cgroup hook sees (issue #14): vsock to the host
+    (bound, as the attack did), a netlink protocol that carries data to user
+    space (NETLINK_USERSOCK), the obsolete SOCK_PACKET; and the route
+    protocol, which address look-ups need and which stays open."""
+    v = attempt("socket(AF_VSOCK)", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
+    if v is not None:
+        attempt("vsock bind", lambda: v.bind((socket.VMADDR_CID_ANY, port)))
+    n = attempt("socket(AF_NETLINK, NETLINK_USERSOCK)",
+                lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 2))
+    if n is not None:
+        attempt("usersock sendto", lambda: n.sendto(b"LEAK-NETLINK", (port, 0)))
+    attempt("socket(AF_INET, SOCK_PACKET)", lambda: socket.socket(socket.AF_INET, 10, socket.htons(3)))
+    r = attempt("socket(AF_NETLINK, NETLINK_ROUTE)", lambda: socket.socket(socket.AF_NETLINK,
+                                                                          socket.SOCK_RAW, 0))
+    if r is not None:
+        r.bind((0, 0))
+        r.send(struct.pack("=IHHIIBBBBI", 24, 22, 0x301, 1, 0, 0, 0, 0, 0, 0))   # RTM_GETADDR dump
+        attempt("RTM_GETADDR", lambda: len(r.recv(65536)))
+
+
+def user_wide_priority(uid):
+    """setpriority(PRIO_USER) and ioprio_set(IOPRIO_WHO_USER) reach every
+    process of the uid on the host, whatever pid namespace the agent is in."""
+    attempt("setpriority(PRIO_USER)", lambda: syscall(141, 2, uid, 19))
+    attempt("ioprio_set(IOPRIO_WHO_USER)", lambda: syscall(251, 3, uid, (3 << 13)))   # idle class
+
+
 # ---------------------------------------------------------------- resources
 
 def fork_bomb(marker):
@@ -366,6 +394,8 @@ STEPS = {
     "unix_connect": lambda name, abstract, wait: unix_connect(name, abstract == "1", float(wait)),
     "network": network, "proxy": lambda a, b: proxy(int(a), int(b)),
     "sockets": lambda port: sockets(int(port)),
+    "families": lambda port: families(int(port)),
+    "user_wide_priority": lambda uid: user_wide_priority(int(uid)),
     "fork_bomb": fork_bomb, "memory_hog": lambda marker, mb: memory_hog(marker, int(mb)),
 }
 
