@@ -22,6 +22,7 @@ EnforcementPlan, Event). Importing this module is cheap: the runner, the
 policy engine and bcc are imported when a function needs them, so that
 `agentwatch run` on the daemon stays a thin client (tests/unit/test_cli.py).
 """
+import contextlib
 import os
 import signal
 import sys
@@ -190,12 +191,18 @@ def run(options, *, daemon=None):
     return _result(r.run_id, code, r.summary)
 
 
+@contextlib.contextmanager
 def open_monitor(ringbuf_pages=4096):
-    """Sensors loaded once (every group, the executable-mapping probes),
-    for runs of this process at the same time: start(options, monitor=m).
-    A context manager; close it once its runs ended. Needs root."""
+    """with open_monitor() as m: sensors loaded once (every group, the
+    executable-mapping probes) for runs of this process at the same time,
+    start(options, monitor=m); closed at the end of the block, once its
+    runs ended. Needs root."""
     from .runner import Monitor
-    return Monitor(ringbuf_pages=ringbuf_pages, map_exec=True).open()
+    monitor = Monitor(ringbuf_pages=ringbuf_pages, map_exec=True).open()
+    try:
+        yield monitor
+    finally:
+        monitor.close()
 
 
 class RunHandle:
