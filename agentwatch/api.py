@@ -172,11 +172,14 @@ def _say(options, text):
 def run(options, *, daemon=None):
     """Run an agent to its end; a RunResult. daemon: None, on the daemon when
     one answers, else in this process; True, on the daemon (UsageError when
-    none answers); False, in this process (root needed). The run's messages
-    (its enforcement plan, --show events, the summary line) go to
-    options.stderr (on the daemon: our stderr). Bad input raises before
-    anything is created; SIGINT, SIGTERM and SIGHUP stop the agent."""
-    if daemon is not False:
+    none answers); False, in this process (root needed). On the daemon the
+    agent gets our stdin, stdout and stderr, so options with stdio or
+    stderr set run in this process unless daemon is True. The run's
+    messages (its enforcement plan, --show events, the summary line) go to
+    options.stderr (default and on the daemon: our stderr). Bad input
+    raises before anything is created; SIGINT, SIGTERM and SIGHUP stop the
+    agent."""
+    if daemon or (daemon is None and options.stdio is None and options.stderr is None):
         result = daemon_submit(options, require=bool(daemon))
         if result is not None:
             return result

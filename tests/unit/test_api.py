@@ -15,6 +15,7 @@ import pytest
 from agentwatch import api, state
 from agentwatch.core import options as options_mod
 from agentwatch.events import Event
+from test_cli import make_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POLICIES = os.path.join(REPO, "policies")
@@ -270,18 +271,9 @@ def test_policy_variables(tmp_path):
 # ---------------------------------------------------------------- runs on disk
 
 def _make_run(run_id, status, events=(), exit_status=None):
-    os.makedirs(state.run_path(run_id))
-    owner = {"pid": os.getpid(), "start_time": state.process_start_time(os.getpid())}
-    state.write_json_atomic(state.run_path(run_id, "run.json"), {
-        "run_id": run_id, "agent": "coder", "status": status, "owner": owner, "root_pid": 99,
-        "exit_status": exit_status,
-        "identity": {"start_time": 1795843221.0, "policy_name": "p", "policy_digest": "sha256:00",
-                     "command": ["python3", "agent.py"]}})
-    state.write_json_atomic(state.run_path(run_id, "stats.json"),
-                            {"pids": 3, "events": len(events), "lost_events": 1, "lost_stash": 2})
-    with open(state.run_path(run_id, "events.jsonl"), "w") as f:
-        for e in events:
-            f.write(json.dumps(e) + "\n")
+    make_run(run_id, status, events)          # test_cli's, plus an exit status
+    rec = state.read_json(state.run_path(run_id, "run.json"))
+    state.write_json_atomic(state.run_path(run_id, "run.json"), dict(rec, exit_status=exit_status))
 
 
 EVENTS = [
@@ -413,3 +405,23 @@ def test_a_run_with_bad_input_raises_before_anything_exists(state_dir):
         api.start(api.RunOptions(argv=["true"], policy_path="/nonexistent.yaml"))
     assert os.listdir(state_dir) == []
     assert api._OWN_MONITORS == [0]
+
+
+def test_run_goes_to_the_daemon_only_with_our_stdio(monkeypatch, state_dir):
+    """daemon=None: the daemon when the options leave stdio and stderr ours
+    (the daemon gives the agent our fds 0-2); True: always; False: never."""
+    asked = []
+
+    def submit(options, require=True):
+        asked.append(require)
+        return api.RunResult(exit_status=0, run_id="r", log_path="l", on_daemon=True)
+    monkeypatch.setattr(api, "daemon_submit", submit)
+    assert api.run(api.RunOptions(argv=["true"])).on_daemon and asked == [False]
+    assert api.run(api.RunOptions(argv=["true"], stdio=(0, 1, 2)), daemon=True).on_daemon
+    assert asked == [False, True]
+    for opts, daemon in ((api.RunOptions(argv=[], stdio=(0, 1, 2)), None),
+                         (api.RunOptions(argv=[], stderr=sys.stderr), None),
+                         (api.RunOptions(argv=[]), False)):
+        with pytest.raises(api.UsageError, match="no command given"):     # ran here
+            api.run(opts, daemon=daemon)
+    assert asked == [False, True]
