@@ -951,12 +951,3 @@ def _named_by(proc, name, ino, opened=()):
         except OSError:
             continue
     return None
-
-
-def run_agent(opts):
-    """Run an agent to completion; returns its exit status (128+N if killed by N)."""
-    run = Run(opts)
-    code = run.execute()
-    if run.summary:
-        print(run.summary, file=sys.stderr)
-    return code

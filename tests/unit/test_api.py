@@ -1,7 +1,8 @@
 """agentwatch.api, the one surface cli/ and the harness use: its names,
 signatures and return shapes are pinned here (a change to them is a change
 of contract: update this file on purpose), and what needs no root is run.
-tests/kernel/test_api.py runs agents through it."""
+tests/kernel/test_api_runs.py runs agents through it (a basename of its
+own: pytest imports test modules by name)."""
 import dataclasses
 import inspect
 import json
