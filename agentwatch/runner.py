@@ -230,6 +230,7 @@ class Run:
         self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
         self._lsm_opened = {}            # pid -> its last files opened (BPF LSM path only)
         self.limits = None
+        self.netns = None                # sandbox.netns.RunNetwork: the run's network namespace + relay
         self.init_reaped = True          # False while the run's init (PID namespace) is unreaped
         self.wall_deadline = None
         self.err = opts.stderr or sys.stderr   # agentwatch's own messages
@@ -601,6 +602,12 @@ class Run:
                 identity["enforcement"]["notes"].append(
                     "network.unix: this kernel has no cgroup unix socket hooks (Linux 6.7+): "
                     "connections to pathname unix sockets are judged, not denied")
+        if "net" in plan.namespaces:
+            from .sandbox.netns import RunNetwork
+            try:
+                self.netns = RunNetwork(plan.relay, uid=self.run_as.uid if self.run_as else None).open()
+            except AgentwatchError as e:
+                raise LaunchError(f"agent not started: {e}") from None
         if plan.wall_time:
             self.wall_deadline = time.monotonic() + plan.wall_time
 
@@ -627,7 +634,8 @@ class Run:
         private = bool(plan and plan.namespaces)
         if private:
             steps.append((f"enter private {', '.join(plan.namespaces)} and mount namespaces",
-                          lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc)))
+                          lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc,
+                                                   net_fd=self.netns.fd if self.netns else None)))
         if plan and plan.masks:
             steps.append(("mask denied paths", lambda: mounts.apply(plan.masks, new_ns=not private)))
         if plan and plan.landlock:
@@ -877,6 +885,7 @@ class Run:
                                 "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},
                                 "killed_in_kernel": stats["killed_in_kernel"],
                                 "bus": self.bus.counters(),
+                                "loopback_relay": self.netns.counters() if self.netns else None,
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
         counts = {"events": self.ctx.events, "lost": lost,
                   "violations": verdict["violations"] if verdict else 0}
@@ -919,6 +928,8 @@ class Run:
                 self.cgroup.kill()
             if self.child is not None:
                 self.child.close()
+            if self.netns is not None:
+                self.netns.close()
             self.bus.close()
             for g in self._guards():   # only once the agent tree is dead
                 if self.own_monitor:

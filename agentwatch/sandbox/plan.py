@@ -41,8 +41,8 @@ RUNTIME_WRITE = {
 # why the host's /proc is granted when the run shares the host's PID namespace
 HOST_PROC_WHY = ("the host's /proc (process.host_namespaces shares the PID namespace: every host "
                  "process is listed, and readable where its owner allows)")
-PROC_NET_NOTE = ("/proc/<pid>/net shows the network namespace's tables, and the run shares the "
-                 "host's: its sockets are listed there (reads outside the policy are reported)")
+PROC_NET_NOTE = ("the run shares the host's network namespace: /proc/net and /proc/<pid>/net list "
+                 "every socket of the host (reads outside the policy are reported)")
 # where the dynamic loader finds shared libraries: their mappings are
 # executable, so the BPF LSM exec allow list must cover them
 RUNTIME_LIBS = ["/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib"]
@@ -78,7 +78,8 @@ class EnforcementPlan:
     downgrades: list = field(default_factory=list)  # rules the kernel cannot hold here
     notes: list = field(default_factory=list)       # stricter-than-written outcomes, for the record
     resolved: dict = field(default_factory=dict)    # domain -> [ips]
-    namespaces: list = field(default_factory=list)  # private ones the run gets: "pid", "ipc" (+ mount)
+    namespaces: list = field(default_factory=list)  # private ones the run gets: "pid", "ipc", "net" (+ mount)
+    relay: list = field(default_factory=list)       # loopback ports relayed into the run's network namespace
     proc: str = None                                # the run's procfs: "pid" (subset=pid), "full", None
     widened: list = field(default_factory=list)     # grants beyond the policy's lists: {path, access, why}
 
@@ -88,7 +89,9 @@ class EnforcementPlan:
         lines += [f"note: {n}" for n in self.notes]
         if self.namespaces:
             lines.append(f"namespaces: private {', '.join(self.namespaces + ['mount'])}"
-                         + (f"; /proc: {ns.proc_options(self.proc == 'pid')}" if self.proc else ""))
+                         + (f"; /proc: {ns.proc_options(self.proc == 'pid')}" if self.proc else "")
+                         + (f"; network: only lo, {_relay_text(self.relay)}"
+                            if "net" in self.namespaces else ""))
         lines += [f"added beyond the policy: {w['access']} {w['path']} ({w['why']})"
                   for w in self.widened]
         if self.map_exec is not None:
@@ -104,6 +107,7 @@ class EnforcementPlan:
                 "noexec": [p for p, how in self.masks if how == "noexec"], "limits": self.limits,
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
                 "namespaces": self.namespaces,
+                "loopback_relay": self.relay if "net" in self.namespaces else None,
                 "proc": None if self.proc is None else ns.proc_options(self.proc == "pid"),
                 "widened": self.widened,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
@@ -186,8 +190,10 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
     res = data.get("resources") or {}
     abi = landlock.abi_version() if landlock_abi is None else landlock_abi
     shared = set(proc.get("host_namespaces") or ())
+    host_net = _host_network_why(data)
     if ns_missing is None:
-        ns_missing = ns.probe([k for k in ns.KINDS if k not in shared]) if os.geteuid() == 0 else {}
+        wanted = [k for k in ns.KINDS if k not in shared and (k != "net" or host_net is None)]
+        ns_missing = ns.probe(wanted) if os.geteuid() == 0 else {}
     own_pid = "pid" not in shared and "pid" not in ns_missing
 
     # ---- filesystem: Landlock allow lists + masks for denies inside them
@@ -350,29 +356,72 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         p.wall_time = parse_duration(res["wall_time"])
     if p.landlock or p.seccomp or p.egress:
         p.path = PATH_BPF_LSM if p.lsm else PATH_FALLBACK
-        _namespaces(p, fs, shared, ns_missing, variables)
+        _namespaces(p, fs, shared, ns_missing, variables, host_net)
+        if "net" in p.namespaces:
+            from ..policy.schema import relay_ports
+            p.relay = relay_ports(_loopback_ranges(net.get("loopback", False)))
     return p
 
 
-def _namespaces(p, fs, shared, missing, variables):
+# what sharing each namespace kind with the host leaves the agent (a note
+# when the policy asks for it, a downgrade when the host cannot make it)
+_SHARED = {"pid": ("it sees every host process and can name them by pid",
+                   "host processes stay visible and reachable by pid"),
+           "ipc": ("it can reach host SysV IPC objects and POSIX queues",
+                   "host SysV IPC objects stay reachable"),
+           "net": ("/proc/net lists every socket of the host",
+                   "/proc/net and /proc/<pid>/net list every socket of the host")}
+
+
+def _namespaces(p, fs, shared, missing, variables, host_net):
     """Every enforced run gets private PID and IPC namespaces (and a mount
-    namespace for its procfs) unless process.host_namespaces shares them;
-    one this host cannot make is a downgrade (sandbox/namespaces.py)."""
+    namespace for its procfs) unless process.host_namespaces shares them,
+    and a network namespace when its policy allows no remote egress
+    (host_net: why not, else None); one this host cannot make is a
+    downgrade (sandbox/namespaces.py, sandbox/netns.py)."""
     for kind in ns.KINDS:
         if kind in shared:
             p.notes.append(f"process.host_namespaces: the agent shares the host's {kind} namespace "
-                           + ("(it sees every host process and can name them by pid)" if kind == "pid"
-                              else "(it can reach host SysV IPC objects and POSIX queues)"))
+                           f"({_SHARED[kind][0]})")
+        elif kind == "net" and host_net is not None:
+            # the coming egress guard routes such runs; until then the host's
+            p.notes.append(f"network: {host_net}, so {PROC_NET_NOTE}")
         elif kind in missing:
             p.downgrades.append(f"process: no private {kind} namespace on this host ({missing[kind]}): "
-                                + ("host processes stay visible and reachable by pid" if kind == "pid"
-                                   else "host SysV IPC objects stay reachable"))
+                                f"{_SHARED[kind][1]}")
         else:
             p.namespaces.append(kind)
     if "pid" in p.namespaces:
         p.proc = "full" if _reads_host_proc(fs, variables) else "pid"
-        if p.proc == "full":
-            p.notes.append("/proc: " + PROC_NET_NOTE)
+    elif "net" in p.namespaces:
+        p.notes.append("network: the run's network namespace hides the host's sockets from "
+                       "/proc/net, but with the host's PID namespace /proc/<host pid>/net still "
+                       "lists them")
+
+
+def _host_network_why(data):
+    """Why an enforced run of this policy keeps the host's network
+    namespace (None: it gets its own). No network section held by the
+    kernel: the agent may reach anything, so it keeps the host's."""
+    from ..policy.schema import host_network_why
+    net = data.get("network")
+    if net is None:
+        return "the policy has no network section (the agent may connect anywhere)"
+    if section_action(data, "network") not in ENFORCING:
+        return "the network section only alerts (no connection is refused)"
+    return host_network_why(net.get("allow") or (), _loopback_ranges(net.get("loopback", False)))
+
+
+def _loopback_ranges(loop):
+    """network.loopback as True or [(lo, hi)] ((validated) ports or "lo-hi" ranges)."""
+    return loop if loop is True else [_port_range(x) for x in (loop or ())]
+
+
+def _relay_text(ports):
+    if not ports:
+        return "no loopback port relayed"
+    return (f"loopback port{'s' if len(ports) > 1 else ''} {', '.join(map(str, ports))} relayed "
+            "to the host's (TCP)")
 
 
 def _reads_host_proc(fs, variables):
