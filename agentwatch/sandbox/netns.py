@@ -96,7 +96,7 @@ class RunNetwork:
         self._listeners = []
         self._pairs = {}             # socket -> _Pair (both ends)
         self._counts = {"connections": 0, "refused": 0, "over_limit": 0, "timed_out": 0,
-                        "reset": 0, "bytes_to_host": 0, "bytes_to_agent": 0}
+                        "reset": 0, "errors": 0, "bytes_to_host": 0, "bytes_to_agent": 0}
         self._thread = None
         self._closing = False
         self._wake_r = self._wake_w = None
@@ -177,10 +177,16 @@ class RunNetwork:
                         os.read(self._wake_r, 64)
                     except BlockingIOError:
                         pass
-                elif key.data == "listen":
-                    self._accept(key.fileobj)
-                else:
-                    self._ready(key.fileobj, mask)
+                    continue
+                try:
+                    if key.data == "listen":
+                        self._accept(key.fileobj)
+                    else:
+                        self._ready(key.fileobj, mask)
+                except Exception:       # noqa: BLE001 - one connection's bug must not end the relay
+                    self._counts["errors"] += 1
+                    if key.data != "listen" and key.fileobj in self._pairs:
+                        self._drop(key.data, reset=True)
             now = time.monotonic()
             for pair in {p for p in self._pairs.values() if not p.connected and now > p.deadline}:
                 self._counts["timed_out"] += 1

@@ -293,7 +293,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                           for port in _landlock_ports(*_port_range(x))}
             rules.tcp_connect = sorted(ports | loop_ports)
         rules.scope_abstract_unix = net.get("unix", False) is False
-        if net.get("unix") not in (True, False):
+        if net.get("unix", False) not in (True, False):
             p.downgrades.append("network.unix path list: pathname unix sockets are judged, "
                                 "not denied (abstract ones are scoped when unix is false)")
         p.enforced.append("network")
