@@ -386,37 +386,16 @@ def test_the_relay_is_bounded_survives_vanishing_clients_and_closes_everything(t
     (the rest reset and counted); clients that vanish free their slots;
     close() ends the thread and every socket, and the port is then closed."""
     from agentwatch.sandbox.netns import RunNetwork
-    echo = socket.create_server(("127.0.0.1", 0))
-    port = echo.getsockname()[1]
-
-    def serve():
-        while True:
-            try:
-                c, _ = echo.accept()
-            except OSError:
-                return
-
-            def pump(c=c):
-                with c:
-                    try:
-                        while True:
-                            d = c.recv(65536)
-                            if not d:
-                                break
-                            c.sendall(d)
-                    except OSError:
-                        pass
-            threading.Thread(target=pump, daemon=True).start()
-    threading.Thread(target=serve, daemon=True).start()
+    service = _Service()
+    port = service.port
     fds_before = len(os.listdir("/proc/self/fd"))
     net = RunNetwork([port], max_connections=4).open()
     try:
-        links = _inside(net.fd, lambda: os.listdir("/sys/class/net") and
-                        open("/proc/thread-self/net/dev").read())
-        assert [line.split(":")[0].strip() for line in links.splitlines()[2:]] == ["lo"]
+        links = _inside(net.fd, lambda: open("/proc/thread-self/net/dev").read())
+        assert [line.split(":")[0].strip() for line in links.splitlines()[2:]] == ["lo"]   # up: it carries
         payload = os.urandom(3 << 20)
 
-        def transfer():
+        def transfer():                 # the service answers once the agent's side is closed
             s = socket.create_connection(("127.0.0.1", port), timeout=30)
             sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
             sender.start()
@@ -429,7 +408,7 @@ def test_the_relay_is_bounded_survives_vanishing_clients_and_closes_everything(t
             sender.join()
             s.close()
             return bytes(got)
-        assert _inside(net.fd, transfer) == payload
+        assert _inside(net.fd, transfer) == b"PONG:" + payload
 
         def crowd():
             held, results = [], []
@@ -439,14 +418,15 @@ def test_the_relay_is_bounded_survives_vanishing_clients_and_closes_everything(t
             for s in held:
                 try:
                     s.sendall(b"x")
-                    results.append(s.recv(1))
+                    s.shutdown(socket.SHUT_WR)
+                    results.append(s.recv(16))
                 except OSError as e:
                     results.append(e.errno)
             for s in held:
                 s.close()           # vanish, with nothing said
             return results
         results = _inside(net.fd, crowd)
-        assert results.count(b"x") == 4 and len(results) == 6, results
+        assert results.count(b"PONG:x") == 4 and len(results) == 6, results
         c = net.counters()
         assert c["over_limit"] == 2 and c["connections"] == 5, c
         deadline = time.monotonic() + 5
@@ -458,11 +438,11 @@ def test_the_relay_is_bounded_survives_vanishing_clients_and_closes_everything(t
         fd = os.dup(net.fd)
     finally:
         net.close()
-        echo.close()
+        service.close()
     try:
         with pytest.raises(ConnectionRefusedError):
             _inside(fd, lambda: socket.create_connection(("127.0.0.1", port), timeout=5))
     finally:
         os.close(fd)
     assert not [t for t in threading.enumerate() if t.name == "aw-loopback-relay"]
-    assert len(os.listdir("/proc/self/fd")) <= fds_before + 1      # + the echo thread's, if any
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
