@@ -45,6 +45,7 @@ PROC_NET_NOTE = ("/proc/<pid>/net shows the network namespace's tables, and the 
                  "host's: its sockets are listed there (reads outside the policy are reported)")
 # where the dynamic loader finds shared libraries: their mappings are
 # executable, so the BPF LSM exec allow list must cover them
+LANDLOCK_PORTS_MAX = 4096   # beyond this many allowed TCP ports, cgroup BPF alone holds them
 RUNTIME_LIBS = ["/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib"]
 PATH_FALLBACK = "landlock+seccomp+cgroup-bpf"
 PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK
@@ -285,7 +286,12 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             # entries are ports or "lo-hi" ranges, as in network.allow
             loop_ports = {port for x in (loop if isinstance(loop, list) else ())
                           for port in _landlock_ports(*_port_range(x))}
-            rules.tcp_connect = sorted(ports | loop_ports)
+            if len(ports | loop_ports) <= LANDLOCK_PORTS_MAX:
+                rules.tcp_connect = sorted(ports | loop_ports)
+            else:
+                p.notes.append(f"network: {len(ports | loop_ports)} TCP ports allowed, more than the "
+                               f"{LANDLOCK_PORTS_MAX} Landlock rules agentwatch adds (one per port); "
+                               "cgroup BPF alone holds the ports")
         rules.scope_abstract_unix = net.get("unix", False) is False
         if net.get("unix") not in (True, False):
             p.downgrades.append("network.unix path list: pathname unix sockets are judged, "
@@ -475,9 +481,8 @@ def _under_any(path, tops):
 
 
 def _landlock_ports(lo, hi):
-    """The ports of a range that get a Landlock TCP rule (one rule per port;
-    at most 65 of a range)."""
-    return range(lo, min(hi, lo + 64) + 1)
+    """The ports of a range: Landlock takes one TCP rule per port."""
+    return range(lo, hi + 1)
 
 
 def _port_range(v):
