@@ -627,7 +627,8 @@ class Run:
         private = bool(plan and plan.namespaces)
         if private:
             steps.append((f"enter private {', '.join(plan.namespaces)} and mount namespaces",
-                          lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc)))
+                          lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc,
+                                                   dev=plan.dev)))
         if plan and plan.masks:
             steps.append(("mask denied paths", lambda: mounts.apply(plan.masks, new_ns=not private)))
         if plan and plan.landlock:

@@ -43,6 +43,7 @@ import ctypes
 import os
 
 from ..errors import KernelFeatureError
+from . import devices
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
@@ -145,11 +146,12 @@ def proc_options(subset):
     return f"hidepid=invisible,gid={HIDEPID_GID}" + (",subset=pid" if subset else "")
 
 
-def enter(ipc=True, proc=None):
+def enter(ipc=True, proc=None, dev=None):
     """Child side, first step: a mount namespace of its own (and an IPC one),
-    every mount private, then the run's procfs and IPC filesystems.
+    every mount private, then the run's procfs, /dev and IPC filesystems.
     proc: None (keep the host's /proc: the run shares its PID namespace),
-    "pid" (subset=pid) or "full"."""
+    "pid" (subset=pid) or "full". dev: the devices of the run's minimal
+    /dev (sandbox/devices.py), or None to keep the host's."""
     _unshare(CLONE_NEWNS | (CLONE_NEWIPC if ipc else 0),
              "unshare(CLONE_NEWNS" + ("|CLONE_NEWIPC)" if ipc else ")"))
     if _mount(None, "/", None, MS_REC | MS_PRIVATE) != 0:
@@ -158,6 +160,8 @@ def enter(ipc=True, proc=None):
         if _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                   proc_options(proc == "pid")) != 0:
             raise _err(f"mount the run's procfs on /proc ({proc_options(proc == 'pid')})")
+    if dev is not None:
+        devices.mount_minimal(dev, host_ipc=not ipc)
     if ipc:
         # POSIX shared memory and semaphores are files in /dev/shm, outside the
         # IPC namespace; message queues need a mqueue mount of the new namespace

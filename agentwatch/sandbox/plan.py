@@ -15,7 +15,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from . import landlock, mounts, namespaces as ns
+from . import devices, landlock, mounts, namespaces as ns
 from .seccomp_filter import SeccompPolicy
 from ..policy.matchers import Glob, expand, has_wildcards
 
@@ -82,6 +82,7 @@ class EnforcementPlan:
     namespaces: list = field(default_factory=list)  # private ones the run gets: "pid", "ipc" (+ mount)
     proc: str = None                                # the run's procfs: "pid" (subset=pid), "full", None
     widened: list = field(default_factory=list)     # grants beyond the policy's lists: {path, access, why}
+    dev: list = None                                # the run's minimal /dev (devices.plan), None: the host's
 
     def describe(self):
         lines = [f"enforcement: {self.path}; kernel holds: {', '.join(self.enforced) or 'nothing'}"]
@@ -90,6 +91,9 @@ class EnforcementPlan:
         if self.namespaces:
             lines.append(f"namespaces: private {', '.join(self.namespaces + ['mount'])}"
                          + (f"; /proc: {ns.proc_options(self.proc == 'pid')}" if self.proc else ""))
+        if self.dev is not None:
+            lines.append(f"/dev: a tmpfs of the run's own with {' '.join(os.path.basename(d) for d in self.dev)}, "
+                         "pts, shm, mqueue (no disks, consoles or other devices the policy does not name)")
         lines += [f"added beyond the policy: {w['access']} {w['path']} ({w['why']})"
                   for w in self.widened]
         if self.map_exec is not None:
@@ -106,7 +110,7 @@ class EnforcementPlan:
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
                 "namespaces": self.namespaces,
                 "proc": None if self.proc is None else ns.proc_options(self.proc == "pid"),
-                "widened": self.widened,
+                "widened": self.widened, "dev": self.dev,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
                                                           "file_deny": self.lsm.file_deny,
                                                           "signals": self.lsm.signals,
@@ -379,6 +383,9 @@ def _namespaces(p, fs, shared, missing, variables):
         p.proc = "full" if _reads_host_proc(fs, variables) else "pid"
         if p.proc == "full":
             p.notes.append("/proc: " + PROC_NET_NOTE)
+    if p.namespaces:        # the run has a mount namespace of its own: and a /dev
+        p.dev = devices.plan(_exp([x for k in ("read", "write", "exec") for x in (fs or {}).get(k) or ()],
+                                  variables))
 
 
 def _reads_host_proc(fs, variables):
