@@ -94,7 +94,7 @@ LAYERS = [
     ("integrity", ["agentwatch.integrity"]),
     # sinks/ (run log, console) become the engine's reporter and run/'s log
     ("engine", ["agentwatch.engine", "agentwatch.sinks"]),
-    # sensors/egress.py and sensors/lsm.py (enforcement) move to guards/
+    # guards/: the kernel enforcement objects (egress, BPF LSM); sensors/: observation
     ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors"]),
     ("policy", ["agentwatch.policy"]),
     # errors.py and events.py move into core/; state.py (the state directory

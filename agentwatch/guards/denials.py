@@ -3,7 +3,10 @@ buffer of denial records delivered to a callback, and per-CPU counters of
 denials and lost records. Only the record decoding differs."""
 import ctypes
 
-CNT_DENIED, CNT_LOST = 0, 1   # indexes of the per-CPU counter map
+from . import records as R
+
+# indexes of the per-CPU counter map, the same in both guards (bpf/guards.h)
+CNT_DENIED, CNT_LOST = R.EG_CNT_DENIED, R.EG_CNT_LOST
 
 
 class DenialStream:
