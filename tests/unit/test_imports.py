@@ -38,7 +38,8 @@ def python(code):
 
 
 def test_module_list_is_complete():
-    for m in ("agentwatch.engine", "agentwatch.sensors.syscalls", "agentwatch.runner", "cli.main"):
+    for m in ("agentwatch.engine", "agentwatch.sensors.syscalls", "agentwatch.guards.egress",
+              "agentwatch.guards.lsm", "agentwatch.runner", "cli.main"):
         assert m in MODULES
 
 
