@@ -13,10 +13,16 @@ class DenialStream:
     """Mixin. Subclasses set COUNTERS (the counter map's name) and
     enforcement (the layer's name in run records), keep
     self.bpf, self.received, self.errors, self._on_denial, and define
-    _decode(raw) -> dict."""
+    _decode(raw) -> dict and close() (also run at the end of a with block)."""
 
     COUNTERS = None
     _base = (0, 0)         # counter totals when the stream (re)started
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _on_record(self, _ctx, data, size):
         self.received += 1

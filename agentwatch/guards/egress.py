@@ -483,12 +483,6 @@ class Egress(DenialStream):
         self.bpf.cleanup()
         self.bpf = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def _decode(self, raw):
         return decode_denial(raw)
 

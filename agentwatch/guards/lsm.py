@@ -560,12 +560,6 @@ class LsmGuard(DenialStream):
             self.bpf.cleanup()
             self.bpf = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     # -- records ------------------------------------------------------------------------
     def _decode(self, raw):
         return decode_denial(raw, self.known_paths())

@@ -11,12 +11,11 @@ import errno
 import ipaddress
 import os
 import re
-import shutil
 import struct
-import subprocess
 
 import pytest
 
+import ckit
 from agentwatch.guards import denials, egress, lsm
 from agentwatch.guards import records as R
 
@@ -28,9 +27,6 @@ PROGRAMS = ("egress.bpf.c", "lsm.bpf.c")
 # Defines with no Python counterpart, on purpose.
 C_ONLY = {"AW_GUARDS_H",                        # include guard
           "AW_EG_CNT_MAX", "AW_LSM_CNT_MAX"}    # sizes of the counter arrays, BPF side only
-
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="host gcc not installed")
-
 
 def _strip_comments(text):
     return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
@@ -52,37 +48,13 @@ HEADER = header_structs()
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory):
     """{struct: {field: (offset, size), "sizeof": (size, 0)}} as gcc sees them."""
-    if shutil.which("gcc") is None:
-        pytest.skip("host gcc not installed")
-    lines = ["#include <stdint.h>", "#include <stddef.h>", "#include <stdio.h>",
-             "typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32;",
-             "typedef int32_t __s32; typedef uint64_t __u64;",
-             '#include "guards.h"', "int main(void) {"]
-    for name, fields in HEADER.items():
-        lines.append(f'  printf("{name} sizeof %zu 0\\n", sizeof(struct {name}));')
-        lines += [f'  printf("{name} {f} %zu %zu\\n", offsetof(struct {name}, {f}), '
-                  f"sizeof(((struct {name} *)0)->{f}));" for f in fields]
-    lines += ["  return 0;", "}"]
-    d = tmp_path_factory.mktemp("guards_layout")
-    src, exe = d / "layout.c", d / "layout"
-    src.write_text("\n".join(lines) + "\n")
-    subprocess.run(["gcc", "-Wall", "-Werror", "-I", BPF, "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    layout = {}
-    for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
-        name, field, off, size = line.split()
-        layout.setdefault(name, {})[field] = (int(off), int(size))
-    return layout
+    return ckit.layout(GUARDS_H, HEADER, str(tmp_path_factory.mktemp("guards_layout")))
 
 
 @pytest.fixture(scope="module")
 def c_defines():
     """Every AW_* #define of guards.h, as gcc's preprocessor sees it."""
-    if shutil.which("gcc") is None:
-        pytest.skip("host gcc not installed")
-    out = subprocess.run(["gcc", "-dM", "-E", "-x", "c", GUARDS_H], check=True,
-                         capture_output=True, text=True).stdout
-    return {m[1]: int(m[2].strip(), 0) for m in re.finditer(r"^#define (AW_\w+) (.+)$", out, re.M)}
+    return {name: int(value, 0) for name, value in ckit.defines(GUARDS_H).items()}
 
 
 # ---- layout ------------------------------------------------------------------------------
@@ -102,7 +74,6 @@ def test_fields_are_the_headers_in_order(name):
     assert [f for f, *_ in R.RECORDS[name]._fields_] == HEADER[name]
 
 
-@needs_gcc
 @pytest.mark.parametrize("name", sorted(HEADER))
 def test_field_offsets_and_sizes_match_c(c_layout, name):
     cls = R.RECORDS[name]
@@ -123,7 +94,6 @@ def test_the_programs_define_no_record_of_their_own():
 
 # ---- constants ---------------------------------------------------------------------------
 
-@needs_gcc
 def test_every_define_has_its_python_constant(c_defines):
     for cname, value in c_defines.items():
         if cname in C_ONLY:
@@ -132,13 +102,11 @@ def test_every_define_has_its_python_constant(c_defines):
         assert getattr(R, pyname, None) == value, f"{cname}={value} but records.{pyname}={getattr(R, pyname, None)}"
 
 
-@needs_gcc
 def test_every_python_constant_is_in_the_header(c_defines):
     py = {n for n, v in vars(R).items() if n.startswith(("EG_", "LSM_")) and isinstance(v, int)}
     assert py == {n[len("AW_"):] for n in c_defines} - {n[len("AW_"):] for n in C_ONLY}
 
 
-@needs_gcc
 def test_counter_indexes_fit_and_are_shared(c_defines):
     for guard in ("EG", "LSM"):
         assert (c_defines[f"AW_{guard}_CNT_DENIED"], c_defines[f"AW_{guard}_CNT_LOST"]) == (
