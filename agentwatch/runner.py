@@ -241,7 +241,7 @@ class Run:
         mode = self.opts.bpf_lsm
         if mode == "off":
             return False
-        from .sensors.lsm import LsmGuard
+        from .guards.lsm import LsmGuard
         why = LsmGuard.unavailable()
         if why and mode == "on":
             raise KernelFeatureError(f"--bpf-lsm on: {why}")
@@ -584,7 +584,7 @@ class Run:
                 identity["enforcement"]["downgrades"].append(
                     f"resources: no {', '.join(self.limits.missing)} controller")
         if plan.lsm is not None:
-            from .sensors.lsm import LsmGuard
+            from .guards.lsm import LsmGuard
             try:
                 self.lsm = self._guard(LsmGuard, plan.lsm.exec_allow, plan.lsm.file_deny, None,
                                        plan.lsm.signals, plan.lsm.unix).open(
@@ -594,7 +594,7 @@ class Run:
                                   "(agentwatch run --bpf-lsm off uses Landlock, seccomp and "
                                   "cgroup BPF alone)") from None
         if plan.egress is not None:
-            from .sensors.egress import Egress
+            from .guards.egress import Egress
             self.egress = self._guard(Egress, plan.egress).open(self.cgroup.path,
                                                                  self._on_egress_denial)
             if self.egress.unix_hooks is False and not (plan.lsm and plan.lsm.unix):

@@ -53,7 +53,7 @@ PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK
 
 @dataclass
 class LsmRules:
-    """What the BPF LSM layer (sensors/lsm.py) holds on top of Landlock:
+    """What the BPF LSM layer (guards/lsm.py) holds on top of Landlock:
     exec and executable mappings only of files below exec_allow (by inode,
     so copies, renames and the dynamic loader cannot widen it; None: rule
     off), and no open of the files below file_deny under any name."""
@@ -68,7 +68,7 @@ class EnforcementPlan:
     path: str = "monitor-only"                 # which enforcement path the run gets
     landlock: object = None                    # landlock.LandlockPlan
     seccomp: SeccompPolicy = None
-    egress: object = None                      # sensors.egress.EgressRules
+    egress: object = None                      # guards.egress.EgressRules
     lsm: LsmRules = None                       # BPF LSM layer, where the kernel has it
     map_exec: list = None                      # report mmap(PROT_EXEC) outside these prefixes
     map_exec_kill: bool = False                # ... and kill the process at it
@@ -258,7 +258,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
 
     # ---- network: cgroup BPF egress (+ Landlock TCP ports, + scopes)
     if net is not None and section_action(data, "network") in ENFORCING:
-        from ..sensors.egress import EgressRules
+        from ..guards.egress import EgressRules
         allow, ports, any_port = [], set(), False
         domains = [r["domain"] for r in net.get("allow") or [] if r.get("domain")]
         p.resolved = resolve_domains(domains)
