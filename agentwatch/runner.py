@@ -699,7 +699,7 @@ class Run:
                                       "proto": d.get("proto")})
 
     def _on_lsm_denial(self, d):
-        """A refusal by a BPF LSM program (sensors/lsm.py): exec or executable
+        """A refusal by a BPF LSM program (guards/lsm.py): exec or executable
         mapping of a file outside the allow set, or open of a denied file.
         The program names the file by inode and basename; a name not found
         yet waits (up to LSM_NAME_WAIT_S) for the process's exec record,
