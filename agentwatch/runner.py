@@ -242,7 +242,7 @@ class Run:
         mode = self.opts.bpf_lsm
         if mode == "off":
             return False
-        from .sensors.lsm import LsmGuard
+        from .guards.lsm import LsmGuard
         why = LsmGuard.unavailable()
         if why and mode == "on":
             raise KernelFeatureError(f"--bpf-lsm on: {why}")
@@ -585,7 +585,7 @@ class Run:
                 identity["enforcement"]["downgrades"].append(
                     f"resources: no {', '.join(self.limits.missing)} controller")
         if plan.lsm is not None:
-            from .sensors.lsm import LsmGuard
+            from .guards.lsm import LsmGuard
             try:
                 self.lsm = self._guard(LsmGuard, plan.lsm.exec_allow, plan.lsm.file_deny, None,
                                        plan.lsm.signals, plan.lsm.unix).open(
@@ -595,7 +595,7 @@ class Run:
                                   "(agentwatch run --bpf-lsm off uses Landlock, seccomp and "
                                   "cgroup BPF alone)") from None
         if plan.egress is not None:
-            from .sensors.egress import Egress
+            from .guards.egress import Egress
             self.egress = self._guard(Egress, plan.egress).open(self.cgroup.path,
                                                                  self._on_egress_denial)
             if self.egress.unix_hooks is False and not (plan.lsm and plan.lsm.unix):
@@ -635,6 +635,7 @@ class Run:
         if private:
             steps.append((f"enter private {', '.join(plan.namespaces)} and mount namespaces",
                           lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc,
+                                                   dev=plan.dev,
                                                    net_fd=self.netns.fd if self.netns else None)))
         if plan and plan.masks:
             steps.append(("mask denied paths", lambda: mounts.apply(plan.masks, new_ns=not private)))
@@ -706,7 +707,7 @@ class Run:
                                       "proto": d.get("proto")})
 
     def _on_lsm_denial(self, d):
-        """A refusal by a BPF LSM program (sensors/lsm.py): exec or executable
+        """A refusal by a BPF LSM program (guards/lsm.py): exec or executable
         mapping of a file outside the allow set, or open of a denied file.
         The program names the file by inode and basename; a name not found
         yet waits (up to LSM_NAME_WAIT_S) for the process's exec record,

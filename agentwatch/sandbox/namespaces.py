@@ -47,6 +47,7 @@ import ctypes
 import os
 
 from ..errors import KernelFeatureError
+from . import devices
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
@@ -150,12 +151,14 @@ def proc_options(subset):
     return f"hidepid=invisible,gid={HIDEPID_GID}" + (",subset=pid" if subset else "")
 
 
-def enter(ipc=True, proc=None, net_fd=None):
+def enter(ipc=True, proc=None, dev=None, net_fd=None):
     """Child side, first step: a mount namespace of its own (and an IPC one),
-    every mount private, then the run's procfs and IPC filesystems.
+    every mount private, then the run's procfs, /dev and IPC filesystems.
     proc: None (keep the host's /proc: the run shares its PID namespace),
-    "pid" (subset=pid) or "full". net_fd: the run's network namespace
-    (sandbox/netns.py made it), joined first and closed."""
+    "pid" (subset=pid) or "full". dev: the devices of the run's minimal
+    /dev (sandbox/devices.py), or None to keep the host's. net_fd: the
+    run's network namespace (sandbox/netns.py made it), joined first and
+    closed."""
     if net_fd is not None:
         try:
             if _libc.setns(net_fd, ctypes.c_int(CLONE_NEWNET)) != 0:
@@ -170,6 +173,8 @@ def enter(ipc=True, proc=None, net_fd=None):
         if _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                   proc_options(proc == "pid")) != 0:
             raise _err(f"mount the run's procfs on /proc ({proc_options(proc == 'pid')})")
+    if dev is not None:
+        devices.mount_minimal(dev, host_ipc=not ipc)
     if ipc:
         # POSIX shared memory and semaphores are files in /dev/shm, outside the
         # IPC namespace; message queues need a mqueue mount of the new namespace

@@ -15,7 +15,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from . import landlock, mounts, namespaces as ns
+from . import devices, landlock, mounts, namespaces as ns
 from .seccomp_filter import SeccompPolicy
 from ..policy.matchers import Glob, expand, has_wildcards
 
@@ -45,6 +45,7 @@ PROC_NET_NOTE = ("the run shares the host's network namespace: /proc/net and /pr
                  "every socket of the host (reads outside the policy are reported)")
 # where the dynamic loader finds shared libraries: their mappings are
 # executable, so the BPF LSM exec allow list must cover them
+LANDLOCK_PORTS_MAX = 4096   # beyond this many allowed TCP ports, cgroup BPF alone holds them
 RUNTIME_LIBS = ["/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib"]
 PATH_FALLBACK = "landlock+seccomp+cgroup-bpf"
 PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK
@@ -52,7 +53,7 @@ PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK
 
 @dataclass
 class LsmRules:
-    """What the BPF LSM layer (sensors/lsm.py) holds on top of Landlock:
+    """What the BPF LSM layer (guards/lsm.py) holds on top of Landlock:
     exec and executable mappings only of files below exec_allow (by inode,
     so copies, renames and the dynamic loader cannot widen it; None: rule
     off), and no open of the files below file_deny under any name."""
@@ -67,7 +68,7 @@ class EnforcementPlan:
     path: str = "monitor-only"                 # which enforcement path the run gets
     landlock: object = None                    # landlock.LandlockPlan
     seccomp: SeccompPolicy = None
-    egress: object = None                      # sensors.egress.EgressRules
+    egress: object = None                      # guards.egress.EgressRules
     lsm: LsmRules = None                       # BPF LSM layer, where the kernel has it
     map_exec: list = None                      # report mmap(PROT_EXEC) outside these prefixes
     map_exec_kill: bool = False                # ... and kill the process at it
@@ -82,6 +83,7 @@ class EnforcementPlan:
     relay: list = field(default_factory=list)       # loopback ports relayed into the run's network namespace
     proc: str = None                                # the run's procfs: "pid" (subset=pid), "full", None
     widened: list = field(default_factory=list)     # grants beyond the policy's lists: {path, access, why}
+    dev: list = None                                # the run's minimal /dev (devices.plan), None: the host's
 
     def describe(self):
         lines = [f"enforcement: {self.path}; kernel holds: {', '.join(self.enforced) or 'nothing'}"]
@@ -92,6 +94,9 @@ class EnforcementPlan:
                          + (f"; /proc: {ns.proc_options(self.proc == 'pid')}" if self.proc else "")
                          + (f"; network: only lo, {_relay_text(self.relay)}"
                             if "net" in self.namespaces else ""))
+        if self.dev is not None:
+            lines.append(f"/dev: a tmpfs of the run's own with {' '.join(os.path.basename(d) for d in self.dev)}, "
+                         "pts, shm, mqueue (no disks, consoles or other devices the policy does not name)")
         lines += [f"added beyond the policy: {w['access']} {w['path']} ({w['why']})"
                   for w in self.widened]
         if self.map_exec is not None:
@@ -109,7 +114,7 @@ class EnforcementPlan:
                 "namespaces": self.namespaces,
                 "loopback_relay": self.relay if "net" in self.namespaces else None,
                 "proc": None if self.proc is None else ns.proc_options(self.proc == "pid"),
-                "widened": self.widened,
+                "widened": self.widened, "dev": self.dev,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
                                                           "file_deny": self.lsm.file_deny,
                                                           "signals": self.lsm.signals,
@@ -259,7 +264,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
 
     # ---- network: cgroup BPF egress (+ Landlock TCP ports, + scopes)
     if net is not None and section_action(data, "network") in ENFORCING:
-        from ..sensors.egress import EgressRules
+        from ..guards.egress import EgressRules
         allow, ports, any_port = [], set(), False
         domains = [r["domain"] for r in net.get("allow") or [] if r.get("domain")]
         p.resolved = resolve_domains(domains)
@@ -291,7 +296,12 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             # entries are ports or "lo-hi" ranges, as in network.allow
             loop_ports = {port for x in (loop if isinstance(loop, list) else ())
                           for port in _landlock_ports(*_port_range(x))}
-            rules.tcp_connect = sorted(ports | loop_ports)
+            if len(ports | loop_ports) <= LANDLOCK_PORTS_MAX:
+                rules.tcp_connect = sorted(ports | loop_ports)
+            else:
+                p.notes.append(f"network: {len(ports | loop_ports)} TCP ports allowed, more than the "
+                               f"{LANDLOCK_PORTS_MAX} Landlock rules agentwatch adds (one per port); "
+                               "cgroup BPF alone holds the ports")
         rules.scope_abstract_unix = net.get("unix", False) is False
         if net.get("unix", False) not in (True, False):
             p.downgrades.append("network.unix path list: pathname unix sockets are judged, "
@@ -397,6 +407,9 @@ def _namespaces(p, fs, shared, missing, variables, host_net):
         p.notes.append("network: the run's network namespace hides the host's sockets from "
                        "/proc/net, but with the host's PID namespace /proc/<host pid>/net still "
                        "lists them")
+    if p.namespaces:        # the run has a mount namespace of its own: and a /dev
+        p.dev = devices.plan(_exp([x for k in ("read", "write", "exec") for x in (fs or {}).get(k) or ()],
+                                  variables))
 
 
 def _host_network_why(data):
@@ -524,9 +537,8 @@ def _under_any(path, tops):
 
 
 def _landlock_ports(lo, hi):
-    """The ports of a range that get a Landlock TCP rule (one rule per port;
-    at most 65 of a range)."""
-    return range(lo, min(hi, lo + 64) + 1)
+    """The ports of a range: Landlock takes one TCP rule per port."""
+    return range(lo, hi + 1)
 
 
 def _port_range(v):
