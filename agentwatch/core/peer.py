@@ -17,6 +17,10 @@ itself:
 
 A peer whose run cannot be named gets run_id None: callers refuse it or
 treat it as "not an agent", never guess.
+A run with a network namespace of its own reaches a host loopback port
+through agentwatch's relay (sandbox/netns.py): the TCP peer is then the
+relay's socket, in agentwatch's cgroup, and gets run_id None (its uid is
+the agent's).
 """
 
 import os
