@@ -92,6 +92,7 @@ struct aw_spec {
 	__u8 deref;    /* pointer to a struct whose first 16 bytes are copied (open_how, clone_args) */
 	__u8 argv;     /* char **argv (exec) */
 	__u8 refuse;   /* AW_REFUSE_*: report these returns as AW_EV_REFUSED */
+	__u8 pad[7];
 };
 
 struct aw_hdr {

@@ -106,7 +106,6 @@ class Refusals:
             need = rights_for(access, op, mode)
             if not self.landlock_grants(path, need) or not self.landlock_grants(parent, need):
                 return "landlock"
-            return "mount" if mask else "dac"
         return "dac"
 
     def mask_rule(self, path):

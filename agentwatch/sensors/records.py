@@ -55,7 +55,8 @@ RECORDS = {
     "aw_fork_event": [("h", HDR_FIELDS), ("child", "I"), ("pad", "I")],
     "aw_exit_event": [("h", HDR_FIELDS), ("code", "i"), ("sig", "i")],
     "aw_spec": [(name, "B") for name in
-                ("flags", "path1", "path2", "addr", "addrlen", "msghdr", "deref", "argv", "refuse")],
+                ("flags", "path1", "path2", "addr", "addrlen", "msghdr", "deref", "argv", "refuse")]
+               + [("pad", "7s")],
     "aw_prefix_key": [("prefixlen", "I"), ("slot", "I"), ("path", f"{PREFIX_LEN}s")],
     "aw_name_key": [("slot", "I"), ("pad", "I"), ("hash", "Q")],
 }

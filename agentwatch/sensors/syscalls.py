@@ -74,7 +74,7 @@ class Spec:
                  | (R.SPEC_OPEN if self.op == "open" else 0))
         return R.SPEC.pack(flags, idx(self.path1), idx(self.path2), idx(self.addr),
                            idx(self.addrlen), idx(self.msghdr), idx(self.deref), idx(self.argv),
-                           self.refuse)
+                           self.refuse, b"")
 
 
 def _s(name, group, op, why, **kw):

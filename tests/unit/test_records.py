@@ -307,7 +307,7 @@ def test_decode_repeat():
         "tid": 7, "nr": 257, "count": 2**32 - 1, "orig_ts": 11, "first": 12, "last": 2**63}
 
 
-@pytest.mark.parametrize("etype", [0, 8, 0xFFFFFFFF])
+@pytest.mark.parametrize("etype", [0, 9, 0xFFFFFFFF])
 def test_decode_unknown_type_raises(etype):
     buf = struct.pack(EXIT, *hdr(etype), 0, 0)
     with pytest.raises(ValueError, match=str(etype)):
