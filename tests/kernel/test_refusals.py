@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from agentwatch.sandbox import landlock
-from conftest import aw, read_events
+from conftest import aw, free_port, read_events
 
 pytestmark = pytest.mark.kernel
 
@@ -115,14 +115,6 @@ EVIDENCE = {
     "mount-masked-create": lambda d: d.get("path", "").endswith("/.git/hooks/pre-commit"),
     "clone-pids-limit": lambda d: True,
 }
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture
