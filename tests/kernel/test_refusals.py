@@ -142,8 +142,6 @@ def run(world, state_dir):
     r = aw("run", "--policy", str(world["policy"]), "--workspace", str(world["ws"]),
            "--events", str(ev), "--", str(world["agent"]), str(world["ws"]), str(world["ro"]),
            str(world["out"]), str(free_port()), world["abstract"], cwd=str(world["ws"]))
-    if os.environ.get("AW_KEEP_EVENTS"):
-        shutil.copy(ev, os.environ["AW_KEEP_EVENTS"])
     attempts = {}
     for line in r.stdout.splitlines():
         if line.startswith("ATTEMPT "):
