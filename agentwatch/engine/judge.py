@@ -322,7 +322,8 @@ class Judge:
             if self._other_process(ev, path):
                 refused = False
                 continue
-            self._identity_write(ev, path, access)
+            if self._identity_write(ev, path, access):
+                refused = False
             real = _real(path, follow)
             for p in ([path, real] if real != path else [path]):
                 d = self.policy.check_file(p, access)
@@ -338,8 +339,10 @@ class Judge:
                     self._decide(ev, d, p, evidence)
                     refused = False      # reported
                     break
-        if refused and targets[0][0]:
-            self._unexplained(ev, _real(_own_proc(targets[0][0], ev.pid), follow), targets[0][1])
+        for path, access in targets if refused else ():
+            # the source, else the destination (a rename onto a mount point: EBUSY)
+            if path and self._unexplained(ev, _real(_own_proc(path, ev.pid), follow), access):
+                break
 
     def _file_layer(self, ev, path, access):
         return self.refusals.file_layer(ev.error, path, access, ev.op, getattr(ev, "mode", None),
@@ -352,10 +355,10 @@ class Judge:
         own checks (a file's mode, a host read-only mount) are not the
         sandbox's and are not violations."""
         if not path or not path.startswith("/"):
-            return
+            return False
         layer = self._file_layer(ev, path, access)
         if layer == "mount":
-            rule, why = self.refusals.mask_rule(path)
+            rule, why = self.refusals.mask_rule(path, "exec" in access)
         elif layer == "landlock":
             rule = rule_for(access, ev.op)
             why = (f"{ev.op} of {path}: the run's Landlock rules do not grant it "
@@ -364,11 +367,11 @@ class Judge:
         elif layer == "bpf-lsm":
             rule, why = rule_for(access, ev.op), f"{ev.op} of {path}: refused by the BPF LSM"
         else:
-            return
+            return False
         category = _CATEGORY_OF[rule.split(".", 1)[0]]
         d = Decision(category=category, rule=rule, reason=why, pattern=None,
                      action=self.policy.action_for(category, rule))
-        self._decide(ev, d, path, {"path": path, "named": named or getattr(ev, "path", None),
+        return self._decide(ev, d, path, {"path": path, "named": named or getattr(ev, "path", None),
                                    "access": sorted(access), "op": getattr(ev, "op", "exec"),
                                    "layer": layer})
 
@@ -413,12 +416,18 @@ class Judge:
         return path if host is None else f"/proc/{host}{m.group(2) or ''}"
 
     def _identity_write(self, ev, path, access):
+        """A write to the run's own policy or prompt: True when reported."""
         if access <= {"read"}:
-            return
+            return False
+        hit = False
         for rule, wpath, _ in self._watched:
             if path == wpath or _real(path) == wpath:
                 d = self._identity_decision(rule, f"the agent wrote to {wpath}")
-                self._decide(ev, d, wpath, {"path": wpath, "access": sorted(access), "op": ev.op})
+                evidence = {"path": wpath, "access": sorted(access), "op": ev.op}
+                if ev.error in DENIED:
+                    evidence["layer"] = self._file_layer(ev, wpath, access)
+                hit = self._decide(ev, d, wpath, evidence) or hit
+        return hit
 
     def _identity_decision(self, rule, reason):
         return Decision(category="identity", rule=rule,
@@ -746,9 +755,11 @@ class Judge:
             fd = ev.args[0] & 0xFFFFFFFF if ev.args else None
             path = ev.path or f"fd:{fd}"
             rule = "filesystem.write"
-            d = Decision(category="filesystem", rule=rule, pattern=None,
+            # deny, never the rule's kill: the policy names no device ioctls, and
+            # programs probe their stdio with them (isatty on /dev/null)
+            d = Decision(category="filesystem", rule=rule, pattern=None, action="deny",
                          reason=f"ioctl on {path}: Landlock grants device ioctls (IOCTL_DEV) only on "
-                                "the agent's terminal", action=self.policy.action_for("filesystem", rule))
+                                "the agent's terminal")
             self._decide(ev, d, f"ioctl:{path}", {"syscall": "ioctl", "path": path, "fd": fd,
                                                   "request": hex(ev.args[1] & 0xFFFFFFFF) if ev.args else None,
                                                   "layer": "landlock", "kernel": "denied (EACCES)"})

@@ -66,12 +66,13 @@ class Refusals:
         self.lsm = getattr(plan, "lsm", None) is not None
 
     # -- files ---------------------------------------------------------------------
-    def mask_of(self, path):
-        """(mounted path, kind) of the mask, pin, noexec or read-only bind
-        that path is under (the innermost), or None."""
+    def mask_of(self, path, kinds=("noexec", "pin", "dir", "file", "ro")):
+        """(mounted path, kind) of the innermost mask, pin, noexec or
+        read-only bind of `kinds` that path is under, or None."""
         best = None
         for mpath, kind in self.masks:
-            if path and _under(path, mpath) and (best is None or len(mpath) > len(best[0])):
+            if kind in kinds and path and _under(path, mpath) \
+                    and (best is None or len(mpath) > len(best[0])):
                 best = (mpath, kind)
         return best
 
@@ -91,9 +92,9 @@ class Refusals:
 
     def file_layer(self, error, path, access, op=None, mode=None, lsm_enforced=False):
         """The layer that answered `error` to a file operation on path."""
+        if error in ("EROFS", "EBUSY"):     # a read-only mask or bind, a mount point
+            return "mount" if self.mask_of(path, ("pin", "dir", "file", "ro")) else "dac"
         mask = self.mask_of(path)
-        if error in ("EROFS", "EBUSY"):
-            return "mount" if mask else "dac"
         if mask and mask[1] in ("dir", "file", "ro"):
             return "mount"         # the mask's own mode or read-only bind
         if error == "EPERM":
@@ -108,9 +109,10 @@ class Refusals:
                 return "landlock"
         return "dac"
 
-    def mask_rule(self, path):
-        """(rule, why) for a refusal by the mount namespace."""
-        mask = self.mask_of(path)
+    def mask_rule(self, path, exec_=False):
+        """(rule, why) for a refusal by the mount namespace (exec_: of an exec,
+        which only a noexec mount refuses)."""
+        mask = self.mask_of(path) if exec_ else self.mask_of(path, ("pin", "dir", "file", "ro"))
         kind = mask[1] if mask else None
         if kind == "pin":
             return ("filesystem.deny", f"{mask[0]} is pinned (a mount point) so that the masked "

@@ -33,7 +33,11 @@ def test_mount_namespace_refusals():
     assert r.file_layer("EROFS", "/w/policy.yaml", {"write"}, "open") == "mount"
     assert r.mask_rule("/w/policy.yaml")[0] == "identity.policy_write"
     assert r.file_layer("EACCES", "/w/tool", {"exec"}, "exec") == "mount"     # noexec, not landlock
-    assert r.mask_rule("/w/tool")[0] == "filesystem.exec"
+    assert r.mask_rule("/w/tool", exec_=True)[0] == "filesystem.exec"
+    # a rename onto the read-only bound policy file (EBUSY) is that bind's, not noexec's
+    assert r.file_layer("EBUSY", "/w/policy.yaml", {"create"}, "rename") == "mount"
+    assert r.mask_rule("/w/policy.yaml")[0] == "identity.policy_write"
+    assert r.file_layer("EBUSY", "/w/other", {"rename"}, "rename") == "dac"
     # a host read-only filesystem is not the sandbox's
     assert r.file_layer("EROFS", "/r/f", {"write"}, "open") == "dac"
 
