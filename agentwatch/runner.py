@@ -514,7 +514,7 @@ class Run:
                                lsm_enforced=bool(self.plan and self.plan.lsm is not None),
                                map_exec_roots=map_roots, map_exec_kill=map_kill,
                                seccomp_denied=self.opts.seccomp_denied,
-                               seccomp_rules=self._seccomp_rules())
+                               seccomp_rules=self._seccomp_rules(), plan=self.plan)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
         routes = kills = ([], [])
