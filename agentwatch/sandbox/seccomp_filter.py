@@ -37,7 +37,7 @@ policy does not list (SeccompPolicy.socket_families; default unix, inet,
 inet6), and of a netlink protocol it does not list (netlink_protocols;
 default NETLINK_ROUTE, which getaddrinfo's AI_ADDRCONFIG, getifaddrs and
 if_nameindex use), are refused here: cgroup BPF's sock_create hook runs
-for inet and inet6 sockets only (sensors/egress.py).
+for inet and inet6 sockets only (guards/egress.py).
 
 A relayed pty (a session of the agent's own, as script(1) gives) was
 considered and not done: the refusal above closes TIOCSTI on every kernel,
@@ -267,6 +267,7 @@ class Rule:
     action: str
     conds: tuple = ()
     why: str = ""
+    group: str = ""      # the SeccompPolicy key that made it (a process toggle, "deny", ...)
 
 
 class Plan(list):
@@ -359,7 +360,8 @@ def plan(p: SeccompPolicy) -> Plan:
             rules += [Rule(n, act(toggle), (), why) for n in names]
     if not p.namespaces:
         rules.append(Rule("clone3", "enosys", (), "flags unreadable: glibc falls back to clone"))
-        rules += [Rule("clone", act("namespaces"), (Cond(0, bit, bit),), f"clone with {flag}")
+        rules += [Rule("clone", act("namespaces"), (Cond(0, bit, bit),), f"clone with {flag}",
+                       "namespaces")
                   for flag, bit in CLONE_NEW_FLAGS.items()]
     if not p.personality:
         rules += _personality_rules(act("personality"))

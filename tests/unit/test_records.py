@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 
 import pytest
@@ -16,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
+import ckit
 from agentwatch.sensors import records as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,55 +39,17 @@ needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="host gcc not
 
 # ---- layout: compile the header ---------------------------------------------
 
-def _c_program():
-    lines = [
-        "#include <stdint.h>",
-        "#include <stddef.h>",
-        "#include <stdio.h>",
-        "typedef uint8_t __u8; typedef uint32_t __u32; typedef int32_t __s32;",
-        "typedef uint64_t __u64; typedef int64_t __s64;",
-        '#include "events.h"',
-        "int main(void) {",
-    ]
-    for name, fields in R.RECORDS.items():
-        lines.append(f'  printf("{name} sizeof %zu %zu\\n", sizeof(struct {name}), (size_t)0);')
-        for field, _ in fields:
-            lines.append(
-                f'  printf("{name} {field} %zu %zu\\n", offsetof(struct {name}, {field}), '
-                f"sizeof(((struct {name} *)0)->{field}));")
-    lines += ["  return 0;", "}"]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory):
     """{struct: {field: (offset, size)}, plus "sizeof": (size, 0)} as gcc sees them."""
-    if shutil.which("gcc") is None:
-        pytest.skip("host gcc not installed")
-    d = tmp_path_factory.mktemp("layout")
-    src, exe = d / "layout.c", d / "layout"
-    src.write_text(_c_program())
-    subprocess.run(["gcc", "-Wall", "-Werror", "-I", os.path.dirname(EVENTS_H), "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    layout = {}
-    for line in out.splitlines():
-        name, field, off, size = line.split()
-        layout.setdefault(name, {})[field] = (int(off), int(size))
-    return layout
+    return ckit.layout(EVENTS_H, {name: [f for f, _ in fields] for name, fields in R.RECORDS.items()},
+                       str(tmp_path_factory.mktemp("layout")))
 
 
 @pytest.fixture(scope="module")
 def c_defines():
     """Every AW_* #define in events.h, as gcc's preprocessor sees it."""
-    if shutil.which("gcc") is None:
-        pytest.skip("host gcc not installed")
-    out = subprocess.run(["gcc", "-dM", "-E", "-x", "c", EVENTS_H], check=True,
-                         capture_output=True, text=True).stdout
-    defs = {}
-    for m in re.finditer(r"^#define (AW_\w+) (.+)$", out, re.M):
-        defs[m.group(1)] = m.group(2).strip()
-    return defs
+    return ckit.defines(EVENTS_H)
 
 
 def test_records_lists_every_struct_of_the_header():
@@ -142,7 +104,8 @@ def test_named_constants(c_defines):
                 "AW_ARG_LEN": R.ARG_LEN, "AW_COMM_LEN": R.COMM_LEN,
                 "AW_EV_SYSCALL": R.EV_SYSCALL, "AW_EV_EXEC": R.EV_EXEC,
                 "AW_EV_FORK": R.EV_FORK, "AW_EV_EXIT": R.EV_EXIT, "AW_EV_NOENTRY": R.EV_NOENTRY,
-                "AW_EV_MAPKILL": R.EV_MAPKILL,
+                "AW_EV_MAPKILL": R.EV_MAPKILL, "AW_EV_REFUSED": R.EV_REFUSED,
+                "AW_REFUSE_EACCES": R.REFUSE_EACCES, "AW_REFUSE_EAGAIN": R.REFUSE_EAGAIN,
                 "AW_CNT_LOST_EVENTS": R.CNT_LOST_EVENTS, "AW_CNT_LOST_STASH": R.CNT_LOST_STASH,
                 "AW_CNT_SEEN": R.CNT_SEEN, "AW_CNT_LOST_PRIO": R.CNT_LOST_PRIO,
                 "AW_CNT_SEEN_PRIO": R.CNT_SEEN_PRIO, "AW_SPEC_EMIT": R.SPEC_EMIT,
@@ -306,7 +269,7 @@ def test_decode_repeat():
         "tid": 7, "nr": 257, "count": 2**32 - 1, "orig_ts": 11, "first": 12, "last": 2**63}
 
 
-@pytest.mark.parametrize("etype", [0, 8, 0xFFFFFFFF])
+@pytest.mark.parametrize("etype", [0, 9, 0xFFFFFFFF])
 def test_decode_unknown_type_raises(etype):
     buf = struct.pack(EXIT, *hdr(etype), 0, 0)
     with pytest.raises(ValueError, match=str(etype)):
