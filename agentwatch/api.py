@@ -21,6 +21,11 @@ here) whose message is one line for the user. Return values are dataclasses
 EnforcementPlan, Event). Importing this module is cheap: the runner, the
 policy engine and bcc are imported when a function needs them, so that
 `agentwatch run` on the daemon stays a thin client (tests/unit/test_cli.py).
+
+About 750 lines, and one file on purpose: it is the whole public surface
+read in one place (a facade: each function a few lines over the layer that
+does the work, each result a dataclass), and tests/unit/test_api.py pins it
+as one list. The work itself lives below; nothing here is worth a module.
 """
 import contextlib
 import os
