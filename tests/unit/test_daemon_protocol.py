@@ -46,11 +46,11 @@ def test_bad_requests_are_usage_errors(raw, says):
 
 
 def test_errors_come_back_as_their_own_class_and_exit_code():
-    e = D._error_from({"error": "p.yaml:3:1: bad", "type": "PolicyError", "exit_code": 1})
+    e = D.protocol.error_from({"error": "p.yaml:3:1: bad", "type": "PolicyError", "exit_code": 1})
     assert isinstance(e, PolicyError) and str(e) == "p.yaml:3:1: bad"
-    e = D._error_from({"error": "exec failed", "type": "LaunchError", "exit_code": 127})
+    e = D.protocol.error_from({"error": "exec failed", "type": "LaunchError", "exit_code": 127})
     assert isinstance(e, LaunchError) and e.exit_code == 127
-    e = D._error_from({"error": "?", "type": "SystemExit", "exit_code": 3})   # not ours: base class
+    e = D.protocol.error_from({"error": "?", "type": "SystemExit", "exit_code": 3})   # not ours: base class
     assert type(e) is AgentwatchError and e.exit_code == 3
 
 
@@ -58,8 +58,8 @@ def test_messages_round_trip_with_fds():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
         r, w = os.pipe()
-        D._send(a, {"op": "run"}, fds=[r, w])
-        msg, fds = D._recv(b, maxfds=3)
+        D.protocol.send(a, {"op": "run"}, fds=[r, w])
+        msg, fds = D.protocol.recv(b, maxfds=3)
         assert msg == {"op": "run"} and len(fds) == 2
         os.write(fds[1], b"x")
         assert os.read(r, 1) == b"x"
@@ -67,9 +67,9 @@ def test_messages_round_trip_with_fds():
             os.close(fd)
         a.send(b"[1]")
         with pytest.raises(UsageError, match="not a JSON object"):
-            D._recv(b)
+            D.protocol.recv(b)
         a.close()
-        assert D._recv(b) == (None, [])
+        assert D.protocol.recv(b) == (None, [])
 
 
 def test_socket_lives_in_the_state_dir(monkeypatch, tmp_path):
