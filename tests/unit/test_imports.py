@@ -95,7 +95,9 @@ LAYERS = [
     # sinks/ (run log, console) become the engine's reporter and run/'s log
     ("engine", ["agentwatch.engine", "agentwatch.sinks"]),
     # sensors/egress.py and sensors/lsm.py (enforcement) move to guards/
-    ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors"]),
+    # keeper.py: the process that kills a dead monitor's runs (stdlib only: it runs as a script)
+    ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors",
+                                "agentwatch.keeper"]),
     ("policy", ["agentwatch.policy"]),
     # errors.py and events.py move into core/; state.py (the state directory
     # layout) imports nothing of agentwatch and stays at the bottom
