@@ -189,6 +189,27 @@ def _mark_crashed(path, crash):
         pass
 
 
+def _populated(path):
+    """Whether a process is still in the cgroup tree. cgroup.procs no longer
+    lists one whose threads are all exiting, yet rmdir fails until it is out."""
+    try:
+        with open(os.path.join(path, "cgroup.events")) as f:
+            return "populated 1" in f.read()
+    except OSError:
+        return bool(_procs(path))
+
+
+def _remove(path):
+    try:
+        for d in _tree(path):
+            os.rmdir(d)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
 def reap(runs, monitor_pid, why, say=lambda msg: None):
     """The monitor died: kill every watched run, wait for its cgroups to
     empty, mark its record, remove what is empty. Returns {run id: killed pids}."""
@@ -198,28 +219,19 @@ def reap(runs, monitor_pid, why, say=lambda msg: None):
         killed[run_id] = _procs(w["cgroup"])
         _kill(w["cgroup"])
     deadline = time.monotonic() + EMPTY_WAIT_S
-    while any(_procs(w["cgroup"]) for w in runs.values()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while any(_populated(w["cgroup"]) for w in runs.values()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    emptied = round(time.time() - t0, 3)
     for run_id, w in runs.items():
-        left = _procs(w["cgroup"])
+        left = _procs(w["cgroup"]) if _populated(w["cgroup"]) else []
         crash = {"time": round(t0, 6), "monitor_pid": monitor_pid, "detected": why,
                  "keeper_pid": os.getpid(), "killed": len(killed[run_id]),
-                 "killed_pids": killed[run_id],
-                 "emptied_in_s": round(time.time() - t0, 3) if not left else None,
+                 "killed_pids": killed[run_id], "emptied_in_s": None if left else emptied,
                  "left": left}
         if w.get("record"):
             _mark_crashed(w["record"], crash)
-        removed = False
-        if not left:
-            try:
-                for d in _tree(w["cgroup"]):
-                    os.rmdir(d)
-                removed = True
-            except FileNotFoundError:
-                removed = True
-            except OSError:
-                pass                  # agentwatch gc removes it
-        if removed and w.get("owner"):
+        # not removed (a v1 limit group, a process that would not die): agentwatch gc does it
+        if not left and _remove(w["cgroup"]) and w.get("owner"):
             try:
                 os.unlink(w["owner"])
             except OSError:

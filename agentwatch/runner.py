@@ -539,7 +539,8 @@ class Run:
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
-                        sensors=self.sensors.groups, tracepoints=len(self.sensors.attached))
+                        sensors=self.sensors.groups, tracepoints=len(self.sensors.attached),
+                        keeper=self.monitor.keeper.pid)
         self._setup_enforcement(identity)
         if self.plan:
             for line in self.plan.describe():
