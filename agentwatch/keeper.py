@@ -19,8 +19,8 @@ the keeper, one JSON line each, which runs to guard:
     {"op": "exit"}                                            the monitor ends cleanly
 
 The monitor is dead when the pipe reads EOF without "exit", or, earlier, as
-soon as /proc/PID/stat shows PF_EXITING (checked every POLL_S: the pipe's
-end may be released only after the slow perf fds). The keeper then writes
+soon as /proc/PID shows SIGKILL pending or the PF_EXITING flag (checked
+every POLL_S: the pipe's end may be released only after the slow perf fds). The keeper then writes
 `cgroup.kill` of every run still watched (a run's PID namespace dies with
 its init; the cgroup kill takes every process, whatever its namespace),
 marks each run's record `crashed` with what it knows (when, the monitor's
@@ -38,6 +38,7 @@ import threading
 import time
 
 PF_EXITING = 0x4          # include/linux/sched.h: the task is in do_exit()
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 POLL_S = 0.1              # how often the monitor's flags are read
 EMPTY_WAIT_S = 3.0        # after cgroup.kill: how long the cgroups get to empty
 
@@ -98,14 +99,30 @@ def stat_flags(stat):
     return fields[0], int(fields[6])
 
 
-def monitor_exiting(pid, stat_path=None):
-    """True once process pid is exiting, a zombie or gone."""
+def sigkill_pending(status):
+    """Whether the text of /proc/PID/status shows SIGKILL pending (SigPnd:
+    the main thread's, ShdPnd: the process's)."""
+    for line in status.splitlines():
+        key, _, mask = line.partition(":")
+        if key in ("SigPnd", "ShdPnd") and int(mask, 16) & SIGKILL_BIT:
+            return True
+    return False
+
+
+def monitor_exiting(pid, proc_dir=None):
+    """True once process pid is dying: SIGKILL pending (a thread blocked in
+    the kernel, e.g. on perf's global event_mutex, takes it only when it
+    returns: the kernel marks it pending on every thread at once), the main
+    thread exiting, a zombie, or gone."""
+    proc_dir = proc_dir or f"/proc/{pid}"
     try:
-        with open(stat_path or f"/proc/{pid}/stat") as f:
+        with open(os.path.join(proc_dir, "stat")) as f:
             state, flags = stat_flags(f.read())
+        with open(os.path.join(proc_dir, "status")) as f:
+            killed = sigkill_pending(f.read())
     except (OSError, IndexError, ValueError):
         return True
-    return bool(flags & PF_EXITING) or state in ("Z", "X")
+    return killed or bool(flags & PF_EXITING) or state in ("Z", "X")
 
 
 class Watch:
@@ -224,24 +241,25 @@ def reap(runs, monitor_pid, why, say=lambda msg: None):
     emptied = round(time.time() - t0, 3)
     for run_id, w in runs.items():
         left = _procs(w["cgroup"]) if _populated(w["cgroup"]) else []
-        crash = {"time": round(t0, 6), "monitor_pid": monitor_pid, "detected": why,
-                 "keeper_pid": os.getpid(), "killed": len(killed[run_id]),
-                 "killed_pids": killed[run_id], "emptied_in_s": None if left else emptied,
-                 "left": left}
-        if w.get("record"):
-            _mark_crashed(w["record"], crash)
-        # not removed (a v1 limit group, a process that would not die): agentwatch gc does it
-        if not left and _remove(w["cgroup"]) and w.get("owner"):
+        # not removed (a process that would not die): agentwatch gc does it
+        removed = not left and _remove(w["cgroup"])
+        if removed and w.get("owner"):
             try:
                 os.unlink(w["owner"])
             except OSError:
                 pass
+        if w.get("record"):           # last: a crashed record is the whole story
+            _mark_crashed(w["record"], {
+                "time": round(t0, 6), "monitor_pid": monitor_pid, "detected": why,
+                "keeper_pid": os.getpid(), "killed": len(killed[run_id]),
+                "killed_pids": killed[run_id], "emptied_in_s": None if left else emptied,
+                "left": left, "cgroup_removed": removed})
         say(f"monitor pid {monitor_pid} died ({why}): run {run_id}: killed "
             f"{len(killed[run_id])} process(es)" + (f", {len(left)} still there" if left else ""))
     return killed
 
 
-def serve(fd, monitor_pid, say=lambda msg: None, poll_s=POLL_S, stat_path=None):
+def serve(fd, monitor_pid, say=lambda msg: None, poll_s=POLL_S, proc_dir=None):
     """Read the monitor's messages until it exits cleanly (return None) or
     dies (reap its runs; return the reason)."""
     watch = Watch()
@@ -253,8 +271,8 @@ def serve(fd, monitor_pid, say=lambda msg: None, poll_s=POLL_S, stat_path=None):
             if not data:
                 why = "its pipe closed"
             watch.feed(data)
-        if why is None and monitor_exiting(monitor_pid, stat_path):
-            why = "it is exiting (PF_EXITING)"
+        if why is None and monitor_exiting(monitor_pid, proc_dir):
+            why = "it is dying (SIGKILL pending or PF_EXITING)"
             os.set_blocking(fd, False)
             try:                      # what it said last, a goodbye maybe
                 while data := os.read(fd, 65536):

@@ -2,12 +2,22 @@
 /proc/PID/stat, the pipe protocol, and what it does when the monitor dies,
 on plain files standing in for /proc and the cgroups (tests/kernel/test_crash.py
 kills real monitors)."""
+import fcntl
 import json
 import os
 import threading
 import time
 
+import pytest
+
 from agentwatch import keeper
+from conftest import wait_for
+
+@pytest.fixture(autouse=True)
+def short_wait(monkeypatch):
+    """The stand-in cgroups never empty (no kernel kills their 'processes')."""
+    monkeypatch.setattr(keeper, "EMPTY_WAIT_S", 0.05)
+
 
 # /proc/PID/stat of a sleeping python, with a command name that has spaces and ')'
 STAT = "4242 (py ) (x) S 1 4242 4242 0 -1 {flags} 0 0 0 0 5 3 0 0 20 0 3 0 71214 0 0"
@@ -18,16 +28,22 @@ def test_stat_flags_skip_a_command_name_with_spaces_and_parentheses():
     assert keeper.stat_flags(STAT.format(flags=4194564).replace(" S ", " Z "))[0] == "Z"
 
 
-def _stat_file(tmp_path, flags, state="S"):
-    path = tmp_path / "stat"
-    path.write_text(STAT.format(flags=flags).replace(" S ", f" {state} "))
-    return str(path)
+STATUS = "Name:\tpython\nState:\tS (sleeping)\nSigQ:\t0/63438\nSigPnd:\t{own:016x}\nShdPnd:\t{shared:016x}\n"
+SIGKILL = 1 << 8
 
 
-def test_monitor_exiting_reads_pf_exiting_zombies_and_gone(tmp_path):
-    assert not keeper.monitor_exiting(1, _stat_file(tmp_path, 0x400100))
-    assert keeper.monitor_exiting(1, _stat_file(tmp_path, 0x400100 | keeper.PF_EXITING))
-    assert keeper.monitor_exiting(1, _stat_file(tmp_path, 0x400100, "Z"))
+def _proc_dir(tmp_path, flags=0, state="S", own=0, shared=0):
+    (tmp_path / "stat").write_text(STAT.format(flags=flags).replace(" S ", f" {state} "))
+    (tmp_path / "status").write_text(STATUS.format(own=own, shared=shared))
+    return str(tmp_path)
+
+
+def test_monitor_exiting_reads_sigkill_pf_exiting_zombies_and_gone(tmp_path):
+    assert not keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, own=1 << 16))   # SIGTERM pending
+    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, own=SIGKILL))
+    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, shared=SIGKILL))
+    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100 | keeper.PF_EXITING))
+    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, "Z"))
     assert keeper.monitor_exiting(1, str(tmp_path / "gone"))
     assert not keeper.monitor_exiting(os.getpid())          # the real /proc: we live
 
@@ -58,8 +74,8 @@ def _run(tmp_path, name, status="running", procs=""):
     return {"op": "watch", "run_id": name, "cgroup": str(cg), "record": str(rec), "owner": str(owner)}
 
 
-def _serve(fd, stat, result):
-    result.append(keeper.serve(fd, 4242, poll_s=0.01, stat_path=stat))
+def _serve(fd, proc, result):
+    result.append(keeper.serve(fd, 4242, poll_s=0.01, proc_dir=proc))
 
 
 def test_a_clean_exit_kills_nothing_and_marks_nothing(tmp_path):
@@ -67,7 +83,7 @@ def test_a_clean_exit_kills_nothing_and_marks_nothing(tmp_path):
     r, wfd = os.pipe()
     os.write(wfd, (json.dumps(w) + "\n" + '{"op": "exit"}\n').encode())
     os.close(wfd)
-    assert keeper.serve(r, 4242, poll_s=0.01, stat_path=_stat_file(tmp_path, 0)) is None
+    assert keeper.serve(r, 4242, poll_s=0.01, proc_dir=_proc_dir(tmp_path)) is None
     assert json.loads(open(w["record"]).read())["status"] == "running"
     assert not os.path.exists(os.path.join(w["cgroup"], "cgroup.kill"))
 
@@ -79,7 +95,7 @@ def test_eof_without_goodbye_kills_marks_and_leaves_ended_runs_alone(tmp_path):
     os.write(wfd, "".join(json.dumps(m) + "\n" for m in (live, ended, forgotten, {
         "op": "forget", "run_id": "forgotten"})).encode())
     os.close(wfd)
-    assert keeper.serve(r, 4242, poll_s=0.01, stat_path=_stat_file(tmp_path, 0)) == "its pipe closed"
+    assert keeper.serve(r, 4242, poll_s=0.01, proc_dir=_proc_dir(tmp_path)) == "its pipe closed"
     rec = json.loads(open(live["record"]).read())
     assert rec["status"] == "crashed" and rec["end_time"] == rec["crash"]["time"]
     crash = rec["crash"]
@@ -91,25 +107,26 @@ def test_eof_without_goodbye_kills_marks_and_leaves_ended_runs_alone(tmp_path):
     assert not os.path.exists(os.path.join(forgotten["cgroup"], "cgroup.kill"))
 
 
-def test_pf_exiting_is_seen_before_eof_and_what_was_said_last_counts(tmp_path):
+def test_a_pending_sigkill_is_seen_before_eof_and_what_was_said_last_counts(tmp_path):
     """The pipe stays open (as while the dying monitor's perf fds close):
     the flag alone triggers the kill, after reading what is in the pipe."""
-    stat = _stat_file(tmp_path, 0)
+    (tmp_path / "proc").mkdir()
+    proc = _proc_dir(tmp_path / "proc")
     r, wfd = os.pipe()
     result = []
-    t = threading.Thread(target=_serve, args=(r, stat, result))
+    t = threading.Thread(target=_serve, args=(r, proc, result))
     t.start()
     time.sleep(0.05)
     assert t.is_alive()
     w = _run(tmp_path, "a", procs="7\n")
     os.write(wfd, (json.dumps(w) + "\n").encode())
-    _stat_file(tmp_path, keeper.PF_EXITING)
+    _proc_dir(tmp_path / "proc", own=SIGKILL)
     t.join(5)
-    assert result == ["it is exiting (PF_EXITING)"]
+    assert result == ["it is dying (SIGKILL pending or PF_EXITING)"]
     assert json.loads(open(w["record"]).read())["crash"]["killed_pids"] == [7]
     # a goodbye written just before the exit is still a clean exit
     os.write(wfd, b'{"op": "exit"}\n')
-    assert keeper.serve(r, 4242, poll_s=0.01, stat_path=stat) is None
+    assert keeper.serve(r, 4242, poll_s=0.01, proc_dir=proc) is None
     os.close(wfd)
     os.close(r)
 
@@ -127,21 +144,12 @@ def test_an_emptied_cgroup_tree_and_its_owner_file_are_removed(tmp_path, monkeyp
 def test_the_keeper_process_holds_only_its_pipe_and_exits_on_goodbye():
     k = keeper.Keeper()
     try:
-        fds = wait_fds(k.pid)
-        assert sorted(fds) == ["0", "1", "2"]
+        # only stdio once it runs (python's start-up opens files for a moment;
+        # an inherited fd would stay)
+        wait_for(lambda: sorted(os.listdir(f"/proc/{k.pid}/fd")) == ["0", "1", "2"],
+                 timeout=10, what="the keeper to hold only 0, 1 and 2")
         assert os.getsid(k.pid) == k.pid                     # its own session: no terminal's Ctrl-C
-        import fcntl
         assert fcntl.fcntl(k._w, fcntl.F_GETFD) & fcntl.FD_CLOEXEC   # no agent inherits it
     finally:
         k.close()
     assert k.proc.returncode == 0
-
-
-def wait_fds(pid):
-    deadline = time.monotonic() + 5
-    while True:                      # the fds are right once the interpreter runs the script
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"keeper.py" in f.read():
-                return os.listdir(f"/proc/{pid}/fd")
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
