@@ -57,7 +57,8 @@ def ps(show_all, as_json):
                      "lost": stats.get("lost_events", 0) + stats.get("lost_stash", 0),
                      "started": ident.get("start_time"), "policy": ident.get("policy_name"),
                      "policy_digest": ident.get("policy_digest"),
-                     "command": " ".join(ident.get("command") or [])})
+                     "command": " ".join(ident.get("command") or []),
+                     "crash": rec.get("crash")})   # what the keeper knew (agentwatch/keeper.py)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
