@@ -378,8 +378,8 @@ def _probe_bpf_lsm():
     except _Fail as e:
         loaded, ok = f"LSM_PROBE: {e}", False
     # agentwatch's LSM programs read kernel structs: usable only with headers
-    # of exactly this kernel (sensors/lsm.py refuses others)
-    from .sensors.lsm import check_headers
+    # of exactly this kernel (guards/lsm.py refuses others)
+    from .guards.lsm import check_headers
     hdr_ok, hdr = check_headers()
     if ok and listed and not hdr_ok:
         return False, f"{where}; {loaded}; but {hdr}"

@@ -238,6 +238,7 @@ class Run:
         self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
         self._lsm_opened = {}            # pid -> its last files opened (BPF LSM path only)
         self.limits = None
+        self.netns = None                # sandbox.netns.RunNetwork: the run's network namespace + relay
         self.init_reaped = True          # False while the run's init (PID namespace) is unreaped
         self.wall_deadline = None
         self.err = opts.stderr or sys.stderr   # agentwatch's own messages
@@ -249,7 +250,7 @@ class Run:
         mode = self.opts.bpf_lsm
         if mode == "off":
             return False
-        from .sensors.lsm import LsmGuard
+        from .guards.lsm import LsmGuard
         why = LsmGuard.unavailable()
         if why and mode == "on":
             raise KernelFeatureError(f"--bpf-lsm on: {why}")
@@ -595,7 +596,7 @@ class Run:
                 identity["enforcement"]["downgrades"].append(
                     f"resources: no {', '.join(self.limits.missing)} controller")
         if plan.lsm is not None:
-            from .sensors.lsm import LsmGuard
+            from .guards.lsm import LsmGuard
             try:
                 self.lsm = self._guard(LsmGuard, plan.lsm.exec_allow, plan.lsm.file_deny, None,
                                        plan.lsm.signals, plan.lsm.unix).open(
@@ -605,13 +606,19 @@ class Run:
                                   "(agentwatch run --bpf-lsm off uses Landlock, seccomp and "
                                   "cgroup BPF alone)") from None
         if plan.egress is not None:
-            from .sensors.egress import Egress
+            from .guards.egress import Egress
             self.egress = self._guard(Egress, plan.egress).open(self.cgroup.path,
                                                                  self._on_egress_denial)
             if self.egress.unix_hooks is False and not (plan.lsm and plan.lsm.unix):
                 identity["enforcement"]["notes"].append(
                     "network.unix: this kernel has no cgroup unix socket hooks (Linux 6.7+): "
                     "connections to pathname unix sockets are judged, not denied")
+        if "net" in plan.namespaces:
+            from .sandbox.netns import RunNetwork
+            try:
+                self.netns = RunNetwork(plan.relay, uid=self.run_as.uid if self.run_as else None).open()
+            except AgentwatchError as e:
+                raise LaunchError(f"agent not started: {e}") from None
         if plan.wall_time:
             self.wall_deadline = time.monotonic() + plan.wall_time
 
@@ -638,7 +645,9 @@ class Run:
         private = bool(plan and plan.namespaces)
         if private:
             steps.append((f"enter private {', '.join(plan.namespaces)} and mount namespaces",
-                          lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc)))
+                          lambda: namespaces.enter(ipc="ipc" in plan.namespaces, proc=plan.proc,
+                                                   dev=plan.dev,
+                                                   net_fd=self.netns.fd if self.netns else None)))
         if plan and plan.masks:
             steps.append(("mask denied paths", lambda: mounts.apply(plan.masks, new_ns=not private)))
         if plan and plan.landlock:
@@ -709,7 +718,7 @@ class Run:
                                       "proto": d.get("proto")})
 
     def _on_lsm_denial(self, d):
-        """A refusal by a BPF LSM program (sensors/lsm.py): exec or executable
+        """A refusal by a BPF LSM program (guards/lsm.py): exec or executable
         mapping of a file outside the allow set, or open of a denied file.
         The program names the file by inode and basename; a name not found
         yet waits (up to LSM_NAME_WAIT_S) for the process's exec record,
@@ -888,6 +897,7 @@ class Run:
                                 "kernel_denials": {g.enforcement: g.counters() for g in self._guards()},
                                 "killed_in_kernel": stats["killed_in_kernel"],
                                 "bus": self.bus.counters(),
+                                "loopback_relay": self.netns.counters() if self.netns else None,
                                 "stopped_by_signal": getattr(self, "stop_signal", None)})
         counts = {"events": self.ctx.events, "lost": lost,
                   "violations": verdict["violations"] if verdict else 0}
@@ -930,6 +940,8 @@ class Run:
                 self.cgroup.kill()
             if self.child is not None:
                 self.child.close()
+            if self.netns is not None:
+                self.netns.close()
             self.bus.close()
             for g in self._guards():   # only once the agent tree is dead
                 if self.own_monitor:

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Network egress enforcement with cgroup BPF (agentwatch/sensors/egress.py).
+ * Network egress enforcement with cgroup BPF (agentwatch/guards/egress.py).
  *
  * Attached to one agent's cgroup, these programs run for the sockets created
  * in it (the cgroup a socket belongs to is fixed when it is created) and
@@ -16,97 +16,12 @@
  * struct bpf_sock_addr / struct bpf_sock and helpers (the kernel headers on
  * the build machines belong to another kernel version).
  *
- * With -DAW_LAYOUT_ONLY only the shared structs and constants are compiled,
- * so tests/unit/test_egress_rules.py can check them with the host compiler.
+ * Records, map keys and the constants userspace shares are in guards.h.
  */
 #ifndef AW_EGRESS_BPF_C
 #define AW_EGRESS_BPF_C
 
-#define AW_EG_MAX_RANGES 16     /* port ranges per prefix (allow-map value) */
-
-/* protocol classes, as bits: a range allows the classes in its mask */
-#define AW_EG_P_TCP   0x1       /* IPPROTO_TCP, IPPROTO_MPTCP */
-#define AW_EG_P_UDP   0x2       /* IPPROTO_UDP, IPPROTO_UDPLITE */
-#define AW_EG_P_OTHER 0x4
-#define AW_EG_P_ANY   0x7
-
-/* allow-map value flags */
-#define AW_EG_F_LOOPBACK 0x1    /* prefix lies in the loopback zone */
-
-/* egress_cfg[0] flags: socket families the agent may create */
-#define AW_EG_CFG_INET  0x1
-#define AW_EG_CFG_INET6 0x2
-
-/* operation that was refused */
-#define AW_EG_OP_CONNECT4 1
-#define AW_EG_OP_CONNECT6 2
-#define AW_EG_OP_SENDMSG4 3
-#define AW_EG_OP_SENDMSG6 4
-#define AW_EG_OP_SOCKET   5
-#define AW_EG_OP_CONNECT_UNIX 6
-#define AW_EG_OP_SENDMSG_UNIX 7
-#define AW_EG_OP_BIND4    8
-#define AW_EG_OP_BIND6    9
-
-/* why */
-#define AW_EG_R_NO_RULE   1     /* destination in no allowed prefix */
-#define AW_EG_R_PORT      2     /* prefix allowed, not this port/protocol */
-#define AW_EG_R_LOOPBACK  3     /* loopback destination, no loopback port allowed */
-#define AW_EG_R_RAW       4     /* SOCK_RAW inet socket */
-#define AW_EG_R_FAMILY    5     /* inet/inet6 not in allow_families */
-#define AW_EG_R_PROTOCOL  6     /* inet socket that is neither TCP nor UDP */
-#define AW_EG_R_UNIX      7     /* unix socket address, no unix sockets allowed */
-#define AW_EG_R_BIND      8     /* bind to a non-loopback address network.allow does not allow */
-
-/* per-CPU counters (map egress_counters) */
-#define AW_EG_CNT_DENIED 0
-#define AW_EG_CNT_LOST   1      /* denial record lost: ring buffer full */
-#define AW_EG_CNT_MAX    2
-
-struct aw_eg_key4 {             /* LPM trie key: prefix length, then address */
-	__u32 prefixlen;
-	__u32 addr;             /* network byte order */
-};
-
-struct aw_eg_key6 {
-	__u32 prefixlen;
-	__u32 addr[4];          /* network byte order */
-};
-
-struct aw_eg_range {
-	__u16 lo;               /* host byte order, inclusive */
-	__u16 hi;
-	__u8 protos;            /* AW_EG_P_* mask */
-	__u8 pad[3];
-};
-
-/* One value per prefix: every range that applies to it, those of the
- * enclosing prefixes included (userspace merges them, because an LPM lookup
- * returns only the longest match). */
-struct aw_eg_allow {
-	__u32 n;
-	__u32 flags;            /* AW_EG_F_* */
-	struct aw_eg_range r[AW_EG_MAX_RANGES];
-};
-
-struct aw_egress_event {
-	__u64 ts;               /* bpf_ktime_get_ns() */
-	__u64 cgroup;           /* cgroup v2 id of the calling task */
-	__u32 pid;
-	__u32 tid;
-	__u32 uid;
-	__u32 sock_type;        /* SOCK_STREAM, SOCK_DGRAM, SOCK_RAW ... */
-	__u32 protocol;         /* IPPROTO_* */
-	__u16 family;           /* AF_INET / AF_INET6 */
-	__u16 port;             /* host byte order */
-	__u8 op;                /* AW_EG_OP_* */
-	__u8 reason;            /* AW_EG_R_* */
-	__u8 pad[6];
-	__u8 addr[16];          /* 4 bytes for AF_INET; as given (mapped too) */
-	char comm[16];
-};
-
-#ifndef AW_LAYOUT_ONLY
+#include "guards.h"
 
 #ifndef AW_EG_RINGBUF_PAGES
 #define AW_EG_RINGBUF_PAGES 64  /* 256 KiB: denials are rare, and each is refused anyway */
@@ -305,5 +220,4 @@ int aw_sock_create(struct bpf_sock *ctx)
 	return 0;
 }
 
-#endif /* AW_LAYOUT_ONLY */
 #endif /* AW_EGRESS_BPF_C */

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * BPF LSM enforcement for agent cgroups (agentwatch/sensors/lsm.py).
+ * BPF LSM enforcement for agent cgroups (agentwatch/guards/lsm.py).
  *
  * Programs (BPF_PROG_TYPE_LSM, attach type BPF_LSM_MAC), loaded by lsm.py
  * under these names so the kernel lists them as aw_* like every agentwatch
@@ -49,62 +49,12 @@
  * mount's major:minor in /proc/self/mountinfo (they differ from st_dev on
  * overlayfs, whose st_dev is the lower layer's).
  *
- * With -DAW_LAYOUT_ONLY only the shared structs and constants are compiled.
+ * Records, map keys and the constants userspace shares are in guards.h.
  */
 #ifndef AW_LSM_BPF_C
 #define AW_LSM_BPF_C
 
-/* hooks, as recorded in aw_lsm_event.hook */
-#define AW_LSM_H_EXEC     1
-#define AW_LSM_H_OPEN     2
-#define AW_LSM_H_CONNECT  3
-#define AW_LSM_H_MMAP     4
-#define AW_LSM_H_MPROTECT 5
-#define AW_LSM_H_KILL     6
-#define AW_LSM_H_SENDMSG  7
-
-/* lsm_cfg[0] flags: which rules are enforced */
-#define AW_LSM_CFG_EXEC    0x1  /* exec/mmap/mprotect allow-list by inode */
-#define AW_LSM_CFG_OPEN    0x2  /* open deny-list by inode */
-#define AW_LSM_CFG_CONNECT 0x4  /* connect port allow-list */
-#define AW_LSM_CFG_SIGNAL  0x8  /* signals only within the watched cgroups */
-#define AW_LSM_CFG_UNIX    0x10 /* no connect/sendmsg to a unix socket address */
-
-/* per-CPU counters (map lsm_counters) */
-#define AW_LSM_CNT_DENIED 0
-#define AW_LSM_CNT_LOST   1     /* denial record lost: ring buffer full */
-#define AW_LSM_CNT_MAX    2
-
-#define AW_LSM_NAME_LEN 64
-
-struct aw_lsm_key {             /* a file: inode number and superblock device */
-	__u64 ino;
-	__u32 dev;              /* kernel dev_t: MAJOR << 20 | MINOR */
-	__u32 pad;
-};
-
-struct aw_lsm_event {
-	__u64 ts;               /* bpf_ktime_get_ns() */
-	__u64 cgroup;           /* cgroup v2 id of the calling task */
-	__u64 ino;              /* file hooks: the file's inode */
-	__u32 dev;
-	__u32 pid;
-	__u32 tid;
-	__u32 uid;
-	__u32 hook;             /* AW_LSM_H_* */
-	__s32 ret;              /* what the hook returned: -EPERM */
-	__u64 prot;             /* mmap/mprotect: prot; open: f_flags */
-	__u64 flags;            /* mmap: flags */
-	__u16 family;           /* connect: AF_INET / AF_INET6 */
-	__u16 port;             /* connect: host byte order */
-	__u8 addr[16];          /* connect: network order, 4 bytes for AF_INET */
-	__u8 pad[4];
-	char comm[16];
-	char name[AW_LSM_NAME_LEN]; /* exec: the name as given; files: basename */
-};
-
-#ifndef AW_LAYOUT_ONLY
-
+#include "guards.h"
 #include <linux/binfmts.h>
 #include <linux/dcache.h>
 #include <linux/fs.h>
@@ -120,12 +70,6 @@ struct socket;                  /* only passed through: <linux/net.h> costs comp
 
 #ifndef AW_LSM_RINGBUF_PAGES
 #define AW_LSM_RINGBUF_PAGES 64 /* 256 KiB: denials are rare, and each is refused anyway */
-#endif
-#ifndef AW_LSM_MAX_ALLOW
-#define AW_LSM_MAX_ALLOW 65536
-#endif
-#ifndef AW_LSM_MAX_DENY
-#define AW_LSM_MAX_DENY 4096
 #endif
 #ifndef AW_LSM_MAX_DEPTH
 #define AW_LSM_MAX_DEPTH 24     /* ancestor directories looked up per judged file */
@@ -427,7 +371,6 @@ BPF_PROG(aw_lsm_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
 	return aw_lsm_deny_file(AW_LSM_H_MPROTECT, file, &k, prot, 0);
 }
 
-#endif /* AW_LAYOUT_ONLY */
 /* sendmsg: a datagram addressed to a unix socket (sendto, sendmsg with a
  * name). msg_name is the kernel's copy of the caller's address. */
 BPF_PROG(aw_lsm_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)

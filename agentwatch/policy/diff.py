@@ -11,7 +11,7 @@ the machine). Lines:
 An absent list or section means "not restricted", so adding one revokes and
 removing one grants. No lines at all: "no permission changes".
 """
-from .schema import RULES, SECTIONS, TOGGLES, Filesystem
+from .schema import RULES, SECTIONS, TOGGLES, Filesystem, host_network_why
 
 GRANT, REVOKE, CHANGE = "+ grants:", "- revokes:", "~ changes:"
 _VERBS = (("read", "read"), ("write", "write"), ("exec", "execute from"))
@@ -102,6 +102,11 @@ def _network(out, a, b):
             added, removed = _items(list(a.netlink), list(b.netlink))
             out += [f"{GRANT} netlink {x} sockets (network.netlink)" for x in added]
             out += [f"{REVOKE} netlink {x} sockets (network.netlink)" for x in removed]
+    was = host_network_why(a.allow, a.loopback)
+    now = host_network_why(b.allow, b.loopback)
+    if (was is None) != (now is None):
+        out.append(f"{GRANT} the host's net namespace ({now}: /proc/net lists every socket of the host)"
+                   if now else f"{REVOKE} the host's net namespace (no remote egress: a run gets its own)")
 
 
 def _limit(out, what, old, new, old_text=None, new_text=None):

@@ -4,7 +4,7 @@ as written and, when it uses a variable, as expanded for this machine."""
 import os
 
 from . import matchers as M
-from .schema import TOGGLES
+from .schema import TOGGLES, host_network_why, relay_ports
 
 _TOGGLE_WORDS = {"ptrace": "trace or read other processes (ptrace)",
                  "change_uid": "change user or group id",
@@ -67,7 +67,24 @@ def _network(spec):
             f"  Egress: {'only ' if net.allow else ''}{egress}",
             f"  {loopback}", f"  {unix}",
             f"  Socket families: only {', '.join(net.families) or 'none'}; {netlink}; "
-            "no raw inet sockets (network.families, network.netlink)"]
+            "no raw inet sockets (network.families, network.netlink)",
+            "  " + _net_namespace(spec)]
+
+
+def _net_namespace(spec):
+    """Which network namespace an enforced run of this policy gets (the
+    plan's decision: sandbox/plan.py _host_network_why)."""
+    net = spec.network
+    if spec.process is not None and "net" in spec.process.host_namespaces:
+        return ("Network namespace: the host's (process.host_namespaces): /proc/net lists every "
+                "socket of the host")
+    why = host_network_why(net.allow, net.loopback)
+    if why is not None:
+        return f"Network namespace: the host's ({why}): /proc/net lists every socket of the host"
+    ports = relay_ports(net.loopback)
+    relayed = (f"loopback port{'s' if len(ports) > 1 else ''} {', '.join(map(str, ports))} relayed "
+               "to the host's, TCP only" if ports else "no loopback port")
+    return f"Network namespace: its own when enforced (only lo; {relayed}; sees no host socket)"
 
 
 def _process(spec, v):

@@ -725,12 +725,40 @@ def _process(ck, value, loc, spec):
                 proc.toggles[key] = b
 
 
-HOST_NAMESPACES = ("pid", "ipc")
-_SHARED_RISK = {"pid": "the agent sees every host process in /proc (command lines, and more where "
+HOST_NAMESPACES = ("pid", "ipc", "net")
+_SHARED_RISK = {"net": "the agent reads the host's network tables in /proc/net and /proc/<pid>/net "
+                       "(every socket of the host: addresses, ports, unix socket paths) and shares "
+                       "the host's abstract unix sockets",
+                "pid": "the agent sees every host process in /proc (command lines, and more where "
                        "their owner allows) and can name them by pid (prlimit, setpriority, signals "
                        "where no other layer refuses)",
                 "ipc": "the agent can attach host SysV shared memory, semaphores and message queues "
                        "and host POSIX queues"}
+
+
+# at most this many network.loopback ports are relayed into a run's own
+# network namespace (one listener each, per family): more keeps the host's
+MAX_RELAY_PORTS = 64
+
+
+def host_network_why(allow, loopback):
+    """Why an enforced network section keeps the host's network namespace,
+    or None: the run then gets one of its own, with only lo, and its
+    loopback ports relayed to the host's (sandbox/netns.py). allow: the
+    network.allow rules; loopback: True, False or port ranges [(lo, hi)]."""
+    if allow:
+        return "network.allow permits remote egress"
+    if loopback is True:
+        return "network.loopback: true allows every loopback port, which no relay can listen on"
+    n = len(relay_ports(loopback))
+    if n > MAX_RELAY_PORTS:
+        return f"network.loopback lists {n} ports, more than the {MAX_RELAY_PORTS} the relay serves"
+    return None
+
+
+def relay_ports(loopback):
+    """The loopback ports a run of its own network namespace gets relayed."""
+    return sorted({p for lo, hi in (loopback or ()) if loopback is not True for p in range(lo, hi + 1)})
 
 
 def _host_namespaces(ck, value, loc):

@@ -10,19 +10,10 @@ import os
 import signal
 import time
 
+from ..core.procfs import RUN_CGROUP_ROOT as ROOT_NAME
+from ..core import procfs
+from ..core.procfs import cgroup2_mount, run_of_cgroup
 from ..errors import KernelFeatureError, PrivilegeError
-
-ROOT_NAME = "agentwatch"
-
-
-def cgroup2_mount(mounts="/proc/mounts"):
-    with open(mounts) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] == "cgroup2":
-                return parts[1].replace("\\040", " ")
-    raise KernelFeatureError("no cgroup v2 hierarchy is mounted; agentwatch needs one to "
-                             "tell an agent's processes apart (see agentwatch doctor)")
 
 
 def root_path():
@@ -140,15 +131,7 @@ class RunCgroup:
 def run_of_pid(pid):
     """The run id whose cgroup holds process pid (any depth below it), or
     None: not an agent's process, or gone."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    parts = line[3:].strip().split("/")
-                    return parts[2] if len(parts) > 2 and parts[1] == ROOT_NAME and parts[2] else None
-    except OSError:
-        pass
-    return None
+    return run_of_cgroup(procfs.cgroup(pid))
 
 
 def leftover_cgroups():

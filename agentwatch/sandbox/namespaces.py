@@ -1,10 +1,14 @@
-"""Private PID, IPC and mount namespaces for an enforced run, with a procfs of its own.
+"""Private PID, IPC, mount (and network) namespaces for an enforced run, with a procfs of its own.
 
 What the agent then sees (issue #14): no process outside its run (its /proc
 is a procfs mounted for its PID namespace, `hidepid=invisible`, and
 `subset=pid` unless the policy reads host-wide /proc files), no host SysV
 IPC object or POSIX message queue (its own IPC namespace, its own mqueue
 mount) and no host POSIX shared memory (a tmpfs of its own on /dev/shm).
+A run whose policy allows no remote egress also gets a network namespace of
+its own, with only lo (sandbox/netns.py, which agentwatch makes before the
+fork and the child joins here): /proc/net and /proc/<pid>/net list the run's
+sockets only, and its network.loopback ports are relayed to the host's.
 Every call that names a process by pid (kill, prlimit, setpriority,
 sched_setaffinity, process_vm_*, pidfd_open, ...) can only name a process
 of the run.
@@ -43,17 +47,19 @@ import ctypes
 import os
 
 from ..errors import KernelFeatureError
+from . import devices
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC, MS_PRIVATE = 16384, 1 << 18
 PR_SET_NAME = 15
 _SYS_CLOSE_RANGE = 436
 
-KINDS = ("pid", "ipc")          # what a policy can share with the host (process.host_namespaces)
+KINDS = ("pid", "ipc", "net")   # what a policy can share with the host (process.host_namespaces)
 INIT_COMM = b"aw-init"
 
 # top-level /proc entries that are not a process: reading one of them is what
@@ -86,7 +92,7 @@ def probe(kinds=KINDS):
     """The namespace kinds this host cannot make, each with why: {kind: reason}.
     Tried for real in the calling thread, which is then set back (cheap: no
     fork, no mount)."""
-    flags = {"pid": CLONE_NEWPID, "ipc": CLONE_NEWIPC}
+    flags = {"pid": CLONE_NEWPID, "ipc": CLONE_NEWIPC, "net": CLONE_NEWNET}
     missing = {}
     for kind in kinds:
         own = f"/proc/thread-self/ns/{'pid_for_children' if kind == 'pid' else kind}"
@@ -145,11 +151,20 @@ def proc_options(subset):
     return f"hidepid=invisible,gid={HIDEPID_GID}" + (",subset=pid" if subset else "")
 
 
-def enter(ipc=True, proc=None):
+def enter(ipc=True, proc=None, dev=None, net_fd=None):
     """Child side, first step: a mount namespace of its own (and an IPC one),
-    every mount private, then the run's procfs and IPC filesystems.
+    every mount private, then the run's procfs, /dev and IPC filesystems.
     proc: None (keep the host's /proc: the run shares its PID namespace),
-    "pid" (subset=pid) or "full"."""
+    "pid" (subset=pid) or "full". dev: the devices of the run's minimal
+    /dev (sandbox/devices.py), or None to keep the host's. net_fd: the
+    run's network namespace (sandbox/netns.py made it), joined first and
+    closed."""
+    if net_fd is not None:
+        try:
+            if _libc.setns(net_fd, ctypes.c_int(CLONE_NEWNET)) != 0:
+                raise _err("join the run's network namespace (setns)")
+        finally:
+            os.close(net_fd)
     _unshare(CLONE_NEWNS | (CLONE_NEWIPC if ipc else 0),
              "unshare(CLONE_NEWNS" + ("|CLONE_NEWIPC)" if ipc else ")"))
     if _mount(None, "/", None, MS_REC | MS_PRIVATE) != 0:
@@ -158,6 +173,8 @@ def enter(ipc=True, proc=None):
         if _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                   proc_options(proc == "pid")) != 0:
             raise _err(f"mount the run's procfs on /proc ({proc_options(proc == 'pid')})")
+    if dev is not None:
+        devices.mount_minimal(dev, host_ipc=not ipc)
     if ipc:
         # POSIX shared memory and semaphores are files in /dev/shm, outside the
         # IPC namespace; message queues need a mqueue mount of the new namespace

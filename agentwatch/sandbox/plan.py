@@ -15,7 +15,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from . import landlock, mounts, namespaces as ns
+from . import devices, landlock, mounts, namespaces as ns
 from .seccomp_filter import SeccompPolicy
 from ..policy.matchers import Glob, expand, has_wildcards
 
@@ -41,10 +41,11 @@ RUNTIME_WRITE = {
 # why the host's /proc is granted when the run shares the host's PID namespace
 HOST_PROC_WHY = ("the host's /proc (process.host_namespaces shares the PID namespace: every host "
                  "process is listed, and readable where its owner allows)")
-PROC_NET_NOTE = ("/proc/<pid>/net shows the network namespace's tables, and the run shares the "
-                 "host's: its sockets are listed there (reads outside the policy are reported)")
+PROC_NET_NOTE = ("the run shares the host's network namespace: /proc/net and /proc/<pid>/net list "
+                 "every socket of the host (reads outside the policy are reported)")
 # where the dynamic loader finds shared libraries: their mappings are
 # executable, so the BPF LSM exec allow list must cover them
+LANDLOCK_PORTS_MAX = 4096   # beyond this many allowed TCP ports, cgroup BPF alone holds them
 RUNTIME_LIBS = ["/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib"]
 PATH_FALLBACK = "landlock+seccomp+cgroup-bpf"
 PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK
@@ -52,7 +53,7 @@ PATH_BPF_LSM = "bpf-lsm+" + PATH_FALLBACK
 
 @dataclass
 class LsmRules:
-    """What the BPF LSM layer (sensors/lsm.py) holds on top of Landlock:
+    """What the BPF LSM layer (guards/lsm.py) holds on top of Landlock:
     exec and executable mappings only of files below exec_allow (by inode,
     so copies, renames and the dynamic loader cannot widen it; None: rule
     off), and no open of the files below file_deny under any name."""
@@ -67,7 +68,7 @@ class EnforcementPlan:
     path: str = "monitor-only"                 # which enforcement path the run gets
     landlock: object = None                    # landlock.LandlockPlan
     seccomp: SeccompPolicy = None
-    egress: object = None                      # sensors.egress.EgressRules
+    egress: object = None                      # guards.egress.EgressRules
     lsm: LsmRules = None                       # BPF LSM layer, where the kernel has it
     map_exec: list = None                      # report mmap(PROT_EXEC) outside these prefixes
     map_exec_kill: bool = False                # ... and kill the process at it
@@ -78,9 +79,11 @@ class EnforcementPlan:
     downgrades: list = field(default_factory=list)  # rules the kernel cannot hold here
     notes: list = field(default_factory=list)       # stricter-than-written outcomes, for the record
     resolved: dict = field(default_factory=dict)    # domain -> [ips]
-    namespaces: list = field(default_factory=list)  # private ones the run gets: "pid", "ipc" (+ mount)
+    namespaces: list = field(default_factory=list)  # private ones the run gets: "pid", "ipc", "net" (+ mount)
+    relay: list = field(default_factory=list)       # loopback ports relayed into the run's network namespace
     proc: str = None                                # the run's procfs: "pid" (subset=pid), "full", None
     widened: list = field(default_factory=list)     # grants beyond the policy's lists: {path, access, why}
+    dev: list = None                                # the run's minimal /dev (devices.plan), None: the host's
 
     def describe(self):
         lines = [f"enforcement: {self.path}; kernel holds: {', '.join(self.enforced) or 'nothing'}"]
@@ -88,7 +91,12 @@ class EnforcementPlan:
         lines += [f"note: {n}" for n in self.notes]
         if self.namespaces:
             lines.append(f"namespaces: private {', '.join(self.namespaces + ['mount'])}"
-                         + (f"; /proc: {ns.proc_options(self.proc == 'pid')}" if self.proc else ""))
+                         + (f"; /proc: {ns.proc_options(self.proc == 'pid')}" if self.proc else "")
+                         + (f"; network: only lo, {_relay_text(self.relay)}"
+                            if "net" in self.namespaces else ""))
+        if self.dev is not None:
+            lines.append(f"/dev: a tmpfs of the run's own with {' '.join(os.path.basename(d) for d in self.dev)}, "
+                         "pts, shm, mqueue (no disks, consoles or other devices the policy does not name)")
         lines += [f"added beyond the policy: {w['access']} {w['path']} ({w['why']})"
                   for w in self.widened]
         if self.map_exec is not None:
@@ -104,8 +112,9 @@ class EnforcementPlan:
                 "noexec": [p for p, how in self.masks if how == "noexec"], "limits": self.limits,
                 "wall_time": self.wall_time, "resolved_domains": self.resolved,
                 "namespaces": self.namespaces,
+                "loopback_relay": self.relay if "net" in self.namespaces else None,
                 "proc": None if self.proc is None else ns.proc_options(self.proc == "pid"),
-                "widened": self.widened,
+                "widened": self.widened, "dev": self.dev,
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
                                                           "file_deny": self.lsm.file_deny,
                                                           "signals": self.lsm.signals,
@@ -186,8 +195,10 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
     res = data.get("resources") or {}
     abi = landlock.abi_version() if landlock_abi is None else landlock_abi
     shared = set(proc.get("host_namespaces") or ())
+    host_net = _host_network_why(data)
     if ns_missing is None:
-        ns_missing = ns.probe([k for k in ns.KINDS if k not in shared]) if os.geteuid() == 0 else {}
+        wanted = [k for k in ns.KINDS if k not in shared and (k != "net" or host_net is None)]
+        ns_missing = ns.probe(wanted) if os.geteuid() == 0 else {}
     own_pid = "pid" not in shared and "pid" not in ns_missing
 
     # ---- filesystem: Landlock allow lists + masks for denies inside them
@@ -253,7 +264,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
 
     # ---- network: cgroup BPF egress (+ Landlock TCP ports, + scopes)
     if net is not None and section_action(data, "network") in ENFORCING:
-        from ..sensors.egress import EgressRules
+        from ..guards.egress import EgressRules
         allow, ports, any_port = [], set(), False
         domains = [r["domain"] for r in net.get("allow") or [] if r.get("domain")]
         p.resolved = resolve_domains(domains)
@@ -285,9 +296,14 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             # entries are ports or "lo-hi" ranges, as in network.allow
             loop_ports = {port for x in (loop if isinstance(loop, list) else ())
                           for port in _landlock_ports(*_port_range(x))}
-            rules.tcp_connect = sorted(ports | loop_ports)
+            if len(ports | loop_ports) <= LANDLOCK_PORTS_MAX:
+                rules.tcp_connect = sorted(ports | loop_ports)
+            else:
+                p.notes.append(f"network: {len(ports | loop_ports)} TCP ports allowed, more than the "
+                               f"{LANDLOCK_PORTS_MAX} Landlock rules agentwatch adds (one per port); "
+                               "cgroup BPF alone holds the ports")
         rules.scope_abstract_unix = net.get("unix", False) is False
-        if net.get("unix") not in (True, False):
+        if net.get("unix", False) not in (True, False):
             p.downgrades.append("network.unix path list: pathname unix sockets are judged, "
                                 "not denied (abstract ones are scoped when unix is false)")
         p.enforced.append("network")
@@ -350,29 +366,75 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         p.wall_time = parse_duration(res["wall_time"])
     if p.landlock or p.seccomp or p.egress:
         p.path = PATH_BPF_LSM if p.lsm else PATH_FALLBACK
-        _namespaces(p, fs, shared, ns_missing, variables)
+        _namespaces(p, fs, shared, ns_missing, variables, host_net)
+        if "net" in p.namespaces:
+            from ..policy.schema import relay_ports
+            p.relay = relay_ports(_loopback_ranges(net.get("loopback", False)))
     return p
 
 
-def _namespaces(p, fs, shared, missing, variables):
+# what sharing each namespace kind with the host leaves the agent (a note
+# when the policy asks for it, a downgrade when the host cannot make it)
+_SHARED = {"pid": ("it sees every host process and can name them by pid",
+                   "host processes stay visible and reachable by pid"),
+           "ipc": ("it can reach host SysV IPC objects and POSIX queues",
+                   "host SysV IPC objects stay reachable"),
+           "net": ("/proc/net lists every socket of the host",
+                   "/proc/net and /proc/<pid>/net list every socket of the host")}
+
+
+def _namespaces(p, fs, shared, missing, variables, host_net):
     """Every enforced run gets private PID and IPC namespaces (and a mount
-    namespace for its procfs) unless process.host_namespaces shares them;
-    one this host cannot make is a downgrade (sandbox/namespaces.py)."""
+    namespace for its procfs) unless process.host_namespaces shares them,
+    and a network namespace when its policy allows no remote egress
+    (host_net: why not, else None); one this host cannot make is a
+    downgrade (sandbox/namespaces.py, sandbox/netns.py)."""
     for kind in ns.KINDS:
         if kind in shared:
             p.notes.append(f"process.host_namespaces: the agent shares the host's {kind} namespace "
-                           + ("(it sees every host process and can name them by pid)" if kind == "pid"
-                              else "(it can reach host SysV IPC objects and POSIX queues)"))
+                           f"({_SHARED[kind][0]})")
+        elif kind == "net" and host_net is not None:
+            # the coming egress guard routes such runs; until then the host's
+            p.notes.append(f"network: {host_net}, so {PROC_NET_NOTE}")
         elif kind in missing:
             p.downgrades.append(f"process: no private {kind} namespace on this host ({missing[kind]}): "
-                                + ("host processes stay visible and reachable by pid" if kind == "pid"
-                                   else "host SysV IPC objects stay reachable"))
+                                f"{_SHARED[kind][1]}")
         else:
             p.namespaces.append(kind)
     if "pid" in p.namespaces:
         p.proc = "full" if _reads_host_proc(fs, variables) else "pid"
-        if p.proc == "full":
-            p.notes.append("/proc: " + PROC_NET_NOTE)
+    elif "net" in p.namespaces:
+        p.notes.append("network: the run's network namespace hides the host's sockets from "
+                       "/proc/net, but with the host's PID namespace /proc/<host pid>/net still "
+                       "lists them")
+    if p.namespaces:        # the run has a mount namespace of its own: and a /dev
+        p.dev = devices.plan(_exp([x for k in ("read", "write", "exec") for x in (fs or {}).get(k) or ()],
+                                  variables))
+
+
+def _host_network_why(data):
+    """Why an enforced run of this policy keeps the host's network
+    namespace (None: it gets its own). No network section held by the
+    kernel: the agent may reach anything, so it keeps the host's."""
+    from ..policy.schema import host_network_why
+    net = data.get("network")
+    if net is None:
+        return "the policy has no network section (the agent may connect anywhere)"
+    if section_action(data, "network") not in ENFORCING:
+        return "the network section only alerts (no connection is refused)"
+    return host_network_why(net.get("allow") or (), _loopback_ranges(net.get("loopback", False)))
+
+
+def _loopback_ranges(loop):
+    """network.loopback as True or [(lo, hi)] ((validated) ports or "lo-hi" ranges)."""
+    return loop if loop is True else [_port_range(x) for x in (loop or ())]
+
+
+def _relay_text(ports):
+    if not ports:
+        return "no loopback port relayed"
+    return (f"loopback port{'s' if len(ports) > 1 else ''} {', '.join(map(str, ports))} relayed "
+            "to the host's (TCP)")
 
 
 def _reads_host_proc(fs, variables):
@@ -475,9 +537,8 @@ def _under_any(path, tops):
 
 
 def _landlock_ports(lo, hi):
-    """The ports of a range that get a Landlock TCP rule (one rule per port;
-    at most 65 of a range)."""
-    return range(lo, min(hi, lo + 64) + 1)
+    """The ports of a range: Landlock takes one TCP rule per port."""
+    return range(lo, hi + 1)
 
 
 def _port_range(v):

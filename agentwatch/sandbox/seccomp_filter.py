@@ -37,7 +37,7 @@ policy does not list (SeccompPolicy.socket_families; default unix, inet,
 inet6), and of a netlink protocol it does not list (netlink_protocols;
 default NETLINK_ROUTE, which getaddrinfo's AI_ADDRCONFIG, getifaddrs and
 if_nameindex use), are refused here: cgroup BPF's sock_create hook runs
-for inet and inet6 sockets only (sensors/egress.py).
+for inet and inet6 sockets only (guards/egress.py).
 
 A relayed pty (a session of the agent's own, as script(1) gives) was
 considered and not done: the refusal above closes TIOCSTI on every kernel,

@@ -1,8 +1,7 @@
-"""Kernel sensors. bcc is imported here and nowhere else outside this
-package (``import_bcc``; doctor's probes get it from there too;
-tests/unit/test_imports.py checks). The egress and BPF LSM enforcement
-(egress.py, lsm.py) live here today; when they move to a guards/ package
-(issue #15), that will be the other package that may import bcc.
+"""Kernel sensors: they observe, and never change what a call does (the
+enforcing BPF programs are agentwatch.guards). bcc is imported here
+(``import_bcc``, ``compile_bpf``: doctor's probes and the guards get it from
+there) and in guards/, nowhere else (tests/unit/test_imports.py checks).
 
 ``Sensors`` compiles the bpf/*.bpf.c sensors once, fills the syscall spec
 map, attaches exactly the tracepoints of the chosen groups, and hands decoded

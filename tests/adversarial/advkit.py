@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK
-from agentwatch.sensors.lsm import LsmGuard
+from agentwatch.guards.lsm import LsmGuard
 from conftest import REPO, aw_cmd, read_events
 
 sys.path.insert(0, REPO)

@@ -815,7 +815,7 @@ def test_reading_agentwatch_environ(run):
     assert run.attempts("read environ")[0]["path"] == "/proc/1/environ", run.report()
     refused(run, "read environ", "ENOENT")
     assert run.canary not in run.read("ws", "env-copy")
-    assert run.lifecycle("start")["detail"]["enforcement"]["namespaces"] == ["pid", "ipc"]
+    assert run.lifecycle("start")["detail"]["enforcement"]["namespaces"] == ["pid", "ipc", "net"]
     assert_denied_not_killed(run)
 
 

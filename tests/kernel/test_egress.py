@@ -1,4 +1,4 @@
-"""Network egress enforcement (agentwatch/sensors/egress.py) on the real kernel.
+"""Network egress enforcement (agentwatch/guards/egress.py) on the real kernel.
 
 Each test makes its own cgroup v2 leaf, attaches the egress programs, and
 runs socket operations in a forked child moved into that leaf. Traffic goes
@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from agentwatch.sandbox.cgroups import RunCgroup, cgroup2_mount
-from agentwatch.sensors.egress import Egress, EgressRules, attached_program_ids
+from agentwatch.guards.egress import Egress, EgressRules, attached_program_ids
 from agentwatch.sensors.inventory import loaded_programs
 
 pytestmark = pytest.mark.kernel

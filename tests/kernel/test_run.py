@@ -165,7 +165,7 @@ def test_bpf_lsm_path_is_chosen_by_the_host_and_on_refuses_without_it(state_dir,
     the CI kernel: its headers are another version's); on refuses to start
     without it, in one line, before anything exists."""
     from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK
-    from agentwatch.sensors.lsm import LsmGuard
+    from agentwatch.guards.lsm import LsmGuard
     here = PATH_FALLBACK if LsmGuard.unavailable() else PATH_BPF_LSM
     policy = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
     ev = tmp_path / "ev.jsonl"

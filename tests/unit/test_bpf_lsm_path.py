@@ -14,7 +14,7 @@ from agentwatch.events import ExecEvent, FileEvent
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
 from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK, make_plan
-from agentwatch.sensors.lsm import expand_files
+from agentwatch.guards.lsm import expand_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STRICT = os.path.join(REPO, "policies", "sandboxed-agent.yaml")

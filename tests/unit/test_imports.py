@@ -38,7 +38,8 @@ def python(code):
 
 
 def test_module_list_is_complete():
-    for m in ("agentwatch.engine", "agentwatch.sensors.syscalls", "agentwatch.runner", "cli.main"):
+    for m in ("agentwatch.engine", "agentwatch.sensors.syscalls", "agentwatch.guards.egress",
+              "agentwatch.guards.lsm", "agentwatch.runner", "cli.main"):
         assert m in MODULES
 
 
@@ -94,7 +95,7 @@ LAYERS = [
     ("integrity", ["agentwatch.integrity"]),
     # sinks/ (run log, console) become the engine's reporter and run/'s log
     ("engine", ["agentwatch.engine", "agentwatch.sinks"]),
-    # sensors/egress.py and sensors/lsm.py (enforcement) move to guards/
+    # guards/: the kernel enforcement objects (egress, BPF LSM); sensors/: observation;
     # keeper.py: the process that kills a dead monitor's runs (stdlib only: it runs as a script)
     ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors",
                                 "agentwatch.keeper"]),

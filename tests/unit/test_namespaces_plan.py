@@ -126,3 +126,103 @@ def test_a_host_without_the_namespaces_is_a_downgrade(tmp_path):
                     ns_missing={"pid": "unshare(CLONE_NEWPID): Operation not permitted"})
     assert plan.namespaces == ["ipc"]
     assert any(d.startswith("process: no private pid namespace") for d in plan.downgrades)
+
+
+# ---- the network namespace (issue #14: host-wide /proc/net tables)
+STRICT = os.path.join(REPO, "policies", "sandboxed-agent.yaml")
+NONROOT = os.path.join(REPO, "policies", "sandboxed-agent-nonroot.yaml")
+NET = "filesystem: {read: ['/usr/**'], write: []}\non_violation: {default: deny}\n"
+
+
+@pytest.mark.parametrize("policy", [STRICT, NONROOT], ids=os.path.basename)
+def test_no_remote_egress_gets_a_network_namespace_with_the_loopback_ports_relayed(tmp_path, policy):
+    plan, _ = _plan(tmp_path, path=policy)
+    assert plan.namespaces == ["pid", "ipc", "net"]
+    assert plan.relay == [18080]
+    rec = plan.record()
+    assert rec["namespaces"] == ["pid", "ipc", "net"] and rec["loopback_relay"] == [18080]
+    assert any("private pid, ipc, net, mount" in line and "loopback port 18080 relayed" in line
+               for line in plan.describe())
+    assert not any("/proc/net" in n for n in plan.notes)
+
+
+def test_loopback_ranges_are_relayed_port_by_port(tmp_path):
+    plan, _ = _plan(tmp_path, NET + "network: {allow: [], loopback: [8080, '9000-9002']}\n")
+    assert "net" in plan.namespaces and plan.relay == [8080, 9000, 9001, 9002]
+
+
+def test_no_loopback_at_all_still_gets_its_own_network_namespace(tmp_path):
+    plan, _ = _plan(tmp_path, NET + "network: {allow: [], loopback: false}\n")
+    assert "net" in plan.namespaces and plan.relay == []
+    assert any("no loopback port relayed" in line for line in plan.describe())
+
+
+@pytest.mark.parametrize("network, why", [
+    ("{allow: [{cidr: 10.0.0.0/8, ports: [443]}]}", "network.allow permits remote egress"),
+    ("{allow: [], loopback: true}", "network.loopback: true"),
+    ("{allow: [], loopback: ['1000-1064']}", "65 ports, more than the 64"),
+])
+def test_a_policy_the_relay_cannot_serve_keeps_the_host_network_and_says_so(tmp_path, network, why):
+    plan, _ = _plan(tmp_path, NET + f"network: {network}\n")
+    assert plan.namespaces == ["pid", "ipc"] and plan.relay == []
+    assert plan.record()["loopback_relay"] is None
+    notes = [n for n in plan.notes if n.startswith("network: ")]
+    assert len(notes) == 1 and why in notes[0] and "/proc/net" in notes[0], plan.notes
+    assert not plan.downgrades
+
+
+@pytest.mark.parametrize("body, why", [
+    (NET, "no network section"),
+    ("filesystem: {read: ['/usr/**'], write: []}\nnetwork: {allow: []}\n"
+     "on_violation: {filesystem: deny}\n", "only alerts"),
+])
+def test_an_unenforced_network_keeps_the_host_network_and_says_so(tmp_path, body, why):
+    plan, _ = _plan(tmp_path, body)
+    assert "net" not in plan.namespaces
+    assert any(why in n and "every socket of the host" in n for n in plan.notes), plan.notes
+
+
+def test_host_namespaces_net_opts_out(tmp_path):
+    plan, _ = _plan(tmp_path, NET + "network: {allow: [], loopback: [80]}\n"
+                                    "process: {host_namespaces: [net]}\n")
+    assert plan.namespaces == ["pid", "ipc"] and plan.relay == []
+    assert any("shares the host's net namespace" in n for n in plan.notes)
+
+
+def test_a_host_without_network_namespaces_is_a_downgrade(tmp_path):
+    plan, _ = _plan(tmp_path, NET + "network: {allow: []}\n",
+                    ns_missing={"net": "unshare(CLONE_NEWNET): Operation not permitted"})
+    assert plan.namespaces == ["pid", "ipc"]
+    assert any(d.startswith("process: no private net namespace") and "/proc/net" in d
+               for d in plan.downgrades)
+
+
+def test_the_network_namespace_is_probed_only_where_the_run_would_get_one(tmp_path, monkeypatch):
+    from agentwatch.sandbox import namespaces
+    asked = []
+    monkeypatch.setattr(namespaces, "probe", lambda kinds: asked.append(list(kinds)) or {})
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    _plan(tmp_path, NET + "network: {allow: [{cidr: 10.0.0.0/8}]}\n", ns_missing=None)
+    _plan(tmp_path, NET + "network: {allow: []}\n", ns_missing=None)
+    assert asked == [["pid", "ipc"], ["pid", "ipc", "net"]]
+
+
+def test_with_the_host_pid_namespace_the_plan_says_host_tables_stay_readable(tmp_path):
+    plan, _ = _plan(tmp_path, NET + "network: {allow: []}\nprocess: {host_namespaces: [pid]}\n")
+    assert plan.namespaces == ["ipc", "net"]
+    assert any("/proc/<host pid>/net" in n for n in plan.notes)
+
+
+def test_explain_and_diff_say_which_network_namespace(tmp_path):
+    from agentwatch.policy.diff import diff
+    from agentwatch.policy.explain import explain
+    strict = load(STRICT)
+    text = explain(strict, _vars(tmp_path))
+    assert "Network namespace: its own when enforced (only lo; loopback port 18080 relayed" in text
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(f"apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {{name: w}}\n"
+                    f"extends: {STRICT}\nnetwork: {{allow: [{{cidr: 10.0.0.0/8}}]}}\n")
+    assert "Network namespace: the host's (network.allow permits remote egress)" in \
+        explain(load(str(wide)), _vars(tmp_path))
+    lines = diff(strict, load(str(wide)))
+    assert any(line.startswith("+ grants: the host's net namespace (network.allow") for line in lines)

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 
 import pytest
@@ -16,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
+import ckit
 from agentwatch.sensors import records as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,55 +39,17 @@ needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="host gcc not
 
 # ---- layout: compile the header ---------------------------------------------
 
-def _c_program():
-    lines = [
-        "#include <stdint.h>",
-        "#include <stddef.h>",
-        "#include <stdio.h>",
-        "typedef uint8_t __u8; typedef uint32_t __u32; typedef int32_t __s32;",
-        "typedef uint64_t __u64; typedef int64_t __s64;",
-        '#include "events.h"',
-        "int main(void) {",
-    ]
-    for name, fields in R.RECORDS.items():
-        lines.append(f'  printf("{name} sizeof %zu %zu\\n", sizeof(struct {name}), (size_t)0);')
-        for field, _ in fields:
-            lines.append(
-                f'  printf("{name} {field} %zu %zu\\n", offsetof(struct {name}, {field}), '
-                f"sizeof(((struct {name} *)0)->{field}));")
-    lines += ["  return 0;", "}"]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory):
     """{struct: {field: (offset, size)}, plus "sizeof": (size, 0)} as gcc sees them."""
-    if shutil.which("gcc") is None:
-        pytest.skip("host gcc not installed")
-    d = tmp_path_factory.mktemp("layout")
-    src, exe = d / "layout.c", d / "layout"
-    src.write_text(_c_program())
-    subprocess.run(["gcc", "-Wall", "-Werror", "-I", os.path.dirname(EVENTS_H), "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    layout = {}
-    for line in out.splitlines():
-        name, field, off, size = line.split()
-        layout.setdefault(name, {})[field] = (int(off), int(size))
-    return layout
+    return ckit.layout(EVENTS_H, {name: [f for f, _ in fields] for name, fields in R.RECORDS.items()},
+                       str(tmp_path_factory.mktemp("layout")))
 
 
 @pytest.fixture(scope="module")
 def c_defines():
     """Every AW_* #define in events.h, as gcc's preprocessor sees it."""
-    if shutil.which("gcc") is None:
-        pytest.skip("host gcc not installed")
-    out = subprocess.run(["gcc", "-dM", "-E", "-x", "c", EVENTS_H], check=True,
-                         capture_output=True, text=True).stdout
-    defs = {}
-    for m in re.finditer(r"^#define (AW_\w+) (.+)$", out, re.M):
-        defs[m.group(1)] = m.group(2).strip()
-    return defs
+    return ckit.defines(EVENTS_H)
 
 
 def test_records_lists_every_struct_of_the_header():

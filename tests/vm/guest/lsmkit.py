@@ -19,7 +19,7 @@ import pytest
 
 from agentwatch import doctor
 from agentwatch.sensors.inventory import loaded_programs
-from agentwatch.sensors.lsm import ENFORCEMENT, LsmGuard, check_headers
+from agentwatch.guards.lsm import ENFORCEMENT, LsmGuard, check_headers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LDSO = os.path.realpath("/lib64/ld-linux-x86-64.so.2")

@@ -1,4 +1,4 @@
-"""BPF LSM enforcement (agentwatch/sensors/lsm.py) on a kernel with lsm=...,bpf.
+"""BPF LSM enforcement (agentwatch/guards/lsm.py) on a kernel with lsm=...,bpf.
 
 Runs inside the VM only (tests/vm/run_vm_tests.sh). Every test makes its
 attempt from a process in the guarded cgroup and asserts the kernel's answer

@@ -3,17 +3,26 @@ buffer of denial records delivered to a callback, and per-CPU counters of
 denials and lost records. Only the record decoding differs."""
 import ctypes
 
-CNT_DENIED, CNT_LOST = 0, 1   # indexes of the per-CPU counter map
+from . import records as R
+
+# indexes of the per-CPU counter map, the same in both guards (bpf/guards.h)
+CNT_DENIED, CNT_LOST = R.EG_CNT_DENIED, R.EG_CNT_LOST
 
 
 class DenialStream:
     """Mixin. Subclasses set COUNTERS (the counter map's name) and
     enforcement (the layer's name in run records), keep
     self.bpf, self.received, self.errors, self._on_denial, and define
-    _decode(raw) -> dict."""
+    _decode(raw) -> dict and close() (also run at the end of a with block)."""
 
     COUNTERS = None
     _base = (0, 0)         # counter totals when the stream (re)started
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _on_record(self, _ctx, data, size):
         self.received += 1

@@ -55,31 +55,24 @@ from dataclasses import dataclass, field
 
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
 from ..policy.schema import SOCKET_FAMILIES
+from . import records as R
 from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)
 
-# ---- constants shared with bpf/egress.bpf.c (checked by tests/unit/test_egress_rules.py)
-MAX_RANGES = 16
-P_TCP, P_UDP, P_OTHER = 0x1, 0x2, 0x4
-P_ANY = P_TCP | P_UDP | P_OTHER
+# ---- constants of bpf/guards.h (records.py mirrors them; tests/unit/test_guard_records.py checks)
+MAX_RANGES = R.EG_MAX_RANGES
+P_TCP, P_UDP, P_OTHER, P_ANY = R.EG_P_TCP, R.EG_P_UDP, R.EG_P_OTHER, R.EG_P_ANY
 PROTO_BITS = {"tcp": P_TCP, "udp": P_UDP, "any": P_ANY}
-F_LOOPBACK = 0x1
-CFG_INET, CFG_INET6 = 0x1, 0x2
-OPS = {1: ("connect", "inet"), 2: ("connect", "inet6"), 3: ("sendmsg", "inet"),
-       4: ("sendmsg", "inet6"), 5: ("socket", None), 6: ("connect", "unix"),
-       7: ("sendmsg", "unix"), 8: ("bind", "inet"), 9: ("bind", "inet6")}
-REASONS = {1: "no-allow-rule", 2: "port-not-allowed", 3: "loopback-not-allowed",
-           4: "raw-socket", 5: "family-not-allowed", 6: "protocol-not-allowed",
-           7: "unix-not-allowed", 8: "bind-not-allowed"}
-
-
-class Event(ctypes.Structure):
-    """struct aw_egress_event, field by field."""
-    _fields_ = [("ts", ctypes.c_uint64), ("cgroup", ctypes.c_uint64),
-                ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
-                ("sock_type", ctypes.c_uint32), ("protocol", ctypes.c_uint32),
-                ("family", ctypes.c_uint16), ("port", ctypes.c_uint16),
-                ("op", ctypes.c_uint8), ("reason", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 6),
-                ("addr", ctypes.c_uint8 * 16), ("comm", ctypes.c_char * 16)]
+F_LOOPBACK = R.EG_F_LOOPBACK
+CFG_INET, CFG_INET6 = R.EG_CFG_INET, R.EG_CFG_INET6
+OPS = {R.EG_OP_CONNECT4: ("connect", "inet"), R.EG_OP_CONNECT6: ("connect", "inet6"),
+       R.EG_OP_SENDMSG4: ("sendmsg", "inet"), R.EG_OP_SENDMSG6: ("sendmsg", "inet6"),
+       R.EG_OP_SOCKET: ("socket", None), R.EG_OP_CONNECT_UNIX: ("connect", "unix"),
+       R.EG_OP_SENDMSG_UNIX: ("sendmsg", "unix"), R.EG_OP_BIND4: ("bind", "inet"),
+       R.EG_OP_BIND6: ("bind", "inet6")}
+REASONS = {R.EG_R_NO_RULE: "no-allow-rule", R.EG_R_PORT: "port-not-allowed",
+           R.EG_R_LOOPBACK: "loopback-not-allowed", R.EG_R_RAW: "raw-socket",
+           R.EG_R_FAMILY: "family-not-allowed", R.EG_R_PROTOCOL: "protocol-not-allowed",
+           R.EG_R_UNIX: "unix-not-allowed", R.EG_R_BIND: "bind-not-allowed"}
 
 
 # socket families by name (linux/socket.h); only inet and inet6 are enforced here
@@ -150,12 +143,18 @@ class Entry:
 
     def key_bytes(self):
         """struct aw_eg_key4/6: prefix length (host order), address (network order)."""
-        return struct.pack("=I", self.prefix.prefixlen) + self.prefix.network_address.packed
+        packed = self.prefix.network_address.packed
+        words = struct.unpack(f"={len(packed) // 4}I", packed)   # the bytes as they are, in u32s
+        if len(words) == 1:
+            return bytes(R.EgKey4(self.prefix.prefixlen, words[0]))
+        return bytes(R.EgKey6(self.prefix.prefixlen, (ctypes.c_uint32 * 4)(*words)))
 
     def value_bytes(self):
         """struct aw_eg_allow."""
-        body = b"".join(struct.pack("=HHB3x", lo, hi, m) for lo, hi, m in self.ranges)
-        return struct.pack("=II", len(self.ranges), self.flags) + body.ljust(8 * MAX_RANGES, b"\0")
+        v = R.EgAllow(n=len(self.ranges), flags=self.flags)
+        for i, (lo, hi, mask) in enumerate(self.ranges):
+            v.r[i] = R.EgRange(lo, hi, mask)
+        return bytes(v)
 
 
 @dataclass(frozen=True)
@@ -300,7 +299,7 @@ def format_addr(family, raw):
 
 def decode_denial(data):
     """A struct aw_egress_event as the dict given to on_denial."""
-    ev = Event.from_buffer_copy(data[:ctypes.sizeof(Event)])
+    ev = R.decode(R.EgressEvent, data)
     opname, _ = OPS.get(ev.op, (f"op{ev.op}", None))
     is_socket = opname == "socket"
     return {"pid": ev.pid, "tid": ev.tid, "uid": ev.uid,
@@ -329,7 +328,7 @@ class _QueryAttr(ctypes.Structure):
 def attached_program_ids(cgroup_path):
     """{attach type name: [program ids]} attached directly to the cgroup for
     the hooks Egress uses (BPF_PROG_QUERY), to prove attach and detach."""
-    from .inventory import bpf_syscall
+    from ..sensors.inventory import bpf_syscall
     fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         out = {}
@@ -387,12 +386,12 @@ class Egress(DenialStream):
         if os.geteuid() != 0:
             raise PrivilegeError("attaching cgroup BPF programs needs root (CAP_BPF, "
                                  "CAP_NET_ADMIN, CAP_SYS_ADMIN)")
-        from . import bpf_dir, compile_bpf, import_bcc
+        from ..sensors import bpf_dir, compile_bpf, import_bcc
         bcc = import_bcc()
         if self.bpf is None:
             with open(os.path.join(bpf_dir(), "egress.bpf.c")) as f:
                 text = f.read()
-            self.bpf = compile_bpf(text, [f"-DAW_EG_RINGBUF_PAGES={self.ringbuf_pages}",
+            self.bpf = compile_bpf(text, [f"-I{bpf_dir()}", f"-DAW_EG_RINGBUF_PAGES={self.ringbuf_pages}",
                                           "-Wno-unused-function"], "bpf/egress.bpf.c")
             self.bpf[b"egress_events"].open_ring_buffer(self._on_record)
         try:
@@ -483,12 +482,6 @@ class Egress(DenialStream):
         self._detach()
         self.bpf.cleanup()
         self.bpf = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _decode(self, raw):
         return decode_denial(raw)

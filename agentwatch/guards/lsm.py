@@ -82,18 +82,19 @@ import os
 import socket
 import stat
 
-from .inventory import bpf_syscall
 from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
+from ..sensors.inventory import bpf_syscall
+from . import records as R
 from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)
 
 ENFORCEMENT = "bpf-lsm"      # doctor.ENFORCE_BPF_LSM: the path these denials come from
 
-# ---- constants shared with bpf/lsm.bpf.c ----------------------------------------------
-H_EXEC, H_OPEN, H_CONNECT, H_MMAP, H_MPROTECT, H_KILL, H_SENDMSG = 1, 2, 3, 4, 5, 6, 7
-CFG_EXEC, CFG_OPEN, CFG_CONNECT, CFG_SIGNAL, CFG_UNIX = 0x1, 0x2, 0x4, 0x8, 0x10
-NAME_LEN = 64
-MAX_ALLOW, MAX_DENY = 65536, 4096    # AW_LSM_MAX_ALLOW, AW_LSM_MAX_DENY
-PROT_EXEC = 0x4
+# ---- constants of bpf/guards.h (records.py mirrors them; tests/unit/test_guard_records.py checks)
+H_EXEC, H_OPEN, H_CONNECT, H_MMAP = R.LSM_H_EXEC, R.LSM_H_OPEN, R.LSM_H_CONNECT, R.LSM_H_MMAP
+H_MPROTECT, H_KILL, H_SENDMSG = R.LSM_H_MPROTECT, R.LSM_H_KILL, R.LSM_H_SENDMSG
+CFG_EXEC, CFG_OPEN, CFG_CONNECT = R.LSM_CFG_EXEC, R.LSM_CFG_OPEN, R.LSM_CFG_CONNECT
+CFG_SIGNAL, CFG_UNIX = R.LSM_CFG_SIGNAL, R.LSM_CFG_UNIX
+MAX_ALLOW, MAX_DENY = R.LSM_MAX_ALLOW, R.LSM_MAX_DENY
 
 # (program, LSM hook, AW_LSM_CFG_* flag that makes it needed)
 PROGRAMS = (("aw_lsm_exec", "bprm_check_security", CFG_EXEC),
@@ -110,22 +111,6 @@ HOOKS = {H_EXEC: ("bprm_check_security", "exec", "exec-not-allowed"),
          H_MPROTECT: ("file_mprotect", "mprotect", "exec-mapping-not-allowed"),
          H_KILL: ("task_kill", "kill", "signal-outside-run"),
          H_SENDMSG: ("socket_sendmsg", "sendmsg", "unix-not-allowed")}
-
-
-class Key(ctypes.Structure):
-    """struct aw_lsm_key."""
-    _fields_ = [("ino", ctypes.c_uint64), ("dev", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
-
-
-class Event(ctypes.Structure):
-    """struct aw_lsm_event, field by field."""
-    _fields_ = [("ts", ctypes.c_uint64), ("cgroup", ctypes.c_uint64), ("ino", ctypes.c_uint64),
-                ("dev", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
-                ("uid", ctypes.c_uint32), ("hook", ctypes.c_uint32), ("ret", ctypes.c_int32),
-                ("prot", ctypes.c_uint64), ("flags", ctypes.c_uint64),
-                ("family", ctypes.c_uint16), ("port", ctypes.c_uint16),
-                ("addr", ctypes.c_uint8 * 16), ("pad", ctypes.c_uint8 * 4),
-                ("comm", ctypes.c_char * 16), ("name", ctypes.c_char * NAME_LEN)]
 
 
 class LsmRuleError(AgentwatchError, ValueError):
@@ -303,7 +288,7 @@ def parse_ports(ports):
 def decode_denial(data, paths=None):
     """A struct aw_lsm_event as the dict given to on_denial. paths maps
     (ino, dev) to a path the guard knows for that inode."""
-    ev = Event.from_buffer_copy(bytes(data)[:ctypes.sizeof(Event)])
+    ev = R.decode(R.LsmEvent, data)
     hook, op, rule = HOOKS.get(ev.hook, (f"hook{ev.hook}", f"hook{ev.hook}", "denied"))
     rec = {"enforcement": ENFORCEMENT, "hook": hook, "op": op, "rule": rule,
            "action": "deny", "ret": ev.ret,
@@ -415,7 +400,7 @@ def attach_lsm_program(prog_fd):
 
 
 def bpf_source_path():
-    from . import bpf_dir
+    from ..sensors import bpf_dir
     return os.path.join(bpf_dir(), "lsm.bpf.c")
 
 
@@ -504,10 +489,10 @@ class LsmGuard(DenialStream):
         self.preflight()
         self.resolve()
         if self.bpf is None:
-            from . import compile_bpf
+            from ..sensors import bpf_dir, compile_bpf
             with open(bpf_source_path()) as f:
                 text = f.read()
-            self.bpf = compile_bpf(text, ["-Wno-unused-function"], "bpf/lsm.bpf.c")
+            self.bpf = compile_bpf(text, [f"-I{bpf_dir()}", "-Wno-unused-function"], "bpf/lsm.bpf.c")
             self.bpf[b"lsm_events"].open_ring_buffer(self._on_record)
         try:
             self._fill_maps()
@@ -528,10 +513,10 @@ class LsmGuard(DenialStream):
     def _fill_maps(self):
         allow = self.bpf[b"lsm_exec_allow"]
         for ino, dev in self.allow_keys:
-            allow[Key(ino, dev, 0)] = ctypes.c_uint8(1)
+            allow[R.LsmKey(ino, dev, 0)] = ctypes.c_uint8(1)
         deny = self.bpf[b"lsm_file_deny"]
         for ino, dev in self.deny_keys:
-            deny[Key(ino, dev, 0)] = ctypes.c_uint8(1)
+            deny[R.LsmKey(ino, dev, 0)] = ctypes.c_uint8(1)
         ports = self.bpf[b"lsm_port_allow"]
         for p in self.connect_ports or ():
             ports[ctypes.c_int(p)] = ctypes.c_uint8(1)
@@ -574,12 +559,6 @@ class LsmGuard(DenialStream):
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # -- records ------------------------------------------------------------------------
     def _decode(self, raw):
