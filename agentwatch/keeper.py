@@ -7,10 +7,11 @@ reaches only each run's root, and only once the monitor's exit is over,
 which takes ~10 s (closing its tracepoints' perf fds waits for RCU grace
 periods); the agent's double-forked children survive until the next sweep.
 
-So each monitor starts a keeper before it loads anything: this file, run as
-a fresh interpreter (`python -I -S keeper.py PID`: stdlib only, no fd of the
-monitor but a pipe, in a session of its own so a terminal's Ctrl-C does not
-reach it, outside every run's cgroup and PID namespace). The monitor holds
+So each monitor starts a keeper before it loads anything: this module in a
+fresh interpreter (`python -I -S -c ...`: the standard library, this module
+and core.procfs; no fd of the monitor but a pipe; in a session of its own so
+a terminal's Ctrl-C does not reach it; outside every run's cgroup and PID
+namespace). The monitor holds
 the write end of the pipe (close-on-exec: no agent inherits it) and tells
 the keeper, one JSON line each, which runs to guard:
 
@@ -37,13 +38,19 @@ import sys
 import threading
 import time
 
-PF_EXITING = 0x4          # include/linux/sched.h: the task is in do_exit()
+from .core import procfs
+
 SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 POLL_S = 0.1              # how often the monitor's flags are read
 EMPTY_WAIT_S = 3.0        # after cgroup.kill: how long the cgroups get to empty
 
 
 # -- the monitor's side ------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this agentwatch's
+MAIN = ("import sys; sys.path.insert(0, sys.argv[1]); "
+        "from agentwatch.keeper import main; sys.exit(main(int(sys.argv[2])))")
+
 
 class Keeper:
     """The monitor's handle on its keeper process. Every method is best
@@ -54,7 +61,7 @@ class Keeper:
         r, self._w = os.pipe2(os.O_CLOEXEC)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid())],
+                [sys.executable, "-I", "-S", "-c", MAIN, ROOT, str(os.getpid())],
                 stdin=r, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         finally:
             os.close(r)
@@ -92,37 +99,20 @@ class Keeper:
 
 # -- the keeper's side -------------------------------------------------------------------
 
-def stat_flags(stat):
-    """(state, flags) from the text of /proc/PID/stat (fields 3 and 9; the
-    command name in field 2 may hold spaces and parentheses)."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[6])
+def sigkill_pending(mask):
+    """Whether a SigPnd/ShdPnd mask of /proc/PID/status holds SIGKILL."""
+    return bool(int(mask, 16) & SIGKILL_BIT)
 
 
-def sigkill_pending(status):
-    """Whether the text of /proc/PID/status shows SIGKILL pending (SigPnd:
-    the main thread's, ShdPnd: the process's)."""
-    for line in status.splitlines():
-        key, _, mask = line.partition(":")
-        if key in ("SigPnd", "ShdPnd") and int(mask, 16) & SIGKILL_BIT:
-            return True
-    return False
-
-
-def monitor_exiting(pid, proc_dir=None):
+def monitor_exiting(pid):
     """True once process pid is dying: SIGKILL pending (a thread blocked in
     the kernel, e.g. on perf's global event_mutex, takes it only when it
-    returns: the kernel marks it pending on every thread at once), the main
-    thread exiting, a zombie, or gone."""
-    proc_dir = proc_dir or f"/proc/{pid}"
-    try:
-        with open(os.path.join(proc_dir, "stat")) as f:
-            state, flags = stat_flags(f.read())
-        with open(os.path.join(proc_dir, "status")) as f:
-            killed = sigkill_pending(f.read())
-    except (OSError, IndexError, ValueError):
+    returns, but the kernel marks it pending on every thread at once), its
+    main thread in do_exit() (PF_EXITING, also set on a zombie), or gone."""
+    if procfs.exiting(pid):
         return True
-    return killed or bool(flags & PF_EXITING) or state in ("Z", "X")
+    masks = [procfs.status(pid, key) for key in ("SigPnd", "ShdPnd")]
+    return None in masks or any(sigkill_pending(m) for m in masks)
 
 
 class Watch:
@@ -259,7 +249,7 @@ def reap(runs, monitor_pid, why, say=lambda msg: None):
     return killed
 
 
-def serve(fd, monitor_pid, say=lambda msg: None, poll_s=POLL_S, proc_dir=None):
+def serve(fd, monitor_pid, say=lambda msg: None, poll_s=POLL_S, dying=monitor_exiting):
     """Read the monitor's messages until it exits cleanly (return None) or
     dies (reap its runs; return the reason)."""
     watch = Watch()
@@ -271,7 +261,7 @@ def serve(fd, monitor_pid, say=lambda msg: None, poll_s=POLL_S, proc_dir=None):
             if not data:
                 why = "its pipe closed"
             watch.feed(data)
-        if why is None and monitor_exiting(monitor_pid, proc_dir):
+        if why is None and dying(monitor_pid):
             why = "it is dying (SIGKILL pending or PF_EXITING)"
             os.set_blocking(fd, False)
             try:                      # what it said last, a goodbye maybe
@@ -286,11 +276,10 @@ def serve(fd, monitor_pid, say=lambda msg: None, poll_s=POLL_S, proc_dir=None):
     return why
 
 
-def main(argv):
-    """`python -I -S keeper.py MONITOR_PID`, the pipe on stdin."""
+def main(monitor_pid):
+    """The keeper process (MAIN), the pipe on stdin."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    monitor_pid = int(argv[1])
 
     def say(msg):
         try:
@@ -299,7 +288,3 @@ def main(argv):
             pass
     serve(0, monitor_pid, say)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -37,11 +37,9 @@ def _has_kernel_tests(session):
     return any("/kernel/" in str(i.fspath) or "/adversarial/" in str(i.fspath) for i in session.items)
 
 
-KEEPER = os.path.join(REPO, "agentwatch", "keeper.py")
-
-
 def keepers():
     """pids of this checkout's keeper processes (agentwatch/keeper.py)."""
+    from agentwatch.keeper import MAIN
     out = set()
     for d in os.listdir("/proc"):
         try:
@@ -49,7 +47,7 @@ def keepers():
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if os.fsencode(KEEPER) in argv:
+        if MAIN.encode() in argv and os.fsencode(REPO) in argv:
             out.add(int(d))
     return out
 

@@ -96,7 +96,7 @@ LAYERS = [
     # sinks/ (run log, console) become the engine's reporter and run/'s log
     ("engine", ["agentwatch.engine", "agentwatch.sinks"]),
     # guards/: the kernel enforcement objects (egress, BPF LSM); sensors/: observation;
-    # keeper.py: the process that kills a dead monitor's runs (stdlib only: it runs as a script)
+    # keeper.py: kills a dead monitor's runs (its interpreter imports only it and core.procfs)
     ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors",
                                 "agentwatch.keeper"]),
     ("policy", ["agentwatch.policy"]),

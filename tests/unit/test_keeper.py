@@ -1,6 +1,6 @@
-"""The keeper's logic (agentwatch/keeper.py): reading a monitor's flags from
-/proc/PID/stat, the pipe protocol, and what it does when the monitor dies,
-on plain files standing in for /proc and the cgroups (tests/kernel/test_crash.py
+"""The keeper's logic (agentwatch/keeper.py): whether a monitor is dying,
+the pipe protocol, and what it does when the monitor dies,
+on plain files standing in for the cgroups (tests/kernel/test_crash.py
 kills real monitors)."""
 import fcntl
 import json
@@ -11,6 +11,7 @@ import time
 import pytest
 
 from agentwatch import keeper
+from agentwatch.core import procfs
 from conftest import wait_for
 
 @pytest.fixture(autouse=True)
@@ -19,33 +20,21 @@ def short_wait(monkeypatch):
     monkeypatch.setattr(keeper, "EMPTY_WAIT_S", 0.05)
 
 
-# /proc/PID/stat of a sleeping python, with a command name that has spaces and ')'
-STAT = "4242 (py ) (x) S 1 4242 4242 0 -1 {flags} 0 0 0 0 5 3 0 0 20 0 3 0 71214 0 0"
+def test_sigkill_pending_reads_the_mask():
+    assert keeper.sigkill_pending("0000000000000100")          # bit 8: signal 9
+    assert not keeper.sigkill_pending("0000000000004000")      # SIGTERM only
+    assert keeper.sigkill_pending("0000000000004100")
 
 
-def test_stat_flags_skip_a_command_name_with_spaces_and_parentheses():
-    assert keeper.stat_flags(STAT.format(flags=4194560)) == ("S", 4194560)
-    assert keeper.stat_flags(STAT.format(flags=4194564).replace(" S ", " Z "))[0] == "Z"
-
-
-STATUS = "Name:\tpython\nState:\tS (sleeping)\nSigQ:\t0/63438\nSigPnd:\t{own:016x}\nShdPnd:\t{shared:016x}\n"
-SIGKILL = 1 << 8
-
-
-def _proc_dir(tmp_path, flags=0, state="S", own=0, shared=0):
-    (tmp_path / "stat").write_text(STAT.format(flags=flags).replace(" S ", f" {state} "))
-    (tmp_path / "status").write_text(STATUS.format(own=own, shared=shared))
-    return str(tmp_path)
-
-
-def test_monitor_exiting_reads_sigkill_pf_exiting_zombies_and_gone(tmp_path):
-    assert not keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, own=1 << 16))   # SIGTERM pending
-    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, own=SIGKILL))
-    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, shared=SIGKILL))
-    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100 | keeper.PF_EXITING))
-    assert keeper.monitor_exiting(1, _proc_dir(tmp_path, 0x400100, "Z"))
-    assert keeper.monitor_exiting(1, str(tmp_path / "gone"))
-    assert not keeper.monitor_exiting(os.getpid())          # the real /proc: we live
+def test_monitor_exiting_on_the_real_proc():
+    assert not keeper.monitor_exiting(os.getpid())             # we live
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    wait_for(lambda: procfs.status(pid, "State").startswith("Z"), what="a zombie")
+    assert keeper.monitor_exiting(pid)                          # PF_EXITING stays on a zombie
+    os.waitpid(pid, 0)
+    assert keeper.monitor_exiting(pid)                          # gone
 
 
 def test_the_protocol_takes_lines_in_any_chunks_and_skips_garbage():
@@ -74,8 +63,17 @@ def _run(tmp_path, name, status="running", procs=""):
     return {"op": "watch", "run_id": name, "cgroup": str(cg), "record": str(rec), "owner": str(owner)}
 
 
-def _serve(fd, proc, result):
-    result.append(keeper.serve(fd, 4242, poll_s=0.01, proc_dir=proc))
+class Monitor:
+    """Stands in for monitor_exiting: alive until killed."""
+    dead = False
+
+    def __call__(self, pid):
+        assert pid == 4242
+        return self.dead
+
+
+def _serve(fd, monitor, result):
+    result.append(keeper.serve(fd, 4242, poll_s=0.01, dying=monitor))
 
 
 def test_a_clean_exit_kills_nothing_and_marks_nothing(tmp_path):
@@ -83,7 +81,7 @@ def test_a_clean_exit_kills_nothing_and_marks_nothing(tmp_path):
     r, wfd = os.pipe()
     os.write(wfd, (json.dumps(w) + "\n" + '{"op": "exit"}\n').encode())
     os.close(wfd)
-    assert keeper.serve(r, 4242, poll_s=0.01, proc_dir=_proc_dir(tmp_path)) is None
+    assert keeper.serve(r, 4242, poll_s=0.01, dying=Monitor()) is None
     assert json.loads(open(w["record"]).read())["status"] == "running"
     assert not os.path.exists(os.path.join(w["cgroup"], "cgroup.kill"))
 
@@ -95,7 +93,7 @@ def test_eof_without_goodbye_kills_marks_and_leaves_ended_runs_alone(tmp_path):
     os.write(wfd, "".join(json.dumps(m) + "\n" for m in (live, ended, forgotten, {
         "op": "forget", "run_id": "forgotten"})).encode())
     os.close(wfd)
-    assert keeper.serve(r, 4242, poll_s=0.01, proc_dir=_proc_dir(tmp_path)) == "its pipe closed"
+    assert keeper.serve(r, 4242, poll_s=0.01, dying=Monitor()) == "its pipe closed"
     rec = json.loads(open(live["record"]).read())
     assert rec["status"] == "crashed" and rec["end_time"] == rec["crash"]["time"]
     crash = rec["crash"]
@@ -110,23 +108,22 @@ def test_eof_without_goodbye_kills_marks_and_leaves_ended_runs_alone(tmp_path):
 def test_a_pending_sigkill_is_seen_before_eof_and_what_was_said_last_counts(tmp_path):
     """The pipe stays open (as while the dying monitor's perf fds close):
     the flag alone triggers the kill, after reading what is in the pipe."""
-    (tmp_path / "proc").mkdir()
-    proc = _proc_dir(tmp_path / "proc")
+    monitor = Monitor()
     r, wfd = os.pipe()
     result = []
-    t = threading.Thread(target=_serve, args=(r, proc, result))
+    t = threading.Thread(target=_serve, args=(r, monitor, result))
     t.start()
     time.sleep(0.05)
     assert t.is_alive()
     w = _run(tmp_path, "a", procs="7\n")
     os.write(wfd, (json.dumps(w) + "\n").encode())
-    _proc_dir(tmp_path / "proc", own=SIGKILL)
+    monitor.dead = True
     t.join(5)
     assert result == ["it is dying (SIGKILL pending or PF_EXITING)"]
     assert json.loads(open(w["record"]).read())["crash"]["killed_pids"] == [7]
     # a goodbye written just before the exit is still a clean exit
     os.write(wfd, b'{"op": "exit"}\n')
-    assert keeper.serve(r, 4242, poll_s=0.01, proc_dir=proc) is None
+    assert keeper.serve(r, 4242, poll_s=0.01, dying=monitor) is None
     os.close(wfd)
     os.close(r)
 
