@@ -14,7 +14,8 @@ JSON object per message.
     {"op": "signal", "signum": N}     the client got SIGINT, SIGTERM or SIGHUP
     {"op": "status"} / {"op": "shutdown"}
   daemon -> client
-    {"exit": N}                       the agent's exit status (128+N: signal N)
+    {"exit": N, "run_id": ID,         the agent's exit status (128+N: signal N),
+     "summary": line}                 its run, and the summary line it printed
     {"error": message, "type": class name, "exit_code": N}
     status: {"pid", "started", "runs": [...], "sensors": {...}}
 Who asks is the kernel's word (SO_PEERCRED), recorded in the run identity
@@ -36,6 +37,7 @@ import time
 import traceback
 
 from . import errors, state
+from .core.options import RunOptions, wire_fields
 from .errors import AgentwatchError, UsageError
 
 MAX_MSG = 1 << 20          # a run request carries the client's whole environment
@@ -44,12 +46,9 @@ STOP_TIMEOUT_S = 30
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 REQUEST_TIMEOUT_S = 10     # a client that connects must ask within this
 
-# RunOptions fields a client may set; paths are made absolute on its side
-_PATH_FIELDS = ("policy_path", "events_path", "workspace", "prompt_path")
-_FIELDS = {"argv": list, "policy_path": str, "name": str, "events_path": str, "show": bool,
-           "cwd": str, "env": dict, "workspace": str, "prompt_path": str,
-           "require_signed": bool, "trust": list, "allow_downgrade": bool, "bpf_lsm": str,
-           "fold": bool}
+# The RunOptions fields a client may set are those marked "wire"
+# (agentwatch/core/options.py); paths are made absolute on its side.
+_WIRE = {f.name: f for f in wire_fields()}
 
 
 def socket_path():
@@ -88,43 +87,43 @@ def _recv(conn, maxfds=0):
 # -- options over the wire ---------------------------------------------------------------
 
 def request_options(opts):
-    """The client side: RunOptions, or a dict of its fields (what the CLI
-    has, without importing the runner) -> the request's "options" (paths
-    made absolute, the working directory and the environment filled in)."""
+    """The client side: RunOptions, or a dict of its fields -> the request's
+    "options" (paths made absolute, the working directory and the
+    environment filled in)."""
     opts = dict(opts if isinstance(opts, dict) else vars(opts))
-    out = {"argv": list(opts["argv"]), "cwd": opts.get("cwd") or os.getcwd(),
+    out = {"argv": list(opts["argv"]), "cwd": os.path.abspath(opts.get("cwd") or os.getcwd()),
            "env": dict(os.environ if opts.get("env") is None else opts["env"])}
-    for name in _FIELDS:
-        if name in out:
-            continue
+    for name, f in _WIRE.items():
         value = opts.get(name)
-        if name in _PATH_FIELDS and value:
-            value = os.path.abspath(value)
-        elif name == "trust":
-            value = [os.path.abspath(p) for p in value or ()]
-        if value is not None:
-            out[name] = value
+        if name in out or value is None:
+            continue
+        if f.metadata["path"]:
+            value = ([os.path.abspath(p) for p in value] if f.type is list
+                     else os.path.abspath(value) if value else value)
+        out[name] = value
     return out
 
 
 def options_from_request(raw):
     """The daemon side: a request's "options" -> RunOptions, every field
     checked (unknown, mistyped or relative paths: UsageError)."""
-    from .runner import RunOptions
     if not isinstance(raw, dict):
         raise UsageError("agentwatch daemon: run request without options")
     for name, value in raw.items():
-        kind = _FIELDS.get(name)
-        if kind is None:
+        f = _WIRE.get(name)
+        if f is None:
             raise UsageError(f"agentwatch daemon: unknown run option {name!r}")
-        if not isinstance(value, kind):
-            raise UsageError(f"agentwatch daemon: run option {name!r} must be a {kind.__name__}")
+        if not isinstance(value, f.type):
+            raise UsageError(f"agentwatch daemon: run option {name!r} must be a {f.type.__name__}")
     argv, env = raw.get("argv"), raw.get("env", {})
     if not argv or not all(isinstance(a, str) for a in argv):
         raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise UsageError("agentwatch daemon: the environment must map strings to strings")
-    paths = [raw.get(n) for n in _PATH_FIELDS + ("cwd",)] + list(raw.get("trust", []))
+    paths = []
+    for name, f in _WIRE.items():
+        if f.metadata["path"]:
+            paths += raw.get(name, []) if f.type is list else [raw.get(name)]
     for p in paths:
         if p is not None and (not isinstance(p, str) or not os.path.isabs(p)):
             raise UsageError(f"agentwatch daemon: path {p!r} is not absolute")
@@ -335,7 +334,7 @@ class Daemon:
             if getattr(run, "summary", None):
                 print(run.summary, file=err)
             err.close()                        # written out before the client exits
-            _send(conn, {"exit": code})
+            _send(conn, {"exit": code, "run_id": run.run_id, "summary": getattr(run, "summary", None)})
             self.log(f"run {run.run_id}: exited {code} after {time.monotonic() - t0:.3f} s")
         except AgentwatchError as e:
             self.log(f"run {run.run_id}: {e}")
@@ -517,6 +516,15 @@ def run_remote(opts, path=None, require=False):
     """Run the agent on the daemon: its exit status, or None when no daemon
     answers (require: that is an error). Our SIGINT, SIGTERM and SIGHUP are
     forwarded to the run."""
+    reply = submit(opts, path, require)
+    return None if reply is None else reply["exit"]
+
+
+def submit(opts, path=None, require=False):
+    """Run the agent on the daemon, with our stdin, stdout and stderr: the
+    daemon's answer {"exit": N, "run_id": ..., "summary": ...}, or None
+    when no daemon answers (require: that is an error). Our SIGINT,
+    SIGTERM and SIGHUP are forwarded to the run."""
     sock = _connect(path)
     if sock is None:
         if require:
@@ -553,7 +561,7 @@ def run_remote(opts, path=None, require=False):
                               "with 'agentwatch daemon start') says why")
     if "error" in reply:
         raise _error_from(reply)
-    return int(reply["exit"])
+    return dict(reply, exit=int(reply["exit"]))
 
 
 def start(log_path=None, timeout=START_TIMEOUT_S, progress=None):

@@ -25,6 +25,15 @@ class PolicyError(AgentwatchError):
     """A policy file is unreadable or invalid. Messages start with FILE:LINE:COL."""
 
 
+class IntegrityError(AgentwatchError):
+    """A key or signature file is missing, unreadable or of the wrong kind
+    (agentwatch/integrity.py)."""
+
+
+class NotFoundError(AgentwatchError, LookupError):
+    """No run, or no single run, has the id or prefix asked for."""
+
+
 class LaunchError(AgentwatchError):
     """The agent could not be started; the message names the failed step."""
 

@@ -117,6 +117,9 @@ class SyscallEvent(Event):
     error: str = None
     # True: refused before its entry tracepoint ran (seccomp errno); args only as read at exit
     no_entry: bool = False
+    # True: a call with no record of its own returned an errno another sandbox
+    # layer gives (EAGAIN of a fork at the pids limit, EACCES of a device ioctl)
+    refused: bool = False
 
 
 @dataclass(kw_only=True)

@@ -21,9 +21,9 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 from . import integrity, state
+from .core.options import RunOptions  # noqa: F401 - declared once there; the runner takes it
 from .engine import Correlator, RunContext
 from .engine.bus import EventBus
 from .engine.judge import Judge
@@ -46,30 +46,6 @@ SHARED_POLL_S = 0.02     # a run on a shared monitor reads the rings this often 
 LSM_NAME_WAIT_S = 0.5   # how long a BPF LSM denial may wait for its file's path (see _on_lsm_denial)
 LSM_RECENT_OPENS = 16   # files opened per process kept to name a BPF LSM refusal by
 LSM_OPENED_PIDS = 4096  # ... for this many processes at most
-
-
-@dataclass
-class RunOptions:
-    argv: list
-    policy_path: str = None
-    name: str = None
-    events_path: str = None
-    show: bool = False
-    cwd: str = None
-    env: dict = None
-    ringbuf_pages: int = 4096
-    sensors: list = field(default_factory=lambda: list(SENSOR_GROUPS))
-    workspace: str = None        # ${WORKSPACE}; default: the working directory
-    prompt_path: str = None      # the agent's system prompt / instructions file
-    require_signed: bool = False
-    trust: list = field(default_factory=list)   # extra trusted public key files
-    allow_downgrade: bool = False  # run even if the kernel cannot enforce some rules
-    bpf_lsm: str = "auto"          # auto: BPF LSM layer where the host can load it; on; off
-    seccomp_denied: list = field(default_factory=list)  # syscalls seccomp refuses with EPERM (from the plan)
-    stdio: tuple = None            # fds for the agent's stdin, stdout, stderr (default: ours)
-    stderr: object = None          # where agentwatch's own messages go (default: sys.stderr)
-    client: dict = None            # set by the daemon: who asked for the run (kernel's SO_PEERCRED)
-    fold: bool = True              # identical file calls in a row: one line + a repeat count (README "Repeats")
 
 
 class Monitor:
@@ -226,6 +202,7 @@ class Run:
         self.child = None
         self.record = {}
         self.exit_status = None
+        self.summary = None              # the one-line summary, once the run ended
         self.stop_requested = 0
         self.stop_deadline = None
         self._last_lost = 0
@@ -258,6 +235,8 @@ class Run:
 
     def _check(self):
         o = self.opts
+        if o.sensors is None:
+            o.sensors = list(SENSOR_GROUPS)
         if not o.argv:
             raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
         if o.policy_path and o.require_signed:
@@ -524,7 +503,7 @@ class Run:
                                lsm_enforced=bool(self.plan and self.plan.lsm is not None),
                                map_exec_roots=map_roots, map_exec_kill=map_kill,
                                seccomp_denied=self.opts.seccomp_denied,
-                               seccomp_rules=self._seccomp_rules())
+                               seccomp_rules=self._seccomp_rules(), plan=self.plan)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
         routes = kills = ([], [])
@@ -997,12 +976,3 @@ def _named_by(proc, name, ino, opened=()):
         except OSError:
             continue
     return None
-
-
-def run_agent(opts):
-    """Run an agent to completion; returns its exit status (128+N if killed by N)."""
-    run = Run(opts)
-    code = run.execute()
-    if getattr(run, "summary", None):
-        print(run.summary, file=sys.stderr)
-    return code

@@ -27,6 +27,12 @@
                           * the exec roots (bpf/mapexec.bpf.c): the mmap's args, str1 the
                           * path the fd was opened by, ret 1 when the process was killed
                           * at it (AW_MAPX_KILL), 0 when only reported */
+#define AW_EV_REFUSED 8  /* aw_syscall_event of a syscall with no record of its own (stash
+                          * only, or exit only) that returned an errno of its spec's refuse
+                          * mask: -EAGAIN of a fork at the pids limit, -EACCES of a device
+                          * ioctl Landlock refuses. args are the call's (from the entry's
+                          * stash, or read at exit as for AW_EV_NOENTRY); never sent when
+                          * neither was possible */
 #define AW_EV_REPEAT  7  /* aw_repeat_event: the thread's last record (a bulk file record)
                           * happened count more times, identically (bpf/common.bpf.c) */
 
@@ -71,6 +77,11 @@
 #define AW_SPEC_OPEN       0x80  /* open/openat/openat2/creat: a kill-on-open path may apply */
 #define AW_SPEC_PRIORITY   0x40  /* records go to the priority ring buffer (process, net, sensitive, chdir) */
 
+/* refuse mask of struct aw_spec: the errnos a sandbox layer other than
+ * seccomp answers a syscall that has no record of its own */
+#define AW_REFUSE_EACCES 0x01
+#define AW_REFUSE_EAGAIN 0x02
+
 struct aw_spec {
 	__u8 flags;
 	__u8 path1;    /* user string: path or name */
@@ -80,6 +91,8 @@ struct aw_spec {
 	__u8 msghdr;   /* struct user_msghdr * (sendmsg): its msg_name */
 	__u8 deref;    /* pointer to a struct whose first 16 bytes are copied (open_how, clone_args) */
 	__u8 argv;     /* char **argv (exec) */
+	__u8 refuse;   /* AW_REFUSE_*: report these returns as AW_EV_REFUSED */
+	__u8 pad[7];
 };
 
 struct aw_hdr {

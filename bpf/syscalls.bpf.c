@@ -116,6 +116,16 @@ AW_ENTER(5)
 AW_ENTER(6)
 
 #define AW_EPERM 1
+
+/* A return that a sandbox layer other than seccomp gives a syscall with no
+ * record of its own (spec.refuse): EAGAIN of clone & co at the pids limit,
+ * EACCES of a device ioctl Landlock (IOCTL_DEV) refuses. The judge decides
+ * whether the run's plan explains it. */
+static __always_inline int aw_refused(struct aw_spec *sp, s64 ret)
+{
+	return (ret == -13 && (sp->refuse & AW_REFUSE_EACCES)) ||
+	       (ret == -11 && (sp->refuse & AW_REFUSE_EAGAIN));
+}
 #define AW_SOCKADDR_MAX 110     /* sizeof(struct sockaddr_un), the largest we decode */
 
 /* Reserve a syscall record on the bulk (prio 0) or priority ring and fill
@@ -234,14 +244,18 @@ static __always_inline void aw_fold_start(u32 tid, struct aw_stash *st, s64 ret,
  * ioctl by request) can fail with EPERM for its own reasons too: with
  * AW_EXIT_ARGS the record carries the arguments, which the judge checks
  * against the run's filter; without, its entry probe is attached too
- * (stash only, no AW_SPEC_EMIT), so the calls it let through have a stash. */
+ * (stash only, no AW_SPEC_EMIT), so the calls it let through have a stash.
+ * The same exit reports the refusals of other layers that leave no record
+ * (AW_EV_REFUSED: see aw_refused), when their arguments are known. */
+
 static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 {
-	if (ctx->ret != -AW_EPERM)
-		return 0;
 	u32 nr = ctx->nr;
 	struct aw_spec *sp = specs.lookup(&nr);
-	if (!sp || !(sp->flags & AW_SPEC_DENIED))
+	if (!sp)
+		return 0;
+	int denied = ctx->ret == -AW_EPERM && (sp->flags & AW_SPEC_DENIED);
+	if (!denied && !aw_refused(sp, ctx->ret))
 		return 0;
 	struct aw_stash *args = NULL;
 #ifdef AW_EXIT_ARGS
@@ -264,7 +278,10 @@ static __always_inline int aw_exit_no_entry(struct aw_sys_exit_args *ctx)
 	regs.extra[0] = AW_NOENTRY_ARGS;
 	args = &regs;
 #endif
-	struct aw_syscall_event *e = aw_syscall_record(AW_EV_NOENTRY, ctx->nr, ctx->ret, args, 1);
+	if (!denied && !args)
+		return 0;       /* a refusal record says what was refused, or is not sent */
+	struct aw_syscall_event *e = aw_syscall_record(denied ? AW_EV_NOENTRY : AW_EV_REFUSED,
+						       ctx->nr, ctx->ret, args, 1);
 	if (e)
 		aw_submit_prio(e);     /* a denial: never behind a benign flood */
 	return 0;
@@ -282,6 +299,14 @@ int aw_sys_exit(struct aw_sys_exit_args *ctx)
 	u32 nr = st->nr;
 	struct aw_spec *sp = specs.lookup(&nr);
 	if (!sp || !(sp->flags & AW_SPEC_EMIT)) {
+		/* no record of its own (clone & co, a conditional seccomp
+		 * syscall's entry): only a refusal by a sandbox layer is sent */
+		if (sp && aw_refused(sp, ctx->ret)) {
+			struct aw_syscall_event *e = aw_syscall_record(AW_EV_REFUSED, st->nr, ctx->ret,
+								       st, 1);
+			if (e)
+				aw_submit_prio(e);
+		}
 		stash.delete(&tid);
 		return 0;
 	}

@@ -3,7 +3,7 @@ import time
 
 import click
 
-from agentwatch import daemon
+from agentwatch import api
 
 
 @click.group("daemon")
@@ -19,39 +19,39 @@ def start(log_path):
     """Start the daemon in the background; return once it answers."""
     t0 = time.monotonic()
     click.echo("agentwatch: starting the daemon (compiling and loading the BPF sensors)...", err=True)
-    st = daemon.start(log_path)
-    click.echo(f"agentwatch daemon running: pid {st['pid']}, socket {st['socket']}, "
-               f"{st['sensors']['tracepoints']} tracepoints, ready in {time.monotonic() - t0:.1f} s")
+    st = api.daemon_start(log_path)
+    click.echo(f"agentwatch daemon running: pid {st.pid}, socket {st.socket}, "
+               f"{st.sensors['tracepoints']} tracepoints, ready in {time.monotonic() - t0:.1f} s")
 
 
 @daemon_group.command("stop")
 def stop():
     """Stop the daemon: its runs' agents get SIGTERM, then SIGKILL."""
-    if not daemon.shutdown():
-        raise click.ClickException(f"no agentwatch daemon answers on {daemon.socket_path()}")
+    if not api.daemon_stop():
+        raise click.ClickException(f"no agentwatch daemon answers on {api.daemon_socket()}")
     click.echo("agentwatch daemon stopped")
 
 
 @daemon_group.command("status")
 def status():
     """Whether a daemon runs, and the runs it serves (exit 1: none runs)."""
-    st = daemon.ping()
+    st = api.daemon_status()
     if st is None:
-        click.echo(f"no agentwatch daemon answers on {daemon.socket_path()}")
+        click.echo(f"no agentwatch daemon answers on {api.daemon_socket()}")
         raise SystemExit(1)
-    up = time.time() - st["started"]
-    click.echo(f"agentwatch daemon: pid {st['pid']}, up {up:.0f} s, socket {st['socket']}")
-    click.echo(f"  sensors: {st['sensors']['tracepoints']} tracepoints "
-               f"({', '.join(st['sensors']['groups'])})")
-    c = st["counters"]
+    up = time.time() - st.started
+    click.echo(f"agentwatch daemon: pid {st.pid}, up {up:.0f} s, socket {st.socket}")
+    click.echo(f"  sensors: {st.sensors['tracepoints']} tracepoints "
+               f"({', '.join(st.sensors['groups'])})")
+    c = st.counters
     click.echo(f"  records: {c['received']} received, {c['lost_events']} lost")
-    click.echo(f"  runs: {len(st['runs'])}")
-    for r in st["runs"]:
-        click.echo(f"    {r['run_id']}  {r['agent'] or '?'}  agent pid {r['root_pid'] or '-'}  "
-                   f"for pid {r['client']['pid']}")
+    click.echo(f"  runs: {len(st.runs)}")
+    for r in st.runs:
+        click.echo(f"    {r.run_id}  {r.agent or '?'}  agent pid {r.root_pid or '-'}  "
+                   f"for pid {r.client['pid']}")
 
 
 @daemon_group.command("run")
 def run_foreground():
     """Serve in the foreground (for systemd, or to watch its log)."""
-    daemon.Daemon().serve()
+    api.daemon_serve()

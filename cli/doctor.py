@@ -3,20 +3,20 @@ import json
 
 import click
 
+from agentwatch import api
+
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def doctor(as_json):
     """Check each kernel feature agentwatch uses, and what its absence disables."""
-    from agentwatch import daemon
-    from agentwatch.doctor import enforcement_path, format_table, report, run_checks
-    checks = run_checks()
-    st = daemon.ping()
+    rep = api.doctor()
+    st = rep.daemon
     if as_json:
-        click.echo(json.dumps(dict(report(checks), daemon=st), indent=1))
+        click.echo(json.dumps(rep.to_dict(), indent=1))
     else:
-        click.echo(format_table(checks))
-        path = enforcement_path(checks)
+        click.echo(rep.table())
+        path = rep.enforcement_path
         click.echo(f"\nenforcement path on this host: {path}")
         if path == "landlock+seccomp+cgroup-bpf":
             click.echo("  files and TCP ports: Landlock; syscalls: seccomp; egress: cgroup BPF; "
@@ -30,5 +30,5 @@ def doctor(as_json):
             click.echo(f"\nagentwatch daemon: not running ('agentwatch daemon start': runs start "
                        "in ~0.1 s and share one monitor)")
         else:
-            click.echo(f"\nagentwatch daemon: running, pid {st['pid']}, {len(st['runs'])} run(s), "
-                       f"{st['sensors']['tracepoints']} tracepoints attached")
+            click.echo(f"\nagentwatch daemon: running, pid {st.pid}, {len(st.runs)} run(s), "
+                       f"{st.sensors['tracepoints']} tracepoints attached")

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from agentwatch.errors import AgentwatchError
+from agentwatch.api import AgentwatchError
 
 # name -> (module, attribute, short help). A command's module is imported
 # only when that command runs: `agentwatch run` on the daemon is a thin

@@ -1,13 +1,7 @@
 """agentwatch policy lint | explain | diff"""
-import os
-
 import click
 
-from agentwatch.policy import check
-from agentwatch.policy.diff import diff as diff_policies
-from agentwatch.policy.explain import explain as explain_policy
-from agentwatch.policy.lint import lint as lint_files
-from agentwatch.policy.matchers import default_variables
+from agentwatch import api
 
 _FILE = click.Path(dir_okay=True)      # lint reports unreadable files itself, in its format
 
@@ -19,12 +13,12 @@ def policy():
 
 def _load_or_exit(ctx, path):
     """The policy, or its errors on stderr (FILE:LINE:COL: ...) and exit 1."""
-    pol, problems = check(path)
-    if pol is None:
-        for p in problems:
+    checked = api.check_policy(path)
+    if not checked.ok:
+        for p in checked.problems:
             click.echo(str(p), err=True)
         ctx.exit(1)
-    return pol
+    return checked.policy
 
 
 @policy.command()
@@ -35,7 +29,7 @@ def lint(ctx, files, strict):
     """Check policy FILEs: one FILE:LINE:COL line per problem on stdout.
 
     Exit 1 on any error (with --strict, on any warning too), else 0."""
-    result = lint_files(files)
+    result = api.lint_policies(files)
     for line in result.lines():
         click.echo(line)
     click.echo(result.summary(), err=True)
@@ -50,27 +44,10 @@ def lint(ctx, files, strict):
 def explain(ctx, file, workspace):
     """Say in plain language what FILE allows, after extends and variables."""
     pol = _load_or_exit(ctx, file)
-    variables = default_variables(workspace)
-    click.echo(explain_policy(pol, variables), nl=False)
-    click.echo("".join(f"{line}\n" for line in _kernel_lines(pol, variables)), nl=False)
-
-
-def _kernel_lines(pol, variables):
-    """What the kernel would hold for a run of the policy on this host:
-    the enforcement plan's summary, namespaces and every grant it adds
-    beyond the policy's own lists (issue #14: no silent widening)."""
-    from agentwatch.sandbox.plan import make_plan
-    ttys = []
-    for fd in (0, 1, 2):
-        name = os.ttyname(fd) if os.isatty(fd) else None
-        if name and name not in ttys:
-            ttys.append(name)
-    plan = make_plan(pol.data, variables, [pol.path], ttys=ttys)
-    lines = ["", "Kernel enforcement on this host (a run of this policy)"]
-    lines += [f"  {line}" for line in plan.describe()]
-    if plan.path != "monitor-only" and not plan.widened:
-        lines.append("  added beyond the policy: nothing")
-    return lines
+    click.echo(api.explain_policy(pol, workspace), nl=False)
+    # what the kernel would hold for a run of it here (issue #14: no silent widening)
+    lines = [""] + api.describe_enforcement(pol, workspace)
+    click.echo("".join(f"{line}\n" for line in lines), nl=False)
 
 
 @policy.command()
@@ -83,7 +60,7 @@ def diff(ctx, old, new):
     Exit 0 whether or not permissions change ("no permission changes" when
     none); 1 when either file is invalid."""
     a, b = _load_or_exit(ctx, old), _load_or_exit(ctx, new)
-    for line in diff_policies(a, b):
+    for line in api.diff_policies(a, b):
         click.echo(line)
 
 

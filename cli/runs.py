@@ -5,10 +5,7 @@ import time
 
 import click
 
-from agentwatch import state
-from agentwatch.follow import Filter, follow, parse_since
-from agentwatch.runner import gc as gc_runs
-from agentwatch.sinks.console import format_line
+from agentwatch import api
 
 
 @click.command()
@@ -22,19 +19,19 @@ from agentwatch.sinks.console import format_line
 def tail(as_json, run_id, agent, kinds, violations, since, follow_):
     """Follow the live event stream of all running agents."""
     try:
-        since_ts = parse_since(since) if since else None
+        since_ts = api.parse_since(since) if since else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--since")
-    flt = Filter(run=run_id, agent=agent, kinds=tuple(kinds), violations=violations, since=since_ts)
     color = sys.stdout.isatty()
     try:
-        for d in follow(flt, follow=follow_):
+        for d in api.follow_events(run=run_id, agent=agent, kinds=kinds, violations=violations,
+                                   since=since_ts, follow=follow_):
             if as_json:
                 sys.stdout.write(json.dumps(d, separators=(",", ":")) + "\n")
             else:
-                sys.stdout.write(format_line(d, color) + "\n")
+                sys.stdout.write(api.format_event(d, color) + "\n")
             sys.stdout.flush()
-    except LookupError as e:
+    except api.NotFoundError as e:
         raise click.ClickException(str(e))
     except (KeyboardInterrupt, BrokenPipeError):
         pass
@@ -45,20 +42,11 @@ def tail(as_json, run_id, agent, kinds, violations, since, follow_):
 @click.option("--json", "as_json", is_flag=True)
 def ps(show_all, as_json):
     """List running agents: identity, pid count, events and drops."""
-    rows = []
-    for rec in state.list_runs():
-        if not show_all and rec.get("status") != "running":
-            continue
-        stats = state.read_json(state.run_path(rec["run_id"], "stats.json"), {}) or {}
-        ident = rec.get("identity") or {}
-        rows.append({"run_id": rec["run_id"], "agent": rec.get("agent"), "status": rec.get("status"),
-                     "root_pid": rec.get("root_pid"), "pids": stats.get("pids", 0),
-                     "events": stats.get("events", 0),
-                     "lost": stats.get("lost_events", 0) + stats.get("lost_stash", 0),
-                     "started": ident.get("start_time"), "policy": ident.get("policy_name"),
-                     "policy_digest": ident.get("policy_digest"),
-                     "command": " ".join(ident.get("command") or []),
-                     "crash": rec.get("crash")})   # what the keeper knew (agentwatch/keeper.py)
+    rows = [{"run_id": r.run_id, "agent": r.agent, "status": r.status, "root_pid": r.root_pid,
+             "pids": r.pids, "events": r.events, "lost": r.lost, "started": r.started,
+             "policy": r.policy, "policy_digest": r.policy_digest, "command": " ".join(r.command),
+              "crash": r.crash}
+            for r in api.list_runs(running_only=not show_all)]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -76,5 +64,5 @@ def ps(show_all, as_json):
 @click.command()
 def gc():
     """Remove cgroups and mark records left by an agentwatch that crashed."""
-    swept = gc_runs(log=lambda m: click.echo(m, err=True))
+    swept = api.gc(log=lambda m: click.echo(m, err=True))
     click.echo(f"swept {len(swept)} stale run(s)")

@@ -160,6 +160,16 @@ def free_id(lookup):
     pytest.skip("no free id between 61000 and 64000")
 
 
+def free_port():
+    """A loopback TCP port nothing listens on (now)."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def wait_for(pred, timeout=30, what="condition"):
     """pred()'s first true value, polled every 50 ms; fails after timeout s."""
     deadline = time.monotonic() + timeout

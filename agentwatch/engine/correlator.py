@@ -157,14 +157,23 @@ class Correlator:
             ev = FileEvent(op="mmap", path=rec["str1"], abspath=rec["str1"], access=["exec"],
                            flags=rec["args"][2], ret=0)
             self._stamp(ev, run, rec, proc)
-        elif etype == R.EV_NOENTRY:
-            # refused by seccomp before its entry tracepoint: a name and an errno, and
-            # the arguments where the exit program could read them (R.NOENTRY_ARGS)
+        elif etype == R.EV_NOENTRY or etype == R.EV_REFUSED:
+            # NOENTRY: refused by seccomp before its entry tracepoint: a name and an
+            # errno, and the arguments where the exit program could read them
+            # (R.NOENTRY_ARGS). REFUSED: a call with no record of its own that
+            # another layer refused (pids limit, Landlock IOCTL_DEV), with its arguments
             spec = self.nr_to_spec.get(rec["nr"])
             if spec is not None:
-                args = list(rec["args"]) if rec["extra"][0] == R.NOENTRY_ARGS else []
+                refused = etype == R.EV_REFUSED
+                args = list(rec["args"]) if refused or rec["extra"][0] == R.NOENTRY_ARGS else []
                 ev = SyscallEvent(name=spec.name, nr=rec["nr"], args=args, ret=rec["ret"],
-                                  error=errno_name(rec["ret"]), no_entry=True)
+                                  error=errno_name(rec["ret"]), no_entry=not refused,
+                                  refused=refused)
+                if refused and spec.name == "ioctl":
+                    try:        # the device, while the process and its fd live
+                        ev.path = os.readlink(f"/proc/{rec['pid']}/fd/{args[0] & 0xFFFFFFFF}")
+                    except OSError:
+                        pass
                 self._stamp(ev, run, rec, proc)
 
     def _repeat(self, run, rec, proc):

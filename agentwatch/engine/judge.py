@@ -21,6 +21,7 @@ from ..policy.compile import Decision
 from ..policy.matchers import normalize
 from ..policy.schema import CATEGORY_SECTION
 from ..sensors.records import PREFIX_LEN
+from .refusals import Refusals, rule_for
 
 REPEAT_FLUSH_S = 5.0
 LIMITS_EVERY_S = 0.5    # how often the resource limits' counters are read
@@ -59,8 +60,9 @@ _FILE_ACCESS = {
     "rename": ({"rename"}, {"create"}), "mkdir": ({"mkdir"}, None),
     "chmod": ({"chmod"}, None), "chown": ({"chown"}, None),
     "truncate": ({"truncate"}, None), "link": ({"link"}, {"link"}),
-    "symlink": ({"create"}, None),
+    "symlink": ({"create"}, None), "mknod": ({"create"}, None),
 }
+_FORKS = frozenset(("clone", "clone3", "fork", "vfork"))
 
 
 def file_sha256(path, limit=256 << 20):
@@ -212,7 +214,7 @@ _CATEGORY_OF = {section: category for category, section in CATEGORY_SECTION.item
 class Judge:
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
                  egress_enforced=False, lsm_enforced=False, map_exec_roots=None,
-                 map_exec_kill=False, seccomp_denied=None, seccomp_rules=None):
+                 map_exec_kill=False, seccomp_denied=None, seccomp_rules=None, plan=None):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run;
@@ -220,10 +222,16 @@ class Judge:
         (None: take every refusal the sensors report as the filter's);
         seccomp_rules: the filter's rules (seccomp_filter.plan), against which
         the arguments of a refusal, where the sensor could read them, are
-        checked (None: not checked)."""
+        checked (None: not checked); plan: the run's EnforcementPlan, which
+        says which layer refused a call (engine/refusals.py; None: a plan
+        with no Landlock, masks or limits)."""
         self.policy = compiled
         self.seccomp_denied = None if seccomp_denied is None else set(seccomp_denied)
         self.seccomp_rules = seccomp_rules
+        self.refusals = Refusals(plan)
+        self._pids_seen = 0         # forks refused at the pids limit, reported by syscall
+        self._pids_credited = 0     # ... of which already set against the pids.events counter
+        self._limit_pending = {}    # counter file -> an excess seen once, reported if it stays
         self.correlator = correlator
         self.run = run
         self.emit = emit
@@ -271,6 +279,8 @@ class Judge:
             self._net(ev)
         elif kind == "syscall" and ev.no_entry:
             self._seccomp_denied(ev)
+        elif kind == "syscall" and ev.refused:
+            self._refused(ev)
         elif kind == "syscall":
             self._decide(ev, self.policy.check_syscall(ev.name), ev.name, {"syscall": ev.name,
                                                                          "args": ev.args[:3]})
@@ -298,6 +308,7 @@ class Judge:
         else:
             return
         follow = ev.op in ("open", "chmod", "chown", "truncate")
+        refused = ev.error in DENIED
         for path, access in targets:
             if not access:
                 continue
@@ -309,20 +320,60 @@ class Judge:
             if self.run.pid_ns:
                 path = self._host_proc(path)
             if self._other_process(ev, path):
+                refused = False
                 continue
-            self._identity_write(ev, path, access)
+            if self._identity_write(ev, path, access):
+                refused = False
             real = _real(path, follow)
             for p in ([path, real] if real != path else [path]):
                 d = self.policy.check_file(p, access)
                 if d:
                     p = normalize(p)      # /proc/<pid>/root detours: the path they reach
                     evidence = {"path": p, "named": ev.path, "access": sorted(access), "op": ev.op}
+                    if refused:
+                        evidence["layer"] = self._file_layer(ev, p, access)
                     if (d.rule == "filesystem.deny" and d.action == "kill" and ev.op == "open"
                             and (ev.ret or 0) >= 0 and self.policy.killed_in_kernel(ev.path)):
                         evidence["kernel"] = ("killed at the open's return (bpf_send_signal "
                                               "SIGKILL): the content never reached the agent")
                     self._decide(ev, d, p, evidence)
+                    refused = False      # reported
                     break
+        for path, access in targets if refused else ():
+            # the source, else the destination (a rename onto a mount point: EBUSY)
+            if path and self._unexplained(ev, _real(_own_proc(path, ev.pid), follow), access):
+                break
+
+    def _file_layer(self, ev, path, access):
+        return self.refusals.file_layer(ev.error, path, access, ev.op, getattr(ev, "mode", None),
+                                        self.lsm_enforced)
+
+    def _unexplained(self, ev, path, access, named=None):
+        """The kernel refused a file operation the policy allows: report it
+        when a layer of the sandbox did (a right Landlock cannot grant, a
+        mask, a pin), with the rule behind that layer's rule; the kernel's
+        own checks (a file's mode, a host read-only mount) are not the
+        sandbox's and are not violations."""
+        if not path or not path.startswith("/"):
+            return False
+        layer = self._file_layer(ev, path, access)
+        if layer == "mount":
+            rule, why = self.refusals.mask_rule(path, "exec" in access)
+        elif layer == "landlock":
+            rule = rule_for(access, ev.op)
+            why = (f"{ev.op} of {path}: the run's Landlock rules do not grant it "
+                   + ("(device nodes are never granted)" if ev.op == "mknod" else
+                      "(the policy's patterns reach further than the kernel's rules)"))
+        elif layer == "bpf-lsm":
+            rule, why = rule_for(access, ev.op), f"{ev.op} of {path}: refused by the BPF LSM"
+        else:
+            return False
+        category = _CATEGORY_OF[rule.split(".", 1)[0]]
+        d = Decision(category=category, rule=rule, reason=why, pattern=None,
+                     action=self.policy.action_for(category, rule))
+        return self._decide(ev, d, path, {"path": path, "named": named or getattr(ev, "path", None),
+                                   "access": sorted(access), "op": getattr(ev, "op", "exec"),
+                                   "layer": layer})
 
     def _other_process(self, ev, path):
         """/proc/<pid>/environ, mem, fd/, root/... of a process outside the
@@ -365,12 +416,18 @@ class Judge:
         return path if host is None else f"/proc/{host}{m.group(2) or ''}"
 
     def _identity_write(self, ev, path, access):
+        """A write to the run's own policy or prompt: True when reported."""
         if access <= {"read"}:
-            return
+            return False
+        hit = False
         for rule, wpath, _ in self._watched:
             if path == wpath or _real(path) == wpath:
                 d = self._identity_decision(rule, f"the agent wrote to {wpath}")
-                self._decide(ev, d, wpath, {"path": wpath, "access": sorted(access), "op": ev.op})
+                evidence = {"path": wpath, "access": sorted(access), "op": ev.op}
+                if ev.error in DENIED:
+                    evidence["layer"] = self._file_layer(ev, wpath, access)
+                hit = self._decide(ev, d, wpath, evidence) or hit
+        return hit
 
     def _identity_decision(self, rule, reason):
         return Decision(category="identity", rule=rule,
@@ -391,7 +448,8 @@ class Judge:
         else:
             named = ev.filename
         path = _real(named)
-        self._judge_program(ev, path)
+        if not self._judge_program(ev, path) and ev.error in DENIED:
+            self._unexplained(ev, path, {"exec"}, named=ev.filename)
         if ev.ret in (0, None) and _LOADER.match(os.path.basename(path)):
             prog = _loaded_program(ev.argv or [])
             if prog:
@@ -434,12 +492,15 @@ class Judge:
                 evidence["kernel"] = "mapping refused by BPF LSM mmap_file (EPERM)"
             elif self._map_exec_sees(named):
                 if self._paired("loader", ev.pid, d.rule, path):
-                    return        # the kernel's report of the mapping came first
+                    return True   # the kernel's report of the mapping came first
                 evidence["kernel"] = self._map_exec_verdict
             else:
                 evidence["kernel"] = ("not refused at exec: the loader maps the file itself "
                                       "(refused only where its mount is noexec)")
-        self._decide(ev, d, path, evidence)
+        elif d is not None and ev.error in DENIED:
+            evidence["layer"] = self.refusals.file_layer(ev.error, path, {"exec"}, "exec", None,
+                                                         self.lsm_enforced)
+        return self._decide(ev, d, path, evidence)
 
     @property
     def _map_exec_verdict(self):
@@ -482,6 +543,9 @@ class Judge:
             if ev.family == "netlink":
                 evidence["protocol"] = ev.protocol
                 target += f"/{ev.protocol}"
+            if ev.error in DENIED:
+                evidence["layer"] = "cgroup-bpf" if self.egress_enforced and ev.error == "EPERM" \
+                    else "dac"    # a raw socket without CAP_NET_RAW
             self._decide(ev, d, target, evidence)
             return
         if self.egress_enforced and ev.error == "EPERM" and ev.family in ("inet", "inet6"):
@@ -498,8 +562,26 @@ class Judge:
         protocol = "tcp" if ev.op == "connect" else "udp" if ev.op in ("sendto", "sendmsg") else "any"
         d = self.policy.check_connect(ev.family, addr, ev.port, protocol, ev.op)
         target = addr if ev.port is None else f"{addr}:{ev.port}/{protocol}"
-        self._decide(ev, d, target, {"op": ev.op, "family": ev.family, "addr": addr,
-                                     "port": ev.port, "protocol": protocol})
+        evidence = {"op": ev.op, "family": ev.family, "addr": addr, "port": ev.port,
+                    "protocol": protocol}
+        if ev.error in DENIED:
+            evidence["layer"] = self._net_layer(ev, addr)
+        self._decide(ev, d, target, evidence)
+
+    def _net_layer(self, ev, addr):
+        """Landlock answers EACCES to a TCP port it does not grant (ABI 4) and
+        EPERM to an abstract unix socket outside the run's domain (ABI 6); the
+        cgroup BPF programs answer EPERM to addresses (their own report
+        comes from their ring, kernel_denial) and unix sockets (6.7+)."""
+        ll = self.refusals.landlock
+        if ev.error == "EACCES" and ll is not None and ll.handled_net:
+            return "landlock"
+        if ev.error == "EPERM" and ev.family == "unix" and (addr or "").startswith("@") \
+                and ll is not None and ll.scoped & 1:      # SCOPE_ABSTRACT_UNIX_SOCKET
+            return "landlock"
+        if ev.error == "EPERM" and (self.egress_enforced or self.lsm_enforced):
+            return "bpf-lsm" if self.lsm_enforced and ev.family == "unix" else "cgroup-bpf"
+        return "dac"
 
     def _signal(self, ev):
         """A signal to a process outside the run (agentwatch, the user's
@@ -597,7 +679,8 @@ class Judge:
         if self.seccomp_denied is not None and ev.name not in self.seccomp_denied:
             return   # a shared monitor watches it for another run's filter: not ours
         evidence = {"syscall": ev.name, "args": ev.args[:3] or None,
-                    "kernel": f"denied ({ev.error}, seccomp)"}
+                    "kernel": f"denied ({ev.error}, seccomp)", "layer": "seccomp"}
+        hit = None
         if ev.args and self.seccomp_rules is not None and ev.name in CONDITIONAL:
             # the arguments, read from the registers at exit: which rule refused it,
             # or none (an ordinary EPERM of a call the filter let through)
@@ -607,6 +690,14 @@ class Judge:
                 return
             evidence["refused"] = hit.why
         d = self.policy.check_syscall(ev.name)
+        proc = getattr(self.policy.spec, "process", None)
+        if d is None and hit is not None and hit.group and proc is not None \
+                and proc.toggles.get(hit.group) is False:
+            # refused for its arguments under a process toggle (clone with CLONE_NEW*)
+            rule = f"process.{hit.group}"
+            d = Decision(category="process", rule=rule, pattern=None,
+                         reason=f"{ev.name}: {hit.why}: {rule} is false",
+                         action=self.policy.action_for("process", rule))
         if d is None and ev.name in BY_ARGUMENT:
             # refused for its arguments (a socket family, a terminal ioctl), which
             # the filter compared and nobody else saw: the rule says which kind
@@ -637,9 +728,43 @@ class Judge:
                      action=self.policy.action_for("syscall", "syscalls.deny"),
                      reason="killed by seccomp (SIGSYS): a syscall of a non-native ABI "
                             "(x32, i386) or one the filter kills", pattern=None)
-        self._decide(ev, d, f"sigsys:{ev.pid}", {"signal": ev.signal, "kernel": "killed (seccomp)"})
+        self._decide(ev, d, f"sigsys:{ev.pid}", {"signal": ev.signal, "kernel": "killed (seccomp)",
+                                                 "layer": "seccomp"})
 
-    def _check_limits(self):
+    def _refused(self, ev):
+        """A call with no record of its own that a layer other than seccomp
+        refused (bpf/syscalls.bpf.c aw_refused): a fork at the pids limit, a
+        device ioctl Landlock refuses. Reported where the run's plan explains
+        it (else the errno is the kernel's own: EAGAIN of memory, a driver's
+        EACCES)."""
+        if ev.name in _FORKS and ev.error == "EAGAIN":
+            if not self.refusals.pids:
+                return
+            self._pids_seen += 1
+            rule = "resources.pids"
+            d = Decision(category="resource", rule=rule, pattern=None,
+                         reason=f"{ev.name}: the run's pids limit (pids.max) is reached",
+                         action=self.policy.action_for("resource", rule))
+            self._decide(ev, d, rule, {"syscall": ev.name, "args": ev.args[:1], "layer": "pids",
+                                       "kernel": "denied (EAGAIN, pids limit)"})
+        elif ev.name == "ioctl" and ev.error == "EACCES":
+            from ..sandbox.landlock import FS_IOCTL_DEV
+            ll = self.refusals.landlock
+            if ll is None or not ll.handled_fs & FS_IOCTL_DEV:
+                return
+            fd = ev.args[0] & 0xFFFFFFFF if ev.args else None
+            path = ev.path or f"fd:{fd}"
+            rule = "filesystem.write"
+            # deny, never the rule's kill: the policy names no device ioctls, and
+            # programs probe their stdio with them (isatty on /dev/null)
+            d = Decision(category="filesystem", rule=rule, pattern=None, action="deny",
+                         reason=f"ioctl on {path}: Landlock grants device ioctls (IOCTL_DEV) only on "
+                                "the agent's terminal")
+            self._decide(ev, d, f"ioctl:{path}", {"syscall": "ioctl", "path": path, "fd": fd,
+                                                  "request": hex(ev.args[1] & 0xFFFFFFFF) if ev.args else None,
+                                                  "layer": "landlock", "kernel": "denied (EACCES)"})
+
+    def _check_limits(self, final=False):
         """The kernel refused forks (pids limit) or OOM-killed (memory limit):
         read the run's cgroup counters (v2, or the v1 hierarchies of a hybrid
         host) and report each increase."""
@@ -668,6 +793,19 @@ class Judge:
             if not n or n <= self._limit_counts.get(path, 0):
                 continue
             new = n - self._limit_counts.get(path, 0)
+            if rule == "resources.pids":
+                # the forks the syscall sensor reported one by one (_refused) are
+                # not reported again; a rise they do not explain is, once it has
+                # stayed a period (their records may still be on the way)
+                credit = min(new, self._pids_seen - self._pids_credited)
+                self._pids_credited += credit
+                self._limit_counts[path] = self._limit_counts.get(path, 0) + credit
+                new -= credit
+                if not new:
+                    continue
+                if not final and self._limit_pending.get(path) != n:
+                    self._limit_pending[path] = n
+                    continue
             self._limit_counts[path] = n
             from ..events import Event
             what = (f"the pids limit refused {new} fork(s)" if rule == "resources.pids"
@@ -677,7 +815,8 @@ class Judge:
             ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=self.run.root_pid)
             self._decide(ev, d, rule, {"counter": os.path.basename(path), key: n,
                                        "kernel": "denied (pids limit)" if rule == "resources.pids"
-                                       else "OOM-killed (memory limit)"})
+                                       else "OOM-killed (memory limit)",
+                                       "layer": "pids" if rule == "resources.pids" else "memory"})
 
     def limit_reached(self, rule, reason):
         from ..events import Event
@@ -716,10 +855,11 @@ class Judge:
                          action=self.policy.action_for(category, rule))
             if self._paired("bpf-lsm", ev.pid, rule, target):
                 return
-            self._decide(ev, d, target, dict(evidence, kernel=f"denied (EPERM) by BPF LSM {evidence.get('hook')}"))
+            self._decide(ev, d, target, dict(evidence, kernel=f"denied (EPERM) by BPF LSM {evidence.get('hook')}",
+                                             layer=layer))
             return
         d = Decision(category=category, rule=rule, action="deny", reason=reason, pattern=None)
-        self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)"))
+        self._decide(ev, d, target, dict(evidence, kernel="denied (EPERM)", layer=layer))
 
     def _paired(self, layer, pid, rule, target):
         """True when this report's twin from the other view of the same
@@ -735,12 +875,13 @@ class Judge:
 
     # -- reporting -------------------------------------------------------------------------
     def _decide(self, ev, d, target, evidence):
+        """Report (or count) d; False when there was nothing to decide."""
         if d is None:
-            return
+            return False
         if (self.lsm_enforced and d.category == "filesystem" and ev.kind != "lifecycle"
                 and (getattr(ev, "error", None) == "EPERM" or "loader" in evidence)
                 and "hook" not in evidence and self._paired("sensor", ev.pid, d.rule, target)):
-            return
+            return True
         key = (d.rule, target)
         n = getattr(ev, "repeat", None) or 1    # a line the kernel folded n calls into
         self.by_category[d.category] += n
@@ -751,7 +892,7 @@ class Judge:
             self.repeats[key] += again
             self.repeat_info[key] = (d.category, d.action)
         if seen:
-            return
+            return True
         self.first_seen[key] = ev.ts
         proc = self.run.procs.get(ev.pid)
         detail = dict(evidence, reason=d.reason, pattern=d.pattern, event=ev.kind,
@@ -766,6 +907,7 @@ class Judge:
         self._emit(ev, d.category, d.rule, d.action, detail, 1)
         if d.action == "kill" and self.on_kill:
             self.on_kill(d)
+        return True
 
     def _emit(self, ev, category, rule, action, detail, count):
         v = ViolationEvent(category=category, rule=rule, action=action, detail=detail, count=count,
@@ -779,7 +921,7 @@ class Judge:
         now = time.monotonic() if now is None else now
         if final or now >= self._limits_next:
             self._limits_next = now + LIMITS_EVERY_S
-            self._check_limits()
+            self._check_limits(final)
         if not final and now < self._next_flush:
             return
         self._next_flush = now + REPEAT_FLUSH_S

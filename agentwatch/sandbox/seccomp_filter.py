@@ -267,6 +267,7 @@ class Rule:
     action: str
     conds: tuple = ()
     why: str = ""
+    group: str = ""      # the SeccompPolicy key that made it (a process toggle, "deny", ...)
 
 
 class Plan(list):
@@ -359,7 +360,8 @@ def plan(p: SeccompPolicy) -> Plan:
             rules += [Rule(n, act(toggle), (), why) for n in names]
     if not p.namespaces:
         rules.append(Rule("clone3", "enosys", (), "flags unreadable: glibc falls back to clone"))
-        rules += [Rule("clone", act("namespaces"), (Cond(0, bit, bit),), f"clone with {flag}")
+        rules += [Rule("clone", act("namespaces"), (Cond(0, bit, bit),), f"clone with {flag}",
+                       "namespaces")
                   for flag, bit in CLONE_NEW_FLAGS.items()]
     if not p.personality:
         rules += _personality_rules(act("personality"))

@@ -14,6 +14,7 @@ PREFIX_LEN = 248   # path bytes of a sensitive-prefix key (LPM trie data is at m
 FNV_BASIS, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3   # bpf/priority.bpf.c
 
 EV_SYSCALL, EV_EXEC, EV_FORK, EV_EXIT, EV_NOENTRY, EV_MAPKILL, EV_REPEAT = 1, 2, 3, 4, 5, 6, 7
+EV_REFUSED = 8
 
 CNT_LOST_EVENTS, CNT_LOST_STASH, CNT_SEEN = 0, 1, 2    # bulk ring ("events"), stash
 CNT_LOST_PRIO, CNT_SEEN_PRIO = 3, 4                     # priority ring ("priority")
@@ -32,6 +33,7 @@ SPEC_WATCH = 0x10
 SPEC_DENIED = 0x20
 SPEC_PRIORITY = 0x40
 SPEC_OPEN = 0x80
+REFUSE_EACCES, REFUSE_EAGAIN = 0x01, 0x02   # aw_spec.refuse
 
 HDR_FIELDS = [
     ("type", "I"), ("pid", "I"), ("tid", "I"), ("uid", "I"),
@@ -53,7 +55,8 @@ RECORDS = {
     "aw_fork_event": [("h", HDR_FIELDS), ("child", "I"), ("pad", "I")],
     "aw_exit_event": [("h", HDR_FIELDS), ("code", "i"), ("sig", "i")],
     "aw_spec": [(name, "B") for name in
-                ("flags", "path1", "path2", "addr", "addrlen", "msghdr", "deref", "argv")],
+                ("flags", "path1", "path2", "addr", "addrlen", "msghdr", "deref", "argv", "refuse")]
+               + [("pad", "7s")],
     "aw_prefix_key": [("prefixlen", "I"), ("slot", "I"), ("path", f"{PREFIX_LEN}s")],
     "aw_name_key": [("slot", "I"), ("pad", "I"), ("hash", "Q")],
 }
@@ -125,7 +128,7 @@ def cstr(raw):
 def decode(buf):
     """Raw ring-buffer record -> (type, dict). Unknown types raise ValueError."""
     etype = _TYPE.unpack_from(buf)[0]
-    if etype == EV_SYSCALL or etype == EV_NOENTRY or etype == EV_MAPKILL:   # one layout (events.h)
+    if etype in (EV_SYSCALL, EV_NOENTRY, EV_MAPKILL, EV_REFUSED):   # one layout (events.h)
         # the bulk of all records: one dict display, no helper calls
         v = _SYSCALL.unpack_from(buf)
         return etype, {"type": etype, "pid": v[1], "tid": v[2], "uid": v[3], "ts": v[4],

@@ -48,13 +48,14 @@ class Spec:
     exit_group: bool = False
     enter: bool = True      # False: exit tracepoint only (a syscall watched for seccomp denials alone)
     denied: bool = False    # the run's seccomp filter refuses it with EPERM: report those exits
+    refuse: int = 0         # R.REFUSE_*: other layers' refusals of a call with no record of its own
 
     @property
     def attach_exit(self):
         """exit_group never returns; clone & co only stash flags for the fork
         probe, unless the filter may refuse them. Every exit tracepoint costs
         a grace period to detach, so attach only these."""
-        return (self.emit and not self.exit_group and self.enter) or self.denied
+        return (self.emit and not self.exit_group and self.enter) or self.denied or bool(self.refuse)
 
     @property
     def priority(self):
@@ -72,7 +73,8 @@ class Spec:
                  | (R.SPEC_DENIED if self.denied else 0) | (R.SPEC_PRIORITY if self.priority else 0)
                  | (R.SPEC_OPEN if self.op == "open" else 0))
         return R.SPEC.pack(flags, idx(self.path1), idx(self.path2), idx(self.addr),
-                           idx(self.addrlen), idx(self.msghdr), idx(self.deref), idx(self.argv))
+                           idx(self.addrlen), idx(self.msghdr), idx(self.deref), idx(self.argv),
+                           self.refuse, b"")
 
 
 def _s(name, group, op, why, **kw):
@@ -120,6 +122,9 @@ SPECS = [
     _s("fchownat", "file", "chown", "ownership changes", path1=1, dirfd=0),
     _s("truncate", "file", "truncate", "truncating a file by path", path1=0),
     _s("ftruncate", "file", "truncate", "truncating a file by fd"),
+    _s("mknod", "file", "mknod", "device, fifo and socket nodes (Landlock never grants devices)",
+       path1=0, mode_arg=1),
+    _s("mknodat", "file", "mknod", "device, fifo and socket nodes", path1=1, dirfd=0, mode_arg=2),
     _s("chdir", "file", "chdir", "tracks the working directory so relative paths resolve", path1=0),
     _s("fchdir", "file", "chdir", "tracks the working directory (by fd)"),
     # net
@@ -192,6 +197,17 @@ _BY_ARG_WHY = ("refused by the run's seccomp filter for some arguments only (EPE
                "entry is a refusal and an ordinary EPERM is not")
 
 
+# Refusals by a layer other than seccomp of syscalls that have no record of
+# their own (stash only, or exit only): their exit reports these returns
+# (bpf/syscalls.bpf.c aw_refused, record AW_EV_REFUSED) and the judge says
+# which layer and rule gave them. The fork family is always watched (its
+# exit costs one tracepoint hit per fork); ioctl only where the run's filter
+# already watches it (its terminal rules: every enforced run).
+REFUSABLE = {"clone": R.REFUSE_EAGAIN, "clone3": R.REFUSE_EAGAIN, "fork": R.REFUSE_EAGAIN,
+             "vfork": R.REFUSE_EAGAIN,      # the pids limit (pids.max): EAGAIN
+             "ioctl": R.REFUSE_EACCES}      # Landlock IOCTL_DEV (ABI 5): EACCES on a device
+
+
 def specs_for(groups, denied=(), exit_args=False):
     """The specs of `groups` (and "process"), plus one for every syscall in
     `denied`, the names the run's seccomp filter refuses with EPERM: a watched
@@ -221,7 +237,7 @@ def specs_for(groups, denied=(), exit_args=False):
                 out.append(replace(base, emit=False, enter=True, denied=True, why=_BY_ARG_WHY))
             else:
                 out.append(replace(base, enter=False, denied=True, why=_DENIED_WHY))
-    return out
+    return [replace(s, refuse=REFUSABLE[s.name]) if s.name in REFUSABLE else s for s in out]
 
 
 # ---- decoding ---------------------------------------------------------------
@@ -310,7 +326,8 @@ def decode(rec, spec):
             if spec.name == "openat2":
                 ev.mode = rec["extra"][1] & 0o7777
         if spec.mode_arg is not None and (spec.op != "open" or ev.flags & _O_CREAT):
-            ev.mode = args[spec.mode_arg] & 0o7777
+            # mknod: the node's type too (S_IFCHR, S_IFIFO...), which says what Landlock checks
+            ev.mode = args[spec.mode_arg] & (0o177777 if spec.op == "mknod" else 0o7777)
         if spec.path1 is None:                  # fd-based variant: say which fd
             ev.path = f"fd:{_i32(args[0])}"
         return ev

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, Lines, aw, aw_cmd, read_events
+from conftest import REPO, Lines, aw, aw_cmd, free_port, read_events
 
 pytestmark = pytest.mark.kernel
 CODING = os.path.join(REPO, "policies", "coding-agent.yaml")
@@ -31,14 +31,6 @@ def workspace(tmp_path):
     w = tmp_path / "ws"
     w.mkdir()
     return w
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _spawn(*args, env):

@@ -193,3 +193,24 @@ def test_only_sensors_and_guards_import_bcc():
             if any(n and n.split(".")[0] == "bcc" for n in names):
                 found.append(f"{module}:{node.lineno}")
     assert found == []
+
+
+def test_cli_imports_only_the_api():
+    """cli/ is a front end of agentwatch.api: of agentwatch it imports that
+    module alone (plus its own modules), so the API is the one surface the
+    CLI and the harness share."""
+    found = []
+    for module in MODULES:
+        if not module.startswith("cli"):
+            continue
+        for target, line in imports(module):
+            if target.split(".")[0] == "agentwatch" and target != "agentwatch.api":
+                found.append(f"{os.path.relpath(_path(module), REPO)}:{line}: imports {target}")
+    assert found == [], "cli/ imports agentwatch internals:\n" + "\n".join(found)
+
+
+def test_cli_import_check_sees_the_api_import():
+    """The scan names what cli/ imports: `from agentwatch import api` is
+    agentwatch.api (and `from agentwatch import state` would be agentwatch.state)."""
+    assert "agentwatch.api" in {t for t, _ in imports("cli.run")}
+    assert {t for t, _ in imports("cli.main")} == {"agentwatch.api"}

@@ -104,7 +104,8 @@ def test_named_constants(c_defines):
                 "AW_ARG_LEN": R.ARG_LEN, "AW_COMM_LEN": R.COMM_LEN,
                 "AW_EV_SYSCALL": R.EV_SYSCALL, "AW_EV_EXEC": R.EV_EXEC,
                 "AW_EV_FORK": R.EV_FORK, "AW_EV_EXIT": R.EV_EXIT, "AW_EV_NOENTRY": R.EV_NOENTRY,
-                "AW_EV_MAPKILL": R.EV_MAPKILL,
+                "AW_EV_MAPKILL": R.EV_MAPKILL, "AW_EV_REFUSED": R.EV_REFUSED,
+                "AW_REFUSE_EACCES": R.REFUSE_EACCES, "AW_REFUSE_EAGAIN": R.REFUSE_EAGAIN,
                 "AW_CNT_LOST_EVENTS": R.CNT_LOST_EVENTS, "AW_CNT_LOST_STASH": R.CNT_LOST_STASH,
                 "AW_CNT_SEEN": R.CNT_SEEN, "AW_CNT_LOST_PRIO": R.CNT_LOST_PRIO,
                 "AW_CNT_SEEN_PRIO": R.CNT_SEEN_PRIO, "AW_SPEC_EMIT": R.SPEC_EMIT,
@@ -268,7 +269,7 @@ def test_decode_repeat():
         "tid": 7, "nr": 257, "count": 2**32 - 1, "orig_ts": 11, "first": 12, "last": 2**63}
 
 
-@pytest.mark.parametrize("etype", [0, 8, 0xFFFFFFFF])
+@pytest.mark.parametrize("etype", [0, 9, 0xFFFFFFFF])
 def test_decode_unknown_type_raises(etype):
     buf = struct.pack(EXIT, *hdr(etype), 0, 0)
     with pytest.raises(ValueError, match=str(etype)):

@@ -156,19 +156,23 @@ def test_o_directory_alone_is_not_tmpfile():
 
 def test_spec_packed_layout():
     p = S.BY_NAME["openat"].packed()
-    assert len(p) == R.size("aw_spec") == 8
-    # flags, path1, path2, addr, addrlen, msghdr, deref, argv
+    assert len(p) == R.size("aw_spec") == 16
+    # flags, path1, path2, addr, addrlen, msghdr, deref, argv, refuse, 7 pad bytes
+    pad = bytes(7)
     assert p == bytes([R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_OPEN, 1, R.NOARG, R.NOARG, R.NOARG, R.NOARG,
-                       R.NOARG, R.NOARG])
+                       R.NOARG, R.NOARG, 0]) + pad
     assert S.BY_NAME["execve"].packed() == bytes(
         [R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_EXEC | R.SPEC_PRIORITY, 0, R.NOARG, R.NOARG, R.NOARG,
-         R.NOARG, R.NOARG, 1])
+         R.NOARG, R.NOARG, 1, 0]) + pad
     assert S.BY_NAME["sendto"].packed() == bytes(
         [R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_NEED_ADDR | R.SPEC_PRIORITY, R.NOARG, R.NOARG, 4, 5,
-         R.NOARG, R.NOARG, R.NOARG])
+         R.NOARG, R.NOARG, R.NOARG, 0]) + pad
     assert S.BY_NAME["sendmsg"].packed()[5] == 1
     assert S.BY_NAME["clone3"].packed() == bytes(
-        [R.SPEC_WATCH | R.SPEC_PRIORITY, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG, 0, R.NOARG])
+        [R.SPEC_WATCH | R.SPEC_PRIORITY, R.NOARG, R.NOARG, R.NOARG, R.NOARG, R.NOARG, 0, R.NOARG, 0]) + pad
+    # the run's specs ask the fork family's exits for EAGAIN (the pids limit)
+    clone3 = next(s for s in S.specs_for(["process"]) if s.name == "clone3")
+    assert clone3.packed()[8] == R.REFUSE_EAGAIN and clone3.attach_exit
     assert S.BY_NAME["exit_group"].packed()[0] == (R.SPEC_WATCH | R.SPEC_EMIT | R.SPEC_EXIT_GROUP
                                                    | R.SPEC_PRIORITY)
     assert S.BY_NAME["rename"].packed()[:3] == bytes([R.SPEC_WATCH | R.SPEC_EMIT, 0, 1])
@@ -184,7 +188,8 @@ def test_priority_ring_takes_all_but_plain_file_operations():
 
 @pytest.mark.parametrize("spec", S.SPECS, ids=lambda s: s.name)
 def test_every_spec_packs_valid_argument_indexes(spec):
-    flags, *idx = R.SPEC.unpack(spec.packed())
+    flags, *idx, refuse, pad = R.SPEC.unpack(spec.packed())
+    assert refuse == spec.refuse and pad == bytes(7)
     assert flags & R.SPEC_WATCH
     assert bool(flags & R.SPEC_EMIT) == spec.emit
     for i in idx:

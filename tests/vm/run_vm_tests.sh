@@ -29,7 +29,7 @@ die() { printf 'vm: error: %s\n' "$*" >&2; exit 3; }
 
 # run in the VM after tests/vm/guest unless PYTEST_ARGS name others
 SECOND_RUN=(tests/kernel/test_landlock.py tests/kernel/test_seccomp.py tests/kernel/test_egress.py
-            tests/adversarial)
+            tests/kernel/test_refusals.py tests/adversarial)
 
 # ---- inside the VM ------------------------------------------------------------------
 if [ "${1:-}" = "--guest" ]; then
@@ -116,7 +116,7 @@ say "booting $KVER with lsm=lockdown,capability,landlock,bpf (QEMU ${KVM_OPT:+TC
 start=$(date +%s)
 set +e
 # shellcheck disable=SC2086
-timeout "${AGENTWATCH_VM_TIMEOUT:-900}" vng $KVM_OPT --memory 2G --cpus 2 \
+timeout "${AGENTWATCH_VM_TIMEOUT:-1800}" vng $KVM_OPT --memory 2G --cpus 2 \
     --rwdir "$OUT" --cwd "$ROOT" \
     --run "/boot/vmlinuz-$KVER" --append "lsm=lockdown,capability,landlock,bpf" \
     -- "bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" \

@@ -43,6 +43,7 @@ def guest_tests():
 SECOND_RUN = {"test_landlock": "tests/kernel/test_landlock.py",
               "test_seccomp": "tests/kernel/test_seccomp.py",
               "test_egress": "tests/kernel/test_egress.py",
+              "test_refusals": "tests/kernel/test_refusals.py",
               "test_escapes": "tests/adversarial/test_escapes.py",
               "test_plan_for_escapes": "tests/adversarial/test_plan_for_escapes.py"}
 
@@ -126,7 +127,7 @@ def vm(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("vm"))
     start = time.monotonic()
     proc = subprocess.run(["bash", RUNNER, "--out", out], capture_output=True, text=True,
-                          timeout=int(os.environ.get("AGENTWATCH_VM_TIMEOUT", "900")) + 60)
+                          timeout=int(os.environ.get("AGENTWATCH_VM_TIMEOUT", "1800")) + 60)
     run = VmRun(out, proc, time.monotonic() - start)
     print(f"\nBPF LSM VM: {run.seconds:.0f} s wall; {run.read('guest-info')}")
     return run

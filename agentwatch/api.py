@@ -1,0 +1,748 @@
+"""The public API: what the CLI (cli/) and the harness use, and nothing else.
+
+Runs
+    run(options) -> RunResult            blocking: on the daemon when one answers, else here
+    start(options) -> RunHandle          in the background, in this process: wait(), stop(), events
+    subscribe(run) -> a run's decoded events, live (a run of this process) or from its log
+    follow_events(...) -> the event dicts every run logs (`agentwatch tail`)
+    list_runs(), find_run(), read_log(), log_path(), verify_log(), gc()
+Policies
+    check_policy(), load_policy(), lint_policies(), explain_policy(),
+    enforcement_plan(), describe_enforcement(), diff_policies(), policy_variables()
+Keys and signatures
+    generate_key(), sign_files(), verify_files(), keys_dir(), trusted_dir()
+Host and daemon
+    doctor(), daemon_status(), daemon_start(), daemon_stop(), daemon_serve(),
+    daemon_submit(), daemon_socket()
+
+Every failure a user can cause raises an agentwatch.errors type (re-exported
+here) whose message is one line for the user. Return values are dataclasses
+(or the documented types of the layers below: Policy, LintResult, Check,
+EnforcementPlan, Event). Importing this module is cheap: the runner, the
+policy engine and bcc are imported when a function needs them, so that
+`agentwatch run` on the daemon stays a thin client (tests/unit/test_cli.py).
+
+About 750 lines, and one file on purpose: it is the whole public surface
+read in one place (a facade: each function a few lines over the layer that
+does the work, each result a dataclass), and tests/unit/test_api.py pins it
+as one list. The work itself lives below; nothing here is worth a module.
+"""
+import contextlib
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from . import state
+from .core.options import RunOptions, cli_fields
+from .errors import (AgentwatchError, IntegrityError, KernelFeatureError, LaunchError, NotFoundError,
+                     PolicyError, PrivilegeError, UsageError)
+from .follow import Filter as _Filter
+from .follow import parse_since
+
+__all__ = [
+    # errors
+    "AgentwatchError", "IntegrityError", "KernelFeatureError", "LaunchError", "NotFoundError",
+    "PolicyError", "PrivilegeError", "UsageError",
+    # runs
+    "RunOptions", "run_option_fields", "RunResult", "RunHandle", "run", "start", "open_monitor",
+    "subscribe", "LogSubscription", "follow_events", "parse_since", "format_event",
+    "RunInfo", "list_runs", "find_run", "log_path", "read_log", "LogVerification", "verify_log", "gc",
+    # policies
+    "Policy", "Problem", "LintResult", "EnforcementPlan", "PolicyCheck", "check_policy",
+    "load_policy", "lint_policies", "explain_policy", "enforcement_plan", "describe_enforcement",
+    "diff_policies", "policy_variables",
+    # keys and signatures
+    "KeyPair", "Signed", "FileVerification", "generate_key", "sign_files", "verify_files",
+    "keys_dir", "trusted_dir",
+    # host and daemon
+    "Check", "DoctorReport", "doctor", "DaemonRun", "DaemonStatus", "daemon_socket",
+    "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
+]
+
+# Types of the layers below, imported on first use (PEP 562): name -> (module, attribute)
+_LAZY_TYPES = {
+    "Policy": ("agentwatch.policy", "Policy"),
+    "Problem": ("agentwatch.policy", "Problem"),
+    "LintResult": ("agentwatch.policy.lint", "LintResult"),
+    "EnforcementPlan": ("agentwatch.sandbox.plan", "EnforcementPlan"),
+    "Check": ("agentwatch.doctor", "Check"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY_TYPES:
+        import importlib
+        module, attr = _LAZY_TYPES[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def run_option_fields():
+    """The RunOptions fields `agentwatch run` has a command line option for
+    (dataclasses.Field, with metadata help, flag, path, choices, show_default)."""
+    return cli_fields()
+
+
+# ---------------------------------------------------------------- runs
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended, from its log's end event."""
+    exit_status: int            # the agent's own (128+N when signal N killed it)
+    run_id: str
+    log_path: str               # runs/<run_id>/events.jsonl in the state directory
+    agent: str = ""
+    events: int = 0             # events logged
+    lost: int = 0               # records lost in the kernel or unmatched
+    violations: int = 0
+    violations_by_category: dict = field(default_factory=dict)
+    killed_for: str = None      # the rule whose action kill ended the run
+    summary: str = None         # the one line the run printed at its end
+    on_daemon: bool = False     # served by `agentwatch daemon`
+
+
+def log_path(run_id):
+    """Where run run_id logs its events (whether or not it exists)."""
+    return state.run_path(run_id, "events.jsonl")
+
+
+def _end_event(path, chunk=1 << 16):
+    """The last lifecycle end event of a log, or None (read from its end)."""
+    import json
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            back = min(size, chunk)
+            while True:
+                f.seek(size - back)
+                lines = f.read(back).splitlines()
+                if back < size:
+                    lines = lines[1:]             # the first may be cut
+                for line in reversed(lines):
+                    if b'"phase":"end"' in line or b'"phase": "end"' in line:
+                        try:
+                            d = json.loads(line)
+                        except ValueError:
+                            continue
+                        if d.get("kind") == "lifecycle" and d.get("phase") == "end":
+                            return d
+                if back >= size:
+                    return None
+                back = min(size, back * 4)
+    except OSError:
+        return None
+
+
+def _result(run_id, exit_status, summary=None, on_daemon=False):
+    path = log_path(run_id)
+    end = _end_event(path) or {}
+    d = end.get("detail") or {}
+    verdict = d.get("violations") or {}
+    return RunResult(exit_status=exit_status, run_id=run_id, log_path=path, agent=end.get("agent", ""),
+                     events=d.get("events", 0),
+                     lost=d.get("lost_events", 0) + d.get("lost_stash", 0) + d.get("unmatched_repeats", 0),
+                     violations=verdict.get("violations", 0),
+                     violations_by_category=dict(verdict.get("by_category") or {}),
+                     killed_for=d.get("killed_for"), summary=summary, on_daemon=on_daemon)
+
+
+_LIVE = {}                 # run id -> RunHandle, while it runs in this process
+_LIVE_LOCK = threading.Lock()
+_OWN_MONITORS = [0]        # runs of this process with a monitor of their own, now
+
+
+def _own_monitor_slot():
+    """Two runs with monitors of their own in one process would reap each
+    other's agents (a monitor reaps every child): refuse the second."""
+    with _LIVE_LOCK:
+        if _OWN_MONITORS[0]:
+            raise UsageError("another run of this process has a monitor of its own: runs at the "
+                             "same time in one process share one (api.open_monitor()), or use "
+                             "the daemon")
+        _OWN_MONITORS[0] += 1
+
+
+def _release_monitor_slot():
+    with _LIVE_LOCK:
+        _OWN_MONITORS[0] -= 1
+
+
+def _say(options, text):
+    if text:
+        print(text, file=options.stderr or sys.stderr, flush=True)
+
+
+def run(options, *, daemon=None):
+    """Run an agent to its end; a RunResult. daemon: None, on the daemon when
+    one answers, else in this process; True, on the daemon (UsageError when
+    none answers); False, in this process (root needed). On the daemon the
+    agent gets our stdin, stdout and stderr, so options with stdio or
+    stderr set run in this process unless daemon is True. The run's
+    messages (its enforcement plan, --show events, the summary line) go to
+    options.stderr (default and on the daemon: our stderr). Bad input
+    raises before anything is created; SIGINT, SIGTERM and SIGHUP stop the
+    agent."""
+    if daemon or (daemon is None and options.stdio is None and options.stderr is None):
+        result = daemon_submit(options, require=bool(daemon))
+        if result is not None:
+            return result
+    from .runner import Run
+    _own_monitor_slot()
+    try:
+        r = Run(options)
+        code = r.execute()
+    finally:
+        _release_monitor_slot()
+    _say(options, r.summary)
+    return _result(r.run_id, code, r.summary)
+
+
+@contextlib.contextmanager
+def open_monitor(ringbuf_pages=4096):
+    """with open_monitor() as m: sensors loaded once (every group, the
+    executable-mapping probes) for runs of this process at the same time,
+    start(options, monitor=m); closed at the end of the block, once its
+    runs ended. Needs root."""
+    from .runner import Monitor
+    monitor = Monitor(ringbuf_pages=ringbuf_pages, map_exec=True).open()
+    try:
+        yield monitor
+    finally:
+        monitor.close()
+
+
+class RunHandle:
+    """A run in the background of this process (see start()).
+
+    run_id, log_path, options: what it is. events: its decoded events
+    (agentwatch.events.Event objects) from its start, a Subscription to
+    iterate (it ends when the run ends; .missed counts what did not fit).
+    subscribe(): more subscribers, from now on. stop(): stop the agent
+    (signal, SIGKILL after a grace period). wait(timeout): its RunResult."""
+
+    def __init__(self, options, monitor=None, kinds=None, maxsize=10000):
+        from .runner import Run
+        self.options = options
+        self._run = Run(options, monitor=monitor)
+        self.run_id = self._run.run_id
+        self.log_path = log_path(self.run_id)
+        self.events = self._run.bus.subscribe(maxsize, kinds)
+        self._started = threading.Event()
+        self._watch = self._run.bus.subscribe(1, {"lifecycle"}, callback=self._on_lifecycle)
+        self._own = monitor is None
+        self._result = self._error = None
+        self._thread = threading.Thread(target=self._execute, name=f"agentwatch run {self.run_id}",
+                                        daemon=True)
+
+    def _on_lifecycle(self, ev):
+        if ev.phase == "start":
+            self._started.set()
+            self._watch.cancel()
+
+    def _start(self):
+        if self._own:
+            _own_monitor_slot()
+        with _LIVE_LOCK:
+            _LIVE[self.run_id] = self
+        self._thread.start()
+        while not self._started.wait(0.02) and self._thread.is_alive():
+            pass
+        if self._error is not None:
+            raise self._error
+
+    def _execute(self):
+        try:
+            code = self._run.execute()
+            _say(self.options, self._run.summary)
+            self._result = _result(self.run_id, code, self._run.summary)
+        except BaseException as e:       # noqa: BLE001 - handed to wait()
+            self._error = e if isinstance(e, Exception) else AgentwatchError(f"run ended: {e!r}")
+        finally:
+            self._run.bus.close()        # subscribers end, also when the input was refused
+            with _LIVE_LOCK:
+                _LIVE.pop(self.run_id, None)
+            if self._own:
+                _release_monitor_slot()
+
+    @property
+    def done(self):
+        """True once the run ended (its result or error is ready)."""
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    def subscribe(self, kinds=None, maxsize=10000, callback=None):
+        """Its events from now on: a Subscription (engine/bus.py) of at most
+        maxsize queued events, or callback(event) on the reader's thread
+        (quick, never blocking)."""
+        return self._run.bus.subscribe(maxsize, kinds, callback)
+
+    def stop(self, signum=signal.SIGTERM):
+        """Stop the agent: signum to its processes, SIGKILL after a grace
+        period or at a second stop(). Returns at once; wait() for the end."""
+        if not self.done:
+            self._run.stop(signum)
+
+    def wait(self, timeout=None):
+        """The RunResult once the run ended; raises what ended it otherwise
+        (an agentwatch error), or TimeoutError when timeout seconds pass."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"run {self.run_id} still runs after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def start(options, *, monitor=None, kinds=None, maxsize=10000):
+    """Start a run in the background of this process; returns a RunHandle
+    once its agent runs (its start event is logged). Refused input raises
+    here, before anything is created. monitor: a shared one (open_monitor())
+    for runs at the same time; else the run loads its own, and only one
+    such run may be live in a process. kinds, maxsize: of handle.events.
+    Signals to this process are not forwarded: call stop(). Needs root."""
+    handle = RunHandle(options, monitor, kinds, maxsize)
+    handle._start()
+    return handle
+
+
+class LogSubscription:
+    """A run's events read from its log (a run of another process or of the
+    daemon): agentwatch.events.Event objects, from the run's start, until the
+    run ended. Lines of unknown kinds are skipped (and counted)."""
+
+    def __init__(self, run_id, kinds=None, poll_interval=0.1):
+        self.run_id = run_id
+        self.kinds = frozenset(kinds) if kinds else None
+        self.poll_interval = poll_interval
+        self.skipped = 0
+        self.missed = 0           # nothing is missed from a log; the name matches Subscription's
+        self._cancelled = False
+
+    def __iter__(self):
+        from .events import from_dict
+        flt = _Filter(run=self.run_id, kinds=tuple(self.kinds or ()))
+        for d in _follow(flt, True, lambda: self._cancelled, self.poll_interval):
+            try:
+                yield from_dict(d)
+            except (ValueError, TypeError):
+                self.skipped += 1
+
+    def cancel(self):
+        """Stop at the next poll of the log."""
+        self._cancelled = True
+
+
+def subscribe(run, kinds=None, maxsize=10000, callback=None):
+    """A run's decoded events. run: a RunHandle or the id of a run of this
+    process: live, from now on (a Subscription; callback as in
+    RunHandle.subscribe). Any other run id (or unique prefix): a
+    LogSubscription that replays its log and follows it to the run's end."""
+    if isinstance(run, RunHandle):
+        return run.subscribe(kinds, maxsize, callback)
+    with _LIVE_LOCK:
+        handle = _LIVE.get(run)
+    if handle is not None:
+        return handle.subscribe(kinds, maxsize, callback)
+    if callback is not None:
+        raise UsageError(f"run {run}: not a run of this process; a callback needs one "
+                         "(iterate the subscription instead)")
+    rec = find_run(run)
+    if rec is None:
+        raise NotFoundError(f"no run {run!r} under {state.runs_dir()}")
+    return LogSubscription(rec.run_id, kinds)
+
+
+def _follow(flt, follow, stop=None, poll_interval=0.2):
+    from .follow import follow as follow_logs
+    try:
+        yield from follow_logs(flt, follow=follow, stop=stop, poll_interval=poll_interval)
+    except LookupError as e:
+        if isinstance(e, NotFoundError):
+            raise
+        raise NotFoundError(str(e)) from None
+
+
+def follow_events(run=None, agent=None, kinds=(), violations=False, since=None, follow=True,
+                  stop=None):
+    """The event dicts runs log, as logged (what `agentwatch tail` prints).
+    run: one run (id or unique prefix), replayed from its start, until it
+    ended; else every run, new events only (since: also those newer than
+    this Unix time; parse_since() reads '10m'), until stop() is true.
+    agent: a name glob. A run id that names no run: NotFoundError."""
+    flt = _Filter(run=run, agent=agent, kinds=tuple(kinds), violations=violations, since=since)
+    return _follow(flt, follow, stop)
+
+
+def format_event(event, color=False):
+    """One event (dict) as the console shows it (--show, `agentwatch tail`)."""
+    from .sinks.console import format_line
+    return format_line(event, color)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run of the state directory, as `agentwatch ps` lists it."""
+    run_id: str
+    agent: str
+    status: str                 # starting, running, exited, failed, crashed
+    root_pid: int = None
+    pids: int = 0               # live processes (at the last stats refresh)
+    events: int = 0
+    lost: int = 0
+    started: float = None       # Unix time
+    policy: str = None          # the policy's name
+    policy_digest: str = None
+    command: list = field(default_factory=list)
+    exit_status: int = None
+    log_path: str = ""
+    identity: dict = field(default_factory=dict)
+    crash: dict = None          # crashed: what its keeper knew (agentwatch/keeper.py), if it saw it
+
+
+def _run_info(rec):
+    stats = state.read_json(state.run_path(rec["run_id"], "stats.json"), {}) or {}
+    ident = rec.get("identity") or {}
+    return RunInfo(run_id=rec["run_id"], agent=rec.get("agent"), status=rec.get("status"),
+                   root_pid=rec.get("root_pid"), pids=stats.get("pids", 0),
+                   events=stats.get("events", 0),
+                   lost=stats.get("lost_events", 0) + stats.get("lost_stash", 0),
+                   started=ident.get("start_time"), policy=ident.get("policy_name"),
+                   policy_digest=ident.get("policy_digest"), command=list(ident.get("command") or []),
+                   exit_status=rec.get("exit_status"), log_path=log_path(rec["run_id"]),
+                   identity=ident, crash=rec.get("crash"))
+
+
+def list_runs(running_only=False):
+    """The runs of the state directory ($AGENTWATCH_STATE_DIR), oldest
+    first; running_only: only those whose agentwatch still runs them."""
+    return [_run_info(r) for r in state.list_runs()
+            if not running_only or r.get("status") == "running"]
+
+
+def find_run(run_id):
+    """The run with this id or unique id prefix, else None."""
+    rec = state.find_run(run_id)
+    return None if rec is None else _run_info(rec)
+
+
+def _log_of(target):
+    """(log path, run id or None): an existing file is a log; else a run id."""
+    if os.path.isfile(target):
+        return target, None
+    rec = state.find_run(target)
+    if rec is None:
+        raise NotFoundError(f"{target}: no such file, and no single run has this id or prefix "
+                            "(agentwatch ps --all lists runs)")
+    return log_path(rec["run_id"]), rec["run_id"]
+
+
+def read_log(target):
+    """The event dicts of a run's log (RUN_ID, a unique prefix, or a log
+    file), in order, as logged; lines that are not JSON are skipped."""
+    import json
+    path, _ = _log_of(target)
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+
+@dataclass(frozen=True)
+class LogVerification:
+    """A log's hash chain and signed seal, checked (`agentwatch log verify`)."""
+    path: str
+    run_id: str                 # None when a file was named
+    ok: bool
+    lines: int
+    signer: str = None          # the host key that sealed it, when trusted
+    problems: list = field(default_factory=list)   # [(line number, message)]
+
+
+def verify_log(target, trust=()):
+    """Check a run log (RUN_ID, a unique prefix, or a file). trust: extra
+    public key files; this host's key and keys/trusted/*.pub are trusted.
+    A target that names nothing: IntegrityError."""
+    from . import integrity
+    try:
+        path, run_id = _log_of(target)
+    except NotFoundError as e:
+        raise IntegrityError(str(e)) from None
+    report = integrity.verify_log(path, integrity.trusted_keys(trust, include_host=True), run_id=run_id)
+    return LogVerification(path=path, run_id=run_id, ok=report.ok, lines=report.lines,
+                           signer=report.signer, problems=[] if report.ok else report.located())
+
+
+def gc(log=None):
+    """Remove what a crashed agentwatch left (cgroups, records marked
+    crashed); the run ids swept. log(message) hears each removal."""
+    from .runner import gc as gc_runs
+    return gc_runs(log=log)
+
+
+# ---------------------------------------------------------------- policies
+
+@dataclass(frozen=True)
+class PolicyCheck:
+    """A policy file read and validated: the Policy (None on any error) and
+    every problem (agentwatch.policy.Problem: str() is FILE:LINE:COL: ...)."""
+    policy: object
+    problems: list
+
+    @property
+    def ok(self):
+        return self.policy is not None
+
+
+def check_policy(path):
+    """Read and validate a policy file without raising for its problems."""
+    from .policy import check
+    policy, problems = check(path)
+    return PolicyCheck(policy, list(problems))
+
+
+def load_policy(path):
+    """A valid Policy; PolicyError listing its errors (FILE:LINE:COL each)."""
+    from .policy import load
+    return load(path)
+
+
+def _policy(policy):
+    return load_policy(policy) if isinstance(policy, (str, os.PathLike)) else policy
+
+
+def lint_policies(paths):
+    """Lint policy files: a LintResult (problems, lines(), summary(),
+    exit_code(strict))."""
+    from .policy.lint import lint
+    return lint(list(paths))
+
+
+def policy_variables(workspace=None):
+    """${WORKSPACE} (default: the current directory), ${HOME}, ${TMPDIR}."""
+    from .policy.matchers import default_variables
+    return default_variables(workspace)
+
+
+def explain_policy(policy, workspace=None):
+    """What a policy (a Policy or a path) allows, in plain language, after
+    extends and variables; text ending in a newline."""
+    from .policy.explain import explain
+    return explain(_policy(policy), policy_variables(workspace))
+
+
+def _our_ttys():
+    out = []
+    for fd in (0, 1, 2):
+        name = os.ttyname(fd) if os.isatty(fd) else None
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def enforcement_plan(policy, workspace=None, ttys=None, bpf_lsm=False):
+    """The EnforcementPlan a run of the policy would get on this host
+    (ttys: the agent's terminals, default those on our stdin, stdout and
+    stderr)."""
+    from .sandbox.plan import make_plan
+    pol = _policy(policy)
+    return make_plan(pol.data, policy_variables(workspace), [pol.path],
+                     ttys=_our_ttys() if ttys is None else ttys, bpf_lsm=bpf_lsm)
+
+
+def describe_enforcement(policy, workspace=None, ttys=None):
+    """What the kernel would hold for a run of the policy on this host: a
+    heading, the plan's summary, its namespaces and every grant it adds
+    beyond the policy's own lists (issue #14: no silent widening)."""
+    plan = enforcement_plan(policy, workspace, ttys)
+    lines = ["Kernel enforcement on this host (a run of this policy)"]
+    lines += [f"  {line}" for line in plan.describe()]
+    if plan.path != "monitor-only" and not plan.widened:
+        lines.append("  added beyond the policy: nothing")
+    return lines
+
+
+def diff_policies(old, new):
+    """What changing old into new (Policy objects or paths) grants (+),
+    revokes (-) or changes (~): one line each, "no permission changes"
+    when none."""
+    from .policy.diff import diff
+    return list(diff(_policy(old), _policy(new)))
+
+
+# ---------------------------------------------------------------- keys and signatures
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A signing key pair written by generate_key()."""
+    key_id: str                 # ed25519:...
+    private_path: str           # mode 0600
+    public_path: str
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A file signed by sign_files()."""
+    path: str
+    sig_path: str
+    signer: str
+
+
+@dataclass(frozen=True)
+class FileVerification:
+    """A file checked against its .sig by verify_files()."""
+    path: str
+    ok: bool
+    reason: str                 # one line: why not, or "signed by ID (trusted)"
+    signer: str = None
+
+
+def keys_dir():
+    """Where keys live: $AGENTWATCH_STATE_DIR/keys."""
+    from . import integrity
+    return integrity.keys_dir()
+
+
+def trusted_dir():
+    """Public keys trusted wherever files are verified: keys/trusted/*.pub."""
+    from . import integrity
+    return integrity.trusted_dir()
+
+
+def generate_key(directory=None, name="signing", force=False):
+    """Write NAME.key and NAME.pub (default directory: keys_dir());
+    IntegrityError when the key exists and not force."""
+    from . import integrity
+    kid, key_path, pub_path = integrity.generate_key(directory or keys_dir(), name, force)
+    return KeyPair(kid, key_path, pub_path)
+
+
+def sign_files(paths, key_file=None):
+    """Sign each file (FILE.sig next to it) with key_file (default
+    keys/signing.key)."""
+    from . import integrity
+    key = integrity.load_private_key(key_file or os.path.join(keys_dir(), "signing.key"))
+    out = []
+    for path in paths:
+        sig = integrity.sign_file(path, key)
+        out.append(Signed(path, f"{path}.sig", sig["signer"]))
+    return out
+
+
+def verify_files(paths, trust=(), signer=None):
+    """Check each file's signature: trusted (keys/trusted/*.pub, plus the
+    trust public key files) and, with signer, by that key id."""
+    from . import integrity
+    trusted = integrity.trusted_keys(trust)
+    out = []
+    for path in paths:
+        info = integrity.verify_file(path, trusted, signer)
+        out.append(FileVerification(path, info.ok, info.reason, info.signer))
+    return out
+
+
+# ---------------------------------------------------------------- host and daemon
+
+@dataclass(frozen=True)
+class DaemonRun:
+    """A run the daemon serves."""
+    run_id: str
+    agent: str
+    root_pid: int
+    client: dict                # who asked: pid, uid, gid (SO_PEERCRED)
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """What a running daemon says of itself."""
+    pid: int
+    started: float              # Unix time
+    socket: str
+    runs: list                  # [DaemonRun]
+    sensors: dict               # tracepoints, groups, map_exec
+    counters: dict              # received, lost_events, ...
+    raw: dict = field(default_factory=dict, repr=False, compare=False)   # the answer as sent
+
+    @classmethod
+    def from_dict(cls, d):
+        runs = [DaemonRun(r.get("run_id"), r.get("agent"), r.get("root_pid"), r.get("client") or {})
+                for r in d.get("runs") or ()]
+        return cls(pid=d.get("pid"), started=d.get("started"), socket=d.get("socket"), runs=runs,
+                   sensors=d.get("sensors") or {}, counters=d.get("counters") or {}, raw=dict(d))
+
+    def to_dict(self):
+        """The status as the daemon sent it (for JSON output)."""
+        return dict(self.raw)
+
+
+def daemon_socket():
+    """The daemon's socket: <state dir>/daemon.sock."""
+    from . import daemon
+    return daemon.socket_path()
+
+
+def daemon_status():
+    """The running daemon's DaemonStatus, or None when none answers."""
+    from . import daemon
+    st = daemon.ping()
+    return None if st is None else DaemonStatus.from_dict(st)
+
+
+def daemon_start(log_path=None):
+    """Start the daemon in the background (its output in log_path, default
+    <state dir>/daemon.log); its DaemonStatus once it answers."""
+    from . import daemon
+    return DaemonStatus.from_dict(daemon.start(log_path))
+
+
+def daemon_stop():
+    """Stop the daemon and wait until it is gone (its runs' agents get
+    SIGTERM, then SIGKILL); False when none was running."""
+    from . import daemon
+    return daemon.shutdown()
+
+
+def daemon_serve():
+    """Serve as the daemon in this process, in the foreground, until stopped."""
+    from . import daemon
+    daemon.Daemon().serve()
+
+
+def daemon_submit(options, require=True):
+    """Run an agent on the daemon, with our stdin, stdout and stderr, to its
+    end: its RunResult, or None when no daemon answers (require: a
+    UsageError instead). Our SIGINT, SIGTERM and SIGHUP reach the run."""
+    from . import daemon
+    reply = daemon.submit(options, require=require)
+    if reply is None:
+        return None
+    return _result(reply.get("run_id"), reply["exit"], reply.get("summary"), on_daemon=True)
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """Each kernel feature agentwatch uses, and what its absence disables."""
+    checks: list                # [Check]: name, ok, detail, disables
+    enforcement_path: str       # bpf-lsm, landlock+seccomp+cgroup-bpf or monitor-only
+    daemon: DaemonStatus = None
+
+    def table(self):
+        """The checks as `agentwatch doctor` prints them."""
+        from .doctor import format_table
+        return format_table(self.checks)
+
+    def to_dict(self):
+        """`agentwatch doctor --json`."""
+        from .doctor import report
+        return dict(report(self.checks), daemon=self.daemon.to_dict() if self.daemon else None)
+
+
+def doctor():
+    """Probe the host (some probes load small BPF programs: root gives the
+    whole answer) and ask whether a daemon runs."""
+    from .doctor import enforcement_path, run_checks
+    checks = run_checks()
+    return DoctorReport(checks, enforcement_path(checks), daemon_status())
