@@ -397,6 +397,7 @@ class RunInfo:
     exit_status: int = None
     log_path: str = ""
     identity: dict = field(default_factory=dict)
+    crash: dict = None          # crashed: what its keeper knew (agentwatch/keeper.py), if it saw it
 
 
 def _run_info(rec):
@@ -409,7 +410,7 @@ def _run_info(rec):
                    started=ident.get("start_time"), policy=ident.get("policy_name"),
                    policy_digest=ident.get("policy_digest"), command=list(ident.get("command") or []),
                    exit_status=rec.get("exit_status"), log_path=log_path(rec["run_id"]),
-                   identity=ident)
+                   identity=ident, crash=rec.get("crash"))
 
 
 def list_runs(running_only=False):

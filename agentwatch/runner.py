@@ -30,6 +30,7 @@ from .engine.judge import Judge
 from .errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyError, PrivilegeError,
                      UsageError)
 from .events import LifecycleEvent
+from .keeper import Keeper
 from .policy import load as load_policy
 from .policy.schema import SENSOR_GROUPS
 from .sandbox import launcher
@@ -61,8 +62,14 @@ class Monitor:
         """denied: syscalls a run's seccomp filter refuses with EPERM; their
         exit tracepoints report each refusal (see sensors/syscalls.specs_for).
         map_exec: attach the mmap(PROT_EXEC) probes (bpf/mapexec.bpf.c)."""
-        from .sensors import Sensors   # bcc is imported only here, after input checks
-        self.sensors = Sensors(groups, ringbuf_pages, denied, map_exec)
+        # first: kills the runs' processes if we die by a signal (agentwatch/keeper.py)
+        self.keeper = Keeper()
+        try:
+            from .sensors import Sensors   # bcc is imported only here, after input checks
+            self.sensors = Sensors(groups, ringbuf_pages, denied, map_exec)
+        except BaseException:
+            self.keeper.close()
+            raise
         self.correlator = Correlator(self.sensors.nr_to_spec)
         self.lock = threading.RLock()
         self.children = set()            # the runs' agent pids
@@ -134,6 +141,7 @@ class Monitor:
         for g in guards:
             g.close()
         self.sensors.close()
+        self.keeper.close()          # only now: it guards the runs until the very end
 
     def __enter__(self):
         return self.open()
@@ -478,6 +486,8 @@ class Run:
         self.correlator = self.monitor.correlator
         state.register_owner(self.run_id)      # before the cgroup exists: sweeps skip it
         self.cgroup = RunCgroup.create(self.run_id)
+        self.monitor.keeper.watch(self.run_id, self.cgroup.path, state.run_path(self.run_id, "run.json"),
+                                  state.owner_path(self.run_id))
         self.ctx = RunContext(run_id=self.run_id, agent=self.agent, cgroup_id=self.cgroup.id,
                               cwd=self.opts.cwd or os.getcwd(), emit=self._on_event,
                               pid_ns=self._pid_ns())
@@ -509,7 +519,8 @@ class Run:
         launcher.set_child_subreaper()
 
         identity = dict(self.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
-                        sensors=self.sensors.groups, tracepoints=len(self.sensors.attached))
+                        sensors=self.sensors.groups, tracepoints=len(self.sensors.attached),
+                        keeper=self.monitor.keeper.pid)
         self._setup_enforcement(identity)
         if self.plan:
             for line in self.plan.describe():
@@ -925,6 +936,8 @@ class Run:
                 if self.exit_status is None:
                     status = "failed"
                 self._save_record(status=status, exit_status=self.exit_status, end_time=time.time())
+            if self.cgroup:
+                self.monitor.keeper.forget(self.run_id)
 
 
 def _fd_path(pid, ino):

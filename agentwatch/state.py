@@ -72,23 +72,27 @@ def owner_alive(record):
 OWNERS_DIR = "/run/agentwatch/owners"
 
 
+def owner_path(run_id):
+    return os.path.join(OWNERS_DIR, f"{run_id}.json")
+
+
 def register_owner(run_id):
     os.makedirs(OWNERS_DIR, mode=0o700, exist_ok=True)
-    write_json_atomic(os.path.join(OWNERS_DIR, f"{run_id}.json"),
+    write_json_atomic(owner_path(run_id),
                       {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
                        "state_dir": state_dir()})
 
 
 def unregister_owner(run_id):
     try:
-        os.unlink(os.path.join(OWNERS_DIR, f"{run_id}.json"))
+        os.unlink(owner_path(run_id))
     except FileNotFoundError:
         pass
 
 
 def run_owner_alive(run_id):
     """True while the agentwatch that created run_id's cgroup lives."""
-    owner = read_json(os.path.join(OWNERS_DIR, f"{run_id}.json"))
+    owner = read_json(owner_path(run_id))
     return bool(owner) and owner_alive({"owner": owner})
 
 

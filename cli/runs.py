@@ -44,7 +44,8 @@ def ps(show_all, as_json):
     """List running agents: identity, pid count, events and drops."""
     rows = [{"run_id": r.run_id, "agent": r.agent, "status": r.status, "root_pid": r.root_pid,
              "pids": r.pids, "events": r.events, "lost": r.lost, "started": r.started,
-             "policy": r.policy, "policy_digest": r.policy_digest, "command": " ".join(r.command)}
+             "policy": r.policy, "policy_digest": r.policy_digest, "command": " ".join(r.command),
+              "crash": r.crash}
             for r in api.list_runs(running_only=not show_all)]
     if as_json:
         click.echo(json.dumps(rows, indent=1))

@@ -6,7 +6,7 @@ tests/adversarial  escape attempts under a strict policy (root)
 
 Every kernel test runs agentwatch for real. After the whole session a
 fixture asserts that nothing is left behind: no run cgroup, no BPF program
-named aw_*.
+named aw_*, no keeper process.
 """
 import json
 import os
@@ -37,12 +37,32 @@ def _has_kernel_tests(session):
     return any("/kernel/" in str(i.fspath) or "/adversarial/" in str(i.fspath) for i in session.items)
 
 
+def keepers():
+    """pids of this checkout's keeper processes (agentwatch/keeper.py)."""
+    from agentwatch.keeper import MAIN
+    out = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if MAIN.encode() in argv and os.fsencode(REPO) in argv:
+            out.add(int(d))
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind(request):
+    before = keepers()           # another session's, on this checkout
     yield
     kernel_tests = _has_kernel_tests(request.session)
     if not IS_ROOT or not kernel_tests:
         return
+    deadline = time.monotonic() + 5      # a keeper that reaps a killed monitor's runs needs a moment
+    while keepers() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert keepers() - before == set(), "keeper processes left behind after the test session"
     from agentwatch.sandbox.cgroups import leftover_cgroups
     from agentwatch.sandbox.limits import leftover_v1
     from agentwatch.sensors.inventory import agentwatch_programs

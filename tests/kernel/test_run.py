@@ -12,6 +12,9 @@ import pytest
 
 from conftest import REPO, aw, aw_cmd, read_events, wait_for
 
+sys.path.insert(0, REPO)
+from bench.lib import process_gone  # noqa: E402
+
 pytestmark = pytest.mark.kernel
 AGENTS = os.path.join(REPO, "tests", "kernel", "agents")
 
@@ -293,6 +296,8 @@ def test_crashed_agentwatch_is_swept_by_gc(state_dir):
     pids = wait_for(lambda: len(_cgroup_pids(rec)) >= 2 and _cgroup_pids(rec), what="agent tree")
     ours = set(agentwatch_programs()) - before
     assert ours
+    os.kill(rec["identity"]["keeper"], signal.SIGKILL)   # no keeper (agentwatch/keeper.py) either:
+    wait_for(lambda: process_gone(rec["identity"]["keeper"]), timeout=5, what="keeper gone")
     p.kill()                       # agentwatch dies without cleaning up
     p.wait()
     # the kernel freed the dead monitor's programs with its fds

@@ -95,8 +95,10 @@ LAYERS = [
     ("integrity", ["agentwatch.integrity"]),
     # sinks/ (run log, console) become the engine's reporter and run/'s log
     ("engine", ["agentwatch.engine", "agentwatch.sinks"]),
-    # guards/: the kernel enforcement objects (egress, BPF LSM); sensors/: observation
-    ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors"]),
+    # guards/: the kernel enforcement objects (egress, BPF LSM); sensors/: observation;
+    # keeper.py: kills a dead monitor's runs (its interpreter imports only it and core.procfs)
+    ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors",
+                                "agentwatch.keeper"]),
     ("policy", ["agentwatch.policy"]),
     # errors.py and events.py move into core/; state.py (the state directory
     # layout) imports nothing of agentwatch and stays at the bottom
