@@ -183,7 +183,7 @@ def test_the_generator_reaches_the_plan(tmp_path):
     beyond the validator."""
     reached = []
 
-    @settings(max_examples=60, deadline=None, database=None,
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(doc=policies, abi=st.integers(0, 7), base=st.none() | policies, workspace=workspaces)
     def count(doc, abi, base, workspace):
