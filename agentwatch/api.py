@@ -15,7 +15,7 @@ Host and daemon
     doctor(), daemon_status(), daemon_start(), daemon_stop(), daemon_serve(),
     daemon_submit(), daemon_socket()
 
-Every failure a user can cause raises an agentwatch.errors type (re-exported
+Every failure a user can cause raises an agentwatch.core.errors type (re-exported
 here) whose message is one line for the user. Return values are dataclasses
 (or the documented types of the layers below: Policy, LintResult, Check,
 EnforcementPlan, Event). Importing this module is cheap: the runner, the
@@ -34,9 +34,9 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from . import state
+from .core import state
 from .core.options import RunOptions, cli_fields
-from .errors import (AgentwatchError, IntegrityError, KernelFeatureError, LaunchError, NotFoundError,
+from .core.errors import (AgentwatchError, IntegrityError, KernelFeatureError, LaunchError, NotFoundError,
                      PolicyError, PrivilegeError, UsageError)
 from .follow import Filter as _Filter
 from .follow import parse_since
@@ -217,7 +217,7 @@ class RunHandle:
     """A run in the background of this process (see start()).
 
     run_id, log_path, options: what it is. events: its decoded events
-    (agentwatch.events.Event objects) from its start, a Subscription to
+    (agentwatch.core.events.Event objects) from its start, a Subscription to
     iterate (it ends when the run ends; .missed counts what did not fit).
     subscribe(): more subscribers, from now on. stop(): stop the agent
     (signal, SIGKILL after a grace period). wait(timeout): its RunResult."""
@@ -308,7 +308,7 @@ def start(options, *, monitor=None, kinds=None, maxsize=10000):
 
 class LogSubscription:
     """A run's events read from its log (a run of another process or of the
-    daemon): agentwatch.events.Event objects, from the run's start, until the
+    daemon): agentwatch.core.events.Event objects, from the run's start, until the
     run ended. Lines of unknown kinds are skipped (and counted)."""
 
     def __init__(self, run_id, kinds=None, poll_interval=0.1):
@@ -320,7 +320,7 @@ class LogSubscription:
         self._cancelled = False
 
     def __iter__(self):
-        from .events import from_dict
+        from .core.events import from_dict
         flt = _Filter(run=self.run_id, kinds=tuple(self.kinds or ()))
         for d in _follow(flt, True, lambda: self._cancelled, self.poll_interval):
             try:

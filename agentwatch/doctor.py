@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .errors import KernelFeatureError
+from .core.errors import KernelFeatureError
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 TRACEFS = "/sys/kernel/tracing"

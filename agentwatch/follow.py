@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import state
+from .core import state
 
 
 @dataclass

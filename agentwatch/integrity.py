@@ -39,8 +39,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import IntegrityError, PolicyError  # noqa: F401 - IntegrityError: raised here, declared there
-from .state import state_dir
+from .core.errors import IntegrityError, PolicyError  # noqa: F401 - IntegrityError: raised here, declared there
+from .core.state import state_dir
 
 FILE_CONTEXT = "agentwatch-file-v1\n"   # domain separation: a file signature is never a log seal
 LOG_CONTEXT = "agentwatch-log-v1\n"

@@ -22,14 +22,15 @@ import sys
 import threading
 import time
 
-from . import integrity, state
+from . import integrity
+from .core import state
 from .core.options import RunOptions  # noqa: F401 - declared once there; the runner takes it
 from .engine import Correlator, RunContext
 from .engine.bus import EventBus
 from .engine.judge import Judge
-from .errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyError, PrivilegeError,
+from .core.errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyError, PrivilegeError,
                      UsageError)
-from .events import LifecycleEvent
+from .core.events import LifecycleEvent
 from .keeper import Keeper
 from .policy import load as load_policy
 from .policy.schema import SENSOR_GROUPS
@@ -677,7 +678,7 @@ class Run:
         return list(plan(self.plan.seccomp))
 
     def _on_egress_denial(self, d):
-        from .events import NetEvent
+        from .core.events import NetEvent
         if d.get("family") == "unix":
             return    # counted; the syscall sensor reports it with the socket's name (EPERM)
         rule = {"loopback-not-allowed": "network.loopback", "raw-socket": "network.socket",
@@ -712,7 +713,7 @@ class Run:
         self._report_lsm_denials()
 
     def _report_lsm_denials(self, final=False):
-        from .events import FileEvent
+        from .core.events import FileEvent
         waiting, self._lsm_waiting = self._lsm_waiting, []
         for d in waiting:
             proc = self.ctx.procs.get(d["pid"])

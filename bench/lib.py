@@ -351,7 +351,7 @@ class Daemon:
 
     def close(self):
         from agentwatch import daemon
-        from agentwatch.errors import AgentwatchError
+        from agentwatch.core.errors import AgentwatchError
         try:
             daemon.shutdown(self.path)       # returns once the process is gone
         except AgentwatchError as e:

@@ -11,7 +11,7 @@ those of proc(5), counted from 1.
 
 import os
 
-from ..errors import KernelFeatureError
+from .errors import KernelFeatureError
 
 PF_EXITING = 0x00000004   # include/linux/sched.h: the task is in do_exit()
 

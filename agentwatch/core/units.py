@@ -25,7 +25,7 @@ import decimal
 import math
 import re
 
-from ..errors import AgentwatchError
+from .errors import AgentwatchError
 
 _NUM = r"[0-9]+(?:\.[0-9]+)?"            # [0-9], not \d: \d matches other scripts' digits too
 DURATION_PATTERN = (rf"^(?:({_NUM})|(?=[0-9])(?:({_NUM})d)?(?:({_NUM})h)?"

@@ -6,8 +6,8 @@ import socket
 import sys
 import time
 
-from .. import state
-from ..errors import AgentwatchError, UsageError
+from ..core import state
+from ..core.errors import AgentwatchError, UsageError
 from .protocol import START_TIMEOUT_S, STOP_TIMEOUT_S, error_from, recv, request_options, send, socket_path
 
 

@@ -7,9 +7,9 @@ import os
 import signal
 import socket
 
-from .. import errors, state
+from ..core import errors, state
 from ..core.options import RunOptions, wire_fields
-from ..errors import AgentwatchError, UsageError
+from ..core.errors import AgentwatchError, UsageError
 
 MAX_MSG = 1 << 20          # a run request carries the client's whole environment
 START_TIMEOUT_S = 120      # `daemon start`: how long loading the sensors may take

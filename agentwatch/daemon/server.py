@@ -11,8 +11,8 @@ import threading
 import time
 import traceback
 
-from .. import errors
-from ..errors import AgentwatchError, UsageError
+from ..core import errors
+from ..core.errors import AgentwatchError, UsageError
 from .client import ping
 from .protocol import (REQUEST_TIMEOUT_S, STOP_SIGNALS, STOP_TIMEOUT_S, options_from_request, recv,
                        reply_error, send, socket_path)

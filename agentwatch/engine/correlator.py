@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..events import ExecEvent, ExitEvent, FileEvent, ForkEvent, SyscallEvent, errno_name
+from ..core.events import ExecEvent, ExitEvent, FileEvent, ForkEvent, SyscallEvent, errno_name
 from ..sensors import records as R
 from ..sensors import syscalls as S
 

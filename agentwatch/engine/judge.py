@@ -16,7 +16,7 @@ import signal
 import time
 from collections import Counter
 
-from ..events import ViolationEvent
+from ..core.events import ViolationEvent
 from ..policy.compile import Decision
 from ..policy.matchers import normalize
 from ..policy.schema import CATEGORY_SECTION
@@ -807,7 +807,7 @@ class Judge:
                     self._limit_pending[path] = n
                     continue
             self._limit_counts[path] = n
-            from ..events import Event
+            from ..core.events import Event
             what = (f"the pids limit refused {new} fork(s)" if rule == "resources.pids"
                     else f"the memory limit OOM-killed {new} process(es)")
             d = Decision(category="resource", rule=rule, action=self.policy.action_for("resource", rule),
@@ -819,7 +819,7 @@ class Judge:
                                        "layer": "pids" if rule == "resources.pids" else "memory"})
 
     def limit_reached(self, rule, reason):
-        from ..events import Event
+        from ..core.events import Event
         d = Decision(category="resource", rule=rule, action="kill", reason=reason, pattern=None)
         ev = Event(kind="lifecycle", ts=round(time.time(), 6), pid=self.run.root_pid)
         self._decide(ev, d, rule, {})
@@ -829,7 +829,7 @@ class Judge:
         shutdown, status); the daemon refused: an agent never starts runs
         outside its own sandbox or stops others'. Who asked is the kernel's
         word (the socket's peer credentials, the pid's cgroup)."""
-        from ..events import Event
+        from ..core.events import Event
         proc = self.run.procs.get(pid)
         d = Decision(category="identity", rule="identity.daemon", action="deny", pattern=None,
                      reason=f"an agent asked the agentwatch daemon to {op}")
@@ -945,7 +945,7 @@ class Judge:
                 self._watched[i] = (rule, path, now)
                 d = self._identity_decision(rule, f"{path} changed during the run "
                                                   f"(sha256 {str(digest)[:12]} -> {str(now)[:12]})")
-                from ..events import Event
+                from ..core.events import Event
                 ev = Event(kind="file", ts=round(time.time(), 6), pid=0)
                 self._decide(ev, d, path, {"path": path, "old_sha256": digest, "new_sha256": now,
                                            "by": "unknown (seen by content, not by a sensor)"})

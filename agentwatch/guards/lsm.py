@@ -82,7 +82,7 @@ import os
 import socket
 import stat
 
-from ..errors import AgentwatchError, KernelFeatureError, PrivilegeError
+from ..core.errors import AgentwatchError, KernelFeatureError, PrivilegeError
 from ..sensors.inventory import bpf_syscall
 from . import records as R
 from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)

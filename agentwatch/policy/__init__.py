@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..errors import PolicyError
+from ..core.errors import PolicyError
 from .schema import API_VERSION, PolicySpec, Problem, validate
 from .source import (MAX_POLICY_BYTES, Invalid, load_effective, plain, read_text,
                      yaml_error_message)

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import PolicyError
+from ..core.errors import PolicyError
 from . import matchers as M
 from .schema import TOGGLES, PolicySpec
 

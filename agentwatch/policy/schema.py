@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..core import units
-from ..events import ACTIONS          # the violation actions (the contract in events.py)
+from ..core.events import ACTIONS          # the violation actions (the contract in events.py)
 from . import matchers as M
 from .source import Loc, yaml_type
 

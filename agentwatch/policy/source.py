@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..errors import PolicyError
+from ..core.errors import PolicyError
 
 MAX_POLICY_BYTES = 1 << 20
 MAX_DEPTH = 32            # a policy nests 5 levels; deeper is not a policy

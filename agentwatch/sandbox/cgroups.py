@@ -13,7 +13,7 @@ import time
 from ..core.procfs import RUN_CGROUP_ROOT as ROOT_NAME
 from ..core import procfs
 from ..core.procfs import cgroup2_mount, run_of_cgroup
-from ..errors import KernelFeatureError, PrivilegeError
+from ..core.errors import KernelFeatureError, PrivilegeError
 
 
 def root_path():

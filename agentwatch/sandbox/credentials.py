@@ -20,7 +20,7 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-from ..errors import LaunchError
+from ..core.errors import LaunchError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_CAPBSET_DROP = 24

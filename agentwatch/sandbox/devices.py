@@ -23,7 +23,7 @@ re-created by number.
 import ctypes
 import os
 
-from ..errors import KernelFeatureError
+from ..core.errors import KernelFeatureError
 from ..policy.matchers import has_wildcards
 
 BASE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/ptmx")

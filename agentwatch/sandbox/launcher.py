@@ -19,7 +19,7 @@ import resource  # noqa: F401  (imported before fork: the child must not import)
 import shutil
 import signal
 
-from ..errors import LaunchError
+from ..core.errors import LaunchError
 from . import namespaces
 from .credentials import prctl
 

@@ -7,7 +7,7 @@ uses. wall_time is enforced by the runner (it stops the agent tree)."""
 import os
 
 from ..core.units import parse_size
-from ..errors import LaunchError
+from ..core.errors import LaunchError
 
 
 def v1_mounts(mounts="/proc/mounts"):

@@ -46,7 +46,7 @@ namespace's: the judge knows that every such pid is of the run.
 import ctypes
 import os
 
-from ..errors import KernelFeatureError
+from ..core.errors import KernelFeatureError
 from . import devices
 
 _libc = ctypes.CDLL(None, use_errno=True)

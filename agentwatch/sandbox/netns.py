@@ -44,7 +44,7 @@ import struct
 import threading
 import time
 
-from ..errors import KernelFeatureError
+from ..core.errors import KernelFeatureError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000

@@ -88,7 +88,7 @@ import termios
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from agentwatch.errors import KernelFeatureError
+from agentwatch.core.errors import KernelFeatureError
 
 try:   # imported here, not in apply(): the child after fork should only build and load
     import seccomp

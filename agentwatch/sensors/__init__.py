@@ -28,7 +28,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from ..errors import AgentwatchError, KernelFeatureError, LaunchError, PrivilegeError
+from ..core.errors import AgentwatchError, KernelFeatureError, LaunchError, PrivilegeError
 from . import records as R
 from . import syscalls as S
 

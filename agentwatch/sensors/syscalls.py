@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import signal as _signal
 
-from ..events import FileEvent, NetEvent, SignalEvent, SyscallEvent, errno_name
+from ..core.events import FileEvent, NetEvent, SignalEvent, SyscallEvent, errno_name
 from ..policy.schema import SOCKET_FAMILIES
 from . import records as R
 

@@ -171,7 +171,7 @@ def stop_daemon(state_dir, pid):
     killed, by its id, and the test fails)."""
     import signal
     from agentwatch import daemon
-    from agentwatch.errors import AgentwatchError
+    from agentwatch.core.errors import AgentwatchError
     try:
         daemon.shutdown(os.path.join(state_dir, "daemon.sock"))   # returns once it is gone
         error = None

@@ -33,7 +33,7 @@ def _popen(args, env, **kw):
 
 
 def _running(state_dir, n):
-    from agentwatch import state
+    from agentwatch.core import state
     runs = [r for r in state.list_runs() if r.get("status") == "running"]
     return len(runs) == n and runs
 
@@ -66,7 +66,7 @@ def _kill_and_time(monitor, pids, cgroups):
 
 
 def _check_records(state_dir, runs, trees, monitor):
-    from agentwatch import state
+    from agentwatch.core import state
     for r in runs:
         rec = wait_for(lambda: (lambda x: x.get("status") == "crashed" and x)(
             state.read_json(state.run_path(r["run_id"], "run.json"))), timeout=5,
@@ -156,7 +156,7 @@ def test_a_clean_end_leaves_no_keeper_and_no_crash_record(state_dir):
     r = aw("run", "--no-daemon", "--", "/bin/sh", "-c", "(sleep 0.2 &) ; exit 3")
     assert r.returncode == 3, r.stderr
     assert "keeper" not in r.stderr
-    from agentwatch import state
+    from agentwatch.core import state
     rec = state.list_runs()[-1]
     assert rec["status"] == "exited" and "crash" not in rec
     assert process_gone(rec["identity"]["keeper"])

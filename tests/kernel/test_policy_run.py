@@ -145,7 +145,7 @@ def test_policy_edited_from_outside_is_an_identity_violation(state_dir, home, wo
     shutil.copy(CODING, policy)
     p = _spawn("run", "--policy", str(policy), "--workspace", str(workspace), "--", "/bin/sleep", "4",
                env={"HOME": str(home)})
-    from agentwatch import state
+    from agentwatch.core import state
     deadline = time.monotonic() + 30
     while not any(r.get("status") == "running" for r in state.list_runs()):
         assert time.monotonic() < deadline, "run did not start"

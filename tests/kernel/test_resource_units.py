@@ -31,7 +31,7 @@ def policy(tmp_path, resources):
 
 
 def identity(state_dir):
-    from agentwatch import state
+    from agentwatch.core import state
     runs = state.list_runs()
     assert len(runs) == 1
     return state.read_json(state.run_path(runs[0]["run_id"], "run.json"))["identity"]
@@ -78,5 +78,5 @@ def test_a_bad_value_is_one_error_line(state_dir, tmp_path, resources, message):
     errors = [line for line in r.stderr.splitlines() if line.startswith("agentwatch: error:")]
     assert len(errors) == 1, r.stderr
     assert errors[0].startswith(f"agentwatch: error: {path}:4:") and message in errors[0], r.stderr
-    from agentwatch import state
+    from agentwatch.core import state
     assert state.list_runs() == []                           # nothing started

@@ -243,7 +243,7 @@ def test_burst_of_100k_events_all_logged_or_counted(state_dir, tmp_path, cbin):
 
 
 def _running_run(state_dir):
-    from agentwatch import state
+    from agentwatch.core import state
     runs = [r for r in state.list_runs() if r.get("status") == "running"]
     return runs[0] if runs else None
 
@@ -283,12 +283,12 @@ def test_signal_stops_the_whole_tree_and_cleans_up(state_dir, sig, expect):
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), f"agent process {pid} outlived the run"
     assert not os.path.exists(rec["identity"]["cgroup"])
-    from agentwatch import state
+    from agentwatch.core import state
     assert state.find_run(rec["run_id"])["status"] == "exited"
 
 
 def test_crashed_agentwatch_is_swept_by_gc(state_dir):
-    from agentwatch import state
+    from agentwatch.core import state
     from agentwatch.sensors.inventory import agentwatch_programs
     before = set(agentwatch_programs())     # other runs on the host may have theirs
     p = _spawn_aw("run", "--", "/bin/sh", "-c", "sleep 300 & wait")

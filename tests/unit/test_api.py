@@ -13,9 +13,10 @@ import sys
 import click
 import pytest
 
-from agentwatch import api, state
+from agentwatch import api
+from agentwatch.core import state
 from agentwatch.core import options as options_mod
-from agentwatch.events import Event
+from agentwatch.core.events import Event
 from test_cli import make_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,7 +10,7 @@ import pytest
 from agentwatch import sensors
 from agentwatch.engine import Correlator, RunContext
 from agentwatch.engine.judge import Judge
-from agentwatch.events import ExecEvent, FileEvent
+from agentwatch.core.events import ExecEvent, FileEvent
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
 from agentwatch.sandbox.plan import PATH_BPF_LSM, PATH_FALLBACK, make_plan

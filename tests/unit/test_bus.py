@@ -6,7 +6,7 @@ import time
 import pytest
 
 from agentwatch.engine.bus import EventBus
-from agentwatch.events import Event
+from agentwatch.core.events import Event
 
 
 def ev(i, kind="file"):

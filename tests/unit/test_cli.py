@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from agentwatch import state
+from agentwatch.core import state
 from cli.main import cli, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

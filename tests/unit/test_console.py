@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from agentwatch.events import FileEvent, ViolationEvent
+from agentwatch.core.events import FileEvent, ViolationEvent
 from agentwatch.sinks.console import ConsoleSink, describe, format_line
 
 BASE = {"ts": 1795843221.5, "run_id": "20261128-051500-3f9a1c", "agent": "coder", "pid": 4242}

@@ -1,4 +1,4 @@
-"""agentwatch/daemon.py without a daemon: the run request both ways, the
+"""agentwatch/daemon/protocol.py without a daemon: the run request both ways, the
 errors a client gets back, the socket's place."""
 import os
 import socket
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from agentwatch import daemon as D
-from agentwatch.errors import AgentwatchError, LaunchError, PolicyError, UsageError
+from agentwatch.core.errors import AgentwatchError, LaunchError, PolicyError, UsageError
 from agentwatch.runner import RunOptions
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from agentwatch.engine import Correlator, RunContext
-from agentwatch.events import ExecEvent, ExitEvent, FileEvent, ForkEvent
+from agentwatch.core.events import ExecEvent, ExitEvent, FileEvent, ForkEvent
 from agentwatch.sensors import records as R
 from agentwatch.sensors import syscalls as S
 

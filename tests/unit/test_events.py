@@ -1,4 +1,4 @@
-"""agentwatch/events.py: the event schema and its JSON Lines codec."""
+"""agentwatch/core/events.py: the event schema and its JSON Lines codec."""
 import ast
 import dataclasses
 import errno
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from agentwatch import events as E
+from agentwatch.core import events as E
 
 COMMON = dict(ts=1795843221.123456, run_id="20261128-051500-3f9a1c", agent="coder",
               pid=4242, tid=4243, ppid=1, uid=1000, comm="python3")
@@ -180,7 +180,7 @@ def _literals(call, where):
 def _made(what):
     """(file:line, literal) of every category (what=0) or action (1) the code
     writes into a Decision or a ViolationEvent."""
-    root = os.path.dirname(E.__file__)
+    root = os.path.dirname(os.path.dirname(E.__file__))   # the agentwatch package
     for dirpath, _, files in os.walk(root):
         for name in files:
             if not name.endswith(".py"):

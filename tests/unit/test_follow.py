@@ -1,4 +1,4 @@
-"""agentwatch/follow.py (and the run records of agentwatch/state.py it reads).
+"""agentwatch/follow.py (and the run records of agentwatch/core/state.py it reads).
 
 follow() is driven single-threaded: its `stop` callback runs once per poll
 round, so each test scripts what the "agent" appends between rounds and
@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from agentwatch import state
+from agentwatch.core import state
 from agentwatch.follow import Filter, follow, parse_since
 
 NOW = 1_800_000_000.0

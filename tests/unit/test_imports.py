@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from agentwatch.errors import KernelFeatureError
+from agentwatch.core.errors import KernelFeatureError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NO_BCC = "import sys; sys.modules['bcc'] = None\n"   # `import bcc` now raises ImportError
@@ -100,10 +100,9 @@ LAYERS = [
     ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors",
                                 "agentwatch.keeper"]),
     ("policy", ["agentwatch.policy"]),
-    # errors.py and events.py move into core/; state.py (the state directory
-    # layout) imports nothing of agentwatch and stays at the bottom
-    ("core", ["agentwatch.core", "agentwatch.errors", "agentwatch.events", "agentwatch.state",
-              "agentwatch"]),
+    # errors, events (the one schema), state (the state directory's layout),
+    # units, options, procfs, peer: the bottom, importing nothing above it
+    ("core", ["agentwatch.core", "agentwatch"]),
 ]
 RANK = {name: len(LAYERS) - i for i, (name, _) in enumerate(LAYERS)}     # higher = nearer the top
 
@@ -211,6 +210,6 @@ def test_cli_imports_only_the_api():
 
 def test_cli_import_check_sees_the_api_import():
     """The scan names what cli/ imports: `from agentwatch import api` is
-    agentwatch.api (and `from agentwatch import state` would be agentwatch.state)."""
+    agentwatch.api (and `from agentwatch.core import state` is agentwatch.core.state)."""
     assert "agentwatch.api" in {t for t, _ in imports("cli.run")}
     assert {t for t, _ in imports("cli.main")} == {"agentwatch.api"}

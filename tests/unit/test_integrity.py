@@ -14,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agentwatch import integrity
-from agentwatch.errors import PolicyError
-from agentwatch.events import FileEvent, LifecycleEvent
+from agentwatch.core.errors import PolicyError
+from agentwatch.core.events import FileEvent, LifecycleEvent
 from agentwatch.integrity import (Chain, IntegrityError, check_signed, generate_key, host_key, key_id,
                                   load_private_key, load_public_key, seal, sign_file, trusted_keys,
                                   verify_file, verify_log)

@@ -1,7 +1,7 @@
 """agentwatch/sinks/jsonl.py: one event per line, readable back."""
 import json
 
-from agentwatch.events import ExecEvent, FileEvent, from_json
+from agentwatch.core.events import ExecEvent, FileEvent, from_json
 from agentwatch.sinks.jsonl import JsonlSink
 
 

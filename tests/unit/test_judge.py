@@ -173,7 +173,7 @@ def test_a_folded_repeat_counts_every_call_it_stands_for(judged, before):
 
 
 def test_a_folded_line_seen_first_is_one_report_and_the_rest_a_total(judged):
-    from agentwatch.events import FileEvent
+    from agentwatch.core.events import FileEvent
     judged.policy(HEAD + "filesystem: {read: ['/**'], write: ['/w/**']}\non_violation: {default: alert}\n")
     judged.judge(FileEvent(op="open", path="/etc/x", abspath="/etc/x", access=["write"],
                            flags=os.O_WRONLY, ret=3, pid=CHILD, repeat=5))

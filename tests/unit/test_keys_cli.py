@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agentwatch import integrity, state
+from agentwatch import integrity
+from agentwatch.core import state
 from agentwatch.integrity import Chain, IntegrityError, key_id, seal
 from cli.keys import key_group, log_group, policy_sign, policy_verify
 

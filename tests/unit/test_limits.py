@@ -4,7 +4,7 @@ pids 10**30 passed lint and then made `agentwatch run` crash; the validator
 now refuses both, this is the net under it)."""
 import pytest
 
-from agentwatch.errors import LaunchError
+from agentwatch.core.errors import LaunchError
 from agentwatch.sandbox.limits import Limits
 
 

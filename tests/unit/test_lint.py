@@ -11,7 +11,7 @@ import platform
 import pytest
 from click.testing import CliRunner
 
-from agentwatch.errors import PolicyError
+from agentwatch.core.errors import PolicyError
 from agentwatch.policy import check, load
 from agentwatch.policy.lint import lint
 from cli.policy import policy

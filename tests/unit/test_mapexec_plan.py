@@ -9,7 +9,7 @@ import pytest
 
 from agentwatch.engine import Correlator, RunContext
 from agentwatch.engine.judge import Judge
-from agentwatch.events import ExecEvent, FileEvent
+from agentwatch.core.events import ExecEvent, FileEvent
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
 from agentwatch.sandbox.plan import make_plan, map_exec_roots

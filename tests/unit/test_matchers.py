@@ -437,7 +437,7 @@ def test_action_for_precedence(tmp_path):
 
 
 def test_variables_are_required_for_compiling(tmp_path):
-    from agentwatch.errors import PolicyError
+    from agentwatch.core.errors import PolicyError
     with pytest.raises(PolicyError, match=r"\$\{WORKSPACE\}"):
         compile_text(tmp_path, "filesystem: {write: ['${WORKSPACE}/**']}\n", {"HOME": "/h"})
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from agentwatch.errors import AgentwatchError, PolicyError
+from agentwatch.core.errors import AgentwatchError, PolicyError
 from agentwatch.policy import MAX_POLICY_BYTES, canonical_digest, load
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

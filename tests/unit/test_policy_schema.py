@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agentwatch.errors import PolicyError
+from agentwatch.core.errors import PolicyError
 from agentwatch.policy import canonical_digest, check, load
 from agentwatch.policy import schema as S
 from agentwatch.policy.source import ALIAS_BUDGET, MAX_DEPTH

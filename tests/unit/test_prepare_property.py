@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agentwatch.errors import AgentwatchError
+from agentwatch.core.errors import AgentwatchError
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
 from agentwatch.policy.schema import ACTIONS, RULES, SECTIONS, SENSOR_GROUPS, TOGGLES

@@ -8,7 +8,7 @@ import pwd
 
 import pytest
 
-from agentwatch.errors import LaunchError
+from agentwatch.core.errors import LaunchError
 from agentwatch.policy import check, load
 from agentwatch.policy.diff import diff
 from agentwatch.policy.explain import explain

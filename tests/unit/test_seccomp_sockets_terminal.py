@@ -319,7 +319,7 @@ def test_a_socket_the_cgroup_program_refuses_is_reported_once(by_arg):
     """network.families without inet6: the filter refuses it first, but were
     the cgroup BPF program to refuse it (family-not-allowed, or raw-socket),
     the sensor's socket event is the one report, not the program's too."""
-    from agentwatch.events import NetEvent
+    from agentwatch.core.events import NetEvent
     by_arg.policy(HEAD + "network: {families: [unix, inet]}\non_violation: {default: deny}\n")
     spec = S.BY_NAME["socket"]
     by_arg.correlator.nr_to_spec[S.syscall_number("socket")] = spec

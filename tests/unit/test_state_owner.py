@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from agentwatch import state
+from agentwatch.core import state
 
 
 def test_owner_registry(tmp_path, monkeypatch):
@@ -18,7 +18,7 @@ def test_owner_registry(tmp_path, monkeypatch):
 
 def test_dead_owner_is_not_alive(tmp_path, monkeypatch):
     monkeypatch.setattr(state, "OWNERS_DIR", str(tmp_path / "owners"))
-    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from agentwatch import state; "
+    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from agentwatch.core import state; "
             f"state.OWNERS_DIR = {str(tmp_path / 'owners')!r}; state.register_owner('r2')")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert os.path.exists(tmp_path / "owners" / "r2.json")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from agentwatch.events import FileEvent, NetEvent, SyscallEvent
+from agentwatch.core.events import FileEvent, NetEvent, SyscallEvent
 from agentwatch.sensors import records as R
 from agentwatch.sensors import syscalls as S
 
