@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agentwatch import runner  # noqa: E402
+from agentwatch.run import run as runner  # noqa: E402
 
 runner.gc = lambda log=None: []
 

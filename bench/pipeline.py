@@ -27,7 +27,7 @@ from agentwatch.engine.judge import Judge  # noqa: E402
 from agentwatch.policy import load as load_policy  # noqa: E402
 from agentwatch.policy.compile import compile_policy  # noqa: E402
 from agentwatch.engine.bus import EventBus  # noqa: E402
-from agentwatch.runner import Run  # noqa: E402
+from agentwatch.run import Run  # noqa: E402
 from agentwatch.sensors import Sensors, _Ring  # noqa: E402
 from agentwatch.sensors import records as R  # noqa: E402
 from agentwatch.sensors import syscalls as S  # noqa: E402

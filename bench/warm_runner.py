@@ -22,8 +22,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agentwatch import runner  # noqa: E402
-from agentwatch.runner import Monitor, Run, RunOptions  # noqa: E402
+from agentwatch.run import run as runner  # noqa: E402
+from agentwatch.run import Monitor, Run, RunOptions  # noqa: E402
 
 # no start-up sweep: it would remove other agentwatch instances' run cgroups
 # (see bench/aw_cli.py)

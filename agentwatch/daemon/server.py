@@ -33,7 +33,7 @@ class Daemon:
         self.started = None
 
     def serve(self):
-        from ..runner import Monitor, gc
+        from ..run import Monitor, gc
         from ..sandbox import launcher
         if os.geteuid() != 0:
             raise errors.PrivilegeError("agentwatch daemon needs root (it loads BPF programs and "
@@ -195,7 +195,7 @@ class Daemon:
                                     f"runs in the cgroup of run {run_id}")
 
     def _run(self, conn, req, fds, client):
-        from ..runner import Run
+        from ..run import Run
         if len(fds) != 3:
             raise UsageError("agentwatch daemon: a run request carries stdin, stdout and stderr")
         if self.stopping.is_set():

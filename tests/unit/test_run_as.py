@@ -169,7 +169,7 @@ def test_status_of_this_process():
 
 def _run(tmp_path, body, run_as=None):
     from agentwatch.policy.compile import compile_policy
-    from agentwatch.runner import Run, RunOptions
+    from agentwatch.run import Run, RunOptions
     from agentwatch.sandbox.plan import make_plan
     policy = load(write(tmp_path, body))
     run = Run(RunOptions(argv=["/bin/true"]))

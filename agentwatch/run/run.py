@@ -22,22 +22,22 @@ import sys
 import threading
 import time
 
-from . import integrity
-from .core import state
-from .core.options import RunOptions  # noqa: F401 - declared once there; the runner takes it
-from .engine import Correlator, RunContext
-from .engine.bus import EventBus
-from .engine.judge import Judge
-from .core.errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyError, PrivilegeError,
+from .. import integrity
+from ..core import state
+from ..core.options import RunOptions  # noqa: F401 - declared once there; the runner takes it
+from ..engine import Correlator, RunContext
+from ..engine.bus import EventBus
+from ..engine.judge import Judge
+from ..core.errors import (AgentwatchError, KernelFeatureError, LaunchError, PolicyError, PrivilegeError,
                      UsageError)
-from .core.events import LifecycleEvent
-from .keeper import Keeper
-from .policy import load as load_policy
-from .policy.schema import SENSOR_GROUPS
-from .sandbox import launcher
-from .sandbox.cgroups import RunCgroup, leftover_cgroups, root_path
-from .sinks.console import ConsoleSink
-from .sinks.jsonl import JsonlSink
+from ..core.events import LifecycleEvent
+from ..keeper import Keeper
+from ..policy import load as load_policy
+from ..policy.schema import SENSOR_GROUPS
+from ..sandbox import launcher
+from ..sandbox.cgroups import RunCgroup, leftover_cgroups, root_path
+from ..sinks.console import ConsoleSink
+from ..sinks.jsonl import JsonlSink
 
 STOP_GRACE_S = 3.0       # after SIGINT/SIGTERM: time the agent gets before SIGKILL
 STATS_EVERY_S = 1.0
@@ -66,7 +66,7 @@ class Monitor:
         # first: kills the runs' processes if we die by a signal (agentwatch/keeper.py)
         self.keeper = Keeper()
         try:
-            from .sensors import Sensors   # bcc is imported only here, after input checks
+            from ..sensors import Sensors   # bcc is imported only here, after input checks
             self.sensors = Sensors(groups, ringbuf_pages, denied, map_exec)
         except BaseException:
             self.keeper.close()
@@ -165,7 +165,7 @@ def gc(log=None):
     owner is gone, and mark their records 'crashed'. Returns the run ids swept."""
     swept = []
     records = {r["run_id"]: r for r in state.list_runs()}
-    from .sandbox.limits import Limits, leftover_v1
+    from ..sandbox.limits import Limits, leftover_v1
     for d in leftover_v1():          # v1 limit groups of runs whose owner is gone
         if not state.run_owner_alive(os.path.basename(d)):
             lim = Limits(os.path.basename(d), None)
@@ -228,7 +228,7 @@ class Run:
         mode = self.opts.bpf_lsm
         if mode == "off":
             return False
-        from .guards.lsm import LsmGuard
+        from ..guards.lsm import LsmGuard
         why = LsmGuard.unavailable()
         if why and mode == "on":
             raise KernelFeatureError(f"--bpf-lsm on: {why}")
@@ -263,8 +263,8 @@ class Run:
                                   f"identity.name {pattern!r}; pass --name")
             self.signer = integrity.check_signed(self.policy.path, o.require_signed,
                                                  ident.get("required_signer"), trusted)
-            from .policy.compile import compile_policy
-            from .sandbox.plan import make_plan
+            from ..policy.compile import compile_policy
+            from ..sandbox.plan import make_plan
             self.compiled = compile_policy(self.policy, self.variables)
             o.sensors = self.compiled.sensor_groups()
             protected = [self.policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
@@ -272,10 +272,10 @@ class Run:
                                   bpf_lsm=self._bpf_lsm_wanted(), ttys=self._ttys())
             run_as = self.policy.spec.process and self.policy.spec.process.run_as
             if run_as is not None:
-                from .sandbox import credentials
+                from ..sandbox import credentials
                 self.run_as = credentials.resolve(run_as, str(run_as.loc))
             if self.plan.seccomp is not None:
-                from .sandbox.seccomp_filter import errno_denied
+                from ..sandbox.seccomp_filter import errno_denied
                 o.seccomp_denied = errno_denied(self.plan.seccomp)
             if self.plan.downgrades and not o.allow_downgrade:
                 raise PolicyError(
@@ -357,7 +357,7 @@ class Run:
         """Who the agent runs as and with which capabilities: the policy's
         process.run_as, else agentwatch's own ids. The child checks both in
         /proc/self/status right before exec and does not start otherwise."""
-        from .sandbox import credentials
+        from ..sandbox import credentials
         creds = self.run_as or credentials.inherited()
         nnp = self._no_new_privs()
         caps = (credentials.no_capabilities() if nnp
@@ -568,7 +568,7 @@ class Run:
         if not plan:
             return
         if plan.limits:
-            from .sandbox.limits import Limits
+            from ..sandbox.limits import Limits
             self.limits = Limits(self.run_id, self.cgroup.path, **plan.limits)
             self.limits.setup()
             identity["enforcement"]["limits_applied"] = self.limits.applied
@@ -576,7 +576,7 @@ class Run:
                 identity["enforcement"]["downgrades"].append(
                     f"resources: no {', '.join(self.limits.missing)} controller")
         if plan.lsm is not None:
-            from .guards.lsm import LsmGuard
+            from ..guards.lsm import LsmGuard
             try:
                 self.lsm = self._guard(LsmGuard, plan.lsm.exec_allow, plan.lsm.file_deny, None,
                                        plan.lsm.signals, plan.lsm.unix).open(
@@ -586,7 +586,7 @@ class Run:
                                   "(agentwatch run --bpf-lsm off uses Landlock, seccomp and "
                                   "cgroup BPF alone)") from None
         if plan.egress is not None:
-            from .guards.egress import Egress
+            from ..guards.egress import Egress
             self.egress = self._guard(Egress, plan.egress).open(self.cgroup.path,
                                                                  self._on_egress_denial)
             if self.egress.unix_hooks is False and not (plan.lsm and plan.lsm.unix):
@@ -594,7 +594,7 @@ class Run:
                     "network.unix: this kernel has no cgroup unix socket hooks (Linux 6.7+): "
                     "connections to pathname unix sockets are judged, not denied")
         if "net" in plan.namespaces:
-            from .sandbox.netns import RunNetwork
+            from ..sandbox.netns import RunNetwork
             try:
                 self.netns = RunNetwork(plan.relay, uid=self.run_as.uid if self.run_as else None).open()
             except AgentwatchError as e:
@@ -617,7 +617,7 @@ class Run:
         comes before seccomp, which refuses the set*id family. Without
         run_as the agent keeps agentwatch's ids, and drops every capability
         when a sandbox layer set no_new_privs (unchanged since before run_as)."""
-        from .sandbox import credentials, landlock, mounts, namespaces, seccomp_filter
+        from ..sandbox import credentials, landlock, mounts, namespaces, seccomp_filter
         plan, creds = self.plan, self.run_as
         last_cap = credentials.cap_last_cap()
         steps = [("close inherited fds", launcher.close_inherited_fds),
@@ -674,11 +674,11 @@ class Run:
         from an ordinary EPERM (None: no filter)."""
         if self.plan is None or self.plan.seccomp is None:
             return None
-        from .sandbox.seccomp_filter import plan
+        from ..sandbox.seccomp_filter import plan
         return list(plan(self.plan.seccomp))
 
     def _on_egress_denial(self, d):
-        from .core.events import NetEvent
+        from ..core.events import NetEvent
         if d.get("family") == "unix":
             return    # counted; the syscall sensor reports it with the socket's name (EPERM)
         rule = {"loopback-not-allowed": "network.loopback", "raw-socket": "network.socket",
@@ -713,7 +713,7 @@ class Run:
         self._report_lsm_denials()
 
     def _report_lsm_denials(self, final=False):
-        from .core.events import FileEvent
+        from ..core.events import FileEvent
         waiting, self._lsm_waiting = self._lsm_waiting, []
         for d in waiting:
             proc = self.ctx.procs.get(d["pid"])
