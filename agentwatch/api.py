@@ -188,7 +188,7 @@ def run(options, *, daemon=None):
         result = daemon_submit(options, require=bool(daemon))
         if result is not None:
             return result
-    from .runner import Run
+    from .run import Run
     _own_monitor_slot()
     try:
         r = Run(options)
@@ -205,7 +205,7 @@ def open_monitor(ringbuf_pages=4096):
     executable-mapping probes) for runs of this process at the same time,
     start(options, monitor=m); closed at the end of the block, once its
     runs ended. Needs root."""
-    from .runner import Monitor
+    from .run import Monitor
     monitor = Monitor(ringbuf_pages=ringbuf_pages, map_exec=True).open()
     try:
         yield monitor
@@ -223,7 +223,7 @@ class RunHandle:
     (signal, SIGKILL after a grace period). wait(timeout): its RunResult."""
 
     def __init__(self, options, monitor=None, kinds=None, maxsize=10000):
-        from .runner import Run
+        from .run import Run
         self.options = options
         self._run = Run(options, monitor=monitor)
         self.run_id = self._run.run_id
@@ -479,7 +479,7 @@ def verify_log(target, trust=()):
 def gc(log=None):
     """Remove what a crashed agentwatch left (cgroups, records marked
     crashed); the run ids swept. log(message) hears each removal."""
-    from .runner import gc as gc_runs
+    from .run import gc as gc_runs
     return gc_runs(log=log)
 
 

@@ -1,5 +1,5 @@
 """The checkout's `agentwatch` command line, for the benchmarks, with one
-change: the start-up sweep (runner.gc) is off.
+change: the start-up sweep (run/sweep.gc) is off.
 
 Why: gc() removes every run cgroup under <cgroup2>/agentwatch whose record is
 not in *its own* state directory, so an `agentwatch run` started with another
@@ -14,9 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agentwatch import runner  # noqa: E402
+from agentwatch.run import sweep  # noqa: E402
 
-runner.gc = lambda log=None: []
+sweep.gc = lambda log=None: []
 
 from cli.main import entry  # noqa: E402
 

@@ -139,7 +139,7 @@ def value_figure(name, unit, samples, target=None, met=None, text=None, note=Non
 class AgentKilled(RuntimeError):
     """An agent died of a SIGKILL it did not ask for, or could not join its
     cgroups. On a shared machine, another agentwatch's start-up sweep
-    (runner.gc) kills the run cgroups (and removes the cgroup v1 limit groups)
+    (run/sweep.gc) kills the run cgroups (and removes the cgroup v1 limit groups)
     it has no record of: ours. Such a sample is retried, and counted."""
 
 

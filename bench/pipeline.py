@@ -4,8 +4,8 @@
 
 Raw syscall records, packed as the BPF side writes them, go through the code
 a run uses: Sensors._on_record (decode, hold for ordering), _deliver,
-Correlator.handle, Run._on_event (prev, to_json, the hash chain, the JSONL
-sink, the judge under policies/coding-agent.yaml). "burst" is the throughput
+Correlator.handle, Run._on_event (RunLog.emit: prev, to_json, the hash chain,
+the JSONL sink; the judge under policies/coding-agent.yaml). "burst" is the throughput
 benchmark's record (openat of /dev/null) N times; "mix" cycles through
 absolute, relative, failing, written and denied paths. Prints CPU
 microseconds per event; "profile" prints a cProfile table instead. The
@@ -21,13 +21,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agentwatch import integrity  # noqa: E402
 from agentwatch.engine import Correlator, RunContext  # noqa: E402
 from agentwatch.engine.judge import Judge  # noqa: E402
 from agentwatch.policy import load as load_policy  # noqa: E402
 from agentwatch.policy.compile import compile_policy  # noqa: E402
-from agentwatch.engine.bus import EventBus  # noqa: E402
-from agentwatch.runner import Run  # noqa: E402
+from agentwatch.run import Run, RunOptions  # noqa: E402
+from agentwatch.run.enforcement import Enforcement  # noqa: E402
 from agentwatch.sensors import Sensors, _Ring  # noqa: E402
 from agentwatch.sensors import records as R  # noqa: E402
 from agentwatch.sensors import syscalls as S  # noqa: E402
@@ -53,15 +52,12 @@ pol = load_policy(os.path.join(TREE, "policies/coding-agent.yaml"))
 variables = {"WORKSPACE": tmp, "HOME": "/root", "TMPDIR": "/tmp"}
 compiled = compile_policy(pol, variables)
 
-run = Run.__new__(Run)
-run.run_id = "20260101-000000-abcdef"
-run.chain = integrity.Chain(run.run_id)
-run.sinks = [JsonlSink(os.path.join(tmp, "events.jsonl"))]
-run.lsm = None          # no BPF LSM guard: the Landlock path, as on the CI host
-run.bus = EventBus()    # no subscriber, as in a run nobody follows through the API
+run = Run(RunOptions(argv=["true"]))   # not executed: its event path alone
+run.log.sinks = [JsonlSink(os.path.join(tmp, "events.jsonl"))]   # no subscriber on run.bus
+run.enforcement = Enforcement(None, run.run_id)   # no BPF LSM guard: the Landlock path, as on the CI host
 ctx = RunContext(run_id=run.run_id, agent="bench", cgroup_id=CG, cwd=tmp, emit=run._on_event)
 run.ctx = ctx
-run.judge = Judge(compiled, corr, ctx, run._emit, watched_files=[("identity.policy_write", pol.path)])
+run.judge = Judge(compiled, corr, ctx, run.log.emit, watched_files=[("identity.policy_write", pol.path)])
 corr.add_run(ctx)
 corr.set_root(ctx, PID, 1)
 ctx.procs[PID].launching = False
@@ -98,8 +94,7 @@ def go():
         for addr, sz, _ in bufs[start:start + BATCH]:
             on(ring, addr, sz)
         sensors._deliver(everything=True)
-    for s in run.sinks:
-        s.flush()
+    run.log.flush()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -113,6 +108,6 @@ else:
     assert not sensors.errors, sensors.errors[:3]
     assert ctx.events == N, ctx.events
     print(f"{MODE} N={N}: {cpu / N * 1e6:.2f} us/event cpu, {wall / N * 1e6:.2f} us wall, "
-          f"{N / cpu:,.0f} events/s (cpu); lines={run.chain.lines} violations={sum(run.judge.by_category.values())}")
-run.sinks[0].close()
+          f"{N / cpu:,.0f} events/s (cpu); lines={run.log.chain.lines} violations={sum(run.judge.by_category.values())}")
+run.log.close()
 shutil.rmtree(tmp, ignore_errors=True)

@@ -22,12 +22,12 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agentwatch import runner  # noqa: E402
-from agentwatch.runner import Monitor, Run, RunOptions  # noqa: E402
+from agentwatch.run import sweep  # noqa: E402
+from agentwatch.run import Monitor, Run, RunOptions  # noqa: E402
 
 # no start-up sweep: it would remove other agentwatch instances' run cgroups
 # (see bench/aw_cli.py)
-runner.gc = lambda log=None: []
+sweep.gc = lambda log=None: []
 
 COUNTERS = ("submitted", "received", "lost_events", "lost_stash")
 
@@ -61,7 +61,7 @@ def do_run(m, req):
     to_exit = run.t_agent_exit - t0 if run.t_agent_exit else None
     return {"exit": code, "run_id": run.run_id, "to_exit_s": to_exit, "total_s": t1 - t0,
             "teardown_s": (t1 - run.t_agent_exit) if run.t_agent_exit else None,
-            "events": run.ctx.events if getattr(run, "ctx", None) else None,
+            "events": run.ctx.events if run.ctx else None,
             "counters": dict({k: after[k] - before[k] for k in COUNTERS},
                              lost_priority=after["rings"]["priority"]["lost"]
                              - before["rings"]["priority"]["lost"])}

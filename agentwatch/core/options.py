@@ -1,6 +1,6 @@
 """The options of one run, declared once.
 
-``RunOptions`` is what the runner takes (agentwatch/runner.py), what the
+``RunOptions`` is what a run takes (agentwatch/run/), what the
 daemon protocol carries (agentwatch/daemon.py marshals the fields marked
 ``wire``, checked against their types) and what `agentwatch run` offers
 (cli/run.py makes one click option per field with a ``flag``). Each field's

@@ -33,7 +33,7 @@ class Daemon:
         self.started = None
 
     def serve(self):
-        from ..runner import Monitor, gc
+        from ..run import Monitor, gc
         from ..sandbox import launcher
         if os.geteuid() != 0:
             raise errors.PrivilegeError("agentwatch daemon needs root (it loads BPF programs and "
@@ -188,14 +188,13 @@ class Daemon:
             return
         self.log(f"refused {op!r} from pid {pid}, an agent of run {run_id}")
         run = self.runs.get(run_id)
-        if run is not None and run.judge is not None:
-            with self.monitor.lock:
-                run.judge.daemon_refused(pid, str(op))
+        if run is not None:
+            run.refuse_request(pid, op)
         raise errors.PrivilegeError(f"the agentwatch daemon refuses requests from agents: pid {pid} "
                                     f"runs in the cgroup of run {run_id}")
 
     def _run(self, conn, req, fds, client):
-        from ..runner import Run
+        from ..run import Run
         if len(fds) != 3:
             raise UsageError("agentwatch daemon: a run request carries stdin, stdout and stderr")
         if self.stopping.is_set():
@@ -212,10 +211,10 @@ class Daemon:
         t0 = time.monotonic()
         try:
             code = run.execute()
-            if getattr(run, "summary", None):
+            if run.summary:
                 print(run.summary, file=err)
             err.close()                        # written out before the client exits
-            send(conn, {"exit": code, "run_id": run.run_id, "summary": getattr(run, "summary", None)})
+            send(conn, {"exit": code, "run_id": run.run_id, "summary": run.summary})
             self.log(f"run {run.run_id}: exited {code} after {time.monotonic() - t0:.3f} s")
         except AgentwatchError as e:
             self.log(f"run {run.run_id}: {e}")
@@ -254,9 +253,7 @@ class Daemon:
     def status(self):
         s = self.monitor.sensors
         return {"pid": os.getpid(), "started": self.started, "socket": self.path,
-                "runs": [{"run_id": r.run_id, "agent": getattr(r, "agent", None),
-                          "root_pid": r.record.get("root_pid"),   # once it runs in its cgroup
-                          "client": r.opts.client} for r in list(self.runs.values())],
+                "runs": [r.info() for r in list(self.runs.values())],
                 "sensors": {"tracepoints": len(s.attached), "groups": s.groups,
                             "map_exec": s.map_exec},
                 "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))}}

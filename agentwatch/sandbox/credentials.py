@@ -5,7 +5,7 @@ Parent side (before anything is created): ``resolve`` turns the policy's
 naming the step; ``inherited`` describes what the agent gets without it.
 
 Child side (between fork and exec, each a named launcher step, in this
-order; see runner._child_steps):
+order; see run/enforcement.py, Enforcement.child_steps):
   mounts (need CAP_SYS_ADMIN) -> Landlock (as root: it opens every rule path)
   -> ``set_no_new_privs`` -> ``drop_bounding_set`` (needs CAP_SETPCAP, so
   before the switch) -> ``switch`` (setgroups, setresgid, setresuid: needs

@@ -8,7 +8,7 @@ the step and errno through a close-on-exec pipe and the agent never starts.
 One protection is the launcher's own: agentwatch makes itself non-dumpable
 before the fork (its /proc entries then need CAP_SYS_PTRACE). Everything
 else the child does is in its setup steps, which the runner lists
-(runner._child_steps): sandbox layers, the switch to the policy's
+(run/enforcement.py, Enforcement.child_steps): sandbox layers, the switch to the policy's
 process.run_as user, dropping every capability and verifying the result
 (sandbox/credentials.py).
 """

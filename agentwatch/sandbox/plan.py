@@ -7,7 +7,7 @@ cannot enforce (a *downgrade*). A policy section whose action is `deny` or
 engine. The child applies the plan in this order, each step named:
 close inherited fds, mask denied paths (mount namespace), Landlock, the
 switch to process.run_as (sandbox/credentials.py), seccomp, the capability
-drop and its check (runner._child_steps has the full list).
+drop and its check (run/enforcement.py, Enforcement.child_steps, has the full list).
 """
 import concurrent.futures
 import ipaddress

@@ -42,7 +42,7 @@ filesystem:
     script = f"""
 import json, sys
 sys.path.insert(0, {REPO!r})
-from agentwatch.runner import Run, RunOptions
+from agentwatch.run import Run, RunOptions
 run = Run(RunOptions(argv={argv!r}, policy_path={str(policy)!r}, cwd={str(work)!r},
                      events_path={str(events_path)!r}, ringbuf_pages=16))
 print(json.dumps({{"exit": run.execute()}}))

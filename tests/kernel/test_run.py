@@ -195,7 +195,7 @@ def test_first_exec_captured_over_50_consecutive_runs(state_dir, tmp_path):
     script = f"""
 import json, sys
 sys.path.insert(0, {REPO!r})
-from agentwatch.runner import Monitor, Run, RunOptions
+from agentwatch.run import Monitor, Run, RunOptions
 results = []
 with Monitor() as m:
     for i in range(50):

@@ -150,7 +150,7 @@ def test_errors_are_agentwatch_errors():
 def test_importing_the_api_is_cheap():
     """The thin daemon client imports the API: not the runner, the engine,
     the policy code, the crypto library or bcc."""
-    code = ("import sys, agentwatch.api; print([m for m in ('agentwatch.runner', 'agentwatch.engine', "
+    code = ("import sys, agentwatch.api; print([m for m in ('agentwatch.run', 'agentwatch.engine', "
             "'agentwatch.policy', 'agentwatch.integrity', 'cryptography', 'bcc') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "[]", r.stderr
@@ -170,8 +170,8 @@ def test_lazy_types_are_the_layers_own():
 # ---------------------------------------------------------------- run options, declared once
 
 def test_run_options_are_declared_once():
-    from agentwatch import daemon, runner
-    assert runner.RunOptions is api.RunOptions is options_mod.RunOptions
+    from agentwatch import daemon, run
+    assert run.RunOptions is api.RunOptions is options_mod.RunOptions
     assert not hasattr(daemon, "_FIELDS")
 
 

@@ -185,7 +185,7 @@ def test_a_file_the_lsm_names_by_basename_is_found_by_argv_or_cwd(tmp_path):
     when the inode agrees."""
     from types import SimpleNamespace
 
-    from agentwatch.runner import _named_by
+    from agentwatch.run.enforcement import named_by as _named_by
     shm, ws = tmp_path / "shm", tmp_path / "ws"
     shm.mkdir()
     ws.mkdir()
@@ -225,7 +225,7 @@ def test_a_refused_preload_is_named_by_the_file_the_process_opened(tmp_path):
     """LD_PRELOAD names the library in the environment only: the BPF LSM
     refusal (basename and inode) is named by the process's recent opens."""
     from types import SimpleNamespace
-    from agentwatch.runner import _named_by
+    from agentwatch.run.enforcement import named_by as _named_by
     lib = tmp_path / "libhook.so"
     lib.write_bytes(b"\x7fELF")
     other = tmp_path / "sub"

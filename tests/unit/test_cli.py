@@ -150,7 +150,7 @@ def test_the_run_client_does_not_import_the_engine():
     """`agentwatch run` on the daemon: the client imports the CLI and the
     daemon protocol, not the runner, the policy engine or bcc."""
     code = ("import sys, cli.main, cli.run; "
-            "heavy = [m for m in ('agentwatch.runner', 'agentwatch.engine', 'agentwatch.policy', 'bcc') "
+            "heavy = [m for m in ('agentwatch.run', 'agentwatch.engine', 'agentwatch.policy', 'bcc') "
             "if m in sys.modules]; print(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "[]", r.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from agentwatch import daemon as D
 from agentwatch.core.errors import AgentwatchError, LaunchError, PolicyError, UsageError
-from agentwatch.runner import RunOptions
+from agentwatch.run import RunOptions
 
 
 def test_request_carries_absolute_paths_cwd_and_environment(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def python(code):
 
 def test_module_list_is_complete():
     for m in ("agentwatch.engine", "agentwatch.sensors.syscalls", "agentwatch.guards.egress",
-              "agentwatch.guards.lsm", "agentwatch.runner", "cli.main"):
+              "agentwatch.guards.lsm", "agentwatch.run", "cli.main"):
         assert m in MODULES
 
 
@@ -51,7 +51,7 @@ def test_module_imports_alone_without_bcc(module):
 
 
 def test_main_modules_import_together_without_bcc():
-    p = python(NO_BCC + "import agentwatch, agentwatch.runner, agentwatch.engine, agentwatch.follow, "
+    p = python(NO_BCC + "import agentwatch, agentwatch.run, agentwatch.engine, agentwatch.follow, "
                         "agentwatch.sensors, agentwatch.sensors.syscalls, cli.main")
     assert p.returncode == 0, p.stderr
 
@@ -88,9 +88,9 @@ LAYERS = [
     # doctor: the `agentwatch doctor` probes; the target puts them behind api.py
     ("api", ["agentwatch.api", "agentwatch.doctor"]),
     ("harness/daemon", ["agentwatch.harness", "agentwatch.daemon"]),
-    # runner.py becomes the run/ package; follow.py (tail: reads what a run
+    # run/: one run (prepare, log, enforcement, loop, Monitor); follow.py (tail: reads what a run
     # writes to its log) moves behind api.py, over the engine's event bus
-    ("run", ["agentwatch.run", "agentwatch.runner", "agentwatch.follow"]),
+    ("run", ["agentwatch.run", "agentwatch.follow"]),
     # integrity.py (keys, signatures, log chain) becomes the integrity/ package, here
     ("integrity", ["agentwatch.integrity"]),
     # sinks/ (run log, console) become the engine's reporter and run/'s log
@@ -171,7 +171,7 @@ def test_layer_check_sees_lazy_and_relative_imports():
     """The scan finds what the rule is about: a function-level relative
     import (runner's `from .sandbox.plan import make_plan`), a relative
     `from . import submodule` (plan's landlock), an absolute import in cli/."""
-    assert ("agentwatch.sandbox.plan" in {t for t, _ in imports("agentwatch.runner")})
+    assert ("agentwatch.sandbox.plan" in {t for t, _ in imports("agentwatch.run.prepare")})
     assert ("agentwatch.sandbox.landlock" in {t for t, _ in imports("agentwatch.sandbox.plan")})
     assert any(t.startswith("agentwatch.") for t, _ in imports("cli.run"))
     assert RANK["cli"] > RANK["run"] > RANK["engine"] > RANK["sandbox/guards/sensors"] > RANK["core"]

@@ -168,17 +168,18 @@ def test_status_of_this_process():
 # ---------------------------------------------------------------- child steps, in order
 
 def _run(tmp_path, body, run_as=None):
+    """The run's enforcement for a policy, its plan made for Landlock ABI 4 (any host)."""
     from agentwatch.policy.compile import compile_policy
-    from agentwatch.runner import Run, RunOptions
+    from agentwatch.run import Prepared, RunOptions
+    from agentwatch.run.enforcement import Enforcement
     from agentwatch.sandbox.plan import make_plan
     policy = load(write(tmp_path, body))
-    run = Run(RunOptions(argv=["/bin/true"]))
-    run.variables = {"WORKSPACE": str(tmp_path), "HOME": str(tmp_path), "TMPDIR": "/tmp"}
-    run.policy = policy
-    run.compiled = compile_policy(policy, run.variables)
-    run.plan = make_plan(policy.data, run.variables, landlock_abi=4)
-    run.run_as = run_as
-    return run
+    variables = {"WORKSPACE": str(tmp_path), "HOME": str(tmp_path), "TMPDIR": "/tmp"}
+    prepared = Prepared(opts=RunOptions(argv=["/bin/true"]), command="/bin/true", agent="true",
+                        variables=variables, sensor_groups=[], seccomp_denied=[], policy=policy,
+                        compiled=compile_policy(policy, variables),
+                        plan=make_plan(policy.data, variables, landlock_abi=4), run_as=run_as)
+    return Enforcement(prepared, "run-id")
 
 
 STRICT = ("filesystem: {read: ['/**'], write: ['${WORKSPACE}/**'], deny: ['${HOME}/.ssh/**']}\n"
@@ -188,7 +189,7 @@ STRICT = ("filesystem: {read: ['/**'], write: ['${WORKSPACE}/**'], deny: ['${HOM
 def test_steps_with_run_as(tmp_path):
     (tmp_path / ".ssh").mkdir()
     creds = credentials.Credentials(uid=65534, gid=65534, source="process.run_as")
-    steps = [name for name, _ in _run(tmp_path, STRICT, creds)._child_steps()]
+    steps = [name for name, _ in _run(tmp_path, STRICT, creds).child_steps()]
     assert steps == ["close inherited fds", "disable core dumps",
                      "enter private pid, ipc and mount namespaces", "mask denied paths", "apply Landlock",
                      "set no_new_privs", "drop capabilities from the bounding set",
@@ -202,13 +203,13 @@ def test_steps_with_run_as(tmp_path):
 def test_steps_without_run_as_are_unchanged(tmp_path):
     """As before run_as: agentwatch's ids; every capability dropped after the
     sandbox layers (which set no_new_privs), now verified too."""
-    steps = [name for name, _ in _run(tmp_path, STRICT)._child_steps()]
+    steps = [name for name, _ in _run(tmp_path, STRICT).child_steps()]
     assert steps == ["close inherited fds", "disable core dumps",
                      "enter private pid, ipc and mount namespaces", "mask denied paths", "apply Landlock",
                      "load seccomp filter", "drop capabilities", "verify credentials and capabilities"]
     alert = _run(tmp_path, "process: {ptrace: false}\n")       # no kernel layer: root's capabilities
-    assert [name for name, _ in alert._child_steps()] == ["close inherited fds", "disable core dumps"]
-    creds = alert._agent_credentials()
+    assert [name for name, _ in alert.child_steps()] == ["close inherited fds", "disable core dumps"]
+    creds = alert.prepared.agent_credentials()
     assert creds["no_new_privs"] is False and creds["source"] == "agentwatch"
     assert creds["uid"] == os.getuid()
 
@@ -216,10 +217,10 @@ def test_steps_without_run_as_are_unchanged(tmp_path):
 def test_workspace_and_tmpdir_checks_follow_the_policy(tmp_path):
     creds = credentials.Credentials(uid=65534, gid=65534)
     run = _run(tmp_path, STRICT, creds)
-    assert run._dirs_for(creds) == [("workspace", str(tmp_path), os.R_OK | os.W_OK | os.X_OK),
+    assert run.dirs_for(creds) == [("workspace", str(tmp_path), os.R_OK | os.W_OK | os.X_OK),
                                     ("TMPDIR", "/tmp", os.R_OK | os.X_OK)]
     ro = _run(tmp_path, "filesystem: {read: ['${WORKSPACE}/**'], write: []}\n", creds)
-    assert ro._dirs_for(creds) == [("workspace", str(tmp_path), os.R_OK | os.X_OK)]
+    assert ro.dirs_for(creds) == [("workspace", str(tmp_path), os.R_OK | os.X_OK)]
     anything = _run(tmp_path, "process: {ptrace: false}\n", creds)
-    assert anything._dirs_for(creds) == [("workspace", str(tmp_path), os.R_OK | os.W_OK | os.X_OK),
+    assert anything.dirs_for(creds) == [("workspace", str(tmp_path), os.R_OK | os.W_OK | os.X_OK),
                                          ("TMPDIR", "/tmp", os.R_OK | os.W_OK | os.X_OK)]
