@@ -33,7 +33,7 @@ from .core.errors import (AgentwatchError, KernelFeatureError, LaunchError, Poli
 from .core.events import LifecycleEvent
 from .keeper import Keeper
 from .policy import load as load_policy
-from .policy.schema import SENSOR_GROUPS
+from .policy.model import SENSOR_GROUPS
 from .sandbox import launcher
 from .sandbox.cgroups import RunCgroup, leftover_cgroups, root_path
 from .sinks.console import ConsoleSink
