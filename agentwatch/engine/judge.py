@@ -19,7 +19,7 @@ from collections import Counter
 from ..core.events import ViolationEvent
 from ..policy.compile import Decision
 from ..policy.matchers import normalize
-from ..policy.schema import CATEGORY_SECTION
+from ..policy.model import CATEGORY_SECTION
 from ..sensors.records import PREFIX_LEN
 from .refusals import Refusals, rule_for
 

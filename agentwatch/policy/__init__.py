@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 
 from ..core.errors import PolicyError
-from .schema import API_VERSION, PolicySpec, Problem, validate
+from .model import API_VERSION, PolicySpec, Problem
+from .schema import validate
 from .source import (MAX_POLICY_BYTES, Invalid, load_effective, plain, read_text,
                      yaml_error_message)
 
@@ -29,7 +30,7 @@ class Policy:
     digest: str                      # "sha256:<hex>" of the canonical JSON form of data
     name: str = ""
     sensors: list = field(default_factory=list)
-    spec: PolicySpec = None          # typed model (schema.py)
+    spec: PolicySpec = None          # typed model (model.py)
     warnings: list = field(default_factory=list)   # [Problem]
     files: list = field(default_factory=list)      # the extends chain, base first
 

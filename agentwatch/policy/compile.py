@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..core.errors import PolicyError
 from . import matchers as M
-from .schema import TOGGLES, PolicySpec
+from .model import TOGGLES, PolicySpec
 
 _TOGGLE_OF = {sc: toggle for toggle, calls in TOGGLES.items() for sc in calls}
 _PROTOCOLS = {"tcp": "tcp", "stream": "tcp", "udp": "udp", "dgram": "udp"}

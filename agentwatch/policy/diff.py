@@ -11,7 +11,7 @@ the machine). Lines:
 An absent list or section means "not restricted", so adding one revokes and
 removing one grants. No lines at all: "no permission changes".
 """
-from .schema import RULES, SECTIONS, TOGGLES, Filesystem, host_network_why
+from .model import RULES, SECTIONS, TOGGLES, Filesystem, host_network_why
 
 GRANT, REVOKE, CHANGE = "+ grants:", "- revokes:", "~ changes:"
 _VERBS = (("read", "read"), ("write", "write"), ("exec", "execute from"))

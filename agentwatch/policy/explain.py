@@ -4,7 +4,7 @@ as written and, when it uses a variable, as expanded for this machine."""
 import os
 
 from . import matchers as M
-from .schema import TOGGLES, host_network_why, relay_ports
+from .model import TOGGLES, host_network_why, relay_ports
 
 _TOGGLE_WORDS = {"ptrace": "trace or read other processes (ptrace)",
                  "change_uid": "change user or group id",

@@ -8,7 +8,7 @@ import threading
 
 from ..engine import Correlator
 from ..keeper import Keeper
-from ..policy.schema import SENSOR_GROUPS
+from ..policy.model import SENSOR_GROUPS
 
 
 class Monitor:

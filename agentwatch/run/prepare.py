@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .. import integrity
 from ..core.errors import KernelFeatureError, PolicyError, PrivilegeError, UsageError
 from ..policy import load as load_policy
-from ..policy.schema import SENSOR_GROUPS
+from ..policy.model import SENSOR_GROUPS
 from ..sandbox import launcher
 
 

@@ -64,7 +64,7 @@ def _lookup_group(value, what):
 
 
 def resolve(run_as, where=""):
-    """policy.schema.RunAs -> Credentials on this host; LaunchError naming
+    """policy.model.RunAs -> Credentials on this host; LaunchError naming
     the step when the user or a group does not exist here. A numeric uid
     needs no passwd entry, but then needs an explicit group."""
     import pwd

@@ -368,7 +368,7 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
         p.path = PATH_BPF_LSM if p.lsm else PATH_FALLBACK
         _namespaces(p, fs, shared, ns_missing, variables, host_net)
         if "net" in p.namespaces:
-            from ..policy.schema import relay_ports
+            from ..policy.model import relay_ports
             p.relay = relay_ports(_loopback_ranges(net.get("loopback", False)))
     return p
 
@@ -416,7 +416,7 @@ def _host_network_why(data):
     """Why an enforced run of this policy keeps the host's network
     namespace (None: it gets its own). No network section held by the
     kernel: the agent may reach anything, so it keeps the host's."""
-    from ..policy.schema import host_network_why
+    from ..policy.model import host_network_why
     net = data.get("network")
     if net is None:
         return "the policy has no network section (the agent may connect anywhere)"
@@ -476,7 +476,7 @@ def runtime_grants(p, own, deny, own_pid, ttys):
 def _net_spec(net):
     """network.families and network.netlink of the (validated) network
     section, with their defaults."""
-    from ..policy.schema import DEFAULT_FAMILIES, DEFAULT_NETLINK, Network
+    from ..policy.model import DEFAULT_FAMILIES, DEFAULT_NETLINK, Network
     netlink = net.get("netlink", DEFAULT_NETLINK)
     return Network(families=tuple(net.get("families", DEFAULT_FAMILIES)),
                    netlink=() if netlink is False else netlink)

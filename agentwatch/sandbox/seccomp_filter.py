@@ -323,7 +323,7 @@ def _socket_rules(p, action):
     bits, everything from 64 up by one 64-bit compare (over-refusing only
     values with high bits set, which no libc passes); netlink protocols
     0..31 each (the kernel refuses the rest itself, EPROTONOSUPPORT)."""
-    from ..policy.schema import NETLINK_PROTOCOLS, SOCKET_FAMILIES
+    from ..policy.model import NETLINK_PROTOCOLS, SOCKET_FAMILIES
     family = {n: f for f, n in SOCKET_FAMILIES.items()}
     protocol = {n: f for f, n in NETLINK_PROTOCOLS.items()}
     allowed = set(p.socket_families)
@@ -492,7 +492,7 @@ def describe(p: SeccompPolicy) -> list[str]:
         lines.append("  setpriority(PRIO_USER), ioprio_set(IOPRIO_WHO_USER) refused (they reach "
                      "every process of a uid on the host)")
     if p.socket_families is not None:
-        from ..policy.schema import NETLINK_PROTOCOLS, SOCKET_FAMILIES
+        from ..policy.model import NETLINK_PROTOCOLS, SOCKET_FAMILIES
         fam_name = {n: f for f, n in SOCKET_FAMILIES.items()} | {AF_NETLINK: "netlink"}
         proto_name = {n: f for f, n in NETLINK_PROTOCOLS.items()}
         fams = [fam_name.get(f, str(f)) for f in sorted(p.socket_families)]

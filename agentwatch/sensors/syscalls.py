@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import signal as _signal
 
 from ..core.events import FileEvent, NetEvent, SignalEvent, SyscallEvent, errno_name
-from ..policy.schema import SOCKET_FAMILIES
+from ..policy.model import SOCKET_FAMILIES
 from . import records as R
 
 GROUPS = ("process", "file", "net", "sensitive", "signal")

@@ -200,10 +200,10 @@ def test_every_violation_category_and_action_is_in_the_contract():
     """events.CATEGORIES and events.ACTIONS are the contract (a violation's
     category is one of ..., its action one of ...): every literal the code
     puts there is one of them, and the policy uses the same words."""
-    from agentwatch.policy import schema
+    from agentwatch.policy import checker, model
     categories, actions = list(_made(0)), list(_made(1))
     assert len(categories) > 20 and len(actions) >= 5          # the scan sees the makers
     assert [c for c in categories if c[1] not in E.CATEGORIES] == []
     assert [a for a in actions if a[1] not in E.ACTIONS] == []
-    assert schema.ACTIONS is E.ACTIONS
-    assert set(schema.CATEGORY_SECTION) <= set(E.CATEGORIES)
+    assert checker.ACTIONS is E.ACTIONS
+    assert set(model.CATEGORY_SECTION) <= set(E.CATEGORIES)

@@ -107,8 +107,8 @@ def test_a_syscall_of_another_architecture_is_a_warning(tmp_path):
 
 
 def test_syscall_names_are_checked_without_libseccomp_too(tmp_path, monkeypatch):
-    from agentwatch.policy import schema
-    monkeypatch.setattr(schema, "_seccomp", lambda: None)
+    from agentwatch.policy import model
+    monkeypatch.setattr(model, "_seccomp", lambda: None)
     path = tmp_path / "p.yaml"
     path.write_text(HEAD + "syscalls: {deny: [anything_goes]}\n")
     assert check(str(path))[1] == []                          # unchecked, not a crash

@@ -10,6 +10,8 @@ import pytest
 
 from agentwatch.core.errors import PolicyError
 from agentwatch.policy import canonical_digest, check, load
+from agentwatch.core.events import ACTIONS
+from agentwatch.policy import checker, model
 from agentwatch.policy import schema as S
 from agentwatch.policy.source import ALIAS_BUDGET, MAX_DEPTH
 
@@ -171,7 +173,7 @@ def test_warnings_do_not_stop_load_and_are_kept(tmp_path):
 def test_problems_are_capped(tmp_path):
     path = write(tmp_path, HEAD + "".join(f"k{i}: 1\n" for i in range(500)))
     found = check(path)[1]
-    assert len(found) == S.MAX_PROBLEMS + 1 and "stopped after" in found[-1].message
+    assert len(found) == checker.MAX_PROBLEMS + 1 and "stopped after" in found[-1].message
 
 
 def test_yaml_one_point_one_booleans_and_quoted_strings(tmp_path):
@@ -371,12 +373,12 @@ def test_json_schema_lists_the_same_keys_as_the_validator():
     props = _schema()["properties"]
     assert set(props) == set(S.TOP_KEYS)
     assert set(props["process"]["properties"]) == set(S.PROCESS_KEYS)
-    assert props["process"]["properties"]["host_namespaces"]["items"]["enum"] == list(S.HOST_NAMESPACES)
+    assert props["process"]["properties"]["host_namespaces"]["items"]["enum"] == list(model.HOST_NAMESPACES)
     assert tuple(props["process"]["properties"]["run_as"]["properties"]) == S.RUN_AS_KEYS
-    assert set(props["on_violation"]["properties"]) == {"default", *S.SECTIONS, "rules"}
-    assert set(props["on_violation"]["properties"]["rules"]["properties"]) == set(S.RULES)
-    assert props["monitor"]["items"]["enum"] == list(S.SENSOR_GROUPS)
-    assert _schema()["$defs"]["action"]["enum"] == list(S.ACTIONS)
+    assert set(props["on_violation"]["properties"]) == {"default", *model.SECTIONS, "rules"}
+    assert set(props["on_violation"]["properties"]["rules"]["properties"]) == set(model.RULES)
+    assert props["monitor"]["items"]["enum"] == list(model.SENSOR_GROUPS)
+    assert _schema()["$defs"]["action"]["enum"] == list(ACTIONS)
     res = props["resources"]["properties"]
     assert (res["cpu"]["minimum"], res["cpu"]["maximum"]) == (S.MIN_CPU, S.MAX_CPU)
     assert res["pids"]["maximum"] == props["process"]["properties"]["max_processes"]["maximum"] == S.MAX_PIDS
@@ -384,7 +386,7 @@ def test_json_schema_lists_the_same_keys_as_the_validator():
 
 def test_sensor_groups_match_the_sensors():
     from agentwatch.sensors.syscalls import GROUPS
-    assert S.SENSOR_GROUPS == tuple(GROUPS)
+    assert model.SENSOR_GROUPS == tuple(GROUPS)
 
 
 @pytest.mark.parametrize("body", ["filesytem: {}\n", "process: {ptrace: 'no'}\n",

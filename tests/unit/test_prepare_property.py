@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from agentwatch.core.errors import AgentwatchError
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
-from agentwatch.policy.schema import ACTIONS, RULES, SECTIONS, SENSOR_GROUPS, TOGGLES
+from agentwatch.core.events import ACTIONS
+from agentwatch.policy.model import RULES, SECTIONS, SENSOR_GROUPS, TOGGLES
 from agentwatch.sandbox.plan import make_plan
 
 # ---------------------------------------------------------------- edge values

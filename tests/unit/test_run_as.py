@@ -12,7 +12,7 @@ from agentwatch.core.errors import LaunchError
 from agentwatch.policy import check, load
 from agentwatch.policy.diff import diff
 from agentwatch.policy.explain import explain
-from agentwatch.policy.schema import RunAs
+from agentwatch.policy.model import RunAs
 from agentwatch.sandbox import credentials
 from conftest import free_id
 

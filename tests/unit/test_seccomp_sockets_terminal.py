@@ -334,7 +334,7 @@ def test_a_socket_the_cgroup_program_refuses_is_reported_once(by_arg):
 
 
 def test_the_sensor_names_families_as_the_policy_does():
-    from agentwatch.policy.schema import SOCKET_FAMILIES
+    from agentwatch.policy.model import SOCKET_FAMILIES
     for name, number in SOCKET_FAMILIES.items():
         assert S.family_name(number) == name
     assert S.family_name(16) == "netlink" and S.family_name(0) == "unspec" and S.family_name(99) == "af99"
