@@ -8,7 +8,7 @@ import fnmatch
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .core import state
 

@@ -53,7 +53,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ..core.errors import AgentwatchError, KernelFeatureError, PrivilegeError
+from ..core.errors import AgentwatchError, PrivilegeError
 from ..policy.model import SOCKET_FAMILIES
 from . import records as R
 from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)
