@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from ..core import procfs
 from ..core.events import ExecEvent, ExitEvent, FileEvent, ForkEvent, SyscallEvent, errno_name
 from ..sensors import records as R
 from ..sensors import syscalls as S
@@ -73,12 +74,7 @@ class Correlator:
     def _proc(self, run, pid):
         p = run.procs.get(pid)
         if p is None:   # first sight (e.g. its fork record was lost): ask /proc
-            ppid = 0
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
+            ppid = procfs.ppid(pid) or 0
             parent = run.procs.get(ppid)
             p = run.procs[pid] = Proc(pid=pid, ppid=ppid, cwd=parent.cwd if parent else None)
         return p

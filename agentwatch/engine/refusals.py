@@ -15,6 +15,11 @@ import stat
 
 from ..sandbox import landlock as L
 
+# the kernel (Landlock, seccomp, a read-only mask) said no; EXDEV is Landlock's
+# answer to a link or rename it refuses (and a mount boundary's), EBUSY a
+# mask or pinned directory that cannot be renamed or removed
+DENIED = ("EACCES", "EPERM", "EROFS", "EXDEV", "EBUSY")
+
 # access (as the judge names it) -> the Landlock rights it needs (any one for
 # a directory-or-file ambiguity is resolved by the stricter: all of them)
 _RIGHTS = {
@@ -122,3 +127,19 @@ class Refusals:
         if kind == "ro":
             return ("identity.policy_write", f"{mask[0]} is the run's own file, bound read-only")
         return ("filesystem.deny", f"{mask[0] if mask else path} is masked (filesystem.deny)")
+
+    # -- network -------------------------------------------------------------------
+    def net_layer(self, error, family, addr, egress_enforced=False, lsm_enforced=False):
+        """Landlock answers EACCES to a TCP port it does not grant (ABI 4) and
+        EPERM to an abstract unix socket outside the run's domain (ABI 6); the
+        cgroup BPF programs answer EPERM to addresses (their own report
+        comes from their ring, Judge.kernel_denial) and unix sockets (6.7+)."""
+        ll = self.landlock
+        if error == "EACCES" and ll is not None and ll.handled_net:
+            return "landlock"
+        if error == "EPERM" and family == "unix" and (addr or "").startswith("@") \
+                and ll is not None and ll.scoped & 1:      # SCOPE_ABSTRACT_UNIX_SOCKET
+            return "landlock"
+        if error == "EPERM" and (egress_enforced or lsm_enforced):
+            return "bpf-lsm" if lsm_enforced and family == "unix" else "cgroup-bpf"
+        return "dac"

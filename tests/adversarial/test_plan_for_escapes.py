@@ -5,7 +5,7 @@ import os
 import pytest
 
 from advkit import POLICY
-from agentwatch.engine import judge
+from agentwatch.engine import paths
 from agentwatch.policy import load
 from agentwatch.sandbox.plan import make_plan
 
@@ -71,17 +71,17 @@ def test_strict_policy_seccomp_denies_and_refuses_memfds(tree):
     (["ld-linux-x86-64.so.2", "--list"], None),
 ])
 def test_program_run_through_the_loader(argv, program):
-    assert judge._loaded_program(argv) == program
+    assert paths.loaded_program(argv) == program
 
 
 @pytest.mark.parametrize("name, loader", [("ld-linux-x86-64.so.2", True), ("ld-2.36.so", True),
                                           ("ld-linux-aarch64.so.1", True), ("ld.so", True),
                                           ("ldconfig", False), ("ld", False), ("ld.bfd", False)])
 def test_loader_names(name, loader):
-    assert bool(judge._LOADER.match(name)) is loader
+    assert bool(paths.LOADER.match(name)) is loader
 
 
 def test_proc_self_is_the_agents_process():
-    assert judge._own_proc("/proc/self/root/etc/passwd", 42) == "/proc/42/root/etc/passwd"
-    assert judge._own_proc("/proc/thread-self/fd/3", 42) == "/proc/42/fd/3"
-    assert judge._own_proc("/proc/selfish", 42) == "/proc/selfish"
+    assert paths.own_proc("/proc/self/root/etc/passwd", 42) == "/proc/42/root/etc/passwd"
+    assert paths.own_proc("/proc/thread-self/fd/3", 42) == "/proc/42/fd/3"
+    assert paths.own_proc("/proc/selfish", 42) == "/proc/selfish"

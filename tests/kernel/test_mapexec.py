@@ -86,7 +86,7 @@ libc = os.open(sys.argv[3], os.O_RDONLY)
 
 # the agent: library-heavy imports, then an fd number freed by close() and
 # one replaced by dup2() mapped executable (both now a library), the copy
-# under a name the kernel does not judge (as Judge._map_exec_sees says),
+# under a name the kernel does not judge (as engine/rules.py map_exec_sees says),
 # then the copied library itself, which must be the last thing it does
 AGENT = _PRELUDE + """
 import ssl, json, decimal, ctypes, hashlib, sqlite3

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from agentwatch.engine import judge as J
+from agentwatch.engine import paths
 from agentwatch.sensors import syscalls as S
 from agentwatch.policy import load
 from agentwatch.policy.compile import compile_policy
@@ -113,11 +114,11 @@ def test_kill_minus_one_is_every_process(judged):
 
 
 def test_process_groups(judged, monkeypatch):
-    monkeypatch.setattr(J, "_pgid", lambda pid: LAUNCHER)     # still in agentwatch's group
+    monkeypatch.setattr(J.procfs, "pgid", lambda pid: LAUNCHER)     # still in agentwatch's group
     feed(judged.correlator, sig("kill", CHILD, 0, 15), sig("kill", CHILD, -CHILD, 15))
     [v] = judged.violations()                        # -CHILD: a group the run made
     assert v.detail["target"] == f"process group {LAUNCHER}"
-    monkeypatch.setattr(J, "_pgid", lambda pid: ROOT)         # the agent made its own group
+    monkeypatch.setattr(J.procfs, "pgid", lambda pid: ROOT)         # the agent made its own group
     feed(judged.correlator, sig("kill", CHILD, 0, 1), sig("kill", CHILD, -OUTSIDE, 1))
     assert [v.detail["target"] for v in judged.violations()][1:] == [f"process group {OUTSIDE}"]
 
@@ -263,7 +264,7 @@ def _open(pid, path):
 @pytest.fixture
 def linkable(judged, tmp_path):
     """(judged under a policy denying tmp_path/secret, a plain file, the secret)."""
-    J.forget_resolved()
+    paths.forget_resolved()
     (tmp_path / "secret").mkdir()
     secret = tmp_path / "secret" / "key"
     secret.write_text("k")
@@ -276,7 +277,7 @@ def linkable(judged, tmp_path):
 def test_a_symlink_the_agent_makes_on_a_resolved_path_is_followed_at_once(linkable):
     judged, plain, secret = linkable
     feed(judged.correlator, _open(CHILD, plain))
-    assert (plain, True) in J._canonical           # resolved to itself: remembered
+    assert (plain, True) in paths._canonical           # resolved to itself: remembered
     os.unlink(plain)
     os.symlink(secret, plain)                      # what the agent's symlink record reports
     feed(judged.correlator, syscall("symlinkat", CHILD, (0, S.AT_FDCWD & 0xFFFFFFFFFFFFFFFF, 0),
@@ -289,14 +290,14 @@ def test_a_symlink_the_agent_makes_on_a_resolved_path_is_followed_at_once(linkab
 def test_a_symlink_made_outside_the_run_is_followed_within_the_cache_time(linkable, monkeypatch):
     judged, plain, secret = linkable
     now = [1000.0]
-    monkeypatch.setattr(J.time, "monotonic", lambda: now[0])
-    J._canonical_until = 0.0
+    monkeypatch.setattr(paths.time, "monotonic", lambda: now[0])
+    paths._canonical_until = 0.0
     feed(judged.correlator, _open(CHILD, plain))
     os.unlink(plain)
     os.symlink(secret, plain)                      # no record of it: not the agent's doing
     feed(judged.correlator, _open(CHILD, plain))
     assert judged.violations() == []               # the remembered resolution, for now
-    now[0] += J.REAL_CACHE_S
+    now[0] += paths.REAL_CACHE_S
     feed(judged.correlator, _open(CHILD, plain))
     [v] = judged.violations()
     assert v.detail["path"] == secret
@@ -308,8 +309,8 @@ def test_only_paths_that_resolve_to_themselves_outside_proc_are_remembered(linka
     link.symlink_to(secret)
     for _ in range(2):
         feed(judged.correlator, _open(CHILD, str(link)), _open(CHILD, f"/proc/{os.getpid()}/status"))
-    assert (str(link), True) not in J._canonical
-    assert not any(p.startswith("/proc/") for p, _ in J._canonical)
+    assert (str(link), True) not in paths._canonical
+    assert not any(p.startswith("/proc/") for p, _ in paths._canonical)
     assert [v.detail["path"] for v in judged.violations()] == [secret]   # then counted as a repeat
 
 
