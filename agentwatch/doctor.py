@@ -7,6 +7,9 @@ failure becomes ``Check(ok=False)`` with the reason in ``detail``.
 Imports without root and without bcc; bcc is loaded (by
 agentwatch.sensors.import_bcc, the one place that imports it) only inside
 the BPF probes, which report "needs root" when run unprivileged.
+
+One module (~520 lines) on purpose: a flat list of independent probes, one
+function each, read top to bottom as the report prints them.
 """
 from __future__ import annotations
 

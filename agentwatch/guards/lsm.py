@@ -75,6 +75,10 @@ aw_lsm_connect, aw_lsm_mmap, aw_lsm_mprotect, so agentwatch's leftover check
 (sensors.inventory) sees them. Closing the link fds detaches them.
 
 bcc is imported only inside methods, so the pure parts work anywhere.
+
+One module (~570 lines) on purpose: the rules' map layout, the loader that
+fills it and the decoder of its denials describe one BPF program
+(bpf/lsm.bpf.c) and change together; records.py already holds the layouts.
 """
 import ctypes
 import errno

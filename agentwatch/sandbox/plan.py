@@ -8,6 +8,11 @@ engine. The child applies the plan in this order, each step named:
 close inherited fds, mask denied paths (mount namespace), Landlock, the
 switch to process.run_as (sandbox/credentials.py), seccomp, the capability
 drop and its check (run/enforcement.py, Enforcement.child_steps, has the full list).
+
+One module (~550 lines) on purpose: it is the single place that turns a
+policy into what the kernel is given, so that every widening (RUNTIME_READ,
+runtime_grants) and every downgrade is decided, and recorded, in one file;
+the layers themselves live in landlock.py, seccomp_filter.py, mounts.py, ....
 """
 import concurrent.futures
 import ipaddress

@@ -18,6 +18,10 @@ watermark: the point up to which neither ring can still hold an older record.
 So the correlator sees a fork, exec or chdir before the records that follow
 it, whichever ring they travelled, and a bulk backlog delays a priority record
 by at most the time it takes to read one bulk ring (capacity / read rate).
+
+Sensors (~330 lines, the module ~500) stays one class: it owns the loaded
+programs, their rings and the order in which they are read, which is the
+invariant above.
 """
 import bisect
 import itertools
