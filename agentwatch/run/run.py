@@ -57,6 +57,7 @@ class Run:
         self.bus = self.log.bus          # every logged event, for other layers (engine/bus.py)
         self.monitor = monitor           # shared, already open; else the run makes its own
         self.own_monitor = monitor is None
+        self.subreaper_was = True        # until execute() makes this process a subreaper
         self.prepared = None             # run/prepare.Prepared, once execute() checked the input
         self.enforcement = None          # run/enforcement.Enforcement
         self.sensors = None
@@ -192,7 +193,7 @@ class Run:
                 self.sensors.add_denied(p.seccomp_denied)
             self.correlator.add_run(self.ctx)
             self.sensors.watch(self.cgroup.id, routes, kills, map_roots, map_kill, fold=opts.fold)
-        launcher.set_child_subreaper()
+        self.subreaper_was = launcher.set_child_subreaper()
 
         identity = dict(self.log.record["identity"], cgroup=self.cgroup.path, cgroup_id=self.cgroup.id,
                         sensors=self.sensors.groups, tracepoints=len(self.sensors.attached),
@@ -413,3 +414,7 @@ class Run:
                 self.log.save_record(status=status, exit_status=self.exit_status, end_time=time.time())
             if self.cgroup:
                 self.monitor.keeper.forget(self.run_id)
+            if self.own_monitor and not self.subreaper_was:
+                # the run's tree is dead: orphans of the caller's own children
+                # go to init again (a harness running agents in-process)
+                launcher.set_child_subreaper(False)

@@ -27,6 +27,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
 
 # Signals Python changes from their defaults (SIGPIPE ignored, SIGINT raising)
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
@@ -58,10 +59,13 @@ def protect_monitor():
     prctl(PR_SET_DUMPABLE, 0)
 
 
-def set_child_subreaper():
+def set_child_subreaper(on=True):
     """Orphaned descendants are re-parented to us, so we reap them and see
-    their exact exit status."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    their exact exit status. Returns whether we were one before."""
+    was = ctypes.c_int(0)
+    _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    prctl(PR_SET_CHILD_SUBREAPER, 1 if on else 0)
+    return bool(was.value)
 
 
 def resolve_command(argv, env=None):

@@ -125,6 +125,23 @@ def test_blocking_run_returns_the_agents_exit_status_and_violations(state_dir, t
     assert res.summary in text and "violations:" in res.summary
 
 
+def test_an_in_process_run_leaves_the_caller_no_subreaper(state_dir, tmp_path):
+    """While it runs, the monitor is a subreaper (it reaps the agent's
+    orphans); after it, orphans of the caller's own children go to init
+    again, as before the run, rather than piling up as zombies."""
+    from agentwatch.sandbox import launcher
+    was = launcher.set_child_subreaper(False)
+    err, stdio = _quiet(tmp_path)
+    try:
+        res = api.run(api.RunOptions(argv=["/bin/sh", "-c", "(sleep 0.2 &) ; exit 0"], stdio=stdio,
+                                     stderr=err), daemon=False)
+        assert res.exit_status == 0
+        assert launcher.set_child_subreaper(was) is False
+    finally:
+        err.close()
+        launcher.set_child_subreaper(was)
+
+
 def test_runs_at_the_same_time_share_a_monitor(state_dir, tmp_path):
     err, stdio = _quiet(tmp_path)
     gate = tmp_path / "gate"
