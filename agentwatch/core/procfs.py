@@ -125,23 +125,6 @@ def fd_with_inode(pid, ino):
     return None
 
 
-def holds_socket(pid, ino):
-    """True if process pid has socket inode ino open (socket:[ino])."""
-    want = f"socket:[{ino}]"
-    d = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return False
-    for fd in names:
-        try:
-            if os.readlink(os.path.join(d, fd)) == want:
-                return True
-        except OSError:
-            continue
-    return False
-
-
 # -- cgroups ------------------------------------------------------------------------
 RUN_CGROUP_ROOT = "agentwatch"   # runs live in <cgroup2 mount>/agentwatch/<run_id>
 
