@@ -8,8 +8,8 @@ which takes ~10 s (closing its tracepoints' perf fds waits for RCU grace
 periods); the agent's double-forked children survive until the next sweep.
 
 So each monitor starts a keeper before it loads anything: this module in a
-fresh interpreter (`python -I -S -c ...`: the standard library, this module
-and core.procfs; no fd of the monitor but a pipe; in a session of its own so
+fresh interpreter (`python -I -S -c ...`: the standard library, this module,
+core.procfs, core.state and sandbox.cgroups; no fd of the monitor but a pipe; in a session of its own so
 a terminal's Ctrl-C does not reach it; outside every run's cgroup and PID
 namespace). The monitor holds
 the write end of the pipe (close-on-exec: no agent inherits it) and tells
@@ -38,7 +38,8 @@ import sys
 import threading
 import time
 
-from .core import procfs
+from .core import procfs, state
+from .sandbox.cgroups import RunCgroup
 
 SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 POLL_S = 0.1              # how often the monitor's flags are read
@@ -161,37 +162,21 @@ def _procs(path):
 
 
 def _kill(path):
+    """SIGKILL every process of the run's cgroup (sandbox/cgroups.py: the
+    cgroup.kill file, or freeze and kill before 5.14). Never raises."""
     try:
-        with open(os.path.join(path, "cgroup.kill"), "w") as f:
-            f.write("1")
-        return
-    except FileNotFoundError:
-        if not os.path.isdir(path):
-            return
+        RunCgroup(path).kill()
     except OSError:
-        pass
-    for pid in _procs(path):          # before 5.14: no cgroup.kill
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        pass              # gone already, or the kernel refused: gc sweeps it
 
 
 def _mark_crashed(path, crash):
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return
-    if rec.get("status") not in ("starting", "running"):
-        return                        # it ended after all
+    rec = state.read_json(path)
+    if not isinstance(rec, dict) or rec.get("status") not in ("starting", "running"):
+        return                        # unreadable, or it ended after all
     rec.update(status="crashed", end_time=crash["time"], crash=crash)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(rec, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        state.write_json_atomic(path, rec)
     except OSError:
         pass
 

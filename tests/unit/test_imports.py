@@ -96,7 +96,8 @@ LAYERS = [
     # sinks/ (run log, console) become the engine's reporter and run/'s log
     ("engine", ["agentwatch.engine", "agentwatch.sinks"]),
     # guards/: the kernel enforcement objects (egress, BPF LSM); sensors/: observation;
-    # keeper.py: kills a dead monitor's runs (its interpreter imports only it and core.procfs)
+    # keeper.py: kills a dead monitor's runs (its interpreter imports only it, core.procfs, core.state
+    # and sandbox.cgroups)
     ("sandbox/guards/sensors", ["agentwatch.sandbox", "agentwatch.guards", "agentwatch.sensors",
                                 "agentwatch.keeper"]),
     ("policy", ["agentwatch.policy"]),
