@@ -30,9 +30,23 @@
 /* allow-map value flags */
 #define AW_EG_F_LOOPBACK 0x1    /* prefix lies in the loopback zone */
 
-/* egress_cfg[0] flags: socket families the agent may create */
+/* egress_cfg[AW_EG_CFG_FLAGS] flags: socket families the agent may create,
+ * and whether connects go to the egress guard (guards/guard.py) */
 #define AW_EG_CFG_INET  0x1
 #define AW_EG_CFG_INET6 0x2
+#define AW_EG_CFG_GUARD 0x4
+
+/* egress_cfg indexes: the flags, then the run's guard ports (host order;
+ * 0: none, e.g. no ::1 on this host, and then that family is denied) */
+#define AW_EG_CFG_FLAGS  0
+#define AW_EG_CFG_PROXY4 1      /* TCP proxy on 127.0.0.1 */
+#define AW_EG_CFG_PROXY6 2      /* TCP proxy on ::1 */
+#define AW_EG_CFG_DNS4   3      /* DNS responder (UDP and TCP) on 127.0.0.1 */
+#define AW_EG_CFG_DNS6   4      /* DNS responder on ::1 */
+#define AW_EG_CFG_MAX    5
+
+/* redirected sockets remembered at once (LRU maps egress_orig, egress_flows) */
+#define AW_EG_FLOWS_MAX 65536
 
 /* operation that was refused */
 #define AW_EG_OP_CONNECT4 1
@@ -58,7 +72,9 @@
 /* per-CPU counters (map egress_counters) */
 #define AW_EG_CNT_DENIED 0
 #define AW_EG_CNT_LOST   1      /* denial record lost: ring buffer full */
-#define AW_EG_CNT_MAX    2
+#define AW_EG_CNT_PROXIED 2     /* TCP connects sent to the guard's proxy */
+#define AW_EG_CNT_DNS    3      /* port-53 connects and sends sent to the guard's DNS */
+#define AW_EG_CNT_MAX    4
 
 struct aw_eg_key4 {             /* LPM trie key: prefix length, then address */
 	__u32 prefixlen;
@@ -101,6 +117,28 @@ struct aw_egress_event {
 	__u8 pad[6];
 	__u8 addr[16];          /* 4 bytes for AF_INET; as given (mapped too) */
 	char comm[16];
+};
+
+/* A socket the guard took over: the destination its connect() or send
+ * named, and who asked. Kept by socket cookie (egress_orig) from connect4/6
+ * and sendmsg4/6, and for TCP also by the socket's local end (egress_flows)
+ * once sock_ops sees it established, which is what the guard's accepted
+ * socket shows as its peer. */
+struct aw_eg_flow {
+	__u64 ts;               /* bpf_ktime_get_ns() at connect */
+	__u64 cgroup;           /* cgroup v2 id of the connecting task */
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u16 family;           /* AF_INET / AF_INET6, as connect() named it */
+	__u16 port;             /* original port, host byte order */
+	__u8 addr[16];          /* original address, network order; AF_INET: 4 bytes */
+	char comm[16];
+};
+
+struct aw_eg_flow_key {         /* the local end of the agent's socket */
+	__u32 port;             /* host byte order */
+	__u8 addr[16];          /* IPv6 or IPv4-mapped (::ffff:a.b.c.d), network order */
 };
 
 /* ---- BPF LSM (bpf/lsm.bpf.c, agentwatch/guards/lsm.py) ---- */

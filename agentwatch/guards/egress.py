@@ -9,6 +9,13 @@ fills its allow maps from ``EgressRules`` and attaches to the cgroup:
                TCP/UDP (ICMP ping, SCTP) refused; inet/inet6 refused when not in
                allow_families
 
+With ``EgressRules.guard`` set (the run's egress guard ports, guards/guard.py)
+connect4/6 hand every TCP connect no rule allows to the guard's proxy, and
+every port-53 connect or send to its DNS responder, instead of refusing
+them; sock_ops files each such socket's original destination where
+``flow_of()`` finds it, and recvmsg4/6 and getpeername4/6 make the guard's
+answers read as coming from where the agent sent.
+
 A refused call fails with EPERM in the agent and a denial record reaches
 ``on_denial`` through ``poll()``. Everything not allowed is denied. Programs
 are attached with BPF_F_ALLOW_MULTI, so other layers' programs on the same
@@ -63,7 +70,7 @@ MAX_RANGES = R.EG_MAX_RANGES
 P_TCP, P_UDP, P_OTHER, P_ANY = R.EG_P_TCP, R.EG_P_UDP, R.EG_P_OTHER, R.EG_P_ANY
 PROTO_BITS = {"tcp": P_TCP, "udp": P_UDP, "any": P_ANY}
 F_LOOPBACK = R.EG_F_LOOPBACK
-CFG_INET, CFG_INET6 = R.EG_CFG_INET, R.EG_CFG_INET6
+CFG_INET, CFG_INET6, CFG_GUARD = R.EG_CFG_INET, R.EG_CFG_INET6, R.EG_CFG_GUARD
 OPS = {R.EG_OP_CONNECT4: ("connect", "inet"), R.EG_OP_CONNECT6: ("connect", "inet6"),
        R.EG_OP_SENDMSG4: ("sendmsg", "inet"), R.EG_OP_SENDMSG6: ("sendmsg", "inet6"),
        R.EG_OP_SOCKET: ("socket", None), R.EG_OP_CONNECT_UNIX: ("connect", "unix"),
@@ -100,6 +107,13 @@ PROGRAMS = (("aw_sock_create", "CGROUP_SOCK", "CGROUP_INET_SOCK_CREATE", 2),
 UNIX_PROGRAMS = (("aw_connect_unix", "CGROUP_SOCK_ADDR", "CGROUP_UNIX_CONNECT", 49),
                  ("aw_sendmsg_unix", "CGROUP_SOCK_ADDR", "CGROUP_UNIX_SENDMSG", 50))
 UNIX_ATTACH_TYPES = {at for _, _, _, at in UNIX_PROGRAMS}
+# the egress guard's (EgressRules.guard): where a redirected socket went, and
+# its answers read back as from there
+GUARD_PROGRAMS = (("aw_sock_ops", "SOCK_OPS", "CGROUP_SOCK_OPS", 3),
+                  ("aw_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG", 19),
+                  ("aw_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG", 20),
+                  ("aw_getpeername4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME", 29),
+                  ("aw_getpeername6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME", 30))
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 
@@ -131,6 +145,18 @@ class EgressRules:
     allow_families: tuple = ("unix", "inet", "inet6")
     # refuse every connect()/sendmsg() that names a unix socket (network.unix: false)
     deny_unix: bool = False
+    # the run's egress guard ports (GuardPorts), or None: refuse what no rule allows
+    guard: object = None
+
+
+@dataclass(frozen=True)
+class GuardPorts:
+    """Where the kernel sends what it hands to the run's egress guard; 0 =
+    no listener for that family (its connects are refused instead)."""
+    proxy4: int = 0
+    proxy6: int = 0
+    dns4: int = 0
+    dns6: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,16 @@ class Compiled:
     cfg: int
     bind4: tuple = ()      # the allow rules alone (bind is always allowed on loopback)
     bind6: tuple = ()
+    guard: GuardPorts = None
+
+    def cfg_words(self):
+        """egress_cfg, index by index (bpf/guards.h AW_EG_CFG_*)."""
+        g = self.guard or GuardPorts()
+        words = [0] * R.EG_CFG_MAX
+        words[R.EG_CFG_FLAGS] = self.cfg | (CFG_GUARD if self.guard else 0)
+        words[R.EG_CFG_PROXY4], words[R.EG_CFG_PROXY6] = g.proxy4, g.proxy6
+        words[R.EG_CFG_DNS4], words[R.EG_CFG_DNS6] = g.dns4, g.dns6
+        return words
 
 
 # ---- rule compilation (pure) -----------------------------------------------------
@@ -273,7 +309,13 @@ def compile_rules(rules):
         own6.setdefault(z, []).extend(lb)
     fams = allowed_family_numbers(rules)
     cfg = (CFG_INET if AF_INET in fams else 0) | (CFG_INET6 if AF_INET6 in fams else 0)
-    return Compiled(compile_entries(own4), compile_entries(own6), cfg, bind4, bind6)
+    guard = rules.guard
+    if guard is not None:
+        for name in ("proxy4", "proxy6", "dns4", "dns6"):
+            port = getattr(guard, name)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise EgressRuleError(f"guard port {name}={port!r} is not 0..65535")
+    return Compiled(compile_entries(own4), compile_entries(own6), cfg, bind4, bind6, guard)
 
 
 def allowed_family_numbers(rules):
@@ -332,7 +374,7 @@ def attached_program_ids(cgroup_path):
     fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         out = {}
-        for _, _, atype, at in PROGRAMS + UNIX_PROGRAMS:
+        for _, _, atype, at in PROGRAMS + UNIX_PROGRAMS + GUARD_PROGRAMS:
             ids = (ctypes.c_uint32 * 64)()
             a = _QueryAttr(target_fd=fd, attach_type=at,
                            prog_ids=ctypes.addressof(ids), prog_cnt=64)
@@ -361,6 +403,7 @@ class Egress(DenialStream):
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
         self.cgroup_fd = None
+        self._guard_base = {}
         self.attached = []                     # (fn, attach type) in attach order
         self.unix_hooks = None                 # deny_unix: attached (True) or not on this kernel
         self.received = 0
@@ -397,11 +440,19 @@ class Egress(DenialStream):
         try:
             self._fill_maps()
             self._start_stream(on_denial)
+            table = self.bpf[self.COUNTERS]
+            self._guard_base = {name: sum(int(v) for v in table[ctypes.c_int(idx)])
+                                for name, idx in (("proxied", R.EG_CNT_PROXIED), ("dns", R.EG_CNT_DNS))}
             self.cgroup_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
             for name, ptype, _, at in PROGRAMS:
                 fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
                 bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
                 self.attached.append((fn, at))
+            if self.rules.guard is not None:
+                for name, ptype, _, at in GUARD_PROGRAMS:
+                    fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
+                    bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
+                    self.attached.append((fn, at))
             if self.rules.deny_unix:
                 self.unix_hooks = self._attach_unix(bcc)
         except Exception:
@@ -436,12 +487,53 @@ class Egress(DenialStream):
             for e in entries:
                 table[table.Key.from_buffer_copy(e.key_bytes())] = \
                     table.Leaf.from_buffer_copy(e.value_bytes())
-        self.bpf[b"egress_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(self.compiled.cfg)
+        for i, word in enumerate(self.compiled.cfg_words()):
+            self.bpf[b"egress_cfg"][ctypes.c_int(i)] = ctypes.c_uint32(word)
 
     def _clear_maps(self):
-        for name in (b"egress_allow4", b"egress_allow6", b"egress_bind4", b"egress_bind6"):
+        for name in (b"egress_allow4", b"egress_allow6", b"egress_bind4", b"egress_bind6",
+                     b"egress_orig", b"egress_flows"):
             clear_map(self.bpf[name], name.decode())
-        self.bpf[b"egress_cfg"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+        for i in range(R.EG_CFG_MAX):
+            self.bpf[b"egress_cfg"][ctypes.c_int(i)] = ctypes.c_uint32(0)
+
+    def flow_of(self, addr, port):
+        """The kernel's record of the redirected TCP socket whose local end
+        is (addr, port): the peer of a socket the guard accepted. A dict
+        (pid, tid, uid, comm, cgroup id, family, the original addr and port),
+        taken out of the map; None when there is none (not one of this
+        run's redirected sockets)."""
+        bpf = self.bpf
+        if bpf is None:
+            return None
+        table = bpf[b"egress_flows"]
+        key = R.EgFlowKey(port=port)
+        ip = ipaddress.ip_address(addr)
+        packed = (ipaddress.IPv6Address(f"::ffff:{ip}") if ip.version == 4 else ip).packed
+        ctypes.memmove(key.addr, packed, 16)
+        k = table.Key.from_buffer_copy(bytes(key))
+        try:
+            v = table[k]
+        except KeyError:
+            return None
+        try:
+            del table[k]
+        except KeyError:
+            pass
+        f = R.EgFlow.from_buffer_copy(bytes(v))
+        family = {AF_INET: "inet", AF_INET6: "inet6"}.get(f.family, str(f.family))
+        return {"pid": f.pid, "tid": f.tid, "uid": f.uid, "cgroup": f.cgroup,
+                "comm": f.comm.decode(errors="replace"), "family": family,
+                "addr": format_addr(f.family, bytes(f.addr)), "port": f.port, "ts": f.ts}
+
+    def counters(self):
+        """DenialStream's, plus the connects and sends handed to the guard."""
+        out = super().counters()
+        if self.rules.guard is not None and self.bpf is not None:
+            table = self.bpf[self.COUNTERS]
+            for name, idx in (("proxied", R.EG_CNT_PROXIED), ("dns", R.EG_CNT_DNS)):
+                out[name] = sum(int(v) for v in table[ctypes.c_int(idx)]) - self._guard_base.get(name, 0)
+        return out
 
     def _detach(self):
         """Detach every program from the cgroup. A program that fails to
@@ -487,5 +579,5 @@ class Egress(DenialStream):
         return decode_denial(raw)
 
 
-__all__ = ["Egress", "EgressRules", "EgressRuleError", "compile_rules",
+__all__ = ["Egress", "EgressRules", "GuardPorts", "EgressRuleError", "compile_rules",
            "allowed_family_numbers", "attached_program_ids", "decode_denial"]

@@ -19,12 +19,15 @@ COMM_LEN = 16       # AW_COMM_LEN of bpf/events.h (TASK_COMM_LEN)
 EG_MAX_RANGES = 16                              # port ranges per prefix
 EG_P_TCP, EG_P_UDP, EG_P_OTHER, EG_P_ANY = 0x1, 0x2, 0x4, 0x7   # protocol classes
 EG_F_LOOPBACK = 0x1                             # allow-map value: prefix in a loopback zone
-EG_CFG_INET, EG_CFG_INET6 = 0x1, 0x2            # egress_cfg[0]: families socket() may create
+EG_CFG_INET, EG_CFG_INET6, EG_CFG_GUARD = 0x1, 0x2, 0x4   # egress_cfg[EG_CFG_FLAGS]
+(EG_CFG_FLAGS, EG_CFG_PROXY4, EG_CFG_PROXY6, EG_CFG_DNS4, EG_CFG_DNS6,
+ EG_CFG_MAX) = range(6)                         # egress_cfg indexes: flags, the guard's ports
+EG_FLOWS_MAX = 65536                            # entries of egress_orig, egress_flows
 (EG_OP_CONNECT4, EG_OP_CONNECT6, EG_OP_SENDMSG4, EG_OP_SENDMSG6, EG_OP_SOCKET,
  EG_OP_CONNECT_UNIX, EG_OP_SENDMSG_UNIX, EG_OP_BIND4, EG_OP_BIND6) = range(1, 10)
 (EG_R_NO_RULE, EG_R_PORT, EG_R_LOOPBACK, EG_R_RAW, EG_R_FAMILY, EG_R_PROTOCOL,
  EG_R_UNIX, EG_R_BIND) = range(1, 9)
-EG_CNT_DENIED, EG_CNT_LOST = 0, 1               # egress_counters indexes
+EG_CNT_DENIED, EG_CNT_LOST, EG_CNT_PROXIED, EG_CNT_DNS = range(4)   # egress_counters indexes
 
 
 class EgKey4(ctypes.Structure):
@@ -55,6 +58,18 @@ class EgressEvent(ctypes.Structure):
                 ("comm", ctypes.c_char * COMM_LEN)]
 
 
+class EgFlow(ctypes.Structure):
+    """struct aw_eg_flow: a redirected socket's original destination and who connected."""
+    _fields_ = [("ts", u64), ("cgroup", u64), ("pid", u32), ("tid", u32), ("uid", u32),
+                ("family", u16), ("port", u16), ("addr", u8 * 16),
+                ("comm", ctypes.c_char * COMM_LEN)]
+
+
+class EgFlowKey(ctypes.Structure):
+    """struct aw_eg_flow_key: the local end of an agent's redirected TCP socket."""
+    _fields_ = [("port", u32), ("addr", u8 * 16)]
+
+
 # ---- BPF LSM (bpf/lsm.bpf.c) -------------------------------------------------------------
 (LSM_H_EXEC, LSM_H_OPEN, LSM_H_CONNECT, LSM_H_MMAP, LSM_H_MPROTECT, LSM_H_KILL,
  LSM_H_SENDMSG) = range(1, 8)                   # aw_lsm_event.hook
@@ -81,6 +96,7 @@ class LsmEvent(ctypes.Structure):
 # struct name in bpf/guards.h -> its mirror
 RECORDS = {"aw_eg_key4": EgKey4, "aw_eg_key6": EgKey6, "aw_eg_range": EgRange,
            "aw_eg_allow": EgAllow, "aw_egress_event": EgressEvent,
+           "aw_eg_flow": EgFlow, "aw_eg_flow_key": EgFlowKey,
            "aw_lsm_key": LsmKey, "aw_lsm_event": LsmEvent}
 
 
