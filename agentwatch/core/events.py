@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field, fields
 from json.encoder import encode_basestring_ascii as _escape
 
-KINDS = ("exec", "fork", "exit", "file", "net", "syscall", "signal", "violation", "lifecycle")
+KINDS = ("exec", "fork", "exit", "file", "net", "flow", "syscall", "signal", "violation", "lifecycle")
 # a violation's category and action: a contract other tools rely on (docs/policy.md
 # "Rules" lists the categories, "On violation" the actions, which the policy's
 # on_violation takes); tests/unit/test_events.py checks every one the code writes
@@ -107,6 +107,33 @@ class NetEvent(Event):
 
 
 @dataclass(kw_only=True)
+class FlowEvent(Event):
+    """One flow through the egress guard (guards/guard.py), at its end: a
+    TCP connection the kernel redirected to the guard's proxy, or one DNS
+    query to its responder. pid, uid and comm are the kernel's, from the
+    connect; the name is what the flow's own bytes said."""
+    kind: str = "flow"
+    proto: str = "tcp"       # tcp | dns
+    name: str = None         # TLS SNI, HTTP Host, CONNECT host, or the DNS question
+    source: str = None       # where the name came from: sni, host, connect (dns: question)
+    family: str = None       # as the agent's connect() named it
+    addr: str = None         # the original destination, as the agent named it
+    port: int = None
+    decision: str = ""       # allow | deny | error (dns: also unsupported, malformed)
+    reason: str = None
+    rule: str = None         # network.domain when denied
+    pattern: str = None      # the domain rule that allowed it
+    upstream: str = None     # addr:port the guard connected to
+    dns: dict = None         # the answer behind the address: {name, by, addresses | answered_at}
+    qtype: str = None        # dns: A, AAAA, TXT, ...
+    addresses: list = None   # dns: what was handed out
+    exe: str = None
+    bytes_out: int = 0       # agent -> upstream
+    bytes_in: int = 0        # upstream -> agent
+    duration: float = None   # seconds
+
+
+@dataclass(kw_only=True)
 class SyscallEvent(Event):
     kind: str = "syscall"
     name: str = ""
@@ -154,7 +181,7 @@ class LifecycleEvent(Event):
 
 
 EVENT_TYPES = {cls.kind: cls for cls in (ExecEvent, ForkEvent, ExitEvent, FileEvent, NetEvent,
-                                         SyscallEvent, SignalEvent, ViolationEvent, LifecycleEvent)}
+                                         FlowEvent, SyscallEvent, SignalEvent, ViolationEvent, LifecycleEvent)}
 _FIELDS = {kind: {f.name for f in fields(cls)} for kind, cls in EVENT_TYPES.items()}
 
 

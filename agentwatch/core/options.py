@@ -65,6 +65,10 @@ class RunOptions:
                              "loadable; on refuses to start without it.")
     trust: list = _opt(factory=list, flag="--trust", path="file",
                        help="Extra trusted public key (repeatable); see 'agentwatch key'.")
+    resolve: list = _opt(factory=list, flag="--resolve",
+                         help="NAME:ADDR (repeatable, as in curl): the address the egress guard uses "
+                              "and its DNS answers for NAME in this run, instead of the host's "
+                              "resolver; for hosts without DNS and for tests.")
     fold: bool = _opt(True, flag="--fold/--no-fold", show_default=True,
                       help="Fold a thread's identical file calls in a row (same path, flags and "
                            "result) into one line with a repeat count, in the kernel; --no-fold "

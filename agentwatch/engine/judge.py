@@ -55,7 +55,7 @@ class Judge:
     engine/rules.py's functions and the reporting engine/reporter.py's."""
 
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
-                 egress_enforced=False, lsm_enforced=False, map_exec_roots=None,
+                 egress_enforced=False, lsm_enforced=False, map_exec_roots=None, guarded=False,
                  map_exec_kill=False, seccomp_denied=None, seccomp_rules=None, plan=None):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
@@ -86,6 +86,7 @@ class Judge:
         # the cgroup BPF programs report their own denials; the syscall
         # sensor's view of the same EPERM must not report them twice
         self.egress_enforced = egress_enforced
+        self.guarded = guarded
         # BPF LSM refusals are seen twice too (Reporter.paired)
         self.lsm_enforced = lsm_enforced
         # the kernel reports (and with map_exec_kill kills at) an mmap(PROT_EXEC)
@@ -124,7 +125,9 @@ class Judge:
             self._exec(ev)
         elif kind == "net":
             self._report(ev, rules.network(self.policy, self.refusals, ev, self.egress_enforced,
-                                           self.lsm_enforced))
+                                           self.lsm_enforced, self.guarded))
+        elif kind == "flow":
+            self._report(ev, rules.guard_flow(self.policy, ev))
         elif kind == "syscall" and ev.no_entry:
             self._report(ev, rules.seccomp_refusal(self.policy, ev, self.seccomp_denied,
                                                    self.seccomp_rules))

@@ -16,6 +16,8 @@ from ..policy.model import CATEGORY_SECTION
 from ..sensors.records import PREFIX_LEN
 from .refusals import DENIED, rule_for
 
+RULE_DOMAIN = "network.domain"   # the egress guard refused a flow (guards/guard.py RULE)
+
 # connects that reached no one: probing, not egress (glibc's NSS tries nscd)
 _UNIX_NOBODY = ("ENOENT", "ECONNREFUSED")
 # /proc/<pid>/<entry> that the kernel guards with a ptrace access check:
@@ -144,8 +146,11 @@ def mapping(policy, ev, real, kill):
 
 
 # -- network -------------------------------------------------------------------------------
-def network(policy, refusals, ev, egress_enforced=False, lsm_enforced=False):
-    """A socket, connect, bind or send against the network section."""
+def network(policy, refusals, ev, egress_enforced=False, lsm_enforced=False, guarded=False):
+    """A socket, connect, bind or send against the network section.
+    guarded: the egress guard is on, so an inet connect or send the kernel
+    let through was allowed by a rule or handed to the guard, which judges
+    the flow itself (guard_flow); it is not judged by address here."""
     if ev.op == "socket":
         # judged here even when refused: a capability check or the cgroup
         # BPF program may have said no (kernel_denial leaves raw sockets and
@@ -162,6 +167,8 @@ def network(policy, refusals, ev, egress_enforced=False, lsm_enforced=False):
         return Finding(d, target, evidence) if d else None
     if egress_enforced and ev.error == "EPERM" and ev.family in ("inet", "inet6"):
         return None           # the cgroup BPF programs report it themselves
+    if guarded and ev.family in ("inet", "inet6") and ev.op != "bind" and ev.error not in DENIED:
+        return None           # allowed, or the guard's to judge
     if ev.family not in ("inet", "inet6", "unix") or ev.addr is None:
         return None
     if ev.family == "unix" and ev.error in _UNIX_NOBODY:
@@ -182,6 +189,25 @@ def network(policy, refusals, ev, egress_enforced=False, lsm_enforced=False):
         evidence["layer"] = refusals.net_layer(ev.error, ev.family, addr, egress_enforced,
                                                lsm_enforced)
     return Finding(d, target, evidence)
+
+
+def guard_flow(policy, ev):
+    """A flow the egress guard refused (FlowEvent, decision deny): the
+    violation, worded as the guard decided it. The guard did refuse it, so
+    the action is deny whatever the policy's on_violation says, except kill,
+    which the reporter carries out."""
+    if ev.decision != "deny":
+        return None
+    action = policy.action_for("network", RULE_DOMAIN)
+    d = Decision(category="network", rule=RULE_DOMAIN, action="kill" if action == "kill" else "deny",
+                 reason=ev.reason or "refused by the egress guard", pattern=None)
+    target = f"{ev.name or ev.addr}:{ev.port}" if ev.proto == "tcp" else f"{ev.name} {ev.qtype}"
+    evidence = {"proto": ev.proto, "name": ev.name, "source": ev.source, "addr": ev.addr,
+                "port": ev.port, "family": ev.family, "dns": ev.dns, "qtype": ev.qtype,
+                "layer": "egress-guard",
+                "kernel": ("redirected to the egress guard (cgroup BPF), refused there" if ev.proto == "tcp"
+                           else "sent to the egress guard's DNS responder (cgroup BPF), answered NXDOMAIN")}
+    return Finding(d, target, {k: v for k, v in evidence.items() if v is not None})
 
 
 # -- process -------------------------------------------------------------------------------

@@ -89,6 +89,17 @@ def _check_network(ck, spec):
             if any(net.version == lo.version and net.subnet_of(lo) for lo in _LOOPBACK_NETS):
                 ck.warn(rule.loc, f"network.allow: {rule.cidr} is loopback, which only "
                                   f"network.loopback judges; this rule never applies")
+    domains = [r for r in spec.network.allow if r.domain]
+    if spec.network.guard is False and domains:
+        ck.warn(spec.locs["network.guard"],
+                "network.guard: false with domain rules: each name is resolved once, when the "
+                "run starts, and every other name on those addresses (a CDN's, say) is reachable "
+                "too; DNS is judged by address. Leave guard out to decide by name")
+    for rule in domains:
+        if rule.protocol == "udp":
+            ck.warn(rule.loc, f"network.allow: {rule.domain} over UDP: the egress guard decides "
+                              "names for TCP only (QUIC is refused, clients fall back to TCP); "
+                              "write a cidr rule for UDP to an address")
 
 
 def _check_coverage(ck, spec):

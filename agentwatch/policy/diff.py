@@ -102,8 +102,13 @@ def _network(out, a, b):
             added, removed = _items(list(a.netlink), list(b.netlink))
             out += [f"{GRANT} netlink {x} sockets (network.netlink)" for x in added]
             out += [f"{REVOKE} netlink {x} sockets (network.netlink)" for x in removed]
-    was = host_network_why(a.allow, a.loopback)
-    now = host_network_why(b.allow, b.loopback)
+    if a.guarded() != b.guarded():
+        out.append(f"{REVOKE} egress by address: the egress guard now decides TCP by name and answers DNS "
+                   "(network.guard)" if b.guarded() else
+                   f"{GRANT} egress by address: the egress guard is off, domain rules become the "
+                   "addresses they resolve to at start, DNS is judged by address (network.guard)")
+    was = host_network_why(a.allow, a.loopback, a.guarded())
+    now = host_network_why(b.allow, b.loopback, b.guarded())
     if (was is None) != (now is None):
         out.append(f"{GRANT} the host's net namespace ({now}: /proc/net lists every socket of the host)"
                    if now else f"{REVOKE} the host's net namespace (no remote egress: a run gets its own)")

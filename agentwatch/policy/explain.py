@@ -68,7 +68,22 @@ def _network(spec):
             f"  {loopback}", f"  {unix}",
             f"  Socket families: only {', '.join(net.families) or 'none'}; {netlink}; "
             "no raw inet sockets (network.families, network.netlink)",
+            "  " + _guard(net),
             "  " + _net_namespace(spec)]
+
+
+def _guard(net):
+    """What the egress guard (guards/guard.py) does for an enforced run."""
+    if not net.guarded():
+        why = "network.guard: false" if net.guard is False else "no domain rules"
+        return (f"Egress guard: off ({why}); destinations are judged by address"
+                + ("; domain rules are resolved once, when the run starts, and every name "
+                   "sharing those addresses is reachable" if any(r.domain for r in net.allow) else ""))
+    return ("Egress guard: on; TCP that no CIDR or loopback rule allows is redirected by the "
+            "kernel to agentwatch's proxy, which allows it only by name (TLS SNI, HTTP Host or "
+            "CONNECT) to an address of that name; every DNS lookup (port 53) goes to "
+            "agentwatch's responder, which answers only allowed names; other UDP, QUIC included, "
+            "is refused unless a CIDR rule allows it")
 
 
 def _net_namespace(spec):
@@ -78,7 +93,7 @@ def _net_namespace(spec):
     if spec.process is not None and "net" in spec.process.host_namespaces:
         return ("Network namespace: the host's (process.host_namespaces): /proc/net lists every "
                 "socket of the host")
-    why = host_network_why(net.allow, net.loopback)
+    why = host_network_why(net.allow, net.loopback, net.guarded())
     if why is not None:
         return f"Network namespace: the host's ({why}): /proc/net lists every socket of the host"
     ports = relay_ports(net.loopback)

@@ -48,6 +48,7 @@ TOGGLES = {
 
 RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.deny",
          "network.egress", "network.loopback", "network.unix", "network.bind", "network.socket",
+         "network.domain",
          "process.exec", "process.max_processes", *(f"process.{t}" for t in TOGGLES), "process.signal",
          "process.terminal",
          "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
@@ -65,13 +66,16 @@ HOST_NAMESPACES = ("pid", "ipc", "net")
 MAX_RELAY_PORTS = 64
 
 
-def host_network_why(allow, loopback):
+def host_network_why(allow, loopback, guard=False):
     """Why an enforced network section keeps the host's network namespace,
     or None: the run then gets one of its own, with only lo, and its
     loopback ports relayed to the host's (sandbox/netns.py). allow: the
-    network.allow rules; loopback: True, False or port ranges [(lo, hi)]."""
+    network.allow rules; loopback: True, False or port ranges [(lo, hi)];
+    guard: the egress guard is on (network.guard)."""
     if allow:
         return "network.allow permits remote egress"
+    if guard:
+        return "network.guard: the egress guard listens on the host's loopback"
     if loopback is True:
         return "network.loopback: true allows every loopback port, which no relay can listen on"
     n = len(relay_ports(loopback))
@@ -157,6 +161,11 @@ class Network:
     unix: object = False               # bool | tuple[Item]
     families: tuple = DEFAULT_FAMILIES     # socket families (names), netlink aside
     netlink: object = DEFAULT_NETLINK      # True (any protocol) | tuple of protocol names ((): none)
+    guard: object = None               # the egress guard: True, False, None (on with domain rules)
+
+    def guarded(self):
+        """Whether the egress guard decides this section's TCP and DNS."""
+        return self.guard if self.guard is not None else any(r.domain for r in self.allow)
 
     def family_numbers(self):
         """AF_* numbers socket() may create: the families, and netlink when

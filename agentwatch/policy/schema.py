@@ -181,7 +181,7 @@ def _names(ck, value, loc, name, table, what):
 
 
 def _network(ck, value, loc, spec):
-    keys = ("allow", "loopback", "unix", "families", "netlink")
+    keys = ("allow", "loopback", "unix", "families", "netlink", "guard")
     m = ck.mapping(value, loc, "network", keys)
     if m is None:
         return
@@ -194,6 +194,11 @@ def _network(ck, value, loc, spec):
             net.netlink = _names(ck, v, vloc, "network.netlink", NETLINK_PROTOCOLS, "netlink protocol") or ()
         elif key == "netlink":
             net.netlink = True if v else ()
+        elif key == "guard":
+            if isinstance(v, bool):
+                net.guard = v
+            else:
+                ck.error(vloc, f"network.guard: expected true or false, got {yaml_type(v)}")
         elif key == "allow":
             triples = ck.items(v, vloc, "network.allow", "rules ({cidr: ...} or {domain: ...})")
             rules = [_net_rule(ck, item, iloc, f"network.allow[{i}]") for i, item, iloc in triples or ()]

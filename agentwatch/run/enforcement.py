@@ -4,11 +4,12 @@ and BPF LSM, the network namespace and its relay), the child's set-up steps
 between fork and exec, and the guards' refusals turned into events for the
 judge (with the /proc look-ups that name a file the BPF LSM refused)."""
 import collections
+import dataclasses
 import os
 import time
 
 from ..core.errors import AgentwatchError, LaunchError
-from ..core.events import FileEvent, NetEvent
+from ..core.events import FileEvent, FlowEvent, NetEvent
 from ..core.procfs import fd_with_inode
 from ..sandbox import launcher
 
@@ -34,6 +35,10 @@ class Enforcement:
         self.egress = None               # guards.egress.Egress
         self.limits = None               # sandbox.limits.Limits
         self.netns = None                # sandbox.netns.RunNetwork: the run's network namespace + relay
+        self.guard = None                # guards.guard.RunSession: the run's share of the egress guard
+        self.guard_counters = None       # its counters, once closed
+        self._guard_service = None
+        self._flows = collections.deque()    # guard records, appended on the guard's thread
         self.ctx = None                  # engine.RunContext, and the judge refusals go to (setup)
         self.judge = None
         self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
@@ -43,15 +48,20 @@ class Enforcement:
         return [g for g in (self.lsm, self.egress) if g is not None]
 
     def counters(self):
-        return {g.enforcement: g.counters() for g in self.guards()}
+        out = {g.enforcement: g.counters() for g in self.guards()}
+        if self.guard is not None or self.guard_counters is not None:
+            out["egress-guard"] = dict(self.guard.counters if self.guard else self.guard_counters)
+        return out
 
     # -- the parent's side ------------------------------------------------------------
-    def setup(self, cgroup, identity, ctx, judge, take_guard=None):
+    def setup(self, cgroup, identity, ctx, judge, take_guard=None, egress_guard=None, emit=None):
         """Limits and cgroup BPF on the run's cgroup, before the agent
         exists; notes what applied in identity["enforcement"]. Refusals go to
         judge (ctx: whose processes). take_guard(cls, *policy): a released
-        guard of a shared monitor, or None."""
-        self.ctx, self.judge = ctx, judge
+        guard of a shared monitor, or None. egress_guard(): the monitor's
+        EgressGuard (the plan's guard needs it); emit(event): the run's
+        own events (the guard's flows) go there, to be logged and judged."""
+        self.ctx, self.judge, self.emit = ctx, judge, emit
         plan = self.prepared.plan
         if not plan:
             return
@@ -78,7 +88,15 @@ class Enforcement:
                                   "cgroup BPF alone)") from None
         if plan.egress is not None:
             from ..guards.egress import Egress
-            self.egress = guard(Egress, plan.egress).open(cgroup.path, self.on_egress_denial)
+            rules = plan.egress
+            if plan.guard is not None:
+                rules = self._open_guard(egress_guard, plan, rules)
+            self.egress = guard(Egress, rules).open(cgroup.path, self.on_egress_denial)
+            if self.guard is not None:
+                self.guard.flow_of = self.egress.flow_of
+                identity["enforcement"]["egress_guard"] = dict(
+                    identity["enforcement"].get("egress_guard") or {},
+                    ports=dataclasses.asdict(self.guard.ports), pins=self.prepared.pins or {})
             if self.egress.unix_hooks is False and not (plan.lsm and plan.lsm.unix):
                 identity["enforcement"]["notes"].append(
                     "network.unix: this kernel has no cgroup unix socket hooks (Linux 6.7+): "
@@ -91,6 +109,30 @@ class Enforcement:
             except AgentwatchError as e:
                 raise LaunchError(f"agent not started: {e}") from None
 
+    def _open_guard(self, egress_guard, plan, rules):
+        """The run's session of the egress guard; the egress rules with its ports."""
+        from ..guards.guard import name_rules
+        if egress_guard is None:
+            raise LaunchError("agent not started: the policy's egress guard needs a monitor "
+                              "that runs one")
+        self._guard_service = egress_guard()
+        try:
+            self.guard = self._guard_service.open_run(self.run_id, self.prepared.agent,
+                                                      name_rules(plan.guard), self.prepared.pins,
+                                                      self._flows.append)
+        except OSError as e:
+            raise LaunchError(f"agent not started: the egress guard could not listen on "
+                              f"loopback: {e}") from None
+        return dataclasses.replace(rules, guard=self.guard.ports)
+
+    def end_guard(self):
+        """Close the run's egress guard session (its flows end) and report
+        what it recorded. Idempotent."""
+        if self.guard is not None:
+            self.guard_counters = self._guard_service.close_run(self.guard)
+            self.guard = None
+        self.report_flows()
+
     def join(self, pid):
         """Put the agent (before exec) under the run's limits."""
         if self.limits:
@@ -102,6 +144,7 @@ class Enforcement:
         closed), the limits."""
         if self.netns is not None:
             self.netns.close()
+        self.end_guard()
         for g in self.guards():
             if give_back is None:
                 g.close()
@@ -184,9 +227,12 @@ class Enforcement:
 
     # -- refusals into events -----------------------------------------------------------
     def poll(self):
-        """Read the guards' refusals; report the BPF LSM ones named since."""
+        """Read the guards' refusals and the egress guard's flows; report the
+        BPF LSM ones named since."""
         for g in self.guards():
             g.poll(0)
+        if self._flows:
+            self.report_flows()
         if self._lsm_waiting:
             self.report_lsm_denials()
 
@@ -222,6 +268,30 @@ class Enforcement:
                                      {"op": d.get("op"), "family": d.get("family"),
                                       "addr": d.get("addr"), "port": d.get("port"),
                                       "proto": d.get("proto")})
+
+    def report_flows(self):
+        """The egress guard's records since the last call, as flow events of
+        the run (its judge makes a network.domain violation of a refusal)."""
+        while self._flows:
+            rec = self._flows.popleft()
+            # a DNS datagram names no process: the run is known by the
+            # responder port the kernel sent it to, the sender is pid 0
+            pid = rec.get("pid") or 0
+            proc = self.ctx.procs.get(pid) if self.ctx else None
+            ev = FlowEvent(ts=round(rec.get("ts") or time.time(), 6), run_id=self.run_id,
+                           agent=self.prepared.agent, pid=pid, tid=rec.get("tid", pid),
+                           ppid=proc.ppid if proc else 0, uid=rec.get("uid", 0),
+                           comm=rec.get("comm") or "",
+                           exe=proc.exe if proc else None,
+                           **{k: rec.get(k) for k in ("proto", "name", "source", "family", "addr",
+                                                      "port", "decision", "reason", "rule",
+                                                      "pattern", "upstream", "dns", "qtype",
+                                                      "addresses", "duration")},
+                           bytes_out=rec.get("bytes_out", 0), bytes_in=rec.get("bytes_in", 0))
+            if ev.proto == "dns":
+                ev.source = "question"
+            if self.emit:
+                self.emit(ev)
 
     def on_lsm_denial(self, d):
         """A refusal by a BPF LSM program (guards/lsm.py): exec or executable

@@ -38,6 +38,7 @@ class Monitor:
         self.children = set()            # the runs' agent pids
         self.exits = {}                  # agent pid -> wait status, until its run takes it
         self.idle_guards = []            # enforcement objects (LsmGuard, Egress) runs gave back
+        self._egress_guard = None        # guards.guard.EgressGuard, started by the first run needing it
         self.closed = False
 
     def reap(self):
@@ -93,6 +94,15 @@ class Monitor:
                 return
         guard.close()              # the monitor closed while the run ended
 
+    def egress_guard(self):
+        """The egress guard proxy and DNS responder every run of this
+        monitor shares (each run has listeners of its own), started on first use."""
+        with self.lock:
+            if self._egress_guard is None:
+                from ..guards.guard import EgressGuard
+                self._egress_guard = EgressGuard().start()
+            return self._egress_guard
+
     def open(self):
         self.sensors.open(self.correlator.handle)
         return self
@@ -103,6 +113,8 @@ class Monitor:
             guards, self.idle_guards = self.idle_guards, []
         for g in guards:
             g.close()
+        if self._egress_guard is not None:
+            self._egress_guard.close()
         self.sensors.close()
         self.keeper.close()          # only now: it guards the runs until the very end
 

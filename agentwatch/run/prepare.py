@@ -56,6 +56,7 @@ class Prepared:
     signer: object = None
     prompt_signer: object = None
     prompt_digest: str = None
+    pins: dict = None                  # --resolve: {name: [addresses]}
 
     # -- what the plan says ---------------------------------------------------------
     @property
@@ -148,7 +149,8 @@ def prepare(opts, root=True):
     p = Prepared(opts=o, command=launcher.resolve_command(o.argv, o.env), agent=agent,
                  variables=policy_variables(o.workspace or o.cwd, o.env),
                  sensor_groups=list(SENSOR_GROUPS) if o.sensors is None else list(o.sensors),
-                 seccomp_denied=list(o.seccomp_denied or ()), policy=policy)
+                 seccomp_denied=list(o.seccomp_denied or ()), policy=policy,
+                 pins=parse_pins(o.resolve))
     if policy:
         _prepare_policy(p, trusted)
     elif o.require_signed:
@@ -179,7 +181,7 @@ def _prepare_policy(p, trusted):
     p.sensor_groups = p.compiled.sensor_groups()
     protected = [policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
     p.plan = make_plan(policy.data, p.variables, protected,
-                       bpf_lsm=bpf_lsm_wanted(o.bpf_lsm), ttys=ttys(o.stdio))
+                       bpf_lsm=bpf_lsm_wanted(o.bpf_lsm), ttys=ttys(o.stdio), pins=p.pins)
     run_as = policy.spec.process and policy.spec.process.run_as
     if run_as is not None:
         from ..sandbox import credentials
@@ -193,6 +195,33 @@ def _prepare_policy(p, trusted):
             + "\n  ".join(p.plan.downgrades)
             + "\nrun with --allow-downgrade to accept this (each rule is then recorded "
               "in the run identity), or relax the policy")
+
+
+def parse_pins(items):
+    """--resolve NAME:ADDR items -> {name: [address, ...]} (a name given
+    twice gets both). IPv6 addresses may be bracketed: name:[::1]."""
+    import ipaddress
+    from ..policy.matchers import check_domain
+    pins = {}
+    for item in items or ():
+        name, sep, addr = str(item).partition(":")
+        addr = addr.strip()
+        if addr.startswith("[") and addr.endswith("]"):
+            addr = addr[1:-1]
+        name = name.strip().lower().rstrip(".")
+        err = check_domain(name) if name and sep else "expected NAME:ADDR"
+        if err is None and name.startswith("*."):
+            err = "a name, not a wildcard"
+        try:
+            addr = str(ipaddress.ip_address(addr))
+        except ValueError:
+            err = err or f"{addr!r} is not an IPv4 or IPv6 address"
+        if err:
+            raise UsageError(f"--resolve {item}: {err} (e.g. --resolve pypi.org:151.101.0.223)")
+        pins.setdefault(name, [])
+        if addr not in pins[name]:
+            pins[name].append(addr)
+    return pins
 
 
 def bpf_lsm_wanted(mode):

@@ -177,6 +177,7 @@ class Run:
             self.judge = Judge(p.compiled, self.correlator, self.ctx, self.log.emit,
                                on_kill=self._kill_for_violation, watched_files=watched,
                                egress_enforced=bool(p.plan and p.plan.egress is not None),
+                               guarded=bool(p.plan and p.plan.guard is not None),
                                lsm_enforced=bool(p.plan and p.plan.lsm is not None),
                                map_exec_roots=map_roots, map_exec_kill=map_kill,
                                seccomp_denied=p.seccomp_denied,
@@ -199,7 +200,8 @@ class Run:
                         sensors=self.sensors.groups, tracepoints=len(self.sensors.attached),
                         keeper=self.monitor.keeper.pid)
         self.enforcement.setup(self.cgroup, identity, self.ctx, self.judge,
-                               None if self.own_monitor else self.monitor.take_guard)
+                               None if self.own_monitor else self.monitor.take_guard,
+                               egress_guard=self.monitor.egress_guard, emit=self._on_event)
         if p.plan and p.plan.wall_time:
             self.wall_deadline = time.monotonic() + p.plan.wall_time
         if p.plan:
@@ -357,6 +359,7 @@ class Run:
         self.monitor.reap()
         for g in self.enforcement.guards():
             g.poll(0)
+        self.enforcement.end_guard()
         self.enforcement.report_lsm_denials(final=True)
         self.correlator.finish(self.ctx)
         if self.judge:

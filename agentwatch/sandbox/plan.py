@@ -89,6 +89,7 @@ class EnforcementPlan:
     proc: str = None                                # the run's procfs: "pid" (subset=pid), "full", None
     widened: list = field(default_factory=list)     # grants beyond the policy's lists: {path, access, why}
     dev: list = None                                # the run's minimal /dev (devices.plan), None: the host's
+    guard: list = None                              # egress guard name rules [(pattern, ports, proto)], None: off
 
     def describe(self):
         lines = [f"enforcement: {self.path}; kernel holds: {', '.join(self.enforced) or 'nothing'}"]
@@ -102,6 +103,10 @@ class EnforcementPlan:
         if self.dev is not None:
             lines.append(f"/dev: a tmpfs of the run's own with {' '.join(os.path.basename(d) for d in self.dev)}, "
                          "pts, shm, mqueue (no disks, consoles or other devices the policy does not name)")
+        if self.guard is not None:
+            lines.append("egress guard: TCP that no CIDR or loopback rule allows goes to agentwatch's "
+                         "proxy, which allows it by name (" + (", ".join(r[0] for r in self.guard) or "none")
+                         + "); DNS goes to its responder; other UDP is refused")
         lines += [f"added beyond the policy: {w['access']} {w['path']} ({w['why']})"
                   for w in self.widened]
         if self.map_exec is not None:
@@ -120,6 +125,9 @@ class EnforcementPlan:
                 "loopback_relay": self.relay if "net" in self.namespaces else None,
                 "proc": None if self.proc is None else ns.proc_options(self.proc == "pid"),
                 "widened": self.widened, "dev": self.dev,
+                "egress_guard": None if self.guard is None else {
+                    "names": [{"domain": d, "ports": [list(x) for x in ports] if ports else None,
+                               "protocol": proto} for d, ports, proto in self.guard]},
                 "bpf_lsm": None if self.lsm is None else {"exec_allow": self.lsm.exec_allow,
                                                           "file_deny": self.lsm.file_deny,
                                                           "signals": self.lsm.signals,
@@ -187,12 +195,14 @@ def resolve_domains(domains, timeout=2.0):
 
 
 def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False,
-              ns_missing=None, ttys=()):
+              ns_missing=None, ttys=(), pins=None):
     """bpf_lsm: the host can load agentwatch's BPF LSM programs (doctor's
     bpf-lsm check: BPF LSM active and headers of exactly this kernel).
     ns_missing: {kind: why} for the namespaces this host cannot make
     (default: sandbox.namespaces.probe() as root; none otherwise).
-    ttys: the terminal devices on the agent's stdio (granted as such)."""
+    ttys: the terminal devices on the agent's stdio (granted as such).
+    pins: {name: [addresses]} (--resolve): what a domain rule resolves to
+    when the egress guard is off, instead of the host's resolver."""
     p = EnforcementPlan()
     fs = data.get("filesystem")
     net = data.get("network")
@@ -271,17 +281,26 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
     if net is not None and section_action(data, "network") in ENFORCING:
         from ..guards.egress import EgressRules
         allow, ports, any_port = [], set(), False
+        guarded = _net_spec(net).guarded()
         domains = [r["domain"] for r in net.get("allow") or [] if r.get("domain")]
-        p.resolved = resolve_domains(domains)
+        if guarded:
+            p.guard = [(r["domain"], [tuple(_port_range(x)) for x in r.get("ports") or []] or None,
+                        r.get("protocol", "any")) for r in net.get("allow") or [] if r.get("domain")]
+        else:
+            pinned = {d: list((pins or {})[d]) for d in domains if d in (pins or {})}
+            p.resolved = dict(resolve_domains([d for d in domains if d not in pinned]), **pinned)
         for r in net.get("allow") or []:
             proto = r.get("protocol", "any")
             rng = [_port_range(x) for x in (r.get("ports") or [])] or [(None, None)]
-            cidrs = [r["cidr"]] if r.get("cidr") else [
-                f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}"
-                for ip in p.resolved.get(r.get("domain"), [])]
-            if r.get("domain") and not cidrs:
-                p.notes.append(f"network.allow domain {r['domain']}: did not resolve; "
-                               "connections to it will be denied")
+            if guarded and r.get("domain"):
+                cidrs = []                 # decided by name, in the guard
+            else:
+                cidrs = [r["cidr"]] if r.get("cidr") else [
+                    f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}"
+                    for ip in p.resolved.get(r.get("domain"), [])]
+                if r.get("domain") and not cidrs:
+                    p.notes.append(f"network.allow domain {r['domain']}: did not resolve; "
+                                   "connections to it will be denied")
             for c in cidrs:
                 for lo, hi in rng:
                     allow.append((c, lo, hi, proto))
@@ -290,6 +309,8 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                     any_port = True
                 else:
                     ports.update(_landlock_ports(lo, hi))
+        if guarded:
+            ports.add(53)                  # DNS over TCP, which the kernel sends to the guard
         loop = net.get("loopback", False)
         p.egress = EgressRules(allow=allow, loopback=loop, deny_unix=net.get("unix", False) is False,
                                allow_families=tuple(_net_spec(net).families))
@@ -427,7 +448,8 @@ def _host_network_why(data):
         return "the policy has no network section (the agent may connect anywhere)"
     if section_action(data, "network") not in ENFORCING:
         return "the network section only alerts (no connection is refused)"
-    return host_network_why(net.get("allow") or (), _loopback_ranges(net.get("loopback", False)))
+    return host_network_why(net.get("allow") or (), _loopback_ranges(net.get("loopback", False)),
+                            _net_spec(net).guarded())
 
 
 def _loopback_ranges(loop):
@@ -479,12 +501,15 @@ def runtime_grants(p, own, deny, own_pid, ttys):
 
 
 def _net_spec(net):
-    """network.families and network.netlink of the (validated) network
-    section, with their defaults."""
+    """network.families, network.netlink and whether the egress guard is on,
+    of the (validated) network section, with their defaults."""
     from ..policy.model import DEFAULT_FAMILIES, DEFAULT_NETLINK, Network
+    from ..policy.model import NetRule
     netlink = net.get("netlink", DEFAULT_NETLINK)
     return Network(families=tuple(net.get("families", DEFAULT_FAMILIES)),
-                   netlink=() if netlink is False else netlink)
+                   netlink=() if netlink is False else netlink, guard=net.get("guard"),
+                   allow=tuple(NetRule(cidr=r.get("cidr"), domain=r.get("domain"))
+                               for r in net.get("allow") or ()))
 
 
 def lsm_rules(exec_ok, deny, notes):

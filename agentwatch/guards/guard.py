@@ -1,0 +1,531 @@
+"""The egress guard: egress decided by name, in a proxy the kernel forces
+every flow of a run through.
+
+The run's cgroup BPF programs (egress.py, ``EgressRules.guard``) rewrite
+every TCP connect that no CIDR or loopback rule allows to this run's proxy
+listener, and every port-53 connect or send to this run's DNS responder
+(dns.py). Nothing in the agent opts in or out: no proxy variable is needed,
+and a client that ignores them is routed all the same.
+
+For each flow accepted here:
+
+1. who: the kernel's record of the socket (``Egress.flow_of``, filed by
+   sock_ops under the agent socket's local end, which is our peer): the
+   original destination, pid, uid, comm and cgroup at connect. A socket with
+   no record is not one the kernel redirected: refused.
+2. which name: the first bytes, never anything else the agent says: a TLS
+   ClientHello's server_name, an HTTP ``CONNECT host:port``, or a plain
+   HTTP request's Host (wire.py). Within FIRST_BYTES_S, at most
+   wire.MAX_HELLO / MAX_HEAD bytes.
+3. the verdict (``judge_flow``, pure): the name and port must match a
+   ``network.allow`` domain rule, and for SNI and Host the original
+   destination must be an address of that name: one it resolves to (the
+   run's ``--resolve`` pins, else the host's resolver) or one our DNS
+   responder handed out for it. This closes "allowed name, any address".
+   For CONNECT the guard picks the address itself, from the same resolution.
+4. allowed: connect upstream and splice the bytes both ways.
+   refused: CONNECT and plain HTTP get ``403`` with a text body and
+   ``X-Agentwatch-Denied: network.domain``; TLS and anything unnamed get a
+   TCP reset (the ClientHello is never answered).
+
+Every flow ends as one record (``on_record``): who, name, where the name
+came from, original address and port, the DNS answer behind the address,
+the verdict and reason, bytes each way, duration. run/enforcement.py makes
+a ``flow`` event of it, and a ``network.domain`` violation of a refusal.
+
+Bounds, so one agent cannot stall another: each run has its own listeners
+and at most ``Limits.flows_per_run`` open flows, all runs together at most
+``flows_total`` (less where the descriptor limit is lower, and one run
+never more than a quarter of that); the excess is reset at once and counted. A client that
+sends no name within ``first_bytes_s`` is closed. Reads and writes are
+chunked with backpressure (``drain``), so a slow side holds one chunk.
+
+One guard serves every run of a Monitor (the daemon's, or a run's own) on
+one asyncio loop in a thread of its own; its sessions are per run.
+"""
+import asyncio
+import concurrent.futures
+import ipaddress
+import resource
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..policy.matchers import canonical_ip, domain_matches
+from . import wire
+from .egress import GuardPorts
+
+RULE = "network.domain"
+
+
+@dataclass(frozen=True)
+class Limits:
+    flows_per_run: int = 512         # open flows of one run; more are reset and counted
+    flows_total: int = 4096          # of all runs together
+    first_bytes_s: float = 5.0       # a client must name its destination within this
+    connect_s: float = 10.0          # upstream connect
+    idle_s: float = 600.0            # an established flow with no byte either way
+    chunk: int = 256 * 1024          # bytes read at once per direction
+    resolve_s: float = 2.0           # one host-resolver lookup
+    cache_s: float = 30.0            # how long a host lookup is reused
+
+
+@dataclass(frozen=True)
+class NameRule:
+    """A network.allow domain rule as the guard applies it."""
+    pattern: str
+    ports: tuple = None              # ((lo, hi), ...); None: any port
+    protocol: str = "any"
+
+    def allows_port(self, port, protocol="tcp"):
+        if self.protocol not in ("any", protocol):
+            return False
+        return self.ports is None or any(lo <= port <= hi for lo, hi in self.ports)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str                      # why, in words
+    rule: str = None                 # the pattern that allowed it, or the rule it broke
+
+
+def name_rules(pattern_rows):
+    """[(pattern, ports, protocol)] -> (NameRule, ...)."""
+    return tuple(NameRule(p, tuple(ports) if ports else None, proto or "any")
+                 for p, ports, proto in pattern_rows)
+
+
+def name_allowed(rules, name):
+    """Whether any domain rule names this name (any port): DNS answers it."""
+    return bool(name) and any(domain_matches(r.pattern, name) for r in rules)
+
+
+def judge_flow(rules, name, source, orig_addr, port, addresses):
+    """The verdict on one flow (pure). source: "sni", "host", "connect" or
+    None; addresses: what name resolves to for this run, and what our DNS
+    handed out for it. For "connect" the guard picks the upstream address
+    from those, so the original destination (the agent's idea of a proxy)
+    is not judged."""
+    if not name:
+        return Verdict(False, "no name: not a TLS ClientHello with server_name, "
+                              "an HTTP CONNECT or a request with Host", RULE)
+    named = [r for r in rules if domain_matches(r.pattern, name)]
+    if not named:
+        return Verdict(False, f"{name} is not in network.allow", RULE)
+    fitting = [r for r in named if r.allows_port(port)]
+    if not fitting:
+        return Verdict(False, f"{name}: port {port}/tcp is not allowed "
+                              f"(rules for it: {', '.join(r.pattern for r in named)})", RULE)
+    if source != "connect":
+        ip = canonical_ip(orig_addr)
+        if not addresses:
+            return Verdict(False, f"{name} did not resolve, so no address is its", RULE)
+        if ip is None or ip not in {canonical_ip(a) for a in addresses}:
+            return Verdict(False, f"{orig_addr} is not an address of {name} "
+                                  f"({', '.join(sorted(addresses))})", RULE)
+    return Verdict(True, f"{name} allowed by {fitting[0].pattern}", fitting[0].pattern)
+
+
+# -- one run's share of the guard ------------------------------------------------------
+@dataclass(eq=False)
+class RunSession:
+    """The guard's state for one run: its listeners, rules, pins, the
+    answers its DNS responder gave, and its counters."""
+    run_id: str
+    agent: str
+    rules: tuple
+    pins: dict                       # name -> [addresses] (--resolve NAME:ADDR)
+    on_record: object                # callable(dict), called on the guard's thread
+    flow_of: object = None           # callable(addr, port) -> kernel record (Egress.flow_of)
+    ports: GuardPorts = None
+    handed: dict = field(default_factory=dict)      # name -> {address: ts} our DNS answered
+    counters: dict = field(default_factory=lambda: dict.fromkeys(
+        ("flows", "allowed", "denied", "errors", "busy", "unknown_socket", "dns_queries",
+         "dns_denied", "dns_dropped"), 0))
+    active: int = 0
+    servers: list = field(default_factory=list)
+    _cache: dict = field(default_factory=dict)      # name -> (expires, [addresses])
+
+    def count(self, key, n=1):
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def answer_for(self, addr):
+        """(name, ts) of the DNS answer of ours that handed out addr, or None."""
+        ip = canonical_ip(addr)
+        best = None
+        for name, given in self.handed.items():
+            for a, ts in given.items():
+                if canonical_ip(a) == ip and (best is None or ts > best[1]):
+                    best = (name, ts)
+        return best
+
+
+class EgressGuard:
+    """The proxy and DNS responder of every run of one Monitor. start() runs
+    its asyncio loop in a thread; open_run()/close_run() are called from the
+    runs' threads."""
+
+    def __init__(self, limits=None, resolver=None):
+        self.limits = limits or Limits()
+        self._resolver = resolver or socket.getaddrinfo
+        self.loop = None
+        self.thread = None
+        self.sessions = set()
+        self.active = 0
+        self.flows_total = self.limits.flows_total
+        self.flows_per_run = self.limits.flows_per_run
+        self.v6 = _has_ipv6_loopback()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                           thread_name_prefix="aw-guard-dns")
+
+    # -- life -------------------------------------------------------------------------
+    def start(self):
+        if self.thread is not None:
+            return self
+        self.flows_total = min(self.limits.flows_total, _fd_budget())
+        # one run never holds more than a quarter of what all may hold
+        self.flows_per_run = max(1, min(self.limits.flows_per_run, self.flows_total // 4))
+        ready = threading.Event()
+
+        def main():
+            self.loop = asyncio.new_event_loop()
+            self.loop.set_default_executor(self._pool)
+            ready.set()
+            self.loop.run_forever()
+            self.loop.close()
+        self.thread = threading.Thread(target=main, name="aw-egress-guard", daemon=True)
+        self.thread.start()
+        ready.wait()
+        return self
+
+    def _call(self, coro, timeout=10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        """Close every session, stop the loop. Idempotent."""
+        if self.thread is None:
+            return
+        for s in list(self.sessions):
+            self.close_run(s)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.thread = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- runs ---------------------------------------------------------------------------
+    def open_run(self, run_id, agent, rules, pins, on_record):
+        """A session with listeners of its own (their ports go into the run's
+        EgressRules.guard). Set session.flow_of before the agent starts."""
+        s = RunSession(run_id, agent, tuple(rules), {k.lower().rstrip("."): list(v)
+                                                     for k, v in (pins or {}).items()}, on_record)
+        self._call(self._open(s))
+        self.sessions.add(s)
+        return s
+
+    def close_run(self, session):
+        """Stop the session's listeners and flows; returns its counters."""
+        if session in self.sessions:
+            self.sessions.discard(session)
+            try:
+                self._call(self._close(session))
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+        return dict(session.counters)
+
+    async def _open(self, s):
+        srv4 = await asyncio.start_server(lambda r, w: self._flow(s, r, w), "127.0.0.1", 0,
+                                          backlog=1024, limit=self.limits.chunk)
+        s.servers.append(srv4)
+        p6 = 0
+        if self.v6:
+            srv6 = await asyncio.start_server(lambda r, w: self._flow(s, r, w), "::1", 0,
+                                              backlog=1024, limit=self.limits.chunk)
+            s.servers.append(srv6)
+            p6 = srv6.sockets[0].getsockname()[1]
+        dns = []
+        for host in ("127.0.0.1", "::1") if self.v6 else ("127.0.0.1",):
+            d = await self._dns_server(s, host)
+            s.servers.append(d)
+            dns.append(d.ports["udp"])
+        s.ports = GuardPorts(proxy4=srv4.sockets[0].getsockname()[1], proxy6=p6,
+                             dns4=dns[0], dns6=dns[1] if len(dns) > 1 else 0)
+
+    async def _dns_server(self, s, host):
+        """The run's DNS responder on host: UDP and TCP on one port, which
+        the kernel sends both to (AW_EG_CFG_DNS4/6)."""
+        from .dns import DnsServer
+        for _ in range(20):
+            d = DnsServer(host, 0, lambda _peer: (self._dns_decide(s), self._dns_resolve(s)),
+                          lambda peer, reply: self._dns_record(s, peer, reply))
+            await d.start()
+            if d.ports["udp"] == d.ports["tcp"]:
+                return d
+            await d.close()           # that UDP port's TCP twin was taken: another
+        raise OSError(f"no free port on {host} for both UDP and TCP DNS")
+
+    async def _close(self, s):
+        from .dns import DnsServer
+        for srv in s.servers:
+            if isinstance(srv, DnsServer):
+                await srv.close()
+            else:
+                srv.close()
+        for srv in s.servers:
+            if not isinstance(srv, DnsServer):
+                try:
+                    await asyncio.wait_for(srv.wait_closed(), 2)
+                except asyncio.TimeoutError:
+                    pass
+        for task in [t for t in asyncio.all_tasks() if getattr(t, "aw_session", None) is s]:
+            task.cancel()
+        s.servers = []
+
+    # -- names --------------------------------------------------------------------------
+    async def addresses_of(self, s, name):
+        """What name resolves to for this run: its pins, else the host's
+        resolver (cached for cache_s), plus what our DNS handed out for it."""
+        handed = set(s.handed.get(name, {}))
+        if name in s.pins:
+            return set(s.pins[name]) | handed, "pinned"
+        now = time.monotonic()
+        hit = s._cache.get(name)
+        if hit and hit[0] > now:
+            return set(hit[1]) | handed, "resolved"
+        try:
+            infos = await asyncio.wait_for(
+                self.loop.run_in_executor(None, lambda: self._resolver(name, None, 0,
+                                                                       socket.SOCK_STREAM)),
+                self.limits.resolve_s)
+            found = sorted({str(canonical_ip(i[4][0])) for i in infos if canonical_ip(i[4][0])})
+        except (OSError, UnicodeError, asyncio.TimeoutError):
+            found = []
+        s._cache[name] = (now + self.limits.cache_s, found)
+        return set(found) | handed, "resolved"
+
+    def _dns_decide(self, s):
+        def decide(name, qtype):
+            s.count("dns_queries")
+            if name_allowed(s.rules, name):
+                return True, f"{name} is in network.allow"
+            s.count("dns_denied")
+            return False, f"{name} is not in network.allow"
+        return decide
+
+    def _dns_resolve(self, s):
+        def resolve(name, qtype):
+            fam = socket.AF_INET6 if qtype == "AAAA" else socket.AF_INET
+            if name in s.pins:
+                return [a for a in s.pins[name] if (ipaddress.ip_address(a).version == 6) ==
+                        (fam == socket.AF_INET6)]
+            infos = self._resolver(name, None, fam, socket.SOCK_STREAM)
+            return sorted({i[4][0] for i in infos})
+        return resolve
+
+    def _dns_record(self, s, peer, reply):
+        now = time.time()
+        if reply.decision == "allow":
+            given = s.handed.setdefault(reply.name, {})
+            for a in reply.addresses:
+                given[a] = now
+        elif reply.decision == "malformed":
+            s.count("dns_dropped")
+        _deliver(s, {"proto": "dns", "peer": list(peer[:2]) if peer else None,
+                     "name": reply.name, "qtype": reply.qtype, "decision": reply.decision,
+                     "reason": reply.reason, "addresses": list(reply.addresses), "ts": now,
+                     "rule": RULE if reply.decision == "deny" else None})
+
+    # -- one flow -------------------------------------------------------------------------
+    async def _flow(self, s, reader, writer):
+        asyncio.current_task().aw_session = s
+        peer = writer.get_extra_info("peername")
+        if s.active >= self.flows_per_run or self.active >= self.flows_total:
+            s.count("busy")
+            _reset(writer)
+            return
+        s.active += 1
+        self.active += 1
+        t0 = time.monotonic()
+        rec = {"proto": "tcp", "ts": time.time(), "name": None, "source": None, "decision": "deny",
+               "bytes_out": 0, "bytes_in": 0}
+        try:
+            kflow = s.flow_of(peer[0], peer[1]) if s.flow_of else None
+            if kflow is None:
+                s.count("unknown_socket")     # not redirected by this run's programs
+                _reset(writer)
+                return
+            s.count("flows")
+            rec.update(pid=kflow["pid"], tid=kflow["tid"], uid=kflow["uid"], comm=kflow["comm"],
+                       cgroup=kflow["cgroup"], family=kflow["family"], addr=kflow["addr"],
+                       port=kflow["port"])
+            await self._handle(s, reader, writer, rec)
+        except (ConnectionError, OSError) as e:
+            rec.setdefault("reason", f"connection: {e}")
+        except asyncio.CancelledError:
+            rec.setdefault("reason", "the run ended")
+            raise
+        finally:
+            s.active -= 1
+            self.active -= 1
+            if "pid" in rec:
+                rec["duration"] = round(time.monotonic() - t0, 6)
+                _deliver(s, rec)
+            if not writer.is_closing():
+                writer.close()
+
+    async def _handle(self, s, reader, writer, rec):
+        lim = self.limits
+        buf, head, hello = b"", None, None
+        deadline = time.monotonic() + lim.first_bytes_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(reader.read(wire.MAX_HELLO), max(left, 0))
+            except asyncio.TimeoutError:
+                return self._refuse(s, writer, rec, f"sent no name within {lim.first_bytes_s:g} s")
+            if not chunk:
+                return self._refuse(s, writer, rec, "closed before naming a destination")
+            buf += chunk
+            if buf[:1] == b"\x16":
+                hello = wire.parse_client_hello(buf)
+                if hello.status == "need_more" and len(buf) < wire.MAX_HELLO:
+                    continue
+                if hello.ok:
+                    rec.update(name=hello.sni, source="sni" if hello.sni else None,
+                               alpn=list(hello.alpn))
+                else:
+                    return self._refuse(s, writer, rec, f"TLS ClientHello: {hello.reason or hello.status}")
+            elif buf[:1].isupper():
+                head = wire.parse_http_head(buf)
+                if head.status == "need_more":
+                    continue
+                if not head.ok:
+                    return self._refuse(s, writer, rec, f"HTTP request: {head.reason}", http=True)
+                rec.update(name=head.host, source="connect" if head.kind == "connect" else "host",
+                           method=head.method)
+            else:
+                return self._refuse(s, writer, rec, "neither TLS nor HTTP: no name to judge")
+            break
+        port = head.port if head is not None and head.kind == "connect" else rec["port"]
+        if head is not None and head.kind == "http" and head.port is None:
+            port = rec["port"]
+        # a name no rule allows is never looked up: names leave the host only when allowed
+        addresses, how = ((await self.addresses_of(s, rec["name"])) if name_allowed(s.rules, rec["name"])
+                          else (set(), None))
+        verdict = judge_flow(s.rules, rec["name"], rec["source"], rec["addr"], port, addresses)
+        answer = s.answer_for(rec["addr"])
+        rec["dns"] = ({"name": answer[0], "answered_at": round(answer[1], 6), "by": "agentwatch-dns"}
+                      if answer and answer[0] == rec["name"] else
+                      {"name": rec["name"], "addresses": sorted(addresses), "by": how} if how
+                      else None)
+        if not verdict.allowed:
+            return self._refuse(s, writer, rec, verdict.reason, http=head is not None)
+        if head is not None and head.kind == "connect":
+            pick = sorted(addresses, key=lambda a: ipaddress.ip_address(a).version)
+            upstream, first = (str(canonical_ip(pick[0])), port), buf[head.head_len:]
+        else:
+            upstream, first = (str(canonical_ip(rec["addr"])), rec["port"]), buf
+        try:
+            ur, uw = await asyncio.wait_for(asyncio.open_connection(*upstream, limit=lim.chunk),
+                                            lim.connect_s)
+        except (OSError, asyncio.TimeoutError) as e:
+            rec.update(decision="error", reason=f"upstream {upstream[0]}:{upstream[1]}: "
+                                                f"{e.strerror if isinstance(e, OSError) and e.strerror else 'timed out'}")
+            s.count("errors")
+            if head is not None:
+                writer.write(wire.http_error(502, "Bad Gateway", rec["reason"] + "\n"))
+            _reset(writer) if head is None else None
+            return
+        rec.update(decision="allow", reason=verdict.reason, rule=None, pattern=verdict.rule,
+                   upstream=f"{upstream[0]}:{upstream[1]}")
+        s.count("allowed")
+        if head is not None and head.kind == "connect":
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if first:
+            uw.write(first)
+            rec["bytes_out"] += len(first)
+        try:
+            await self._splice(reader, writer, ur, uw, rec)
+        finally:
+            uw.close()
+
+    async def _splice(self, reader, writer, ur, uw, rec):
+        lim = self.limits
+
+        async def pump(src, dst, key):
+            try:
+                while True:
+                    data = await asyncio.wait_for(src.read(lim.chunk), lim.idle_s)
+                    if not data:
+                        break
+                    rec[key] += len(data)
+                    dst.write(data)
+                    await dst.drain()
+            except (asyncio.TimeoutError, ConnectionError, OSError):
+                pass
+            finally:
+                try:
+                    if dst.can_write_eof():
+                        dst.write_eof()
+                except (OSError, RuntimeError):
+                    pass
+        up = asyncio.ensure_future(pump(reader, uw, "bytes_out"))
+        down = asyncio.ensure_future(pump(ur, writer, "bytes_in"))
+        try:
+            await asyncio.gather(up, down)
+        finally:
+            up.cancel()
+            down.cancel()
+
+    def _refuse(self, s, writer, rec, reason, http=False):
+        """Refuse the flow, the one way its protocol shows (module docstring)."""
+        rec.update(decision="deny", reason=reason, rule=RULE)
+        s.count("denied")
+        if http:
+            writer.write(wire.http_error(403, "Forbidden",
+                                         f"agentwatch: {RULE}: {reason}\n", rule=RULE))
+        else:
+            _reset(writer)
+
+
+def _deliver(s, rec):
+    rec.setdefault("run_id", s.run_id)
+    try:
+        s.on_record(rec)
+    except Exception:          # the run's side must not break the guard
+        s.count("errors")
+
+
+def _reset(writer):
+    """Close with a TCP reset (SO_LINGER 0), so the client sees the refusal
+    at once instead of an orderly end it may mistake for a server's."""
+    sock = writer.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    writer.transport.abort()
+
+
+def _has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _fd_budget():
+    """Flows this process can hold: each takes two descriptors, and the
+    rest of agentwatch keeps 256. The limit is not raised: the agents we
+    start inherit it. So the flow bounds, never EMFILE, decide who waits."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, (soft - 256) // 2) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+__all__ = ["EgressGuard", "Limits", "NameRule", "RunSession", "Verdict", "judge_flow",
+           "name_allowed", "name_rules", "RULE"]
