@@ -97,7 +97,7 @@ FIELDS = {
     "DaemonRun": ["run_id", "agent", "root_pid", "client"],
     "DaemonStatus": ["pid", "started", "socket", "runs", "sensors", "counters", "raw"],
     "RunOptions": ["argv", "policy_path", "name", "events_path", "show", "workspace", "prompt_path",
-                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "fold", "cwd", "env",
+                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "resolve", "fold", "cwd", "env",
                    "ringbuf_pages", "sensors", "seccomp_denied", "stdio", "stderr", "client"],
     # types of the layers below that the API returns
     "Check": ["name", "ok", "detail", "disables", "seconds"],
