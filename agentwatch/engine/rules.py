@@ -201,7 +201,10 @@ def guard_flow(policy, ev):
     action = policy.action_for("network", RULE_DOMAIN)
     d = Decision(category="network", rule=RULE_DOMAIN, action="kill" if action == "kill" else "deny",
                  reason=ev.reason or "refused by the egress guard", pattern=None)
-    target = f"{ev.name or ev.addr}:{ev.port}" if ev.proto == "tcp" else f"{ev.name} {ev.qtype}"
+    if ev.proto != "tcp":
+        target = f"{ev.name} {ev.qtype}"
+    else:
+        target = f"{ev.name} at {ev.addr}:{ev.port}" if ev.name else f"{ev.addr}:{ev.port}"
     evidence = {"proto": ev.proto, "name": ev.name, "source": ev.source, "addr": ev.addr,
                 "port": ev.port, "family": ev.family, "dns": ev.dns, "qtype": ev.qtype,
                 "layer": "egress-guard",

@@ -309,8 +309,6 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
                     any_port = True
                 else:
                     ports.update(_landlock_ports(lo, hi))
-        if guarded:
-            ports.add(53)                  # DNS over TCP, which the kernel sends to the guard
         loop = net.get("loopback", False)
         p.egress = EgressRules(allow=allow, loopback=loop, deny_unix=net.get("unix", False) is False,
                                allow_families=tuple(_net_spec(net).families))
@@ -318,7 +316,10 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             p.lsm.unix = p.egress.deny_unix
         if rules is None:
             rules = landlock.LandlockRules(read=["/"], write=["/"], exec=["/"])
-        if loop is not True and not any_port:
+        # with the guard, TCP to any port may be an HTTP proxy's (CONNECT) or
+        # DNS: the kernel hands it to the guard, which judges the ports, so
+        # Landlock adds no port list
+        if loop is not True and not any_port and not guarded:
             # entries are ports or "lo-hi" ranges, as in network.allow
             loop_ports = {port for x in (loop if isinstance(loop, list) else ())
                           for port in _landlock_ports(*_port_range(x))}
