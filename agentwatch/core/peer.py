@@ -71,8 +71,9 @@ def _pidfd(sock, pid):
 
 def _alive(pidfd):
     """A pidfd turns readable when its process exits."""
-    r, _, _ = select.select([pidfd], [], [], 0)
-    return not r
+    poller = select.poll()         # not select(): servers hold descriptors beyond 1024
+    poller.register(pidfd, select.POLLIN)
+    return not poller.poll(0)
 
 
 def _unix_peer(sock):

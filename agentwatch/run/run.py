@@ -267,7 +267,12 @@ class Run:
                     continue                # records are waiting: read on
                 wake = [fd for fd in (pidfd, self.child.status_fd) if fd is not None]
                 if wake:
-                    select.select(wake, [], [], SHARED_POLL_S)
+                    # poll, not select: a daemon (its egress guard's flows) holds
+                    # descriptors beyond select's 1024
+                    poller = select.poll()
+                    for fd in wake:
+                        poller.register(fd, select.POLLIN)
+                    poller.poll(SHARED_POLL_S * 1000)
                 else:
                     time.sleep(SHARED_POLL_S)
         finally:
