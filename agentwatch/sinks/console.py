@@ -35,6 +35,8 @@ def describe(d):
         if d.get("port") is not None:
             where = f"[{where}]:{d['port']}" if ":" in where else f"{where}:{d['port']}"
         return f"net {d.get('op')} {d.get('family')} {where}{_result(d)}"
+    if k == "flow":
+        return describe_flow(d)
     if k == "syscall":
         arg = f" {d['path']}" if d.get("path") else ""
         return f"syscall {d.get('name')}{arg}{_result(d)}"
@@ -57,6 +59,24 @@ def describe(d):
             "command", "exit_status", "events", "lost_events", "policy", "message", "killed")}
         return f"{d.get('phase')} {short}"
     return str(d)
+
+
+def describe_flow(d):
+    """A flow through the egress guard: 'flow tcp pypi.org (sni) -> 151.101.0.223:443
+    allow, 517 B out 4096 B in, 0.250 s' or 'flow dns other.test A deny: ...'."""
+    verdict = d.get("decision")
+    if verdict != "allow" and d.get("reason"):
+        verdict += f": {d['reason']}"
+    if d.get("proto") == "dns":
+        got = f" -> {','.join(d['addresses'])}" if d.get("addresses") else ""
+        return f"flow dns {d.get('name')} {d.get('qtype')}{got} {verdict}"
+    addr = d.get("addr") or ""
+    where = f"[{addr}]:{d.get('port')}" if ":" in addr else f"{addr}:{d.get('port')}"
+    name = f"{d['name']} ({d.get('source')}) " if d.get("name") else ""
+    moved = (f", {d.get('bytes_out', 0)} B out {d.get('bytes_in', 0)} B in"
+             if d.get("decision") == "allow" else "")
+    took = f", {d['duration']:.3f} s" if d.get("duration") is not None else ""
+    return f"flow tcp {name}-> {where} {verdict}{moved}{took}"
 
 
 def format_line(d, color=False):

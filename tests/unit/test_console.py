@@ -91,3 +91,17 @@ def test_console_sink_writes_lines():
     assert len(lines) == 2
     assert lines[0].endswith("file unlink /tmp/x")
     assert "VIOLATION" in lines[1] and "\033" not in lines[1]     # StringIO is no tty
+
+
+def test_describe_flow_says_name_address_verdict_and_bytes():
+    from agentwatch.sinks.console import describe
+    ok = describe({"kind": "flow", "proto": "tcp", "name": "pypi.org", "source": "sni",
+                   "addr": "151.101.0.223", "port": 443, "decision": "allow",
+                   "bytes_out": 517, "bytes_in": 4096, "duration": 0.25})
+    assert ok == "flow tcp pypi.org (sni) -> 151.101.0.223:443 allow, 517 B out 4096 B in, 0.250 s"
+    no = describe({"kind": "flow", "proto": "tcp", "name": None, "addr": "::1", "port": 443,
+                   "decision": "deny", "reason": "no name"})
+    assert no == "flow tcp -> [::1]:443 deny: no name"
+    dns = describe({"kind": "flow", "proto": "dns", "name": "x.other.test", "qtype": "TXT",
+                    "decision": "deny", "reason": "x.other.test is not in network.allow"})
+    assert dns == "flow dns x.other.test TXT deny: x.other.test is not in network.allow"
