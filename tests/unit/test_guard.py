@@ -1,0 +1,126 @@
+"""The egress guard's pure parts: the verdict on a flow, which names DNS
+answers, --resolve pins, and what a policy's plan, lint, explain and diff
+say about the guard (issue #16). The guard on the real kernel:
+tests/kernel/test_egress_guard.py."""
+import ipaddress
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from agentwatch.core.errors import UsageError
+from agentwatch.guards.guard import NameRule, judge_flow, name_allowed, name_rules
+from agentwatch.policy import load
+from agentwatch.policy.diff import diff
+from agentwatch.policy.explain import explain
+from agentwatch.policy.lint import lint
+from agentwatch.run.prepare import parse_pins
+from agentwatch.sandbox.plan import make_plan
+
+RULES = name_rules([("pypi.org", [(443, 443)], "tcp"), ("*.example.com", None, "any"),
+                    ("udp-only.test", [(53, 53)], "udp")])
+PYPI = {"151.101.0.223", "2a04:4e42::223"}
+
+
+@pytest.mark.parametrize("name, source, addr, port, allowed, why", [
+    ("pypi.org", "sni", "151.101.0.223", 443, True, "allowed by pypi.org"),
+    ("pypi.org", "host", "::ffff:151.101.0.223", 443, True, "allowed"),      # mapped = IPv4
+    ("pypi.org", "sni", "2a04:4e42::223", 443, True, "allowed"),
+    ("pypi.org", "sni", "10.1.2.3", 443, False, "10.1.2.3 is not an address of pypi.org"),
+    ("pypi.org", "sni", "151.101.0.223", 80, False, "port 80/tcp is not allowed"),
+    ("evil.test", "sni", "151.101.0.223", 443, False, "evil.test is not in network.allow"),
+    (None, None, "151.101.0.223", 443, False, "no name"),
+    ("pypi.org", "connect", "127.0.0.9", 443, True, "allowed"),   # CONNECT: the guard picks the address
+    ("a.b.example.com", "sni", "151.101.0.223", 8443, True, "allowed by *.example.com"),
+    ("example.com", "sni", "151.101.0.223", 443, False, "not in network.allow"),
+    ("udp-only.test", "sni", "151.101.0.223", 53, False, "port 53/tcp is not allowed"),
+])
+def test_judge_flow(name, source, addr, port, allowed, why):
+    v = judge_flow(RULES, name, source, addr, port, PYPI)
+    assert v.allowed is allowed and why in v.reason
+    assert v.rule == ("network.domain" if not allowed else v.rule)
+
+
+def test_a_name_that_did_not_resolve_has_no_address():
+    v = judge_flow(RULES, "pypi.org", "sni", "151.101.0.223", 443, set())
+    assert not v.allowed and "did not resolve" in v.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.ip_addresses(), st.integers(0, 65535), st.sampled_from(["sni", "host"]))
+def test_only_an_address_of_the_name_passes(ip, port, source):
+    v = judge_flow(RULES, "pypi.org", source, str(ip), port, PYPI)
+    mine = ipaddress.ip_address(str(ip)) in {ipaddress.ip_address(a) for a in PYPI}
+    assert v.allowed == (mine and port == 443)
+
+
+def test_dns_answers_exactly_the_names_some_rule_names():
+    assert name_allowed(RULES, "pypi.org") and name_allowed(RULES, "x.example.com")
+    assert not name_allowed(RULES, "pypi.org.evil.test") and not name_allowed(RULES, "example.com")
+    assert not name_allowed(RULES, None) and not name_allowed((), "pypi.org")
+    assert NameRule("a.test", ((1, 2),), "udp").allows_port(1, "udp")
+
+
+def test_parse_pins():
+    assert parse_pins(["Allowed.Test.:127.0.0.2", "allowed.test:[::1]", "allowed.test:127.0.0.2",
+                       "b.test:::1"]) == {"allowed.test": ["127.0.0.2", "::1"], "b.test": ["::1"]}
+    for bad, says in (("allowed.test", "NAME:ADDR"), ("x:300.1.1.1", "not an IPv4 or IPv6"),
+                      ("*.x.test:1.2.3.4", "not a wildcard"), ("1.2.3.4:1.2.3.4", "an address, not")):
+        with pytest.raises(UsageError, match=says):
+            parse_pins([bad])
+
+
+def _policy(tmp_path, network, action="deny", name="p.yaml"):
+    path = tmp_path / name
+    path.write_text("apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {name: t}\n"
+                    f"network: {network}\non_violation: {{network: {action}}}\n")
+    return path
+
+
+def _plan(tmp_path, network, action="deny", pins=None):
+    path = _policy(tmp_path, network, action)
+    pol = load(str(path))
+    return make_plan(pol.data, {"WORKSPACE": str(tmp_path)}, [str(path)], landlock_abi=7,
+                     ns_missing={}, pins=pins)
+
+
+def test_domain_rules_turn_the_guard_on_and_are_not_resolved(tmp_path):
+    p = _plan(tmp_path, "{allow: [{domain: pypi.org, ports: [443], protocol: tcp}, "
+                        "{cidr: 10.0.0.0/8, ports: [5432]}]}")
+    assert p.guard == [("pypi.org", [(443, 443)], "tcp")]
+    assert p.resolved == {} and p.egress.allow == [("10.0.0.0/8", 5432, 5432, "any")]
+    assert p.landlock.ports == [], "the guard judges TCP ports (a proxy's CONNECT port is the agent's)"
+    assert p.record()["egress_guard"]["names"][0]["domain"] == "pypi.org"
+    assert any(line.startswith("egress guard:") for line in p.describe())
+    assert "net" not in p.namespaces
+
+
+def test_guard_false_resolves_names_at_start_from_the_pins(tmp_path):
+    p = _plan(tmp_path, "{guard: false, allow: [{domain: pypi.org, ports: [443]}]}",
+              pins={"pypi.org": ["192.0.2.7"]})
+    assert p.guard is None and p.resolved == {"pypi.org": ["192.0.2.7"]}
+    assert p.egress.allow == [("192.0.2.7/32", 443, 443, "any")]
+
+
+def test_guard_true_without_domains_keeps_the_host_network_for_its_listeners(tmp_path):
+    p = _plan(tmp_path, "{guard: true}")
+    assert p.guard == [] and "net" not in p.namespaces
+
+
+def test_alert_only_gets_no_guard(tmp_path):
+    p = _plan(tmp_path, "{allow: [{domain: pypi.org}]}", action="alert")
+    assert p.guard is None and p.egress is None
+
+
+def test_lint_explain_and_diff_know_the_guard(tmp_path):
+    bad = _policy(tmp_path, "{guard: 1}")
+    assert any("network.guard: expected true or false" in str(x) for x in lint([str(bad)]).problems)
+    off = _policy(tmp_path, "{guard: false, allow: [{domain: pypi.org}]}", name="off.yaml")
+    warns = [str(x) for x in lint([str(off)]).problems]
+    assert any("network.guard: false with domain rules" in w and "off.yaml:" in w for w in warns), warns
+    on = _policy(tmp_path, "{allow: [{domain: pypi.org}]}", name="on.yaml")
+    text = explain(load(str(on)), {"WORKSPACE": str(tmp_path)})
+    assert "Egress guard: on" in text and "TLS SNI" in text
+    assert "Egress guard: off (network.guard: false)" in explain(load(str(off)), {"WORKSPACE": str(tmp_path)})
+    changes = "\n".join(diff(load(str(on)), load(str(off))))
+    assert "egress guard is off" in changes
+    assert "egress guard now decides TCP by name" in "\n".join(diff(load(str(off)), load(str(on))))
