@@ -234,6 +234,11 @@ try:
     socket.getaddrinfo("other.test", 443); out["resolve_other"] = "resolved"
 except socket.gaierror as e:
     out["resolve_other"] = e.errno == socket.EAI_NONAME and "NXDOMAIN"
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:   # QUIC: UDP to an allowed name's port
+    try:
+        u.sendto(b"\xc0quic", ("127.0.0.2", HTTPS)); out["quic"] = 0
+    except OSError as e:
+        out["quic"] = e.errno
 out["txt_secret"] = dns_raw("%s.other.test" % os.environ["SECRET"], 16)
 env = dict(os.environ, HTTPS_PROXY="http://127.0.0.9:1", https_proxy="http://127.0.0.9:1")
 r = subprocess.run(["curl", "-sk", "--noproxy", "*", "--max-time", "10", "https://allowed.test:%d/" % HTTPS],
@@ -283,6 +288,7 @@ def _check_scenario(res, evs, run_id, servers):
     assert res["connect_other"].startswith("HTTP/1.1 403"), res
     assert res["v6"] == "reset" and res["elsewhere"] == "reset", res
     assert res["resolve_other"] == "NXDOMAIN"
+    assert res["quic"] == 1, "QUIC is refused (EPERM): clients fall back to TCP"
     assert res["txt_secret"]["rcode"] == 3 and res["txt_secret"]["answers"] == 0
     assert res["txt_secret"]["from"] == ["127.0.0.77", 53], "the answer reads as from the server asked"
     # the forbidden effect did not happen: the servers saw only the allowed requests
@@ -327,6 +333,13 @@ def _check_scenario(res, evs, run_id, servers):
     end = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "end")
     g = end["detail"]["kernel_denials"]["egress-guard"]
     assert g["allowed"] == 4 and g["denied"] == 7 and g["busy"] == 0 and g["unknown_socket"] == 0
+    # the run's listeners are gone with it
+    start = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "start")
+    ports = start["detail"]["enforcement"]["egress_guard"]["ports"]
+    assert ports["proxy4"] and ports["dns4"]
+    for port in (ports["proxy4"], ports["dns4"]):
+        with socket.socket() as c:
+            assert c.connect_ex(("127.0.0.1", port)) != 0, f"guard port {port} still listens"
 
 
 def test_egress_by_name_embedded(tmp_path, servers):
