@@ -198,8 +198,9 @@ def guard_flow(policy, ev):
     which the reporter carries out."""
     if ev.decision != "deny":
         return None
-    action = policy.action_for("network", RULE_DOMAIN)
-    d = Decision(category="network", rule=RULE_DOMAIN, action="kill" if action == "kill" else "deny",
+    rule = ev.rule or RULE_DOMAIN       # network.loopback for an unnamed flow to this host
+    action = policy.action_for("network", rule)
+    d = Decision(category="network", rule=rule, action="kill" if action == "kill" else "deny",
                  reason=ev.reason or "refused by the egress guard", pattern=None)
     if ev.proto != "tcp":
         target = f"{ev.name} {ev.qtype}"

@@ -58,6 +58,17 @@ from . import wire
 from .egress import GuardPorts
 
 RULE = "network.domain"
+LOOPBACK_RULE = "network.loopback"
+
+
+def refusal_rule(name, orig_addr):
+    """The rule a refusal breaks: a flow that named nothing, to this host's
+    own address, is the connect network.loopback forbids (and reads as the
+    kernel's refusal of it would); anything else is network.domain."""
+    ip = canonical_ip(orig_addr) if orig_addr else None
+    if not name and ip is not None and (ip.is_loopback or ip.is_unspecified):
+        return LOOPBACK_RULE
+    return RULE
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,7 @@ def judge_flow(rules, name, source, orig_addr, port, addresses):
     is not judged."""
     if not name:
         return Verdict(False, "no name: not a TLS ClientHello with server_name, "
-                              "an HTTP CONNECT or a request with Host", RULE)
+                              "an HTTP CONNECT or a request with Host", refusal_rule(name, orig_addr))
     named = [r for r in rules if domain_matches(r.pattern, name)]
     if not named:
         return Verdict(False, f"{name} is not in network.allow", RULE)
@@ -481,11 +492,12 @@ class EgressGuard:
 
     def _refuse(self, s, writer, rec, reason, http=False):
         """Refuse the flow, the one way its protocol shows (module docstring)."""
-        rec.update(decision="deny", reason=reason, rule=RULE)
+        rule = refusal_rule(rec.get("name"), rec.get("addr"))
+        rec.update(decision="deny", reason=reason, rule=rule)
         s.count("denied")
         if http:
             writer.write(wire.http_error(403, "Forbidden",
-                                         f"agentwatch: {RULE}: {reason}\n", rule=RULE))
+                                         f"agentwatch: {rule}: {reason}\n", rule=rule))
         else:
             _reset(writer)
 
@@ -528,4 +540,4 @@ def _fd_budget():
 
 
 __all__ = ["EgressGuard", "Limits", "NameRule", "RunSession", "Verdict", "judge_flow",
-           "name_allowed", "name_rules", "RULE"]
+           "name_allowed", "name_rules", "refusal_rule", "RULE"]

@@ -301,7 +301,7 @@ def _check_scenario(res, evs, run_id, servers):
     # pids are the host's (the agent has a PID namespace of its own)
     pid = next(e["pid"] for e in evs if e["kind"] == "exec" and e["ret"] == 0
                and any(a.endswith("agent.py") for a in e["argv"]))
-    viol = [e for e in evs if e["kind"] == "violation" and e["rule"] == "network.domain"
+    viol = [e for e in evs if e["kind"] == "violation" and e["rule"] in ("network.domain", "network.loopback")
             and not e["detail"].get("repeat")]
     assert {e["run_id"] for e in viol} == {run_id} and {e["agent"] for e in viol} == {"guard-agent"}
     tcp = {(v["detail"].get("name"), v["detail"]["addr"], v["detail"]["port"]): v for v in viol
@@ -313,6 +313,9 @@ def _check_scenario(res, evs, run_id, servers):
     for v in tcp.values():
         assert v["pid"] == pid and v["action"] == "deny" and v["category"] == "network"
         assert v["detail"]["layer"] == "egress-guard" and v["detail"]["reason"]
+    # named: network.domain; unnamed to a loopback address: what network.loopback forbids
+    assert {k for k, v in tcp.items() if v["rule"] == "network.loopback"} == {
+        (None, "127.0.0.2", hp), (None, "127.0.0.2", tp)}
     assert tcp[(OTHER, "127.0.0.2", hp)]["detail"]["source"] == "sni"
     assert tcp[(OTHER, "127.0.0.2", tp)]["detail"]["source"] == "host"
     assert tcp[(OTHER, "127.0.0.9", 3128)]["detail"]["source"] == "connect"
@@ -475,6 +478,7 @@ def test_the_guard_survives_hostile_input_and_one_flooding_agent_stalls_no_other
     end = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "end")
     g = end["detail"]["kernel_denials"]["egress-guard"]
     assert g["busy"] > 0 and g["busy"] >= f["reset"] * 0.5, g
-    assert any(e["kind"] == "violation" and e["rule"] == "network.domain" for e in evs)
+    assert any(e["kind"] == "violation" and e["rule"] == "network.loopback"   # unnamed, to 127.0.0.2
+               and e["detail"]["layer"] == "egress-guard" for e in evs)
     reasons = " | ".join(e["reason"] for e in evs if e["kind"] == "flow" and e["decision"] == "deny")
     assert "TLS ClientHello" in reasons and "HTTP request" in reasons and "within 5 s" in reasons, reasons

@@ -40,6 +40,14 @@ def test_judge_flow(name, source, addr, port, allowed, why):
     assert v.rule == ("network.domain" if not allowed else v.rule)
 
 
+def test_an_unnamed_flow_to_this_host_breaks_network_loopback():
+    from agentwatch.guards.guard import refusal_rule
+    assert refusal_rule(None, "127.0.0.5") == refusal_rule(None, "::1") == "network.loopback"
+    assert refusal_rule(None, "0.0.0.0") == "network.loopback"
+    assert refusal_rule(None, "10.0.0.1") == refusal_rule("x.test", "127.0.0.1") == "network.domain"
+    assert judge_flow(RULES, None, None, "::ffff:127.0.0.1", 80, set()).rule == "network.loopback"
+
+
 def test_a_name_that_did_not_resolve_has_no_address():
     v = judge_flow(RULES, "pypi.org", "sni", "151.101.0.223", 443, set())
     assert not v.allowed and "did not resolve" in v.reason
