@@ -377,6 +377,10 @@ class EgressGuard:
         except asyncio.CancelledError:
             rec.setdefault("reason", "the run ended")
             raise
+        except Exception as e:        # a bug must cost one flow, never the guard
+            s.count("errors")
+            rec.update(decision="error", reason=f"guard error: {type(e).__name__}: {e}")
+            _reset(writer)
         finally:
             s.active -= 1
             self.active -= 1
