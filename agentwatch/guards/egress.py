@@ -60,7 +60,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ..core.errors import AgentwatchError, PrivilegeError
+from ..core.errors import AgentwatchError, KernelFeatureError, PrivilegeError
 from ..policy.model import SOCKET_FAMILIES
 from . import records as R
 from .denials import CNT_DENIED, CNT_LOST, DenialStream, clear_map  # noqa: F401 (counter indexes)
@@ -449,9 +449,15 @@ class Egress(DenialStream):
                 bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
                 self.attached.append((fn, at))
             if self.rules.guard is not None:
-                for name, ptype, _, at in GUARD_PROGRAMS:
-                    fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
-                    bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
+                for name, ptype, atype, at in GUARD_PROGRAMS:
+                    try:
+                        fn = self.bpf.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
+                        bcc.BPF.attach_func(fn, self.cgroup_fd, at, flags=BPF_F_ALLOW_MULTI)
+                    except Exception as e:
+                        raise KernelFeatureError(
+                            f"the egress guard needs the cgroup hook {atype} ({name}), which this "
+                            f"kernel refused: {e}; 'agentwatch doctor' checks it. network.guard: false "
+                            "turns domain rules into the addresses they resolve to at start") from None
                     self.attached.append((fn, at))
             if self.rules.deny_unix:
                 self.unix_hooks = self._attach_unix(bcc)
