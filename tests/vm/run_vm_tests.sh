@@ -29,7 +29,7 @@ die() { printf 'vm: error: %s\n' "$*" >&2; exit 3; }
 
 # run in the VM after tests/vm/guest unless PYTEST_ARGS name others
 SECOND_RUN=(tests/kernel/test_landlock.py tests/kernel/test_seccomp.py tests/kernel/test_egress.py
-            tests/kernel/test_refusals.py tests/adversarial)
+            tests/kernel/test_egress_redirect.py tests/kernel/test_refusals.py tests/adversarial)
 
 # ---- inside the VM ------------------------------------------------------------------
 if [ "${1:-}" = "--guest" ]; then

@@ -43,6 +43,7 @@ def guest_tests():
 SECOND_RUN = {"test_landlock": "tests/kernel/test_landlock.py",
               "test_seccomp": "tests/kernel/test_seccomp.py",
               "test_egress": "tests/kernel/test_egress.py",
+              "test_egress_redirect": "tests/kernel/test_egress_redirect.py",
               "test_refusals": "tests/kernel/test_refusals.py",
               "test_escapes": "tests/adversarial/test_escapes.py",
               "test_plan_for_escapes": "tests/adversarial/test_plan_for_escapes.py"}
