@@ -4,7 +4,7 @@ as written and, when it uses a variable, as expanded for this machine."""
 import os
 
 from . import matchers as M
-from .model import TOGGLES, host_network_why, relay_ports
+from .model import RULES, TOGGLES, host_network_why, relay_ports
 
 _TOGGLE_WORDS = {"ptrace": "trace or read other processes (ptrace)",
                  "change_uid": "change user or group id",
@@ -68,12 +68,18 @@ def _network(spec):
             f"  {loopback}", f"  {unix}",
             f"  Socket families: only {', '.join(net.families) or 'none'}; {netlink}; "
             "no raw inet sockets (network.families, network.netlink)",
-            "  " + _guard(net),
+            "  " + _guard(net, spec),
             "  " + _net_namespace(spec)]
 
 
-def _guard(net):
+def _guard(net, spec):
     """What the egress guard (guards/guard.py) does for an enforced run."""
+    enforced = any(spec.action_for("network", r) in ("deny", "kill")   # as plan.section_action
+                   for r in RULES if r.startswith("network."))
+    if net.guarded() and not enforced:
+        return ("Egress guard: not used while the network section only alerts (on_violation); "
+                "with deny or kill, TCP would be decided by name and DNS answered only for "
+                "allowed names")
     if not net.guarded():
         why = "network.guard: false" if net.guard is False else "no domain rules"
         return (f"Egress guard: off ({why}); destinations are judged by address"
