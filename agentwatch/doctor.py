@@ -8,8 +8,9 @@ Imports without root and without bcc; bcc is loaded (by
 agentwatch.sensors.import_bcc, the one place that imports it) only inside
 the BPF probes, which report "needs root" when run unprivileged.
 
-One module (~520 lines) on purpose: a flat list of independent probes, one
-function each, read top to bottom as the report prints them.
+One module (~700 lines) on purpose: a flat list of independent probes, one
+function each, read top to bottom as the report prints them. The last,
+egress-guard, probes several pieces (``egress_guard_result`` words them).
 """
 from __future__ import annotations
 
@@ -437,6 +438,172 @@ def _probe_seccomp():
     return not problems, f"actions: {' '.join(actions)}; {binding}"
 
 
+# --- the egress guard (guards/guard.py): several pieces, each probed ---------
+
+# what the egress guard needs, in the order the check reports them
+GUARD_CGROUP = "cgroup v2"
+GUARD_REWRITE = "cgroup sock_addr connect4/6 with address rewrite"
+GUARD_SOCK_OPS = "cgroup sock_ops (BPF_PROG_TYPE_SOCK_OPS on CGROUP_SOCK_OPS)"
+GUARD_RECVMSG = "UDP recvmsg4/6 hooks (attach types 19/20)"
+GUARD_GETPEER = "getpeername4/6 hooks (attach types 29/30)"
+GUARD_LO4 = "127.0.0.1 bindable (TCP and UDP on one port)"
+GUARD_MODULES = ("dnslib", "h11")     # guards/dns.py, guards/wire.py
+GUARD_PIECES = (GUARD_CGROUP, GUARD_REWRITE, GUARD_SOCK_OPS, GUARD_RECVMSG, GUARD_GETPEER,
+                GUARD_LO4) + tuple(f"python {m}" for m in GUARD_MODULES)
+GUARD_NO_LO6 = ("::1 not bindable ({why}): the guard listens on 127.0.0.1 only, so IPv6 "
+                "connects no CIDR rule allows are refused (EPERM) rather than proxied")
+
+# One tiny function per hook the guard attaches (guards/egress.py connect4/6
+# and GUARD_PROGRAMS), using the context writes and helpers the real ones do
+_GUARD_TEXT = """
+BPF_TABLE("lru_hash", u64, u32, aw_doc_seen, 16);
+static __always_inline void seen(void *ctx) {
+    u64 c = bpf_get_socket_cookie(ctx); u32 one = 1; aw_doc_seen.update(&c, &one);
+}
+int aw_doc_connect4(struct bpf_sock_addr *ctx) {
+    seen(ctx);
+    if (ctx->user_port == bpf_htons(1)) { ctx->user_ip4 = bpf_htonl(0x7f000001); ctx->user_port = bpf_htons(2); }
+    return 1;
+}
+int aw_doc_connect6(struct bpf_sock_addr *ctx) {
+    seen(ctx);
+    if (ctx->user_port == bpf_htons(1)) { ctx->user_ip6[3] = bpf_htonl(1); ctx->user_port = bpf_htons(2); }
+    return 1;
+}
+int aw_doc_sock_ops(struct bpf_sock_ops *skops) {
+    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) return 1;
+    u64 c = bpf_get_socket_cookie(skops);
+    u32 *v = aw_doc_seen.lookup(&c);
+    return v ? 1 : 1;
+}
+static __always_inline int restore4(struct bpf_sock_addr *ctx) {
+    seen(ctx);
+    if (ctx->user_port == bpf_htons(2)) { ctx->user_ip4 = bpf_htonl(0x7f000002); ctx->user_port = bpf_htons(1); }
+    return 1;
+}
+static __always_inline int restore6(struct bpf_sock_addr *ctx) {
+    seen(ctx);
+    if (ctx->user_port == bpf_htons(2)) { ctx->user_ip6[3] = bpf_htonl(2); ctx->user_port = bpf_htons(1); }
+    return 1;
+}
+int aw_doc_recvmsg4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int aw_doc_recvmsg6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
+int aw_doc_getpeername4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int aw_doc_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
+"""
+# piece -> ((function, bcc program type, enum bpf_attach_type), ...)
+_GUARD_HOOKS = (
+    (GUARD_REWRITE, (("aw_doc_connect4", "CGROUP_SOCK_ADDR", 10),
+                     ("aw_doc_connect6", "CGROUP_SOCK_ADDR", 11))),
+    (GUARD_SOCK_OPS, (("aw_doc_sock_ops", "SOCK_OPS", 3),)),
+    (GUARD_RECVMSG, (("aw_doc_recvmsg4", "CGROUP_SOCK_ADDR", 19),
+                     ("aw_doc_recvmsg6", "CGROUP_SOCK_ADDR", 20))),
+    (GUARD_GETPEER, (("aw_doc_getpeername4", "CGROUP_SOCK_ADDR", 29),
+                     ("aw_doc_getpeername6", "CGROUP_SOCK_ADDR", 30))),
+)
+
+
+def egress_guard_result(missing, notes=()):
+    """(ok, detail) of the egress-guard check (pure). missing: {piece: why}
+    for each piece of GUARD_PIECES that is not there; notes: what works
+    with a limit (no ::1). Pieces missing for the same reason share it."""
+    if not missing:
+        return True, "; ".join(["cgroup v2, sock_addr rewrite, sock_ops, recvmsg4/6 and "
+                                "getpeername4/6 attach to a cgroup; 127.0.0.1 bindable; "
+                                f"{', '.join(GUARD_MODULES)} import", *notes])
+    by_why = {}
+    for piece in sorted(missing, key=lambda p: GUARD_PIECES.index(p) if p in GUARD_PIECES else 99):
+        by_why.setdefault(missing[piece], []).append(piece)
+    parts = [f"{', '.join(pieces)}: {why}" for why, pieces in by_why.items()]
+    return False, "; ".join([f"missing: {'; '.join(parts)}", *notes])
+
+
+def _bind_loopback(host, family):
+    """None when host binds TCP and UDP on one port (the guard's DNS
+    responder needs both), else why not."""
+    import socket
+    last = None
+    for _ in range(5):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as t:
+                t.bind((host, 0))
+                port = t.getsockname()[1]
+                with socket.socket(family, socket.SOCK_DGRAM) as u:
+                    u.bind((host, port))
+            return None
+        except OSError as e:
+            last = e
+            if e.errno != errno.EADDRINUSE:
+                break
+    return f"bind: {errno.errorcode.get(last.errno, last.errno) if last.errno else last}"
+
+
+def _guard_hooks(mount, missing):
+    """Load each guard hook and attach it to a cgroup v2 directory made
+    for this and removed after; records in missing what fails."""
+    def use(b, bcc):
+        cg = tempfile.mkdtemp(prefix="agentwatch-doctor-", dir=mount)
+        fd, attached = None, []
+        try:
+            fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+            for piece, hooks in _GUARD_HOOKS:
+                for name, ptype, at in hooks:
+                    try:
+                        fn = b.load_func(name.encode(), getattr(bcc.BPF, ptype), attach_type=at)
+                    except Exception as e:  # noqa: BLE001
+                        err = ctypes.get_errno()
+                        missing[piece] = f"load {name}: {e}" + (
+                            f" [{errno.errorcode.get(err, err)}]" if err else "")
+                        break
+                    try:
+                        bcc.BPF.attach_func(fn, fd, at, flags=2)   # BPF_F_ALLOW_MULTI, as Egress
+                    except Exception as e:  # noqa: BLE001
+                        missing[piece] = f"attach {name}: {e}"
+                        break
+                    attached.append((fn, at))
+        finally:
+            for fn, at in reversed(attached):
+                try:
+                    bcc.BPF.detach_func(fn, fd, at)
+                except Exception:  # noqa: BLE001 - rmdir below detaches what is left
+                    pass
+            if fd is not None:
+                os.close(fd)
+            os.rmdir(cg)
+    _bpf(_GUARD_TEXT, use)
+
+
+def _probe_egress_guard():
+    missing, notes = {}, []
+    mount = _cgroup2_mount()
+    if mount is None:
+        missing[GUARD_CGROUP] = "no cgroup2 mount in /proc/mounts"
+        for piece, _ in _GUARD_HOOKS:
+            missing[piece] = "no cgroup v2 to attach to"
+    else:
+        try:
+            _guard_hooks(mount, missing)
+        except _Fail as e:
+            for piece, _ in _GUARD_HOOKS:
+                missing.setdefault(piece, str(e))
+        except OSError as e:           # the temporary cgroup
+            for piece, _ in _GUARD_HOOKS:
+                missing.setdefault(piece, f"temporary cgroup in {mount}: {e.strerror or e}")
+    import socket
+    why = _bind_loopback("127.0.0.1", socket.AF_INET)
+    if why:
+        missing[GUARD_LO4] = why
+    why6 = _bind_loopback("::1", socket.AF_INET6)
+    notes.append(GUARD_NO_LO6.format(why=why6) if why6 else "::1 bindable too (IPv6 is proxied)")
+    import importlib
+    for mod in GUARD_MODULES:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001
+            missing[f"python {mod}"] = f"import {mod}: {type(e).__name__}: {e}"
+    return egress_guard_result(missing, notes)
+
+
 # name, probe, what its absence disables
 PROBES = [
     ("root", _probe_root,
@@ -473,6 +640,11 @@ PROBES = [
      "kernel-enforced filesystem/TCP allow lists"),
     ("seccomp", _probe_seccomp,
      "seccomp syscall filters for the agent"),
+    ("egress-guard", _probe_egress_guard,
+     "network.allow domain rules decided by name (the egress guard): a run whose enforced "
+     "policy turns the guard on (any domain rule, or network.guard: true) does not start; "
+     "with network.guard: false runs fall back to domain rules judged by the addresses "
+     "they resolve to at start, and DNS judged by address like any traffic"),
 ]
 
 

@@ -1,5 +1,6 @@
 """agentwatch.doctor logic that needs neither root nor bcc."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 NAMES = ["root", "btf", "tracefs", "bcc", "kernel-headers", "bpf-syscall",
          "raw-tracepoint", "tracepoint", "ringbuf", "cgroup-v2",
          "cgroup-controllers", "cgroup-bpf", "bpf-lsm", "fentry", "kprobes",
-         "landlock", "seccomp"]
+         "landlock", "seccomp", "egress-guard"]
 
 
 def checks(**ok):
@@ -117,6 +118,7 @@ def test_unprivileged_run_reports_needs_root(monkeypatch):
         assert not cs[name].ok
         assert cs[name].detail == "needs root"
     assert not cs["bpf-lsm"].ok
+    assert not cs["egress-guard"].ok and "needs root" in cs["egress-guard"].detail
     assert all(c.detail for c in cs.values())
 
 
@@ -179,3 +181,69 @@ def test_last_line_prefers_compiler_error_then_verifier_reason():
                 "processed 1 insns (limit 1000000)\n\nbpf: Failed to load program: X\n")
     assert doctor._last_line(verifier) == "invalid bpf_context access"
     assert doctor._last_line("") == ""
+
+
+# --- egress-guard -----------------------------------------------------------
+
+def test_egress_guard_check_listed_with_what_it_disables():
+    disables = dict((n, d) for n, _, d in doctor.PROBES)["egress-guard"]
+    assert "network.allow domain rules decided by name (the egress guard)" in disables
+    assert "network.guard: false" in disables and "does not start" in disables
+
+
+def test_egress_guard_result_all_there():
+    ok, detail = doctor.egress_guard_result({})
+    assert ok and "sock_ops" in detail and "dnslib" in detail and "h11" in detail
+
+
+@pytest.mark.parametrize("piece", doctor.GUARD_PIECES)
+def test_egress_guard_result_names_the_missing_piece(piece):
+    ok, detail = doctor.egress_guard_result({piece: "because"})
+    assert not ok
+    assert detail == f"missing: {piece}: because"
+
+
+def test_egress_guard_result_groups_pieces_by_reason_in_order():
+    missing = {doctor.GUARD_RECVMSG: "needs root", doctor.GUARD_REWRITE: "needs root",
+               "python dnslib": "import dnslib: ModuleNotFoundError: no"}
+    ok, detail = doctor.egress_guard_result(missing)
+    assert not ok
+    assert detail == (f"missing: {doctor.GUARD_REWRITE}, {doctor.GUARD_RECVMSG}: needs root; "
+                      "python dnslib: import dnslib: ModuleNotFoundError: no")
+    assert "recvmsg4/6" in detail and "19/20" in detail
+
+
+def test_egress_guard_no_ipv6_loopback_is_a_note_not_a_failure():
+    note = doctor.GUARD_NO_LO6.format(why="bind: EADDRNOTAVAIL")
+    ok, detail = doctor.egress_guard_result({}, [note])
+    assert ok and "::1 not bindable" in detail and "refused (EPERM) rather than proxied" in detail
+    ok, detail = doctor.egress_guard_result({doctor.GUARD_LO4: "bind: EACCES"}, [note])
+    assert not ok and "127.0.0.1" in detail and "::1 not bindable" in detail
+
+
+def test_egress_guard_probe_names_missing_modules_and_cgroup(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dnslib", None)      # import dnslib fails
+    monkeypatch.setattr(doctor, "_cgroup2_mount", lambda: None)
+    ok, detail = doctor._probe_egress_guard()
+    assert not ok
+    assert "cgroup v2: no cgroup2 mount" in detail
+    assert "python dnslib: import dnslib" in detail
+    assert "python h11" not in detail
+
+
+def _bcc_loads():
+    try:
+        from agentwatch.sensors import import_bcc
+        import_bcc()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _bcc_loads(), reason="needs root and bcc")
+def test_egress_guard_works_here_and_leaves_nothing():
+    mount = doctor._cgroup2_mount()
+    before = set(os.listdir(mount))
+    c = doctor.run_check("egress-guard", doctor._probe_egress_guard, "")
+    assert c.ok, c.detail
+    assert set(os.listdir(mount)) == before      # the temporary cgroup is gone
