@@ -9,8 +9,9 @@ itself:
   of connect). Its cgroup is read from /proc while a pidfd (SO_PEERPIDFD on
   Linux 6.5+, else pidfd_open of that pid) shows the same process still
   lives, so a recycled pid cannot be taken for it;
-- a TCP peer on this host is looked up with the kernel's inet_diag (the
-  socket's 4-tuple), which reports the peer socket's owner uid and the
+- a TCP peer on this host, and the sender of a UDP datagram
+  (of_datagram), is looked up with the kernel's inet_diag (the socket's
+  4-tuple), which reports the peer socket's owner uid and the
   cgroup the socket was created in (INET_DIAG_CGROUP_ID, Linux 5.7+). No
   pid is needed; a socket passed to another process keeps its creator's
   cgroup, as the kernel's cgroup BPF hooks see it too.
@@ -96,7 +97,18 @@ def _unix_peer(sock):
 # -- tcp -------------------------------------------------------------------------
 def _tcp_peer(sock):
     local, remote = sock.getsockname(), sock.getpeername()
-    found = _inet_diag(sock.family, src=remote, dst=local)
+    return _peer_of(_inet_diag(sock.family, src=remote, dst=local))
+
+
+def of_datagram(family, local, remote):
+    """The Peer of a datagram from remote to our UDP socket at local: the
+    socket the kernel delivers our answer to (inet_diag's lookup of the
+    socket bound at remote), so a process cannot claim another's port."""
+    found = _inet_diag(family, src=local, dst=remote, protocol=socket.IPPROTO_UDP)
+    return _peer_of(found)
+
+
+def _peer_of(found):
     if found is None:
         return Peer(uid=None)
     uid, cgroup_id = found
@@ -104,18 +116,44 @@ def _tcp_peer(sock):
     return Peer(uid=uid, cgroup=cg, run_id=procfs.run_of_cgroup(cg))
 
 
-def _inet_diag(family, src, dst):
-    """(uid, cgroup id) of the TCP socket bound to src and connected to dst."""
-    from pyroute2 import DiagSocket    # netlink sock_diag; imported only when used
-    with DiagSocket() as ds:
-        ds.bind()
-        for rec in ds.get_sock_stats(family=family, states=0xfff):
-            if (rec["idiag_sport"], rec["idiag_dport"]) != (src[1], dst[1]):
-                continue
-            if (_addr(rec["idiag_src"]), _addr(rec["idiag_dst"])) != (_addr(src[0]), _addr(dst[0])):
-                continue
-            return rec["idiag_uid"], rec.get_attr("INET_DIAG_CGROUP_ID")
-    return None
+INET_DIAG_NOCOOKIE = 0xFFFF_FFFF_FFFF_FFFF
+NETLINK_SOCK_DIAG = 4
+
+
+def _inet_diag(family, src, dst, protocol=socket.IPPROTO_TCP):
+    """(uid, cgroup id) of one socket, looked up by the kernel from its
+    4-tuple (not a dump: one hash lookup, however many sockets there are).
+    TCP: the socket bound to src and connected to dst. UDP (the kernel
+    swaps the two "for historical reasons"): the socket at dst that would
+    receive a datagram from src. None when there is none."""
+    # pyroute2's messages over a plain netlink socket: its DiagSocket runs an
+    # asyncio loop of its own, which cannot be used from inside one (the
+    # guard's); the lookup is one request and one answer, microseconds
+    from pyroute2.netlink import NLM_F_REQUEST
+    from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_msg, inet_diag_req
+    req = inet_diag_req()
+    req["header"]["type"], req["header"]["flags"] = SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST
+    req["sdiag_family"], req["sdiag_protocol"] = family, protocol
+    req["idiag_states"] = 0xFFFF_FFFF
+    req["idiag_src"], req["idiag_sport"] = _words(family, src[0]), src[1]
+    req["idiag_dst"], req["idiag_dport"] = _words(family, dst[0]), dst[1]
+    req["idiag_cookie"] = INET_DIAG_NOCOOKIE
+    req.encode()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1)
+        nl.sendto(req.data, (0, 0))
+        data = nl.recv(65536)
+    msg = inet_diag_msg(data)
+    msg.decode()
+    if msg["header"]["type"] != SOCK_DIAG_BY_FAMILY:     # NLMSG_ERROR: ENOENT, no such socket
+        return None
+    return msg["idiag_uid"], msg.get_attr("INET_DIAG_CGROUP_ID")
+
+
+def _words(family, addr):
+    """An address as inet_diag's four big-endian 32-bit words."""
+    packed = socket.inet_pton(family, _addr(addr) if family == socket.AF_INET else str(addr))
+    return struct.unpack(">4I", packed.ljust(16, b"\0"))
 
 
 def _addr(a):

@@ -183,8 +183,8 @@ def _unparsed(data):
 
 class DnsServer:
     """answer() over UDP and TCP on host:port (port 0: any free port, the
-    same one for both when it can). decide_for(peer) names the run a client
-    belongs to: it returns that run's (decide, resolve), or None to refuse the
+    same one for both when it can). decide_for(peer, proto) ("udp" or
+    "tcp") names the run a client belongs to: it returns that run's (decide, resolve), or None to refuse the
     client (UDP: dropped; TCP: closed). on_query(peer, reply) is called for
     every query that came from a run's client, answered or not. After
     start(), ports is {"udp": n, "tcp": n}.
@@ -251,9 +251,9 @@ class DnsServer:
 
     # ---- shared ----
 
-    def _run_for(self, peer):
+    def _run_for(self, peer, proto):
         try:
-            return self.decide_for(peer)
+            return self.decide_for(peer, proto)
         except Exception as e:               # fail closed: an unknown client gets nothing
             self._callback_failed("decide_for", e)
             return None
@@ -298,7 +298,7 @@ class DnsServer:
 
     def _datagram(self, data, peer):
         self.counters["queries"] += 1
-        run = self._run_for(peer)
+        run = self._run_for(peer, "udp")
         if run is None:
             self.counters["dropped"] += 1
             return
@@ -330,7 +330,7 @@ class DnsServer:
 
     async def _tcp_client(self, reader, writer):
         peer = writer.get_extra_info("peername")
-        run = self._run_for(peer) if len(self._tcp_tasks) < self.max_tcp_clients else None
+        run = self._run_for(peer, "tcp") if len(self._tcp_tasks) < self.max_tcp_clients else None
         if run is None:
             self.counters["tcp_refused"] += 1
             writer.transport.abort()

@@ -45,6 +45,7 @@ one asyncio loop in a thread of its own; its sessions are per run.
 """
 import asyncio
 import concurrent.futures
+import functools
 import ipaddress
 import resource
 import socket
@@ -53,6 +54,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..core.peer import of_datagram as peer_of_datagram
 from ..policy.matchers import canonical_ip, domain_matches
 from . import wire
 from .egress import GuardPorts
@@ -155,7 +157,7 @@ class RunSession:
     handed: dict = field(default_factory=dict)      # name -> {address: ts} our DNS answered
     counters: dict = field(default_factory=lambda: dict.fromkeys(
         ("flows", "allowed", "denied", "errors", "busy", "unknown_socket", "dns_queries",
-         "dns_denied", "dns_dropped"), 0))
+         "dns_denied", "dns_dropped", "dns_unknown_socket"), 0))
     active: int = 0
     servers: list = field(default_factory=list)
     _cache: dict = field(default_factory=dict)      # name -> (expires, [addresses])
@@ -268,14 +270,33 @@ class EgressGuard:
         """The run's DNS responder on host: UDP and TCP on one port, which
         the kernel sends both to (AW_EG_CFG_DNS4/6)."""
         from .dns import DnsServer
+        run = (self._dns_decide(s), self._dns_resolve(s))
         for _ in range(20):
-            d = DnsServer(host, 0, lambda _peer: (self._dns_decide(s), self._dns_resolve(s)),
-                          lambda peer, reply: self._dns_record(s, peer, reply))
+            d = DnsServer(host, 0, None, lambda peer, reply: self._dns_record(s, peer, reply))
+            d.decide_for = functools.partial(self._dns_client, s, d, run)
             await d.start()
             if d.ports["udp"] == d.ports["tcp"]:
                 return d
             await d.close()           # that UDP port's TCP twin was taken: another
         raise OSError(f"no free port on {host} for both UDP and TCP DNS")
+
+    @staticmethod
+    def _dns_client(s, server, run, peer, proto):
+        """The run's (decide, resolve) for a DNS client the kernel ties to
+        this run, else None (dropped or closed, and counted). The port says
+        nothing: a run allowed all of loopback can send to another run's
+        responder, which must neither answer nor judge it as that run's.
+        TCP: the kernel filed the redirected socket (flow_of). UDP: the
+        socket our answer would go to is looked up, with its cgroup."""
+        if proto == "tcp":
+            ok = bool(s.flow_of and s.flow_of(peer[0], peer[1]))
+        else:
+            family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+            local = (server.host, server.ports["udp"])
+            ok = peer_of_datagram(family, local, peer[:2]).run_id == s.run_id
+        if not ok:
+            s.count("dns_unknown_socket")
+        return run if ok else None
 
     async def _close(self, s):
         from .dns import DnsServer

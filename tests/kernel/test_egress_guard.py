@@ -482,3 +482,85 @@ def test_the_guard_survives_hostile_input_and_one_flooding_agent_stalls_no_other
                and e["detail"]["layer"] == "egress-guard" for e in evs)
     reasons = " | ".join(e["reason"] for e in evs if e["kind"] == "flow" and e["decision"] == "deny")
     assert "TLS ClientHello" in reasons and "HTTP request" in reasons and "within 5 s" in reasons, reasons
+
+
+# -- another run at this run's guard ports ----------------------------------------------------
+INTRUDER = r"""
+import json, socket, struct, sys
+DNS, PROXY = int(sys.argv[1]), int(sys.argv[2])
+q = struct.pack("!HHHHHH", 0x4321, 0x0100, 1, 0, 0, 0) + b"\x05other\x04test\x00" + struct.pack("!HH", 1, 1)
+out = {}
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+    u.settimeout(3); u.sendto(q, ("127.0.0.1", DNS))
+    try:
+        out["udp"] = u.recv(512).hex()
+    except socket.timeout:
+        out["udp"] = "no answer"
+def tcp(first):
+    with socket.create_connection(("127.0.0.1", first[0]), timeout=5) as s:
+        s.sendall(first[1])
+        try:
+            return s.recv(512).hex() or "eof"
+        except ConnectionResetError:
+            return "reset"
+        except socket.timeout:
+            return "timeout"
+out["tcp_dns"] = tcp((DNS, struct.pack("!H", len(q)) + q))
+out["proxy"] = tcp((PROXY, b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"))
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_another_run_at_this_runs_guard_ports_is_neither_served_nor_taken_for_it(tmp_path, servers):
+    """The guard's ports are on loopback, so a run allowed all of loopback
+    can send to another run's listeners without the redirect. The kernel,
+    not the port, says whose a client is: the intruder gets no answer, and
+    nothing lands in the other run's log or on the servers."""
+    import json
+    from conftest import aw_cmd
+    http = servers["http"]
+    http.seen.clear()
+    done = tmp_path / "done"
+    ev1 = tmp_path / "victim.jsonl"
+    victim = subprocess.Popen(
+        aw_cmd() + ["run", "--policy", _policy(tmp_path, servers), "--resolve", f"{ALLOWED}:127.0.0.2",
+                    "--events", str(ev1), "--", sys.executable, "-c",
+                    "import os, sys, time\nt = time.monotonic()\n"
+                    "while not os.path.exists(sys.argv[1]) and time.monotonic() - t < 120: time.sleep(0.1)",
+                    str(done)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def ports():
+            try:
+                evs = read_events(ev1)
+            except (OSError, ValueError):
+                return None
+            start = [e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "start"]
+            return start and start[0]["detail"]["enforcement"]["egress_guard"]["ports"]
+        p = wait_for(ports, timeout=120, what="the victim run's start")
+        intruder = tmp_path / "intruder.py"
+        intruder.write_text(INTRUDER)
+        pol = tmp_path / "loopback.yaml"
+        pol.write_text("apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {name: intruder}\n"
+                       "network: {allow: [], loopback: true}\non_violation: {network: deny}\n")
+        r = aw("run", "--policy", str(pol), "--", sys.executable, str(intruder), str(p["dns4"]),
+               str(p["proxy4"]), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        res = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    finally:
+        done.touch()
+        try:
+            victim.wait(timeout=120)
+        finally:
+            if victim.poll() is None:
+                victim.kill()          # the run we started, by its id
+                victim.wait()
+    assert victim.returncode == 0, victim.stderr.read()[-3000:]
+    # closed unanswered: a reset, or an end if it closed before the query came in
+    assert res["udp"] == "no answer" and res["tcp_dns"] in ("reset", "eof") and res["proxy"] == "reset", res
+    assert http.seen == []
+    evs = read_events(ev1)
+    assert not [e for e in evs if e["kind"] in ("flow", "violation")], "nothing was taken for the victim's"
+    end = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "end")
+    g = end["detail"]["kernel_denials"]["egress-guard"]
+    assert g["dns_unknown_socket"] == 2 and g["unknown_socket"] == 1 and g["dns_queries"] == 0, json.dumps(g)

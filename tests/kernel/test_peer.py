@@ -97,3 +97,59 @@ def test_a_host_process_is_no_run(kind, tmp_path):
     assert p.uid == os.getuid()
     if kind == "unix":
         assert p.pid == os.getpid()
+
+
+UDP_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(60)
+s.sendto(b"who", ("127.0.0.1", int(sys.argv[1])))
+s.recv(1)   # wait until the server has named us
+"""
+
+
+def _udp_named(send):
+    """The Peer of the first datagram to a loopback UDP socket; send(port)
+    makes it arrive."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.settimeout(60)
+    with srv:
+        got = {}
+
+        def serve():
+            _, addr = srv.recvfrom(16)
+            got["peer"] = peer.of_datagram(socket.AF_INET, srv.getsockname(), addr)
+            srv.sendto(b"x", addr)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        send(srv.getsockname()[1])
+        t.join(60)
+    return got["peer"]
+
+
+def test_a_datagrams_sender_is_named_by_its_run(state_dir, tmp_path):
+    ev = tmp_path / "events.jsonl"
+    result = {}
+
+    def send(port):
+        result["r"] = aw("run", "--events", str(ev), "--", sys.executable, "-c", UDP_CLIENT, str(port))
+
+    p = _udp_named(send)
+    assert result["r"].returncode == 0, result["r"].stderr
+    run_id = read_events(ev)[0]["run_id"]
+    assert p.run_id == run_id and p.cgroup.startswith(f"/agentwatch/{run_id}")
+
+
+def test_a_datagram_from_a_host_process_or_a_closed_socket_is_no_run():
+    def send(port):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.sendto(b"who", ("127.0.0.1", port))
+        c.settimeout(60)
+        c.recv(1)
+        c.close()
+    p = _udp_named(send)
+    assert p.run_id is None and p.uid == os.getuid()
+    gone = peer.of_datagram(socket.AF_INET, ("127.0.0.1", 9), ("127.0.0.1", 1))
+    assert gone == peer.Peer(uid=None)

@@ -283,7 +283,7 @@ class Harness:
         self.refuse = False
         self.server = DnsServer(kw.pop("host", LOCAL), 0, self.decide_for, self.on_query, **kw)
 
-    def decide_for(self, peer):
+    def decide_for(self, peer, proto):
         assert peer[0] in ("127.0.0.1", "::1")
         return None if self.refuse else (self.fakes.decide, self.fakes.resolve)
 
@@ -526,7 +526,7 @@ def test_callbacks_that_raise_do_not_stop_the_server():
                 raise ValueError("records full")
             h.server.on_query = boom
             assert (await h.udp("allowed.test")).header.rcode == RCODE.NOERROR
-            h.server.decide_for = lambda peer: 1 / 0
+            h.server.decide_for = lambda peer, proto: 1 / 0
             with pytest.raises(socket.timeout):
                 await h.udp("allowed.test", timeout=0.5)
             assert h.server.counters["callback_errors"] == 2
