@@ -778,7 +778,7 @@ def guard(ctx):
             res = lib.last_json_line(r["stdout"])
             proxied, g = guard_counters(lib.run_events(ws, r["run_id"]))
             lib.drop_run(ws, r["run_id"])
-            res.update(proxied=proxied, guard=g)
+            res.update(proxied=proxied, guard=g, run_id=r["run_id"])
             # the path is the only difference: direct flows never reach the guard, guarded ones all do
             if side == "direct" and proxied:
                 raise RuntimeError(f"direct run: the kernel redirected {proxied} connects to the guard")
@@ -833,6 +833,11 @@ def guard(ctx):
     busy = sum(r["guard"].get("busy", 0) + r["guard"].get("errors", 0) for r in guarded)
     if busy:
         notes.append(f"the guard reset or failed {busy} flows (busy + errors counters)")
+    # every flow the client completed went through the guard, allowed, and no other did
+    done = [r["latency_n"] + len(r["bulk_mibps"]) + r["flows"] + r["flows_drained"] for r in guarded]
+    allowed = [r["guard"].get("allowed") for r in guarded]
+    if done != allowed:
+        notes.append(f"guard allowed {allowed} flows where the client completed {done}")
     notes.append(f"outside any agent, for scale: connect latency p50 {plain['ttfb_us']['p50']:.0f} µs, "
                  f"1 MiB at {med(plain['bulk_mibps']) or 0:,.0f} MiB/s, {plain['flows_per_s']:,.0f} flows/s")
     return {"params": {"reps": s["guard_reps"], "latency_n": s["guard_latency_n"],
