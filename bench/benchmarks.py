@@ -1,4 +1,4 @@
-"""The benchmarks of issue #5, one function each. Each takes a Ctx and
+"""The benchmarks of issue #5 (and guard, of issue #16), one function each. Each takes a Ctx and
 returns {"params": ..., "figures": [...], "bpf_programs": ..., "notes": [...]}
 (figures from lib.compare_figure / lib.value_figure)."""
 import json
