@@ -1,9 +1,10 @@
-"""The benchmarks of issue #5, one function each. Each takes a Ctx and
+"""The benchmarks of issue #5 (and guard, of issue #16), one function each. Each takes a Ctx and
 returns {"params": ..., "figures": [...], "bpf_programs": ..., "notes": [...]}
 (figures from lib.compare_figure / lib.value_figure)."""
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -17,15 +18,18 @@ from .lib import POLICY, STRICT_POLICY, alternate, compare_figure, log, value_fi
 PROFILES = {
     "tiny": dict(host_reps=1, loop_n=20_000, reps=1, compile_tree="tiny", files=300,
                  storm_n=20_000, burst_n=20_000, burst_trials=1, rates=[20_000], paced_s=0.25,
-                 flood_n=30_000, flood_trials=1, cold_reps=1, warm_reps=2, agents=2),
+                 flood_n=30_000, flood_trials=1, cold_reps=1, warm_reps=2, agents=2,
+                 guard_reps=1, guard_latency_n=20, guard_bulk_n=2, guard_flood_s=0.5),
     "quick": dict(host_reps=3, loop_n=1_000_000, reps=3, compile_tree="stdlib", files=20_000,
                   storm_n=300_000, burst_n=300_000, burst_trials=2,
                   rates=[50_000, 100_000, 250_000], paced_s=1.0,
-                  flood_n=300_000, flood_trials=3, cold_reps=2, warm_reps=10, agents=10),
+                  flood_n=300_000, flood_trials=3, cold_reps=2, warm_reps=10, agents=10,
+                  guard_reps=3, guard_latency_n=300, guard_bulk_n=20, guard_flood_s=3.0),
     "full": dict(host_reps=5, loop_n=2_000_000, reps=7, compile_tree="stdlib+dist", files=20_000,
                  storm_n=1_000_000, burst_n=500_000, burst_trials=3,
                  rates=[25_000, 50_000, 100_000, 150_000, 250_000], paced_s=2.0,
-                 flood_n=500_000, flood_trials=100, cold_reps=5, warm_reps=20, agents=10),
+                 flood_n=500_000, flood_trials=100, cold_reps=5, warm_reps=20, agents=10,
+                 guard_reps=7, guard_latency_n=1000, guard_bulk_n=50, guard_flood_s=5.0),
 }
 
 
@@ -701,6 +705,147 @@ def footprint(ctx):
                         "daemon": {"idle": d_idle, "busy": d_busy, "clients_rss": d_clients}}}
 
 
+# -- 8 -------------------------------------------------------------------------------------
+
+GUARD_NAME, GUARD_ADDR = "bench.test", "127.0.0.2"
+GUARD_CONC = 32         # flows open at once in the flow-rate part
+
+
+def guard_policy(port, direct):
+    """The guard benchmark's two policies, identical but for one line. Both
+    have the domain rule, so both runs get the guard (its listeners, its DNS
+    responder, the host's network namespace); the direct one also allows the
+    server's port by network.loopback, which the kernel lets through without
+    the redirect. (For a remote server that would be a cidr rule, but a
+    loopback address is judged by network.loopback only: docs/policy.md,
+    "Network rules".)"""
+    loopback = f"  loopback: [{port}]\n" if direct else ""
+    return ("apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {name: bench-guard}\n"
+            f"network:\n{loopback}  allow:\n"
+            f"    - {{domain: {GUARD_NAME}, ports: [{port}], protocol: tcp}}\n"
+            "on_violation: {network: deny}\n")
+
+
+def guard_counters(events):
+    """From a run's log: (connects the kernel redirected to the guard, the
+    guard's own counters), from the end event."""
+    kd = lib.lifecycle(events, "end")["detail"].get("kernel_denials") or {}
+    return (kd.get("cgroup-bpf") or {}).get("proxied"), kd.get("egress-guard") or {}
+
+
+def _flow_server(ws, exe, timeout=10):
+    """csrc/flows.c serving on GUARD_ADDR, any free port: (process, port)."""
+    p = ws.popen([exe, "serve", GUARD_ADDR, "0"], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline() if select.select([p.stdout], [], [], timeout)[0] else ""
+    if not line.startswith("listening "):
+        lib.stop_process(p)
+        raise RuntimeError(f"flows serve did not start: {line!r}")
+    return p, int(line.split()[1])
+
+
+def guard(ctx):
+    """The egress guard (issue #16) against direct, on loopback: one C
+    server (csrc/flows.c) on 127.0.0.2, one C client as the agent under
+    `agentwatch run --resolve bench.test:127.0.0.2`; every flow sends
+    `GET ... Host: bench.test`. Direct: the policy's network.loopback allows
+    the port, so the kernel lets the connect through; guarded: the same
+    policy without that line, so the connect is redirected to the guard,
+    which reads the Host, checks the pin, connects upstream and splices.
+    Each run: connect latency (socket() to the first response byte, one flow
+    at a time), 1 MiB transfers one at a time (socket() to the last byte),
+    then short flows flat out, GUARD_CONC at once. Direct and guarded runs
+    alternate; each run's end event must show the kernel redirected nothing
+    (direct) or its flows (guarded)."""
+    s, ws = ctx.size, ctx.ws
+    exe = ws.build("flows")
+    server, port = _flow_server(ws, exe)
+    trials = {"direct": [], "guarded": []}
+    notes = []
+    try:
+        policies = {}
+        for side in trials:
+            policies[side] = ws.path(f"guard-{side}.yaml")
+            with open(policies[side], "w") as f:
+                f.write(guard_policy(port, side == "direct"))
+        client = [exe, "client", GUARD_ADDR, str(port), GUARD_NAME, "-l", str(s["guard_latency_n"]),
+                  "-b", str(s["guard_bulk_n"]), "-t", str(s["guard_flood_s"]), "-c", str(GUARD_CONC)]
+
+        def trial(side):
+            r = lib.run_cli(ws, client, policy=policies[side],
+                            opts=["--resolve", f"{GUARD_NAME}:{GUARD_ADDR}"])
+            if r["exit"] != 0 or not r["run_id"]:
+                raise RuntimeError(f"flows client ({side}) exited {r['exit']}: {r['stderr'][-1500:]}")
+            res = lib.last_json_line(r["stdout"])
+            proxied, g = guard_counters(lib.run_events(ws, r["run_id"]))
+            lib.drop_run(ws, r["run_id"])
+            res.update(proxied=proxied, guard=g, run_id=r["run_id"])
+            # the path is the only difference: direct flows never reach the guard, guarded ones all do
+            if side == "direct" and proxied:
+                raise RuntimeError(f"direct run: the kernel redirected {proxied} connects to the guard")
+            if side == "guarded" and not g.get("allowed"):
+                raise RuntimeError(f"guarded run: no flow went through the guard ({g})")
+            trials[side].append(res)
+            return res
+
+        # once outside any agent, for scale (not a figure)
+        plain = lib.last_json_line(subprocess.run(client, capture_output=True, text=True,
+                                                  check=True, timeout=300).stdout)
+        log(f"guard: {s['guard_reps']} x (direct, guarded)")
+        direct, guarded = alternate(lambda: trial("direct"), lambda: trial("guarded"), s["guard_reps"])
+    finally:
+        lib.stop_process(server)
+
+    def pick(rs, *keys):
+        out = []
+        for r in rs:
+            for k in keys:
+                r = r[k]
+            out.append(r)
+        return out
+    med = lambda xs: lib.summarize(xs)["median"] if xs else None   # noqa: E731
+    bulk = {side: [med(r["bulk_mibps"]) for r in rs] for side, rs in trials.items()}
+    tput = compare_figure("guard: 1 MiB transfer throughput (one at a time)", "MiB/s",
+                          bulk["direct"], bulk["guarded"], "x", target=">= 0.80x direct")
+    tput["met"] = tput["result"] is not None and tput["result"]["median"] >= 0.8
+    rate = compare_figure(f"guard: new flows per second ({GUARD_CONC} at once)", "flows/s",
+                          pick(direct, "flows_per_s"), pick(guarded, "flows_per_s"), "x",
+                          target=">= 2,000/s through the guard")
+    g_rate = lib.summarize(pick(guarded, "flows_per_s"))
+    if rate["result"] is not None:
+        rate["met"] = g_rate["median"] >= 2000
+        rate["text"] = (f"{g_rate['median']:,.0f}/s [{g_rate['min']:,.0f}..{g_rate['max']:,.0f}] "
+                        f"through the guard, {rate['result']['median']:.2f}x direct")
+    figs = [
+        compare_figure("guard: connect latency p50 (socket() to first response byte)", "µs",
+                       pick(direct, "ttfb_us", "p50"), pick(guarded, "ttfb_us", "p50"), "delta",
+                       target="<= +1 ms", limit=1000),
+        compare_figure("guard: connect latency p90", "µs", pick(direct, "ttfb_us", "p90"),
+                       pick(guarded, "ttfb_us", "p90"), "delta", target="report"),
+        compare_figure("guard: connect() alone p50 (returns at once through the guard)", "µs",
+                       pick(direct, "connect_us", "p50"), pick(guarded, "connect_us", "p50"), "delta",
+                       target="report"),
+        tput, rate,
+    ]
+    errors = {side: sum(r["latency_errors"] + r["bulk_errors"] + r["flow_errors"] for r in rs)
+              for side, rs in trials.items()}
+    if any(errors.values()):
+        notes.append(f"failed flows: {errors['direct']} direct, {errors['guarded']} guarded")
+    busy = sum(r["guard"].get("busy", 0) + r["guard"].get("errors", 0) for r in guarded)
+    if busy:
+        notes.append(f"the guard reset or failed {busy} flows (busy + errors counters)")
+    # every flow the client completed went through the guard, allowed, and no other did
+    done = [r["latency_n"] + len(r["bulk_mibps"]) + r["flows"] + r["flows_drained"] for r in guarded]
+    allowed = [r["guard"].get("allowed") for r in guarded]
+    if done != allowed:
+        notes.append(f"guard allowed {allowed} flows where the client completed {done}")
+    notes.append(f"outside any agent, for scale: connect latency p50 {plain['ttfb_us']['p50']:.0f} µs, "
+                 f"1 MiB at {med(plain['bulk_mibps']) or 0:,.0f} MiB/s, {plain['flows_per_s']:,.0f} flows/s")
+    return {"params": {"reps": s["guard_reps"], "latency_n": s["guard_latency_n"],
+                       "bulk_n": s["guard_bulk_n"], "flood_s": s["guard_flood_s"], "conc": GUARD_CONC,
+                       "server": f"{GUARD_ADDR}:{port}", "name": GUARD_NAME},
+            "figures": figs, "notes": notes, "trials": trials, "plain": plain}
+
+
 BENCHMARKS = {
     "host_tax": host_tax,
     "realistic": realistic,
@@ -709,6 +854,7 @@ BENCHMARKS = {
     "flood_violation": flood_violation,
     "startup": startup,
     "footprint": footprint,
+    "guard": guard,
 }
 TITLES = {
     "host_tax": "1. host tax (outside agents)",
@@ -718,4 +864,5 @@ TITLES = {
     "flood_violation": "5. violation under flood",
     "startup": "6. start-up",
     "footprint": "7. footprint",
+    "guard": "8. egress guard (issue #16)",
 }

@@ -84,8 +84,12 @@ def _fmt(v, unit):
         return f"{v:.1f} ms"
     if unit == "MB":
         return f"{v:.1f} MB"
-    if unit == "events/s":
+    if unit in ("events/s", "flows/s"):
         return f"{v:,.0f}/s"
+    if unit == "MiB/s":
+        return f"{v:,.0f} MiB/s"
+    if unit == "µs":
+        return f"{v:,.0f} µs"
     if unit == "%":
         return f"{v:.1f}%"
     if unit == "x":
@@ -297,12 +301,12 @@ def aw_cmd(*args):
     return [sys.executable, os.path.join(BENCH, "aw_cli.py"), *args]
 
 
-def run_argv(argv, policy=None, cmd=aw_cmd, daemon=False):
-    """`agentwatch run`, with a monitor of its own (--no-daemon: a daemon the
-    suite started may answer on the state dir) or on the daemon."""
+def run_argv(argv, policy=None, cmd=aw_cmd, daemon=False, opts=()):
+    """`agentwatch run [opts]`, with a monitor of its own (--no-daemon: a
+    daemon the suite started may answer on the state dir) or on the daemon."""
     # the strict policy's wildcard deny is a downgrade (killed at open, not refused)
-    opts = ["--policy", policy] + (["--allow-downgrade"] if policy == STRICT_POLICY else []) if policy else []
-    return cmd("run", "--daemon" if daemon else "--no-daemon", *opts, "--", *argv)
+    pol = ["--policy", policy] + (["--allow-downgrade"] if policy == STRICT_POLICY else []) if policy else []
+    return cmd("run", "--daemon" if daemon else "--no-daemon", *pol, *opts, "--", *argv)
 
 
 # -- agentwatch daemon: one monitor all runs share, and its thin CLI client ------------------
@@ -374,13 +378,13 @@ def process_gone(pid):
         return True
 
 
-def run_cli(ws, argv, policy=None, env=None, cwd=None, timeout=900):
-    """`agentwatch run [--policy P] -- argv` to completion (retried when the
-    agent is killed from outside). Returns a dict: exit, wall_s, run_id,
-    stdout, stderr."""
+def run_cli(ws, argv, policy=None, env=None, cwd=None, timeout=900, opts=()):
+    """`agentwatch run [--policy P] [opts] -- argv` to completion (retried
+    when the agent is killed from outside). Returns a dict: exit, wall_s,
+    run_id, stdout, stderr."""
     def once():
         t0 = time.monotonic()
-        p = subprocess.run(run_argv(argv, policy), cwd=cwd or ws.root, env=aw_env(ws, env),
+        p = subprocess.run(run_argv(argv, policy, opts=opts), cwd=cwd or ws.root, env=aw_env(ws, env),
                            capture_output=True, text=True, timeout=timeout)
         wall = time.monotonic() - t0
         m = re.search(r"agentwatch: run (\S+) \(", p.stderr)

@@ -21,7 +21,7 @@ from conftest import REPO
 pytestmark = pytest.mark.kernel
 sys.path.insert(0, REPO)
 from bench import lib  # noqa: E402
-from bench.benchmarks import BENCHMARKS, PROFILES, TITLES  # noqa: E402
+from bench.benchmarks import BENCHMARKS, PROFILES, TITLES, guard_counters, guard_policy  # noqa: E402
 from bench.run import render  # noqa: E402
 
 HAVE_GCC = shutil.which("gcc") is not None
@@ -114,6 +114,27 @@ def test_prog_stats_delta_per_name():
     assert set(lib.prog_stats_delta(before, after, ids={4})) == {"aw_exit"}
 
 
+def test_guard_policies_differ_only_by_the_loopback_port_and_both_get_the_guard(tmp_path):
+    from agentwatch.policy import load
+    texts = {side: guard_policy(8080, side == "direct") for side in ("direct", "guarded")}
+    extra = set(texts["direct"].splitlines()) - set(texts["guarded"].splitlines())
+    assert extra == {"  loopback: [8080]"}
+    assert set(texts["guarded"].splitlines()) <= set(texts["direct"].splitlines())
+    for side, text in texts.items():
+        (tmp_path / f"{side}.yaml").write_text(text)
+        net = load(str(tmp_path / f"{side}.yaml")).spec.network
+        assert net.guarded(), side
+        assert bool(net.loopback) == (side == "direct")
+
+
+def test_guard_counters_read_the_end_event():
+    end = {"kind": "lifecycle", "phase": "end", "detail": {"kernel_denials": {
+        "cgroup-bpf": {"proxied": 7}, "egress-guard": {"flows": 7, "allowed": 6, "errors": 1}}}}
+    assert guard_counters([{"kind": "lifecycle", "phase": "start"}, end]) == (7, {"flows": 7, "allowed": 6,
+                                                                                 "errors": 1})
+    assert guard_counters([{"kind": "lifecycle", "phase": "end", "detail": {}}]) == (None, {})
+
+
 @pytest.mark.skipif(not HAVE_GCC, reason="needs gcc")
 def test_c_programs_build_and_report_json(tmp_path):
     ws = lib.Workspace()
@@ -132,6 +153,16 @@ def test_c_programs_build_and_report_json(tmp_path):
         r = subprocess.run([ws.build("stopwatch"), str(sw), "sh", "-c", "exit 3"])
         assert r.returncode == 3
         assert json.loads(sw.read_text())["status"] == 3
+        flows = ws.build("flows")
+        server = ws.popen([flows, "serve", "127.0.0.2", "0"], stdout=subprocess.PIPE, text=True)
+        port = server.stdout.readline().split()[1]
+        fl = tmp_path / "flows.json"
+        subprocess.run([flows, "client", "127.0.0.2", port, "bench.test", "-l", "20", "-b", "2",
+                        "-t", "0.2", "-c", "4", "-o", str(fl)], check=True, timeout=60)
+        f = json.loads(fl.read_text())
+        assert f["latency_n"] == 20 and f["latency_errors"] == 0 and f["ttfb_us"]["p50"] > 0
+        assert len(f["bulk_mibps"]) == 2 and f["bulk_errors"] == 0
+        assert f["flows"] > 0 and f["flow_errors"] == 0 and f["conc"] == 4
     finally:
         root = ws.root
         ws.cleanup()
