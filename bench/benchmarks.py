@@ -803,10 +803,15 @@ def guard(ctx):
             out.append(r)
         return out
     med = lambda xs: lib.summarize(xs)["median"] if xs else None   # noqa: E731
-    bulk = {side: [med(r["bulk_mibps"]) for r in rs] for side, rs in trials.items()}
-    tput = compare_figure("guard: 1 MiB transfer throughput (one at a time)", "MiB/s",
+    # the transfer itself (first byte to last): what the splice costs; the
+    # whole flow (socket() to last byte) adds the connect latency above
+    bulk = {side: [med(r["stream_mibps"]) for r in rs] for side, rs in trials.items()}
+    tput = compare_figure("guard: 1 MiB transfer throughput (first to last byte, one at a time)", "MiB/s",
                           bulk["direct"], bulk["guarded"], "x", target=">= 0.80x direct")
     tput["met"] = tput["result"] is not None and tput["result"]["median"] >= 0.8
+    whole = {side: [med(r["bulk_mibps"]) for r in rs] for side, rs in trials.items()}
+    whole_fig = compare_figure("guard: 1 MiB flow, socket() to last byte", "MiB/s",
+                               whole["direct"], whole["guarded"], "x", target="report")
     rate = compare_figure(f"guard: new flows per second ({GUARD_CONC} at once)", "flows/s",
                           pick(direct, "flows_per_s"), pick(guarded, "flows_per_s"), "x",
                           target=">= 2,000/s through the guard")
@@ -824,7 +829,7 @@ def guard(ctx):
         compare_figure("guard: connect() alone p50 (returns at once through the guard)", "µs",
                        pick(direct, "connect_us", "p50"), pick(guarded, "connect_us", "p50"), "delta",
                        target="report"),
-        tput, rate,
+        tput, whole_fig, rate,
     ]
     errors = {side: sum(r["latency_errors"] + r["bulk_errors"] + r["flow_errors"] for r in rs)
               for side, rs in trials.items()}

@@ -14,7 +14,8 @@
  * to connect() returning and to the first response byte (what an agent
  * waits for: through the guard connect() returns at once, the upstream
  * connect happens after the name is read); then M 1 MiB transfers one
- * after the other, each timed from socket() to the last byte; then as many
+ * after the other, each timed from socket() to the last byte and, as the
+ * transfer itself (stream_mibps), from the first byte to the last; then as many
  * complete short flows as it can in SECONDS with CONC open at once (poll),
  * finishing those still open at the end (not counted in the rate).
  * Prints one JSON line to OUTFILE (or stdout). C rather than Python, so
@@ -348,16 +349,18 @@ static int client(int argc, char **argv)
 	qsort(tc, ok, sizeof(double), cmp_double);
 	qsort(tf, ok, sizeof(double), cmp_double);
 
-	double *mibps = calloc(m + 1, sizeof(double));
+	double *mibps = calloc(m + 1, sizeof(double)), *stream = calloc(m + 1, sizeof(double));
 	int bulk_ok = 0, bulk_err = 0;
 	for (int i = 0; i < m; i++) {
 		double c = 0, f = 0, t0 = now_s();
 		long got = one_flow(req_big, &c, &f);
 		double dt = now_s() - t0;
-		if (got >= BIG)
+		if (got >= BIG && dt > f) {
+			stream[bulk_ok] = (got / (double)BIG) / (dt - f);
 			mibps[bulk_ok++] = (got / (double)BIG) / dt;
-		else
+		} else {
 			bulk_err++;
+		}
 	}
 
 	long done = 0, drained = 0, errors = 0;
@@ -377,6 +380,9 @@ static int client(int argc, char **argv)
 		pct(tf, ok, .5), pct(tf, ok, .9), pct(tf, ok, .99), pct(tf, ok, 1), bulk_err);
 	for (int i = 0; i < bulk_ok; i++)
 		fprintf(out, "%s%.1f", i ? ", " : "", mibps[i]);
+	fprintf(out, "], \"stream_mibps\": [");
+	for (int i = 0; i < bulk_ok; i++)
+		fprintf(out, "%s%.1f", i ? ", " : "", stream[i]);
 	fprintf(out, "], \"flows\": %ld, \"flows_drained\": %ld, \"flow_errors\": %ld, "
 		"\"flow_seconds\": %.3f, \"flows_per_s\": %.1f, \"conc\": %d}\n",
 		done, drained, errors, secs, secs > 0 ? done / secs : 0, conc);

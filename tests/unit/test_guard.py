@@ -132,3 +132,68 @@ def test_lint_explain_and_diff_know_the_guard(tmp_path):
     changes = "\n".join(diff(load(str(on)), load(str(off))))
     assert "egress guard is off" in changes
     assert "egress guard now decides TCP by name" in "\n".join(diff(load(str(off)), load(str(on))))
+
+
+# -- the splice (real loopback sockets, no BPF) ---------------------------------------------
+def _tcp_pair():
+    import socket
+    ls = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(ls.getsockname())
+    b, _ = ls.accept()
+    ls.close()
+    return a, b
+
+
+@pytest.mark.parametrize("slow_reader", [False, True])
+def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_reader, monkeypatch):
+    """Guard._pump: socket -> the loop's pipe -> socket. A reader that lags
+    (a small receive buffer, reads with pauses) makes the destination push
+    back, so part goes the other way (out of the pipe, then sent); the
+    bytes and their order are the same, and the pipe is empty after."""
+    import asyncio
+    import hashlib
+    import os
+    import socket
+    import threading
+    import time
+    from agentwatch.guards import guard
+    taken = []
+    take = guard._Pipe.take
+    monkeypatch.setattr(guard._Pipe, "take", lambda self, n: taken.append(n) or take(self, n))
+    g = guard.EgressGuard().start()
+    agent, c = _tcp_pair()          # the agent's end, the guard's accepted socket
+    u, server = _tcp_pair()         # the guard's upstream socket, the server's end
+    if slow_reader:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        u.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    data = os.urandom(4 << 20)
+    got = []
+
+    def read():
+        while True:
+            chunk = server.recv(1 << 16)
+            if not chunk:
+                return
+            got.append(chunk)
+            if slow_reader and len(got) % 8 == 0:
+                time.sleep(0.002)
+    reader = threading.Thread(target=read)
+    reader.start()
+    writer = threading.Thread(target=lambda: (agent.sendall(data), agent.shutdown(socket.SHUT_WR)))
+    writer.start()
+    try:
+        for s in (c, u):
+            s.setblocking(False)
+        rec = {"bytes_out": 0}
+        asyncio.run_coroutine_threadsafe(g._pump(c, u, rec, "bytes_out"), g.loop).result(120)
+        writer.join(60)
+        reader.join(60)
+        assert rec["bytes_out"] == len(data)
+        assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(data).digest()
+        with pytest.raises(BlockingIOError):
+            os.read(g._splice_pipe.r, 1)      # nothing left behind for the next flow
+        assert taken or not slow_reader     # the lagging reader made part go the other way
+    finally:
+        for s in (agent, c, u, server):
+            s.close()
+        g.close()
