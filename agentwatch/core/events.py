@@ -119,7 +119,7 @@ class FlowEvent(Event):
     family: str = None       # as the agent's connect() named it
     addr: str = None         # the original destination, as the agent named it
     port: int = None
-    decision: str = ""       # allow | deny | error (dns: also unsupported, malformed)
+    decision: str = ""       # allow | deny | error | closed (dns: also unsupported, malformed)
     reason: str = None
     rule: str = None         # network.domain when denied
     pattern: str = None      # the domain rule that allowed it

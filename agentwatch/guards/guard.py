@@ -160,7 +160,7 @@ class RunSession:
     handed: dict = field(default_factory=dict)      # name -> {address: ts} our DNS answered
     counters: dict = field(default_factory=lambda: dict.fromkeys(
         ("flows", "allowed", "denied", "errors", "busy", "unknown_socket", "dns_queries",
-         "dns_denied", "dns_dropped", "dns_unknown_socket"), 0))
+         "dns_denied", "dns_dropped", "dns_unknown_socket", "closed_unsent"), 0))
     active: int = 0
     servers: list = field(default_factory=list)
     _cache: dict = field(default_factory=dict)      # name -> (expires, [addresses])
@@ -449,6 +449,13 @@ class EgressGuard:
                 except asyncio.TimeoutError:
                     return self._refuse(s, c, rec, f"sent no name within {lim.first_bytes_s:g} s")
                 continue
+            if not chunk and not buf:
+                # nothing was sent, so nothing was refused: a client racing
+                # IPv4 against IPv6 drops the loser so, and must not be
+                # reported (or killed) for it
+                s.count("closed_unsent")
+                rec.update(decision="closed", reason="closed before sending a byte")
+                return
             if not chunk:
                 return self._refuse(s, c, rec, "closed before naming a destination")
             buf += chunk

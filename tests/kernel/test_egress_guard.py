@@ -230,6 +230,8 @@ out["v6"] = tls_get("::1", HTTPS, "allowed.test", socket.AF_INET6)
 out["elsewhere"] = tls_get("127.0.0.3", HTTPS, "allowed.test")
 out["connect_allowed"] = connect_tunnel("allowed.test", HTTPS)
 out["connect_other"] = connect_tunnel("other.test", HTTPS)
+with socket.socket() as s:   # connected, closed without a byte: a happy-eyeballs loser
+    s.connect(("127.0.0.4", HTTP))
 try:
     socket.getaddrinfo("other.test", 443); out["resolve_other"] = "resolved"
 except socket.gaierror as e:
@@ -333,9 +335,13 @@ def _check_scenario(res, evs, run_id, servers):
     assert len([f for f in ok if f["pid"] == pid]) == 3
     assert any(f["comm"] == "curl" for f in ok)
     assert len([f for f in flows if f["decision"] == "deny"]) == 7
+    # sent nothing, refused nothing: a record, no violation (not in tcp above)
+    assert [(f["addr"], f["reason"]) for f in flows if f["decision"] == "closed"] == [
+        ("127.0.0.4", "closed before sending a byte")]
     end = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "end")
     g = end["detail"]["kernel_denials"]["egress-guard"]
     assert g["allowed"] == 4 and g["denied"] == 7 and g["busy"] == 0 and g["unknown_socket"] == 0
+    assert g["closed_unsent"] == 1
     # the run's listeners are gone with it
     start = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "start")
     ports = start["detail"]["enforcement"]["egress_guard"]["ports"]
