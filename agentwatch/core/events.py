@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field, fields
 from json.encoder import encode_basestring_ascii as _escape
 
-KINDS = ("exec", "fork", "exit", "file", "net", "flow", "syscall", "signal", "violation", "lifecycle")
+KINDS = ("exec", "fork", "exit", "file", "net", "flow", "llm", "syscall", "signal", "violation",
+         "lifecycle")
 # a violation's category and action: a contract other tools rely on (docs/policy.md
 # "Rules" lists the categories, "On violation" the actions, which the policy's
 # on_violation takes); tests/unit/test_events.py checks every one the code writes
@@ -134,6 +135,30 @@ class FlowEvent(Event):
 
 
 @dataclass(kw_only=True)
+class LlmEvent(Event):
+    """One call to the LLM gateway (agentwatch/harness/gateway.py), at its
+    end. The caller's run is the kernel's (its socket's cgroup), never what
+    the request said; pid is 0 (a TCP peer names a cgroup, not a process)."""
+    kind: str = "llm"
+    api: str = None          # openai | anthropic
+    path: str = None         # /v1/chat/completions, /v1/messages, ...
+    model: str = None        # as the agent asked
+    upstream: str = None     # the upstream's name in the gateway config
+    upstream_model: str = None
+    stream: bool = False
+    status: int = None       # the HTTP status the agent got
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_counted: bool = False   # usage missing: tokens estimated from the text
+    queue_wait: float = None  # seconds waiting for the scheduler's grant
+    latency: float = None    # seconds, request to last byte
+    bytes_in: int = 0        # agent -> gateway (request body)
+    bytes_out: int = 0       # gateway -> agent (response body)
+    error: str = None
+    finding: dict = None     # {category, rule, reason}: what the gateway found wrong (judged)
+
+
+@dataclass(kw_only=True)
 class SyscallEvent(Event):
     kind: str = "syscall"
     name: str = ""
@@ -181,7 +206,8 @@ class LifecycleEvent(Event):
 
 
 EVENT_TYPES = {cls.kind: cls for cls in (ExecEvent, ForkEvent, ExitEvent, FileEvent, NetEvent,
-                                         FlowEvent, SyscallEvent, SignalEvent, ViolationEvent, LifecycleEvent)}
+                                         FlowEvent, LlmEvent, SyscallEvent, SignalEvent, ViolationEvent,
+                                         LifecycleEvent)}
 _FIELDS = {kind: {f.name for f in fields(cls)} for kind, cls in EVENT_TYPES.items()}
 
 

@@ -20,8 +20,11 @@ A peer whose run cannot be named gets run_id None: callers refuse it or
 treat it as "not an agent", never guess.
 A run with a network namespace of its own reaches a host loopback port
 through agentwatch's relay (sandbox/netns.py): the TCP peer is then the
-relay's socket, in agentwatch's cgroup, and gets run_id None (its uid is
-the agent's).
+relay's socket, in agentwatch's cgroup. The relay files each of its
+sockets here (relayed()) under the local end the kernel gave it, for the
+run it carries; such a peer, found by inet_diag in this process's own
+cgroup, is that run's. Any other peer in agentwatch's cgroup gets run_id
+None (the relay socket's uid is the agent's).
 """
 
 import os
@@ -56,6 +59,19 @@ def of_socket(sock):
     if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
         return _tcp_peer(sock)
     raise ValueError(f"cannot name the peer of a socket of family {sock.family!r}")
+
+
+_RELAYED = {}           # (addr, port) of a relay socket of this process -> the run it carries
+
+
+def relayed(local, run_id):
+    """The relay (sandbox/netns.py) connected a socket whose local end is
+    local for run_id; run_id None: that socket is closed."""
+    key = (_addr(local[0]), local[1])
+    if run_id is None:
+        _RELAYED.pop(key, None)
+    else:
+        _RELAYED[key] = run_id
 
 
 # -- unix ------------------------------------------------------------------------
@@ -97,7 +113,26 @@ def _unix_peer(sock):
 # -- tcp -------------------------------------------------------------------------
 def _tcp_peer(sock):
     local, remote = sock.getsockname(), sock.getpeername()
-    return _peer_of(_inet_diag(sock.family, src=remote, dst=local))
+    p = _peer_of(_inet_diag(sock.family, src=remote, dst=local))
+    relay = _RELAYED.get((_addr(remote[0]), remote[1]))
+    if p.run_id is None and relay and p.cgroup is None and p.uid is not None \
+            and _own_cgroup_socket(sock.family, remote, local):
+        return Peer(uid=p.uid, cgroup=None, run_id=relay)
+    return p
+
+
+def _own_cgroup_socket(family, src, dst):
+    """The socket at src (connected to dst) was made in this process's own
+    cgroup: one of the relay's, not a host process's on a reused port."""
+    found = _inet_diag(family, src=src, dst=dst)
+    if not found or not found[1]:
+        return False
+    mine = procfs.cgroup(os.getpid())
+    mount = procfs.cgroup2_mount()
+    try:
+        return mine is not None and os.stat(os.path.join(mount, mine.lstrip("/"))).st_ino == found[1]
+    except OSError:
+        return False
 
 
 def of_datagram(family, local, remote):

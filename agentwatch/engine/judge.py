@@ -56,7 +56,8 @@ class Judge:
 
     def __init__(self, compiled, correlator, run, emit, on_kill=None, watched_files=(),
                  egress_enforced=False, lsm_enforced=False, map_exec_roots=None, guarded=False,
-                 map_exec_kill=False, seccomp_denied=None, seccomp_rules=None, plan=None):
+                 map_exec_kill=False, seccomp_denied=None, seccomp_rules=None, plan=None,
+                 service_ports=()):
         """compiled: CompiledPolicy; run: RunContext; emit(Event); on_kill():
         stops the agent when a rule's action is kill; watched_files:
         [(rule, path)] whose content must not change during the run;
@@ -66,7 +67,10 @@ class Judge:
         the arguments of a refusal, where the sensor could read them, are
         checked (None: not checked); plan: the run's EnforcementPlan, which
         says which layer refused a call (engine/refusals.py; None: a plan
-        with no Landlock, masks or limits)."""
+        with no Landlock, masks or limits); service_ports: the loopback
+        ports of the monitor's services (run/services.py), which every run
+        may reach."""
+        self.service_ports = frozenset(service_ports)
         self.policy = compiled
         self.seccomp_denied = None if seccomp_denied is None else set(seccomp_denied)
         self.seccomp_rules = seccomp_rules
@@ -125,9 +129,11 @@ class Judge:
             self._exec(ev)
         elif kind == "net":
             self._report(ev, rules.network(self.policy, self.refusals, ev, self.egress_enforced,
-                                           self.lsm_enforced, self.guarded))
+                                           self.lsm_enforced, self.guarded, self.service_ports))
         elif kind == "flow":
             self._report(ev, rules.guard_flow(self.policy, ev))
+        elif kind == "llm":
+            self._report(ev, rules.llm_call(self.policy, ev))
         elif kind == "syscall" and ev.no_entry:
             self._report(ev, rules.seccomp_refusal(self.policy, ev, self.seccomp_denied,
                                                    self.seccomp_rules))

@@ -12,6 +12,7 @@ import re
 from typing import NamedTuple
 
 from ..policy.compile import Decision
+from ..policy.matchers import canonical_ip
 from ..policy.model import CATEGORY_SECTION
 from ..sensors.records import PREFIX_LEN
 from .refusals import DENIED, rule_for
@@ -146,11 +147,14 @@ def mapping(policy, ev, real, kill):
 
 
 # -- network -------------------------------------------------------------------------------
-def network(policy, refusals, ev, egress_enforced=False, lsm_enforced=False, guarded=False):
+def network(policy, refusals, ev, egress_enforced=False, lsm_enforced=False, guarded=False,
+            service_ports=frozenset()):
     """A socket, connect, bind or send against the network section.
     guarded: the egress guard is on, so an inet connect or send the kernel
     let through was allowed by a rule or handed to the guard, which judges
-    the flow itself (guard_flow); it is not judged by address here."""
+    the flow itself (guard_flow); it is not judged by address here.
+    service_ports: agentwatch's own loopback services (the LLM gateway),
+    which every run may connect to."""
     if ev.op == "socket":
         # judged here even when refused: a capability check or the cgroup
         # BPF program may have said no (kernel_denial leaves raw sockets and
@@ -170,6 +174,9 @@ def network(policy, refusals, ev, egress_enforced=False, lsm_enforced=False, gua
     if guarded and ev.family in ("inet", "inet6") and ev.op != "bind" and ev.error not in DENIED:
         return None           # allowed, or the guard's to judge
     if ev.family not in ("inet", "inet6", "unix") or ev.addr is None:
+        return None
+    if (ev.op == "connect" and ev.port in service_ports and ev.family != "unix"
+            and _is_loopback(ev.addr)):
         return None
     if ev.family == "unix" and ev.error in _UNIX_NOBODY:
         return None
@@ -212,6 +219,32 @@ def guard_flow(policy, ev):
                 "kernel": ("redirected to the egress guard (cgroup BPF), refused there" if ev.proto == "tcp"
                            else "sent to the egress guard's DNS responder (cgroup BPF), answered NXDOMAIN")}
     return Finding(d, target, {k: v for k, v in evidence.items() if v is not None})
+
+
+def llm_call(policy, ev):
+    """What the LLM gateway found wrong with a call (LlmEvent.finding: a
+    system prompt that is not the run's signed one, an exhausted budget):
+    the violation, its action the policy's for the rule. The gateway has
+    already refused the call where it said so (detail.refused)."""
+    f = ev.finding
+    if not f:
+        return None
+    rule = f.get("rule") or f"{f.get('category')}.llm"
+    action = policy.action_for(f.get("category"), rule)
+    d = Decision(category=f.get("category"), rule=rule, action=action,
+                 reason=f.get("reason") or "the LLM gateway refused the call", pattern=None)
+    refused = bool(f.get("refused"))
+    evidence = {"layer": "llm-gateway", "api": ev.api, "path": ev.path, "model": ev.model,
+                "status": ev.status, "refused": refused,
+                "kernel": (f"refused by the LLM gateway (HTTP {ev.status})" if refused
+                           else "passed on by the LLM gateway"),
+                **{k: v for k, v in f.items() if k not in ("category", "rule", "reason", "refused")}}
+    return Finding(d, f"{ev.api} {ev.path} {ev.model}", {k: v for k, v in evidence.items() if v is not None})
+
+
+def _is_loopback(addr):
+    ip = canonical_ip(addr)
+    return ip is not None and ip.is_loopback
 
 
 # -- process -------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.d
          "process.exec", "process.max_processes", *(f"process.{t}" for t in TOGGLES), "process.signal",
          "process.terminal",
          "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
-         "resources.wall_time", "identity.name", "identity.signer")
+         "resources.wall_time", "resources.llm_tokens", "resources.llm_requests", "resources.llm_cost",
+         "identity.name", "identity.signer", "identity.prompt")
 
 # violation categories (events.CATEGORIES; docs/policy.md "Rules") -> policy section names
 CATEGORY_SECTION = {"filesystem": "filesystem", "network": "network", "process": "process",

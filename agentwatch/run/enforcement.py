@@ -9,7 +9,7 @@ import os
 import time
 
 from ..core.errors import AgentwatchError, LaunchError
-from ..core.events import FileEvent, FlowEvent, NetEvent
+from ..core.events import FileEvent, FlowEvent, LlmEvent, NetEvent
 from ..core.procfs import fd_with_inode
 from ..sandbox import launcher
 
@@ -43,12 +43,15 @@ class Enforcement:
         self.judge = None
         self._lsm_waiting = []           # BPF LSM denials whose file has no path yet
         self._lsm_opened = {}            # pid -> its last files opened (BPF LSM path only)
+        self.services = {}               # RunService -> its ServiceRun (run/services.py)
+        self.service_counters = {}       # service name -> its counters, once closed
 
     def guards(self):
         return [g for g in (self.lsm, self.egress) if g is not None]
 
     def counters(self):
         out = {g.enforcement: g.counters() for g in self.guards()}
+        out.update(self.service_counters)
         if self.guard is not None or self.guard_counters is not None:
             out["egress-guard"] = dict(self.guard.counters if self.guard else self.guard_counters)
         return out
@@ -105,7 +108,8 @@ class Enforcement:
             from ..sandbox.netns import RunNetwork
             run_as = self.prepared.run_as
             try:
-                self.netns = RunNetwork(plan.relay, uid=run_as.uid if run_as else None).open()
+                self.netns = RunNetwork(plan.relay, uid=run_as.uid if run_as else None,
+                                        run_id=self.run_id).open()
             except AgentwatchError as e:
                 raise LaunchError(f"agent not started: {e}") from None
 
@@ -124,6 +128,45 @@ class Enforcement:
             raise LaunchError(f"agent not started: the egress guard could not listen on "
                               f"loopback: {e}") from None
         return dataclasses.replace(rules, guard=self.guard.ports)
+
+    # -- the monitor's services (run/services.py) --------------------------------------
+    def open_services(self, services, cgroup, prompt=None, action_for=None):
+        """Each service's share of this run; the environment variables they
+        add for the agent."""
+        from .services import ServiceRun
+        env = {}
+        for svc in services:
+            sr = ServiceRun(run_id=self.run_id, agent=self.prepared.agent, cgroup=cgroup,
+                            options=self.prepared.opts, prompt=prompt,
+                            prompt_digest=self.prepared.prompt_digest, action_for=action_for)
+            env.update(svc.open_run(sr) or {})
+            self.services[svc] = sr
+        return env
+
+    def report_service_records(self, runs=None):
+        """What the services emitted for this run, as its events."""
+        for sr in self.services.values() if runs is None else runs:
+            while sr.records:
+                rec = sr.records.popleft()
+                if rec.get("kind") != "llm" or not self.emit:
+                    continue
+                fields = {k: v for k, v in rec.items() if k in LlmEvent.__dataclass_fields__
+                          and k not in ("kind", "run_id", "agent")}
+                fields.setdefault("ts", round(time.time(), 6))
+                fields.setdefault("pid", 0)
+                self.emit(LlmEvent(run_id=self.run_id, agent=self.prepared.agent, **fields))
+
+    def end_services(self):
+        """The agent has ended: close each service's share (idempotent)."""
+        services, self.services = self.services, {}
+        for svc, sr in services.items():
+            try:
+                counters = svc.close_run(self.run_id)
+            except Exception as e:        # a service's bug must not lose the run's end
+                counters = {"error": f"{type(e).__name__}: {e}"}
+            self.report_service_records([sr])      # the records of its last calls
+            if counters:
+                self.service_counters[svc.name] = counters
 
     def end_guard(self):
         """Close the run's egress guard session (its flows end) and report
@@ -145,6 +188,7 @@ class Enforcement:
         if self.netns is not None:
             self.netns.close()
         self.end_guard()
+        self.end_services()
         for g in self.guards():
             if give_back is None:
                 g.close()
@@ -233,6 +277,8 @@ class Enforcement:
             g.poll(0)
         if self._flows:
             self.report_flows()
+        if self.services:
+            self.report_service_records()
         if self._lsm_waiting:
             self.report_lsm_denials()
 

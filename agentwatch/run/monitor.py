@@ -39,6 +39,7 @@ class Monitor:
         self.exits = {}                  # agent pid -> wait status, until its run takes it
         self.idle_guards = []            # enforcement objects (LsmGuard, Egress) runs gave back
         self._egress_guard = None        # guards.guard.EgressGuard, started by the first run needing it
+        self.services = []               # run/services.py RunService: the gateway, from the layer above
         self.closed = False
 
     def reap(self):
@@ -102,6 +103,15 @@ class Monitor:
                 from ..guards.guard import EgressGuard
                 self._egress_guard = EgressGuard().start()
             return self._egress_guard
+
+    def add_service(self, service):
+        """A service (run/services.py) every later run of this monitor uses."""
+        with self.lock:
+            self.services.append(service)
+
+    def service_ports(self):
+        from .services import service_ports
+        return service_ports(self.services)
 
     def open(self):
         self.sensors.open(self.correlator.handle)

@@ -57,6 +57,7 @@ class Prepared:
     prompt_signer: object = None
     prompt_digest: str = None
     pins: dict = None                  # --resolve: {name: [addresses]}
+    service_ports: tuple = ()          # the monitor's services' loopback ports (run/services.py)
 
     # -- what the plan says ---------------------------------------------------------
     @property
@@ -128,11 +129,13 @@ class Prepared:
         }
 
 
-def prepare(opts, root=True):
+def prepare(opts, root=True, service_ports=()):
     """Check opts (core.options.RunOptions) and prepare the run: a Prepared.
     root: refuse without root where a run needs it (PrivilegeError), at the
     same points as ever, so that a bad command line or policy is told first;
-    False prepares as any user (tests, a dry run), changing nothing else."""
+    False prepares as any user (tests, a dry run), changing nothing else.
+    service_ports: the loopback ports of the monitor's services
+    (run/services.py), which the agent may reach."""
     o = opts
     if not o.argv:
         raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
@@ -150,7 +153,7 @@ def prepare(opts, root=True):
                  variables=policy_variables(o.workspace or o.cwd, o.env),
                  sensor_groups=list(SENSOR_GROUPS) if o.sensors is None else list(o.sensors),
                  seccomp_denied=list(o.seccomp_denied or ()), policy=policy,
-                 pins=parse_pins(o.resolve))
+                 pins=parse_pins(o.resolve), service_ports=tuple(service_ports))
     if policy:
         _prepare_policy(p, trusted)
     elif o.require_signed:
@@ -181,7 +184,8 @@ def _prepare_policy(p, trusted):
     p.sensor_groups = p.compiled.sensor_groups()
     protected = [policy.path] + ([os.path.abspath(o.prompt_path)] if o.prompt_path else [])
     p.plan = make_plan(policy.data, p.variables, protected,
-                       bpf_lsm=bpf_lsm_wanted(o.bpf_lsm), ttys=ttys(o.stdio), pins=p.pins)
+                       bpf_lsm=bpf_lsm_wanted(o.bpf_lsm), ttys=ttys(o.stdio), pins=p.pins,
+                       service_ports=p.service_ports)
     run_as = policy.spec.process and policy.spec.process.run_as
     if run_as is not None:
         from ..sandbox import credentials

@@ -132,7 +132,8 @@ class Run:
     # -- main -----------------------------------------------------------------------------
     def execute(self):
         """Run the agent to its end; its exit status (128+N for signal N)."""
-        self.prepared = p = prepare(self.opts)
+        self.prepared = p = prepare(self.opts, service_ports=self.monitor.service_ports()
+                                    if self.monitor else ())
         self.log.agent = p.agent
         self.enforcement = Enforcement(p, self.run_id)
         try:
@@ -181,7 +182,8 @@ class Run:
                                lsm_enforced=bool(p.plan and p.plan.lsm is not None),
                                map_exec_roots=map_roots, map_exec_kill=map_kill,
                                seccomp_denied=p.seccomp_denied,
-                               seccomp_rules=self.enforcement.seccomp_rules(), plan=p.plan)
+                               seccomp_rules=self.enforcement.seccomp_rules(), plan=p.plan,
+                               service_ports=p.service_ports)
         # the policy's denied paths (and the run's identity files), so their
         # records travel the priority ring buffer (bpf/priority.bpf.c)
         routes = kills = ([], [])
@@ -202,6 +204,7 @@ class Run:
         self.enforcement.setup(self.cgroup, identity, self.ctx, self.judge,
                                None if self.own_monitor else self.monitor.take_guard,
                                egress_guard=self.monitor.egress_guard, emit=self._on_event)
+        self.agent_env = self._service_env(identity)
         if p.plan and p.plan.wall_time:
             self.wall_deadline = time.monotonic() + p.plan.wall_time
         if p.plan:
@@ -218,10 +221,27 @@ class Run:
         self._loop()
         return self.exit_status
 
+    def _service_env(self, identity):
+        """The agent's environment with what the monitor's services add
+        (run/services.py: the LLM gateway's base URLs and the run's dummy
+        key); their names go into the identity, never their values."""
+        services = list(self.monitor.services)
+        if not services:
+            return self.opts.env
+        p = self.prepared
+        prompt = None
+        if p.opts.prompt_path:
+            with open(p.opts.prompt_path, encoding="utf-8", errors="replace") as f:
+                prompt = f.read()
+        action_for = p.compiled.action_for if p.compiled else (lambda category, rule=None: "alert")
+        added = self.enforcement.open_services(services, self.cgroup.path, prompt, action_for)
+        identity["services"] = {"names": [s.name for s in services], "env": sorted(added)}
+        return dict(os.environ if self.opts.env is None else self.opts.env, **added)
+
     def _spawn(self, identity):
         """Fork the agent, put it in the run's cgroup, log the start, let it exec."""
         with self.monitor.lock:
-            self.child = launcher.spawn(self.opts.argv, env=self.opts.env, cwd=self.opts.cwd,
+            self.child = launcher.spawn(self.opts.argv, env=self.agent_env, cwd=self.opts.cwd,
                                         setup=self.enforcement.child_steps(), stdio=self.opts.stdio,
                                         pid_ns=self.prepared.pid_ns)
             self.monitor.children.add(self.child.pid)
@@ -365,6 +385,7 @@ class Run:
         for g in self.enforcement.guards():
             g.poll(0)
         self.enforcement.end_guard()
+        self.enforcement.end_services()
         self.enforcement.report_lsm_denials(final=True)
         self.correlator.finish(self.ctx)
         if self.judge:

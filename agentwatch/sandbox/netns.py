@@ -44,6 +44,7 @@ import struct
 import threading
 import time
 
+from ..core import peer
 from ..core.errors import KernelFeatureError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -87,9 +88,10 @@ class RunNetwork:
     loopback relay. ports: the network.loopback ports; uid: the agent's, as
     owner of the host-side sockets (None: agentwatch's own)."""
 
-    def __init__(self, ports, uid=None, max_connections=MAX_CONNECTIONS):
+    def __init__(self, ports, uid=None, max_connections=MAX_CONNECTIONS, run_id=None):
         self.ports = sorted(set(ports))
         self.uid = uid
+        self.run_id = run_id         # filed with core.peer for each host-side socket
         self.max_connections = max_connections
         self.fd = None
         self.listening = []          # (address, port) inside the run's namespace
@@ -215,9 +217,19 @@ class RunNetwork:
             _reset(conn)
             self._counts["refused"] += 1
             return
+        if self.run_id is not None:
+            # filed before the connect, which on loopback completes at once:
+            # the server (the LLM gateway) names its caller by this socket
+            try:
+                host.bind(("::1" if conn.family == socket.AF_INET6 else "127.0.0.1", 0))
+                peer.relayed(host.getsockname(), self.run_id)
+            except OSError:
+                pass
         err = host.connect_ex(target)
         if err not in (0, errno.EINPROGRESS):
             self._counts["refused"] += 1
+            if self.run_id is not None:
+                peer.relayed(host.getsockname(), None)
             host.close()
             _reset(conn)
             return
@@ -315,6 +327,11 @@ class RunNetwork:
                 self._sel.modify(sock, mask, pair)
 
     def _drop(self, pair, reset=False):
+        if self.run_id is not None:
+            try:
+                peer.relayed(pair.host.getsockname(), None)
+            except OSError:
+                pass
         for sock in (pair.agent, pair.host):
             self._pairs.pop(sock, None)
             try:

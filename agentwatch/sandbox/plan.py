@@ -195,14 +195,19 @@ def resolve_domains(domains, timeout=2.0):
 
 
 def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False,
-              ns_missing=None, ttys=(), pins=None):
+              ns_missing=None, ttys=(), pins=None, service_ports=()):
     """bpf_lsm: the host can load agentwatch's BPF LSM programs (doctor's
     bpf-lsm check: BPF LSM active and headers of exactly this kernel).
     ns_missing: {kind: why} for the namespaces this host cannot make
     (default: sandbox.namespaces.probe() as root; none otherwise).
     ttys: the terminal devices on the agent's stdio (granted as such).
     pins: {name: [addresses]} (--resolve): what a domain rule resolves to
-    when the egress guard is off, instead of the host's resolver."""
+    when the egress guard is off, instead of the host's resolver.
+    service_ports: loopback ports of agentwatch's own services (the LLM
+    gateway, run/services.py) that the agent may reach whatever
+    network.loopback says: added to it here, so every layer (cgroup BPF,
+    Landlock's port list, the namespace's relay) lets them through."""
+    data = _with_service_ports(data, service_ports)
     p = EnforcementPlan()
     fs = data.get("filesystem")
     net = data.get("network")
@@ -451,6 +456,16 @@ def _host_network_why(data):
         return "the network section only alerts (no connection is refused)"
     return host_network_why(net.get("allow") or (), _loopback_ranges(net.get("loopback", False)),
                             _net_spec(net).guarded())
+
+
+def _with_service_ports(data, ports):
+    net = data.get("network")
+    if not ports or not isinstance(net, dict) or net.get("loopback") is True:
+        return data
+    have = net.get("loopback") or []
+    loop = list(have) if isinstance(have, list) else []
+    loop += [p for p in sorted(set(ports)) if p not in loop]
+    return dict(data, network=dict(net, loopback=loop))
 
 
 def _loopback_ranges(loop):

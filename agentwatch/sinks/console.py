@@ -37,6 +37,8 @@ def describe(d):
         return f"net {d.get('op')} {d.get('family')} {where}{_result(d)}"
     if k == "flow":
         return describe_flow(d)
+    if k == "llm":
+        return describe_llm(d)
     if k == "syscall":
         arg = f" {d['path']}" if d.get("path") else ""
         return f"syscall {d.get('name')}{arg}{_result(d)}"
@@ -77,6 +79,17 @@ def describe_flow(d):
              if d.get("decision") == "allow" else "")
     took = f", {d['duration']:.3f} s" if d.get("duration") is not None else ""
     return f"flow tcp {name}-> {where} {verdict}{moved}{took}"
+
+
+def describe_llm(d):
+    """A call through the LLM gateway: 'llm openai /v1/chat/completions
+    gpt-x 200, 120 in 40 out, waited 2 ms, 0.400 s'."""
+    counted = " (counted)" if d.get("tokens_counted") else ""
+    wait = f", waited {d['queue_wait'] * 1000:.0f} ms" if d.get("queue_wait") is not None else ""
+    took = f", {d['latency']:.3f} s" if d.get("latency") is not None else ""
+    err = f": {d['error']}" if d.get("error") else ""
+    return (f"llm {d.get('api')} {d.get('path')} {d.get('model')} {d.get('status')}{err}, "
+            f"{d.get('tokens_in', 0)} in {d.get('tokens_out', 0)} out{counted}{wait}{took}")
 
 
 def format_line(d, color=False):

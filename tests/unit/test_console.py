@@ -105,3 +105,13 @@ def test_describe_flow_says_name_address_verdict_and_bytes():
     dns = describe({"kind": "flow", "proto": "dns", "name": "x.other.test", "qtype": "TXT",
                     "decision": "deny", "reason": "x.other.test is not in network.allow"})
     assert dns == "flow dns x.other.test TXT deny: x.other.test is not in network.allow"
+
+
+def test_describe_llm_says_api_model_status_tokens_and_wait():
+    from agentwatch.sinks.console import describe
+    d = {"kind": "llm", "api": "openai", "path": "/v1/chat/completions", "model": "gpt-x", "status": 200,
+         "tokens_in": 120, "tokens_out": 40, "queue_wait": 0.002, "latency": 0.4}
+    assert describe(d) == "llm openai /v1/chat/completions gpt-x 200, 120 in 40 out, waited 2 ms, 0.400 s"
+    d.update(status=429, error="token budget reached", tokens_counted=True, queue_wait=None)
+    assert describe(d) == ("llm openai /v1/chat/completions gpt-x 429: token budget reached, "
+                           "120 in 40 out (counted), 0.400 s")
