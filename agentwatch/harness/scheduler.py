@@ -164,9 +164,12 @@ class Grant:
         part of the estimate) and free the slot. A second call does nothing."""
         if self.released:
             return
+        tokens_in = self.estimate_in if tokens_in is None else tokens_in
+        tokens_out = self.estimate_out if tokens_out is None else tokens_out
+        if tokens_in < 0 or tokens_out < 0:         # refused before the slot is touched
+            raise ValueError("token counts must be >= 0")
         self.released = True
-        self._scheduler._release(self, self.estimate_in if tokens_in is None else tokens_in,
-                                 self.estimate_out if tokens_out is None else tokens_out)
+        self._scheduler._release(self, tokens_in, tokens_out)
 
     def __repr__(self):
         return (f"Grant({self.agent!r}, est={self.estimate_in}+{self.estimate_out}, "
@@ -310,8 +313,6 @@ class Scheduler:
             w.future.set_result(grant)
 
     def _release(self, grant, tokens_in, tokens_out):
-        if tokens_in < 0 or tokens_out < 0:
-            raise ValueError("token counts must be >= 0")
         a = grant._agent
         a.service += (self.cost(tokens_in, tokens_out)
                       - self.cost(grant.estimate_in, grant.estimate_out)) / grant.weight

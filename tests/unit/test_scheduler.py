@@ -421,6 +421,45 @@ def test_remove_fails_waiters_and_keeps_in_flight_slots():
     run(main)
 
 
+def test_a_removed_agent_asking_again_stays_under_its_cap():
+    async def main(loop):
+        s = Scheduler(max_concurrent=4, per_agent=1, clock=loop.time)
+        g = await s.acquire("r", 1)
+        s.remove("r")
+        t = asyncio.ensure_future(s.acquire("r", 1))        # same run id, its call still in flight
+        await asyncio.sleep(1.0)
+        assert not t.done() and s.stats().agents["r"].in_flight == 1
+        g.release()
+        (await t).release()
+        assert s.stats().agents["r"].granted == 2           # the same record, revived
+    run(main)
+
+
+def test_weight_change_applies_to_later_grants():
+    async def main(loop):
+        s = Scheduler(max_concurrent=1, per_agent=1, age_s=math.inf, clock=loop.time)
+        up = Upstream(1, 1)
+        count = collections.Counter()
+        stop = [False]
+
+        async def worker(name):
+            while not stop[0]:
+                g = await s.acquire(name, 100, 0)
+                count[name, loop.time() >= 100.0] += 1
+                await up.call(name, 1.0)
+                g.release(100, 0)
+
+        async def flip():
+            await asyncio.sleep(100.0)
+            s.set_weight("x", 300)                           # x: 1:1 -> 3:1
+            await asyncio.sleep(200.0)
+            stop[0] = True
+        await asyncio.gather(flip(), *(worker(n) for n in "xy" for _ in range(3)))
+        assert abs(count["x", False] - count["y", False]) <= 2
+        assert 2.5 <= count["x", True] / count["y", True] <= 3.5
+    run(main)
+
+
 # ------------------------------------------------------------------ charges and stats
 
 def test_release_corrects_the_estimate_and_is_idempotent():
@@ -436,8 +475,11 @@ def test_release_corrects_the_estimate_and_is_idempotent():
         assert a.service == 50.0 and (a.tokens_in, a.tokens_out) == (100, 50)
         assert s.stats().in_flight == 0
         g2 = await s.acquire("a", 10, 10)
+        with pytest.raises(ValueError):
+            g2.release(-1, 0)                        # refused, and the slot still held
+        assert s.stats().in_flight == 1 and not g2.released
         g2.release()                                 # None: the estimate stands
-        assert s.stats().agents["a"].tokens_out == 60
+        assert s.stats().agents["a"].tokens_out == 60 and s.stats().in_flight == 0
     run(main)
 
 
@@ -485,7 +527,7 @@ OPS = st.lists(st.tuples(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, cap=st.integers(1, 4), per_agent=st.integers(1, 3), age=st.sampled_from([0.0, 0.5, 30.0]))
-def test_caps_hold_under_random_arrivals_releases_cancellations(ops, cap, per_agent, age):
+def test_caps_and_bound_hold_under_random_arrivals_releases_cancellations(ops, cap, per_agent, age):
     async def main(loop):
         s = Scheduler(max_concurrent=cap, per_agent=per_agent, age_s=age, clock=loop.time)
         up = Upstream(cap, per_agent)
@@ -493,6 +535,9 @@ def test_caps_hold_under_random_arrivals_releases_cancellations(ops, cap, per_ag
 
         async def call(agent, start, hold, tokens, cancel_after):
             await asyncio.sleep(start / 10)
+            own = s.stats().agents.get(agent)
+            # holds are at most 3 s; at most 4 agents (a0..a3) ever queue here
+            bound = wait_bound(cap, age, 3.0, agents=4, own_ahead=own.queued if own else 0)
             try:
                 g = await asyncio.wait_for(s.acquire(agent, tokens, tokens), cancel_after)
             except asyncio.TimeoutError:
@@ -502,6 +547,7 @@ def test_caps_hold_under_random_arrivals_releases_cancellations(ops, cap, per_ag
                 outcomes["removed"] += 1
                 return
             assert_consistent(s)
+            assert g.wait_s <= bound + 1e-9, (g.wait_s, bound)
             try:
                 await up.call(agent, hold / 10)
             finally:
