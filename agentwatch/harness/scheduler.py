@@ -39,8 +39,9 @@ Ageing, and the wait bound
 
       t1 + max(A, D) + ceil(k / C) * D                    (wait_bound)
 
-  and a request with j of its own agent's requests ahead of it by
-  t0 + (j + 1) * that. In the common case D <= A this is age_s plus the
+  and a request enqueued at t0 with j of its own agent's requests ahead of
+  it by t0 + (j + 1) * that (k then counts the agents queued at any time
+  during the wait). In the common case D <= A this is age_s plus the
   time for the heads that aged before it and the calls in flight to finish.
 
   Why. While r is head, a gets no grant (its queue is FIFO), so a's calls in
