@@ -97,7 +97,7 @@ FIELDS = {
     "DaemonRun": ["run_id", "agent", "root_pid", "client"],
     "DaemonStatus": ["pid", "started", "socket", "runs", "sensors", "counters", "raw"],
     "RunOptions": ["argv", "policy_path", "name", "events_path", "show", "workspace", "prompt_path",
-                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "resolve", "fold", "cwd", "env",
+                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "resolve", "fold", "weight", "cwd", "env",
                    "ringbuf_pages", "sensors", "seccomp_denied", "stdio", "stderr", "client"],
     # types of the layers below that the API returns
     "Check": ["name", "ok", "detail", "disables", "seconds"],
@@ -202,6 +202,8 @@ def test_cli_run_options_are_the_run_option_fields():
             assert p.multiple
         if m["choices"]:
             assert list(p.type.choices) == list(m["choices"]) and p.default == f.default
+        if m.get("range"):
+            assert isinstance(p.type, click.IntRange) and (p.type.min, p.type.max) == m["range"]
         if m["path"]:
             assert isinstance(p.type, click.Path)
             assert p.type.dir_okay == (m["path"] == "dir") and p.type.file_okay == (m["path"] == "file")
@@ -209,7 +211,7 @@ def test_cli_run_options_are_the_run_option_fields():
 
 def test_the_daemon_protocol_carries_every_wire_field(tmp_path):
     from agentwatch import daemon
-    values = {list: ["a"], str: "x", bool: True, dict: {"K": "v"}}
+    values = {list: ["a"], str: "x", bool: True, dict: {"K": "v"}, int: 7}
     opts = api.RunOptions(**{f.name: values[f.type] for f in options_mod.wire_fields()})
     opts.argv = ["tool"]
     req = daemon.request_options(opts)
