@@ -111,20 +111,21 @@ def _line_col(text, pos):
     return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
-def read_text(path):
+def read_text(path, what="policy"):
     """The file as text; Invalid (a PolicyError) when unreadable, too large
-    or not UTF-8."""
+    or not UTF-8. what: the kind of file, for the messages (a manifest
+    reads its file here too)."""
     try:
         size = os.path.getsize(path)
         if size > MAX_POLICY_BYTES:
-            raise Invalid(Loc(path, 1, 1), f"file is {size} bytes; a policy may be at most "
+            raise Invalid(Loc(path, 1, 1), f"file is {size} bytes; a {what} may be at most "
                                            f"{MAX_POLICY_BYTES} bytes")
         with open(path, "rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
-        raise Invalid(Loc(path), f"cannot read policy: {e.strerror}") from None
+        raise Invalid(Loc(path), f"cannot read {what}: {e.strerror}") from None
     if len(raw) > MAX_POLICY_BYTES:      # grew since stat, or a device
-        raise Invalid(Loc(path, 1, 1), f"file is over {MAX_POLICY_BYTES} bytes; a policy may be "
+        raise Invalid(Loc(path, 1, 1), f"file is over {MAX_POLICY_BYTES} bytes; a {what} may be "
                                        f"at most {MAX_POLICY_BYTES} bytes")
     try:
         return raw.decode("utf-8")
