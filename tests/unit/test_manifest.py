@@ -186,3 +186,22 @@ def test_the_schema_and_the_validator_know_the_same_keys():
     import dataclasses
     weight = {f.name: f for f in dataclasses.fields(RunOptions)}["weight"]
     assert weight.metadata["range"] == M.WEIGHT_RANGE
+
+
+def test_up_check_prints_problems_as_file_line_col(d, capsys):
+    from cli.main import main
+    bad = d / "m.yaml"
+    bad.write_text(HEAD + "agents:\n  - {name: a, command: [/bin/true], policy: p.yaml, weight: 0}\n")
+    assert main(["up", "--check", str(bad)]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{bad}:6:61: agents[0].weight: must be at least 1, got 0"]
+    assert main(["up", "--check", EXAMPLE]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_up_refuses_a_bad_manifest_with_its_errors(d, capsys):
+    from cli.main import main
+    bad = d / "m.yaml"
+    bad.write_text(HEAD + "agents: []\n")
+    assert main(["up", str(bad)]) == 1
+    assert capsys.readouterr().err == (f"agentwatch: error: {bad}:5:9: agents: a manifest declares "
+                                       "at least one agent\n")
