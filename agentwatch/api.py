@@ -536,8 +536,10 @@ def state_path(*parts):
 
 def process_start_time(pid):
     """The kernel's start time of pid (clock ticks since boot), None when
-    it is gone: with the pid, it names one process whatever pids get reused."""
-    return state.process_start_time(pid)
+    it is gone or exiting (a zombie included: nobody may have reaped it
+    yet). With the pid, it names one process whatever pids get reused."""
+    from .core import procfs
+    return None if procfs.exiting(pid) else procfs.start_time(pid)
 
 
 # ---------------------------------------------------------------- policies

@@ -334,7 +334,11 @@ def up(ctx, manifest, check_only, foreground):
         for e in rec["agents"]:
             why = e["error"] or ("stopped: another agent failed" if e["state"] != "failed" else "failed")
             click.echo(f"agentwatch up: {m.name}/{e['name']}: {why}", err=True)
-        proc.wait(STOP_TIMEOUT_S)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            click.echo(f"agentwatch up: the supervisor (pid {proc.pid}) still runs; see {log_path}",
+                       err=True)
         _remove(rec)
         ctx.exit(1)
     click.echo(f"{m.name}: {len(rec['agents'])} agent(s) running (supervisor pid {proc.pid}, "

@@ -19,7 +19,7 @@ from ..core.errors import PolicyError
 from ..policy import check as check_policy
 from ..policy.checker import Checker, TooMany
 from ..policy.model import API_VERSION, Problem
-from ..policy.source import Invalid, Loc, parse, read_text, yaml_type
+from ..policy.source import Invalid, Loc, read_document, yaml_type
 
 KIND = "AgentManifest"
 TOP_KEYS = ("apiVersion", "kind", "metadata", "gateway", "agents")
@@ -65,7 +65,8 @@ def check(path):
     (Manifest or None, [Problem]); None when there is any error."""
     c = Checker()
     try:
-        root = parse(read_text(path, "manifest"), path)
+        root = read_document(path, KIND, "manifest", "examples/manifest.yaml",
+                             "apiVersion, kind, metadata and agents")
         manifest = _manifest(c, root, path)
     except Invalid as e:
         return None, [Problem(e.loc, e.message)]
@@ -88,15 +89,6 @@ def load(path):
 # ---------------------------------------------------------------- the sections
 
 def _manifest(c, root, path):
-    start = Loc(path, 1, 1)
-    if root is None:
-        raise Invalid(start, "manifest is empty; start from examples/manifest.yaml")
-    if not isinstance(root, dict):
-        raise Invalid(start, f"a manifest is a mapping with apiVersion, kind, metadata and agents, "
-                             f"not a {yaml_type(root)}")
-    if root.get("kind") != KIND:
-        got = f"kind is {root['kind']!r}; " if "kind" in root else ""
-        raise Invalid(root.val_locs.get("kind", root.loc), f"{got}'kind: {KIND}' is required")
     c.mapping(root, root.loc, "manifest", TOP_KEYS)
     if root.get("apiVersion") != API_VERSION:
         c.error(root.val_locs.get("apiVersion", root.loc),

@@ -259,22 +259,22 @@ def parse(text, path):
 
 # --------------------------------------------------------------- documents and extends
 
-def read_document(path):
-    """One file -> its root Map, checked to be a non-empty AgentPolicy
-    mapping; Invalid otherwise."""
-    text = read_text(path)
+def read_document(path, kind="AgentPolicy", what="policy", start_from="a file in policies/",
+                  keys="apiVersion, kind and metadata"):
+    """One file -> its root Map, checked to be a non-empty mapping of this
+    kind (a policy; a manifest, harness/manifest.py, reads its own here);
+    Invalid otherwise."""
+    text = read_text(path, what)
     root = parse(text, path)
     start = Loc(path, 1, 1)
     if root is None:
-        raise Invalid(start, "policy is empty; start from a file in policies/")
+        raise Invalid(start, f"{what} is empty; start from {start_from}")
     if not isinstance(root, dict):
-        raise Invalid(start, f"a policy is a mapping with apiVersion, kind and metadata, "
-                             f"not a {yaml_type(root)}")
-    kind = root.get("kind")
-    if kind != "AgentPolicy":
+        raise Invalid(start, f"a {what} is a mapping with {keys}, not a {yaml_type(root)}")
+    if root.get("kind") != kind:
         where = root.val_locs.get("kind", root.loc)
-        got = f"kind is {kind!r}; " if "kind" in root else ""
-        raise Invalid(where, f"{got}'kind: AgentPolicy' is required")
+        got = f"kind is {root['kind']!r}; " if "kind" in root else ""
+        raise Invalid(where, f"{got}'kind: {kind}' is required")
     return root
 
 
