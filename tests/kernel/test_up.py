@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, aw, wait_for
+from conftest import REPO, aw, own_daemon, wait_for
 
 sys.path.insert(0, REPO)
 from bench.lib import process_gone  # noqa: E402
@@ -29,14 +29,7 @@ WEIGHTS = {"sleeper-1": 100, "sleeper-2": 300, "sleeper-3": 1000}
 
 @pytest.fixture(scope="module")
 def up_daemon(tmp_path_factory):
-    d = tmp_path_factory.mktemp("updaemon") / "state"
-    d.mkdir()
-    env = {"AGENTWATCH_STATE_DIR": str(d)}
-    r = aw("daemon", "start", env=env, timeout=180)
-    assert r.returncode == 0, r.stderr + r.stdout
-    yield d, env
-    stop = aw("daemon", "stop", env=env, timeout=60)
-    assert stop.returncode == 0, stop.stderr
+    yield from own_daemon(tmp_path_factory, "updaemon")
 
 
 @pytest.fixture
