@@ -119,7 +119,7 @@ class Supervisor:
         return api.RunOptions(argv=list(agent.command), policy_path=agent.policy, name=agent.name,
                               events_path=os.path.join(_up_dir(), self.m.name, f"{agent.name}.events.jsonl"),
                               workspace=cwd, cwd=cwd, env=env, weight=agent.weight,
-                              prompt_path=agent.prompt)
+                              prompt_path=agent.prompt, allow_downgrade=agent.allow_downgrade)
 
     def _launch(self, agent):
         os.makedirs(os.path.join(_up_dir(), self.m.name), exist_ok=True)

@@ -25,7 +25,8 @@ KIND = "AgentManifest"
 TOP_KEYS = ("apiVersion", "kind", "metadata", "gateway", "agents")
 METADATA_KEYS = ("name", "description")
 GATEWAY_KEYS = ("config",)
-AGENT_KEYS = ("name", "command", "policy", "weight", "budgets", "workspace", "env", "prompt")
+AGENT_KEYS = ("name", "command", "policy", "weight", "budgets", "workspace", "env", "prompt",
+              "allow_downgrade")
 BUDGET_KEYS = ("tokens", "requests", "cost")
 WEIGHT_RANGE = (1, 10000)          # the run option's (core/options.py RunOptions.weight)
 DEFAULT_WEIGHT = 100               # the kernel's own default cpu.weight: an equal share
@@ -45,6 +46,7 @@ class AgentSpec:
     workspace: str = None          # default: the manifest's directory
     env: dict = field(default_factory=dict)         # added to the environment `up` runs in
     prompt: str = None
+    allow_downgrade: bool = False  # `agentwatch run --allow-downgrade`
     loc: Loc = None
 
 
@@ -167,12 +169,15 @@ def _agent(c, m, where, here):
     workspace = _path(c, m, "workspace", f"{where}.workspace", here, must="dir")
     env = _env(c, m, where)
     prompt = _path(c, m, "prompt", f"{where}.prompt", here, must="file")
-    if None in (name, command, policy, weight, budgets, env) or not ok:
+    downgrade = False
+    if "allow_downgrade" in m:
+        downgrade = c.boolean(m["allow_downgrade"], m.val_locs["allow_downgrade"], f"{where}.allow_downgrade")
+    if None in (name, command, policy, weight, budgets, env, downgrade) or not ok:
         return None
     if ("workspace" in m and workspace is None) or ("prompt" in m and prompt is None):
         return None
     return AgentSpec(name=name, command=tuple(command), policy=policy, weight=weight, budgets=budgets,
-                     workspace=workspace, env=env, prompt=prompt, loc=m.loc)
+                     workspace=workspace, env=env, prompt=prompt, allow_downgrade=downgrade, loc=m.loc)
 
 
 def _required(c, m, key, where):

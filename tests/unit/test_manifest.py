@@ -47,6 +47,7 @@ agents:
     workspace: ws
     env: {K: v}
     prompt: prompt.md
+    allow_downgrade: true
   - name: b
     command: [/bin/true]
     policy: ./p.yaml
@@ -58,7 +59,9 @@ agents:
     assert (a.name, a.command, a.policy, a.weight) == ("a", ("/bin/sleep", "9"), str(d / "p.yaml"), 300)
     assert a.budgets == {"tokens": 1000, "requests": 10, "cost": 0.5}
     assert (a.workspace, a.env, a.prompt) == (str(d / "ws"), {"K": "v"}, str(d / "prompt.md"))
-    assert (b.weight, b.budgets, b.workspace, b.env, b.prompt) == (100, {}, None, {}, None)
+    assert a.allow_downgrade is True
+    assert (b.weight, b.budgets, b.workspace, b.env, b.prompt, b.allow_downgrade) == (100, {}, None, {}, None,
+                                                                                       False)
     assert m.agent("b") is b and m.agent("c") is None
 
 
@@ -102,6 +105,8 @@ agents:
     (HEAD + AGENT + "    env: [A]\n", "9:10: agents[0].env: expected a mapping of names to strings, got list"),
     (HEAD + AGENT + "    env: {'A=B': x}\n", "9:11: agents[0].env: 'A=B' is not an environment variable name"),
     (HEAD + AGENT + "    prompt: gone.md\n", "9:13: agents[0].prompt: 'gone.md' is not a file"),
+    (HEAD + AGENT + "    allow_downgrade: yes please\n",
+     "9:22: agents[0].allow_downgrade: expected true or false, got string"),
     (HEAD + AGENT + AGENT[len("agents:\n"):], "9:11: agents[1].name: duplicate agent name 'a' (first at line 6)"),
     (HEAD + AGENT.replace("name: a", "name: ''"), "6:11: agents[0].name: '' is not a name"),
 ])
