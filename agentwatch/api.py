@@ -6,6 +6,9 @@ Runs
     subscribe(run) -> a run's decoded events, live (a run of this process) or from its log
     follow_events(...) -> the event dicts every run logs (`agentwatch tail`)
     list_runs(), find_run(), read_log(), log_path(), verify_log(), gc()
+    run_stats(run_id) -> the harness's live figures of a run ({} until the gateway gives some)
+Manifests (`agentwatch up`)
+    check_manifest(), load_manifest(), state_path(), process_start_time()
 Policies
     check_policy(), load_policy(), lint_policies(), explain_policy(),
     enforcement_plan(), describe_enforcement(), diff_policies(), policy_variables()
@@ -13,7 +16,7 @@ Keys and signatures
     generate_key(), sign_files(), verify_files(), keys_dir(), trusted_dir()
 Host and daemon
     doctor(), daemon_status(), daemon_start(), daemon_stop(), daemon_serve(),
-    daemon_submit(), daemon_socket()
+    daemon_submit(), daemon_launch() -> DaemonRunHandle, daemon_socket()
 
 Every failure a user can cause raises an agentwatch.core.errors type (re-exported
 here) whose message is one line for the user. Return values are dataclasses
@@ -49,6 +52,10 @@ __all__ = [
     "RunOptions", "run_option_fields", "RunResult", "RunHandle", "run", "start", "open_monitor",
     "subscribe", "LogSubscription", "follow_events", "parse_since", "format_event",
     "RunInfo", "list_runs", "find_run", "log_path", "read_log", "LogVerification", "verify_log", "gc",
+    "run_stats",
+    # manifests
+    "Manifest", "AgentSpec", "ManifestCheck", "check_manifest", "load_manifest", "state_path",
+    "process_start_time",
     # policies
     "Policy", "Problem", "LintResult", "EnforcementPlan", "PolicyCheck", "check_policy",
     "load_policy", "lint_policies", "explain_policy", "enforcement_plan", "describe_enforcement",
@@ -59,6 +66,7 @@ __all__ = [
     # host and daemon
     "Check", "DoctorReport", "doctor", "DaemonRun", "DaemonStatus", "daemon_socket",
     "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
+    "DaemonRunHandle", "daemon_launch",
 ]
 
 # Types of the layers below, imported on first use (PEP 562): name -> (module, attribute)
@@ -68,6 +76,8 @@ _LAZY_TYPES = {
     "LintResult": ("agentwatch.policy.lint", "LintResult"),
     "EnforcementPlan": ("agentwatch.sandbox.plan", "EnforcementPlan"),
     "Check": ("agentwatch.doctor", "Check"),
+    "Manifest": ("agentwatch.harness.manifest", "Manifest"),
+    "AgentSpec": ("agentwatch.harness.manifest", "AgentSpec"),
 }
 
 
@@ -483,6 +493,55 @@ def gc(log=None):
     return gc_runs(log=log)
 
 
+def run_stats(run_id):
+    """The harness's live figures of a run, for `agentwatch ps`: the LLM
+    gateway's queue depth and wait once it runs (issue #17); {} for now."""
+    return {}
+
+
+# ---------------------------------------------------------------- manifests
+
+@dataclass(frozen=True)
+class ManifestCheck:
+    """A manifest read and validated: the Manifest (None on any error) and
+    every problem (str() is FILE:LINE:COL: message), its policies' included."""
+    manifest: object
+    problems: list
+
+    @property
+    def ok(self):
+        return self.manifest is not None
+
+
+def check_manifest(path):
+    """Read and validate a manifest (docs/manifest.md) without raising for
+    its problems."""
+    from .harness.manifest import check
+    manifest, problems = check(path)
+    return ManifestCheck(manifest, list(problems))
+
+
+def load_manifest(path):
+    """A valid Manifest (agents: AgentSpec, paths absolute); PolicyError
+    listing its errors (FILE:LINE:COL each)."""
+    from .harness.manifest import load
+    return load(path)
+
+
+def state_path(*parts):
+    """A path in the state directory ($AGENTWATCH_STATE_DIR, default
+    /var/lib/agentwatch): `agentwatch up` keeps its records in up/."""
+    return os.path.join(state.state_dir(), *parts)
+
+
+def process_start_time(pid):
+    """The kernel's start time of pid (clock ticks since boot), None when
+    it is gone or exiting (a zombie included: nobody may have reaped it
+    yet). With the pid, it names one process whatever pids get reused."""
+    from .core import procfs
+    return None if procfs.exiting(pid) else procfs.start_time(pid)
+
+
 # ---------------------------------------------------------------- policies
 
 @dataclass(frozen=True)
@@ -720,6 +779,68 @@ def daemon_submit(options, require=True):
     if reply is None:
         return None
     return _result(reply.get("run_id"), reply["exit"], reply.get("summary"), on_daemon=True)
+
+
+class DaemonRunHandle:
+    """A run on the daemon started by daemon_launch(): wait(timeout) for
+    its RunResult, stop(signum) forwards a stop signal, done. From any
+    thread; several at once. The run lives while this process holds its
+    connection: the process ending (even by SIGKILL) stops the run."""
+
+    def __init__(self, submission, options):
+        self.options = options
+        self._sub = submission
+        self._result = self._error = None
+        self._thread = threading.Thread(target=self._wait, daemon=True,
+                                        name=f"agentwatch daemon run {options.name or options.argv[0]}")
+
+    def _wait(self):
+        try:
+            reply = self._sub.wait()
+            self._result = _result(reply.get("run_id"), reply["exit"], reply.get("summary"),
+                                   on_daemon=True)
+        except BaseException as e:       # noqa: BLE001 - handed to wait()
+            self._error = e if isinstance(e, Exception) else AgentwatchError(f"run ended: {e!r}")
+
+    @property
+    def done(self):
+        """True once the run ended (its result or error is ready)."""
+        return not self._thread.is_alive()
+
+    def stop(self, signum=signal.SIGTERM):
+        """Forward signum (SIGTERM, SIGINT or SIGHUP) to the run: the
+        run's own stop (the agent tree gets it, SIGKILL 3 s later)."""
+        if not self.done:
+            self._sub.signal(signum)
+
+    def wait(self, timeout=None):
+        """The RunResult once the run ended; raises what ended it otherwise,
+        or TimeoutError when timeout seconds pass."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the daemon run of {self.options.name or self.options.argv[0]} "
+                               f"still runs after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def daemon_launch(options, stdio=None):
+    """Start a run on the daemon and return at once: a DaemonRunHandle.
+    stdio: the agent's stdin, stdout and stderr (fds; default ours). No
+    signal handler is installed (daemon_submit's are the main thread's):
+    call stop(). UsageError when no daemon answers; the run's own errors
+    (a bad policy, a command not found) come from wait()."""
+    from . import daemon
+    sub = daemon.Submission.connect(require=True)
+    try:
+        sub.send(options, stdio)
+    except BaseException:
+        sub.close()
+        raise
+    handle = DaemonRunHandle(sub, options)
+    handle._thread.start()
+    return handle
 
 
 @dataclass(frozen=True)

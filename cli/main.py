@@ -13,7 +13,9 @@ from agentwatch.api import AgentwatchError
 COMMANDS = {
     "run": ("run", "run", "Run COMMAND as a monitored agent."),
     "tail": ("runs", "tail", "Follow the live event stream of all running agents."),
-    "ps": ("runs", "ps", "List running agents."),
+    "ps": ("up", "ps", "List running agents: manifests' first, then the other runs."),
+    "up": ("up", "up", "Start every agent of a manifest on the daemon."),
+    "down": ("up", "down", "Stop a manifest's agents."),
     "gc": ("runs", "gc", "Remove what a crashed agentwatch left behind."),
     "doctor": ("doctor", "doctor", "Report kernel features and what their absence disables."),
     "daemon": ("daemon", "daemon_group", "The shared monitor: start, stop, status."),

@@ -1,7 +1,7 @@
-"""agentwatch tail | ps | gc: looking at runs, live or finished."""
+"""agentwatch tail | gc: looking at runs, live or finished (ps: cli/up.py,
+with the manifests' agents)."""
 import json
 import sys
-import time
 
 import click
 
@@ -35,30 +35,6 @@ def tail(as_json, run_id, agent, kinds, violations, since, follow_):
         raise click.ClickException(str(e))
     except (KeyboardInterrupt, BrokenPipeError):
         pass
-
-
-@click.command()
-@click.option("--all", "show_all", is_flag=True, help="Include finished runs.")
-@click.option("--json", "as_json", is_flag=True)
-def ps(show_all, as_json):
-    """List running agents: identity, pid count, events and drops."""
-    rows = [{"run_id": r.run_id, "agent": r.agent, "status": r.status, "root_pid": r.root_pid,
-             "pids": r.pids, "events": r.events, "lost": r.lost, "started": r.started,
-             "policy": r.policy, "policy_digest": r.policy_digest, "command": " ".join(r.command),
-              "crash": r.crash}
-            for r in api.list_runs(running_only=not show_all)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
-    if not rows:
-        click.echo("no running agents" if not show_all else "no runs", err=True)
-        return
-    fmt = "{:<24} {:<16} {:<8} {:>7} {:>5} {:>9} {:>6}  {:<8}  {}"
-    click.echo(fmt.format("RUN_ID", "AGENT", "STATUS", "PID", "PIDS", "EVENTS", "LOST", "STARTED", "COMMAND"))
-    for r in rows:
-        started = time.strftime("%H:%M:%S", time.localtime(r["started"])) if r["started"] else "-"
-        click.echo(fmt.format(r["run_id"], str(r["agent"])[:16], r["status"], r["root_pid"] or "-",
-                              r["pids"], r["events"], r["lost"], started, r["command"][:60]))
 
 
 @click.command()

@@ -227,3 +227,17 @@ class Lines:
         *lines, self.buf = self.buf.split(b"\n")
         self.items += [json.loads(l) for l in lines if l.strip()]
         return self.items
+
+
+def own_daemon(tmp_path_factory, name="daemon"):
+    """A daemon on a state dir of its own (for a module-scoped fixture:
+    `yield from own_daemon(tmp_path_factory)`): yields (state dir, env for
+    aw()), stops it at the end."""
+    d = tmp_path_factory.mktemp(name) / "state"
+    d.mkdir()
+    env = {"AGENTWATCH_STATE_DIR": str(d)}
+    r = aw("daemon", "start", env=env, timeout=180)
+    assert r.returncode == 0, r.stderr + r.stdout
+    yield d, env
+    stop = aw("daemon", "stop", env=env, timeout=60)
+    assert stop.returncode == 0, stop.stderr

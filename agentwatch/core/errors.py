@@ -22,7 +22,7 @@ class KernelFeatureError(AgentwatchError):
 
 
 class PolicyError(AgentwatchError):
-    """A policy file is unreadable or invalid. Messages start with FILE:LINE:COL."""
+    """A policy (or manifest) file is unreadable or invalid. Messages start with FILE:LINE:COL."""
 
 
 class IntegrityError(AgentwatchError):

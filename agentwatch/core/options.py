@@ -12,6 +12,7 @@ metadata says how the other layers treat it:
   path   "file" or "dir": a path, made absolute on the client's side before
          it reaches the daemon (for a list: each item)
   choices  the values a str field takes
+  range  (lowest, highest) an int field takes, both included
   wire   the daemon protocol carries it (a client may set it); the others
          are the caller's own (stdio, stderr) or the runner's (sensors,
          seccomp_denied) or the daemon's (client: SO_PEERCRED)
@@ -24,9 +25,9 @@ __all__ = ["RunOptions", "cli_fields", "wire_fields"]
 
 
 def _opt(default=None, *, factory=None, help=None, flag=None, path=None, choices=None,
-         wire=True, show_default=False):
-    meta = {"help": help, "flag": flag, "path": path, "choices": choices, "wire": wire,
-            "show_default": show_default}
+         range=None, wire=True, show_default=False):
+    meta = {"help": help, "flag": flag, "path": path, "choices": choices, "range": range,
+            "wire": wire, "show_default": show_default}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -73,6 +74,10 @@ class RunOptions:
                       help="Fold a thread's identical file calls in a row (same path, flags and "
                            "result) into one line with a repeat count, in the kernel; --no-fold "
                            "writes a line (and costs a record) per call.")
+    weight: int = _opt(flag="--weight", range=(1, 10000),
+                       help="The agent's CPU weight, 1..10000 (cgroup v2 cpu.weight; on the cgroup "
+                            "v1 fallback cpu.shares = weight * 1024 / 100). Default: the kernel's "
+                            "(100). A manifest's agent weight also sets its inference share.")
     # not on the command line: the client fills them in (its cwd, its environment)
     cwd: str = _opt(path="dir", help="The agent's working directory (default: ours).")
     env: dict = _opt(help="The agent's environment (default: ours).")

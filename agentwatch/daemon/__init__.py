@@ -27,15 +27,15 @@ SIGHUP would.
 
 The package is transport only: `protocol` (framing, options over the wire,
 errors), `server` (the Daemon: one Monitor, a thread per client) and
-`client` (ping, submit, shutdown, start). A run's state is the Run's own:
+`client` (ping, submit, Submission, shutdown, start). A run's state is the Run's own:
 the server asks it through its public names (`Run.info`, `Run.refuse_request`,
 `Run.summary`, `Run.exit_status`, `Run.stop`).
 """
-from .client import ping, run_remote, shutdown, start, submit
+from .client import Submission, ping, run_remote, shutdown, start, submit
 from .protocol import (MAX_MSG, START_TIMEOUT_S, STOP_TIMEOUT_S, options_from_request,
                        request_options, socket_path)
 from .server import ClientStream, Daemon, main
 
-__all__ = ["ClientStream", "Daemon", "MAX_MSG", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "main",
+__all__ = ["ClientStream", "Daemon", "Submission", "MAX_MSG", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "main",
            "options_from_request", "ping", "request_options", "run_remote", "shutdown",
            "socket_path", "start", "submit"]

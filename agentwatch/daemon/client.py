@@ -1,5 +1,6 @@
 """The daemon's client side: is one there (ping), run an agent on it with
-our stdio (submit), stop it (shutdown), start one in the background (start)."""
+our stdio (submit; Submission: one of several at once, from any thread),
+stop it (shutdown), start one in the background (start)."""
 import os
 import signal
 import socket
@@ -78,43 +79,91 @@ def submit(opts, path=None, require=False):
     daemon's answer {"exit": N, "run_id": ..., "summary": ...}, or None
     when no daemon answers (require: that is an error). Our SIGINT,
     SIGTERM and SIGHUP are forwarded to the run."""
-    sock = _connect(path)
-    if sock is None:
-        if require:
-            raise UsageError(f"--daemon: no agentwatch daemon answers on {path or socket_path()}; "
-                             "start one with 'agentwatch daemon start'")
+    sub = Submission.connect(path, require)
+    if sub is None:
         return None
-    stdio, opened = [], []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            stdio.append(fd)
-        except OSError:         # closed: the agent gets /dev/null there
-            opened.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
-            stdio.append(opened[-1])
 
     def forward(signum, _frame):
-        try:
-            send(sock, {"op": "signal", "signum": signum})
-        except OSError:
-            pass
+        sub.signal(signum)
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        with sock:
-            send(sock, {"op": "run", "options": request_options(opts)}, fds=stdio)
-            reply, _ = recv(sock)
+        sub.send(opts)
+        return sub.wait()
     finally:
+        sub.close()
         for s, h in old.items():
             signal.signal(s, h)
-        for fd in opened:
-            os.close(fd)
-    if reply is None:
-        raise AgentwatchError("the agentwatch daemon went away during the run; its log "
-                              f"({os.path.join(state.state_dir(), 'daemon.log')} when started "
-                              "with 'agentwatch daemon start') says why")
-    if "error" in reply:
-        raise error_from(reply)
-    return dict(reply, exit=int(reply["exit"]))
+
+
+class Submission:
+    """One run request on its own connection, for callers that run
+    several at once (a thread each) or cannot take signals (any thread but
+    the main one): send(opts, stdio) returns once the request is sent;
+    signal(signum) forwards a stop signal; wait() blocks for the answer.
+    Closing the connection (close(), or this process dying) stops the run
+    as SIGHUP would: a client that goes away stops its run."""
+
+    def __init__(self, sock, path):
+        self.sock, self.path = sock, path
+        self._opened = []
+
+    @classmethod
+    def connect(cls, path=None, require=False):
+        sock = _connect(path)
+        if sock is None:
+            if require:
+                raise UsageError(f"--daemon: no agentwatch daemon answers on {path or socket_path()}; "
+                                 "start one with 'agentwatch daemon start'")
+            return None
+        return cls(sock, path)
+
+    def send(self, opts, stdio=None):
+        """Send the run request; the agent gets stdio (three fds, default
+        ours: a closed one becomes /dev/null)."""
+        fds = []
+        for fd in stdio or (0, 1, 2):
+            try:
+                os.fstat(fd)
+                fds.append(fd)
+            except OSError:         # closed: the agent gets /dev/null there
+                self._opened.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+                fds.append(self._opened[-1])
+        try:
+            send(self.sock, {"op": "run", "options": request_options(opts)}, fds=fds)
+        finally:
+            self._close_opened()
+
+    def signal(self, signum):
+        """Forward SIGINT, SIGTERM or SIGHUP to the run (nothing once it ended)."""
+        try:
+            send(self.sock, {"op": "signal", "signum": int(signum)})
+        except OSError:
+            pass
+
+    def wait(self):
+        """The daemon's answer once the run ended, as submit() returns it."""
+        try:
+            reply, _ = recv(self.sock)
+        finally:
+            self.close()
+        if reply is None:
+            raise AgentwatchError("the agentwatch daemon went away during the run; its log "
+                                  f"({os.path.join(state.state_dir(), 'daemon.log')} when started "
+                                  "with 'agentwatch daemon start') says why")
+        if "error" in reply:
+            raise error_from(reply)
+        return dict(reply, exit=int(reply["exit"]))
+
+    def close(self):
+        self._close_opened()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _close_opened(self):
+        while self._opened:
+            os.close(self._opened.pop())
 
 
 def start(log_path=None, timeout=START_TIMEOUT_S, progress=None):

@@ -111,20 +111,21 @@ def _line_col(text, pos):
     return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
-def read_text(path):
+def read_text(path, what="policy"):
     """The file as text; Invalid (a PolicyError) when unreadable, too large
-    or not UTF-8."""
+    or not UTF-8. what: the kind of file, for the messages (a manifest
+    reads its file here too)."""
     try:
         size = os.path.getsize(path)
         if size > MAX_POLICY_BYTES:
-            raise Invalid(Loc(path, 1, 1), f"file is {size} bytes; a policy may be at most "
+            raise Invalid(Loc(path, 1, 1), f"file is {size} bytes; a {what} may be at most "
                                            f"{MAX_POLICY_BYTES} bytes")
         with open(path, "rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
-        raise Invalid(Loc(path), f"cannot read policy: {e.strerror}") from None
+        raise Invalid(Loc(path), f"cannot read {what}: {e.strerror}") from None
     if len(raw) > MAX_POLICY_BYTES:      # grew since stat, or a device
-        raise Invalid(Loc(path, 1, 1), f"file is over {MAX_POLICY_BYTES} bytes; a policy may be "
+        raise Invalid(Loc(path, 1, 1), f"file is over {MAX_POLICY_BYTES} bytes; a {what} may be "
                                        f"at most {MAX_POLICY_BYTES} bytes")
     try:
         return raw.decode("utf-8")
@@ -258,22 +259,22 @@ def parse(text, path):
 
 # --------------------------------------------------------------- documents and extends
 
-def read_document(path):
-    """One file -> its root Map, checked to be a non-empty AgentPolicy
-    mapping; Invalid otherwise."""
-    text = read_text(path)
+def read_document(path, kind="AgentPolicy", what="policy", start_from="a file in policies/",
+                  keys="apiVersion, kind and metadata"):
+    """One file -> its root Map, checked to be a non-empty mapping of this
+    kind (a policy; a manifest, harness/manifest.py, reads its own here);
+    Invalid otherwise."""
+    text = read_text(path, what)
     root = parse(text, path)
     start = Loc(path, 1, 1)
     if root is None:
-        raise Invalid(start, "policy is empty; start from a file in policies/")
+        raise Invalid(start, f"{what} is empty; start from {start_from}")
     if not isinstance(root, dict):
-        raise Invalid(start, f"a policy is a mapping with apiVersion, kind and metadata, "
-                             f"not a {yaml_type(root)}")
-    kind = root.get("kind")
-    if kind != "AgentPolicy":
+        raise Invalid(start, f"a {what} is a mapping with {keys}, not a {yaml_type(root)}")
+    if root.get("kind") != kind:
         where = root.val_locs.get("kind", root.loc)
-        got = f"kind is {kind!r}; " if "kind" in root else ""
-        raise Invalid(where, f"{got}'kind: AgentPolicy' is required")
+        got = f"kind is {root['kind']!r}; " if "kind" in root else ""
+        raise Invalid(where, f"{got}'kind: {kind}' is required")
     return root
 
 

@@ -66,16 +66,9 @@ class Enforcement:
         own events (the guard's flows) go there, to be logged and judged."""
         self.ctx, self.judge, self.emit = ctx, judge, emit
         plan = self.prepared.plan
+        self._setup_limits(cgroup, identity["enforcement"])
         if not plan:
             return
-        if plan.limits:
-            from ..sandbox.limits import Limits
-            self.limits = Limits(self.run_id, cgroup.path, **plan.limits)
-            self.limits.setup()
-            identity["enforcement"]["limits_applied"] = self.limits.applied
-            if self.limits.missing:
-                identity["enforcement"]["downgrades"].append(
-                    f"resources: no {', '.join(self.limits.missing)} controller")
 
         def guard(cls, *policy):
             reused = take_guard(cls, *policy) if take_guard else None
@@ -112,6 +105,27 @@ class Enforcement:
                                         run_id=self.run_id).open()
             except AgentwatchError as e:
                 raise LaunchError(f"agent not started: {e}") from None
+
+    def _setup_limits(self, cgroup, record):
+        """The plan's resource limits and the run's weight (a run option:
+        with or without a policy) on the run's cgroups; how each applied
+        goes into record (the identity's enforcement)."""
+        from ..sandbox.limits import CONTROLLER, Limits
+        plan, weight = self.prepared.plan, self.prepared.opts.weight
+        limits = dict(plan.limits) if plan else {}
+        if weight is not None:
+            limits["weight"] = weight
+            record["weight"] = weight
+        if not limits:
+            return
+        self.limits = Limits(self.run_id, cgroup.path, **limits)
+        self.limits.setup()
+        record["limits_applied"] = self.limits.applied
+        if self.limits.missing:
+            missing = sorted({CONTROLLER.get(n, n) for n in self.limits.missing})
+            record.setdefault("downgrades", []).append(
+                f"resources: no {', '.join(missing)} controller"
+                + (" (the run's weight is not applied)" if "weight" in self.limits.missing else ""))
 
     def _open_guard(self, egress_guard, plan, rules):
         """The run's session of the egress guard; the egress rules with its ports."""

@@ -139,6 +139,7 @@ def prepare(opts, root=True, service_ports=()):
     o = opts
     if not o.argv:
         raise UsageError("no command given: agentwatch run [OPTIONS] -- CMD [ARG...]")
+    check_ranges(o)
     if o.policy_path and o.require_signed:
         # a tampered file is refused as tampered, before its content is even parsed
         if root:
@@ -199,6 +200,20 @@ def _prepare_policy(p, trusted):
             + "\n  ".join(p.plan.downgrades)
             + "\nrun with --allow-downgrade to accept this (each rule is then recorded "
               "in the run identity), or relax the policy")
+
+
+def check_ranges(o):
+    """Int options with a range (core/options.py metadata): the API and the
+    daemon's clients get the command line's refusal."""
+    import dataclasses
+    for f in dataclasses.fields(o):
+        bounds = f.metadata.get("range")
+        value = getattr(o, f.name)
+        if bounds is None or value is None:
+            continue
+        lo, hi = bounds
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UsageError(f"{f.metadata['flag']} {value!r}: expected an integer from {lo} to {hi}")
 
 
 def parse_pins(items):

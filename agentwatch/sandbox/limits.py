@@ -3,11 +3,25 @@ has them, else the cgroup v1 hierarchies of hybrid hosts (the CI host has
 cpu, memory and pids only as v1), else nothing (and the plan says so).
 
 Sizes are parsed by agentwatch.core.units, the parser the policy validator
-uses. wall_time is enforced by the runner (it stops the agent tree)."""
+uses. wall_time is enforced by the runner (it stops the agent tree).
+
+weight (a run option, not a policy limit: `--weight`, a manifest's agent
+weight) is the cpu controller's share: cpu.weight on v2, cpu.shares on v1,
+where the kernel's defaults (100 and 1024) are the same share."""
 import os
 
 from ..core.units import parse_size
 from ..core.errors import LaunchError
+
+CONTROLLER = {"weight": "cpu"}    # a limit -> the controller that holds it (default: its own name)
+V1_SHARES = (2, 262144)           # cpu.shares the kernel takes (MIN_SHARES, MAX_SHARES)
+
+
+def v1_shares(weight):
+    """cpu.shares for a cpu.weight: the same share of the v1 default 1024
+    as weight is of the v2 default 100, within the kernel's range."""
+    lo, hi = V1_SHARES
+    return max(lo, min(hi, int(weight) * 1024 // 100))
 
 
 def v1_mounts(mounts="/proc/mounts"):
@@ -37,12 +51,13 @@ def _write(ctl, val, directory, files):
 
 
 class Limits:
-    """Applies {pids, memory, cpu} to one run; remove() undoes it."""
+    """Applies {pids, memory, cpu, weight} to one run; remove() undoes it."""
 
-    def __init__(self, run_id, v2_path, pids=None, memory=None, cpu=None):
+    def __init__(self, run_id, v2_path, pids=None, memory=None, cpu=None, weight=None):
         self.run_id = run_id
         self.v2_path = v2_path
-        self.want = {k: v for k, v in (("pids", pids), ("memory", memory), ("cpu", cpu)) if v}
+        self.want = {k: v for k, v in (("pids", pids), ("memory", memory), ("cpu", cpu),
+                                       ("weight", weight)) if v}
         self.dirs = []          # v1 cgroup dirs we created
         self.applied = {}       # controller -> how ("v2" | "v1")
         self.missing = []
@@ -57,22 +72,25 @@ class Limits:
     def setup(self):
         """Parent side, before the agent exists: create/limit the cgroups."""
         from .cgroups import delegate_controllers
-        if self.v2_path and not all(self._v2_has(c) for c in self.want):
-            delegate_controllers(self.v2_path, self.want)
+        controllers = {CONTROLLER.get(k, k) for k in self.want}
+        if self.v2_path and not all(self._v2_has(c) for c in controllers):
+            delegate_controllers(self.v2_path, controllers)
         v1 = v1_mounts()
-        for ctl, val in self.want.items():
-            files = self._files(ctl, val)
+        for name, val in self.want.items():
+            ctl = CONTROLLER.get(name, name)
+            files = self._files(name, val)
             if self._v2_has(ctl):
-                _write(ctl, val, self.v2_path, files["v2"])
-                self.applied[ctl] = "v2"
+                _write(name, val, self.v2_path, files["v2"])
+                self.applied[name] = "v2"
             elif ctl in v1:
                 d = os.path.join(v1[ctl], "agentwatch", self.run_id)
                 os.makedirs(d, exist_ok=True)
-                self.dirs.append(d)
-                _write(ctl, val, d, files["v1"])
-                self.applied[ctl] = "v1"
+                if d not in self.dirs:        # cpu and weight share the cpu hierarchy's group
+                    self.dirs.append(d)
+                _write(name, val, d, files["v1"])
+                self.applied[name] = "v1"
             else:
-                self.missing.append(ctl)
+                self.missing.append(name)
 
     @staticmethod
     def _files(ctl, val):
@@ -83,6 +101,8 @@ class Limits:
             b = str(parse_size(val))
             return {"v2": [("memory.max", b), ("memory.swap.max", "0")],
                     "v1": [("memory.limit_in_bytes", b)]}
+        if ctl == "weight":
+            return {"v2": [("cpu.weight", str(int(val)))], "v1": [("cpu.shares", str(v1_shares(val)))]}
         period = 100000
         quota = str(int(float(val) * period))
         return {"v2": [("cpu.max", f"{quota} {period}")],

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import REPO, aw, read_events, wait_for
+from conftest import REPO, aw, own_daemon, read_events, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -358,14 +358,7 @@ def test_egress_by_name_embedded(tmp_path, servers):
 
 @pytest.fixture(scope="module")
 def guard_daemon(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gdaemon") / "state"
-    d.mkdir()
-    env = {"AGENTWATCH_STATE_DIR": str(d)}
-    r = aw("daemon", "start", env=env, timeout=180)
-    assert r.returncode == 0, r.stderr + r.stdout
-    yield d, env
-    stop = aw("daemon", "stop", env=env, timeout=60)
-    assert stop.returncode == 0, stop.stderr
+    yield from own_daemon(tmp_path_factory, "gdaemon")
 
 
 def test_egress_by_name_through_the_daemon(tmp_path, servers, guard_daemon):

@@ -28,6 +28,9 @@ ALL = sorted([
     "RunOptions", "run_option_fields", "RunResult", "RunHandle", "run", "start", "open_monitor",
     "subscribe", "LogSubscription", "follow_events", "parse_since", "format_event",
     "RunInfo", "list_runs", "find_run", "log_path", "read_log", "LogVerification", "verify_log", "gc",
+    "run_stats",
+    "Manifest", "AgentSpec", "ManifestCheck", "check_manifest", "load_manifest", "state_path",
+    "process_start_time",
     "Policy", "Problem", "LintResult", "EnforcementPlan", "PolicyCheck", "check_policy",
     "load_policy", "lint_policies", "explain_policy", "enforcement_plan", "describe_enforcement",
     "diff_policies", "policy_variables",
@@ -35,6 +38,7 @@ ALL = sorted([
     "keys_dir", "trusted_dir",
     "Check", "DoctorReport", "doctor", "DaemonRun", "DaemonStatus", "daemon_socket",
     "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
+    "DaemonRunHandle", "daemon_launch",
 ])
 
 SIGNATURES = {
@@ -73,10 +77,18 @@ SIGNATURES = {
     "daemon_stop": "()",
     "daemon_serve": "()",
     "daemon_submit": "(options, require=True)",
+    "daemon_launch": "(options, stdio=None)",
+    "run_stats": "(run_id)",
+    "check_manifest": "(path)",
+    "load_manifest": "(path)",
+    "state_path": "(*parts)",
+    "process_start_time": "(pid)",
     # methods
     "RunHandle.wait": "(self, timeout=None)",
     "RunHandle.stop": "(self, signum=<Signals.SIGTERM: 15>)",
     "RunHandle.subscribe": "(self, kinds=None, maxsize=10000, callback=None)",
+    "DaemonRunHandle.wait": "(self, timeout=None)",
+    "DaemonRunHandle.stop": "(self, signum=<Signals.SIGTERM: 15>)",
     "LogSubscription.cancel": "(self)",
     "DaemonStatus.to_dict": "(self)",
     "DoctorReport.to_dict": "(self)",
@@ -90,6 +102,10 @@ FIELDS = {
                 "policy_digest", "command", "exit_status", "log_path", "identity", "crash"],
     "LogVerification": ["path", "run_id", "ok", "lines", "signer", "problems"],
     "PolicyCheck": ["policy", "problems"],
+    "ManifestCheck": ["manifest", "problems"],
+    "Manifest": ["path", "name", "agents", "description", "gateway_config"],
+    "AgentSpec": ["name", "command", "policy", "weight", "budgets", "workspace", "env", "prompt",
+                  "allow_downgrade", "loc"],
     "KeyPair": ["key_id", "private_path", "public_path"],
     "Signed": ["path", "sig_path", "signer"],
     "FileVerification": ["path", "ok", "reason", "signer"],
@@ -97,7 +113,7 @@ FIELDS = {
     "DaemonRun": ["run_id", "agent", "root_pid", "client"],
     "DaemonStatus": ["pid", "started", "socket", "runs", "sensors", "counters", "raw"],
     "RunOptions": ["argv", "policy_path", "name", "events_path", "show", "workspace", "prompt_path",
-                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "resolve", "fold", "cwd", "env",
+                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "resolve", "fold", "weight", "cwd", "env",
                    "ringbuf_pages", "sensors", "seccomp_denied", "stdio", "stderr", "client"],
     # types of the layers below that the API returns
     "Check": ["name", "ok", "detail", "disables", "seconds"],
@@ -202,6 +218,8 @@ def test_cli_run_options_are_the_run_option_fields():
             assert p.multiple
         if m["choices"]:
             assert list(p.type.choices) == list(m["choices"]) and p.default == f.default
+        if m.get("range"):
+            assert isinstance(p.type, click.IntRange) and (p.type.min, p.type.max) == m["range"]
         if m["path"]:
             assert isinstance(p.type, click.Path)
             assert p.type.dir_okay == (m["path"] == "dir") and p.type.file_okay == (m["path"] == "file")
@@ -209,7 +227,7 @@ def test_cli_run_options_are_the_run_option_fields():
 
 def test_the_daemon_protocol_carries_every_wire_field(tmp_path):
     from agentwatch import daemon
-    values = {list: ["a"], str: "x", bool: True, dict: {"K": "v"}}
+    values = {list: ["a"], str: "x", bool: True, dict: {"K": "v"}, int: 7}
     opts = api.RunOptions(**{f.name: values[f.type] for f in options_mod.wire_fields()})
     opts.argv = ["tool"]
     req = daemon.request_options(opts)

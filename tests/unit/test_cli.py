@@ -174,3 +174,55 @@ def test_main_help_returns_zero(capsys):
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "frobnicate" in capsys.readouterr().err
+
+
+# ---- up / down / ps with a manifest's record ------------------------------------
+
+def make_up_record(name, agents, pid=None, start_time=None):
+    """<state dir>/up/NAME.json as the supervisor writes it (cli/up.py)."""
+    os.makedirs(os.path.join(state.state_dir(), "up"), exist_ok=True)
+    rec = {"manifest": name, "path": "/m.yaml", "pid": pid, "start_time": start_time, "started": 1.0,
+           "state": "running", "log": "/x.log",
+           "agents": [{"name": a, "run_id": r, "weight": w, "state": "running", "exit_status": None,
+                       "error": None, "log": "/a.log"} for a, r, w in agents]}
+    state.write_json_atomic(os.path.join(state.state_dir(), "up", f"{name}.json"), rec)
+    return rec
+
+
+def test_ps_lists_a_manifests_agents_then_the_other_runs(capsys, state_dir):
+    make_run("20261128-000000-aaaaaa", "running")
+    make_run("20261128-000001-bbbbbb", "running")
+    make_run("20261128-000002-cccccc", "exited")
+    make_up_record("team", [("coder", "20261128-000001-bbbbbb", 300), ("tester", None, 50)])
+    assert main(["ps", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["run_id"], r["manifest"], r["weight"]) for r in rows] == [
+        ("20261128-000001-bbbbbb", "team", 300), (None, "team", 50), ("20261128-000000-aaaaaa", None, None)]
+    assert rows[0]["status"] == "running" and rows[0]["stats"] == {} and rows[0]["uptime"] is not None
+    assert rows[1]["agent"] == "tester" and rows[1]["status"] == "running"
+    assert main(["ps"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["RUN_ID", "AGENT", "STATUS", "MANIFEST", "WEIGHT", "UPTIME", "PID", "PIDS",
+                              "EVENTS", "LOST", "QUEUE", "COMMAND"]
+    assert out[1].split()[:5] == ["20261128-000001-bbbbbb", "coder", "running", "team", "300"]
+    assert len(out) == 4
+
+
+def test_down_clears_the_record_of_a_supervisor_that_is_gone(capsys, state_dir):
+    make_run("20261128-000001-bbbbbb", "exited")
+    make_up_record("team", [("coder", "20261128-000001-bbbbbb", 300)], pid=2 ** 22 + 1, start_time=5)
+    assert main(["down", "nope"]) == 1
+    assert "no manifest 'nope' is up" in capsys.readouterr().err
+    assert main(["down"]) == 0
+    out = capsys.readouterr().out
+    assert "coder" in out and "exited" in out and "team: down" in out
+    assert not os.path.exists(os.path.join(state.state_dir(), "up", "team.json"))
+
+
+def test_down_does_not_signal_a_process_that_took_the_supervisors_pid(capsys, state_dir, monkeypatch):
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    # our own pid, with another start time: a reused pid, not the supervisor
+    make_up_record("team", [("coder", None, 1)], pid=os.getpid(), start_time=1)
+    assert main(["down", "team"]) == 0
+    assert sent == []

@@ -28,12 +28,15 @@ def test_request_carries_absolute_paths_cwd_and_environment(tmp_path, monkeypatc
     assert back.policy_path == req["policy_path"] and back.env["AW_PROBE"] == "1"
     assert back.argv == ["tool", "-x"] and back.client is None
     assert req["fold"] is False and back.fold is False     # --no-fold reaches the daemon's run
+    req = D.request_options(RunOptions(argv=["tool"], weight=300))
+    assert req["weight"] == 300 and D.options_from_request(req).weight == 300
 
 
 @pytest.mark.parametrize("raw, says", [
     ({"argv": ["x"], "stdio": [0, 1, 2]}, "unknown run option 'stdio'"),   # fds come by SCM_RIGHTS only
     ({"argv": ["x"], "show": "yes"}, "'show' must be a bool"),
     ({"argv": ["x"], "fold": 0}, "'fold' must be a bool"),
+    ({"argv": ["x"], "weight": "300"}, "'weight' must be a int"),
     ({"argv": []}, "no command given"),
     ({"argv": ["x"], "policy_path": "rel.yaml"}, "not absolute"),
     ({"argv": ["x"], "trust": ["k.pub"]}, "not absolute"),

@@ -75,6 +75,10 @@ def test_without_a_policy_the_run_is_monitor_only(as_user):
     ({"policy_path": "/nonexistent/policy.yaml"}, PolicyError, "/nonexistent/policy.yaml"),
     ({"require_signed": True}, PolicyError, "--require-signed needs --policy"),
     ({"prompt_path": "/nonexistent/prompt.md"}, UsageError, "--prompt /nonexistent/prompt.md"),
+    ({"weight": 0}, UsageError, "--weight 0: expected an integer from 1 to 10000"),
+    ({"weight": 10001}, UsageError, "--weight 10001: expected an integer from 1 to 10000"),
+    ({"weight": "300"}, UsageError, "--weight '300': expected an integer"),
+    ({"weight": True}, UsageError, "--weight True: expected an integer"),
 ])
 def test_bad_input_is_one_error(as_user, kw, error, text):
     with pytest.raises(error) as e:
