@@ -17,6 +17,8 @@ def _click_option(f):
         kw.update(type=click.Choice(list(m["choices"])), default=f.default)
     elif f.type is int:
         kw["type"] = click.IntRange(*m["range"]) if m.get("range") else int
+    elif f.type is float:
+        kw["type"] = click.FloatRange(*m["range"]) if m.get("range") else float
     elif m["path"]:
         kw["type"] = click.Path(dir_okay=False) if m["path"] == "file" else click.Path(file_okay=False)
     if f.type is list:

@@ -119,7 +119,9 @@ class Supervisor:
         return api.RunOptions(argv=list(agent.command), policy_path=agent.policy, name=agent.name,
                               events_path=os.path.join(_up_dir(), self.m.name, f"{agent.name}.events.jsonl"),
                               workspace=cwd, cwd=cwd, env=env, weight=agent.weight,
-                              prompt_path=agent.prompt, allow_downgrade=agent.allow_downgrade)
+                              prompt_path=agent.prompt, allow_downgrade=agent.allow_downgrade,
+                              **{f"budget_{k}": float(v) if k == "cost" else v
+                                 for k, v in agent.budgets.items()})
 
     def _launch(self, agent):
         os.makedirs(os.path.join(_up_dir(), self.m.name), exist_ok=True)

@@ -78,6 +78,16 @@ class RunOptions:
                        help="The agent's CPU weight, 1..10000 (cgroup v2 cpu.weight; on the cgroup "
                             "v1 fallback cpu.shares = weight * 1024 / 100). Default: the kernel's "
                             "(100). A manifest's agent weight also sets its inference share.")
+    budget_tokens: int = _opt(flag="--budget-tokens", range=(1, 10**12),
+                              help="The run's budget of LLM tokens (in and out, every call through "
+                                   "the LLM gateway together): once reached, a call gets a 429 and "
+                                   "a resources.llm_tokens violation.")
+    budget_requests: int = _opt(flag="--budget-requests", range=(1, 10**9),
+                                help="The run's budget of calls through the LLM gateway "
+                                     "(resources.llm_requests once reached).")
+    budget_cost: float = _opt(flag="--budget-cost", range=(0, 10**9),
+                              help="The run's budget in USD of LLM calls, priced by the gateway "
+                                   "config's per-model prices (resources.llm_cost once reached).")
     # not on the command line: the client fills them in (its cwd, its environment)
     cwd: str = _opt(path="dir", help="The agent's working directory (default: ours).")
     env: dict = _opt(help="The agent's environment (default: ours).")

@@ -84,7 +84,8 @@ def options_from_request(raw):
         f = _WIRE.get(name)
         if f is None:
             raise UsageError(f"agentwatch daemon: unknown run option {name!r}")
-        if not isinstance(value, f.type):
+        number = f.type is float and isinstance(value, int) and not isinstance(value, bool)
+        if not (isinstance(value, f.type) or number):
             raise UsageError(f"agentwatch daemon: run option {name!r} must be a {f.type.__name__}")
     argv, env = raw.get("argv"), raw.get("env", {})
     if not argv or not all(isinstance(a, str) for a in argv):

@@ -203,8 +203,8 @@ def _prepare_policy(p, trusted):
 
 
 def check_ranges(o):
-    """Int options with a range (core/options.py metadata): the API and the
-    daemon's clients get the command line's refusal."""
+    """Number options with a range (core/options.py metadata): the API and
+    the daemon's clients get the command line's refusal."""
     import dataclasses
     for f in dataclasses.fields(o):
         bounds = f.metadata.get("range")
@@ -212,8 +212,9 @@ def check_ranges(o):
         if bounds is None or value is None:
             continue
         lo, hi = bounds
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise UsageError(f"{f.metadata['flag']} {value!r}: expected an integer from {lo} to {hi}")
+        kinds, what = ((int, float), "a number") if f.type is float else (int, "an integer")
+        if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+            raise UsageError(f"{f.metadata['flag']} {value!r}: expected {what} from {lo} to {hi}")
 
 
 def parse_pins(items):

@@ -113,7 +113,8 @@ FIELDS = {
     "DaemonRun": ["run_id", "agent", "root_pid", "client"],
     "DaemonStatus": ["pid", "started", "socket", "runs", "sensors", "counters", "raw"],
     "RunOptions": ["argv", "policy_path", "name", "events_path", "show", "workspace", "prompt_path",
-                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "resolve", "fold", "weight", "cwd", "env",
+                   "require_signed", "allow_downgrade", "bpf_lsm", "trust", "resolve", "fold", "weight",
+                   "budget_tokens", "budget_requests", "budget_cost", "cwd", "env",
                    "ringbuf_pages", "sensors", "seccomp_denied", "stdio", "stderr", "client"],
     # types of the layers below that the API returns
     "Check": ["name", "ok", "detail", "disables", "seconds"],
@@ -194,7 +195,7 @@ def test_run_options_are_declared_once():
 def test_every_option_field_says_what_it_is():
     for f in dataclasses.fields(api.RunOptions):
         assert f.metadata["help"], f.name
-        assert f.type in (list, str, bool, dict, int, tuple, object), f.name
+        assert f.type in (list, str, bool, dict, int, float, tuple, object), f.name
         if f.metadata["path"]:
             assert f.type in (str, list) and f.metadata["path"] in ("file", "dir"), f.name
         if f.metadata["flag"]:
@@ -219,7 +220,8 @@ def test_cli_run_options_are_the_run_option_fields():
         if m["choices"]:
             assert list(p.type.choices) == list(m["choices"]) and p.default == f.default
         if m.get("range"):
-            assert isinstance(p.type, click.IntRange) and (p.type.min, p.type.max) == m["range"]
+            kind = click.FloatRange if f.type is float else click.IntRange
+            assert isinstance(p.type, kind) and (p.type.min, p.type.max) == m["range"]
         if m["path"]:
             assert isinstance(p.type, click.Path)
             assert p.type.dir_okay == (m["path"] == "dir") and p.type.file_okay == (m["path"] == "file")
@@ -227,7 +229,7 @@ def test_cli_run_options_are_the_run_option_fields():
 
 def test_the_daemon_protocol_carries_every_wire_field(tmp_path):
     from agentwatch import daemon
-    values = {list: ["a"], str: "x", bool: True, dict: {"K": "v"}, int: 7}
+    values = {list: ["a"], str: "x", bool: True, dict: {"K": "v"}, int: 7, float: 2.5}
     opts = api.RunOptions(**{f.name: values[f.type] for f in options_mod.wire_fields()})
     opts.argv = ["tool"]
     req = daemon.request_options(opts)
