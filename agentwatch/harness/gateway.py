@@ -51,6 +51,7 @@ too. on_call is called on the gateway's thread; it must not block.
 import asyncio
 import hashlib
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ COUNTERS = ("connections", "requests", "busy", "head_timeouts", "bad_requests", 
             "not_found", "unknown_model", "refused_outside", "refused_unregistered",
             "prompt_mismatch", "refused_prompt", "refused_budget", "upstream_unreachable",
             "upstream_timeouts", "upstream_errors", "client_closed", "on_call_errors",
-            "streams", "scheduler_errors")
+            "streams", "scheduler_errors", "accept_errors")
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Gateway:
         self.active = 0
         self._runs = {}
         self._lock = threading.Lock()
-        self._server = None
+        self._listener = None
         self._client = None
         self._tasks = set()
         self._keys = tuple(k.encode() for k in config.keys())
@@ -184,9 +185,49 @@ class Gateway:
             # no proxy or netrc from agentwatch's own environment: where the
             # keys go is the config's word alone
             trust_env=False, follow_redirects=False)
-        self._server = await asyncio.start_server(self._connection, self.host, self._want_port,
-                                                  backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
+        ls = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        try:
+            ls.bind((self.host, self._want_port))
+            ls.listen(1024)
+            ls.setblocking(False)
+        except OSError:
+            ls.close()
+            raise
+        self._listener = ls
+        self.port = ls.getsockname()[1]
+        self.loop.add_reader(ls.fileno(), self._accept)
+
+    def _accept(self):
+        """Accepted on the loop, each socket at once a task of ours, so
+        close() finds every connection (asyncio's start_server takes loop
+        turns from accept to its callback, and a close in between would
+        leave the socket to no one)."""
+        for _ in range(64):                  # a batch, then other ready sockets get a turn
+            try:
+                c, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:                  # out of descriptors: pause, as asyncio's servers do
+                self._count("accept_errors")
+                self.loop.remove_reader(self._listener.fileno())
+                self.loop.call_later(1, self._resume)
+                return
+            c.setblocking(False)
+            t = self.loop.create_task(self._socket(c))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    def _resume(self):
+        if self._listener is not None:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    async def _socket(self, c):
+        try:
+            reader, writer = await asyncio.open_connection(sock=c)
+        except BaseException:
+            c.close()
+            raise
+        await self._connection(reader, writer)
 
     @property
     def url(self):
@@ -207,17 +248,14 @@ class Gateway:
         self.thread = None
 
     async def _shutdown(self):
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
-        if self._server is not None:
-            try:
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-            except asyncio.TimeoutError:
-                pass
         if self._client is not None:
             await self._client.aclose()
 
@@ -237,18 +275,29 @@ class Gateway:
             raise ValueError(f"prompt_action must be one of {', '.join(PROMPT_ACTIONS)}, "
                              f"got {prompt_action!r}")
         entry = RunEntry(run_id, agent, weight, budget, prompt, prompt_action)
+        if self.scheduler is not None:       # weight first: the run's first call queues with it
+            self._on_loop(self.scheduler.set_weight, run_id, weight)
         with self._lock:
             self._runs[run_id] = entry
-        if self.scheduler is not None:
-            self.scheduler.set_weight(run_id, weight)
         return entry
 
     def unregister_run(self, run_id):
         with self._lock:
             entry = self._runs.pop(run_id, None)
         if entry is not None and self.scheduler is not None:
-            self.scheduler.remove(run_id)
+            self._on_loop(self.scheduler.remove, run_id)
         return entry
+
+    def _on_loop(self, fn, *args):
+        """fn(*args) on the gateway's loop (the scheduler lives there), and
+        its result; directly when the loop is not running or this is it."""
+        loop = self.loop
+        if loop is None or not loop.is_running() or threading.current_thread() is self.thread:
+            return fn(*args)
+
+        async def call():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(10)
 
     def runs(self):
         with self._lock:
@@ -270,6 +319,9 @@ class Gateway:
     # -- connections ---------------------------------------------------------------------
     async def _connection(self, reader, writer):
         self._count("connections")
+        if self._closed:
+            await _close_writer(writer)
+            return
         if self.active >= self.limits.max_clients:
             self._count("busy")
             body = llm_wire.error_body("openai", 503, f"the LLM gateway has "
@@ -279,8 +331,6 @@ class Gateway:
                          + str(len(body)).encode() + b"\r\n\r\n" + body)
             await _close_writer(writer)
             return
-        task = asyncio.current_task()
-        self._tasks.add(task)
         linger = False          # read away an unread body before closing
         self.active += 1
         try:
@@ -308,7 +358,6 @@ class Gateway:
             pass
         finally:
             self.active -= 1
-            self._tasks.discard(task)
             await _close_writer(writer, reader if linger and not self._closed else None)
 
     def _caller(self, sock):

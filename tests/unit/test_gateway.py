@@ -490,6 +490,25 @@ def test_an_upstream_that_stalls_mid_stream_ends_it_with_an_error_event(rig):
     assert (rec["status"], rec["outcome"]) == (504, "upstream_timeout")
 
 
+def test_clients_are_served_concurrently(rig):
+    r = rig(upstream=FakeUpstream(latency=0.4))
+    results = []
+
+    def one(i):
+        with httpx.Client(base_url=r.gw.url, trust_env=False, timeout=10) as c:
+            body = CHAT if i % 2 else MSG
+            path = "/v1/chat/completions" if i % 2 else "/v1/messages"
+            results.append(c.post(path, json=body, headers=ANTH).status_code)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [200] * 8
+    assert r.upstream.max_concurrent == 8 and time.monotonic() - t0 < 2.5
+
+
 # ---------------------------------------------------------------- identity and the key
 
 def test_identity_headers_and_the_clients_key_are_not_identity_and_stay_here(rig):
