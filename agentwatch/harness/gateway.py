@@ -406,9 +406,11 @@ class Gateway:
                 return None
             conn.receive_data(data)
 
-    async def _read_body(self, conn, reader, api):
+    async def _read_body(self, conn, reader, writer):
         """The whole body, at most max_body bytes; refusals past it."""
         cap = self.limits.max_body
+        if conn.client_is_waiting_for_100_continue:      # curl's Expect: 100-continue
+            await self._write(conn, writer, h11.InformationalResponse(status_code=100, headers=[]))
         parts, size = [], 0
         while True:
             try:
@@ -489,11 +491,11 @@ class Gateway:
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             raise _Refusal(413, f"the request body ({length} bytes) is over the gateway's limit "
                                 f"of {self.limits.max_body} bytes", counter="too_large", close=True)
-        raw = await self._read_body(conn, reader, api)
+        raw = await self._read_body(conn, reader, writer)
         rec.bytes_in = len(raw)
         rec.keep_request(raw, cfg.keep_bodies)
         if kind == "models":
-            await self._send(conn, writer, 200, self._models_body(api, headers))
+            await self._send(conn, writer, 200, self._models_body(api, headers), rec=rec)
             rec.status, rec.outcome = 200, "ok"
             return True
         try:

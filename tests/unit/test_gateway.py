@@ -326,6 +326,14 @@ def no_keys(*things):
         assert OPENAI_KEY not in text and ANTHROPIC_KEY not in text
 
 
+def api_error(resp, status):
+    """The error object of a refusal, checked to be in its API's shape."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) in ({"error"}, {"type", "error"}) and isinstance(body["error"]["message"], str)
+    return body["error"]
+
+
 def sse_events(lines):
     return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
 
@@ -539,13 +547,10 @@ def test_a_key_the_upstream_quotes_back_is_withheld(rig):
 
 def test_a_caller_in_no_run_is_refused_in_the_apis_format(rig):
     r = rig(run=None)
-    resp = r.post("/v1/chat/completions", CHAT)
-    assert resp.status_code == 403
-    assert resp.json()["error"]["type"] == "permission_denied"
-    assert "in no run" in resp.json()["error"]["message"]
+    err = api_error(r.post("/v1/chat/completions", CHAT), 403)
+    assert err["type"] == "permission_denied" and "in no run" in err["message"]
     resp = r.post("/v1/messages", MSG, ANTH)
-    assert resp.status_code == 403 and resp.json()["type"] == "error"
-    assert resp.json()["error"]["type"] == "permission_error"
+    assert api_error(resp, 403)["type"] == "permission_error" and resp.json()["type"] == "error"
     assert r.upstream.received == [] and r.gw.counters["refused_outside"] == 2
     run_id, rec = r.record()
     assert run_id is None and rec["status"] == 403
@@ -618,12 +623,10 @@ def test_prompt_changed_with_deny_is_refused(rig):
 def test_an_exhausted_budget_is_429_with_a_resource_finding(rig):
     ledger = FakeLedger("tokens: 1000 of 1000 used")
     r = rig(ledger=ledger)
-    resp = r.post("/v1/chat/completions", CHAT)
-    assert resp.status_code == 429
-    assert resp.json()["error"]["type"] == "rate_limit_exceeded"
-    assert "budget is exhausted: tokens: 1000 of 1000 used" in resp.json()["error"]["message"]
-    resp = r.post("/v1/messages", MSG, ANTH)
-    assert resp.status_code == 429 and resp.json()["error"]["type"] == "rate_limit_error"
+    err = api_error(r.post("/v1/chat/completions", CHAT), 429)
+    assert err["type"] == "rate_limit_exceeded"
+    assert "budget is exhausted: tokens: 1000 of 1000 used" in err["message"]
+    assert api_error(r.post("/v1/messages", MSG, ANTH), 429)["type"] == "rate_limit_error"
     rec = r.record()[1]
     assert rec["findings"] == [{"category": "resource", "rule": "gateway.budget", "action": "deny",
                                 "detail": {"reason": "tokens: 1000 of 1000 used"}}]
@@ -661,17 +664,25 @@ def raw_exchange(port, data, wait=5):
     s = socket.create_connection(("127.0.0.1", port))
     s.settimeout(wait)
     s.sendall(data)
-    got = b""
     try:
-        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < \
-                int(got.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0] if b"content-length: " in got else 0):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
+        return recv_response(s)
     finally:
         s.close()
-    return got
+
+
+def recv_response(s):
+    """One response with a Content-Length (or what came before EOF)."""
+    got = b""
+    while True:
+        head, sep, body = got.partition(b"\r\n\r\n")
+        length = head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0] \
+            if b"content-length: " in head.lower() else b"0"
+        if sep and len(body) >= int(length):
+            return got
+        more = s.recv(65536)
+        if not more:
+            return got
+        got += more
 
 
 def test_a_body_over_the_cap_is_413_unread(rig):
@@ -694,20 +705,13 @@ def test_a_chunked_body_over_the_cap_is_413(rig):
     s.settimeout(5)
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     chunk = b"a" * 16384
-    got = b""
     try:
         for _ in range(8):                            # 128 KB, twice the cap
             s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
     except OSError:
         pass
-    try:
-        while b"\r\n\r\n" not in got:
-            more = s.recv(65536)
-            if not more:
-                break
-            got += more
-    finally:
-        s.close()
+    got = recv_response(s)
+    s.close()
     assert got.startswith(b"HTTP/1.1 413 "), got[:200]
 
 
@@ -780,6 +784,20 @@ def test_bad_http_is_400(rig):
     r = rig()
     got = raw_exchange(r.gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost x\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 400 ")
+
+
+def test_expect_100_continue_is_answered(rig):
+    r = rig()
+    body = json.dumps(CHAT).encode()
+    s = socket.create_connection(("127.0.0.1", r.gw.port))
+    s.settimeout(5)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body))
+    assert s.recv(4096).startswith(b"HTTP/1.1 100 ")
+    s.sendall(body)
+    got = recv_response(s)
+    s.close()
+    assert got.startswith(b"HTTP/1.1 200 ")
 
 
 def test_bodies_kept_only_when_asked_and_capped(rig):
