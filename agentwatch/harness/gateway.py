@@ -80,7 +80,7 @@ COUNTERS = ("connections", "requests", "busy", "head_timeouts", "bad_requests", 
             "not_found", "unknown_model", "refused_outside", "refused_unregistered",
             "prompt_mismatch", "refused_prompt", "refused_budget", "upstream_unreachable",
             "upstream_timeouts", "upstream_errors", "client_closed", "on_call_errors",
-            "streams", "scheduler_errors", "accept_errors")
+            "streams", "scheduler_errors", "accept_errors", "internal_errors")
 
 
 @dataclass
@@ -461,6 +461,14 @@ class Gateway:
                 await self._send_error(conn, writer, api, r.status, r.message, close=r.close,
                                        rec=rec)
                 keep = not r.close
+            except (_ClientGone, asyncio.CancelledError, ConnectionError):
+                raise
+            except Exception as e:           # a bug here fails one request, not the gateway
+                self._count("internal_errors")
+                rec.status, rec.outcome = 500, "error"
+                rec.error = f"internal error in the LLM gateway: {type(e).__name__}"
+                await self._send_error(conn, writer, api, 500, rec.error, close=True, rec=rec)
+                keep = False
             return keep
         except _ClientGone:
             rec.outcome = "client_closed"

@@ -84,7 +84,7 @@ def system_prompt(api, body):
         return None
     if api == "anthropic":
         return _text_of_content(body.get("system")) if "system" in body else None
-    for m in body.get("messages") or ():
+    for m in _list(body.get("messages")):
         if isinstance(m, dict) and m.get("role") in ("system", "developer"):
             return _text_of_content(m.get("content"))
     return None
@@ -102,7 +102,7 @@ def request_text(api, body):
         parts.append(prompt)
     elif isinstance(prompt, list):
         parts.extend(p for p in prompt if isinstance(p, str))
-    for m in body.get("messages") or ():
+    for m in _list(body.get("messages")):
         if isinstance(m, dict):
             parts.append(_text_of_content(m.get("content")) or "")
     return "\n".join(p for p in parts if p)
@@ -110,6 +110,10 @@ def request_text(api, body):
 
 def estimate_tokens(text):
     return math.ceil(len(text) / 4) if text else 0
+
+
+def _list(v):
+    return v if isinstance(v, list) else ()
 
 
 def _int(v):
@@ -137,7 +141,7 @@ def _response_text(api, body):
     if api == "anthropic":
         return _text_of_content(body.get("content")) or ""
     out = []
-    for c in body.get("choices") or ():
+    for c in _list(body.get("choices")):
         if isinstance(c, dict):
             if isinstance(c.get("text"), str):
                 out.append(c["text"])
@@ -225,7 +229,7 @@ class SseReader:
         if pair is not None:
             self.tokens_in, self.tokens_out = pair
             self.out_final = True
-        for c in obj.get("choices") or ():
+        for c in _list(obj.get("choices")):
             if not isinstance(c, dict):
                 continue
             if isinstance(c.get("text"), str):

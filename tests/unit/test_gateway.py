@@ -883,3 +883,46 @@ def test_sse_reader_splits_events_across_chunks():
     assert llm_wire.system_prompt("openai", {"messages": "junk"}) is None
     assert llm_wire.system_prompt("anthropic", {"system": 5}) is None
     assert llm_wire.usage_of_json("openai", b"\xff") == (None, "")
+
+
+# Parsers of what clients and upstreams send never raise, whatever it is.
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(
+                         st.sampled_from(["model", "messages", "system", "role", "content", "text",
+                                          "usage", "choices", "delta", "type", "prompt_tokens",
+                                          "input_tokens", "output_tokens", "message"]), c, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=8), st.sampled_from(["openai", "anthropic"]))
+def test_sse_reader_passes_every_byte_on_in_order(chunks, api):
+    sse = llm_wire.SseReader(api)
+    out = b"".join(raw for c in chunks for raw, _ in sse.feed(c)) + sse.rest()
+    assert out == b"".join(chunks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json, st.sampled_from(["openai", "anthropic"]))
+def test_request_and_response_readers_take_any_json(body, api):
+    llm_wire.system_prompt(api, body)
+    llm_wire.request_text(api, body)
+    llm_wire.usage_of_json(api, json.dumps(body).encode())
+    sse = llm_wire.SseReader(api)
+    sse.feed(b"data: " + json.dumps(body).encode() + b"\n\n")
+    sse.feed(b"event: x\ndata: " + json.dumps({"type": "message_start", "message": body}).encode() + b"\n\n")
+    assert isinstance(sse.output_text(), str)
+
+
+def test_a_bug_fails_one_request_with_500_not_the_gateway(rig):
+    class Broken(FakeLedger):
+        def check(self):
+            raise KeyError("boom")
+    r = rig(ledger=Broken())
+    err = api_error(r.post("/v1/chat/completions", CHAT), 500)
+    assert "internal error in the LLM gateway: KeyError" in err["message"]
+    assert r.gw.counters["internal_errors"] == 1
+    r.ledger.check = lambda: None
+    assert r.post("/v1/chat/completions", CHAT).status_code == 200
