@@ -80,7 +80,8 @@ COUNTERS = ("connections", "requests", "busy", "head_timeouts", "bad_requests", 
             "not_found", "unknown_model", "refused_outside", "refused_unregistered",
             "prompt_mismatch", "refused_prompt", "refused_budget", "upstream_unreachable",
             "upstream_timeouts", "upstream_errors", "client_closed", "on_call_errors",
-            "streams", "scheduler_errors", "accept_errors", "internal_errors")
+            "streams", "scheduler_errors", "accept_errors", "internal_errors",
+            "resolve_errors")
 
 
 @dataclass
@@ -364,7 +365,8 @@ class Gateway:
         """The caller's run id, from the kernel; None when it has none."""
         try:
             got = self.resolve_caller(sock)
-        except Exception:
+        except Exception:                # unnamed is refused, never guessed
+            self._count("resolve_errors")
             return None
         got = getattr(got, "run_id", got)
         return got if isinstance(got, str) and got else None
