@@ -493,10 +493,13 @@ def gc(log=None):
     return gc_runs(log=log)
 
 
-def run_stats(run_id):
+def run_stats(run_id, status=None):
     """The harness's live figures of a run, for `agentwatch ps`: the LLM
-    gateway's queue depth and wait once it runs (issue #17); {} for now."""
-    return {}
+    gateway's queue depth, calls in flight and waits, from the daemon
+    (status: a DaemonStatus already fetched); {} without a gateway."""
+    st = status if status is not None else daemon_status()
+    gw = (st.raw.get("gateway") if st is not None else None) or {}
+    return dict((gw.get("runs") or {}).get(run_id) or {})
 
 
 # ---------------------------------------------------------------- manifests
@@ -750,11 +753,15 @@ def daemon_status():
     return None if st is None else DaemonStatus.from_dict(st)
 
 
-def daemon_start(log_path=None):
+def daemon_start(log_path=None, gateway=None):
     """Start the daemon in the background (its output in log_path, default
-    <state dir>/daemon.log); its DaemonStatus once it answers."""
+    <state dir>/daemon.log; gateway: an LLM gateway config file, whose
+    gateway the daemon serves its runs); its DaemonStatus once it answers."""
     from . import daemon
-    return DaemonStatus.from_dict(daemon.start(log_path))
+    if gateway:
+        from .harness.gateway_config import GatewayConfig
+        GatewayConfig.load(gateway)          # told here, with FILE:LINE, not in the daemon's log
+    return DaemonStatus.from_dict(daemon.start(log_path, gateway=gateway))
 
 
 def daemon_stop():
@@ -764,10 +771,11 @@ def daemon_stop():
     return daemon.shutdown()
 
 
-def daemon_serve():
-    """Serve as the daemon in this process, in the foreground, until stopped."""
+def daemon_serve(gateway=None):
+    """Serve as the daemon in this process, in the foreground, until stopped
+    (gateway: an LLM gateway config file, as for daemon_start)."""
     from . import daemon
-    daemon.Daemon().serve()
+    daemon.Daemon(gateway=os.path.abspath(gateway) if gateway else None).serve()
 
 
 def daemon_submit(options, require=True):

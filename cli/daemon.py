@@ -15,13 +15,18 @@ def daemon_group():
 @daemon_group.command("start")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False),
               help="Where the daemon writes its log (default: <state dir>/daemon.log).")
-def start(log_path):
+@click.option("--gateway", "gateway", type=click.Path(dir_okay=False, exists=True),
+              help="Serve the runs an LLM gateway with this config (docs/gateway.md): each "
+                   "run's OpenAI and Anthropic base URLs point at it, the API keys stay here.")
+def start(log_path, gateway):
     """Start the daemon in the background; return once it answers."""
     t0 = time.monotonic()
     click.echo("agentwatch: starting the daemon (compiling and loading the BPF sensors)...", err=True)
-    st = api.daemon_start(log_path)
+    st = api.daemon_start(log_path, gateway=gateway)
+    gw = st.raw.get("gateway")
     click.echo(f"agentwatch daemon running: pid {st.pid}, socket {st.socket}, "
-               f"{st.sensors['tracepoints']} tracepoints, ready in {time.monotonic() - t0:.1f} s")
+               f"{st.sensors['tracepoints']} tracepoints, ready in {time.monotonic() - t0:.1f} s"
+               + (f"; LLM gateway on {gw['url']}" if gw else ""))
 
 
 @daemon_group.command("stop")
@@ -52,6 +57,8 @@ def status():
 
 
 @daemon_group.command("run")
-def run_foreground():
+@click.option("--gateway", "gateway", type=click.Path(dir_okay=False, exists=True),
+              help="Serve the runs an LLM gateway with this config (as 'daemon start --gateway').")
+def run_foreground(gateway):
     """Serve in the foreground (for systemd, or to watch its log)."""
-    api.daemon_serve()
+    api.daemon_serve(gateway=gateway)

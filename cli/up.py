@@ -253,13 +253,21 @@ def _supervise(manifest):
 
 # ---------------------------------------------------------------- commands
 
-def _ensure_daemon():
-    if api.daemon_status() is None:
+def _ensure_daemon(gateway=None):
+    """A daemon answers, serving the manifest's LLM gateway when it names one."""
+    st = api.daemon_status()
+    if st is None:
         t0 = time.monotonic()
         click.echo("agentwatch: starting the daemon (compiling and loading the BPF sensors)...", err=True)
-        st = api.daemon_start()
+        st = api.daemon_start(gateway=gateway)
         click.echo(f"agentwatch daemon running: pid {st.pid}, ready in {time.monotonic() - t0:.1f} s",
                    err=True)
+    running = (st.raw.get("gateway") or {}).get("config")
+    if gateway and running != os.path.abspath(gateway):
+        raise click.ClickException(
+            f"the manifest's gateway.config is {gateway}, but the running daemon serves "
+            + (f"the gateway of {running}" if running else "no LLM gateway")
+            + ": stop it ('agentwatch daemon stop', once its runs ended) and run 'up' again")
 
 
 def _spawn_supervisor(manifest):
@@ -313,7 +321,7 @@ def up(ctx, manifest, check_only, foreground):
     if old and _alive(old):
         raise click.ClickException(f"manifest {m.name!r} is already up (supervisor pid {old['pid']}); "
                                    f"'agentwatch down {m.name}' first")
-    _ensure_daemon()
+    _ensure_daemon(m.gateway_config)
     if foreground:
         ctx.exit(_supervise(m))
     proc, log_path = _spawn_supervisor(m)

@@ -229,14 +229,14 @@ class Lines:
         return self.items
 
 
-def own_daemon(tmp_path_factory, name="daemon"):
+def own_daemon(tmp_path_factory, name="daemon", args=()):
     """A daemon on a state dir of its own (for a module-scoped fixture:
     `yield from own_daemon(tmp_path_factory)`): yields (state dir, env for
-    aw()), stops it at the end."""
+    aw()), stops it at the end. args: more for `daemon start`."""
     d = tmp_path_factory.mktemp(name) / "state"
     d.mkdir()
     env = {"AGENTWATCH_STATE_DIR": str(d)}
-    r = aw("daemon", "start", env=env, timeout=180)
+    r = aw("daemon", "start", *args, env=env, timeout=180)
     assert r.returncode == 0, r.stderr + r.stdout
     yield d, env
     stop = aw("daemon", "stop", env=env, timeout=60)

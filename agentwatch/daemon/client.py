@@ -166,9 +166,10 @@ class Submission:
             os.close(self._opened.pop())
 
 
-def start(log_path=None, timeout=START_TIMEOUT_S, progress=None):
-    """Start a daemon in the background (its output in log_path); return
-    its status once it answers."""
+def start(log_path=None, timeout=START_TIMEOUT_S, progress=None, gateway=None):
+    """Start a daemon in the background (its output in log_path; gateway:
+    an LLM gateway config file it serves its runs); return its status once
+    it answers."""
     import subprocess
     path = socket_path()
     if ping(path) is not None:
@@ -180,7 +181,8 @@ def start(log_path=None, timeout=START_TIMEOUT_S, progress=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agentwatch.daemon"], stdin=subprocess.DEVNULL,
+        extra = ["--gateway", os.path.abspath(gateway)] if gateway else []
+        proc = subprocess.Popen([sys.executable, "-m", "agentwatch.daemon", *extra], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, cwd="/", env=env)
     deadline = time.monotonic() + timeout
     while True:

@@ -21,8 +21,12 @@ from .protocol import (REQUEST_TIMEOUT_S, STOP_SIGNALS, STOP_TIMEOUT_S, options_
 class Daemon:
     """Serve runs on one Monitor until shutdown (a request, SIGTERM, SIGINT)."""
 
-    def __init__(self, path=None, ringbuf_pages=4096, log=None):
+    def __init__(self, path=None, ringbuf_pages=4096, log=None, gateway=None):
+        """gateway: an LLM gateway config file (harness/gateway_config.py):
+        the daemon serves its runs the gateway (harness/service.py)."""
         self.path = path or socket_path()
+        self.gateway_path = gateway
+        self.gateway = None
         self.ringbuf_pages = ringbuf_pages
         self.log = log or (lambda msg: print(f"agentwatch daemon: {msg}", file=sys.stderr, flush=True))
         self.monitor = None
@@ -45,8 +49,16 @@ class Daemon:
         if swept:
             self.log(f"swept {len(swept)} run(s) a crashed agentwatch left")
         t0 = time.monotonic()
+        if self.gateway_path:        # a bad config is told before the sensors load
+            from ..harness.gateway_config import GatewayConfig
+            gateway_config = GatewayConfig.load(self.gateway_path)
         self.monitor = Monitor(ringbuf_pages=self.ringbuf_pages, map_exec=True).open()
         try:
+            if self.gateway_path:
+                from ..harness.service import GatewayService
+                self.gateway = GatewayService(gateway_config)
+                self.monitor.add_service(self.gateway)
+                self.log(f"LLM gateway on {self.gateway.gateway.url} ({self.gateway_path})")
             launcher.set_child_subreaper()
             self._listen()
             self.started = time.time()
@@ -126,6 +138,9 @@ class Daemon:
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for t in list(self.threads):
             t.join(max(0.1, deadline - time.monotonic()))
+        if self.gateway is not None:     # after the runs: their last calls are logged
+            self.gateway.close()
+            self.gateway = None
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
@@ -256,7 +271,10 @@ class Daemon:
                 "runs": [r.info() for r in list(self.runs.values())],
                 "sensors": {"tracepoints": len(s.attached), "groups": s.groups,
                             "map_exec": s.map_exec},
-                "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))}}
+                "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))},
+                "gateway": None if self.gateway is None else {
+                    "url": self.gateway.gateway.url, "config": self.gateway_path,
+                    "runs": {r: self.gateway.run_stats(r) for r in list(self.runs)}}}
 
 
 class ClientStream:
@@ -319,8 +337,12 @@ class ClientStream:
 
 def main():
     """`python -m agentwatch.daemon`: serve in the foreground."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m agentwatch.daemon")
+    ap.add_argument("--gateway", help="LLM gateway config file")
+    args = ap.parse_args()
     try:
-        Daemon().serve()
+        Daemon(gateway=args.gateway).serve()
     except AgentwatchError as e:
         print(f"agentwatch daemon: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -535,7 +535,9 @@ class Gateway:
             if ledger is not None:
                 reason = ledger.check()
                 if reason:
-                    rec.findings.append(_finding("resource", BUDGET_RULE, "deny", reason=str(reason)))
+                    which = {"budget": reason.budget} if hasattr(reason, "budget") else {}
+                    rec.findings.append(_finding("resource", BUDGET_RULE, "deny", reason=str(reason),
+                                                 **which))
                     raise _Refusal(429, f"run {run_id}'s budget is exhausted: {reason}",
                                    counter="refused_budget")
         else:
