@@ -15,6 +15,7 @@ the event's finding, which the run's judge makes a violation
 (resources.llm_tokens / llm_requests / llm_cost, identity.prompt) with the
 policy's action (kill stops the run).
 """
+import os
 import threading
 
 from ..core import peer
@@ -55,8 +56,15 @@ class GatewayService(RunService):
                                   budget=budget, prompt=run.prompt,
                                   prompt_action="deny" if action == "kill" else action)
         key = f"agentwatch-run-{run.run_id}"      # names nothing: the kernel names the caller
-        return {"OPENAI_BASE_URL": f"{self.gateway.url}/v1", "OPENAI_API_KEY": key,
-                "ANTHROPIC_BASE_URL": self.gateway.url, "ANTHROPIC_API_KEY": key}
+        env = {"OPENAI_BASE_URL": f"{self.gateway.url}/v1", "OPENAI_API_KEY": key,
+               "ANTHROPIC_BASE_URL": self.gateway.url, "ANTHROPIC_API_KEY": key}
+        # a real key in the caller's environment (api_key_env read it from
+        # there, or it is simply exported) must not reach the agent
+        secrets = [k for k in self.config.keys() if k]
+        for name, value in (os.environ if o.env is None else o.env).items():
+            if name not in env and any(s in value for s in secrets):
+                env[name] = None
+        return env
 
     def close_run(self, run_id):
         self.gateway.unregister_run(run_id)
@@ -100,7 +108,9 @@ def llm_record(rec):
            "queue_wait": rec.get("queue_wait_s"), "latency": rec.get("latency_s"),
            "bytes_in": rec.get("bytes_in") or 0, "bytes_out": rec.get("bytes_out") or 0,
            "error": rec.get("error")}
-    findings = rec.get("findings") or ()
+    # one finding per event: the one that refused the call, if any
+    findings = sorted(rec.get("findings") or (), key=lambda f: f.get("category") != "resource"
+                      and f.get("action") != "deny")
     if findings:
         f = findings[0]
         detail = dict(f.get("detail") or {})
@@ -108,7 +118,9 @@ def llm_record(rec):
             rule = f"resources.llm_{detail.pop('budget', None) or 'tokens'}"
         else:
             rule = "identity.prompt"
+        # refused by the gateway: a budget always, a prompt under deny
+        refused = f.get("category") == "resource" or f.get("action") == "deny"
         out["finding"] = {"category": f.get("category"), "rule": rule,
                           "reason": detail.pop("reason", None) or rec.get("error"),
-                          "refused": (rec.get("status") or 200) >= 400, **detail}
+                          "refused": refused, **detail}
     return {k: v for k, v in out.items() if v is not None}

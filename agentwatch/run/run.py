@@ -235,8 +235,16 @@ class Run:
                 prompt = f.read()
         action_for = p.compiled.action_for if p.compiled else (lambda category, rule=None: "alert")
         added = self.enforcement.open_services(services, self.cgroup.path, prompt, action_for)
-        identity["services"] = {"names": [s.name for s in services], "env": sorted(added)}
-        return dict(os.environ if self.opts.env is None else self.opts.env, **added)
+        identity["services"] = {"names": [s.name for s in services],
+                                "env": sorted(k for k, v in added.items() if v is not None),
+                                "env_removed": sorted(k for k, v in added.items() if v is None)}
+        env = dict(os.environ if self.opts.env is None else self.opts.env)
+        for k, v in added.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        return env
 
     def _spawn(self, identity):
         """Fork the agent, put it in the run's cgroup, log the start, let it exec."""

@@ -25,7 +25,9 @@ class RunService:
 
     def open_run(self, run):
         """A run is about to start its agent (run: ServiceRun); the
-        environment variables to add to the agent's, as a dict."""
+        environment variables to set in the agent's, as a dict (a value of
+        None removes that variable: a secret of the service's that the
+        caller's environment happens to hold)."""
         return {}
 
     def close_run(self, run_id):

@@ -150,7 +150,7 @@ def test_a_run_on_the_daemon_calls_the_api_through_the_gateway(tmp_path, upstrea
     r = aw("run", "--daemon", "--policy", str(policy), "--workspace", str(ws), "--prompt", str(prompt),
            "--budget-requests", "1", "--events", str(ev), "--allow-downgrade",
            "--", sys.executable, str(ws / "agent.py"), KEY[::-1], str(prompt), str(keydir / "openai.key"),
-           env=env, cwd=str(ws), timeout=180)
+           env=dict(env, AW_TEST_EXPORTED_KEY=KEY), cwd=str(ws), timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert res["key_is_dummy"] and res["base"].startswith("http://127.0.0.1:")
@@ -166,6 +166,9 @@ def test_a_run_on_the_daemon_calls_the_api_through_the_gateway(tmp_path, upstrea
     assert body["model"] == "gpt-k-upstream"
     evs = read_events(ev)
     run_id = evs[0]["run_id"]
+    start = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "start")
+    # the key exported in the caller's environment was taken out of the agent's
+    assert start["detail"]["services"]["env_removed"] == ["AW_TEST_EXPORTED_KEY"]
     llm = [e for e in evs if e["kind"] == "llm"]
     assert [e["status"] for e in llm] == [200, 403, 429], llm
     assert (llm[0]["tokens_in"], llm[0]["tokens_out"]) == (11, 2) and all(e["run_id"] == run_id for e in llm)

@@ -119,7 +119,7 @@ def test_a_service_is_reachable_gives_env_and_its_records_are_the_runs(state_dir
         "the run has a network namespace of its own: the service's port is relayed into it"
     evs = read_events(ev)
     start = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "start")
-    assert start["detail"]["services"] == {"names": ["fake"],
+    assert start["detail"]["services"] == {"names": ["fake"], "env_removed": [],
                                            "env": ["FAKE_SERVICE_KEY", "FAKE_SERVICE_PORT"]}
     llm = [e for e in evs if e["kind"] == "llm"]
     assert [(e["status"], e["tokens_in"], e["tokens_out"]) for e in llm] == [(200, 3, 5), (429, 0, 0)]
