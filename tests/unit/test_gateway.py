@@ -269,9 +269,9 @@ class Rig:
         self.ledger = ledger
         self.expect = 1                  # how many records record() waits for
 
-        def resolve(sock):
+        def resolve(sock):      # caller: {"run": default, source address: run}
             self.sockets.append(sock.getpeername())
-            return self.caller["run"]
+            return self.caller.get(sock.getpeername()[0], self.caller["run"])
         self.gw = Gateway(self.config, resolve, lambda run_id, rec: self.calls.append((run_id, rec)),
                           scheduler=scheduler,
                           ledger_for=(lambda run_id: ledger) if ledger is not None else None).start()
@@ -926,3 +926,42 @@ def test_a_bug_fails_one_request_with_500_not_the_gateway(rig):
     assert r.gw.counters["internal_errors"] == 1
     r.ledger.check = lambda: None
     assert r.post("/v1/chat/completions", CHAT).status_code == 200
+
+
+# ---------------------------------------------------------------- the real scheduler
+
+def test_three_runs_of_weights_1_2_4_saturating_the_gateway_get_their_shares(rig):
+    """Through the gateway's HTTP path with the real Scheduler (global cap
+    2): three runs, each keeping 4 requests in flight, share the tokens
+    1:2:4, within 10%, and the fake upstream never sees more than the cap."""
+    from agentwatch.harness.scheduler import Scheduler
+    r = rig(run=None, register=False, scheduler=Scheduler(max_concurrent=2, per_agent=2),
+            upstream=FakeUpstream(latency=0.02, tokens_in=10, tokens_out=10))
+    runs = {"run-w1": (1, "127.0.0.11"), "run-w2": (2, "127.0.0.12"), "run-w4": (4, "127.0.0.14")}
+    for run_id, (weight, addr) in runs.items():
+        r.gw.register_run(run_id, run_id, weight=weight)
+        r.caller[addr] = run_id
+    total, stop = 280, threading.Event()
+
+    def client(addr):
+        with httpx.Client(base_url=r.gw.url, trust_env=False, timeout=30,
+                          transport=httpx.HTTPTransport(local_address=addr)) as c:
+            while not stop.is_set() and len(r.calls) < total:
+                c.post("/v1/chat/completions", content=json.dumps(CHAT),
+                       headers={"authorization": f"Bearer {DUMMY}"})
+    # 5 clients a run (15: under the rig's max_clients of 16): its queue
+    # never runs dry while a client turns round
+    threads = [threading.Thread(target=client, args=(addr,)) for _, addr in runs.values() for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    done = [run_id for run_id, rec in r.calls[:total] if rec["status"] == 200]
+    window = done[40:total - 20]          # all three backlogged: after the start, before the end
+    tokens = {run_id: 20 * window.count(run_id) for run_id in runs}
+    got = sum(tokens.values())
+    for run_id, (weight, _) in runs.items():
+        share = tokens[run_id] / got
+        assert abs(share - weight / 7) <= 0.1 * weight / 7, (run_id, share, tokens)
+    assert r.upstream.max_concurrent <= 2
