@@ -147,11 +147,37 @@ def aw_cmd():
     return [sys.executable, "-m", "cli.main"]
 
 
-def aw(*args, timeout=120, check=False, **kw):
+# An embedded `agentwatch run` in the BPF LSM VM compiles its BPF programs
+# on an emulated CPU (QEMU TCG): test_refusals' run took 110-200 s there
+# (bcc compiles: bpf/lsm.bpf.c 50-90 s, the sensors 20-50 s, the egress
+# guard 15-30 s), 3 s on the host; 120 s timed it out in CI.
+# tests/adversarial/advkit.py's RUN_TIMEOUT_S is the same.
+AW_TIMEOUT_S = 600 if IN_VM else 120
+
+
+class AwTimeout(subprocess.TimeoutExpired):
+    """An aw() command that timed out, with the last lines it printed."""
+
+    def __str__(self):
+        def tail(data, n=40):
+            if not data:
+                return "(nothing)"
+            text = data.decode(errors="replace") if isinstance(data, bytes) else data
+            return "\n".join(text.splitlines()[-n:])
+        return (f"{super().__str__()}\n--- its stdout (last lines)\n{tail(self.stdout, 20)}"
+                f"\n--- its stderr (last lines)\n{tail(self.stderr)}")
+
+
+def aw(*args, timeout=None, check=False, **kw):
+    """The CLI with args; timeout (default AW_TIMEOUT_S) fails with what it printed."""
     env = dict(os.environ, PYTHONPATH=REPO)
     env.update(kw.pop("env", {}))
-    return subprocess.run(aw_cmd() + list(args), cwd=kw.pop("cwd", REPO), env=env,
-                          capture_output=True, text=True, timeout=timeout, check=check, **kw)
+    timeout = AW_TIMEOUT_S if timeout is None else timeout
+    try:
+        return subprocess.run(aw_cmd() + list(args), cwd=kw.pop("cwd", REPO), env=env,
+                              capture_output=True, text=True, timeout=timeout, check=check, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise AwTimeout(e.cmd, e.timeout, e.output, e.stderr) from None
 
 
 def free_id(lookup):
