@@ -449,10 +449,12 @@ class EgressGuard:
                 except asyncio.TimeoutError:
                     return self._refuse(s, c, rec, f"sent no name within {lim.first_bytes_s:g} s")
                 continue
-            if not chunk and not buf:
-                # nothing was sent, so nothing was refused: a client racing
-                # IPv4 against IPv6 drops the loser so, and must not be
-                # reported (or killed) for it
+            if not chunk and not buf and refusal_rule(None, rec["addr"]) == RULE:
+                # nothing was sent to a remote address, so nothing was
+                # refused: a client racing IPv4 against IPv6 drops the loser
+                # so, and must not be reported (or killed) for it. To this
+                # host it stays the connect network.loopback forbids, as the
+                # kernel would have refused it
                 s.count("closed_unsent")
                 rec.update(decision="closed", reason="closed before sending a byte")
                 return

@@ -197,3 +197,31 @@ def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_read
         for s in (agent, c, u, server):
             s.close()
         g.close()
+
+
+@pytest.mark.parametrize("addr, decision, rule", [
+    ("203.0.113.5", "closed", None),                     # remote: sent nothing anywhere
+    ("127.0.0.4", "deny", "network.loopback"),           # this host: the connect the policy forbids
+])
+def test_a_flow_closed_before_a_byte_is_a_refusal_only_to_this_host(addr, decision, rule):
+    """Guard._flow on a real loopback socket pair (no BPF: the kernel's
+    record of the redirected connect is given). A client that connects and
+    closes without a byte (a happy-eyeballs loser) refused nothing remote."""
+    import asyncio
+    from agentwatch.guards.guard import EgressGuard, RunSession
+    g = EgressGuard().start()
+    got = []
+    s = RunSession("run-x", "agent", (), {}, got.append)
+    s.flow_of = lambda a, p: {"pid": 7, "tid": 7, "uid": 0, "comm": "curl", "cgroup": 1,
+                              "family": "inet", "addr": addr, "port": 443, "ts": 0}
+    agent, c = _tcp_pair()
+    agent.close()
+    c.setblocking(False)
+    s.active, g.active = 1, 1                  # as _accept counts it
+    try:
+        asyncio.run_coroutine_threadsafe(g._flow(s, c, c.getpeername()), g.loop).result(10)
+    finally:
+        g.close()
+    (rec,) = got
+    assert (rec["decision"], rec.get("rule")) == (decision, rule), rec
+    assert s.counters["closed_unsent"] == (decision == "closed") and s.active == 0
