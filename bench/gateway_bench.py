@@ -154,13 +154,18 @@ def _peer_cost(n, blocks):
     s, _ = ls.accept()
     try:
         got = peer.of_socket(s)
-        per = []
+        local, remote = s.getsockname(), s.getpeername()
+        per, diag = [], []
         for _ in range(blocks):
             t0 = time.perf_counter()
             for _ in range(n):
                 peer.of_socket(s)
-            per.append((time.perf_counter() - t0) / n * 1e6)
-        return per, got
+            t1 = time.perf_counter()
+            for _ in range(n):          # the netlink request alone (pyroute2 encode, send, decode)
+                peer._inet_diag(s.family, src=remote, dst=local)
+            per.append((t1 - t0) / n * 1e6)
+            diag.append((time.perf_counter() - t1) / n * 1e6)
+        return per, diag, got
     finally:
         for x in (s, c, ls):
             x.close()
@@ -248,9 +253,9 @@ def gateway(ctx):
     # -- 4: the kernel lookup production makes per connection --
     log(f"gateway: core.peer.of_socket x {s['gw_peer_n']}")
     try:
-        peer_us, peer_got = _peer_cost(s["gw_peer_n"], max(3, s["gw_reps"]))
+        peer_us, diag_us, peer_got = _peer_cost(s["gw_peer_n"], max(3, s["gw_reps"]))
     except OSError as e:
-        peer_us, peer_got = [], None
+        peer_us, diag_us, peer_got = [], [], None
         notes.append(f"core.peer.of_socket failed here: {e}")
 
     # -- figures --
@@ -296,7 +301,8 @@ def gateway(ctx):
     if psum:
         figs.append(value_figure("core.peer.of_socket, loopback TCP (per connection in production)", "µs",
                                  peer_us, target="report",
-                                 text=f"{psum['median']:.1f} µs per call [{psum['min']:.1f}..{psum['max']:.1f}]"))
+                                 text=f"{psum['median']:.1f} µs per call [{psum['min']:.1f}..{psum['max']:.1f}]",
+                                 note=f"the sock_diag request alone {lib.summarize(diag_us)['median']:.1f} µs"))
     # the client counts the answers inside the window, the gateway every call it made
     gj = lib.summarize([jain(r["gateway_tokens"]) for r in equal])
     notes.append(f"Jain's index from the gateway's own call records (every call, the window's edges "
@@ -318,4 +324,5 @@ def gateway(ctx):
                        "weights": WEIGHTS, "percentiles_us": p},
             "figures": figs, "notes": notes,
             "trials": {"latency": lat, "direct": direct, "through": through,
-                       "equal": equal, "weighted": weighted, "peer_us": peer_us}}
+                       "equal": equal, "weighted": weighted, "peer_us": peer_us,
+                       "inet_diag_us": diag_us}}
