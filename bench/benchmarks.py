@@ -1,4 +1,5 @@
-"""The benchmarks of issue #5 (and guard, of issue #16), one function each. Each takes a Ctx and
+"""The benchmarks of issue #5 (and guard, of issue #16; gateway, of issue #17, in
+bench/gateway_bench.py), one function each. Each takes a Ctx and
 returns {"params": ..., "figures": [...], "bpf_programs": ..., "notes": [...]}
 (figures from lib.compare_figure / lib.value_figure)."""
 import json
@@ -12,6 +13,7 @@ import sysconfig
 import time
 
 from . import lib
+from .gateway_bench import gateway
 from .lib import POLICY, STRICT_POLICY, alternate, compare_figure, log, value_figure
 
 # Sizes per profile: tiny is the smoke test's, quick is --quick, full the default.
@@ -19,17 +21,20 @@ PROFILES = {
     "tiny": dict(host_reps=1, loop_n=20_000, reps=1, compile_tree="tiny", files=300,
                  storm_n=20_000, burst_n=20_000, burst_trials=1, rates=[20_000], paced_s=0.25,
                  flood_n=30_000, flood_trials=1, cold_reps=1, warm_reps=2, agents=2,
-                 guard_reps=1, guard_latency_n=20, guard_bulk_n=2, guard_flood_s=0.5),
+                 guard_reps=1, guard_latency_n=20, guard_bulk_n=2, guard_flood_s=0.5,
+                 gw_reps=1, gw_latency_n=50, gw_load_s=0.5, gw_fair_s=0.5, gw_peer_n=200),
     "quick": dict(host_reps=3, loop_n=1_000_000, reps=3, compile_tree="stdlib", files=20_000,
                   storm_n=300_000, burst_n=300_000, burst_trials=2,
                   rates=[50_000, 100_000, 250_000], paced_s=1.0,
                   flood_n=300_000, flood_trials=3, cold_reps=2, warm_reps=10, agents=10,
-                  guard_reps=3, guard_latency_n=300, guard_bulk_n=20, guard_flood_s=3.0),
+                  guard_reps=3, guard_latency_n=300, guard_bulk_n=20, guard_flood_s=3.0,
+                  gw_reps=3, gw_latency_n=1000, gw_load_s=3.0, gw_fair_s=3.0, gw_peer_n=2000),
     "full": dict(host_reps=5, loop_n=2_000_000, reps=7, compile_tree="stdlib+dist", files=20_000,
                  storm_n=1_000_000, burst_n=500_000, burst_trials=3,
                  rates=[25_000, 50_000, 100_000, 150_000, 250_000], paced_s=2.0,
                  flood_n=500_000, flood_trials=100, cold_reps=5, warm_reps=20, agents=10,
-                 guard_reps=7, guard_latency_n=1000, guard_bulk_n=50, guard_flood_s=5.0),
+                 guard_reps=7, guard_latency_n=1000, guard_bulk_n=50, guard_flood_s=5.0,
+                 gw_reps=5, gw_latency_n=3000, gw_load_s=5.0, gw_fair_s=5.0, gw_peer_n=10000),
 }
 
 
@@ -860,6 +865,7 @@ BENCHMARKS = {
     "startup": startup,
     "footprint": footprint,
     "guard": guard,
+    "gateway": gateway,
 }
 TITLES = {
     "host_tax": "1. host tax (outside agents)",
@@ -870,4 +876,5 @@ TITLES = {
     "startup": "6. start-up",
     "footprint": "7. footprint",
     "guard": "8. egress guard (issue #16)",
+    "gateway": "9. LLM gateway (issue #17)",
 }

@@ -214,6 +214,14 @@ class Gateway:
                 self.loop.call_later(1, self._resume)
                 return
             c.setblocking(False)
+            # a response is written as head, body and end: without NODELAY
+            # the body waits for the client's delayed ACK of the head (~40
+            # ms a request). asyncio sets it only on sockets whose proto is
+            # IPPROTO_TCP, and an accepted socket of ours says 0
+            try:
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
             t = self.loop.create_task(self._socket(c))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)

@@ -271,6 +271,7 @@ class Rig:
 
         def resolve(sock):      # caller: {"run": default, source address: run}
             self.sockets.append(sock.getpeername())
+            self.nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             return self.caller.get(sock.getpeername()[0], self.caller["run"])
         self.gw = Gateway(self.config, resolve, lambda run_id, rec: self.calls.append((run_id, rec)),
                           scheduler=scheduler,
@@ -365,6 +366,9 @@ def test_openai_chat_passes_through_with_usage_and_the_real_key(rig):
     assert "request_body" not in rec and "response_body" not in rec    # bodies off by default
     # resolve_caller got the accepted socket: its peer is our client's socket
     assert r.sockets[-1][0] == "127.0.0.1"
+    # with Nagle on, the body (a write after the head) waits for the
+    # client's delayed ACK: ~40 ms a response (found by bench gateway)
+    assert r.nodelay == 1
     no_keys(resp.text, dict(resp.headers), r.calls)
 
 
