@@ -25,6 +25,9 @@
       head_timeout: 10s                  # a client's request head (and each body read)
       idle_timeout: 60s                  # a kept-alive client with no next request
       max_clients: 256                   # open client connections; more get 503
+      max_concurrent: 8                  # upstream calls at once, all runs (the scheduler's cap)
+      per_run: 4                         # upstream calls at once of one run
+      age: 30s                           # a request first in its run's queue this long goes first
     keep_bodies: 0                       # bytes of each body kept in the call record; 0: none
     allow_outside_callers: false         # callers in no run: refused unless true
 
@@ -88,6 +91,9 @@ class Limits:
     head_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_clients: int = 256
+    max_concurrent: int = 8          # the scheduler (harness/scheduler.py): upstream calls at once
+    per_run: int = 4                 # ... of one run
+    age_s: float = 30.0              # ageing: first in its run's queue this long, granted first
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,9 @@ _LIMITS = {                          # key -> (Limits field, parser)
     "head_timeout": ("head_timeout", parse_duration),
     "idle_timeout": ("idle_timeout", parse_duration),
     "max_clients": ("max_clients", None),
+    "max_concurrent": ("max_concurrent", None),
+    "per_run": ("per_run", None),
+    "age": ("age_s", parse_duration),
 }
 
 

@@ -32,7 +32,9 @@ class GatewayService(RunService):
 
     def __init__(self, config, scheduler=None):
         self.config = config
-        self.scheduler = scheduler or Scheduler()
+        lim = config.limits
+        self.scheduler = scheduler or Scheduler(max_concurrent=lim.max_concurrent,
+                                                per_agent=lim.per_run, age_s=lim.age_s)
         self._lock = threading.Lock()
         self._runs = {}              # run id -> ServiceRun
         self._ledgers = {}           # run id -> Ledger

@@ -969,3 +969,22 @@ def test_three_runs_of_weights_1_2_4_saturating_the_gateway_get_their_shares(rig
         share = tokens[run_id] / got
         assert abs(share - weight / 7) <= 0.1 * weight / 7, (run_id, share, tokens)
     assert r.upstream.max_concurrent <= 2
+
+
+def test_the_config_sets_the_schedulers_caps_and_ageing(tmp_path):
+    from agentwatch.harness.gateway_config import parse_config
+    text = config_text("http://127.0.0.1:9", limits={"max_concurrent": 3, "per_run": 1, "age": "5s"})
+    (tmp_path / "ant.key").write_text(ANTHROPIC_KEY + "\n")
+    cfg = parse_config(text, str(tmp_path / "gateway.yaml"), environ=ENV)
+    assert (cfg.limits.max_concurrent, cfg.limits.per_run, cfg.limits.age_s) == (3, 1, 5.0)
+    from agentwatch.harness.service import GatewayService
+    svc = GatewayService(cfg)           # the daemon's: its scheduler takes them
+    try:
+        st = svc.scheduler.stats()
+        assert (st.cap, st.per_agent, svc.scheduler.age_s) == (3, 1, 5.0)
+    finally:
+        svc.close()
+    from agentwatch.core.errors import AgentwatchError
+    with pytest.raises(AgentwatchError, match="limits.per_run must be a whole number"):
+        parse_config(config_text("http://127.0.0.1:9", limits={"per_run": 0}),
+                     str(tmp_path / "gateway.yaml"), environ=ENV)
