@@ -156,6 +156,7 @@ class LlmEvent(Event):
     bytes_out: int = 0       # gateway -> agent (response body)
     error: str = None
     finding: dict = None     # {category, rule, reason}: what the gateway found wrong (judged)
+    bodies: dict = None      # keep_bodies: {request_body, response_body, *_truncated}, size-capped
 
 
 @dataclass(kw_only=True)

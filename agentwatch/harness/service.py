@@ -110,6 +110,10 @@ def llm_record(rec):
            "queue_wait": rec.get("queue_wait_s"), "latency": rec.get("latency_s"),
            "bytes_in": rec.get("bytes_in") or 0, "bytes_out": rec.get("bytes_out") or 0,
            "error": rec.get("error")}
+    bodies = {k: rec[k] for k in ("request_body", "request_body_truncated", "response_body",
+                                  "response_body_truncated") if k in rec}
+    if bodies:                       # the config's keep_bodies: off by default, capped
+        out["bodies"] = bodies
     # one finding per event: the one that refused the call, if any
     findings = sorted(rec.get("findings") or (), key=lambda f: f.get("category") != "resource"
                       and f.get("action") != "deny")

@@ -988,3 +988,14 @@ def test_the_config_sets_the_schedulers_caps_and_ageing(tmp_path):
     with pytest.raises(AgentwatchError, match="limits.per_run must be a whole number"):
         parse_config(config_text("http://127.0.0.1:9", limits={"per_run": 0}),
                      str(tmp_path / "gateway.yaml"), environ=ENV)
+
+
+def test_kept_bodies_reach_the_runs_llm_event():
+    from agentwatch.harness.service import llm_record
+    rec = {"ts": 1.0, "api": "openai", "path": "/v1/chat/completions", "status": 200,
+           "request_body": '{"model"', "request_body_truncated": True, "response_body": "{}",
+           "response_body_truncated": False, "findings": []}
+    out = llm_record(rec)
+    assert out["bodies"] == {"request_body": '{"model"', "request_body_truncated": True,
+                             "response_body": "{}", "response_body_truncated": False}
+    assert "bodies" not in llm_record({"ts": 1.0, "status": 200})
