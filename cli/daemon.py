@@ -50,6 +50,11 @@ def status():
                f"({', '.join(st.sensors['groups'])})")
     c = st.counters
     click.echo(f"  records: {c['received']} received, {c['lost_events']} lost")
+    gw = st.raw.get("gateway")
+    if gw:
+        busy = {k: v for k, v in (gw.get("counters") or {}).items() if v}
+        click.echo(f"  LLM gateway: {gw['url']} ({gw['config']}); "
+                   + (", ".join(f"{k} {v}" for k, v in sorted(busy.items())) or "no calls yet"))
     click.echo(f"  runs: {len(st.runs)}")
     for r in st.runs:
         click.echo(f"    {r.run_id}  {r.agent or '?'}  agent pid {r.root_pid or '-'}  "

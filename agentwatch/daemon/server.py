@@ -274,6 +274,7 @@ class Daemon:
                 "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))},
                 "gateway": None if self.gateway is None else {
                     "url": self.gateway.gateway.url, "config": self.gateway_path,
+                    "counters": dict(self.gateway.gateway.counters),
                     "runs": {r: self.gateway.run_stats(r) for r in list(self.runs)}}}
 
 

@@ -180,3 +180,7 @@ def test_a_run_on_the_daemon_calls_the_api_through_the_gateway(tmp_path, upstrea
     assert viol["resources.llm_requests"]["action"] == "alert"      # the policy's, the call refused anyway
     end = next(e for e in evs if e["kind"] == "lifecycle" and e["phase"] == "end")
     assert end["detail"]["kernel_denials"]["llm-gateway"]["requests"] == 1
+    # the daemon says it serves the gateway, and what its gateway counted
+    st = aw("daemon", "status", env=env)
+    assert st.returncode == 0 and "LLM gateway: http://127.0.0.1:" in st.stdout, st.stdout + st.stderr
+    assert "refused_budget 1" in st.stdout and "refused_prompt 1" in st.stdout, st.stdout
