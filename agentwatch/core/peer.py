@@ -113,24 +113,23 @@ def _unix_peer(sock):
 # -- tcp -------------------------------------------------------------------------
 def _tcp_peer(sock):
     local, remote = sock.getsockname(), sock.getpeername()
-    p = _peer_of(_inet_diag(sock.family, src=remote, dst=local))
+    found = _inet_diag(sock.family, src=remote, dst=local)
+    p = _peer_of(found)
     relay = _RELAYED.get((_addr(remote[0]), remote[1]))
     if p.run_id is None and relay and p.cgroup is None and p.uid is not None \
-            and _own_cgroup_socket(sock.family, remote, local):
+            and _in_own_cgroup(found[1]):
         return Peer(uid=p.uid, cgroup=None, run_id=relay)
     return p
 
 
-def _own_cgroup_socket(family, src, dst):
-    """The socket at src (connected to dst) was made in this process's own
-    cgroup: one of the relay's, not a host process's on a reused port."""
-    found = _inet_diag(family, src=src, dst=dst)
-    if not found or not found[1]:
-        return False
+def _in_own_cgroup(cgroup_id):
+    """cgroup_id is this process's own cgroup: the socket is one of the
+    relay's, not a host process's on a reused port."""
     mine = procfs.cgroup(os.getpid())
-    mount = procfs.cgroup2_mount()
+    if not cgroup_id or mine is None:
+        return False
     try:
-        return mine is not None and os.stat(os.path.join(mount, mine.lstrip("/"))).st_ino == found[1]
+        return os.stat(os.path.join(procfs.cgroup2_mount(), mine.lstrip("/"))).st_ino == cgroup_id
     except OSError:
         return False
 
