@@ -1,7 +1,8 @@
 """Cross checks: what is wrong only across sections of a valid policy
 (an allow shadowed by a deny, W^X, a program that can never run, a toggle
 that a syscalls.deny contradicts, loopback in network.allow, rules no sensor
-judges). ``validate`` (schema.py) runs CROSS_CHECKS after the sections.
+judges, a peers.grant of a tool peers.tools does not declare). ``validate``
+(schema.py) runs CROSS_CHECKS after the sections.
 """
 import ipaddress
 
@@ -114,5 +115,39 @@ def _check_coverage(ck, spec):
                                           f"policy are never judged")
 
 
+def _check_peers(ck, spec):
+    """The broker runs the granter's tools: a grant must name one of
+    peers.tools, a tool no grant names is never run, and a tool's program
+    must be one the sandbox lets this run start."""
+    peers = spec.peers
+    if peers is None:
+        return
+    written = [k.split(".", 2)[2] for k in spec.locs if k.startswith("peers.tools.")]
+    for item in peers.grant:
+        if item.value not in written:          # written but invalid: reported where it is
+            declared = ", ".join(written) or "none"
+            ck.error(item.loc, f"peers.grant: {item.value!r} is not in peers.tools (declared: "
+                               f"{declared}); the broker runs the granter's own tools, so a token "
+                               f"for it could never be used")
+    granted = {i.value for i in peers.grant}
+    proc, fs = spec.process, spec.filesystem
+
+    def may_run(program, patterns):
+        # a pattern with a variable may cover it on the machine that runs it
+        return any("${" in p or M.covers(program, p) for p in patterns)
+
+    for tool in peers.tools.values():
+        if tool.name not in granted:
+            ck.warn(tool.loc, f"peers.tools.{tool.name}: not in peers.grant, so no token can be "
+                              f"minted for it and the broker never runs it")
+        program = tool.argv[0]
+        if proc is not None and proc.exec is not None and not may_run(program, [e.path for e in proc.exec]):
+            ck.warn(tool.loc, f"peers.tools.{tool.name}: {program!r} is not in process.exec, so "
+                              f"the sandbox refuses to run it")
+        elif fs is not None and fs.exec is not None and not may_run(program, [x.value for x in fs.exec]):
+            ck.warn(tool.loc, f"peers.tools.{tool.name}: {program!r} is not under filesystem.exec, "
+                              f"so the sandbox refuses to run it")
+
+
 CROSS_CHECKS = (_check_shadowed, _check_wx, _check_exec_reachable, _check_toggles,
-                 _check_network, _check_coverage)
+                 _check_network, _check_coverage, _check_peers)

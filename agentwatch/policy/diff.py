@@ -11,7 +11,9 @@ the machine). Lines:
 An absent list or section means "not restricted", so adding one revokes and
 removing one grants. No lines at all: "no permission changes".
 """
-from .model import RULES, SECTIONS, TOGGLES, Filesystem, host_network_why
+import shlex
+
+from .model import RULES, SECTIONS, TOGGLES, Filesystem, Peers, duration_text, host_network_why
 
 GRANT, REVOKE, CHANGE = "+ grants:", "- revokes:", "~ changes:"
 _VERBS = (("read", "read"), ("write", "write"), ("exec", "execute from"))
@@ -193,6 +195,40 @@ def _identity(out, a, b):
     _changed(out, "sensors", ",".join(a.sensor_groups()), ",".join(b.sensor_groups()))
 
 
+_PEER_LISTS = (("send", "messages to {}"), ("receive", "messages from {}"),
+               ("grant", "granting tokens for its tool {}"), ("accept", "accepting tokens for {}"))
+
+
+def _skills_text(skills):
+    return ", ".join(s["name"] + (f" ({s['description']})" if s["description"] else "")
+                     for s in skills) or None
+
+
+def _peers(out, a, b):
+    """An absent peers section allows no message: compared as the defaults."""
+    if a is None and b is None:
+        return
+    pa, pb = a or Peers(), b or Peers()
+    _changed(out, "peers.description", pa.description, pb.description)
+    _changed(out, "peers.skills", _skills_text(pa.skills), _skills_text(pb.skills))
+    for key, what in _PEER_LISTS:
+        added, removed = _items(_values(getattr(pa, key)), _values(getattr(pb, key)))
+        out += [f"{GRANT} {what.format(x)} (peers.{key})" for x in added]
+        out += [f"{REVOKE} {what.format(x)} (peers.{key})" for x in removed]
+    for name in [*pa.tools, *(n for n in pb.tools if n not in pa.tools)]:
+        old, new = pa.tools.get(name), pb.tools.get(name)
+        if old is None:
+            out.append(f"{GRANT} tool {name} run for token holders: {new.describe()} (peers.tools)")
+        elif new is None:
+            out.append(f"{REVOKE} tool {name} run for token holders: {old.describe()} (peers.tools)")
+        else:
+            _changed(out, f"peers.tools.{name}.argv", shlex.join(old.argv), shlex.join(new.argv))
+            _limit(out, f"peers.tools.{name}.timeout", old.timeout, new.timeout,
+                   duration_text(old.timeout), duration_text(new.timeout))
+    _limit(out, "peers.max_ttl", pa.max_ttl, pb.max_ttl, duration_text(pa.max_ttl), duration_text(pb.max_ttl))
+    _limit(out, "peers.rate", pa.rate, pb.rate)
+
+
 def diff_specs(a, b):
     """PolicySpec, PolicySpec -> lines (empty when nothing changed)."""
     out = []
@@ -201,6 +237,7 @@ def diff_specs(a, b):
     _process(out, a.process, b.process)
     _syscalls(out, a, b)
     _resources(out, a, b)
+    _peers(out, a.peers, b.peers)
     _identity(out, a, b)
     _on_violation(out, a, b)
     return out

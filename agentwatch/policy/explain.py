@@ -4,7 +4,7 @@ as written and, when it uses a variable, as expanded for this machine."""
 import os
 
 from . import matchers as M
-from .model import RULES, TOGGLES, host_network_why, relay_ports
+from .model import RULES, TOGGLES, duration_text, host_network_why, relay_ports
 
 _TOGGLE_WORDS = {"ptrace": "trace or read other processes (ptrace)",
                  "change_uid": "change user or group id",
@@ -139,6 +139,34 @@ def _process(spec, v):
     return lines
 
 
+def _names(items, nobody="nobody"):
+    return ", ".join(i.value for i in items) or nobody
+
+
+def _peers(spec):
+    peers = spec.peers
+    if peers is None:
+        return ["Peers: no agent-to-agent messages (no peers section)"]
+    lines = ["Peers (agent-to-agent broker)"]
+    if peers.description is not None:
+        lines.append(f"  Agent card: {peers.description}")
+    if peers.skills:
+        lines.append("  Skills: " + "; ".join(
+            s["name"] + (f" ({s['description']})" if s["description"] else "") for s in peers.skills))
+    lines += [f"  May send to: {_names(peers.send)}",
+              f"  Accepts messages from: {_names(peers.receive)}",
+              f"  May grant tokens for its tools: {_names(peers.grant, 'none')}",
+              f"  May accept tokens for: {_names(peers.accept, 'none')}"]
+    if peers.tools:
+        lines.append("  Tools the broker runs in this run's sandbox for a token holder:")
+        lines += [f"    {t.name}: {t.describe()}" for t in peers.tools.values()]
+    else:
+        lines.append("  Tools the broker runs for a token holder: none")
+    lines += [f"  Tokens it mints live at most {duration_text(peers.max_ttl)} (peers.max_ttl)",
+              f"  Sends at most {peers.rate} messages per second (peers.rate)"]
+    return lines
+
+
 def _rest(spec):
     lines = []
     if spec.syscalls:
@@ -177,7 +205,8 @@ def explain(policy, variables):
     spec = policy.spec
     lines = _header(policy, spec)
     lines.append("Variables: " + ", ".join(f"${{{k}}}={variables[k]}" for k in sorted(variables)))
-    for block in (_filesystem(spec, variables), _network(spec), _process(spec, variables), _rest(spec)):
+    for block in (_filesystem(spec, variables), _network(spec), _process(spec, variables), _peers(spec),
+                  _rest(spec)):
         lines.append("")
         lines += block
     return "\n".join(lines) + "\n"

@@ -9,15 +9,17 @@ layers that apply a policy, with the syscall names this host knows (for
 syscalls.deny, from libseccomp). Nothing here reads a document.
 """
 import functools
+import shlex
 from dataclasses import dataclass, field
 
+from .matchers import name_matcher
 from .source import Loc
 
 # --------------------------------------------------------------- tables
 
 API_VERSION = "agentwatch/v1"
 SENSOR_GROUPS = ("process", "file", "net", "sensitive", "signal")   # = agentwatch.sensors.syscalls.GROUPS
-SECTIONS = ("filesystem", "network", "process", "syscalls", "resources", "identity")
+SECTIONS = ("filesystem", "network", "process", "syscalls", "resources", "identity", "peers")
 PROTOCOLS = ("tcp", "udp", "any")
 # socket families by name (linux/socket.h) for network.families; netlink is
 # network.netlink's (by protocol), so it is not listed here
@@ -46,6 +48,10 @@ TOGGLES = {
     "memfd_exec": ("memfd_create",),
 }
 
+# why the broker refuses a scope token (protocol.token_<reason>, docs/policy.md "Rules")
+TOKEN_REFUSALS = ("invalid", "expired", "widened", "replayed", "exhausted", "holder", "revoked",
+                  "scope")
+
 RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.deny",
          "network.egress", "network.loopback", "network.unix", "network.bind", "network.socket",
          "network.domain",
@@ -53,11 +59,15 @@ RULES = ("filesystem.read", "filesystem.write", "filesystem.exec", "filesystem.d
          "process.terminal",
          "syscalls.deny", "resources.memory", "resources.cpu", "resources.pids",
          "resources.wall_time", "resources.llm_tokens", "resources.llm_requests", "resources.llm_cost",
-         "identity.name", "identity.signer", "identity.prompt")
+         "identity.name", "identity.signer", "identity.prompt", "identity.sender",
+         # the agent-to-agent broker (peers section; category protocol)
+         "protocol.peer", "protocol.facts", "protocol.grant", "protocol.rate",
+         *(f"protocol.token_{t}" for t in TOKEN_REFUSALS))
 
 # violation categories (events.CATEGORIES; docs/policy.md "Rules") -> policy section names
 CATEGORY_SECTION = {"filesystem": "filesystem", "network": "network", "process": "process",
-                    "syscall": "syscalls", "resource": "resources", "identity": "identity"}
+                    "syscall": "syscalls", "resource": "resources", "identity": "identity",
+                    "protocol": "peers"}
 
 # the namespaces process.host_namespaces may share with the host (sandbox/namespaces.py)
 HOST_NAMESPACES = ("pid", "ipc", "net")
@@ -65,6 +75,11 @@ HOST_NAMESPACES = ("pid", "ipc", "net")
 # at most this many network.loopback ports are relayed into a run's own
 # network namespace (one listener each, per family): more keeps the host's
 MAX_RELAY_PORTS = 64
+
+# peers (the agent-to-agent broker): defaults and bounds, in seconds
+DEFAULT_MAX_TTL, MAX_MAX_TTL = 3600.0, 86400.0      # a scope token's longest lifetime
+DEFAULT_TOOL_TIMEOUT, MAX_TOOL_TIMEOUT = 10.0, 300.0
+DEFAULT_RATE, MAX_RATE = 200, 100000                 # messages per second
 
 
 def host_network_why(allow, loopback, guard=False):
@@ -215,6 +230,69 @@ class Identity:
     required_signer: str = None
 
 
+@dataclass(frozen=True)
+class Tool:
+    """peers.tools.NAME: a program the broker runs inside this run's sandbox
+    for a token holder; the call's arguments are appended to argv."""
+    name: str
+    argv: tuple
+    timeout: float = DEFAULT_TOOL_TIMEOUT
+    loc: Loc = None
+
+    def describe(self):
+        """'/usr/bin/wc -l (+ the call's arguments), timeout 10s'."""
+        return f"{shlex.join(self.argv)} (+ the call's arguments), timeout {duration_text(self.timeout)}"
+
+
+@dataclass
+class Peers:
+    """The peers section: this run's agent card and what it may say to, hear
+    from and lend to other runs through the broker. Absent lists allow
+    nothing; globs in send/receive are over agent names (identity.name's)."""
+    description: str = None
+    skills: tuple = ()                 # ({"name": str, "description": str | None}, ...)
+    send: tuple = ()                   # tuple[Item] of agent-name globs
+    receive: tuple = ()
+    grant: tuple = ()                  # tuple[Item] of tool names
+    accept: tuple = ()
+    tools: dict = field(default_factory=dict)     # name -> Tool
+    max_ttl: float = DEFAULT_MAX_TTL   # seconds
+    rate: int = DEFAULT_RATE           # messages per second
+
+    @staticmethod
+    def _matches(globs, agent):
+        return any(name_matcher(g.value)(agent or "") for g in globs)
+
+    def may_send(self, agent):
+        """Whether a message to the agent named ``agent`` is allowed."""
+        return self._matches(self.send, agent)
+
+    def may_receive(self, agent):
+        """Whether a message from the agent named ``agent`` is accepted."""
+        return self._matches(self.receive, agent)
+
+    def may_grant(self, tool):
+        """Whether this run may mint scope tokens for its tool ``tool``."""
+        return any(i.value == tool for i in self.grant)
+
+    def may_accept(self, tool):
+        """Whether this run may hold and use a token for a tool ``tool``."""
+        return any(i.value == tool for i in self.accept)
+
+
+def duration_text(seconds):
+    """3600 -> '1h', 90 -> '1m30s', 0.5 -> '0.5s' (a duration the units parser reads)."""
+    rest, parts = float(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        n = int(rest // size)
+        if n:
+            parts.append(f"{n}{unit}")
+            rest -= n * size
+    if rest or not parts:
+        parts.append(f"{rest:g}s")
+    return "".join(parts)
+
+
 @dataclass
 class Resources:
     memory: int = None                 # bytes
@@ -241,6 +319,7 @@ class PolicySpec:
     process: Process = None
     syscalls: tuple = None             # tuple[Item] of syscalls.deny
     resources: Resources = None
+    peers: Peers = None                # None: no agent-to-agent messages at all
     on_violation: OnViolation = field(default_factory=OnViolation)
     monitor: tuple = None
     locs: dict = field(default_factory=dict)      # "process.ptrace" -> Loc of the value

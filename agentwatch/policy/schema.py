@@ -16,9 +16,10 @@ from ..core import units
 from . import matchers as M
 from .checker import MAX_PROBLEMS, Checker, TooMany, did_you_mean
 from .crosschecks import CROSS_CHECKS
-from .model import (API_VERSION, HOST_NAMESPACES, NETLINK_PROTOCOLS, PROTOCOLS, RULES, SECTIONS,
-                    SENSOR_GROUPS, SOCKET_FAMILIES, TOGGLES, ExecRule, Filesystem, Identity, Item,
-                    Network, NetRule, PolicySpec, Problem, Process, Resources, RunAs, native_syscalls,
+from .model import (API_VERSION, HOST_NAMESPACES, MAX_MAX_TTL, MAX_RATE, MAX_TOOL_TIMEOUT,
+                    NETLINK_PROTOCOLS, PROTOCOLS, RULES, SECTIONS, SENSOR_GROUPS, SOCKET_FAMILIES,
+                    TOGGLES, ExecRule, Filesystem, Identity, Item, Network, NetRule, Peers, PolicySpec,
+                    Problem, Process, Resources, RunAs, Tool, duration_text, native_syscalls,
                     syscall_status)
 from .source import yaml_type
 
@@ -34,12 +35,16 @@ MAX_PIDS = 4194304               # PID_MAX_LIMIT, the largest pids.max
 MIN_CPU, MAX_CPU = 0.01, 4096    # a CFS quota of at least 1 ms per 100 ms period
 RUN_AS_KEYS = ("user", "group", "groups")
 PROCESS_KEYS = ("exec", "max_processes", *TOGGLES, "run_as", "host_namespaces")
+PEERS_KEYS = ("description", "skills", "send", "receive", "grant", "accept", "max_ttl", "rate", "tools")
+SKILL_KEYS = ("name", "description")
+TOOL_KEYS = ("argv", "timeout")
+_TOOL = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 
 
 # --------------------------------------------------------------- sections
 
 TOP_KEYS = ("apiVersion", "kind", "metadata", "extends", "identity", "filesystem", "network",
-            "process", "syscalls", "resources", "on_violation", "monitor")
+            "process", "syscalls", "resources", "peers", "on_violation", "monitor")
 
 
 def _metadata(ck, value, loc, spec):
@@ -410,6 +415,157 @@ def _resources(ck, value, loc, spec):
             res.wall_time = ck.unit(units.parse_duration, v, vloc, "resources.wall_time")
 
 
+def _duration(ck, value, loc, name, maximum, maximum_text=None):
+    """A duration (core/units.py) of at most ``maximum`` seconds, or None (reported)."""
+    seconds = ck.unit(units.parse_duration, value, loc, name)
+    if seconds is not None and seconds > maximum:
+        ck.error(loc, f"{name}: must be at most {maximum_text or duration_text(maximum)}, got {value!r}")
+        return None
+    return seconds
+
+
+def _skills(ck, value, loc):
+    """peers.skills: names, or {name, description} -> ({"name", "description"}, ...)."""
+    out, seen = [], {}
+    for i, item, iloc in ck.items(value, loc, "peers.skills", "skills (names or {name, description})") or ():
+        name = f"peers.skills[{i}]"
+        if isinstance(item, str):
+            skill, nloc = {"name": item, "description": None}, iloc
+        elif isinstance(item, dict):
+            m = ck.mapping(item, iloc, name, SKILL_KEYS)
+            if "name" not in m:
+                ck.error(iloc, f"{name}: missing required key 'name'")
+                continue
+            skill, nloc = {"name": None, "description": None}, m.val_locs["name"]
+            for key, v, vloc in ck.entries(m, SKILL_KEYS):
+                skill[key] = ck.string(v, vloc, f"{name}.{key}")
+            if skill["name"] is None or ("description" in m and skill["description"] is None):
+                continue
+        else:
+            ck.error(iloc, f"{name}: expected a skill name or {{name, description}}, got {yaml_type(item)}")
+            continue
+        if not skill["name"].strip():
+            ck.error(nloc, f"{name}: empty skill name")
+            continue
+        if skill["name"] in seen:
+            ck.error(nloc, f"{name}: skill {skill['name']!r} is already listed (at {seen[skill['name']].ref(nloc)})")
+            continue
+        seen[skill["name"]] = nloc
+        out.append(skill)
+    return tuple(out)
+
+
+def _agent_globs(ck, value, loc, name):
+    items = ck.strings(value, loc, name, "agent name globs", "an agent name glob")
+    good = []
+    for item in items or ():
+        errors = M.check_name_glob(item.value, "agent name glob")
+        for message in errors:
+            ck.error(item.loc, f"{name}: {message}")
+        if not errors:
+            good.append(item)
+    return tuple(good)
+
+
+def _tool_name_error(text):
+    if _TOOL.fullmatch(text):
+        return None
+    return f"{text!r} is not a tool name (letters, digits, '.', '_', '-'; 1 to 63)"
+
+
+def _tool_names(ck, value, loc, name):
+    items = ck.strings(value, loc, name, "tool names", "a tool name")
+    good = []
+    for item in items or ():
+        err = _tool_name_error(item.value)
+        if err:
+            ck.error(item.loc, f"{name}: {err}")
+        else:
+            good.append(item)
+    return tuple(good)
+
+
+def _argv(ck, value, loc, name):
+    """A command line: a non-empty list of strings, argv[0] an absolute path.
+    Not ck.strings: a repeated argument ('-v', '-v') is an argument, not a
+    duplicate entry."""
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else yaml_type(value)
+        ck.error(loc, f"{name}: expected a non-empty list of strings (the program and its "
+                      f"first arguments), got {got}")
+        return None
+    ok = True
+    for i, (item, iloc) in enumerate(zip(value, value.item_locs)):
+        if not isinstance(item, str):
+            ck.error(iloc, f"{name}[{i}]: expected a string, got {yaml_type(item)}")
+            ok = False
+        elif "\0" in item:
+            ck.error(iloc, f"{name}[{i}]: a NUL byte cannot be in an argument")
+            ok = False
+        elif i == 0 and not item.startswith("/"):
+            ck.error(iloc, f"{name}[0]: {item!r} is not an absolute path (the broker runs it "
+                           f"without a PATH search)")
+            ok = False
+    return tuple(value) if ok else None
+
+
+def _tools(ck, value, loc, spec):
+    """peers.tools -> {name: Tool} of the valid ones; every name written is
+    in spec.locs ("peers.tools.NAME"), so a grant of a tool written wrong is
+    not also reported as undeclared."""
+    if not isinstance(value, dict):
+        ck.error(loc, f"peers.tools: expected a mapping of tool names to {{argv, timeout}}, "
+                      f"got {yaml_type(value)}")
+        return {}
+    tools = {}
+    for tool, v in value.items():
+        name, tloc = f"peers.tools.{tool}", value.val_locs[tool]
+        spec.locs[name] = tloc
+        err = _tool_name_error(tool)
+        if err:
+            ck.error(value.key_locs[tool], f"peers.tools: {err}")
+            continue
+        m = ck.mapping(v, tloc, name, TOOL_KEYS)
+        if m is None:
+            continue
+        if "argv" not in m:
+            ck.error(tloc, f"{name}: missing required key 'argv'")
+            continue
+        fields = {}
+        for key, tv, vloc in ck.entries(m, TOOL_KEYS):
+            if key == "argv":
+                fields["argv"] = _argv(ck, tv, vloc, f"{name}.argv")
+            else:
+                fields["timeout"] = _duration(ck, tv, vloc, f"{name}.timeout", MAX_TOOL_TIMEOUT)
+        if all(f is not None for f in fields.values()):
+            tools[tool] = Tool(tool, loc=tloc, **fields)
+    return tools
+
+
+def _peers(ck, value, loc, spec):
+    m = ck.mapping(value, loc, "peers", PEERS_KEYS)
+    if m is None:
+        return
+    peers = spec.peers = Peers()
+    for key, v, vloc in ck.entries(m, PEERS_KEYS):
+        spec.locs[f"peers.{key}"] = vloc
+        name = f"peers.{key}"
+        if key == "description":
+            peers.description = ck.string(v, vloc, name)
+        elif key == "skills":
+            peers.skills = _skills(ck, v, vloc)
+        elif key in ("send", "receive"):
+            setattr(peers, key, _agent_globs(ck, v, vloc, name))
+        elif key in ("grant", "accept"):
+            setattr(peers, key, _tool_names(ck, v, vloc, name))
+        elif key == "max_ttl":
+            peers.max_ttl = _duration(ck, v, vloc, name, MAX_MAX_TTL, "24h") or peers.max_ttl
+        elif key == "rate":
+            peers.rate = ck.integer(v, vloc, name, maximum=MAX_RATE) or peers.rate
+        else:
+            peers.tools = _tools(ck, v, vloc, spec)
+
+
 def _on_violation(ck, value, loc, spec):
     keys = ("default", *SECTIONS, "rules")
     m = ck.mapping(value, loc, "on_violation", keys)
@@ -446,7 +602,8 @@ def _monitor(ck, value, loc, spec):
 
 _SECTIONS = {"metadata": _metadata, "identity": _identity, "filesystem": _filesystem,
              "network": _network, "process": _process, "syscalls": _syscalls,
-             "resources": _resources, "on_violation": _on_violation, "monitor": _monitor}
+             "resources": _resources, "peers": _peers, "on_violation": _on_violation,
+             "monitor": _monitor}
 
 
 # --------------------------------------------------------------- entry point

@@ -278,10 +278,20 @@ def read_document(path, kind="AgentPolicy", what="policy", start_from="a file in
     return root
 
 
-def _merge_value(parent, child):
+# lists a child's value replaces instead of appending to (None: any key):
+# a command line is one value, not a list of permissions
+REPLACED_LISTS = (("peers", "tools", None, "argv"),)
+
+
+def _replaced(path):
+    return any(len(p) == len(path) and all(a is None or a == b for a, b in zip(p, path))
+               for p in REPLACED_LISTS)
+
+
+def _merge_value(parent, child, path):
     if isinstance(parent, Map) and isinstance(child, Map):
-        return _merge_maps(parent, child, skip=())
-    if isinstance(parent, Seq) and isinstance(child, Seq):
+        return _merge_maps(parent, child, skip=(), path=path)
+    if isinstance(parent, Seq) and isinstance(child, Seq) and not _replaced(path):
         out = Seq(child.loc)
         for item, loc in zip(parent, parent.item_locs):
             out.put(item, loc)
@@ -292,21 +302,23 @@ def _merge_value(parent, child):
     return child
 
 
-def _merge_maps(parent, child, skip):
+def _merge_maps(parent, child, skip, path=()):
     out = Map(child.loc)
     for key, value in parent.items():
         if key not in child and key not in skip:
             out.put(key, value, parent.key_locs[key], parent.val_locs[key])
     for key, value in child.items():
-        merged = _merge_value(parent[key], value) if key in parent and key not in skip else value
+        merged = (_merge_value(parent[key], value, path + (key,))
+                  if key in parent and key not in skip else value)
         out.put(key, merged, child.key_locs[key], child.val_locs[key])
     return out
 
 
 def merge(parent, child):
     """The effective document of ``child extends parent``: lists are
-    appended (parent first, duplicates dropped), mappings merged key by key,
-    scalars and mismatched types taken from the child. ``metadata`` is the
+    appended (parent first, duplicates dropped; a REPLACED_LISTS one is the
+    child's), mappings merged key by key, scalars and mismatched types taken
+    from the child. ``metadata`` is the
     child's own; ``extends`` is consumed."""
     out = _merge_maps(parent, child, skip=("metadata", "extends"))
     if "metadata" not in child:
