@@ -77,9 +77,8 @@ _TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
 
 def json_depth(data, limit=MAX_DEPTH):
     """The nesting depth of JSON bytes, counted without recursion (stops
-    counting once past limit). Brackets inside strings do not count."""
-    if data.count(b"[") + data.count(b"{") <= limit:
-        return data.count(b"[") + data.count(b"{")      # cannot be deeper than this
+    counting once past limit). Brackets inside strings do not count; the
+    regex skips strings in C, so a 1 MiB request scans in milliseconds."""
     depth = deepest = 0
     for m in _TOKENS.finditer(data):
         c = m.group()
@@ -300,7 +299,7 @@ def _number(x):
         try:
             x = float(x)                    # JSON numbers are doubles: round as JavaScript does
         except OverflowError:
-            raise ValueError(f"integer {x} is too large for a JSON number") from None
+            raise ValueError(f"an integer of {x.bit_length()} bits is too large for a JSON number") from None
     if math.isnan(x) or math.isinf(x):
         raise ValueError(f"{x} is not allowed in JSON")
     if x == 0:

@@ -1,5 +1,8 @@
 """agentwatch.harness.a2a: JSON-RPC parsing, A2A messages, RFC 8785, facts, sender claims."""
 import json
+import math
+import random
+import struct
 
 import pytest
 
@@ -164,6 +167,15 @@ def test_rfc8785_numbers(value, text):
 def test_rfc8785_rejects(bad):
     with pytest.raises(ValueError):
         canonical_json(bad)
+
+
+def test_rfc8785_numbers_round_trip():
+    rng = random.Random(8785)
+    for _ in range(2000):
+        x = struct.unpack("<d", rng.randbytes(8))[0]
+        if math.isfinite(x):
+            text = canonical_json(x).decode()
+            assert float(text) == x and "E" not in text and not text.endswith(".0")
 
 
 def test_rfc8785_strings():
