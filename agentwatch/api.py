@@ -17,6 +17,9 @@ Keys and signatures
 Host and daemon
     doctor(), daemon_status(), daemon_start(), daemon_stop(), daemon_serve(),
     daemon_submit(), daemon_launch() -> DaemonRunHandle, daemon_socket()
+Agent-to-agent broker (the daemon serves it)
+    broker() -> BrokerClient (the standard-library client agents use too),
+    broker_socket(), inspect_token() -> the claims of a scope token, offline
 
 Every failure a user can cause raises an agentwatch.core.errors type (re-exported
 here) whose message is one line for the user. Return values are dataclasses
@@ -67,6 +70,8 @@ __all__ = [
     "Check", "DoctorReport", "doctor", "DaemonRun", "DaemonStatus", "daemon_socket",
     "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
     "DaemonRunHandle", "daemon_launch",
+    # agent-to-agent broker
+    "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token",
 ]
 
 # Types of the layers below, imported on first use (PEP 562): name -> (module, attribute)
@@ -78,6 +83,8 @@ _LAZY_TYPES = {
     "Check": ("agentwatch.doctor", "Check"),
     "Manifest": ("agentwatch.harness.manifest", "Manifest"),
     "AgentSpec": ("agentwatch.harness.manifest", "AgentSpec"),
+    "BrokerClient": ("agentwatch.harness.broker_client", "Client"),
+    "BrokerError": ("agentwatch.harness.broker_client", "BrokerError"),
 }
 
 
@@ -875,3 +882,47 @@ def doctor():
     from .doctor import enforcement_path, run_checks
     checks = run_checks()
     return DoctorReport(checks, enforcement_path(checks), daemon_status())
+
+
+# ---------------------------------------------------------------- agent-to-agent broker
+
+def broker_socket():
+    """The daemon's broker socket: <state dir>/broker/broker.sock."""
+    return state_path("broker", "broker.sock")
+
+
+def broker(timeout=60.0):
+    """A BrokerClient on the daemon's broker (the caller is whoever the
+    kernel says: root outside every run is the operator, a process of a
+    run is that run). NotFoundError when no broker listens."""
+    from .harness.broker_client import Client
+    path = os.environ.get("AGENTWATCH_BROKER") or broker_socket()
+    if not os.path.exists(path):
+        raise NotFoundError(f"no agentwatch broker at {path}: start the daemon "
+                            "(`agentwatch daemon start`), which serves it")
+    return Client(path=path, timeout=timeout)
+
+
+def inspect_token(text, public_key=None):
+    """A scope token's claims, decoded offline: {"claims", "signature"}
+    where signature is "valid" or "invalid" against public_key (hex; by
+    default this host's broker key), or "unchecked" when there is none."""
+    from .harness import tokens
+    try:
+        claims = tokens.decode_unverified(text)
+    except tokens.TokenError as e:
+        raise UsageError(f"not a scope token: {e}") from None
+    if public_key is None:
+        key = state_path("broker", "token-key.pem")
+        if os.path.exists(key):
+            try:
+                public_key = tokens.Signer.load_or_create(key).public_hex
+            except (OSError, ValueError):
+                public_key = None
+    if public_key is None:
+        return {"claims": claims, "signature": "unchecked"}
+    try:
+        tokens.verify_with(public_key, text)
+        return {"claims": claims, "signature": "valid"}
+    except tokens.TokenError:
+        return {"claims": claims, "signature": "invalid"}

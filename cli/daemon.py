@@ -55,6 +55,11 @@ def status():
         busy = {k: v for k, v in (gw.get("counters") or {}).items() if v}
         click.echo(f"  LLM gateway: {gw['url']} ({gw['config']}); "
                    + (", ".join(f"{k} {v}" for k, v in sorted(busy.items())) or "no calls yet"))
+    br = st.raw.get("broker")
+    if br:
+        busy = {k: br[k] for k in ("messages", "tool_calls", "refused", "rate_limited", "errors") if br.get(k)}
+        click.echo(f"  broker: {br['socket']} and {br['url']}; {br['messages_stored']} message(s) stored"
+                   + "".join(f", {k} {v}" for k, v in busy.items()))
     click.echo(f"  runs: {len(st.runs)}")
     for r in st.runs:
         click.echo(f"    {r.run_id}  {r.agent or '?'}  agent pid {r.root_pid or '-'}  "

@@ -22,6 +22,8 @@ COMMANDS = {
     "key": ("keys", "key_group", "Signing keys: generate."),
     "log": ("keys", "log_group", "Run logs: verify their seal."),
     "policy": ("policy", "policy_group", "Policies: lint, explain, diff, sign, verify."),
+    "msg": ("msg", "msg_group", "Agent-to-agent messages: send, inbox, tasks."),
+    "token": ("msg", "token_group", "Scope tokens: mint, inspect."),
 }
 
 

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field, fields
 from json.encoder import encode_basestring_ascii as _escape
 
-KINDS = ("exec", "fork", "exit", "file", "net", "flow", "llm", "syscall", "signal", "violation",
-         "lifecycle")
+KINDS = ("exec", "fork", "exit", "file", "net", "flow", "llm", "msg", "syscall", "signal",
+         "violation", "lifecycle")
 # a violation's category and action: a contract other tools rely on (docs/policy.md
 # "Rules" lists the categories, "On violation" the actions, which the policy's
 # on_violation takes); tests/unit/test_events.py checks every one the code writes
@@ -160,6 +160,32 @@ class LlmEvent(Event):
 
 
 @dataclass(kw_only=True)
+class MsgEvent(Event):
+    """One request to the agent-to-agent broker (agentwatch/harness/broker.py),
+    on the run that made it (op "send", "mint", "call_tool", ...) or that
+    got a message (op "receive"). The run is the kernel's (the socket
+    peer's cgroup), never what the request said."""
+    kind: str = "msg"
+    op: str = None           # send | receive | forward | cancel | mint | attenuate | call_tool | ...
+    method: str = None       # the JSON-RPC method (SendMessage, agentwatch.CallTool, ...)
+    peer: str = None         # the other agent (recipient, sender, holder, granter)
+    peer_run: str = None
+    message_id: str = None
+    task_id: str = None
+    context_id: str = None
+    facts_digest: str = None  # sha256 over the RFC 8785 form of the message's fact parts
+    parts: int = None
+    bytes: int = None
+    token: str = None        # the scope token's id (jti), never the token itself
+    tool: str = None
+    args: list = None
+    exit_code: int = None    # a tool call's
+    status: str = "ok"       # ok | refused | error
+    error: str = None
+    finding: dict = None     # {category, rule, reason, ...}: what the broker refused (judged)
+
+
+@dataclass(kw_only=True)
 class SyscallEvent(Event):
     kind: str = "syscall"
     name: str = ""
@@ -207,7 +233,7 @@ class LifecycleEvent(Event):
 
 
 EVENT_TYPES = {cls.kind: cls for cls in (ExecEvent, ForkEvent, ExitEvent, FileEvent, NetEvent,
-                                         FlowEvent, LlmEvent, SyscallEvent, SignalEvent, ViolationEvent,
+                                         FlowEvent, LlmEvent, MsgEvent, SyscallEvent, SignalEvent, ViolationEvent,
                                          LifecycleEvent)}
 _FIELDS = {kind: {f.name for f in fields(cls)} for kind, cls in EVENT_TYPES.items()}
 

@@ -27,6 +27,7 @@ class Daemon:
         self.path = path or socket_path()
         self.gateway_path = gateway
         self.gateway = None
+        self.broker = None               # harness/broker.py BrokerService: agent-to-agent messages
         self.ringbuf_pages = ringbuf_pages
         self.log = log or (lambda msg: print(f"agentwatch daemon: {msg}", file=sys.stderr, flush=True))
         self.monitor = None
@@ -59,6 +60,10 @@ class Daemon:
                 self.gateway = GatewayService(gateway_config)
                 self.monitor.add_service(self.gateway)
                 self.log(f"LLM gateway on {self.gateway.gateway.url} ({self.gateway_path})")
+            from ..harness.broker import BrokerService
+            self.broker = BrokerService(log=self.log)
+            self.monitor.add_service(self.broker)
+            self.log(f"broker on {self.broker.broker.socket_path} and {self.broker.broker.url}")
             launcher.set_child_subreaper()
             self._listen()
             self.started = time.time()
@@ -141,6 +146,9 @@ class Daemon:
         if self.gateway is not None:     # after the runs: their last calls are logged
             self.gateway.close()
             self.gateway = None
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
@@ -272,6 +280,7 @@ class Daemon:
                 "sensors": {"tracepoints": len(s.attached), "groups": s.groups,
                             "map_exec": s.map_exec},
                 "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))},
+                "broker": None if self.broker is None else self.broker.stats(),
                 "gateway": None if self.gateway is None else {
                     "url": self.gateway.gateway.url, "config": self.gateway_path,
                     "counters": dict(self.gateway.gateway.counters),

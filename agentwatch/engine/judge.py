@@ -134,6 +134,8 @@ class Judge:
             self._report(ev, rules.guard_flow(self.policy, ev))
         elif kind == "llm":
             self._report(ev, rules.llm_call(self.policy, ev))
+        elif kind == "msg":
+            self._report(ev, rules.broker_call(self.policy, ev))
         elif kind == "syscall" and ev.no_entry:
             self._report(ev, rules.seccomp_refusal(self.policy, ev, self.seccomp_denied,
                                                    self.seccomp_rules))

@@ -242,6 +242,27 @@ def llm_call(policy, ev):
     return Finding(d, f"{ev.api} {ev.path} {ev.model}", {k: v for k, v in evidence.items() if v is not None})
 
 
+def broker_call(policy, ev):
+    """What the agent-to-agent broker refused (MsgEvent.finding: a message
+    to or from an agent the policies do not allow, a sender claim that is
+    not the kernel's, changed facts, a refused scope token, a flood): the
+    violation, its action the policy's for the rule. The broker has already
+    refused the request."""
+    f = ev.finding
+    if not f:
+        return None
+    rule = f.get("rule") or f"{f.get('category')}.peer"
+    action = policy.action_for(f.get("category"), rule)
+    d = Decision(category=f.get("category"), rule=rule, action=action,
+                 reason=f.get("reason") or "the broker refused the request", pattern=None)
+    evidence = {"layer": "broker", "method": ev.method, "op": ev.op, "peer": ev.peer,
+                "message_id": ev.message_id, "task_id": ev.task_id, "token": ev.token, "tool": ev.tool,
+                "kernel": "sender named by the kernel (socket peer -> cgroup -> run); refused by the broker",
+                **{k: v for k, v in f.items() if k not in ("category", "rule", "reason")}}
+    target = " ".join(str(x) for x in (ev.method, ev.peer or ev.tool) if x)
+    return Finding(d, target, {k: v for k, v in evidence.items() if v is not None})
+
+
 def _is_loopback(addr):
     ip = canonical_ip(addr)
     return ip is not None and ip.is_loopback

@@ -157,12 +157,21 @@ class Store:
 
     # ------------------------------------------------------------ messages
 
-    def add_message(self, *, message, sender_agent, sender_run, recipient, task_id, facts_digest, ts):
+    def add_message(self, *, message, sender_agent, sender_run, recipient, task_id, facts_digest, ts,
+                    new_task=None):
         """Store a (stamped) message; its seq. KeyError when this sender run
-        already sent a message with this messageId."""
+        already sent a message with this messageId. new_task: the task
+        (create_task's keyword arguments) the message opens, created in the
+        same transaction: one commit, and never a task without its message."""
         message_id = message["messageId"]
         try:
             with self._tx() as db:
+                if new_task is not None:
+                    t = new_task
+                    _check_state(t["state"])
+                    db.execute(f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (t["task_id"], t["context_id"], t["creator_agent"], t["creator_run"],
+                                t["assignee"], t["state"], t["ts"], t["ts"]))
                 seq = db.execute(
                     "INSERT INTO messages (message_id, sender_agent, sender_run, recipient, task_id,"
                     " context_id, facts_digest, ts, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -9,7 +9,7 @@ import os
 import time
 
 from ..core.errors import AgentwatchError, LaunchError
-from ..core.events import FileEvent, FlowEvent, LlmEvent, NetEvent
+from ..core.events import FileEvent, FlowEvent, LlmEvent, MsgEvent, NetEvent
 from ..core.procfs import fd_with_inode
 from ..sandbox import launcher
 
@@ -144,7 +144,7 @@ class Enforcement:
         return dataclasses.replace(rules, guard=self.guard.ports)
 
     # -- the monitor's services (run/services.py) --------------------------------------
-    def open_services(self, services, cgroup, prompt=None, action_for=None):
+    def open_services(self, services, cgroup, prompt=None, action_for=None, policy=None, spawn=None):
         """Each service's share of this run; the environment variables they
         add for the agent."""
         from .services import ServiceRun
@@ -152,7 +152,9 @@ class Enforcement:
         for svc in services:
             sr = ServiceRun(run_id=self.run_id, agent=self.prepared.agent, cgroup=cgroup,
                             options=self.prepared.opts, prompt=prompt,
-                            prompt_digest=self.prepared.prompt_digest, action_for=action_for)
+                            prompt_digest=self.prepared.prompt_digest, action_for=action_for,
+                            policy=policy, policy_digest=self.prepared.policy.digest
+                            if self.prepared.policy else None, spawn=spawn)
             env.update(svc.open_run(sr) or {})
             self.services[svc] = sr
         return env
@@ -162,13 +164,14 @@ class Enforcement:
         for sr in self.services.values() if runs is None else runs:
             while sr.records:
                 rec = sr.records.popleft()
-                if rec.get("kind") != "llm" or not self.emit:
+                cls = _SERVICE_EVENTS.get(rec.get("kind"))
+                if cls is None or not self.emit:
                     continue
-                fields = {k: v for k, v in rec.items() if k in LlmEvent.__dataclass_fields__
+                fields = {k: v for k, v in rec.items() if k in cls.__dataclass_fields__
                           and k not in ("kind", "run_id", "agent")}
                 fields.setdefault("ts", round(time.time(), 6))
                 fields.setdefault("pid", 0)
-                self.emit(LlmEvent(run_id=self.run_id, agent=self.prepared.agent, **fields))
+                self.emit(cls(run_id=self.run_id, agent=self.prepared.agent, **fields))
 
     def end_services(self):
         """The agent has ended: close each service's share (idempotent)."""
@@ -388,6 +391,9 @@ class Enforcement:
                     ev, "filesystem", rule, f"BPF LSM {d['hook']}: {d['rule']}", path,
                     {"op": d["op"], "hook": d["hook"], "path": path, "ino": d.get("ino"),
                      "dev": d.get("dev")}, layer="bpf-lsm")
+
+
+_SERVICE_EVENTS = {"llm": LlmEvent, "msg": MsgEvent}    # the kinds services emit (run/services.py)
 
 
 def named_by(proc, name, ino, opened=()):

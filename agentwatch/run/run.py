@@ -234,7 +234,9 @@ class Run:
             with open(p.opts.prompt_path, encoding="utf-8", errors="replace") as f:
                 prompt = f.read()
         action_for = p.compiled.action_for if p.compiled else (lambda category, rule=None: "alert")
-        added = self.enforcement.open_services(services, self.cgroup.path, prompt, action_for)
+        added = self.enforcement.open_services(services, self.cgroup.path, prompt, action_for,
+                                               policy=p.compiled.spec if p.compiled else None,
+                                               spawn=self.spawn_tool)
         identity["services"] = {"names": [s.name for s in services],
                                 "env": sorted(k for k, v in added.items() if v is not None),
                                 "env_removed": sorted(k for k, v in added.items() if v is None)}
@@ -272,6 +274,70 @@ class Run:
                 time.sleep(0.005)
             self.child = None
             raise
+
+    def spawn_tool(self, argv, timeout_s, max_output=1 << 20):
+        """Run argv inside this run's sandbox, as the agent would: its
+        cgroup (so its sensors see it, and the run's end kills it), its
+        namespaces, masks, Landlock, credentials and seccomp filter, with
+        stdin from /dev/null. For the broker's token-gated tools
+        (harness/broker.py). -> (exit status, stdout, stderr, truncated);
+        a tool still running after timeout_s is killed (exit status 137).
+        LaunchError when the run has ended or the tool cannot start."""
+        if self.child is None or self.exit_status is not None or self.cgroup is None:
+            raise LaunchError("the run has ended")
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with self.monitor.lock:
+                child = launcher.spawn(argv, env=self.agent_env, cwd=self.opts.cwd,
+                                       setup=self.enforcement.child_steps(), stdio=(null, out_w, err_w),
+                                       pid_ns=self.prepared.pid_ns)
+                self.monitor.children.add(child.pid)
+                try:
+                    self.cgroup.add(child.pid)
+                    self.enforcement.join(child.pid)
+                except OSError as e:
+                    child.abort()
+                    self.monitor.children.discard(child.pid)
+                    raise LaunchError(f"tool did not start: joining cgroup {self.cgroup.path} failed: {e}")
+        finally:
+            for fd in (out_w, err_w, null):
+                os.close(fd)
+        try:
+            try:
+                child.release()
+            except LaunchError as e:
+                raise LaunchError(str(e).replace("agent did not start", "tool did not start"),
+                                  exit_code=e.exit_code) from None
+            out, err, truncated = _read_both(out_r, err_r, time.monotonic() + timeout_s, max_output)
+            status = self._wait_tool(child, time.monotonic() + (0 if truncated is None else 5))
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+            child.close()
+        return status, out, err, bool(truncated)
+
+    def _wait_tool(self, child, deadline):
+        """The tool's exit status; killed (SIGKILL, by its pid: ours) once
+        the deadline passed."""
+        killed = False
+        while True:
+            status = child.agent_status()
+            if status is None:
+                status = self.monitor.take_exit(child.pid)
+            if status is not None:
+                if child.status_fd is not None:      # its init reaped: its word is gone with it
+                    child.close()
+                code = os.waitstatus_to_exitcode(status)
+                return code if code >= 0 else 128 - code
+            if not killed and time.monotonic() >= deadline:
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed = True
+            time.sleep(0.005)
 
     # -- while the agent runs ---------------------------------------------------------
     def _loop(self):
@@ -455,3 +521,29 @@ class Run:
                 # the run's tree is dead: orphans of the caller's own children
                 # go to init again (a harness running agents in-process)
                 launcher.set_child_subreaper(False)
+
+
+def _read_both(out_fd, err_fd, deadline, cap):
+    """Read two pipes to their end or the deadline, each up to cap bytes
+    (the rest is read and dropped). -> (stdout, stderr, truncated), where
+    truncated is None when the deadline passed first."""
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    over = False
+    poller = select.poll()
+    for fd in bufs:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(bufs)
+    while open_fds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return bytes(bufs[out_fd]), bytes(bufs[err_fd]), None
+        for fd, _ in poller.poll(left * 1000):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                continue
+            room = cap - len(bufs[fd])
+            over = over or len(chunk) > room
+            bufs[fd] += chunk[:max(0, room)]
+    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), over

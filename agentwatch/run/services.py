@@ -47,6 +47,10 @@ class ServiceRun:
     prompt: str = None                # the --prompt file's text, when the run has one
     prompt_digest: str = None
     action_for: object = None         # callable(category, rule) -> alert | deny | kill
+    policy: object = None             # the run's policy.model.PolicySpec; None: the run has no policy
+    policy_digest: str = None
+    spawn: object = None              # callable(argv, timeout_s) -> (exit, stdout, stderr, truncated):
+                                      # runs argv inside the run's sandbox (Run.spawn_tool)
     records: collections.deque = field(default_factory=collections.deque)
 
     def emit(self, record):

@@ -39,6 +39,7 @@ ALL = sorted([
     "Check", "DoctorReport", "doctor", "DaemonRun", "DaemonStatus", "daemon_socket",
     "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
     "DaemonRunHandle", "daemon_launch",
+    "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token",
 ])
 
 SIGNATURES = {
@@ -83,6 +84,9 @@ SIGNATURES = {
     "load_manifest": "(path)",
     "state_path": "(*parts)",
     "process_start_time": "(pid)",
+    "broker": "(timeout=60.0)",
+    "broker_socket": "()",
+    "inspect_token": "(text, public_key=None)",
     # methods
     "RunHandle.wait": "(self, timeout=None)",
     "RunHandle.stop": "(self, signum=<Signals.SIGTERM: 15>)",
