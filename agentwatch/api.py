@@ -71,7 +71,7 @@ __all__ = [
     "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
     "DaemonRunHandle", "daemon_launch",
     # agent-to-agent broker
-    "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token",
+    "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token", "parse_duration",
 ]
 
 # Types of the layers below, imported on first use (PEP 562): name -> (module, attribute)
@@ -901,6 +901,16 @@ def broker(timeout=60.0):
         raise NotFoundError(f"no agentwatch broker at {path}: start the daemon "
                             "(`agentwatch daemon start`), which serves it")
     return Client(path=path, timeout=timeout)
+
+
+def parse_duration(text):
+    """'90s', '5m', '1h30m' or a number of seconds -> seconds (float), as
+    policies write durations; UsageError for anything else."""
+    from .core import units
+    try:
+        return units.parse_duration(text)
+    except (ValueError, units.UnitError) as e:
+        raise UsageError(str(e)) from None
 
 
 def inspect_token(text, public_key=None):

@@ -135,10 +135,9 @@ def token_group():
 @click.option("--from", "issuer", help="The operator mints for this agent's (or run's) tools.")
 def mint(holder, tool, paths, args, ttl, uses, issuer):
     """Mint a token that lets HOLDER run TOOL (declared in the issuer's policy)."""
-    from agentwatch.core.units import parse_duration
     try:
-        ttl_s = parse_duration(ttl)
-    except ValueError as e:
+        ttl_s = api.parse_duration(ttl)
+    except api.UsageError as e:
         raise click.BadParameter(str(e), param_hint="--ttl") from None
     params = {"holder": holder, "scope": {"tool": tool, "paths": list(paths), "args": list(args)},
               "ttlSeconds": ttl_s, "uses": uses}

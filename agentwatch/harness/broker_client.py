@@ -37,6 +37,11 @@ class BrokerError(Exception):
 
 
 class Client:
+    """One connection to the broker: the unix socket (path, default
+    $AGENTWATCH_BROKER), else the HTTP binding (url, default
+    $AGENTWATCH_BROKER_URL). call(method, **params) is any JSON-RPC method;
+    the others are the common ones. Not thread-safe: one per thread."""
+
     def __init__(self, path=None, url=None, timeout=60.0):
         self.path = path or (None if url else os.environ.get("AGENTWATCH_BROKER"))
         self.url = url or (None if self.path else os.environ.get("AGENTWATCH_BROKER_URL"))

@@ -18,6 +18,7 @@ Then a kill -9 of the daemon while an agent sends: after a restart, every
 message the broker acknowledged is in the store."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,7 +285,31 @@ def test_kill_9_of_the_daemon_loses_no_acknowledged_message(tmp_path):
     env = {"AGENTWATCH_STATE_DIR": str(state)}
     r = aw("daemon", "start", env=env, timeout=180)
     assert r.returncode == 0, r.stderr
-    pid = json.loads(aw("daemon", "status", "--json", env=env).stdout)["pid"]
+    try:
+        ids = _send_until_killed(tmp_path, env)
+        r = aw("daemon", "start", env=env, timeout=180)
+        assert r.returncode == 0, r.stderr
+        got = set()
+        after = 0
+        while True:
+            r = aw("msg", "inbox", "--agent", "sink", "--after", str(after), "--limit", "1000", "--json", env=env)
+            assert r.returncode == 0, r.stderr
+            rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
+            if not rows:
+                break
+            got |= {m["messageId"] for m in rows}
+            after = rows[-1]["seq"]
+        missing = [m for m in ids if m not in got]
+        assert not missing, f"{len(missing)} of {len(ids)} acknowledged messages lost: {missing[:5]}"
+        assert len(ids) >= 200
+    finally:
+        aw("daemon", "stop", env=env, timeout=60)
+
+
+def _send_until_killed(tmp_path, env):
+    """An agent sends to another until the daemon is killed (-9) under it;
+    the messageIds the broker acknowledged."""
+    pid = int(re.search(r"pid (\d+)", aw("daemon", "status", env=env).stdout).group(1))
     shared = tmp_path / "shared"
     shared.mkdir()
     pol = tmp_path / "p.yaml"
@@ -311,22 +336,4 @@ def test_kill_9_of_the_daemon_loses_no_acknowledged_message(tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    ids = acked.read_text().split()
-    r = aw("daemon", "start", env=env, timeout=180)
-    assert r.returncode == 0, r.stderr
-    try:
-        got = set()
-        after = 0
-        while True:
-            r = aw("msg", "inbox", "--agent", "sink", "--after", str(after), "--limit", "1000", "--json", env=env)
-            assert r.returncode == 0, r.stderr
-            rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
-            if not rows:
-                break
-            got |= {m["messageId"] for m in rows}
-            after = rows[-1]["seq"]
-        missing = [m for m in ids if m not in got]
-        assert not missing, f"{len(missing)} of {len(ids)} acknowledged messages lost: {missing[:5]}"
-        assert len(ids) >= 200
-    finally:
-        aw("daemon", "stop", env=env, timeout=60)
+    return acked.read_text().split()

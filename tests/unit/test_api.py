@@ -39,7 +39,7 @@ ALL = sorted([
     "Check", "DoctorReport", "doctor", "DaemonRun", "DaemonStatus", "daemon_socket",
     "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
     "DaemonRunHandle", "daemon_launch",
-    "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token",
+    "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token", "parse_duration",
 ])
 
 SIGNATURES = {
@@ -87,6 +87,7 @@ SIGNATURES = {
     "broker": "(timeout=60.0)",
     "broker_socket": "()",
     "inspect_token": "(text, public_key=None)",
+    "parse_duration": "(text)",
     # methods
     "RunHandle.wait": "(self, timeout=None)",
     "RunHandle.stop": "(self, signum=<Signals.SIGTERM: 15>)",

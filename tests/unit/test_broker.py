@@ -277,16 +277,21 @@ def test_a_flood_is_rate_limited_and_the_others_are_served(tmp_path):
                 out = flood.call("agentwatch.Whoami")
                 codes.append(out.get("error", {}).get("code"))
         t = threading.Thread(target=hammer)
+        started = time.monotonic()
         t.start()
         lat = []
         for i in range(40):
             t0 = time.monotonic()
             calm.ok("SendMessage", message=msg(f"calm {i}"), recipient="b")
             lat.append(time.monotonic() - t0)
+        wait_until = time.monotonic() + 10
+        while len(codes) < 600 and time.monotonic() < wait_until:
+            time.sleep(0.01)            # the flood well past its burst
         stop.set()
         t.join()
         assert codes.count(a2a.RATE_LIMITED) > len(codes) // 2, "the flood is mostly refused"
-        assert codes.count(None) <= 50 + 50 * 2, "at most the rate (plus its burst) passes"
+        took = time.monotonic() - started
+        assert codes.count(None) <= 50 + 50 * took + 5, "at most the rate (plus its burst) passes"
         assert b.counters["rate_limited"] == codes.count(a2a.RATE_LIMITED)
         assert sorted(lat)[len(lat) // 2] < 0.5, "the calm run is served while the flood runs"
         assert "protocol.rate" in findings(b, "flood")

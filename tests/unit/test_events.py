@@ -36,6 +36,9 @@ SAMPLES = {
                             signal_name="SIGTERM", ret=-1, error="EPERM", **COMMON),
     "violation": E.ViolationEvent(category="network", rule="egress", action="deny",
                                   detail={"addr": "1.2.3.4", "port": 22}, count=3, **COMMON),
+    "msg": E.MsgEvent(op="send", method="SendMessage", peer="b", peer_run="r-b", message_id="m1",
+                      task_id="t1", context_id="c1", facts_digest="sha256:00", parts=2, bytes=10,
+                      finding={"category": "protocol", "rule": "protocol.peer", "reason": "no"}, **COMMON),
     "lifecycle": E.LifecycleEvent(phase="end", detail={"exit_status": 0, "events": 12}, **COMMON),
 }
 
