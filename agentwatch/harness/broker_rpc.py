@@ -20,6 +20,7 @@ GetExtendedAgentCard), agentwatch.ListAgentCards, agentwatch.Inbox,
 agentwatch.MintToken, agentwatch.AttenuateToken, agentwatch.CallTool,
 agentwatch.InspectToken, agentwatch.Whoami.
 """
+import asyncio
 import base64
 import time
 import uuid
@@ -105,7 +106,11 @@ class Methods:
         return n
 
     # -- messages and tasks -------------------------------------------------------------
-    def send_message(self, caller, run, params):
+    async def _write(self, fn, *args, **kwargs):
+        """A store write in the store's next group commit, awaited."""
+        return await asyncio.wrap_future(self.b.store.submit(fn, *args, **kwargs))
+
+    async def send_message(self, caller, run, params):
         m = "SendMessage"
         message = a2a.parse_message(params.get("message"))
         who = self._who(caller, run)
@@ -159,13 +164,13 @@ class Methods:
                                                    + ", ".join(a2a.TASK_STATES))
         stamped["taskId"] = task["id"]
         try:
-            self.b.store.add_message(message=stamped, sender_agent=who["agent"], sender_run=who["run_id"],
-                                     recipient=target.agent, task_id=task["id"], facts_digest=digest,
-                                     ts=now, new_task=new_task)
+            await self._write(self.b.store.add_message, message=stamped, sender_agent=who["agent"],
+                              sender_run=who["run_id"], recipient=target.agent, task_id=task["id"],
+                              facts_digest=digest, ts=now, new_task=new_task)
         except KeyError as e:
             raise RpcError(a2a.INVALID_PARAMS, f"params.message.messageId: {e.args[0]}") from None
         if state is not None:
-            task = self.b.store.set_task_state(task["id"], state, now) or task
+            task = await self._write(self.b.store.set_task_state, task["id"], state, now) or task
         self.b.count("messages")
         ev = {"method": m, "message_id": message["messageId"], "task_id": task["id"],
               "context_id": message["contextId"], "facts_digest": digest, "parts": len(message["parts"])}
@@ -365,10 +370,7 @@ class Methods:
             if tool is None:
                 raise TokenError("revoked", f"the issuer's policy no longer declares tool "
                                             f"{claims['scope']['tool']!r}")
-            self.b.store.use_token(claims["jti"], params.get("nonce"), claims["uses"], now)
-            if claims["root"] != claims["jti"]:      # an attenuated token spends its root's uses too
-                root = self.b.store.token(claims["root"])
-                self.b.store.use_token(root["jti"], params.get("nonce"), root["claims"]["uses"], now)
+            await self._write(self.b.store.spend_token, claims, params.get("nonce"), now)
         except TokenError as e:
             raise self._token_refusal(run, m, e, "call_tool", claims) from None
         argv = list(tool.argv) + args

@@ -4,7 +4,16 @@ WAL with synchronous=FULL: a message the broker acknowledged is on disk, so
 it survives a kill -9 of the daemon or a power loss. One connection shared
 by the broker's threads, behind a lock; every write commits before it
 returns.
+
+Group commit: the broker's writes go through submit(), which runs them in
+a writer thread of the store's, as many as are waiting in one transaction
+(each in a savepoint of its own, so that one's error undoes only it), and
+one commit (one fsync, ~250 µs here) for all; each caller's future is
+resolved only after that commit. Thousands of messages a second stay
+durable one by one, without one fsync each.
 """
+import concurrent.futures
+import queue
 import json
 import os
 import sqlite3
@@ -113,7 +122,10 @@ class Store:
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, mode=0o700, exist_ok=True)
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))   # private before sqlite opens it
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._savepoints = 0
+        self._jobs = queue.SimpleQueue()
+        self._writer = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
@@ -131,14 +143,31 @@ class Store:
                                        f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
     def close(self):
+        if self._writer is not None:
+            self._jobs.put(None)
+            self._writer.join(10)
+            self._writer = None
         with self._lock:
             self._db.close()
 
     @contextmanager
     def _tx(self):
         """One write transaction under the lock: committed, or rolled back
-        on any error."""
+        on any error. Inside a transaction already open (the writer's batch,
+        an outer _tx), a savepoint of it."""
         with self._lock:
+            if self._db.in_transaction:
+                self._savepoints += 1
+                name = f"w{self._savepoints}"
+                self._db.execute(f"SAVEPOINT {name}")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute(f"ROLLBACK TO {name}")
+                    self._db.execute(f"RELEASE {name}")
+                    raise
+                self._db.execute(f"RELEASE {name}")
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -146,6 +175,59 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------ group commit
+
+    def submit(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) (a write method of this store) in the writer's
+        next batch: a concurrent.futures.Future of its result, resolved
+        once the batch has committed."""
+        if self._writer is None:
+            with self._lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_loop, name="aw-broker-store",
+                                                    daemon=True)
+                    self._writer.start()
+        fut = concurrent.futures.Future()
+        self._jobs.put((fut, fn, args, kwargs))
+        return fut
+
+    def _write_loop(self, most=512):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < most:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._jobs.put(None)          # stop after this batch
+                    break
+                jobs.append(job)
+            done = []
+            with self._lock:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    for fut, fn, args, kwargs in jobs:
+                        try:
+                            done.append((fut, True, fn(*args, **kwargs)))
+                        except BaseException as e:     # its savepoint is undone; the others stand
+                            done.append((fut, False, e))
+                    self._db.execute("COMMIT")
+                except BaseException as e:             # the commit failed: nobody's write stands
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    done = [(fut, False, e) for fut, *_ in jobs]
+            for fut, ok, value in done:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
 
     def _all(self, sql, args=()):
         with self._lock:
@@ -339,3 +421,16 @@ class Store:
             db.execute("INSERT INTO token_nonces (jti, nonce, ts) VALUES (?, ?, ?)", (jti, nonce, ts))
             db.execute("UPDATE tokens SET used = used + 1 WHERE jti = ?", (jti,))
             return row["used"] + 1
+
+    def spend_token(self, claims, nonce, ts):
+        """One use of the token whose claims these are, and of its root (an
+        attenuated token spends its root's uses too), in one transaction:
+        use_token's errors, and nothing spent when either refuses."""
+        with self._tx():
+            used = self.use_token(claims["jti"], nonce, claims["uses"], ts)
+            if claims["root"] != claims["jti"]:
+                root = self.token(claims["root"])
+                if root is None:
+                    raise TokenError("invalid", f"the token's root {claims['root']} is not known to this broker")
+                self.use_token(root["jti"], nonce, root["claims"]["uses"], ts)
+            return used

@@ -250,3 +250,51 @@ def test_chain_revoked_by_an_ancestor_or_unknown(store):
     orphan = t.attenuate(t.attenuate(token_claims(), now=NOW), now=NOW)
     store.add_token(orphan, "aw1.x.y", NOW)                          # its ancestors are unknown
     assert store.chain_revoked(orphan)
+
+
+def test_group_commit_many_writers_one_batch_each_durable(tmp_path):
+    """submit(): concurrent writes share commits; each future resolves only
+    once its write is committed (a fresh connection sees it); one write's
+    error undoes only that write."""
+    import threading
+    s = Store(str(tmp_path / "g.db"))
+    futs = []
+
+    def writer(k):
+        for i in range(50):
+            futs.append(s.submit(s.add_message, message={"messageId": f"{k}-{i}", "parts": [{"text": "x"}]},
+                                 sender_agent="a", sender_run=f"r{k}", recipient="b", task_id=None,
+                                 facts_digest=None, ts=1.0))
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dup = s.submit(s.add_message, message={"messageId": "0-0", "parts": [{"text": "x"}]}, sender_agent="a",
+                   sender_run="r0", recipient="b", task_id=None, facts_digest=None, ts=1.0)
+    seqs = [f.result(10) for f in futs]
+    with pytest.raises(KeyError):
+        dup.result(10)
+    assert len(set(seqs)) == 200
+    other = Store(str(tmp_path / "g.db"))
+    assert other.messages_count() == 200
+    other.close()
+    s.close()
+
+
+def test_spend_token_spends_the_root_too_and_nothing_when_refused(tmp_path):
+    s = Store(str(tmp_path / "t.db"))
+    root = {"jti": "r" * 32, "iss": {"run": "A"}, "sub": {"run": "B", "agent": "b"}, "root": "r" * 32,
+            "parent": None, "uses": 1, "exp": 9e9}
+    child = dict(root, jti="c" * 32, parent="r" * 32, uses=1)
+    s.add_token(root, "t-root", 1.0)
+    s.add_token(child, "t-child", 1.0)
+    assert s.spend_token(child, "nonce-0001", 2.0) == 1
+    assert s.token("r" * 32)["used"] == 1
+    child2 = dict(root, jti="d" * 32, parent="r" * 32, uses=5)
+    s.add_token(child2, "t-child2", 1.0)
+    with pytest.raises(TokenError) as e:
+        s.spend_token(child2, "nonce-0002", 3.0)      # the root is spent
+    assert e.value.reason == "exhausted"
+    assert s.token("d" * 32)["used"] == 0, "nothing spent when the root refuses"
+    s.close()
