@@ -255,6 +255,24 @@ def test_three_runs_messages_and_tokens(tmp_path, daemon):
     assert any(e["kind"] == "msg" and e["op"] == "tool" and e["peer"] == "b" for e in a_events)
     b_events = read_events(ev["b"])
     assert any(e["kind"] == "msg" and e["op"] == "receive" and e["peer_run"] == run["a"] for e in b_events)
+    # a's run end revoked its tokens: its end event counts them
+    a_end = next(e for e in a_events if e["kind"] == "lifecycle" and e["phase"] == "end")
+    assert a_end["detail"]["kernel_denials"]["broker"]["tokens_revoked"] >= 2, a_end["detail"]
+
+    # the operator's command line: every agent's inbox and tasks, tokens offline
+    r = aw("msg", "inbox", "--agent", "b", env=env)
+    assert r.returncode == 0 and f"from a (run {run['a']})" in r.stdout, r.stdout + r.stderr
+    r = aw("msg", "tasks", "--agent", "a", "--json", env=env)
+    assert r.returncode == 0 and any(t["metadata"]["agentwatch"]["assignee"] == "b" for t in json.loads(r.stdout))
+    t1 = json.loads((shared / "tokens").read_text())["t1"]
+    r = aw("token", "inspect", t1, env=env)
+    assert r.returncode == 0 and "signature: valid" in r.stdout and f"run {run['b']}" in r.stdout, r.stdout
+    forged = t1[:-4] + ("AAAA" if not t1.endswith("AAAA") else "BBBB")
+    assert "signature: invalid" in aw("token", "inspect", forged, env=env).stdout
+    r = aw("msg", "send", "b", "hello", env=env)           # no live run of b any more
+    assert r.returncode != 0 and "no live run of agent 'b'" in r.stderr, r.stderr
+    st = aw("daemon", "status", env=env)
+    assert "broker: " in st.stdout and "message(s) stored" in st.stdout, st.stdout
 
 
 DURABLE = r'''
@@ -337,3 +355,106 @@ def _send_until_killed(tmp_path, env):
                 p.kill()
                 p.wait()
     return acked.read_text().split()
+
+
+FLOOD = r'''
+import json, os, socket, sys, time
+sys.path.insert(0, os.path.dirname(os.environ["AGENTWATCH_BROKER_CLIENT"]))
+import broker_client as bc
+me, shared = sys.argv[1], sys.argv[2]
+out = {}
+def live(c, name):
+    try: c.card(name); return True
+    except bc.BrokerError: return False
+if me == "flood":
+    c = bc.Client()
+    while not live(c, "calm"): time.sleep(0.05)
+    s = socket.socket(socket.AF_UNIX); s.connect(os.environ["AGENTWATCH_BROKER"]); f = s.makefile("rb")
+    def raw(data):
+        s.sendall(data); return json.loads(f.readline())
+    out["malformed"] = raw(b"{oops\n")["error"]["code"]
+    out["deep"] = raw(b'{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":' + b"[" * 50000
+                      + b"]" * 50000 + b"}\n")["error"]["code"]
+    out["garbage_token"] = raw(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "agentwatch.CallTool",
+                                           "params": {"token": "x" * 9000, "nonce": "n" * 16}}).encode()
+                               + b"\n")["error"]["data"]["rule"]
+    codes = {}
+    end = time.time() + 3
+    while time.time() < end:
+        try:
+            c.whoami(); codes["ok"] = codes.get("ok", 0) + 1
+        except bc.BrokerError as e:
+            codes[str(e.code)] = codes.get(str(e.code), 0) + 1
+    out["codes"] = codes
+    big = {"jsonrpc": "2.0", "id": 3, "method": "SendMessage",
+           "params": {"recipient": "calm", "message": {"messageId": "big", "role": "ROLE_USER",
+                                                        "parts": [{"text": "x" * (2 << 20)}]}}}
+    try:
+        s.sendall(json.dumps(big).encode() + b"\n")
+    except OSError:
+        pass
+    out["oversized"] = json.loads(f.readline())["error"]["code"]
+else:
+    c = bc.Client(url=os.environ["AGENTWATCH_BROKER_URL"])    # the HTTP binding, through the relay
+    while not live(c, "flood"): time.sleep(0.05)
+    out["whoami"] = c.whoami()
+    lat = []
+    end = time.time() + 2.5
+    while time.time() < end:
+        t0 = time.monotonic(); c.whoami(); lat.append(time.monotonic() - t0)
+    lat.sort()
+    out["n"], out["p50"] = len(lat), lat[len(lat) // 2]
+with open(os.path.join(shared, me), "w") as fh:
+    json.dump(out, fh)
+'''
+
+FLOOD_POLICY = """\
+apiVersion: agentwatch/v1
+kind: AgentPolicy
+metadata: {{name: {name}}}
+network:
+  allow: []
+  loopback: false
+  unix: {unix}
+peers: {{send: ['*'], receive: ['*'], rate: {rate}}}
+"""
+
+
+def test_bad_input_and_a_flood_from_one_run_leave_the_others_served(tmp_path, daemon):
+    """Real runs: one sends malformed, deeply nested, oversized requests and
+    a garbage token, then floods past its peers.rate; each gets its JSON-RPC
+    error, the flood is refused and reported (protocol.rate), and another
+    run, on the HTTP binding through its network namespace's relay (its
+    policy refuses unix sockets), is served throughout, named by the kernel."""
+    _state, env = daemon
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    (tmp_path / "f.py").write_text(FLOOD)
+    procs = {}
+    for name, unix, rate in (("flood", "true", 20), ("calm", "false", 100000)):
+        pol = tmp_path / f"{name}.yaml"
+        pol.write_text(FLOOD_POLICY.format(name=name, unix=unix, rate=rate))
+        ev = tmp_path / f"{name}.jsonl"
+        cmd = aw_cmd() + ["run", "--daemon", "--name", name, "--policy", str(pol), "--events", str(ev),
+                          "--allow-downgrade", "--", sys.executable, str(tmp_path / "f.py"), name, str(shared)]
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **env),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), ev)
+    for name, (p, _ev) in procs.items():
+        so, se = p.communicate(timeout=180)
+        assert p.returncode == 0, f"{name}: {so}\n{se}"
+    flood = json.loads((shared / "flood").read_text())
+    calm = json.loads((shared / "calm").read_text())
+    assert flood["malformed"] == -32700 and flood["deep"] == -32600, flood
+    assert flood["garbage_token"] == "protocol.token_invalid", flood
+    assert flood["oversized"] == -32015, flood
+    codes = flood["codes"]
+    assert codes.get("-32011", 0) > 10 * codes.get("ok", 0), codes      # rate 20/s over 3 s
+    assert codes.get("ok", 0) <= 20 + 20 * 4, codes
+    calm_run = read_events(procs["calm"][1])[0]["run_id"]
+    assert calm["whoami"]["run_id"] == calm_run and calm["whoami"]["transport"] == "http", calm
+    assert calm["n"] > 100 and calm["p50"] < 0.05, calm
+    rules = [v["rule"] for v in _violations(procs["flood"][1])]
+    assert "protocol.rate" in rules and "protocol.token_invalid" in rules, rules
+    assert 1 <= rules.count("protocol.rate") <= 6, "reported at most once a second"
+    assert not _violations(procs["calm"][1])
