@@ -221,6 +221,17 @@ def guard_flow(policy, ev):
     return Finding(d, target, {k: v for k, v in evidence.items() if v is not None})
 
 
+def _service_finding(policy, f, default_rule, default_reason, target, evidence, keep_out=()):
+    """A service's finding (an event's `finding`: category, rule, reason and
+    its detail) as the violation, its action the policy's for the rule."""
+    rule = f.get("rule") or default_rule
+    d = Decision(category=f.get("category"), rule=rule, action=policy.action_for(f.get("category"), rule),
+                 reason=f.get("reason") or default_reason, pattern=None)
+    skip = ("category", "rule", "reason", *keep_out)
+    evidence = {**evidence, **{k: v for k, v in f.items() if k not in skip}}
+    return Finding(d, target, {k: v for k, v in evidence.items() if v is not None})
+
+
 def llm_call(policy, ev):
     """What the LLM gateway found wrong with a call (LlmEvent.finding: a
     system prompt that is not the run's signed one, an exhausted budget):
@@ -229,17 +240,13 @@ def llm_call(policy, ev):
     f = ev.finding
     if not f:
         return None
-    rule = f.get("rule") or f"{f.get('category')}.llm"
-    action = policy.action_for(f.get("category"), rule)
-    d = Decision(category=f.get("category"), rule=rule, action=action,
-                 reason=f.get("reason") or "the LLM gateway refused the call", pattern=None)
     refused = bool(f.get("refused"))
     evidence = {"layer": "llm-gateway", "api": ev.api, "path": ev.path, "model": ev.model,
                 "status": ev.status, "refused": refused,
                 "kernel": (f"refused by the LLM gateway (HTTP {ev.status})" if refused
-                           else "passed on by the LLM gateway"),
-                **{k: v for k, v in f.items() if k not in ("category", "rule", "reason", "refused")}}
-    return Finding(d, f"{ev.api} {ev.path} {ev.model}", {k: v for k, v in evidence.items() if v is not None})
+                           else "passed on by the LLM gateway")}
+    return _service_finding(policy, f, f"{f.get('category')}.llm", "the LLM gateway refused the call",
+                            f"{ev.api} {ev.path} {ev.model}", evidence, keep_out=("refused",))
 
 
 def broker_call(policy, ev):
@@ -251,16 +258,12 @@ def broker_call(policy, ev):
     f = ev.finding
     if not f:
         return None
-    rule = f.get("rule") or f"{f.get('category')}.peer"
-    action = policy.action_for(f.get("category"), rule)
-    d = Decision(category=f.get("category"), rule=rule, action=action,
-                 reason=f.get("reason") or "the broker refused the request", pattern=None)
     evidence = {"layer": "broker", "method": ev.method, "op": ev.op, "peer": ev.peer,
                 "message_id": ev.message_id, "task_id": ev.task_id, "token": ev.token, "tool": ev.tool,
-                "kernel": "sender named by the kernel (socket peer -> cgroup -> run); refused by the broker",
-                **{k: v for k, v in f.items() if k not in ("category", "rule", "reason")}}
+                "kernel": "sender named by the kernel (socket peer -> cgroup -> run); refused by the broker"}
     target = " ".join(str(x) for x in (ev.method, ev.peer or ev.tool) if x)
-    return Finding(d, target, {k: v for k, v in evidence.items() if v is not None})
+    return _service_finding(policy, f, f"{f.get('category')}.peer", "the broker refused the request",
+                            target, evidence)
 
 
 def _is_loopback(addr):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import h11
 
 from ..core import peer
+from ..core.loops import start_loop_thread, stop_loop_thread
 from ..run.services import RunService
 from . import a2a
 from .a2a import RpcError
@@ -126,29 +127,8 @@ class Broker:
 
     # -- life ---------------------------------------------------------------------------
     def start(self):
-        if self.thread is not None:
-            return self
-        ready, failure = threading.Event(), []
-
-        def main():
-            self.loop = asyncio.new_event_loop()
-            try:
-                self.loop.run_until_complete(self._open())
-            except BaseException as e:
-                failure.append(e)
-                ready.set()
-                self.loop.close()
-                return
-            ready.set()
-            self.loop.run_forever()
-            self.loop.close()
-        self.thread = threading.Thread(target=main, name="aw-broker", daemon=True)
-        self.thread.start()
-        ready.wait()
-        if failure:
-            self.thread.join()
-            self.thread = None
-            raise failure[0]
+        if self.thread is None:
+            self.loop, self.thread = start_loop_thread("aw-broker", self._open, self)
         return self
 
     async def _open(self):
@@ -177,12 +157,7 @@ class Broker:
         self._closed = True
         if self.thread is None:
             return
-        try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
-        except Exception:
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        stop_loop_thread(self.loop, self.thread, self._shutdown())
         self.thread = None
         try:
             os.unlink(self.socket_path)

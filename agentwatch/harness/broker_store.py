@@ -108,6 +108,16 @@ def _token_row(row):
     return d
 
 
+def _filtered(sql, args, conditions):
+    """sql and args with " AND <column op> ?" for each (column op, value)
+    whose value is not None."""
+    for cond, value in conditions:
+        if value is not None:
+            sql += f" AND {cond} ?"
+            args.append(value)
+    return sql, args
+
+
 def _check_state(state):
     if state not in TASK_STATES:
         raise ValueError(f"unknown task state {state!r} (known: {', '.join(TASK_STATES)})")
@@ -269,14 +279,8 @@ class Store:
     def message(self, message_id, recipient=None, sender_agent=None):
         """The first stored message with this messageId (and recipient,
         sender agent when given), or None."""
-        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE message_id = ?"
-        args = [message_id]
-        if recipient is not None:
-            sql += " AND recipient = ?"
-            args.append(recipient)
-        if sender_agent is not None:
-            sql += " AND sender_agent = ?"
-            args.append(sender_agent)
+        sql, args = _filtered(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE message_id = ?", [message_id],
+                              (("recipient =", recipient), ("sender_agent =", sender_agent)))
         row = self._one(sql + " ORDER BY seq LIMIT 1", args)
         return _message_row(row) if row else None
 
@@ -331,17 +335,9 @@ class Store:
     def list_tasks(self, agent, *, context_id=None, state=None, after=None, limit=100):
         """Tasks agent created or is assigned, newest (last updated) first,
         without history; after: only those updated after this time."""
-        sql = f"SELECT {TASK_COLUMNS} FROM tasks WHERE (creator_agent = ? OR assignee = ?)"
-        args = [agent, agent]
-        if context_id is not None:
-            sql += " AND context_id = ?"
-            args.append(context_id)
-        if state is not None:
-            sql += " AND state = ?"
-            args.append(state)
-        if after is not None:
-            sql += " AND updated > ?"
-            args.append(after)
+        sql, args = _filtered(f"SELECT {TASK_COLUMNS} FROM tasks WHERE (creator_agent = ? OR assignee = ?)",
+                              [agent, agent], (("context_id =", context_id), ("state =", state),
+                                               ("updated >", after)))
         sql += " ORDER BY updated DESC, rowid DESC LIMIT ?"
         args.append(limit)
         return [_task_row(r) for r in self._all(sql, args)]
@@ -366,14 +362,8 @@ class Store:
 
     def tokens(self, *, holder_agent=None, issuer_run=None, limit=100):
         """Tokens, newest first, filtered by holder agent and issuer run."""
-        sql = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE 1 = 1"
-        args = []
-        if holder_agent is not None:
-            sql += " AND holder_agent = ?"
-            args.append(holder_agent)
-        if issuer_run is not None:
-            sql += " AND issuer_run = ?"
-            args.append(issuer_run)
+        sql, args = _filtered(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE 1 = 1", [],
+                              (("holder_agent =", holder_agent), ("issuer_run =", issuer_run)))
         sql += " ORDER BY ts DESC, rowid DESC LIMIT ?"
         args.append(limit)
         return [_token_row(r) for r in self._all(sql, args)]

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import h11
 import httpx
 
+from ..core.loops import start_loop_thread, stop_loop_thread
 from . import llm_wire
 from .gateway_config import GatewayConfig
 
@@ -152,28 +153,7 @@ class Gateway:
             return self
         if self._closed:
             raise RuntimeError("this gateway was closed; make a new one")
-        ready = threading.Event()
-        failure = []
-
-        def main():
-            self.loop = asyncio.new_event_loop()
-            try:
-                self.loop.run_until_complete(self._open())
-            except BaseException as e:
-                failure.append(e)
-                ready.set()
-                self.loop.close()
-                return
-            ready.set()
-            self.loop.run_forever()
-            self.loop.close()
-        self.thread = threading.Thread(target=main, name="aw-llm-gateway", daemon=True)
-        self.thread.start()
-        ready.wait()
-        if failure:
-            self.thread.join()
-            self.thread = None
-            raise failure[0]
+        self.loop, self.thread = start_loop_thread("aw-llm-gateway", self._open, self)
         return self
 
     async def _open(self):
@@ -248,12 +228,7 @@ class Gateway:
         self._closed = True
         if self.thread is None:
             return
-        try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
-        except Exception:                # a stuck task must not keep the loop alive
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        stop_loop_thread(self.loop, self.thread, self._shutdown())
         self.thread = None
 
     async def _shutdown(self):

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from conftest import REPO, aw, aw_cmd, read_events, wait_for
+from conftest import REPO, aw, aw_cmd, own_daemon, read_events, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -154,13 +154,7 @@ elif me == "c":
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = tmp_path_factory.mktemp("brokerd") / "state"
-    d.mkdir()
-    env = {"AGENTWATCH_STATE_DIR": str(d)}
-    r = aw("daemon", "start", env=env, timeout=180)
-    assert r.returncode == 0, r.stderr + r.stdout
-    yield d, env
-    aw("daemon", "stop", env=env, timeout=60)
+    yield from own_daemon(tmp_path_factory, "brokerd")
 
 
 def _start(name, tmp_path, env, shared, extra=()):
