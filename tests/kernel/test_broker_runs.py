@@ -22,7 +22,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
