@@ -485,6 +485,10 @@ class BrokerService(RunService):
         os.chmod(self.directory, 0o711)           # the socket is reachable; the files are 0600
         self.store = Store(os.path.join(self.directory, "broker.db"))
         try:
+            # the issuers of tokens a previous daemon left died with it
+            revoked = self.store.revoke_all(time.time())
+            if revoked and log:
+                log(f"broker: revoked {revoked} token(s) of runs a previous daemon served")
             self.signer = Signer.load_or_create(os.path.join(self.directory, "token-key.pem"))
             self.broker = Broker(self.store, self.signer, os.path.join(self.directory, "broker.sock"),
                                  limits=limits, log=log).start()

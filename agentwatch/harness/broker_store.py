@@ -376,6 +376,13 @@ class Store:
                 "UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND (issuer_run = ?"
                 " OR root IN (SELECT jti FROM tokens WHERE issuer_run = ?))", (ts, run_id, run_id)).rowcount
 
+    def revoke_all(self, ts):
+        """Revoke every token still valid: a broker starting finds no run of
+        its own alive (the runs of a daemon that died died with it); the
+        number revoked."""
+        with self._tx() as db:
+            return db.execute("UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL", (ts,)).rowcount
+
     def chain_revoked(self, claims):
         """True when the token, its root or any ancestor is revoked or not
         known to this store (a token we did not record is not honoured)."""

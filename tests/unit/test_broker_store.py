@@ -298,3 +298,14 @@ def test_spend_token_spends_the_root_too_and_nothing_when_refused(tmp_path):
     assert e.value.reason == "exhausted"
     assert s.token("d" * 32)["used"] == 0, "nothing spent when the root refuses"
     s.close()
+
+
+def test_revoke_all_at_a_broker_start(tmp_path):
+    s = Store(str(tmp_path / "r.db"))
+    claims = {"jti": "a" * 32, "iss": {"run": "A"}, "sub": {"run": "B", "agent": "b"}, "root": "a" * 32,
+              "parent": None, "uses": 1, "exp": 9e9}
+    s.add_token(claims, "t", 1.0)
+    assert not s.chain_revoked(claims)
+    assert s.revoke_all(2.0) == 1 and s.chain_revoked(claims)
+    assert s.revoke_all(3.0) == 0
+    s.close()
