@@ -24,6 +24,7 @@ COMMANDS = {
     "policy": ("policy", "policy_group", "Policies: lint, explain, diff, sign, verify."),
     "msg": ("msg", "msg_group", "Agent-to-agent messages: send, inbox, tasks."),
     "token": ("msg", "token_group", "Scope tokens: mint, inspect."),
+    "memory": ("memory", "memory_group", "Agents' memory: ls, show, verify, gc."),
 }
 
 

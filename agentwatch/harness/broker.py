@@ -65,6 +65,7 @@ class BrokerRun:
     spawn: object = None              # callable(argv, timeout_s) -> (exit, out, err, truncated)
     emit: object = None               # callable(record): an event of the run
     action_for: object = None
+    check_read: object = None         # callable(path) -> why its policy refuses reading it, or None
     started: float = field(default_factory=time.time)
     clients: int = 0
     allowance: float = None           # the rate limit's token bucket
@@ -491,9 +492,15 @@ class BrokerService(RunService):
                 log(f"broker: revoked {revoked} token(s) of runs a previous daemon served")
             self.signer = Signer.load_or_create(os.path.join(self.directory, "token-key.pem"))
             self.broker = Broker(self.store, self.signer, os.path.join(self.directory, "broker.sock"),
-                                 limits=limits, log=log).start()
+                                 limits=limits, log=log)
+            # agents' memory (harness/memory.py) on the same socket: memory.* methods
+            from .memory import MemoryStore
+            from .memory_service import MemoryKeeper
+            self.memory = self.broker.memory = MemoryStore(os.path.join(self.directory, "memory.db"))
+            self.keeper = self.broker.keeper = MemoryKeeper(self.memory, log=log).start()
+            self.broker.start()
         except BaseException:
-            self.store.close()
+            self._close_stores()
             raise
 
     def loopback_ports(self):
@@ -504,7 +511,10 @@ class BrokerService(RunService):
         self.broker.register_run(BrokerRun(
             run_id=run.run_id, agent=run.agent, cgroup=run.cgroup,
             peers=getattr(spec, "peers", None), policed=spec is not None,
-            policy_digest=run.policy_digest, spawn=run.spawn, emit=run.emit, action_for=run.action_for))
+            policy_digest=run.policy_digest, spawn=run.spawn, emit=run.emit, action_for=run.action_for,
+            check_read=run.check_read))
+        if run.subscribe is not None:
+            self.keeper.subscribe_run(run.run_id, run.agent, run.subscribe)
         return {"AGENTWATCH_BROKER": self.broker.socket_path, "AGENTWATCH_BROKER_URL": self.broker.url,
                 "AGENTWATCH_BROKER_CLIENT": client_path()}
 
@@ -513,11 +523,16 @@ class BrokerService(RunService):
 
     def close(self):
         self.broker.close()
-        self.store.close()
+        self._close_stores()
+
+    def _close_stores(self):
+        for part in (getattr(self, "keeper", None), getattr(self, "memory", None), self.store):
+            if part is not None:
+                part.close()
 
     def stats(self):
         return dict(self.broker.stats(), messages_stored=self.store.messages_count(),
-                    signer=self.signer.fingerprint)
+                    signer=self.signer.fingerprint, memory=dict(self.memory.stats(), **self.keeper.stats()))
 
 
 def client_path():

@@ -22,6 +22,7 @@ agentwatch.InspectToken, agentwatch.Whoami.
 """
 import asyncio
 import base64
+import os
 import time
 import uuid
 
@@ -42,7 +43,10 @@ class Methods:
                       "agentwatch.ListAgentCards": self.list_cards, "agentwatch.Inbox": self.inbox,
                       "agentwatch.MintToken": self.mint, "agentwatch.AttenuateToken": self.attenuate,
                       "agentwatch.CallTool": self.call_tool, "agentwatch.InspectToken": self.inspect,
-                      "agentwatch.Whoami": self.whoami}
+                      "agentwatch.Whoami": self.whoami,
+                      "memory.put": self.memory_put, "memory.get": self.memory_get,
+                      "memory.search": self.memory_search, "memory.verify": self.memory_verify,
+                      "memory.list": self.memory_list, "memory.gc": self.memory_gc}
 
     async def call(self, caller, run, method, params):
         fn = self.table.get(method)
@@ -407,6 +411,89 @@ class Methods:
                   else "exhausted" if row["used"] >= claims.get("uses", 1) else "valid")
         return {"claims": claims, "signature": signature, "status": status,
                 "used": row["used"] if row else None, "signer": self.b.signer.fingerprint}
+
+
+    # -- memory (harness/memory.py): a namespace per agent, the caller's ------------------
+    def _memory(self):
+        if getattr(self.b, "memory", None) is None:
+            raise RpcError(a2a.METHOD_NOT_FOUND, "this broker keeps no memory store")
+        return self.b.memory
+
+    async def memory_put(self, caller, run, params):
+        from .memory import RecordError
+        store = self._memory()
+        agent = self._as_agent(caller, params)
+        if agent is None:
+            raise RpcError(a2a.INVALID_PARAMS, "params.agent: whose memory (the operator names one)")
+        prov = params.get("provenance") or {}
+        files = prov.get("files") if isinstance(prov, dict) else None
+        for i, f in enumerate(files or ()):
+            path = f.get("path") if isinstance(f, dict) else None
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise RpcError(a2a.INVALID_PARAMS, f"params.provenance.files[{i}].path: an absolute path")
+            why = run.check_read(path) if run is not None and run.check_read else None
+            if why:
+                raise self._refuse(run, "memory.put", a2a.PERMISSION_DENIED,
+                                   f"provenance {path} is a file this agent may not read: {why}",
+                                   "filesystem", "filesystem.read", op="memory.put")
+        try:
+            rec = await self._write(store.put, agent, text=params.get("text"), data=params.get("data"),
+                                    tag=params.get("tag", "context"), provenance=params.get("provenance"))
+        except RecordError as e:
+            raise RpcError(a2a.INVALID_PARAMS, f"params: {e}") from None
+        keeper = getattr(self.b, "keeper", None)
+        if keeper is not None:
+            keeper.track(f["path"] for f in rec.provenance.get("files", ()))
+        self.b.emit(run, {"op": "memory.put", "method": "memory.put", "message_id": rec.id})
+        return rec.to_dict()
+
+    def _own_record(self, caller, params, fn):
+        agent = self._as_agent(caller, params)
+        rid = params.get("id")
+        if not isinstance(rid, str):
+            raise RpcError(a2a.INVALID_PARAMS, "params.id: a record id")
+        rec = fn(agent, rid)
+        if rec is None:
+            raise RpcError(a2a.INVALID_PARAMS, f"no record {rid!r}" + (f" of agent {agent!r}" if agent else ""))
+        return rec.to_dict()
+
+    def memory_get(self, caller, run, params):
+        store = self._memory()
+        return self._own_record(caller, params, lambda agent, rid: store.get(agent, rid) if agent
+                                else store.record(rid))
+
+    def memory_verify(self, caller, run, params):
+        store = self._memory()
+
+        def verify(agent, rid):
+            rec = store.record(rid)
+            if rec is None or (agent is not None and rec.agent != agent):
+                return None
+            return store.verify(rid)
+        return self._own_record(caller, params, verify)
+
+    def memory_search(self, caller, run, params):
+        store = self._memory()
+        agent = self._as_agent(caller, params)
+        if agent is None:
+            raise RpcError(a2a.INVALID_PARAMS, "params.agent: whose memory (the operator names one)")
+        query = params.get("query", "")
+        if not isinstance(query, str):
+            raise RpcError(a2a.INVALID_PARAMS, "params.query: a string")
+        recs = store.search(agent, query, valid_only=bool(params.get("valid_only")),
+                            limit=self._limit(params, default=10, most=100))
+        return {"records": [r.to_dict() for r in recs]}
+
+    def memory_list(self, caller, run, params):
+        store = self._memory()
+        agent = self._as_agent(caller, params)
+        recs = store.records(agent, validity=params.get("validity"), limit=self._limit(params))
+        return {"records": [r.to_dict() for r in recs]}
+
+    async def memory_gc(self, caller, run, params):
+        if not caller.operator:
+            raise RpcError(a2a.PERMISSION_DENIED, "memory.gc is the operator's (root, outside every run)")
+        return await self._write(self._memory().gc, params.get("agent"))
 
 
 def _peers(run):

@@ -144,7 +144,8 @@ class Enforcement:
         return dataclasses.replace(rules, guard=self.guard.ports)
 
     # -- the monitor's services (run/services.py) --------------------------------------
-    def open_services(self, services, cgroup, prompt=None, action_for=None, policy=None, spawn=None):
+    def open_services(self, services, cgroup, prompt=None, action_for=None, policy=None, spawn=None,
+                      subscribe=None, check_read=None):
         """Each service's share of this run; the environment variables they
         add for the agent."""
         from .services import ServiceRun
@@ -154,7 +155,8 @@ class Enforcement:
                             options=self.prepared.opts, prompt=prompt,
                             prompt_digest=self.prepared.prompt_digest, action_for=action_for,
                             policy=policy, policy_digest=self.prepared.policy.digest
-                            if self.prepared.policy else None, spawn=spawn)
+                            if self.prepared.policy else None, spawn=spawn, subscribe=subscribe,
+                            check_read=check_read)
             env.update(svc.open_run(sr) or {})
             self.services[svc] = sr
         return env

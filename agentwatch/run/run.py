@@ -236,7 +236,8 @@ class Run:
         action_for = p.compiled.action_for if p.compiled else (lambda category, rule=None: "alert")
         added = self.enforcement.open_services(services, self.cgroup.path, prompt, action_for,
                                                policy=p.compiled.spec if p.compiled else None,
-                                               spawn=self.spawn_tool)
+                                               spawn=self.spawn_tool, subscribe=self.bus.subscribe,
+                                               check_read=self._check_read)
         identity["services"] = {"names": [s.name for s in services],
                                 "env": sorted(k for k, v in added.items() if v is not None),
                                 "env_removed": sorted(k for k, v in added.items() if v is None)}
@@ -274,6 +275,18 @@ class Run:
                 time.sleep(0.005)
             self.child = None
             raise
+
+    def _check_read(self, path):
+        """Why this run's policy refuses reading path (its real path too:
+        a symlink names what it points at), or None."""
+        compiled = self.prepared.compiled
+        if compiled is None:
+            return None
+        for p in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+            d = compiled.check_file(p, {"read"})
+            if d is not None:
+                return d.reason
+        return None
 
     def spawn_tool(self, argv, timeout_s, max_output=1 << 20):
         """Run argv inside this run's sandbox, as the agent would: its

@@ -51,6 +51,8 @@ class ServiceRun:
     policy_digest: str = None
     spawn: object = None              # callable(argv, timeout_s) -> (exit, stdout, stderr, truncated):
                                       # runs argv inside the run's sandbox (Run.spawn_tool)
+    subscribe: object = None          # the run's event bus: subscribe(maxsize, kinds, callback) (engine/bus.py)
+    check_read: object = None         # callable(path) -> why the policy refuses reading it, or None
     records: collections.deque = field(default_factory=collections.deque)
 
     def emit(self, record):
