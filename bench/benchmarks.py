@@ -1,5 +1,5 @@
 """The benchmarks of issue #5 (and guard, of issue #16; gateway, of issue #17, in
-bench/gateway_bench.py), one function each. Each takes a Ctx and
+bench/gateway_bench.py; broker, of issue #18, in bench/broker_bench.py), one function each. Each takes a Ctx and
 returns {"params": ..., "figures": [...], "bpf_programs": ..., "notes": [...]}
 (figures from lib.compare_figure / lib.value_figure)."""
 import json
@@ -13,6 +13,7 @@ import sysconfig
 import time
 
 from . import lib
+from .broker_bench import broker
 from .gateway_bench import gateway
 from .lib import POLICY, STRICT_POLICY, alternate, compare_figure, log, value_figure
 
@@ -22,19 +23,22 @@ PROFILES = {
                  storm_n=20_000, burst_n=20_000, burst_trials=1, rates=[20_000], paced_s=0.25,
                  flood_n=30_000, flood_trials=1, cold_reps=1, warm_reps=2, agents=2,
                  guard_reps=1, guard_latency_n=20, guard_bulk_n=2, guard_flood_s=0.5,
-                 gw_reps=1, gw_latency_n=50, gw_load_s=0.5, gw_fair_s=0.5, gw_peer_n=200),
+                 gw_reps=1, gw_latency_n=50, gw_load_s=0.5, gw_fair_s=0.5, gw_peer_n=200,
+                 br_reps=1, br_latency_n=50, br_load_s=0.5, br_verify_n=200, br_peer_n=200),
     "quick": dict(host_reps=3, loop_n=1_000_000, reps=3, compile_tree="stdlib", files=20_000,
                   storm_n=300_000, burst_n=300_000, burst_trials=2,
                   rates=[50_000, 100_000, 250_000], paced_s=1.0,
                   flood_n=300_000, flood_trials=3, cold_reps=2, warm_reps=10, agents=10,
                   guard_reps=3, guard_latency_n=300, guard_bulk_n=20, guard_flood_s=3.0,
-                  gw_reps=3, gw_latency_n=1000, gw_load_s=3.0, gw_fair_s=3.0, gw_peer_n=2000),
+                  gw_reps=3, gw_latency_n=1000, gw_load_s=3.0, gw_fair_s=3.0, gw_peer_n=2000,
+                  br_reps=3, br_latency_n=1000, br_load_s=3.0, br_verify_n=5000, br_peer_n=2000),
     "full": dict(host_reps=5, loop_n=2_000_000, reps=7, compile_tree="stdlib+dist", files=20_000,
                  storm_n=1_000_000, burst_n=500_000, burst_trials=3,
                  rates=[25_000, 50_000, 100_000, 150_000, 250_000], paced_s=2.0,
                  flood_n=500_000, flood_trials=100, cold_reps=5, warm_reps=20, agents=10,
                  guard_reps=7, guard_latency_n=1000, guard_bulk_n=50, guard_flood_s=5.0,
-                 gw_reps=5, gw_latency_n=3000, gw_load_s=5.0, gw_fair_s=5.0, gw_peer_n=10000),
+                 gw_reps=5, gw_latency_n=3000, gw_load_s=5.0, gw_fair_s=5.0, gw_peer_n=10000,
+                 br_reps=5, br_latency_n=3000, br_load_s=5.0, br_verify_n=10000, br_peer_n=10000),
 }
 
 
@@ -866,6 +870,7 @@ BENCHMARKS = {
     "footprint": footprint,
     "guard": guard,
     "gateway": gateway,
+    "broker": broker,
 }
 TITLES = {
     "host_tax": "1. host tax (outside agents)",
@@ -877,4 +882,5 @@ TITLES = {
     "footprint": "7. footprint",
     "guard": "8. egress guard (issue #16)",
     "gateway": "9. LLM gateway (issue #17)",
+    "broker": "10. agent-to-agent broker (issue #18)",
 }
