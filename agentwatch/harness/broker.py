@@ -479,12 +479,17 @@ class BrokerService(RunService):
 
     def __init__(self, directory=None, limits=None, log=None):
         from ..core import state
-        from .broker_store import Store
+        from .broker_store import SYNC_MODES, Store
         from .tokens import Signer
         self.directory = directory or os.path.join(state.state_dir(), "broker")
         os.makedirs(self.directory, exist_ok=True)
         os.chmod(self.directory, 0o711)           # the socket is reachable; the files are 0600
-        self.store = Store(os.path.join(self.directory, "broker.db"))
+        sync = os.environ.get("AGENTWATCH_BROKER_SYNC", "full").upper()
+        if sync not in SYNC_MODES:
+            from ..core.errors import UsageError
+            raise UsageError(f"AGENTWATCH_BROKER_SYNC={sync.lower()}: expected full (every acknowledged "
+                             "message survives a power loss) or normal (a crash of the daemon; faster)")
+        self.store = Store(os.path.join(self.directory, "broker.db"), synchronous=sync)
         try:
             # the issuers of tokens a previous daemon left died with it
             revoked = self.store.revoke_all(time.time())

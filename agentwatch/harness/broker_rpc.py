@@ -230,11 +230,11 @@ class Methods:
                                         limit=self._limit(params))
         return {"tasks": [_task_out(t, history=0) for t in tasks]}
 
-    def cancel_task(self, caller, run, params):
+    async def cancel_task(self, caller, run, params):
         task = self._task_of(caller, params)
         if task["state"] in a2a.TERMINAL_STATES:
             raise RpcError(a2a.TASK_NOT_CANCELABLE, f"task {task['id']} is {task['state']} already")
-        task = self.b.store.set_task_state(task["id"], "TASK_STATE_CANCELED", time.time())
+        task = await self._write(self.b.store.set_task_state, task["id"], "TASK_STATE_CANCELED", time.time())
         self.b.emit(run, {"op": "cancel", "method": "CancelTask", "task_id": task["id"],
                           "peer": task["assignee"]})
         return _task_out(task, history=0)
@@ -279,7 +279,7 @@ class Methods:
         return dict(self._who(caller, run), transport=caller.transport)
 
     # -- scope tokens ---------------------------------------------------------------------
-    def mint(self, caller, run, params):
+    async def mint(self, caller, run, params):
         m = "agentwatch.MintToken"
         issuer = run
         if caller.operator:          # root mints for a run's tools, under that run's policy
@@ -311,7 +311,7 @@ class Methods:
         except (ValueError, TypeError) as e:
             raise RpcError(a2a.INVALID_PARAMS, f"params: {e}") from None
         text = self.b.signer.sign(claims)
-        self.b.store.add_token(claims, text, time.time())
+        await self._write(self.b.store.add_token, claims, text, time.time())
         self.b.emit(run, {"op": "mint", "method": m, "peer": holder.agent, "peer_run": holder.run_id,
                           "token": claims["jti"], "tool": tool})
         return {"token": text, "claims": claims}
@@ -343,7 +343,7 @@ class Methods:
                             e.rule, op=op, reason=e.reason,
                             token=(claims or {}).get("jti"))
 
-    def attenuate(self, caller, run, params):
+    async def attenuate(self, caller, run, params):
         m = "agentwatch.AttenuateToken"
         parent = self._verified(run, m, params.get("token"), "attenuate")
         try:
@@ -354,7 +354,7 @@ class Methods:
         except (ValueError, TypeError) as e:
             raise RpcError(a2a.INVALID_PARAMS, f"params: {e}") from None
         text = self.b.signer.sign(child)
-        self.b.store.add_token(child, text, time.time())
+        await self._write(self.b.store.add_token, child, text, time.time())
         self.b.emit(run, {"op": "attenuate", "method": m, "token": child["jti"],
                           "tool": child["scope"]["tool"]})
         return {"token": text, "claims": child}

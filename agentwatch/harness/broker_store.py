@@ -24,6 +24,10 @@ from .a2a import TASK_STATES
 from .tokens import TokenError
 
 SCHEMA_VERSION = 1
+# PRAGMA synchronous: FULL fsyncs the WAL at every commit (an acknowledged
+# write survives a power loss); NORMAL only at checkpoints (it survives a
+# crash or kill -9 of the daemon, not of the machine)
+SYNC_MODES = ("FULL", "NORMAL")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -126,8 +130,11 @@ def _check_state(state):
 class Store:
     """The broker's database (see the module docstring)."""
 
-    def __init__(self, path):
+    def __init__(self, path, synchronous="FULL"):
+        if synchronous not in SYNC_MODES:
+            raise ValueError(f"synchronous: one of {', '.join(SYNC_MODES)}, not {synchronous!r}")
         self.path = path
+        self.synchronous = synchronous
         if path != ":memory:":
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -138,12 +145,13 @@ class Store:
         self._writer = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        self._local = threading.local()     # .writing: this thread is inside a write transaction
         with self._lock:
             self._db.execute("PRAGMA busy_timeout = 5000")
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal" and path != ":memory:":
                 raise RuntimeError(f"{path}: SQLite refused WAL mode (journal_mode is {mode})")
-            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute(f"PRAGMA synchronous = {synchronous}")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path}: broker store schema {version} is newer than this "
@@ -151,6 +159,15 @@ class Store:
             if version < SCHEMA_VERSION:
                 self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA +
                                        f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        # reads on a connection of their own: WAL lets them run beside the
+        # writer's open batch (and its fsync) instead of waiting behind it
+        self._rlock = threading.Lock()
+        if path == ":memory:":
+            self._rdb, self._rlock = self._db, self._lock
+        else:
+            self._rdb = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._rdb.row_factory = sqlite3.Row
+            self._rdb.execute("PRAGMA busy_timeout = 5000")
 
     def close(self):
         if self._writer is not None:
@@ -159,13 +176,16 @@ class Store:
             self._writer = None
         with self._lock:
             self._db.close()
+        if self._rdb is not self._db:
+            with self._rlock:
+                self._rdb.close()
 
     @contextmanager
     def _tx(self):
         """One write transaction under the lock: committed, or rolled back
         on any error. Inside a transaction already open (the writer's batch,
         an outer _tx), a savepoint of it."""
-        with self._lock:
+        with self._lock, self._writing():
             if self._db.in_transaction:
                 self._savepoints += 1
                 name = f"w{self._savepoints}"
@@ -218,7 +238,7 @@ class Store:
                     break
                 jobs.append(job)
             done = []
-            with self._lock:
+            with self._lock, self._writing():
                 try:
                     self._db.execute("BEGIN IMMEDIATE")
                     for fut, fn, args, kwargs in jobs:
@@ -239,13 +259,33 @@ class Store:
                 else:
                     fut.set_exception(value)
 
+    @contextmanager
+    def _writing(self):
+        depth = getattr(self._local, "writing", 0)
+        self._local.writing = depth + 1
+        try:
+            yield
+        finally:
+            self._local.writing = depth
+
+    @contextmanager
+    def _reading(self):
+        """The connection a read uses: a writer's own (it sees what it has
+        not committed yet), else the readers' (what is committed)."""
+        if getattr(self._local, "writing", 0):
+            with self._lock:
+                yield self._db
+        else:
+            with self._rlock:
+                yield self._rdb
+
     def _all(self, sql, args=()):
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._reading() as db:
+            return db.execute(sql, args).fetchall()
 
     def _one(self, sql, args=()):
-        with self._lock:
-            return self._db.execute(sql, args).fetchone()
+        with self._reading() as db:
+            return db.execute(sql, args).fetchone()
 
     # ------------------------------------------------------------ messages
 
@@ -308,11 +348,11 @@ class Store:
     def task(self, task_id):
         """The task with its history (the stored message dicts, oldest
         first), or None."""
-        with self._lock:
-            row = self._db.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if row is None:
                 return None
-            history = self._db.execute(
+            history = db.execute(
                 "SELECT m.body FROM task_history h JOIN messages m ON m.seq = h.seq"
                 " WHERE h.task_id = ? ORDER BY m.seq", (task_id,)).fetchall()
         task = _task_row(row)
@@ -386,18 +426,18 @@ class Store:
     def chain_revoked(self, claims):
         """True when the token, its root or any ancestor is revoked or not
         known to this store (a token we did not record is not honoured)."""
-        with self._lock:
+        with self._reading() as db:
             jti, seen = claims["jti"], set()
             while jti is not None:
                 if jti in seen or len(seen) > 16:
                     return True                     # a loop or an absurd chain: refuse
                 seen.add(jti)
-                row = self._db.execute("SELECT parent, root, revoked_at FROM tokens WHERE jti = ?",
+                row = db.execute("SELECT parent, root, revoked_at FROM tokens WHERE jti = ?",
                                        (jti,)).fetchone()
                 if row is None or row["revoked_at"] is not None:
                     return True
                 jti = row["parent"]
-            root = self._db.execute("SELECT revoked_at FROM tokens WHERE jti = ?", (claims["root"],)).fetchone()
+            root = db.execute("SELECT revoked_at FROM tokens WHERE jti = ?", (claims["root"],)).fetchone()
             return root is None or root["revoked_at"] is not None
 
     def use_token(self, jti, nonce, max_uses, ts):
