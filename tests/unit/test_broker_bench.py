@@ -59,6 +59,10 @@ def test_figures_from_measurements():
     tok = figs["broker: token checks and spend (CallTool - Whoami"]
     assert tok["result"]["median"] == 310.0 and tok["compare"] == "delta"
     assert len(res["figures"]) == 7
+    res = assemble(PROFILES["tiny"], 2, [_load("whoami", 20000.0)], [_load("send", 6000.0)], lat,
+                   [50.0], [40.0], [20.0], [0.5], None, [], lat_normal=lat)
+    normal = [f for f in res["figures"] if "synchronous=NORMAL" in f["figure"]]
+    assert len(normal) == 1 and normal[0]["result"]["median"] == 1000.0 and normal[0]["met"] is True
 
 
 def test_broker_benchmark_runs_tiny():
@@ -70,7 +74,7 @@ def test_broker_benchmark_runs_tiny():
         ws.cleanup()
     assert not os.path.exists(root)
     names = [f["figure"] for f in res["figures"]]
-    assert len(names) == 7, names
+    assert len(names) == 8, names
     for f in res["figures"]:
         assert f["text"] and f["text"] != "-", f
         assert f["result"] is not None, f
