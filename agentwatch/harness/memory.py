@@ -42,6 +42,7 @@ VALIDITY = ("valid", "stale", "invalidated")
 MAX_RECORD_BYTES = 64 * 1024
 RECENCY_HALF_LIFE_S = 86400.0        # a record not accessed for a day weighs 3/4, then -> 1/2
 MAX_CHECKS = 100                     # re-checks kept per record (the newest)
+MAX_QUERY_WORDS = 64                 # the first distinct words of a search query count
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -62,7 +63,6 @@ CREATE TABLE IF NOT EXISTS records (
     size             INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_agent ON records (agent, created_at);
-CREATE INDEX IF NOT EXISTS records_validity ON records (validity);
 
 CREATE TABLE IF NOT EXISTS record_files (
     record_id TEXT NOT NULL,
@@ -141,6 +141,15 @@ def _canonical(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def _utf8_len(text, what):
+    """len(text.encode()); RecordError for a string UTF-8 cannot carry (a
+    lone surrogate, which JSON can spell)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        raise RecordError(f"{what} is not valid Unicode (a lone surrogate?)") from None
+
+
 def _norm_path(path):
     """The normalised absolute form of a provenance path; RecordError for
     anything else (a relative path means nothing to the store, whose working
@@ -156,7 +165,7 @@ def _norm_path(path):
 def _fts_query(query):
     """The user's words, each quoted for FTS5 (so no input is a syntax
     error), any of them matching; None when there is no word."""
-    words = _WORD.findall(query or "")
+    words = list(dict.fromkeys(_WORD.findall(query or "")))[:MAX_QUERY_WORDS]
     if not words:
         return None
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
@@ -179,6 +188,7 @@ def _record(row, score=None):
 def _check_agent(agent):
     if not isinstance(agent, str) or not agent:
         raise RecordError(f"an agent name must be a non-empty string, not {agent!r}")
+    _utf8_len(agent, "the agent name")
 
 
 def _check_limit(limit):
@@ -227,8 +237,16 @@ class MemoryStore:
                 raise RuntimeError(f"{path}: memory store schema {version} is newer than this "
                                    f"agentwatch's ({SCHEMA_VERSION}); upgrade agentwatch")
             if version < SCHEMA_VERSION:
-                self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA +
-                                       f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                try:
+                    self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA +
+                                           f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                except sqlite3.OperationalError as e:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    if "fts5" in str(e):
+                        raise RuntimeError(f"{path}: this Python's SQLite ({sqlite3.sqlite_version}) has no "
+                                           "FTS5, which the memory store's search needs") from None
+                    raise
 
     def close(self):
         if self._writer is not None:
@@ -384,9 +402,9 @@ class MemoryStore:
                 raise RecordError(f"a provenance message must be a message id (a non-empty string), not {m!r}")
             out["messages"].append(m)
         text = _canonical(out)
-        if len(text.encode()) > self.max_record_bytes:
-            raise RecordError(f"the provenance is {len(text.encode())} bytes, over the cap of "
-                              f"{self.max_record_bytes} bytes")
+        size = _utf8_len(text, "the provenance")
+        if size > self.max_record_bytes:
+            raise RecordError(f"the provenance is {size} bytes, over the cap of {self.max_record_bytes} bytes")
         return out, text
 
     # ------------------------------------------------------------ records
@@ -404,8 +422,8 @@ class MemoryStore:
             data_json = _canonical(data) if data is not None else None
         except (TypeError, ValueError) as e:
             raise RecordError(f"a record's data must be JSON: {e}") from None
-        size = len(text.encode()) if text is not None else 0
-        size += len(data_json.encode()) if data_json is not None else 0
+        size = _utf8_len(text, "the record's text") if text is not None else 0
+        size += _utf8_len(data_json, "the record's data") if data_json is not None else 0
         if size > self.max_record_bytes:
             raise RecordError(f"the record is {size} bytes (text and data's JSON), over the cap of "
                               f"{self.max_record_bytes} bytes")
@@ -455,8 +473,10 @@ class MemoryStore:
         its validity. No word in query: the most recently accessed records.
         The results' last_accessed_at moves to now (never their validity)."""
         _check_limit(limit)
+        if query is not None and not isinstance(query, str):
+            raise RecordError(f"a search query must be a string, not {type(query).__name__}")
         now = time.time() if now is None else now
-        match = _fts_query(query if isinstance(query, str) else "")
+        match = _fts_query(query)
         valid = " AND r.validity = 'valid'" if valid_only else ""
         cols = ", ".join("r." + c.strip() for c in COLUMNS.split(","))
         with self._tx() as db:
@@ -522,11 +542,17 @@ class MemoryStore:
         if not isinstance(evidence, dict):
             raise RecordError(f"stale evidence must be an object, not {type(evidence).__name__}")
         now = time.time() if now is None else now
-        event = _canonical(dict(evidence, path=path))
+        try:
+            event = _canonical(dict(evidence, path=path))
+        except (TypeError, ValueError) as e:
+            raise RecordError(f"stale evidence must be JSON: {e}") from None
+        size = _utf8_len(event, "the stale evidence")
+        if size > self.max_record_bytes:
+            raise RecordError(f"the stale evidence is {size} bytes, over the cap of {self.max_record_bytes} bytes")
         with self._tx() as db:
             ids = [r[0] for r in db.execute(
-                "SELECT DISTINCT f.record_id FROM record_files f JOIN records r ON r.id = f.record_id"
-                " WHERE f.path = ? AND r.validity = 'valid'", (path,))]
+                "SELECT DISTINCT f.record_id FROM record_files f CROSS JOIN records r ON r.id = f.record_id"
+                " WHERE f.path = ? AND r.validity = 'valid'", (path,))]   # CROSS: by the path index first
             db.executemany("UPDATE records SET validity = 'stale', stale_since = ?, stale_event = ?"
                            " WHERE id = ? AND validity = 'valid'", [(now, event, i) for i in ids])
         return ids
@@ -582,6 +608,9 @@ class MemoryStore:
         an unknown id."""
         if not isinstance(reason, str):
             raise RecordError(f"an invalidation reason must be a string, not {type(reason).__name__}")
+        size = _utf8_len(reason, "the invalidation reason")
+        if size > self.max_record_bytes:
+            raise RecordError(f"the invalidation reason is {size} bytes, over the cap of {self.max_record_bytes} bytes")
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(f"SELECT {COLUMNS} FROM records WHERE id = ?", (record_id,)).fetchone()

@@ -112,7 +112,8 @@ def test_put_get(store, src):
 
 def test_given_sha256_is_kept_and_data_counts_in_size(store, tmp_path):
     sha = "ab" * 32
-    r = store.put("a", data={"b": 1, "a": "é"}, provenance={"files": [{"path": str(tmp_path / "gone"), "sha256": sha}]})
+    r = store.put("a", data={"b": 1, "a": "é"},
+                  provenance={"files": [{"path": str(tmp_path / "gone"), "sha256": sha}]})
     assert r.provenance["files"][0]["sha256"] == sha            # the file need not exist: the agent saw it
     assert r.text is None and r.data == {"a": "é", "b": 1}
     assert r.size == len('{"a":"é","b":1}'.encode())
@@ -210,6 +211,22 @@ def test_reads_never_change_validity(store, src):
     assert again.checks == []
 
 
+def test_search_bad_query_and_long_query(store):
+    r = store.put("a", text="needle", now=NOW)
+    with pytest.raises(RecordError, match="query must be a string"):
+        store.search("a", ["needle"])
+    with pytest.raises(RecordError, match="limit"):
+        store.search("a", "needle", limit=0)
+    assert [x.id for x in store.search("a", "needle " + "hay " * 10000, now=NOW)] == [r.id]
+
+
+def test_access_time_never_moves_backwards(store):
+    r = store.put("a", text="x", now=NOW)
+    store.get("a", r.id, now=NOW + 10)
+    assert store.get("a", r.id, now=NOW + 5).last_accessed_at == NOW + 10
+    assert store.search("a", "x", now=NOW + 1)[0].last_accessed_at == NOW + 10
+
+
 # ---------------------------------------------------------------- validity
 
 def test_mark_stale_by_path_with_evidence(store, src, tmp_path):
@@ -230,6 +247,11 @@ def test_mark_stale_by_path_with_evidence(store, src, tmp_path):
     assert store.mark_stale(src, {"by": "outsider"}, now=NOW + 9) == []
     assert store.record(r1.id).stale_event["by"] == "agent" and store.record(r1.id).stale_since == NOW + 5
     assert store.mark_stale(src + ".bak", {}, now=NOW) == []
+    with pytest.raises(RecordError, match="evidence must be JSON"):
+        store.mark_stale(str(other), {"pid": object()})
+    with pytest.raises(RecordError, match="not absolute"):
+        store.mark_stale("other.txt", {})
+    assert store.record(r3.id).validity == "valid"
 
 
 def test_mark_stale_through_a_symlink(store, tmp_path, src):
@@ -399,6 +421,9 @@ def test_small_cap(path):
     ({"text": "x", "provenance": {"commands": [{"argv": ["make"], "exit": True}]}}, "exit must be an integer"),
     ({"text": "x", "provenance": {"commands": [{"argv": ["make"]}]}}, "exactly argv and exit"),
     ({"text": "x", "provenance": {"messages": [3]}}, "message id"),
+    ({"text": "lone \ud800"}, "not valid Unicode"),
+    ({"data": {"k": "\udfff"}}, "not valid Unicode"),
+    ({"text": "x", "provenance": {"messages": ["\ud800"]}}, "not valid Unicode"),
 ])
 def test_bad_input(store, kwargs, message):
     with pytest.raises(RecordError, match=message):
