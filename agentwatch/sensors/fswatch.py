@@ -32,6 +32,19 @@ Coalescing: the kernel already merges identical events still queued; here
 identical (path, op, pid) read in the same batch are reported once. There is
 deliberately no time window: a write that followed a caller's re-read within
 the window would be hidden, and the store would keep a stale record.
+
+Limits (both backends unless said):
+- writes through a shared mmap() make no event (the kernel sends none);
+  nor do changes made on another machine to a network filesystem;
+- a path is watched as a name in its parent directory: renaming or
+  replacing a directory above it, or retargeting a symlink on the way, is
+  not seen (the file mark stays on the inode it named);
+- pid is the writer's process (thread group) in our pid namespace: None
+  when it has none there; exe is None when it exited before we read it;
+- after a rename away, fanotify cannot remove the mark from the inode that
+  moved (marks are removed by path): it stays until that inode is freed or
+  the watcher closes, and its events are ignored;
+- truncate is told from write by the size going down (see FileWatcher._op).
 """
 import ctypes
 import errno
@@ -179,9 +192,12 @@ class _Backend:
                     self._unmark_file(path, key)
 
     def refresh(self, path):
-        """A new inode is at path: mark it instead of the old one."""
-        self.forget(path)
-        self._bind(path, self._mark_file(path))
+        """A new inode may be at path: mark it, then drop the old one's
+        mark. The same inode (after an overflow, mostly) keeps its mark."""
+        key = self._mark_file(path)
+        if key != self.key_of.get(path):
+            self.forget(path)
+            self._bind(path, key)
 
     def paths(self, key):
         return self.by_key.get(key, ())

@@ -338,3 +338,38 @@ def test_latency(backend, tmp_path):
     p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
     print(f"\nfswatch {backend}: write -> on_change over {len(lat)} writes: "
           f"p50 {p50 * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us, max {lat[-1] * 1e6:.0f} us")
+
+
+def queue_limit(backend):
+    with open(f"/proc/sys/fs/{backend}/max_queued_events") as f:
+        return int(f.read())
+
+
+def test_overflow_is_reported_and_marks_are_renewed(watcher, target, tmp_path):
+    """While on_change blocks, more directory events than the kernel queues
+    (distinct names: the kernel cannot merge them), then a rename onto the
+    watched path whose event is lost: on_change gets an "overflow", and the
+    new inode at the path is watched all the same."""
+    release = threading.Event()
+    blocked = threading.Event()
+    rec = watcher.rec
+
+    def cb(change):
+        if not blocked.is_set():
+            blocked.set()
+            release.wait(30)
+        rec(change)
+    watcher.on_change = cb
+    watcher.watch(target)
+    sh(f"echo x >> {target}")
+    assert blocked.wait(1)
+    for i in range(queue_limit(watcher.backend) + 1000):
+        os.close(os.open(tmp_path / f"n{i}", os.O_CREAT | os.O_WRONLY, 0o600))
+    (tmp_path / "tmp").write_text("replaced\n")
+    os.rename(tmp_path / "tmp", target)
+    release.set()
+    rec.wait(lambda c: c.op == "overflow" and c.path is None, timeout=10)
+    assert watcher.counters["overflows"] >= 1
+    rec.drain()
+    pid = sh(f"echo after >> {target}")
+    check_pid(watcher, rec.wait(on(target, "write")), pid)
