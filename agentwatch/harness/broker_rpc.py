@@ -22,7 +22,9 @@ agentwatch.InspectToken, agentwatch.Whoami.
 """
 import asyncio
 import base64
+import hashlib
 import os
+import stat
 import time
 import uuid
 
@@ -31,12 +33,14 @@ from .a2a import RpcError
 from .tokens import TokenError
 
 ACTIVE = "TASK_STATE_SUBMITTED"
+GC_EVERY_PUTS = 50       # an agent's memory budget is enforced at its first put and every 50th
 MAX_TOOL_OUTPUT = 1 << 20
 
 
 class Methods:
     def __init__(self, broker):
         self.b = broker
+        self._puts = {}               # agent -> memory.put count (the budget's check)
         self.table = {"SendMessage": self.send_message, "GetTask": self.get_task,
                       "ListTasks": self.list_tasks, "CancelTask": self.cancel_task,
                       "GetAgentCard": self.get_card, "GetExtendedAgentCard": self.get_card,
@@ -425,25 +429,35 @@ class Methods:
         agent = self._as_agent(caller, params)
         if agent is None:
             raise RpcError(a2a.INVALID_PARAMS, "params.agent: whose memory (the operator names one)")
-        prov = params.get("provenance") or {}
+        prov = params.get("provenance")
         files = prov.get("files") if isinstance(prov, dict) else None
-        for i, f in enumerate(files or ()):
-            path = f.get("path") if isinstance(f, dict) else None
-            if not isinstance(path, str) or not os.path.isabs(path):
-                raise RpcError(a2a.INVALID_PARAMS, f"params.provenance.files[{i}].path: an absolute path")
-            why = run.check_read(path) if run is not None and run.check_read else None
-            if why:
-                raise self._refuse(run, "memory.put", a2a.PERMISSION_DENIED,
-                                   f"provenance {path} is a file this agent may not read: {why}",
-                                   "filesystem", "filesystem.read", op="memory.put")
+        if isinstance(files, list):
+            hashed = []
+            for i, f in enumerate(files):
+                path = f.get("path") if isinstance(f, dict) else None
+                if not isinstance(path, str) or not os.path.isabs(path):
+                    raise RpcError(a2a.INVALID_PARAMS, f"params.provenance.files[{i}].path: an absolute path")
+                # hashed here, as the caller may read it: the daemon reads as root
+                sha, why = await asyncio.to_thread(_hash_as, run, path)
+                if why:
+                    raise self._refuse(run, "memory.put", a2a.PERMISSION_DENIED,
+                                       f"provenance {path}: {why}", "filesystem", "filesystem.read",
+                                       op="memory.put")
+                hashed.append(dict(f, sha256=f.get("sha256") or sha))
+            prov = dict(prov, files=hashed)
         try:
             rec = await self._write(store.put, agent, text=params.get("text"), data=params.get("data"),
-                                    tag=params.get("tag", "context"), provenance=params.get("provenance"))
+                                    tag=params.get("tag", "context"), provenance=prov)
         except RecordError as e:
             raise RpcError(a2a.INVALID_PARAMS, f"params: {e}") from None
         keeper = getattr(self.b, "keeper", None)
         if keeper is not None:
             keeper.track(f["path"] for f in rec.provenance.get("files", ()))
+        n = self._puts[agent] = self._puts.get(agent, 0) + 1
+        if n % GC_EVERY_PUTS == 1:            # the agent's budget: stale context goes first, facts never
+            gc = await self._write(store.gc, agent)
+            if gc["evicted"]:
+                self.b.emit(run, {"op": "memory.gc", "method": "memory.put", "parts": gc["evicted"]})
         self.b.emit(run, {"op": "memory.put", "method": "memory.put", "message_id": rec.id})
         return rec.to_dict()
 
@@ -494,6 +508,42 @@ class Methods:
         if not caller.operator:
             raise RpcError(a2a.PERMISSION_DENIED, "memory.gc is the operator's (root, outside every run)")
         return await self._write(self._memory().gc, params.get("agent"))
+
+
+MAX_HASHED_BYTES = 1 << 30
+
+
+def _hash_as(run, path):
+    """(sha256, None) of a provenance file the run's policy lets it read,
+    else (None, why). The file is opened first and the policy asked about
+    the path as named and about what the opened descriptor is (its real
+    path), so a symlink swapped in between cannot make the daemon (root)
+    hash a file the agent may not read."""
+    check = run.check_read if run is not None and run.check_read else (lambda p: None)
+    why = check(path)
+    if why:
+        return None, f"a file this agent may not read: {why}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"cannot be read: {e.strerror}"
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        why = check(real) if real != path else None
+        if why:
+            return None, f"names {real}, a file this agent may not read: {why}"
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "is not a regular file"
+        if st.st_size > MAX_HASHED_BYTES:
+            return None, f"is {st.st_size} bytes, more than the {MAX_HASHED_BYTES} a provenance file may be"
+        h = hashlib.sha256()
+        with os.fdopen(os.dup(fd), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest(), None
+    finally:
+        os.close(fd)
 
 
 def _peers(run):

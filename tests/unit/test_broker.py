@@ -321,3 +321,59 @@ def test_the_http_binding_posts_json_rpc_and_serves_cards(broker):
     r = h.getresponse()
     assert json.loads(r.read())["error"]["code"] == a2a.PARSE_ERROR
     h.close()
+
+
+@pytest.fixture
+def mem_broker(broker, tmp_path):
+    from agentwatch.harness.memory import MemoryStore
+    broker.memory = MemoryStore(str(tmp_path / "m.db"))
+    yield broker
+    broker.memory.close()
+
+
+def test_memory_on_the_socket_namespaces_checks_and_bad_input(mem_broker, tmp_path):
+    b = mem_broker
+    ok_file, secret = tmp_path / "ok.txt", tmp_path / "secret.txt"
+    ok_file.write_text("fine")
+    secret.write_text("hidden")
+    (tmp_path / "link").symlink_to(secret)
+    a = add_run(b, "a", Peers())
+    a.check_read = lambda p: "outside filesystem.read" if "secret" in p else None
+    add_run(b, "b", Peers())
+    ca, cb = Conn(b, "run-a"), Conn(b, "run-b")
+    rec = ca.ok("memory.put", text="the build uses make", tag="fact",
+                provenance={"files": [{"path": str(ok_file)}]})
+    assert rec["agent"] == "a" and rec["validity"] == "valid"
+    assert rec["provenance"]["files"][0]["sha256"] == __import__("hashlib").sha256(b"fine").hexdigest()
+    # provenance the agent may not read: refused, also through a symlink, and reported
+    for path in (secret, tmp_path / "link"):
+        e = ca.call("memory.put", text="x", provenance={"files": [{"path": str(path)}]})["error"]
+        assert e["code"] == a2a.PERMISSION_DENIED and e["data"]["rule"] == "filesystem.read", e
+    assert findings(b, "a") == ["filesystem.read", "filesystem.read"]
+    # isolation: b gets nothing of a's
+    assert "error" in cb.call("memory.get", id=rec["id"])
+    assert "error" in cb.call("memory.get", id=rec["id"], agent="a")
+    assert cb.ok("memory.search", query="build make")["records"] == []
+    assert [r["id"] for r in ca.ok("memory.search", query="build make")["records"]] == [rec["id"]]
+    # bad input: a huge record, an unknown tag, malformed JSON-RPC; the connection lives on
+    e = ca.call("memory.put", text="x" * (65 * 1024))["error"]
+    assert e["code"] == a2a.INVALID_PARAMS and "65536" in e["message"].replace(",", ""), e
+    e = ca.call("memory.put", text="x", tag="rumour")["error"]
+    assert e["code"] == a2a.INVALID_PARAMS and "rumour" in e["message"], e
+    assert ca.raw(b'{"jsonrpc": "2.0", "id": 1, "method": "memory.put", "params": [1]}\n')["error"]["code"] \
+        == a2a.INVALID_REQUEST
+    assert ca.ok("memory.get", id=rec["id"])["validity"] == "valid"
+    # concurrent writers through the socket: every put is stored once
+    def writer(k):
+        c = Conn(b, "run-b")
+        for i in range(25):
+            c.ok("memory.put", text=f"note {k} {i}")
+        c.close()
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cb.ok("memory.list", pageSize=1000)["records"]) == 100
+    # the operator only may gc
+    assert cb.call("memory.gc")["error"]["code"] == a2a.PERMISSION_DENIED
