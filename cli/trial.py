@@ -84,7 +84,14 @@ def list_trials():
         ids = sorted(os.listdir(trials_dir()))
     except FileNotFoundError:
         return []
-    return [t for t in (_read(trial_path(i, "trial.json")) for i in ids) if t and "trial_id" in t]
+    out = [t for t in (_read(trial_path(i, "trial.json")) for i in ids) if t and "trial_id" in t]
+    for t in out:
+        # a trial whose agentwatch died (kill -9) never saved its end
+        pid = t.get("pid")
+        alive = bool(pid) and api.process_start_time(pid) == t.get("start_time")
+        if t.get("state") == "running" and not alive:
+            t["state"] = "crashed"
+    return out
 
 
 def load_trial(trial_id):
@@ -613,7 +620,8 @@ def trial_run(ctx, n, parallel, policy, manifest, agent_name, pass_expr, pass_cm
              "agent": spec.name if spec else None, "n": n, "parallel": parallel, "on_daemon": on_daemon,
              "pass": (f"--pass {pass_expr}" if pass_expr is not None else
                       f"--pass-cmd {pass_cmd}" if pass_cmd is not None else None),
-             "baseline": base["trial_id"] if base else None, "runs": [], "stopped": [], "report": None}
+             "baseline": base["trial_id"] if base else None, "runs": [], "stopped": [], "report": None,
+             "pid": os.getpid(), "start_time": api.process_start_time(os.getpid())}
     save_trial(trial)
 
     def options_of(i):

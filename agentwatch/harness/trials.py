@@ -53,10 +53,13 @@ def rate(k, n, z=Z95):
     """{"k", "n", "p", "lo", "hi", "note", "rule3"}: the observed rate with
     its Wilson interval. At 0 of n the note gives the rule of three (the
     95% upper bound 3/n, in "rule3"); at n of n its mirror (lower bound
-    1 - 3/n)."""
+    1 - 3/n); at n <= 3 it says the rule bounds nothing."""
     lo, hi = wilson(k, n, z)
     out = {"k": k, "n": n, "p": k / n if n else None, "lo": lo, "hi": hi, "note": "", "rule3": None}
-    if n and k == 0:
+    if n and n <= 3 and k in (0, n):
+        out["rule3"] = 1.0 if k == 0 else 0.0
+        out["note"] = f"{k} of {n}: too few runs for the rule of three (3/{n} >= 1)"
+    elif n and k == 0:
         out["rule3"] = min(1.0, 3 / n)
         out["note"] = f"0 of {n}: rule of three, p < 3/{n} = {_num(min(1.0, 3 / n))} at 95%"
     elif n and k == n:

@@ -187,3 +187,10 @@ def test_pass_cmd_status_comes_from_the_pipe(tmp_path):
     assert not TR.run_pass_cmd("exit 3", "R1", "/l", out, env)
     os.close(out)
     assert "ok" in (tmp_path / "o.log").read_text()
+
+
+def test_a_trial_whose_process_died_is_listed_as_crashed(capsys, state_dir):
+    TR.save_trial({"trial_id": "20261203-100000-abcdef", "state": "running", "n": 3, "runs": [],
+                   "command": ["x"], "started": 1.0, "pid": 2**22 + 1, "start_time": 5})
+    assert main(["trial", "ls"]) == 0
+    assert "crashed" in capsys.readouterr().out

@@ -55,7 +55,8 @@ def test_rate_and_the_rule_of_three():
     assert (r["k"], r["n"], r["p"], r["lo"]) == (0, 40, 0.0, 0.0)
     assert r["rule3"] == pytest.approx(0.075)
     assert r["note"] == "0 of 40: rule of three, p < 3/40 = 0.075 at 95%"
-    assert T.rate(0, 2)["rule3"] == 1.0                      # 3/2 capped
+    assert T.rate(0, 2)["rule3"] == 1.0                      # 3/2 bounds nothing
+    assert T.rate(2, 2)["note"] == "2 of 2: too few runs for the rule of three (3/2 >= 1)"
     full = T.rate(10, 10)
     assert full["rule3"] == pytest.approx(0.7) and "10 of 10" in full["note"]
     mid = T.rate(5, 10)
