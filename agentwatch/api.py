@@ -20,6 +20,10 @@ Host and daemon
 Agent-to-agent broker (the daemon serves it)
     broker() -> BrokerClient (the standard-library client agents use too),
     broker_socket(), inspect_token() -> the claims of a scope token, offline
+Trials (`agentwatch trial`)
+    trials: the statistics module (agentwatch/harness/trials.py: Wilson
+    intervals, pass^k, Fisher exact, compare(), compile_pass()), imported
+    on first use
 
 Every failure a user can cause raises an agentwatch.core.errors type (re-exported
 here) whose message is one line for the user. Return values are dataclasses
@@ -72,6 +76,8 @@ __all__ = [
     "DaemonRunHandle", "daemon_launch",
     # agent-to-agent broker
     "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token", "parse_duration",
+    # trials
+    "trials",
 ]
 
 # Types of the layers below, imported on first use (PEP 562): name -> (module, attribute)
@@ -88,7 +94,16 @@ _LAZY_TYPES = {
 }
 
 
+# Modules of the layers below, imported on first use: name -> module
+_LAZY_MODULES = {
+    "trials": "agentwatch.harness.trials",
+}
+
+
 def __getattr__(name):
+    if name in _LAZY_MODULES:
+        import importlib
+        return importlib.import_module(_LAZY_MODULES[name])
     if name in _LAZY_TYPES:
         import importlib
         module, attr = _LAZY_TYPES[name]

@@ -25,6 +25,7 @@ COMMANDS = {
     "msg": ("msg", "msg_group", "Agent-to-agent messages: send, inbox, tasks."),
     "token": ("msg", "token_group", "Scope tokens: mint, inspect."),
     "memory": ("memory", "memory_group", "Agents' memory: ls, show, verify, gc."),
+    "trial": ("trial", "trial_group", "Run a command N times: rates with intervals, pass^k, baseline."),
 }
 
 

@@ -40,6 +40,7 @@ ALL = sorted([
     "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
     "DaemonRunHandle", "daemon_launch",
     "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token", "parse_duration",
+    "trials",
 ])
 
 SIGNATURES = {
