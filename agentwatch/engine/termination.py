@@ -58,7 +58,6 @@ MAX_HASH_BYTES = 16 << 20    # a bigger file is hashed by (size, mtime), not con
 MAX_MATCH_BYTES = 1 << 20    # a done file's regex sees its first MiB
 MAX_TRACKED = 65536          # argv/pid tables: bounded (the oldest entries go)
 WRITE_OPS = frozenset(("unlink", "rename", "mkdir", "rmdir", "truncate", "link", "symlink", "mknod"))
-WRITE_ACCESS = frozenset(("write", "create", "truncate"))
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,8 @@ class Terminator:
                 return
             op = ev.op
             if op == "open":
-                if not WRITE_ACCESS.intersection(ev.access):
+                acc = ev.access
+                if "write" not in acc and "create" not in acc and "truncate" not in acc:
                     return
             elif op not in WRITE_OPS:
                 return
@@ -407,10 +407,13 @@ class Terminator:
             data = self.io.read(path, MAX_MATCH_BYTES)
             if data is None:
                 return None
-            m = self._regex[i].search(data.decode("utf-8", "replace"))
+            text = data.decode("utf-8", "replace")
+            m = self._regex[i].search(text)
             if m is None:
                 return None
-            evidence["matched"] = m.group(0)[:200]
+            start = text.rfind("\n", 0, m.start()) + 1
+            end = text.find("\n", m.end())
+            evidence["matched"] = text[start:end if end >= 0 else len(text)][:200]   # the line(s)
         return Termination("done", f"termination.done[{i}]", evidence)
 
     def _check_budget(self, now):

@@ -382,8 +382,8 @@ class PolicySpec:
     def needed_groups(self):
         """Sensor groups the rules need to be judged at all."""
         groups = ["process"]
-        if self.filesystem is not None or self.identity is not None:
-            groups.append("file")
+        if self.filesystem is not None or self.identity is not None or self.termination is not None:
+            groups.append("file")         # termination: workspace writes are progress
         if self.network is not None:
             groups.append("net")
         if (self.process is not None and False in self.process.toggles.values()) or self.syscalls:
