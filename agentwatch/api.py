@@ -133,6 +133,15 @@ class RunResult:
     killed_for: str = None      # the rule whose action kill ended the run
     summary: str = None         # the one line the run printed at its end
     on_daemon: bool = False     # served by `agentwatch daemon`
+    termination: dict = None    # the end event's {reason, condition, evidence} (docs/policy.md)
+
+    @property
+    def run_status(self):
+        """The exit status `agentwatch run` gives: per termination reason
+        (done 0, loop 81, no_progress 82, budget 83, timeout 124), else
+        the agent's own."""
+        from .engine.termination import exit_status
+        return exit_status(self.termination, self.exit_status)
 
 
 def log_path(run_id):
@@ -177,7 +186,8 @@ def _result(run_id, exit_status, summary=None, on_daemon=False):
                      lost=d.get("lost_events", 0) + d.get("lost_stash", 0) + d.get("unmatched_repeats", 0),
                      violations=verdict.get("violations", 0),
                      violations_by_category=dict(verdict.get("by_category") or {}),
-                     killed_for=d.get("killed_for"), summary=summary, on_daemon=on_daemon)
+                     killed_for=d.get("killed_for"), summary=summary, on_daemon=on_daemon,
+                     termination=d.get("termination"))
 
 
 _LIVE = {}                 # run id -> RunHandle, while it runs in this process
@@ -516,12 +526,19 @@ def gc(log=None):
 
 
 def run_stats(run_id, status=None):
-    """The harness's live figures of a run, for `agentwatch ps`: the LLM
-    gateway's queue depth, calls in flight and waits, from the daemon
-    (status: a DaemonStatus already fetched); {} without a gateway."""
+    """The live figures of a run, for `agentwatch ps`: the LLM gateway's
+    queue depth, calls in flight and waits, from the daemon (status: a
+    DaemonStatus already fetched), and under "progress" the run's own
+    progress signals from its stats.json (seconds since the last workspace
+    write or exec, execs, the most repeated argv's count, workspace states
+    that came back: engine/termination.py); {} when there are neither."""
     st = status if status is not None else daemon_status()
     gw = (st.raw.get("gateway") if st is not None else None) or {}
-    return dict((gw.get("runs") or {}).get(run_id) or {})
+    out = dict((gw.get("runs") or {}).get(run_id) or {})
+    progress = (state.read_json(state.run_path(run_id, "stats.json"), {}) or {}).get("progress")
+    if progress:
+        out["progress"] = progress
+    return out
 
 
 # ---------------------------------------------------------------- manifests

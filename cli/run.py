@@ -45,7 +45,9 @@ def _with_run_options(fn):
 def run(ctx, use_daemon, command, **fields):
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]
 
-    The exit status is the agent's own (128+N when a signal N killed it)."""
+    The exit status is the agent's own (128+N when a signal N killed it),
+    unless the policy's termination section ended the run: done 0, loop 81,
+    no_progress 82, budget 83, timeout 124 (resources.wall_time too)."""
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
     result = api.run(api.RunOptions(argv=list(command), **fields), daemon=use_daemon)
-    ctx.exit(result.exit_status)
+    ctx.exit(result.run_status)

@@ -433,6 +433,17 @@ def _row(run, manifest=None, agent=None, weight=None):
             "stats": api.run_stats(run.run_id)}
 
 
+def _progress(stats):
+    """The IDLE/EXECS/REP/WSREP columns: the run's progress signals
+    (seconds since its last workspace write or exec, execs, the most
+    repeated argv's count, workspace states that came back)."""
+    p = (stats or {}).get("progress")
+    if not p:
+        return "-", "-", "-", "-"
+    ws = p.get("workspace_returns") if p.get("workspace_states") is not None else "-"
+    return f"{p['idle_seconds']:.0f}s", p["execs"], p["top_exec_repeats"], ws
+
+
 def _queue(stats):
     """The QUEUE column: the gateway's queue depth / wait, once it reports them."""
     if not stats or "queue_depth" not in stats:
@@ -460,12 +471,13 @@ def ps(show_all, as_json):
     if not rows:
         click.echo("no running agents" if not show_all else "no runs", err=True)
         return
-    fmt = "{:<24} {:<16} {:<11} {:<12} {:>6} {:>7} {:>7} {:>5} {:>9} {:>6} {:>6}  {}"
+    fmt = "{:<24} {:<16} {:<11} {:<12} {:>6} {:>7} {:>7} {:>5} {:>9} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5}  {}"
     click.echo(fmt.format("RUN_ID", "AGENT", "STATUS", "MANIFEST", "WEIGHT", "UPTIME", "PID", "PIDS",
-                          "EVENTS", "LOST", "QUEUE", "COMMAND"))
+                          "EVENTS", "LOST", "QUEUE", "IDLE", "EXECS", "REP", "WSREP", "COMMAND"))
     for r in rows:
         status = r["status"] + (f"({r['exit_status']})" if r["exit_status"] is not None else "")
         click.echo(fmt.format(r["run_id"] or "-", str(r["agent"])[:16], status,
                               (r["manifest"] or "-")[:12], r["weight"] or "-", _uptime(r["uptime"]),
                               r["root_pid"] or "-", r["pids"], r["events"], r["lost"], _queue(r["stats"]),
+                              *_progress(r["stats"]),
                               r["command"][:60] or (r.get("error") or "")[:60]))

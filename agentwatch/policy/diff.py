@@ -13,7 +13,8 @@ removing one grants. No lines at all: "no permission changes".
 """
 import shlex
 
-from .model import RULES, SECTIONS, TOGGLES, Filesystem, Peers, duration_text, host_network_why
+from .model import (BUDGET_KEYS, LOOP_KEYS, RULES, SECTIONS, TOGGLES, Filesystem, Peers,
+                    TerminationRules, duration_text, host_network_why, size_text)
 
 GRANT, REVOKE, CHANGE = "+ grants:", "- revokes:", "~ changes:"
 _VERBS = (("read", "read"), ("write", "write"), ("exec", "execute from"))
@@ -229,6 +230,34 @@ def _peers(out, a, b):
     _limit(out, "peers.rate", pa.rate, pb.rate)
 
 
+def _budget_text(key, value):
+    if value is None:
+        return None
+    if key == "wall_time":
+        return duration_text(value)
+    return size_text(value) if key == "bytes_written" else str(value)
+
+
+def _termination(out, a, b):
+    """A limit raised (or removed) lets the agent run on: a grant; a done
+    condition is neither, it ends the run as a success: a change."""
+    if a is None and b is None:
+        return
+    ta, tb = a or TerminationRules(), b or TerminationRules()
+    da, db = [c.describe() for c in ta.done], [c.describe() for c in tb.done]
+    added, removed = _items(da, db)
+    out += [f"{CHANGE} termination.done adds: the run is done when {x}" for x in added]
+    out += [f"{CHANGE} termination.done drops: the run is done when {x}" for x in removed]
+    _limit(out, "termination.no_progress", ta.no_progress, tb.no_progress,
+           ta.no_progress and duration_text(ta.no_progress), tb.no_progress and duration_text(tb.no_progress))
+    for key in LOOP_KEYS:
+        _limit(out, f"termination.loop.{key}", ta.loop.get(key), tb.loop.get(key))
+    for key in BUDGET_KEYS:
+        old, new = ta.budget.get(key), tb.budget.get(key)
+        _limit(out, f"termination.budget.{key}", old, new, _budget_text(key, old), _budget_text(key, new))
+    _changed(out, "termination.grace", duration_text(ta.grace), duration_text(tb.grace))
+
+
 def diff_specs(a, b):
     """PolicySpec, PolicySpec -> lines (empty when nothing changed)."""
     out = []
@@ -238,6 +267,7 @@ def diff_specs(a, b):
     _syscalls(out, a, b)
     _resources(out, a, b)
     _peers(out, a.peers, b.peers)
+    _termination(out, a.termination, b.termination)
     _identity(out, a, b)
     _on_violation(out, a, b)
     return out

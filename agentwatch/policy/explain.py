@@ -4,7 +4,7 @@ as written and, when it uses a variable, as expanded for this machine."""
 import os
 
 from . import matchers as M
-from .model import RULES, TOGGLES, duration_text, host_network_why, relay_ports
+from .model import RULES, TOGGLES, duration_text, host_network_why, relay_ports, size_text
 
 _TOGGLE_WORDS = {"ptrace": "trace or read other processes (ptrace)",
                  "change_uid": "change user or group id",
@@ -167,6 +167,42 @@ def _peers(spec):
     return lines
 
 
+def _budget_words(key, value):
+    if key == "wall_time":
+        return f"it has run {duration_text(value)}"
+    what = {"execs": "programs started (successful execs)", "processes": "processes started",
+            "llm_tokens": "LLM tokens used (in and out, through the gateway)",
+            "bytes_written": "written (the sizes of the files it wrote, once per change seen)"}[key]
+    return f"{size_text(value) if key == 'bytes_written' else value} {what}"
+
+
+_LOOP_WORDS = {"exec": "it runs the same command line {} times",
+               "failing": "the same command fails the same way {} times",
+               "workspace": "the workspace's content comes back to an earlier state {} times (undo/redo, A-B-A-B)"}
+
+
+def _termination(spec):
+    term = spec.termination
+    if term is None:
+        return ["Termination: the run ends when the agent exits (no termination section)"]
+    lines = ["Termination (the run is stopped although the agent still runs)"]
+    for c in term.done:
+        lines.append(f"  Done (exit status 0) when {c.describe()}")
+    if term.no_progress is not None:
+        lines.append(f"  No progress (exit status 82) when it neither writes in the workspace nor starts "
+                     f"a program for {duration_text(term.no_progress)}")
+    for key, k in term.loop.items():
+        lines.append("  Loop (exit status 81) when " + _LOOP_WORDS[key].format(k)
+                     + (" with no change to the workspace in between" if key != "workspace" else ""))
+    for key, value in term.budget.items():
+        status = 124 if key == "wall_time" else 83
+        lines.append(f"  {'Timeout' if key == 'wall_time' else 'Budget'} (exit status {status}) once "
+                     f"{_budget_words(key, value)}")
+    lines.append(f"  Stopping: SIGTERM to every process of the run, SIGKILL {duration_text(term.grace)} "
+                 f"later (termination.grace)")
+    return lines
+
+
 def _rest(spec):
     lines = []
     if spec.syscalls:
@@ -206,7 +242,7 @@ def explain(policy, variables):
     lines = _header(policy, spec)
     lines.append("Variables: " + ", ".join(f"${{{k}}}={variables[k]}" for k in sorted(variables)))
     for block in (_filesystem(spec, variables), _network(spec), _process(spec, variables), _peers(spec),
-                  _rest(spec)):
+                  _termination(spec), _rest(spec)):
         lines.append("")
         lines += block
     return "\n".join(lines) + "\n"

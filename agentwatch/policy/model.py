@@ -81,6 +81,15 @@ DEFAULT_MAX_TTL, MAX_MAX_TTL = 3600.0, 86400.0      # a scope token's longest li
 DEFAULT_TOOL_TIMEOUT, MAX_TOOL_TIMEOUT = 10.0, 300.0
 DEFAULT_RATE, MAX_RATE = 200, 100000                 # messages per second
 
+# termination (engine/termination.py): defaults and bounds, in seconds
+DEFAULT_CHECK_EVERY, MIN_CHECK_EVERY = 30.0, 1.0     # a done command's period
+DEFAULT_CHECK_TIMEOUT, MAX_CHECK_TIMEOUT = 10.0, 300.0
+DEFAULT_GRACE, MAX_GRACE = 5.0, 300.0                # SIGTERM, then this long, then SIGKILL
+MIN_NO_PROGRESS = 1.0
+# termination.loop: the same thing this many times is a loop (at least 2)
+LOOP_KEYS = ("exec", "failing", "workspace")
+BUDGET_KEYS = ("execs", "bytes_written", "processes", "llm_tokens", "wall_time")
+
 
 def host_network_why(allow, loopback, guard=False):
     """Why an enforced network section keeps the host's network namespace,
@@ -293,6 +302,45 @@ def duration_text(seconds):
     return "".join(parts)
 
 
+@dataclass(frozen=True)
+class DoneCondition:
+    """One of termination.done: a file exists (and its content matches a
+    regex), or a command exits 0. Paths as written (variables unexpanded)."""
+    file: str = None
+    matches: str = None                # Python regex, searched with re.MULTILINE
+    command: tuple = None              # argv, run in the run's sandbox (argv[0] absolute)
+    every: float = DEFAULT_CHECK_EVERY
+    timeout: float = DEFAULT_CHECK_TIMEOUT
+    loc: Loc = None
+
+    def describe(self):
+        """'the file ${WORKSPACE}/DONE exists', "make -q test exits 0 (...)"."""
+        if self.file is not None:
+            text = f"the file {self.file} exists"
+            return text + (f" and its content matches /{self.matches}/" if self.matches else "")
+        return (f"{shlex.join(self.command)} exits 0 (run in the run's sandbox when the workspace "
+                f"changes and every {duration_text(self.every)}, at most {duration_text(self.timeout)} each)")
+
+
+@dataclass
+class TerminationRules:
+    """The termination section: when a run is over although its agent still
+    runs. None/absent keys: that condition is not checked."""
+    done: tuple = ()                   # tuple[DoneCondition]; any one holding ends the run
+    no_progress: float = None          # seconds without a workspace write or an exec
+    loop: dict = field(default_factory=dict)     # LOOP_KEYS -> K (the same thing K times)
+    budget: dict = field(default_factory=dict)   # BUDGET_KEYS -> a count, bytes or seconds
+    grace: float = DEFAULT_GRACE
+
+
+def size_text(n):
+    """104857600 -> '100MiB', 1536 -> '1.5KiB', 100 -> '100 bytes'."""
+    for unit, size in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n} bytes"
+
+
 @dataclass
 class Resources:
     memory: int = None                 # bytes
@@ -320,6 +368,7 @@ class PolicySpec:
     syscalls: tuple = None             # tuple[Item] of syscalls.deny
     resources: Resources = None
     peers: Peers = None                # None: no agent-to-agent messages at all
+    termination: TerminationRules = None   # None: the run ends when its agent exits
     on_violation: OnViolation = field(default_factory=OnViolation)
     monitor: tuple = None
     locs: dict = field(default_factory=dict)      # "process.ptrace" -> Loc of the value
@@ -333,8 +382,8 @@ class PolicySpec:
     def needed_groups(self):
         """Sensor groups the rules need to be judged at all."""
         groups = ["process"]
-        if self.filesystem is not None or self.identity is not None:
-            groups.append("file")
+        if self.filesystem is not None or self.identity is not None or self.termination is not None:
+            groups.append("file")         # termination: workspace writes are progress
         if self.network is not None:
             groups.append("net")
         if (self.process is not None and False in self.process.toggles.values()) or self.syscalls:

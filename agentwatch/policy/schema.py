@@ -16,11 +16,12 @@ from ..core import units
 from . import matchers as M
 from .checker import MAX_PROBLEMS, Checker, TooMany, did_you_mean
 from .crosschecks import CROSS_CHECKS
-from .model import (API_VERSION, HOST_NAMESPACES, MAX_MAX_TTL, MAX_RATE, MAX_TOOL_TIMEOUT,
-                    NETLINK_PROTOCOLS, PROTOCOLS, RULES, SECTIONS, SENSOR_GROUPS, SOCKET_FAMILIES,
-                    TOGGLES, ExecRule, Filesystem, Identity, Item, Network, NetRule, Peers, PolicySpec,
-                    Problem, Process, Resources, RunAs, Tool, duration_text, native_syscalls,
-                    syscall_status)
+from .model import (API_VERSION, BUDGET_KEYS, HOST_NAMESPACES, LOOP_KEYS, MAX_CHECK_TIMEOUT,
+                    MAX_GRACE, MAX_MAX_TTL, MAX_RATE, MAX_TOOL_TIMEOUT, MIN_CHECK_EVERY,
+                    MIN_NO_PROGRESS, NETLINK_PROTOCOLS, PROTOCOLS, RULES, SECTIONS, SENSOR_GROUPS,
+                    SOCKET_FAMILIES, TOGGLES, DoneCondition, ExecRule, Filesystem, Identity, Item,
+                    Network, NetRule, Peers, PolicySpec, Problem, Process, Resources, RunAs,
+                    TerminationRules, Tool, duration_text, native_syscalls, syscall_status)
 from .source import yaml_type
 
 _SIGNER = re.compile(r"ed25519:[0-9a-fA-F]{64}")
@@ -39,12 +40,16 @@ PEERS_KEYS = ("description", "skills", "send", "receive", "grant", "accept", "ma
 SKILL_KEYS = ("name", "description")
 TOOL_KEYS = ("argv", "timeout")
 _TOOL = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+TERMINATION_KEYS = ("done", "no_progress", "loop", "budget", "grace")
+DONE_KEYS = ("file", "matches", "command", "every", "timeout")
+MAX_LOOP = 1000000
+MAX_COUNT = 1 << 62              # a budget count (execs, processes, tokens)
 
 
 # --------------------------------------------------------------- sections
 
 TOP_KEYS = ("apiVersion", "kind", "metadata", "extends", "identity", "filesystem", "network",
-            "process", "syscalls", "resources", "peers", "on_violation", "monitor")
+            "process", "syscalls", "resources", "peers", "termination", "on_violation", "monitor")
 
 
 def _metadata(ck, value, loc, spec):
@@ -485,7 +490,7 @@ def _tool_names(ck, value, loc, name):
     return tuple(good)
 
 
-def _argv(ck, value, loc, name):
+def _argv(ck, value, loc, name, runner="the broker runs it"):
     """A command line: a non-empty list of strings, argv[0] an absolute path.
     Not ck.strings: a repeated argument ('-v', '-v') is an argument, not a
     duplicate entry."""
@@ -503,7 +508,7 @@ def _argv(ck, value, loc, name):
             ck.error(iloc, f"{name}[{i}]: a NUL byte cannot be in an argument")
             ok = False
         elif i == 0 and not item.startswith("/"):
-            ck.error(iloc, f"{name}[0]: {item!r} is not an absolute path (the broker runs it "
+            ck.error(iloc, f"{name}[0]: {item!r} is not an absolute path ({runner} "
                            f"without a PATH search)")
             ok = False
     return tuple(value) if ok else None
@@ -566,6 +571,120 @@ def _peers(ck, value, loc, spec):
             peers.tools = _tools(ck, v, vloc, spec)
 
 
+def _done_file(ck, value, loc, name):
+    """A literal absolute path, or one starting with a variable (${WORKSPACE}/...)."""
+    path = ck.string(value, loc, name, "a path")
+    if path is None:
+        return None
+    errors, _ = M.check_glob(path, "path")
+    if not errors and (path.startswith("**") or M.has_wildcards(path)):
+        errors = [f"{path!r} is a glob: a done file is one literal path"]
+    for message in errors:
+        ck.error(loc, f"{name}: {message}")
+    return None if errors else path
+
+
+def _regex(ck, value, loc, name):
+    text = ck.string(value, loc, name, "a regular expression")
+    if text is None:
+        return None
+    try:
+        re.compile(text)
+    except (re.error, RecursionError, OverflowError) as e:
+        ck.error(loc, f"{name}: not a regular expression: {e}")
+        return None
+    return text
+
+
+def _done(ck, value, loc):
+    """termination.done: a list of {file, matches?} or {command, every?, timeout?}."""
+    out = []
+    for i, item, iloc in ck.items(value, loc, "termination.done",
+                                  "conditions ({file: PATH} or {command: [ARGV]})") or ():
+        name = f"termination.done[{i}]"
+        m = ck.mapping(item, iloc, name, DONE_KEYS)
+        if m is None:
+            continue
+        if ("file" in m) == ("command" in m):
+            ck.error(iloc, f"{name}: give exactly one of 'file' or 'command'")
+            continue
+        wrong = [k for k in (("every", "timeout") if "file" in m else ("matches",)) if k in m]
+        for key in wrong:
+            ck.error(m.key_locs[key], f"{name}.{key}: only a {'command' if key != 'matches' else 'file'} "
+                                      f"condition takes {key!r}")
+        fields, ok = {}, not wrong
+        for key, v, vloc in ck.entries(m, DONE_KEYS):
+            if key in wrong:
+                continue
+            if key == "file":
+                fields[key] = _done_file(ck, v, vloc, f"{name}.file")
+            elif key == "matches":
+                fields[key] = _regex(ck, v, vloc, f"{name}.matches")
+            elif key == "command":
+                fields[key] = _argv(ck, v, vloc, f"{name}.command", "the check runs it")
+            elif key == "every":
+                fields[key] = _duration(ck, v, vloc, f"{name}.every", 86400.0, "24h")
+                if fields[key] is not None and fields[key] < MIN_CHECK_EVERY:
+                    ck.error(vloc, f"{name}.every: must be at least {duration_text(MIN_CHECK_EVERY)}, "
+                                   f"got {v!r}")
+                    fields[key] = None
+            else:
+                fields[key] = _duration(ck, v, vloc, f"{name}.timeout", MAX_CHECK_TIMEOUT)
+            ok = ok and fields[key] is not None
+        if ok:
+            out.append(DoneCondition(loc=iloc, **fields))
+    return tuple(out)
+
+
+def _loop(ck, value, loc):
+    m = ck.mapping(value, loc, "termination.loop", LOOP_KEYS)
+    out = {}
+    for key, v, vloc in ck.entries(m or {}, LOOP_KEYS):
+        n = ck.integer(v, vloc, f"termination.loop.{key}", minimum=2, maximum=MAX_LOOP)
+        if n is not None:
+            out[key] = n
+    return out
+
+
+def _budget(ck, value, loc):
+    m = ck.mapping(value, loc, "termination.budget", BUDGET_KEYS)
+    out = {}
+    for key, v, vloc in ck.entries(m or {}, BUDGET_KEYS):
+        name = f"termination.budget.{key}"
+        if key == "bytes_written":
+            n = ck.unit(units.parse_size, v, vloc, name)
+        elif key == "wall_time":
+            n = ck.unit(units.parse_duration, v, vloc, name)
+        else:
+            n = ck.integer(v, vloc, name, maximum=MAX_COUNT)
+        if n is not None:
+            out[key] = n
+    return out
+
+
+def _termination(ck, value, loc, spec):
+    m = ck.mapping(value, loc, "termination", TERMINATION_KEYS)
+    if m is None:
+        return
+    term = spec.termination = TerminationRules()
+    for key, v, vloc in ck.entries(m, TERMINATION_KEYS):
+        spec.locs[f"termination.{key}"] = vloc
+        if key == "done":
+            term.done = _done(ck, v, vloc)
+        elif key == "no_progress":
+            term.no_progress = _duration(ck, v, vloc, "termination.no_progress", 86400.0 * 365, "365d")
+            if term.no_progress is not None and term.no_progress < MIN_NO_PROGRESS:
+                ck.error(vloc, f"termination.no_progress: must be at least "
+                               f"{duration_text(MIN_NO_PROGRESS)}, got {v!r}")
+                term.no_progress = None
+        elif key == "loop":
+            term.loop = _loop(ck, v, vloc)
+        elif key == "budget":
+            term.budget = _budget(ck, v, vloc)
+        else:
+            term.grace = _duration(ck, v, vloc, "termination.grace", MAX_GRACE) or term.grace
+
+
 def _on_violation(ck, value, loc, spec):
     keys = ("default", *SECTIONS, "rules")
     m = ck.mapping(value, loc, "on_violation", keys)
@@ -602,7 +721,8 @@ def _monitor(ck, value, loc, spec):
 
 _SECTIONS = {"metadata": _metadata, "identity": _identity, "filesystem": _filesystem,
              "network": _network, "process": _process, "syscalls": _syscalls,
-             "resources": _resources, "peers": _peers, "on_violation": _on_violation,
+             "resources": _resources, "peers": _peers, "termination": _termination,
+             "on_violation": _on_violation,
              "monitor": _monitor}
 
 

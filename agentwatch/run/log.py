@@ -69,10 +69,11 @@ class RunLog:
         self.record.update(changes)
         state.write_json_atomic(state.run_path(self.run_id, "run.json"), self.record)
 
-    def stats(self, sensors, ctx, pids):
+    def stats(self, sensors, ctx, pids, progress=None):
         """The run's counters now (sensors' and the run context's; pids: how
-        many processes the run has), into stats.json; a `drops` event when
-        the kernel lost more events since the last time."""
+        many processes the run has; progress: the terminator's signals,
+        engine/termination.py), into stats.json; a `drops` event when the
+        kernel lost more events since the last time."""
         c = sensors.counters()
         stats = {"events": ctx.events, "lost_events": c["lost_events"],
                  "lost_events_per_cpu": c["lost_events_per_cpu"], "lost_stash": c["lost_stash"],
@@ -81,7 +82,7 @@ class RunLog:
                  "repeated": ctx.repeated, "unmatched_repeats": ctx.unmatched_repeats,
                  "folded": c["folded"],
                  "decode_errors": len(sensors.errors), "pids": pids,
-                 "updated": time.time()}
+                 "progress": progress, "updated": time.time()}
         state.write_json_atomic(state.run_path(self.run_id, "stats.json"), stats)
         lost = c["lost_events"] + c["lost_stash"]
         if lost != self._last_lost:

@@ -23,6 +23,7 @@ from ..core import state
 from ..core.errors import AgentwatchError, LaunchError
 from ..engine import RunContext
 from ..engine.judge import Judge
+from ..engine.termination import LocalIO, Termination, Terminator
 from ..sandbox import launcher
 from ..sandbox.cgroups import RunCgroup
 from . import sweep
@@ -36,6 +37,8 @@ STATS_EVERY_S = 1.0
 DRAIN_S = 2.0            # after the agent's end: how long its own monitor reads before drain()
 SHARED_DRAIN_S = 300.0   # on a shared monitor: the bound on reading up to the agent's end
 SHARED_POLL_S = 0.02     # a run on a shared monitor reads the rings this often (priority records too)
+TERM_CHECK_S = 0.15      # the terminator's conditions are checked this often
+TERM_KINDS = frozenset(("file", "exec", "exit", "fork", "llm"))
 
 
 class Run:
@@ -74,6 +77,9 @@ class Run:
         self.killed_for = None
         self.init_reaped = True          # False while the run's init (PID namespace) is unreaped
         self.wall_deadline = None
+        self.terminator = None           # engine/termination.Terminator: progress signals, conditions
+        self.termination = None          # the Termination that ended the run, once one did
+        self._next_term_check = 0.0
         self.err = opts.stderr or sys.stderr   # agentwatch's own messages
 
     # -- for callers (the API, the daemon) -------------------------------------------
@@ -100,13 +106,35 @@ class Run:
         self.stop_requested += 1
         if self.stop_requested == 1:
             self.stop_signal = signum
-            self.stop_deadline = time.monotonic() + STOP_GRACE_S
+            if self.termination is None:
+                self.termination = Termination("stopped", f"signal {signal.Signals(signum).name}",
+                                               {"signal": int(signum)})
             # a terminal's Ctrl-C reached the agent already, unless the daemon started it
             remote = self.opts.client is not None
-            if self.cgroup and (signum != signal.SIGINT or remote):
-                self.cgroup.signal_all(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+            self._stop_tree(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM, STOP_GRACE_S,
+                            send=signum != signal.SIGINT or remote)
         elif self.cgroup:
             self.cgroup.kill()
+
+    def _stop_tree(self, sig, grace, send=True):
+        """sig to every process of the run, SIGKILL after grace seconds
+        (the _step loop) unless the tree is gone by then."""
+        deadline = time.monotonic() + grace
+        self.stop_deadline = min(self.stop_deadline or deadline, deadline)
+        if self.cgroup and send:
+            self.cgroup.signal_all(sig)
+
+    def _terminate(self, termination):
+        """A termination condition holds: log why and stop the agent's tree
+        (SIGTERM, termination.grace, SIGKILL)."""
+        if self.termination is not None:
+            return
+        self.termination = termination
+        grace = self.terminator.rules.grace if self.terminator.rules else STOP_GRACE_S
+        self.log.lifecycle("warning", {"message": f"stopping the agent: {termination.reason} "
+                                                  f"({termination.condition})",
+                                       "termination": termination.to_dict()})
+        self._stop_tree(signal.SIGTERM, grace)
 
     def _on_signal(self, signum, _frame):
         self.stop(signum)
@@ -122,12 +150,47 @@ class Run:
     def _kill_for_violation(self, decision):
         if not self.killed_for:
             self.killed_for = decision.rule
+            if self.termination is None:
+                self.termination = Termination("violation", decision.rule, {"reason": decision.reason})
             self.log.lifecycle("warning", {"message": f"killing the agent: {decision.rule} "
                                                       f"({decision.reason}) has action kill"})
             self.cgroup.kill()
 
     def _stats(self):
-        return self.log.stats(self.sensors, self.ctx, len(self.cgroup.pids()))
+        progress = self.terminator.progress(time.monotonic()) if self.terminator else None
+        return self.log.stats(self.sensors, self.ctx, len(self.cgroup.pids()), progress)
+
+    # -- termination (engine/termination.py) ----------------------------------------------
+    def _start_terminator(self):
+        """The run's Terminator, fed by its own bus (a callback: O(1), on the
+        reader's thread), its done commands run in the run's sandbox."""
+        p = self.prepared
+        rules = p.policy.spec.termination if p.policy else None
+        self.terminator = Terminator(rules, p.variables["WORKSPACE"], p.variables, time.monotonic(),
+                                     LocalIO(start_command=self._start_check))
+        self.bus.subscribe(1, TERM_KINDS, callback=self.terminator.feed)
+
+    def _start_check(self, index, argv, timeout):
+        """Run termination.done[index]'s command as the agent would (its
+        sandbox, cgroup, cwd and environment), in a thread; its processes'
+        events are no progress (Terminator.ignore)."""
+        def check():
+            t0 = time.monotonic()
+            try:
+                status = self.spawn_tool(argv, timeout, max_output=4096,
+                                         on_spawn=self.terminator.ignore)[0]
+            except LaunchError:
+                status = None
+            self.terminator.command_result(index, status, time.monotonic() - t0)
+        threading.Thread(target=check, name=f"termination.done[{index}]", daemon=True).start()
+
+    def _check_termination(self, now):
+        if self.terminator is None or self.termination is not None or now < self._next_term_check:
+            return
+        self._next_term_check = now + TERM_CHECK_S
+        t = self.terminator.check(now)
+        if t is not None:
+            self._terminate(t)
 
     # -- main -----------------------------------------------------------------------------
     def execute(self):
@@ -205,6 +268,7 @@ class Run:
                                None if self.own_monitor else self.monitor.take_guard,
                                egress_guard=self.monitor.egress_guard, emit=self._on_event)
         self.agent_env = self._service_env(identity)
+        self._start_terminator()
         if p.plan and p.plan.wall_time:
             self.wall_deadline = time.monotonic() + p.plan.wall_time
         if p.plan:
@@ -288,13 +352,14 @@ class Run:
                 return d.reason
         return None
 
-    def spawn_tool(self, argv, timeout_s, max_output=1 << 20):
+    def spawn_tool(self, argv, timeout_s, max_output=1 << 20, on_spawn=None):
         """Run argv inside this run's sandbox, as the agent would: its
         cgroup (so its sensors see it, and the run's end kills it), its
         namespaces, masks, Landlock, credentials and seccomp filter, with
         stdin from /dev/null. For the broker's token-gated tools
         (harness/broker.py). -> (exit status, stdout, stderr, truncated);
         a tool still running after timeout_s is killed (exit status 137).
+        on_spawn(pid): called with the tool's pid before it execs.
         LaunchError when the run has ended or the tool cannot start."""
         if self.child is None or self.exit_status is not None or self.cgroup is None:
             raise LaunchError("the run has ended")
@@ -307,6 +372,8 @@ class Run:
                                        setup=self.enforcement.child_steps(), stdio=(null, out_w, err_w),
                                        pid_ns=self.prepared.pid_ns)
                 self.monitor.children.add(child.pid)
+                if on_spawn is not None:
+                    on_spawn(child.pid)
                 try:
                     self.cgroup.add(child.pid)
                     self.enforcement.join(child.pid)
@@ -395,6 +462,9 @@ class Run:
         if self.wall_deadline and time.monotonic() > self.wall_deadline:
             self.wall_deadline = None
             self.log.lifecycle("warning", {"message": "wall time limit reached: stopping the agent"})
+            if self.termination is None:
+                self.termination = Termination("timeout", "resources.wall_time",
+                                               {"limit": self.prepared.plan.wall_time})
             if self.judge:
                 self.judge.limit_reached("resources.wall_time",
                                          f"ran longer than {self.prepared.plan.wall_time:g} s")
@@ -405,6 +475,7 @@ class Run:
             self.stop_deadline = None
         if self.judge:
             self.judge.tick(now)
+        self._check_termination(now)
         self.log.flush()
         if now >= next_stats:
             self._stats()
@@ -481,6 +552,7 @@ class Run:
         lost = stats["lost_events"] + stats["lost_stash"] + stats["unmatched_repeats"]
         verdict = self.judge.summary() if self.judge else None
         netns = self.enforcement.netns
+        term = self.termination or Termination("exit", None, {"exit_status": self.exit_status})
         self.log.lifecycle("end", {"exit_status": self.exit_status, "events": self.ctx.events,
                                    "violations": verdict, "killed_for": self.killed_for,
                                    **{k: stats[k] for k in END_STATS},
@@ -488,7 +560,8 @@ class Run:
                                    "killed_in_kernel": stats["killed_in_kernel"],
                                    "bus": self.bus.counters(),
                                    "loopback_relay": netns.counters() if netns else None,
-                                   "stopped_by_signal": self.stop_signal})
+                                   "stopped_by_signal": self.stop_signal,
+                                   "termination": term.to_dict()})
         self.log.seal({"events": self.ctx.events, "lost": lost,
                        "violations": verdict["violations"] if verdict else 0})
         self.summary = summary_line(self.run_id, self.agent, self.exit_status, self.ctx.events, lost,

@@ -103,7 +103,7 @@ SIGNATURES = {
 
 FIELDS = {
     "RunResult": ["exit_status", "run_id", "log_path", "agent", "events", "lost", "violations",
-                  "violations_by_category", "killed_for", "summary", "on_daemon"],
+                  "violations_by_category", "killed_for", "summary", "on_daemon", "termination"],
     "RunInfo": ["run_id", "agent", "status", "root_pid", "pids", "events", "lost", "started", "policy",
                 "policy_digest", "command", "exit_status", "log_path", "identity", "crash"],
     "LogVerification": ["path", "run_id", "ok", "lines", "signer", "problems"],

@@ -203,7 +203,7 @@ def test_ps_lists_a_manifests_agents_then_the_other_runs(capsys, state_dir):
     assert main(["ps"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["RUN_ID", "AGENT", "STATUS", "MANIFEST", "WEIGHT", "UPTIME", "PID", "PIDS",
-                              "EVENTS", "LOST", "QUEUE", "COMMAND"]
+                              "EVENTS", "LOST", "QUEUE", "IDLE", "EXECS", "REP", "WSREP", "COMMAND"]
     assert out[1].split()[:5] == ["20261128-000001-bbbbbb", "coder", "running", "team", "300"]
     assert len(out) == 4
 
