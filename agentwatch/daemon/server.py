@@ -38,8 +38,7 @@ class Daemon:
         self.started = None
 
     def serve(self):
-        from ..run import Monitor, gc
-        from ..sandbox import launcher
+        from ..run import gc
         if os.geteuid() != 0:
             raise errors.PrivilegeError("agentwatch daemon needs root (it loads BPF programs and "
                                         "creates cgroups); run it with sudo")
@@ -50,10 +49,26 @@ class Daemon:
         if swept:
             self.log(f"swept {len(swept)} run(s) a crashed agentwatch left")
         t0 = time.monotonic()
+        gateway_config = None
         if self.gateway_path:        # a bad config is told before the sensors load
             from ..harness.gateway_config import GatewayConfig
             gateway_config = GatewayConfig.load(self.gateway_path)
+        self._serve(t0, gateway_config)
+
+    def _serve(self, t0, gateway_config):
+        from ..run import Monitor
+        from ..sandbox import launcher
         self.monitor = Monitor(ringbuf_pages=self.ringbuf_pages, map_exec=True).open()
+        # Stop signals are taken by one thread that knows who sent them
+        # (sigwaitinfo): an agent's SIGTERM would otherwise stop every run,
+        # wherever no kernel layer refuses it (no policy, or a kernel with
+        # neither Landlock's signal scope nor BPF LSM). Blocked here, after
+        # the keeper process started (it keeps the default mask) and before
+        # any thread of ours exists (the services' loops, the store writers,
+        # the file watcher, the client threads), so that all of them inherit
+        # the mask: a signal the kernel handed to one of them would kill the
+        # daemon. The launcher clears it in the agent.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             if self.gateway_path:
                 from ..harness.service import GatewayService
@@ -70,20 +85,13 @@ class Daemon:
             self.log(f"ready on {self.path} (pid {os.getpid()}): sensors loaded in "
                      f"{time.monotonic() - t0:.1f} s, {len(self.monitor.sensors.attached)} "
                      f"tracepoints")
-            # Stop signals are taken by one thread that knows who sent them
-            # (sigwaitinfo): an agent's SIGTERM would otherwise stop every run,
-            # wherever no kernel layer refuses it (no policy, or a kernel with
-            # neither Landlock's signal scope nor BPF LSM). Blocked here, before
-            # the client threads exist, so that all of them inherit the mask;
-            # the launcher clears it in the agent.
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             threading.Thread(target=self._stop_signals, daemon=True).start()
-            try:
-                self._accept_loop()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            self._accept_loop()
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _stop_signals(self):
         """Stop on SIGTERM, SIGINT or SIGHUP, unless an agent sent it."""
