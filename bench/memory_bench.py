@@ -230,6 +230,28 @@ def _searches(store, queries, agents, seconds, hits):
     return _rate(one, seconds)
 
 
+def _matches(db, queries, agents):
+    """Per query, how many records its words match in every namespace and in
+    one (a read-only connection of our own, the store's query syntax):
+    what search() scores before and after its namespace filter."""
+    import sqlite3
+
+    from agentwatch.harness.memory import _fts_query
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        every, own = [], []
+        for i, q in enumerate(queries):
+            m = _fts_query(q)
+            every.append(con.execute("SELECT count(*) FROM records_fts WHERE records_fts MATCH ?",
+                                     (m,)).fetchone()[0])
+            own.append(con.execute("SELECT count(*) FROM records_fts JOIN records r ON r.seq = records_fts.rowid"
+                                   " WHERE records_fts MATCH ? AND r.agent = ?",
+                                   (m, agents[i % len(agents)])).fetchone()[0])
+        return {"all": every, "own": own}
+    finally:
+        con.close()
+
+
 def _reads(store, ids, agents, seconds):
     """store.record(id): a read without the recency update (no transaction), for scale."""
     rng = random.Random(4)
@@ -397,6 +419,7 @@ def memory(ctx):
             gets, searches = alternate(lambda: _gets(store, ids, agents, w),
                                        lambda: _searches(store, queries, agents, w, hits), reps)
             reads = [_reads(store, ids, agents, min(w, 1.0))]
+            matches = _matches(db, queries[:100], agents)
             at_records = store.stats()["records"]
             log(f"memory: invalidation latency, {s['mem_inval_n']} x (sh, os.write)")
             lat, backend, inval_notes, inval = _invalidation(
@@ -410,7 +433,7 @@ def memory(ctx):
         if old_mask is not None:
             os.sched_setaffinity(0, old_mask)
     return assemble(s, cpus, direct, grouped, gets, searches, lat, backend, disk, rss, notes,
-                    reads=reads, hits=hits, inval=inval, at_records=at_records)
+                    reads=reads, hits=hits, inval=inval, at_records=at_records, matches=matches)
 
 
 def _size(path):
@@ -421,7 +444,7 @@ def _size(path):
 
 
 def assemble(s, cpus, direct, grouped, gets, searches, lat, backend, disk, rss, notes,
-             reads=None, hits=None, inval=None, at_records=None):
+             reads=None, hits=None, inval=None, at_records=None, matches=None):
     """The benchmark's result document from its measurements (pure)."""
     n = s["mem_records"]
     notes = list(notes)
@@ -440,9 +463,13 @@ def assemble(s, cpus, direct, grouped, gets, searches, lat, backend, disk, rss, 
                            note="each moves last_accessed_at: a write transaction and an fsync"
                                 + (f"; store.record() (no recency update) {rd['median']:,.0f}/s" if rd else ""))
     hs = lib.summarize(hits or [])
+    snote = [f"{hs['median']:.0f} results a query (limit 10)"] if hs else []
+    if matches and matches["all"]:
+        snote.append(f"a query's words match {_pct(matches['all'], 0.5):,} records (p50; p90 "
+                     f"{_pct(matches['all'], 0.9):,}) in all namespaces, {_pct(matches['own'], 0.5):,} in the "
+                     "caller's: every match is scored before the namespace filter")
     search_fig = value_figure(f"memory: search()/s, 2-3 word queries, {size}", "ops/s", searches,
-                              target="report",
-                              note=(f"{hs['median']:.0f} results a query (limit 10)" if hs else None))
+                              target="report", note="; ".join(snote) or None)
     figs = [put_fig, sub_fig, get_fig, search_fig]
     missed = len((inval or {}).get("missed", []))
     for how, label in (("sh", "subprocess `sh -c 'echo x >> F'`, from its spawn"),
@@ -488,5 +515,5 @@ def assemble(s, cpus, direct, grouped, gets, searches, lat, backend, disk, rss, 
                        "backend": backend, "prov_files": PROV_FILES, "percentiles_ms": p},
             "figures": figs, "notes": notes,
             "trials": {"direct": direct, "submit": grouped, "gets": gets, "searches": searches,
-                       "reads": reads or [], "latency_ms": lat, "disk": disk, "rss": rss,
+                       "reads": reads or [], "matches": matches or {}, "latency_ms": lat, "disk": disk, "rss": rss,
                        "invalidation": {k: v for k, v in (inval or {}).items()}}}

@@ -46,7 +46,7 @@ def test_figures_from_measurements():
     inval = {"spawn_ms": [2.5] * 200, "missed": [], "keeper": {"backend": "fanotify", "staled": 400}}
     res = assemble(PROFILES["full"], 2, [1000.0, 1100.0], [3000.0, 3300.0], [2000.0], [400.0], lat,
                    "fanotify", _disk(), rss, [], reads=[40000.0], hits=[10, 10], inval=inval,
-                   at_records=110_000)
+                   at_records=110_000, matches={"all": [5000, 7000, 9000], "own": [500, 700, 900]})
     figs = {f["figure"].split(",")[0]: f for f in res["figures"]}
     assert len(res["figures"]) == 8
     put = figs["memory: put()/s"]
@@ -55,6 +55,7 @@ def test_figures_from_measurements():
     assert sub["result"]["median"] == 3.0 and sub["text"].startswith("3,150/s")
     assert "40,000/s" in figs["memory: get()/s"]["note"]
     assert figs["memory: search()/s"]["result"]["median"] == 400.0
+    assert "match 7,000 records" in figs["memory: search()/s"]["note"] and "700 in the" in figs["memory: search()/s"]["note"]
     sh = [f for f in res["figures"] if "sh -c" in f["figure"]][0]
     assert sh["met"] is True and sh["target"] == f"<= {TARGET_P99_MS} ms" and sh["result"]["median"] == 4.98
     assert "fanotify" in sh["note"]
@@ -92,3 +93,4 @@ def test_memory_benchmark_runs_tiny():
     assert len(tr["latency_ms"]["sh"]) == len(tr["latency_ms"]["os.write"]) == n
     assert inval["keeper"]["staled"] == 2 * n and res["params"]["backend"] in ("fanotify", "inotify")
     assert tr["rss"]["served_kb"] >= tr["rss"]["before_kb"]
+    assert len(tr["matches"]["all"]) == 100 and all(a >= o for a, o in zip(tr["matches"]["all"], tr["matches"]["own"]))
