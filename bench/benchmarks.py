@@ -15,6 +15,7 @@ import time
 from . import lib
 from .broker_bench import broker
 from .gateway_bench import gateway
+from .memory_bench import memory
 from .lib import POLICY, STRICT_POLICY, alternate, compare_figure, log, value_figure
 
 # Sizes per profile: tiny is the smoke test's, quick is --quick, full the default.
@@ -24,21 +25,24 @@ PROFILES = {
                  flood_n=30_000, flood_trials=1, cold_reps=1, warm_reps=2, agents=2,
                  guard_reps=1, guard_latency_n=20, guard_bulk_n=2, guard_flood_s=0.5,
                  gw_reps=1, gw_latency_n=50, gw_load_s=0.5, gw_fair_s=0.5, gw_peer_n=200,
-                 br_reps=1, br_latency_n=50, br_load_s=0.5, br_verify_n=200, br_peer_n=200),
+                 br_reps=1, br_latency_n=50, br_load_s=0.5, br_verify_n=200, br_peer_n=200,
+                 mem_records=3_000, mem_reps=1, mem_window_s=0.3, mem_inval_n=20),
     "quick": dict(host_reps=3, loop_n=1_000_000, reps=3, compile_tree="stdlib", files=20_000,
                   storm_n=300_000, burst_n=300_000, burst_trials=2,
                   rates=[50_000, 100_000, 250_000], paced_s=1.0,
                   flood_n=300_000, flood_trials=3, cold_reps=2, warm_reps=10, agents=10,
                   guard_reps=3, guard_latency_n=300, guard_bulk_n=20, guard_flood_s=3.0,
                   gw_reps=3, gw_latency_n=1000, gw_load_s=3.0, gw_fair_s=3.0, gw_peer_n=2000,
-                  br_reps=3, br_latency_n=1000, br_load_s=3.0, br_verify_n=5000, br_peer_n=2000),
+                  br_reps=3, br_latency_n=1000, br_load_s=3.0, br_verify_n=5000, br_peer_n=2000,
+                  mem_records=30_000, mem_reps=3, mem_window_s=1.5, mem_inval_n=200),
     "full": dict(host_reps=5, loop_n=2_000_000, reps=7, compile_tree="stdlib+dist", files=20_000,
                  storm_n=1_000_000, burst_n=500_000, burst_trials=3,
                  rates=[25_000, 50_000, 100_000, 150_000, 250_000], paced_s=2.0,
                  flood_n=500_000, flood_trials=100, cold_reps=5, warm_reps=20, agents=10,
                  guard_reps=7, guard_latency_n=1000, guard_bulk_n=50, guard_flood_s=5.0,
                  gw_reps=5, gw_latency_n=3000, gw_load_s=5.0, gw_fair_s=5.0, gw_peer_n=10000,
-                 br_reps=5, br_latency_n=3000, br_load_s=5.0, br_verify_n=10000, br_peer_n=10000),
+                 br_reps=5, br_latency_n=3000, br_load_s=5.0, br_verify_n=10000, br_peer_n=10000,
+                 mem_records=100_000, mem_reps=5, mem_window_s=3.0, mem_inval_n=250),
 }
 
 
@@ -871,6 +875,7 @@ BENCHMARKS = {
     "guard": guard,
     "gateway": gateway,
     "broker": broker,
+    "memory": memory,
 }
 TITLES = {
     "host_tax": "1. host tax (outside agents)",
@@ -883,4 +888,5 @@ TITLES = {
     "guard": "8. egress guard (issue #16)",
     "gateway": "9. LLM gateway (issue #17)",
     "broker": "10. agent-to-agent broker (issue #18)",
+    "memory": "11. agents' memory (issue #19)",
 }

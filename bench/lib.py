@@ -84,7 +84,7 @@ def _fmt(v, unit):
         return f"{v:.1f} ms"
     if unit == "MB":
         return f"{v:.1f} MB"
-    if unit in ("events/s", "flows/s", "req/s", "msg/s"):
+    if unit in ("events/s", "flows/s", "req/s", "msg/s", "ops/s"):
         return f"{v:,.0f}/s"
     if unit == "MiB/s":
         return f"{v:,.0f} MiB/s"

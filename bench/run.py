@@ -7,7 +7,8 @@ Runs as root on the real kernel. Every figure compares baseline and
 monitored runs made side by side in this one invocation (interleaved,
 repeated; median and spread). Writes bench/results/<timestamp>.json and
 bench/results/latest.md, and prints the markdown table.
-Benchmarks: host_tax realistic storm throughput flood_violation startup footprint guard gateway broker.
+Benchmarks: host_tax realistic storm throughput flood_violation startup footprint guard gateway broker
+memory.
 """
 import argparse
 import json
