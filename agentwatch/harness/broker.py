@@ -479,7 +479,8 @@ class BrokerService(RunService):
 
     def __init__(self, directory=None, limits=None, log=None):
         from ..core import state
-        from .broker_store import SYNC_MODES, Store
+        from .broker_store import Store
+        from .sqlite_store import SYNC_MODES
         from .tokens import Signer
         self.directory = directory or os.path.join(state.state_dir(), "broker")
         os.makedirs(self.directory, exist_ok=True)

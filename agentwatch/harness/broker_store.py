@@ -1,33 +1,19 @@
 """The broker's SQLite store: messages, tasks, tokens and token nonces.
 
-WAL with synchronous=FULL: a message the broker acknowledged is on disk, so
-it survives a kill -9 of the daemon or a power loss. One connection shared
-by the broker's threads, behind a lock; every write commits before it
-returns.
-
-Group commit: the broker's writes go through submit(), which runs them in
-a writer thread of the store's, as many as are waiting in one transaction
-(each in a savepoint of its own, so that one's error undoes only it), and
-one commit (one fsync, ~250 µs here) for all; each caller's future is
-resolved only after that commit. Thousands of messages a second stay
-durable one by one, without one fsync each.
+A SqliteStore (sqlite_store.py): WAL, synchronous=FULL by default (a
+message the broker acknowledged survives a kill -9 of the daemon or a power
+loss; AGENTWATCH_BROKER_SYNC=normal keeps the first only), every write
+committed before it returns; the broker's writes go through submit()'s
+group commit (one fsync, ~250 µs here, for every write waiting).
 """
-import concurrent.futures
-import queue
 import json
-import os
 import sqlite3
-import threading
-from contextlib import contextmanager
 
 from .a2a import TASK_STATES
+from .sqlite_store import SqliteStore
 from .tokens import TokenError
 
 SCHEMA_VERSION = 1
-# PRAGMA synchronous: FULL fsyncs the WAL at every commit (an acknowledged
-# write survives a power loss); NORMAL only at checkpoints (it survives a
-# crash or kill -9 of the daemon, not of the machine)
-SYNC_MODES = ("FULL", "NORMAL")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -127,165 +113,12 @@ def _check_state(state):
         raise ValueError(f"unknown task state {state!r} (known: {', '.join(TASK_STATES)})")
 
 
-class Store:
+class Store(SqliteStore):
     """The broker's database (see the module docstring)."""
 
-    def __init__(self, path, synchronous="FULL"):
-        if synchronous not in SYNC_MODES:
-            raise ValueError(f"synchronous: one of {', '.join(SYNC_MODES)}, not {synchronous!r}")
-        self.path = path
-        self.synchronous = synchronous
-        if path != ":memory:":
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))   # private before sqlite opens it
-        self._lock = threading.RLock()
-        self._savepoints = 0
-        self._jobs = queue.SimpleQueue()
-        self._writer = None
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._local = threading.local()     # .writing: this thread is inside a write transaction
-        with self._lock:
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal" and path != ":memory:":
-                raise RuntimeError(f"{path}: SQLite refused WAL mode (journal_mode is {mode})")
-            self._db.execute(f"PRAGMA synchronous = {synchronous}")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{path}: broker store schema {version} is newer than this "
-                                   f"agentwatch's ({SCHEMA_VERSION}); upgrade agentwatch")
-            if version < SCHEMA_VERSION:
-                self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA +
-                                       f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        # reads on a connection of their own: WAL lets them run beside the
-        # writer's open batch (and its fsync) instead of waiting behind it
-        self._rlock = threading.Lock()
-        if path == ":memory:":
-            self._rdb, self._rlock = self._db, self._lock
-        else:
-            self._rdb = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._rdb.row_factory = sqlite3.Row
-            self._rdb.execute("PRAGMA busy_timeout = 5000")
-
-    def close(self):
-        if self._writer is not None:
-            self._jobs.put(None)
-            self._writer.join(10)
-            self._writer = None
-        with self._lock:
-            self._db.close()
-        if self._rdb is not self._db:
-            with self._rlock:
-                self._rdb.close()
-
-    @contextmanager
-    def _tx(self):
-        """One write transaction under the lock: committed, or rolled back
-        on any error. Inside a transaction already open (the writer's batch,
-        an outer _tx), a savepoint of it."""
-        with self._lock, self._writing():
-            if self._db.in_transaction:
-                self._savepoints += 1
-                name = f"w{self._savepoints}"
-                self._db.execute(f"SAVEPOINT {name}")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute(f"ROLLBACK TO {name}")
-                    self._db.execute(f"RELEASE {name}")
-                    raise
-                self._db.execute(f"RELEASE {name}")
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    # ------------------------------------------------------------ group commit
-
-    def submit(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs) (a write method of this store) in the writer's
-        next batch: a concurrent.futures.Future of its result, resolved
-        once the batch has committed."""
-        if self._writer is None:
-            with self._lock:
-                if self._writer is None:
-                    self._writer = threading.Thread(target=self._write_loop, name="aw-broker-store",
-                                                    daemon=True)
-                    self._writer.start()
-        fut = concurrent.futures.Future()
-        self._jobs.put((fut, fn, args, kwargs))
-        return fut
-
-    def _write_loop(self, most=512):
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            jobs = [job]
-            while len(jobs) < most:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._jobs.put(None)          # stop after this batch
-                    break
-                jobs.append(job)
-            done = []
-            with self._lock, self._writing():
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    for fut, fn, args, kwargs in jobs:
-                        try:
-                            done.append((fut, True, fn(*args, **kwargs)))
-                        except BaseException as e:     # its savepoint is undone; the others stand
-                            done.append((fut, False, e))
-                    self._db.execute("COMMIT")
-                except BaseException as e:             # the commit failed: nobody's write stands
-                    try:
-                        self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    done = [(fut, False, e) for fut, *_ in jobs]
-            for fut, ok, value in done:
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-
-    @contextmanager
-    def _writing(self):
-        depth = getattr(self._local, "writing", 0)
-        self._local.writing = depth + 1
-        try:
-            yield
-        finally:
-            self._local.writing = depth
-
-    @contextmanager
-    def _reading(self):
-        """The connection a read uses: a writer's own (it sees what it has
-        not committed yet), else the readers' (what is committed)."""
-        if getattr(self._local, "writing", 0):
-            with self._lock:
-                yield self._db
-        else:
-            with self._rlock:
-                yield self._rdb
-
-    def _all(self, sql, args=()):
-        with self._reading() as db:
-            return db.execute(sql, args).fetchall()
-
-    def _one(self, sql, args=()):
-        with self._reading() as db:
-            return db.execute(sql, args).fetchone()
+    WHAT = "broker store"
+    SCHEMA = SCHEMA
+    SCHEMA_VERSION = SCHEMA_VERSION
 
     # ------------------------------------------------------------ messages
 

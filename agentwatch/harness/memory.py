@@ -23,19 +23,17 @@ connection shared by the threads behind a lock, and group commit through
 submit(): waiting writes share one transaction (a savepoint each) and one
 fsync, and each caller's future resolves only after that commit.
 """
-import concurrent.futures
 import hashlib
 import heapq
 import json
 import os
-import queue
 import re
 import sqlite3
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+
+from .sqlite_store import SqliteStore
 
 TAGS = ("fact", "context")
 VALIDITY = ("valid", "stale", "invalidated")
@@ -201,7 +199,7 @@ def _check_choice(what, value, known):
         raise RecordError(f"unknown {what} {value!r} (known: {', '.join(known)})")
 
 
-class MemoryStore:
+class MemoryStore(SqliteStore):
     """The memory store's database (see the module docstring).
 
     hasher(path) -> hex digest hashes provenance files (put without a
@@ -209,139 +207,28 @@ class MemoryStore:
     read. The default reads the file as this process: a daemon acting for a
     confined agent should pass one that reads only what that agent may."""
 
+    WHAT = "memory store"
+    SCHEMA = SCHEMA
+    SCHEMA_VERSION = SCHEMA_VERSION
+
     def __init__(self, path, *, max_record_bytes=MAX_RECORD_BYTES, budget_records=10000, budget_bytes=64 << 20,
-                 hasher=file_sha256):
-        self.path = path
+                 hasher=file_sha256, synchronous="FULL"):
         self.max_record_bytes = max_record_bytes
         self.budget_records = budget_records
         self.budget_bytes = budget_bytes
         self._hasher = hasher
-        if path != ":memory:":
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))   # private before sqlite opens it
-        self._lock = threading.RLock()
-        self._savepoints = 0
-        self._jobs = queue.SimpleQueue()
-        self._writer = None
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal" and path != ":memory:":
-                raise RuntimeError(f"{path}: SQLite refused WAL mode (journal_mode is {mode})")
-            self._db.execute("PRAGMA synchronous = FULL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{path}: memory store schema {version} is newer than this "
-                                   f"agentwatch's ({SCHEMA_VERSION}); upgrade agentwatch")
-            if version < SCHEMA_VERSION:
-                try:
-                    self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA +
-                                           f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-                except sqlite3.OperationalError as e:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    if "fts5" in str(e):
-                        raise RuntimeError(f"{path}: this Python's SQLite ({sqlite3.sqlite_version}) has no "
-                                           "FTS5, which the memory store's search needs") from None
-                    raise
+        super().__init__(path, synchronous=synchronous)
 
-    def close(self):
-        if self._writer is not None:
-            self._jobs.put(None)
-            self._writer.join(10)
-            self._writer = None
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self):
-        """One write transaction under the lock: committed, or rolled back
-        on any error. Inside a transaction already open (the writer's batch,
-        an outer _tx), a savepoint of it."""
-        with self._lock:
+    def _create_schema(self):
+        try:
+            super()._create_schema()
+        except sqlite3.OperationalError as e:
             if self._db.in_transaction:
-                self._savepoints += 1
-                name = f"w{self._savepoints}"
-                self._db.execute(f"SAVEPOINT {name}")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute(f"ROLLBACK TO {name}")
-                    self._db.execute(f"RELEASE {name}")
-                    raise
-                self._db.execute(f"RELEASE {name}")
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
                 self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    # ------------------------------------------------------------ group commit
-
-    def submit(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs) (a method of this store) in the writer's next
-        batch: a concurrent.futures.Future of its result, resolved once the
-        batch has committed."""
-        if self._writer is None:
-            with self._lock:
-                if self._writer is None:
-                    self._writer = threading.Thread(target=self._write_loop, name="aw-memory-store",
-                                                    daemon=True)
-                    self._writer.start()
-        fut = concurrent.futures.Future()
-        self._jobs.put((fut, fn, args, kwargs))
-        return fut
-
-    def _write_loop(self, most=512):
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            jobs = [job]
-            while len(jobs) < most:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._jobs.put(None)          # stop after this batch
-                    break
-                jobs.append(job)
-            done = []
-            with self._lock:
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    for fut, fn, args, kwargs in jobs:
-                        try:
-                            done.append((fut, True, fn(*args, **kwargs)))
-                        except BaseException as e:     # its savepoint is undone; the others stand
-                            done.append((fut, False, e))
-                    self._db.execute("COMMIT")
-                except BaseException as e:             # the commit failed: nobody's write stands
-                    try:
-                        self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    done = [(fut, False, e) for fut, *_ in jobs]
-            for fut, ok, value in done:
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-
-    def _all(self, sql, args=()):
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    def _one(self, sql, args=()):
-        with self._lock:
-            return self._db.execute(sql, args).fetchone()
+            if "fts5" in str(e):
+                raise RuntimeError(f"{self.path}: this Python's SQLite ({sqlite3.sqlite_version}) has no "
+                                   "FTS5, which the memory store's search needs") from None
+            raise
 
     # ------------------------------------------------------------ input
 
@@ -686,18 +573,12 @@ class MemoryStore:
     def stats(self):
         """Records per validity and per tag, bytes (text and data), agents,
         and the database's size on disk (file and WAL)."""
-        with self._lock:
-            validity = dict(self._db.execute("SELECT validity, count(*) FROM records GROUP BY validity").fetchall())
-            tags = dict(self._db.execute("SELECT tag, count(*) FROM records GROUP BY tag").fetchall())
-            agents = {r[0]: {"records": r[1], "bytes": r[2]} for r in self._db.execute(
+        with self._reading() as db:
+            validity = dict(db.execute("SELECT validity, count(*) FROM records GROUP BY validity").fetchall())
+            tags = dict(db.execute("SELECT tag, count(*) FROM records GROUP BY tag").fetchall())
+            agents = {r[0]: {"records": r[1], "bytes": r[2]} for r in db.execute(
                 "SELECT agent, count(*), sum(size) FROM records GROUP BY agent ORDER BY agent")}
-        file_bytes = 0
-        if self.path != ":memory:":
-            for suffix in ("", "-wal"):
-                try:
-                    file_bytes += os.path.getsize(self.path + suffix)
-                except OSError:
-                    pass
+        file_bytes = self.file_bytes()
         return {"records": sum(validity.values()), "validity": {v: validity.get(v, 0) for v in VALIDITY},
                 "tags": {t: tags.get(t, 0) for t in TAGS}, "bytes": sum(a["bytes"] for a in agents.values()),
                 "agents": agents, "file_bytes": file_bytes}

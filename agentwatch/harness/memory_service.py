@@ -64,7 +64,9 @@ class MemoryKeeper:
                 self._paths.add(p)
             try:
                 self.watcher.watch(p)
-            except OSError as e:        # gone already: verify() will say so
+            except OSError as e:        # not there (yet): a later track() tries again; verify() tells
+                with self._lock:
+                    self._paths.discard(p)
                 self.counters["watch_errors"] += 1
                 self.log(f"memory: cannot watch {p}: {e}")
 

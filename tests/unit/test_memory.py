@@ -491,10 +491,9 @@ def test_submit_error_undoes_only_its_own(store):
 # ---------------------------------------------------------------- crash safety
 
 CHILD = r"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("memory", sys.argv[1])
-memory = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(memory)
+import sys
+sys.path.insert(0, sys.argv[1])
+from agentwatch.harness import memory
 store = memory.MemoryStore(sys.argv[2])
 ack = open(sys.argv[3], "a")
 print("ready", flush=True)
@@ -515,7 +514,7 @@ def acknowledged(ack_path):
 
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path):
     db_path, ack_path = str(tmp_path / "memory.db"), str(tmp_path / "acked")
-    module = os.path.join(REPO, "agentwatch", "harness", "memory.py")
+    module = REPO
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     deadline = time.monotonic() + 25
