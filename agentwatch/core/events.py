@@ -175,6 +175,7 @@ class MsgEvent(Event):
     context_id: str = None
     facts_digest: str = None  # sha256 over the RFC 8785 form of the message's fact parts
     parts: int = None
+    tags: list = None        # the message's metadata.tag and its parts' (fact, context, ...)
     bytes: int = None
     token: str = None        # the scope token's id (jti), never the token itself
     tool: str = None

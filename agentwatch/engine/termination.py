@@ -183,6 +183,8 @@ class Terminator:
         done = rules.done if rules else ()
         self.files = [(i, c, expand(c.file, variables)) for i, c in enumerate(done) if c.file]
         self.commands = [(i, c) for i, c in enumerate(done) if c.command]
+        self.messages = [(i, c) for i, c in enumerate(done) if c.message]
+        self._message_done = None       # (index, evidence) once a message condition held
         self._regex = {i: re.compile(c.matches, re.MULTILINE) for i, c, _ in self.files if c.matches}
         # hashing the workspace costs a walk: only when something needs it
         self.hashing = "workspace" in self.loop or "exec" in self.loop or "failing" in self.loop
@@ -278,6 +280,14 @@ class Terminator:
             self.processes += 1
         elif kind == "llm":
             self.tokens += (ev.tokens_in or 0) + (ev.tokens_out or 0)
+        elif kind == "msg" and self.messages and self._message_done is None:
+            if ev.op in ("send", "forward") and ev.status == "ok":
+                for i, cond in self.messages:
+                    if ev.peer == cond.message["to"] and cond.message["tag"] in (ev.tags or ()):
+                        self._message_done = (i, {"message_id": ev.message_id, "to": ev.peer,
+                                                  "to_run": ev.peer_run, "tag": cond.message["tag"],
+                                                  "task_id": ev.task_id})
+                        break
 
     def _fail(self, argv, status):
         key = (argv, status)
@@ -370,6 +380,9 @@ class Terminator:
         self.state = state
 
     def _check_done(self, now):
+        if self._message_done is not None:
+            i, evidence = self._message_done
+            return Termination("done", f"termination.done[{i}]", evidence)
         if self.files and (self._files_due or self._last_files is None
                            or now - self._last_files >= FILE_CHECK_S):
             self._files_due = False

@@ -181,7 +181,8 @@ class Methods:
             task = await self._write(self.b.store.set_task_state, task["id"], state, now) or task
         self.b.count("messages")
         ev = {"method": m, "message_id": message["messageId"], "task_id": task["id"],
-              "context_id": message["contextId"], "facts_digest": digest, "parts": len(message["parts"])}
+              "context_id": message["contextId"], "facts_digest": digest, "parts": len(message["parts"]),
+              "tags": _tags(message)}
         op = "forward" if forwarded else "send"
         self.b.emit(run, {"op": op, "peer": target.agent, "peer_run": target.run_id, **ev})
         self.b.emit(target, {"op": "receive", "peer": who["agent"], "peer_run": who["run_id"], **ev})
@@ -544,6 +545,13 @@ def _hash_as(run, path):
         return h.hexdigest(), None
     finally:
         os.close(fd)
+
+
+def _tags(message):
+    """The message's metadata.tag and its parts' tags, in order, once each."""
+    tags = [(message.get("metadata") or {}).get("tag")]
+    tags += [(p.get("metadata") or {}).get("tag") for p in message["parts"]]
+    return list(dict.fromkeys(t for t in tags if isinstance(t, str))) or None
 
 
 def _peers(run):

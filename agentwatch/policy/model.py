@@ -309,6 +309,7 @@ class DoneCondition:
     file: str = None
     matches: str = None                # Python regex, searched with re.MULTILINE
     command: tuple = None              # argv, run in the run's sandbox (argv[0] absolute)
+    message: dict = None               # {"to": agent, "tag": tag}: this run's broker message so tagged reached it
     every: float = DEFAULT_CHECK_EVERY
     timeout: float = DEFAULT_CHECK_TIMEOUT
     loc: Loc = None
@@ -318,6 +319,9 @@ class DoneCondition:
         if self.file is not None:
             text = f"the file {self.file} exists"
             return text + (f" and its content matches /{self.matches}/" if self.matches else "")
+        if self.message is not None:
+            return (f"a broker message of this run tagged {self.message['tag']!r} reaches agent "
+                    f"{self.message['to']!r}")
         return (f"{shlex.join(self.command)} exits 0 (run in the run's sandbox when the workspace "
                 f"changes and every {duration_text(self.every)}, at most {duration_text(self.timeout)} each)")
 

@@ -41,7 +41,8 @@ SKILL_KEYS = ("name", "description")
 TOOL_KEYS = ("argv", "timeout")
 _TOOL = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 TERMINATION_KEYS = ("done", "no_progress", "loop", "budget", "grace")
-DONE_KEYS = ("file", "matches", "command", "every", "timeout")
+DONE_KEYS = ("file", "matches", "command", "message", "every", "timeout")
+DONE_MESSAGE_KEYS = ("to", "tag")
 MAX_LOOP = 1000000
 MAX_COUNT = 1 << 62              # a budget count (execs, processes, tokens)
 
@@ -597,21 +598,23 @@ def _regex(ck, value, loc, name):
 
 
 def _done(ck, value, loc):
-    """termination.done: a list of {file, matches?} or {command, every?, timeout?}."""
+    """termination.done: a list of {file, matches?}, {command, every?, timeout?}
+    or {message: {to, tag}}."""
     out = []
     for i, item, iloc in ck.items(value, loc, "termination.done",
-                                  "conditions ({file: PATH} or {command: [ARGV]})") or ():
+                                  "conditions ({file: PATH}, {command: [ARGV]} or {message: {to, tag}})") or ():
         name = f"termination.done[{i}]"
         m = ck.mapping(item, iloc, name, DONE_KEYS)
         if m is None:
             continue
-        if ("file" in m) == ("command" in m):
-            ck.error(iloc, f"{name}: give exactly one of 'file' or 'command'")
+        if sum(k in m for k in ("file", "command", "message")) != 1:
+            ck.error(iloc, f"{name}: give exactly one of 'file', 'command' or 'message'")
             continue
-        wrong = [k for k in (("every", "timeout") if "file" in m else ("matches",)) if k in m]
+        takes = {"matches": "file", "every": "command", "timeout": "command"}
+        kind = next(k for k in ("file", "command", "message") if k in m)
+        wrong = [k for k, owner in takes.items() if k in m and owner != kind]
         for key in wrong:
-            ck.error(m.key_locs[key], f"{name}.{key}: only a {'command' if key != 'matches' else 'file'} "
-                                      f"condition takes {key!r}")
+            ck.error(m.key_locs[key], f"{name}.{key}: only a {takes[key]} condition takes {key!r}")
         fields, ok = {}, not wrong
         for key, v, vloc in ck.entries(m, DONE_KEYS):
             if key in wrong:
@@ -622,6 +625,8 @@ def _done(ck, value, loc):
                 fields[key] = _regex(ck, v, vloc, f"{name}.matches")
             elif key == "command":
                 fields[key] = _argv(ck, v, vloc, f"{name}.command", "the check runs it")
+            elif key == "message":
+                fields[key] = _done_message(ck, v, vloc, f"{name}.message")
             elif key == "every":
                 fields[key] = _duration(ck, v, vloc, f"{name}.every", 86400.0, "24h")
                 if fields[key] is not None and fields[key] < MIN_CHECK_EVERY:
@@ -634,6 +639,24 @@ def _done(ck, value, loc):
         if ok:
             out.append(DoneCondition(loc=iloc, **fields))
     return tuple(out)
+
+
+def _done_message(ck, value, loc, name):
+    """{to: AGENT, tag: TAG}: both names (a tag is a message's or a part's metadata.tag)."""
+    m = ck.mapping(value, loc, name, DONE_MESSAGE_KEYS)
+    if m is None:
+        return None
+    out = {}
+    for key in DONE_MESSAGE_KEYS:
+        if key not in m:
+            ck.error(loc, f"{name}: missing required key {key!r}")
+    for key, v, vloc in ck.entries(m, DONE_MESSAGE_KEYS):
+        text = ck.string(v, vloc, f"{name}.{key}")
+        if text is not None and not _NAME.fullmatch(text):
+            ck.error(vloc, f"{name}.{key}: {text!r} is not a name (letters, digits, '.', '_', '-'; at most 63)")
+        elif text is not None:
+            out[key] = text
+    return out if len(out) == 2 else None
 
 
 def _loop(ck, value, loc):

@@ -38,7 +38,7 @@ DRAIN_S = 2.0            # after the agent's end: how long its own monitor reads
 SHARED_DRAIN_S = 300.0   # on a shared monitor: the bound on reading up to the agent's end
 SHARED_POLL_S = 0.02     # a run on a shared monitor reads the rings this often (priority records too)
 TERM_CHECK_S = 0.15      # the terminator's conditions are checked this often
-TERM_KINDS = frozenset(("file", "exec", "exit", "fork", "llm"))
+TERM_KINDS = frozenset(("file", "exec", "exit", "fork", "llm", "msg"))
 
 
 class Run:

@@ -454,3 +454,59 @@ def test_bad_input_and_a_flood_from_one_run_leave_the_others_served(tmp_path, da
     assert "protocol.rate" in rules and "protocol.token_invalid" in rules, rules
     assert 1 <= rules.count("protocol.rate") <= 6, "reported at most once a second"
     assert not _violations(procs["calm"][1])
+
+
+DONE_BY_MESSAGE = r'''
+import os, sys, time
+sys.path.insert(0, os.path.dirname(os.environ["AGENTWATCH_BROKER_CLIENT"]))
+import broker_client as bc
+me, flag = sys.argv[1], sys.argv[2]
+c = bc.Client()
+if me == "boss":
+    while not os.path.exists(flag): time.sleep(0.05)
+else:
+    while True:
+        try: c.card("boss"); break
+        except bc.BrokerError: time.sleep(0.05)
+    c.send("boss", "progress so far")                 # not the tag: the run goes on
+    c.call("SendMessage", recipient="boss", message={"messageId": "result-1", "role": "ROLE_AGENT",
+           "parts": [{"text": "all tests pass"}], "metadata": {"tag": "result"}})
+    time.sleep(60)                                    # the run must end without this
+'''
+
+
+def test_a_tagged_message_to_the_named_recipient_ends_the_run_as_done(tmp_path, daemon):
+    """termination.done's message condition (issue #20): the worker's run is
+    over once its message tagged 'result' reached boss, although its agent
+    would sleep on; exit status 0, reason done, the message as evidence."""
+    _state, env = daemon
+    flag = tmp_path / "boss-may-go"
+    (tmp_path / "agent.py").write_text(DONE_BY_MESSAGE)
+    policies = {
+        "boss": "peers: {receive: [worker]}\n",
+        "worker": "peers: {send: [boss]}\ntermination: {done: [{message: {to: boss, tag: result}}], grace: 1s}\n"}
+    procs = {}
+    for name, body in policies.items():
+        pol = tmp_path / f"{name}.yaml"
+        pol.write_text(f"apiVersion: agentwatch/v1\nkind: AgentPolicy\nmetadata: {{name: {name}}}\n{body}")
+        ev = tmp_path / f"{name}.jsonl"
+        cmd = aw_cmd() + ["run", "--daemon", "--name", name, "--policy", str(pol), "--events", str(ev),
+                          "--allow-downgrade", "--", sys.executable, str(tmp_path / "agent.py"), name, str(flag)]
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **env),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), ev)
+    try:
+        worker, wev = procs["worker"]
+        so, se = worker.communicate(timeout=50)
+        assert worker.returncode == 0, so + se
+    finally:
+        flag.write_text("")
+        for p, _ in procs.values():
+            try:
+                p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    end = next(e for e in read_events(wev) if e["kind"] == "lifecycle" and e["phase"] == "end")
+    term = end["detail"]["termination"]
+    assert term["reason"] == "done" and term["condition"] == "termination.done[0]", term
+    assert term["evidence"]["message_id"] == "result-1" and term["evidence"]["to"] == "boss", term

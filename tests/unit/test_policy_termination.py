@@ -91,13 +91,27 @@ def test_defaults_and_sensors(tmp_path):
     ("termination: {done: [{file: /x, every: 5s}]}\n",
      "p.yaml:5:33: termination.done[0].every: only a command condition takes 'every'"),
     ("termination: {done: [{file: /x, command: [/bin/true]}]}\n",
-     "p.yaml:5:22: termination.done[0]: give exactly one of 'file' or 'command'"),
+     "p.yaml:5:22: termination.done[0]: give exactly one of 'file', 'command' or 'message'"),
+    ("termination: {done: [{message: {to: planner}}]}\n",
+     "p.yaml:5:32: termination.done[0].message: missing required key 'tag'"),
+    ("termination: {done: [{message: {to: 'no spaces', tag: result}}]}\n",
+     "p.yaml:5:37: termination.done[0].message.to: 'no spaces' is not a name (letters, digits, '.', '_', "
+     "'-'; at most 63)"),
+    ("termination: {done: [{message: {to: p, tag: r}, every: 5s}]}\n",
+     "p.yaml:5:49: termination.done[0].every: only a command condition takes 'every'"),
     ("termination: {done: [{fiel: /x}]}\n",
      "p.yaml:5:23: unknown key 'fiel' in termination.done[0] (did you mean 'file'?)"),
     ("termination: []\n", "p.yaml:5:14: termination: expected a mapping, got list"),
 ])
 def test_each_problem_is_reported_where_it_is(tmp_path, body, expected):
     assert expected in problems(tmp_path, body)
+
+
+def test_a_message_condition_loads_and_explains(tmp_path):
+    policy = load(write(tmp_path, "termination: {done: [{message: {to: planner, tag: result}}]}\n"))
+    (cond,) = policy.spec.termination.done
+    assert cond.message == {"to": "planner", "tag": "result"} and cond.file is None and cond.command is None
+    assert "a broker message of this run tagged 'result' reaches agent 'planner'" in explain(policy, VARS)
 
 
 def test_explain(tmp_path):
@@ -133,7 +147,8 @@ def test_json_schema_lists_the_keys():
     assert tuple(t["properties"]["loop"]["properties"]) == LOOP_KEYS
     assert tuple(t["properties"]["budget"]["properties"]) == BUDGET_KEYS
     done = t["properties"]["done"]["items"]["oneOf"]
-    assert set(done[0]["properties"]) | set(done[1]["properties"]) == set(S.DONE_KEYS)
+    assert set().union(*(d["properties"] for d in done)) == set(S.DONE_KEYS)
+    assert tuple(done[2]["properties"]["message"]["properties"]) == S.DONE_MESSAGE_KEYS
 
 
 @pytest.mark.parametrize("body, valid", [
@@ -143,6 +158,8 @@ def test_json_schema_lists_the_keys():
     ("termination: {done: [{file: DONE}]}\n", False),
     ("termination: {done: [{command: [make]}]}\n", False),
     ("termination: {done: [{file: /x, every: 3s}]}\n", False),
+    ("termination: {done: [{message: {to: planner, tag: result}}]}\n", True),
+    ("termination: {done: [{message: {to: planner}}]}\n", False),
     ("termination: {budget: {bytes_written: 1XB}}\n", False),
     ("termination: {nope: 1}\n", False),
 ])

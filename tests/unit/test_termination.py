@@ -218,3 +218,19 @@ def test_exit_statuses():
     assert exit_status({"reason": "loop"}, 143) == 81
     assert exit_status({"reason": "exit"}, 7) == 7 and exit_status(None, 3) == 3
     assert exit_status({"reason": "stopped"}, 130) == 130
+
+
+def test_a_tagged_message_to_the_named_recipient_is_done(tmp_path):
+    from agentwatch.core.events import MsgEvent
+    t = term(tmp_path, done=(DoneCondition(message={"to": "planner", "tag": "result"}),))
+    for ev in (MsgEvent(op="send", peer="planner", tags=["context"], message_id="m1"),       # no tag
+               MsgEvent(op="send", peer="reviewer", tags=["result"], message_id="m2"),      # another agent
+               MsgEvent(op="send", peer="planner", tags=["result"], status="refused", message_id="m3"),
+               MsgEvent(op="receive", peer="planner", tags=["result"], message_id="m4")):   # not this run's
+        t.feed(ev, 1.0)
+        assert t.check(1.0) is None
+    t.feed(MsgEvent(op="forward", peer="planner", peer_run="r-p", tags=["fact", "result"], message_id="m5",
+                    task_id="t5"), 2.0)
+    got = t.check(2.0)
+    assert (got.reason, got.condition) == ("done", "termination.done[0]")
+    assert got.evidence == {"message_id": "m5", "to": "planner", "to_run": "r-p", "tag": "result", "task_id": "t5"}
