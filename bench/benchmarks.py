@@ -16,6 +16,7 @@ from . import lib
 from .broker_bench import broker
 from .gateway_bench import gateway
 from .memory_bench import memory
+from .termination_bench import termination
 from .lib import POLICY, STRICT_POLICY, alternate, compare_figure, log, value_figure
 
 # Sizes per profile: tiny is the smoke test's, quick is --quick, full the default.
@@ -26,7 +27,8 @@ PROFILES = {
                  guard_reps=1, guard_latency_n=20, guard_bulk_n=2, guard_flood_s=0.5,
                  gw_reps=1, gw_latency_n=50, gw_load_s=0.5, gw_fair_s=0.5, gw_peer_n=200,
                  br_reps=1, br_latency_n=50, br_load_s=0.5, br_verify_n=200, br_peer_n=200,
-                 mem_records=3_000, mem_reps=1, mem_window_s=0.3, mem_inval_n=20),
+                 mem_records=3_000, mem_reps=1, mem_window_s=0.3, mem_inval_n=20,
+                 term_batches=5, term_reps=1, trial_n=3),
     "quick": dict(host_reps=3, loop_n=1_000_000, reps=3, compile_tree="stdlib", files=20_000,
                   storm_n=300_000, burst_n=300_000, burst_trials=2,
                   rates=[50_000, 100_000, 250_000], paced_s=1.0,
@@ -34,7 +36,8 @@ PROFILES = {
                   guard_reps=3, guard_latency_n=300, guard_bulk_n=20, guard_flood_s=3.0,
                   gw_reps=3, gw_latency_n=1000, gw_load_s=3.0, gw_fair_s=3.0, gw_peer_n=2000,
                   br_reps=3, br_latency_n=1000, br_load_s=3.0, br_verify_n=5000, br_peer_n=2000,
-                  mem_records=30_000, mem_reps=3, mem_window_s=1.5, mem_inval_n=200),
+                  mem_records=30_000, mem_reps=3, mem_window_s=1.5, mem_inval_n=200,
+                  term_batches=50, term_reps=3, trial_n=10),
     "full": dict(host_reps=5, loop_n=2_000_000, reps=7, compile_tree="stdlib+dist", files=20_000,
                  storm_n=1_000_000, burst_n=500_000, burst_trials=3,
                  rates=[25_000, 50_000, 100_000, 150_000, 250_000], paced_s=2.0,
@@ -42,7 +45,8 @@ PROFILES = {
                  guard_reps=7, guard_latency_n=1000, guard_bulk_n=50, guard_flood_s=5.0,
                  gw_reps=5, gw_latency_n=3000, gw_load_s=5.0, gw_fair_s=5.0, gw_peer_n=10000,
                  br_reps=5, br_latency_n=3000, br_load_s=5.0, br_verify_n=10000, br_peer_n=10000,
-                 mem_records=100_000, mem_reps=5, mem_window_s=3.0, mem_inval_n=250),
+                 mem_records=100_000, mem_reps=5, mem_window_s=3.0, mem_inval_n=250,
+                 term_batches=200, term_reps=5, trial_n=20),
 }
 
 
@@ -876,6 +880,7 @@ BENCHMARKS = {
     "gateway": gateway,
     "broker": broker,
     "memory": memory,
+    "termination": termination,
 }
 TITLES = {
     "host_tax": "1. host tax (outside agents)",
@@ -889,4 +894,5 @@ TITLES = {
     "gateway": "9. LLM gateway (issue #17)",
     "broker": "10. agent-to-agent broker (issue #18)",
     "memory": "11. agents' memory (issue #19)",
+    "termination": "12. termination checks and trials (issue #20)",
 }

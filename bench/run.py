@@ -8,7 +8,7 @@ monitored runs made side by side in this one invocation (interleaved,
 repeated; median and spread). Writes bench/results/<timestamp>.json and
 bench/results/latest.md, and prints the markdown table.
 Benchmarks: host_tax realistic storm throughput flood_violation startup footprint guard gateway broker
-memory.
+memory termination.
 """
 import argparse
 import json
