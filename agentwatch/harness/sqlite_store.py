@@ -149,7 +149,7 @@ class SqliteStore:
         if self._writer is None:
             with self._lock:
                 if self._writer is None:
-                    self._writer = threading.Thread(target=self._write_loop, name=f"aw-{self.WHAT}",
+                    self._writer = threading.Thread(target=self._write_loop, name="aw-" + self.WHAT.replace(" ", "-"),
                                                     daemon=True)
                     self._writer.start()
         fut = concurrent.futures.Future()

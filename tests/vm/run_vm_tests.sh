@@ -116,7 +116,7 @@ say "booting $KVER with lsm=lockdown,capability,landlock,bpf (QEMU ${KVM_OPT:+TC
 start=$(date +%s)
 set +e
 # shellcheck disable=SC2086
-timeout "${AGENTWATCH_VM_TIMEOUT:-1800}" vng $KVM_OPT --memory 2G --cpus 2 \
+timeout "${AGENTWATCH_VM_TIMEOUT:-2700}" vng $KVM_OPT --memory 2G --cpus 2 \
     --rwdir "$OUT" --cwd "$ROOT" \
     --run "/boot/vmlinuz-$KVER" --append "lsm=lockdown,capability,landlock,bpf" \
     -- "bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" \

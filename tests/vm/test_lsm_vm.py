@@ -128,7 +128,7 @@ def vm(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("vm"))
     start = time.monotonic()
     proc = subprocess.run(["bash", RUNNER, "--out", out], capture_output=True, text=True,
-                          timeout=int(os.environ.get("AGENTWATCH_VM_TIMEOUT", "1800")) + 60)
+                          timeout=int(os.environ.get("AGENTWATCH_VM_TIMEOUT", "2700")) + 60)
     run = VmRun(out, proc, time.monotonic() - start)
     print(f"\nBPF LSM VM: {run.seconds:.0f} s wall; {run.read('guest-info')}")
     return run
