@@ -114,9 +114,11 @@ class Methods:
         return n
 
     # -- messages and tasks -------------------------------------------------------------
-    async def _write(self, fn, *args, **kwargs):
-        """A store write in the store's next group commit, awaited."""
-        return await asyncio.wrap_future(self.b.store.submit(fn, *args, **kwargs))
+    @staticmethod
+    async def _write(fn, *args, **kwargs):
+        """fn, a write method of a store (the broker's, or the memory
+        store), in that store's next group commit, awaited."""
+        return await asyncio.wrap_future(fn.__self__.submit(fn, *args, **kwargs))
 
     async def send_message(self, caller, run, params):
         m = "SendMessage"

@@ -377,3 +377,13 @@ def test_memory_on_the_socket_namespaces_checks_and_bad_input(mem_broker, tmp_pa
     assert len(cb.ok("memory.list", pageSize=1000)["records"]) == 100
     # the operator only may gc
     assert cb.call("memory.gc")["error"]["code"] == a2a.PERMISSION_DENIED
+
+
+def test_memory_writes_commit_in_the_memory_stores_own_writer(mem_broker):
+    """memory.put goes through the memory store's group commit, not the
+    broker store's (whose batches and fsyncs it would otherwise wait on)."""
+    b = mem_broker
+    add_run(b, "a", Peers())
+    Conn(b, "run-a").ok("memory.put", text="a note")
+    assert b.memory._writer is not None and b.memory._writer.name == "aw-memory-store"
+    assert b.store._writer is None, "the broker store's writer was not needed"
