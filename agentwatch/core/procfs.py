@@ -83,6 +83,17 @@ def comm(pid):
     return status(pid, "Name")
 
 
+def exe(pid):
+    """The program pid runs (/proc/<pid>/exe), or None when it is gone or
+    pid is none."""
+    if not pid:
+        return None
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 def tgid(tid):
     """The process a thread id belongs to, while it lives."""
     return status_int(tid, "Tgid")

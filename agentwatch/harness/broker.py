@@ -64,7 +64,6 @@ class BrokerRun:
     policy_digest: str = None
     spawn: object = None              # callable(argv, timeout_s) -> (exit, out, err, truncated)
     emit: object = None               # callable(record): an event of the run
-    action_for: object = None
     check_read: object = None         # callable(path) -> why its policy refuses reading it, or None
     started: float = field(default_factory=time.time)
     clients: int = 0
@@ -72,7 +71,6 @@ class BrokerRun:
     checked: float = 0.0
     rate_limited: int = 0
     rate_reported: float = 0.0
-    counters: dict = field(default_factory=dict)
 
     @property
     def rate(self):
@@ -186,7 +184,7 @@ class Broker:
         revoked = self.store.revoke_issuer(run_id, time.time())
         if run is None:
             return None
-        return dict(run.counters, tokens_revoked=revoked, rate_limited=run.rate_limited)
+        return {"tokens_revoked": revoked, "rate_limited": run.rate_limited}
 
     def live(self, agent=None, run_id=None):
         """Registered runs, by agent name or run id, newest first."""
@@ -517,8 +515,7 @@ class BrokerService(RunService):
         self.broker.register_run(BrokerRun(
             run_id=run.run_id, agent=run.agent, cgroup=run.cgroup,
             peers=getattr(spec, "peers", None), policed=spec is not None,
-            policy_digest=run.policy_digest, spawn=run.spawn, emit=run.emit, action_for=run.action_for,
-            check_read=run.check_read))
+            policy_digest=run.policy_digest, spawn=run.spawn, emit=run.emit, check_read=run.check_read))
         if run.subscribe is not None:
             self.keeper.subscribe_run(run.run_id, run.agent, run.subscribe)
         return {"AGENTWATCH_BROKER": self.broker.socket_path, "AGENTWATCH_BROKER_URL": self.broker.url,

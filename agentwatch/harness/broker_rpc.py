@@ -28,6 +28,7 @@ import stat
 import time
 import uuid
 
+from ..policy.model import Peers
 from . import a2a, tokens
 from .a2a import RpcError
 from .tokens import TokenError
@@ -558,7 +559,6 @@ def _tags(message):
 
 def _peers(run):
     """A run's peers section; an unpoliced run may do everything."""
-    from ..policy.model import Peers
     if run.peers is not None:
         return run.peers
     return _OPEN if not run.policed else Peers()

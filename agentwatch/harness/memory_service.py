@@ -16,7 +16,6 @@ valid again (the store re-hashes its files). The bus callback runs on the
 sensors' reader thread under the monitor's lock: it only checks an
 in-memory set and queues; a worker thread of ours writes the store.
 """
-import os
 import queue
 import threading
 import time
@@ -24,7 +23,7 @@ import time
 from ..core import procfs
 
 # file event ops and accesses that change a file's content or name
-_CHANGING_OPS = {"unlink": "unlink", "rename": "rename", "truncate": "truncate"}
+_CHANGING_OPS = {"unlink", "rename", "truncate"}
 _WRITE_ACCESS = {"write", "truncate", "create"}
 
 
@@ -85,12 +84,12 @@ class MemoryKeeper:
             if hit is not None:
                 path, op = hit
                 self._queue.put((path, {"by": "agent", "run": run_id, "agent": agent, "pid": ev.pid,
-                                        "exe": _exe(ev.pid) or ev.comm, "comm": ev.comm, "op": op,
+                                        "exe": procfs.exe(ev.pid) or ev.comm, "comm": ev.comm, "op": op,
                                         "path": path, "seen_by": "run events", "ts": ev.ts}))
         return subscribe(maxsize=1, kinds={"file"}, callback=on_event)
 
     def _changed_path(self, ev):
-        op = _CHANGING_OPS.get(ev.op)
+        op = ev.op if ev.op in _CHANGING_OPS else None
         if op is None and ev.op == "open" and _WRITE_ACCESS & set(ev.access or ()):
             op = "truncate" if "truncate" in (ev.access or ()) else "write"
         if op is None:
@@ -140,10 +139,3 @@ class MemoryKeeper:
 
     def stats(self):
         return dict(self.counters, watched=len(self._paths), backend=self.backend)
-
-
-def _exe(pid):
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except (OSError, TypeError):
-        return None

@@ -55,6 +55,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..core import procfs
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
                                 ctypes.c_char_p]
@@ -538,7 +540,7 @@ class FileWatcher:
                 op = self._op(backend, kind, path)
                 if op and (path, op, pid) not in seen:
                     seen.add((path, op, pid))
-                    out.append(Change(path, op, pid, _exe(pid), now))
+                    out.append(Change(path, op, pid, procfs.exe(pid), now))
         return out
 
     def _op(self, backend, kind, path):
@@ -569,14 +571,5 @@ class FileWatcher:
 def _size(path):
     try:
         return os.stat(path).st_size
-    except OSError:
-        return None
-
-
-def _exe(pid):
-    if not pid:
-        return None
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
