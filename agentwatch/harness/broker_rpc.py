@@ -428,7 +428,7 @@ class Methods:
         return self.b.memory
 
     async def memory_put(self, caller, run, params):
-        from .memory import RecordError
+        from .memory import MAX_PROVENANCE_FILES, RecordError
         store = self._memory()
         agent = self._as_agent(caller, params)
         if agent is None:
@@ -436,18 +436,28 @@ class Methods:
         prov = params.get("provenance")
         files = prov.get("files") if isinstance(prov, dict) else None
         if isinstance(files, list):
-            hashed = []
+            # hashed here, as the caller may read it (the daemon reads as
+            # root), each distinct file once, at most MAX_HASHED_BYTES in all,
+            # and only after the list's own bound: a request must not make
+            # the daemon read without end
+            if len(files) > MAX_PROVENANCE_FILES:
+                raise RpcError(a2a.INVALID_PARAMS, f"params.provenance.files: {len(files)} files, more than "
+                                                   f"the {MAX_PROVENANCE_FILES} a record may name")
+            hashed, sums, left = [], {}, MAX_HASHED_BYTES
             for i, f in enumerate(files):
                 path = f.get("path") if isinstance(f, dict) else None
                 if not isinstance(path, str) or not os.path.isabs(path):
                     raise RpcError(a2a.INVALID_PARAMS, f"params.provenance.files[{i}].path: an absolute path")
-                # hashed here, as the caller may read it: the daemon reads as root
-                sha, why = await asyncio.to_thread(_hash_as, run, path)
-                if why:
-                    raise self._refuse(run, "memory.put", a2a.PERMISSION_DENIED,
-                                       f"provenance {path}: {why}", "filesystem", "filesystem.read",
-                                       op="memory.put")
-                hashed.append(dict(f, sha256=f.get("sha256") or sha))
+                if path not in sums:
+                    try:
+                        sums[path], size = await asyncio.to_thread(_hash_as, run, path, left)
+                    except _NotReadable as e:
+                        raise self._refuse(run, "memory.put", a2a.PERMISSION_DENIED, f"provenance {path}: {e}",
+                                           "filesystem", "filesystem.read", op="memory.put") from None
+                    except OSError as e:
+                        raise RpcError(a2a.INVALID_PARAMS, f"params.provenance.files[{i}]: {path} {e}") from None
+                    left -= size
+                hashed.append(dict(f, sha256=f.get("sha256") or sums[path]))
             prov = dict(prov, files=hashed)
         try:
             rec = await self._write(store.put, agent, text=params.get("text"), data=params.get("data"),
@@ -514,38 +524,45 @@ class Methods:
         return await self._write(self._memory().gc, params.get("agent"))
 
 
-MAX_HASHED_BYTES = 1 << 30
+MAX_HASHED_BYTES = 1 << 30      # read to hash one memory.put's provenance files, in all
 
 
-def _hash_as(run, path):
-    """(sha256, None) of a provenance file the run's policy lets it read,
-    else (None, why). The file is opened first and the policy asked about
-    the path as named and about what the opened descriptor is (its real
-    path), so a symlink swapped in between cannot make the daemon (root)
-    hash a file the agent may not read."""
+class _NotReadable(Exception):
+    """The caller's policy does not let it read the provenance file."""
+
+
+def _hash_as(run, path, most):
+    """(sha256, size) of a provenance file the run's policy lets it read
+    (_NotReadable else), of at most `most` bytes (OSError else, as for a
+    file that cannot be opened or is not a regular file). The file is
+    opened first and the policy asked about the path as named and about
+    what the opened descriptor is (its real path), so a symlink swapped in
+    between cannot make the daemon (root) hash a file the agent may not
+    read."""
     check = run.check_read if run is not None and run.check_read else (lambda p: None)
     why = check(path)
     if why:
-        return None, f"a file this agent may not read: {why}"
+        raise _NotReadable(f"a file this agent may not read: {why}")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        return None, f"cannot be read: {e.strerror}"
+        raise OSError(f"cannot be read: {e.strerror}") from None
     try:
         real = os.readlink(f"/proc/self/fd/{fd}")
         why = check(real) if real != path else None
         if why:
-            return None, f"names {real}, a file this agent may not read: {why}"
+            raise _NotReadable(f"names {real}, a file this agent may not read: {why}")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return None, "is not a regular file"
-        if st.st_size > MAX_HASHED_BYTES:
-            return None, f"is {st.st_size} bytes, more than the {MAX_HASHED_BYTES} a provenance file may be"
+            raise OSError("is not a regular file")
+        if st.st_size > most:
+            raise OSError(f"is {st.st_size} bytes, more than the {most} left of the {MAX_HASHED_BYTES} "
+                          "one record's provenance files may be in all")
         h = hashlib.sha256()
         with os.fdopen(os.dup(fd), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        return h.hexdigest(), None
+        return h.hexdigest(), st.st_size
     finally:
         os.close(fd)
 

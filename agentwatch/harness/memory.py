@@ -38,6 +38,7 @@ from .sqlite_store import SqliteStore
 TAGS = ("fact", "context")
 VALIDITY = ("valid", "stale", "invalidated")
 MAX_RECORD_BYTES = 64 * 1024
+MAX_PROVENANCE_FILES = 256           # files one record may name
 RECENCY_HALF_LIFE_S = 86400.0        # a record not accessed for a day weighs 3/4, then -> 1/2
 MAX_CHECKS = 100                     # re-checks kept per record (the newest)
 MAX_QUERY_WORDS = 64                 # the first distinct words of a search query count
@@ -255,6 +256,9 @@ class MemoryStore(SqliteStore):
         for k in PROVENANCE_KEYS:
             if not isinstance(provenance.get(k, []), list):
                 raise RecordError(f"provenance {k} must be a list")
+        if len(provenance.get("files", [])) > MAX_PROVENANCE_FILES:
+            raise RecordError(f"a record names at most {MAX_PROVENANCE_FILES} provenance files, "
+                              f"not {len(provenance['files'])}")
         seen = {}
         for f in provenance.get("files", []):
             if not isinstance(f, dict) or "path" not in f:

@@ -387,3 +387,24 @@ def test_memory_writes_commit_in_the_memory_stores_own_writer(mem_broker):
     Conn(b, "run-a").ok("memory.put", text="a note")
     assert b.memory._writer is not None and b.memory._writer.name == "aw-memory-store"
     assert b.store._writer is None, "the broker store's writer was not needed"
+
+
+def test_memory_put_bounds_what_it_reads_and_tells_missing_from_forbidden(mem_broker, tmp_path):
+    """The broker hashes provenance as the caller may read it: the list is
+    bounded before any file is read, each file is read once, and a file
+    that is not there is bad input, not a policy violation."""
+    b = mem_broker
+    a = add_run(b, "a", Peers())
+    a.check_read = lambda p: None
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    c = Conn(b, "run-a")
+    e = c.call("memory.put", text="x", provenance={"files": [{"path": str(f)}] * 257})["error"]
+    assert e["code"] == a2a.INVALID_PARAMS and "257 files, more than the 256" in e["message"], e
+    rec = c.ok("memory.put", text="x", provenance={"files": [{"path": str(f)}] * 256})
+    assert len(rec["provenance"]["files"]) == 1
+    e = c.call("memory.put", text="x", provenance={"files": [{"path": str(tmp_path / "gone")}]})["error"]
+    assert e["code"] == a2a.INVALID_PARAMS and "cannot be read" in e["message"], e
+    e = c.call("memory.put", text="x", provenance={"files": [{"path": str(tmp_path)}]})["error"]
+    assert e["code"] == a2a.INVALID_PARAMS and "not a regular file" in e["message"], e
+    assert findings(b, "a") == [], "bad input is no violation"
