@@ -11,6 +11,7 @@ appends and flushes its log as events arrive, tail reads what is new.
 import json
 import os
 import secrets
+import threading
 import time
 
 DEFAULT_STATE_DIR = "/var/lib/agentwatch"
@@ -34,7 +35,8 @@ def run_path(run_id, name=""):
 
 
 def write_json_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
+    # the temporary name is the writer's own: the daemon's runs are threads of one pid
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")

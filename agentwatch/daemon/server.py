@@ -250,10 +250,10 @@ class Daemon:
         except AgentwatchError as e:
             self.log(f"run {run.run_id}: {e}")
             raise
-        except Exception:
+        except Exception as e:
             self.log(f"run {run.run_id}: internal error:\n" + traceback.format_exc())
-            raise AgentwatchError(f"internal error in the agentwatch daemon (run {run.run_id}); "
-                                  f"its log has the details") from None
+            raise AgentwatchError(f"internal error in the agentwatch daemon (run {run.run_id}): "
+                                  f"{type(e).__name__}: {e}; its log has the details") from None
         finally:
             self.runs.pop(run.run_id, None)
             try:

@@ -203,6 +203,7 @@ class Sandbox:
     stderr: str = ""
     events: list = field(default_factory=list)
     elapsed: float = None
+    state_dir: str = None
 
     def __post_init__(self):
         for d in ("ws", "home/.ssh", "tmp", "outside"):
@@ -229,6 +230,7 @@ class Sandbox:
         return lst
 
     def run(self, state_dir):
+        self.state_dir = state_dir
         agent = self.path("ws", "agent.sh")
         with open(agent, "w") as f:
             f.write('set -u\nA="/usr/bin/python3 -I $WS/attempts.py"\n' + self.script)
@@ -319,7 +321,22 @@ class Sandbox:
               for v in self.events if v["kind"] == "violation"]
         return (f"--- run {self.name}: rc={self.rc} in {self.elapsed and round(self.elapsed, 1)} s\n"
                 f"--- stdout:\n{self.stdout[-3000:]}\n--- stderr:\n{self.stderr[-3000:]}\n"
-                f"--- violations:\n" + "\n".join(map(str, vs)))
+                f"--- violations:\n" + "\n".join(map(str, vs)) + self._daemon_log())
+
+    def _daemon_log(self):
+        """What the daemon logged about this run, when it failed it: "its
+        log has the details", and the log goes with the test's state dir."""
+        if not self.on_daemon or self.state_dir is None or "daemon" not in self.stderr:
+            return ""
+        run_id = self.stderr.partition("(run ")[2].partition(")")[0]
+        try:
+            with open(os.path.join(self.state_dir, "daemon.log"), errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        at = [i for i, line in enumerate(lines) if run_id and run_id in line]
+        keep = lines[at[0]:at[-1] + 40] if at else lines[-60:]
+        return "\n--- daemon log:\n" + "\n".join(keep)[-6000:]
 
 
 # ----------------------------------------------------------------- fixtures
