@@ -83,7 +83,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import bcc, seccomp" 
 fi
 say "installing agentwatch into $VENV"
 piplog="$(mktemp)"
-if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$ROOT[test]" >"$piplog" 2>&1; then
+if ! "$VENV/bin/pip" install -q --disable-pip-version-check "${ROOT}[test]" >"$piplog" 2>&1; then
     cat "$piplog" >&2
     rm -f "$piplog"
     die "pip install failed (see above)"
