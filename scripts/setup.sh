@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # agentwatch set-up, idempotent: installs only what is missing, says what it did.
 #
-#   sudo scripts/setup.sh demo   # set up, then run the demo agent under a shipped policy
-#   sudo scripts/setup.sh test   # set up, then run the whole test suite
-#   sudo scripts/setup.sh        # set up only
+#   scripts/setup.sh demo   # set up, then run the demo agent under a shipped policy
+#   scripts/setup.sh test   # set up, then run the whole test suite
+#   scripts/setup.sh        # set up only
+# As root (as another user: sudo scripts/setup.sh MODE, or su -c where there is no sudo).
 #
 # Installs: Debian/Ubuntu python3-bpfcc (bcc), python3-seccomp, python3-venv,
 # gcc, kernel headers; a venv at .venv made with --system-site-packages (so
@@ -22,12 +23,20 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 . "$ROOT/scripts/lib.sh"
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "run as root (it installs packages, mounts tracefs and loads BPF): sudo $0 $MODE"
+if [ "$(id -u)" -ne 0 ]; then
+    why="run as root (it installs packages, mounts tracefs and loads BPF)"
+    if command -v sudo >/dev/null 2>&1; then
+        die "$why: sudo $0 $MODE"
+    fi
+    die "$why: there is no sudo here, so as root, e.g. su -c '$0 $MODE'"
+fi
 
 # ---- distribution packages ---------------------------------------------------
 ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 KREL="$(uname -r)"
 pkgs=(python3 python3-venv python3-bpfcc python3-seccomp gcc libc6-dev iproute2)
+# the test mode also checks that vagrant/Vagrantfile parses (tests/unit/test_deploy.py)
+if [ "$MODE" = test ]; then pkgs+=(ruby); fi
 missing=()
 for p in "${pkgs[@]}"; do
     installed "$p" || missing+=("$p")
@@ -83,7 +92,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import bcc, seccomp" 
 fi
 say "installing agentwatch into $VENV"
 piplog="$(mktemp)"
-if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$ROOT[test]" >"$piplog" 2>&1; then
+if ! "$VENV/bin/pip" install -q --disable-pip-version-check "${ROOT}[test]" >"$piplog" 2>&1; then
     cat "$piplog" >&2
     rm -f "$piplog"
     die "pip install failed (see above)"

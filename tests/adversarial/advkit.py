@@ -38,12 +38,36 @@ CSRC = os.path.join(REPO, "tests", "adversarial", "csrc")
 IN_VM = os.environ.get("AGENTWATCH_VM_GUEST") == "1"   # tests/vm: Debian's kernel, lsm=...,bpf
 
 
+def bpf_lsm_expected(environ=os.environ, cmdline_path="/proc/cmdline"):
+    """Why this machine must offer the BPF LSM path, or None: the VM of
+    tests/vm, a kernel booted with bpf in lsm= (vagrant/), or
+    AGENTWATCH_EXPECT_BPF_LSM=1 (vagrant/test.sh: also when GRUB's lsm= did
+    not take). AGENTWATCH_EXPECT_BPF_LSM=0 expects nothing."""
+    want = environ.get("AGENTWATCH_EXPECT_BPF_LSM")
+    if want in ("0", "1"):
+        return "AGENTWATCH_EXPECT_BPF_LSM=1" if want == "1" else None
+    if environ.get("AGENTWATCH_VM_GUEST") == "1":
+        return "the tests/vm guest"
+    try:
+        with open(cmdline_path) as f:
+            args = f.read().split()
+    except OSError:
+        return None
+    lsm = [a for a in args if a.startswith("lsm=")]
+    if lsm and "bpf" in lsm[-1][len("lsm="):].split(","):   # the kernel takes the last lsm=
+        return f"booted with {lsm[-1]}"
+    return None
+
+
 def enforcement_path_here():
     """The path `agentwatch run` takes here: BPF LSM on top where it loads
-    (the VM of tests/vm, which must have it), else Landlock + seccomp +
-    cgroup BPF (the CI kernel: no BPF LSM, headers of another version)."""
+    (the VM of tests/vm and a kernel booted to run it, which must have it),
+    else Landlock + seccomp + cgroup BPF (the CI kernel: no BPF LSM,
+    headers of another version). A machine that should offer BPF LSM and
+    does not fails here, rather than testing the fallback in its place."""
     why = LsmGuard.unavailable()
-    assert not (IN_VM and why), f"the VM must offer the BPF LSM path: {why}"
+    expected = bpf_lsm_expected()
+    assert not (expected and why), f"BPF LSM path expected ({expected}) but not available: {why}"
     return PATH_FALLBACK if why else PATH_BPF_LSM
 
 

@@ -10,9 +10,10 @@
 #
 # Host mode boots the kernel once with virtme-ng (vng): --disable-kvm because
 # KVM aborts on this machine kind (QEMU TCG instead), lsm=...,bpf on the
-# command line, the host's / shared read-only and DIR shared read-write. DIR
-# receives: junit.xml (one testcase per guest test), pytest.log, guest-rc
-# (pytest's exit status inside the VM), guest-info, vm.log (console), timing.
+# command line (tests/vm/lsm.conf), the host's / shared read-only and DIR
+# shared read-write. DIR receives: junit.xml (one testcase per guest test),
+# pytest.log, guest-rc (pytest's exit status inside the VM), guest-info,
+# vm.log (console), timing.
 # Exit status: the guest pytest's, or 3 when the VM did not get that far.
 #
 # The kernel: $AGENTWATCH_VM_KERNEL (a version such as 6.1.0-56-amd64), else
@@ -27,9 +28,13 @@ VENV="${AGENTWATCH_VENV:-$ROOT/.venv}"
 say() { printf 'vm: %s\n' "$*" >&2; }
 die() { printf 'vm: error: %s\n' "$*" >&2; exit 3; }
 
-# run in the VM after tests/vm/guest unless PYTEST_ARGS name others
-SECOND_RUN=(tests/kernel/test_landlock.py tests/kernel/test_seccomp.py tests/kernel/test_egress.py
-            tests/kernel/test_egress_redirect.py tests/kernel/test_refusals.py tests/adversarial)
+# The kernel command line and the tests to run in the VM: tests/vm/lsm.conf,
+# shared with tests/vm/test_lsm_vm.py and vagrant/.
+# shellcheck source=lsm.conf
+. "$ROOT/tests/vm/lsm.conf"
+# shellcheck source=../../scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
+LSM_CMDLINE="lsm=$(lsm_list "$AGENTWATCH_LSM_VM_BASE" "$AGENTWATCH_LSM_REQUIRED")"
 
 # ---- inside the VM ------------------------------------------------------------------
 if [ "${1:-}" = "--guest" ]; then
@@ -51,9 +56,12 @@ if [ "${1:-}" = "--guest" ]; then
     set +e
     # the layer's own tests, then the enforcement and adversarial suites a
     # second time on this path (tests/conftest.py: which escape attempts)
-    [ "$#" -gt 0 ] || set -- "${SECOND_RUN[@]}"
+    # (unless PYTEST_ARGS name others)
+    # shellcheck disable=SC2086   # space-separated lists of paths
+    [ "$#" -gt 0 ] || set -- $AGENTWATCH_LSM_PATH_TESTS
+    # shellcheck disable=SC2086
     PYTHONPATH="$ROOT" "$py" -m pytest -p no:cacheprovider -p no:hypothesispytest -o addopts="" -v -rA --durations=0 \
-        --junitxml="$OUT/junit.xml" tests/vm/guest "$@" >"$OUT/pytest.log" 2>&1
+        --junitxml="$OUT/junit.xml" $AGENTWATCH_LSM_LAYER_TESTS "$@" >"$OUT/pytest.log" 2>&1
     rc=$?
     set -e
     end=$(date +%s.%N)
@@ -112,13 +120,13 @@ fi
 
 KVM_OPT="--disable-kvm"
 [ "${AGENTWATCH_VM_KVM:-0}" = "1" ] && KVM_OPT=""
-say "booting $KVER with lsm=lockdown,capability,landlock,bpf (QEMU ${KVM_OPT:+TCG}); results in $OUT"
+say "booting $KVER with $LSM_CMDLINE (QEMU ${KVM_OPT:+TCG}); results in $OUT"
 start=$(date +%s)
 set +e
 # shellcheck disable=SC2086
 timeout "${AGENTWATCH_VM_TIMEOUT:-2700}" vng $KVM_OPT --memory 2G --cpus 2 \
     --rwdir "$OUT" --cwd "$ROOT" \
-    --run "/boot/vmlinuz-$KVER" --append "lsm=lockdown,capability,landlock,bpf" \
+    --run "/boot/vmlinuz-$KVER" --append "$LSM_CMDLINE" \
     -- "bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" \
     </dev/null >"$OUT/vm.log" 2>&1
 vrc=$?

@@ -39,14 +39,29 @@ def guest_tests():
     return out
 
 
-# run a second time in the VM (run_vm_tests.sh SECOND_RUN): module -> file
-SECOND_RUN = {"test_landlock": "tests/kernel/test_landlock.py",
-              "test_seccomp": "tests/kernel/test_seccomp.py",
-              "test_egress": "tests/kernel/test_egress.py",
-              "test_egress_redirect": "tests/kernel/test_egress_redirect.py",
-              "test_refusals": "tests/kernel/test_refusals.py",
-              "test_escapes": "tests/adversarial/test_escapes.py",
-              "test_plan_for_escapes": "tests/adversarial/test_plan_for_escapes.py"}
+def lsm_conf():
+    """tests/vm/lsm.conf (shared with run_vm_tests.sh and vagrant/), as
+    bash reads it: KEY -> value."""
+    out = subprocess.run(["bash", "-c", 'set -a; . "$1"; env -0', "_", LSM_CONF],
+                         capture_output=True, check=True).stdout
+    env = dict(kv.split(b"=", 1) for kv in out.split(b"\0") if b"=" in kv)
+    return {k.decode(): v.decode() for k, v in env.items() if k.startswith(b"AGENTWATCH_LSM_")}
+
+
+def second_run(conf):
+    """Run a second time in the VM (lsm.conf AGENTWATCH_LSM_PATH_TESTS):
+    module -> file, each directory's test modules listed."""
+    out = {}
+    for path in conf["AGENTWATCH_LSM_PATH_TESTS"].split():
+        files = (sorted(glob.glob(os.path.join(REPO, path, "test_*.py")))
+                 if os.path.isdir(os.path.join(REPO, path)) else [os.path.join(REPO, path)])
+        out.update((os.path.splitext(os.path.basename(f))[0], os.path.relpath(f, REPO)) for f in files)
+    return out
+
+
+LSM_CONF = os.path.join(HERE, "lsm.conf")
+CONF = lsm_conf()
+SECOND_RUN = second_run(CONF)
 
 
 def functions_in(path):
@@ -136,7 +151,10 @@ def vm(tmp_path_factory):
 
 def test_vm_booted_bpf_lsm_kernel(vm):
     info = vm.read("guest-info")
-    assert "lsm:" in info and ",bpf" in info, vm.diagnostics()
+    lsms = next((line.split(":", 1)[1].strip().split(",") for line in info.splitlines()
+                 if line.startswith("lsm:")), [])
+    required = CONF["AGENTWATCH_LSM_REQUIRED"].split(",")
+    assert set(required) <= set(lsms), f"LSMs {required} not all active\n{vm.diagnostics()}"
     assert vm.cases, f"the guest wrote no test results\n{vm.diagnostics()}"
     unknown = {c for c in vm.cases if c[0] not in SECOND_RUN} - set(guest_tests())
     assert not unknown, f"guest ran tests this module does not know: {unknown}"
