@@ -46,10 +46,25 @@ def _procs(cgroup):
         return []
 
 
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _settled(pids, want):
+    """The whole tree, and only it: the three sleeps and the root (and a PID
+    namespace's init), with no short-lived subshell of the '( ... &)'s left
+    (one counted in place of a sleep not yet forked made the pid set wrong)."""
+    return len(pids) == want and [_comm(p) for p in pids].count("sleep") == 3
+
+
 def _agent_trees(runs, policies):
     """Each run's cgroup pids once the whole tree runs (its init too, in a PID namespace)."""
     want = {r["run_id"]: 5 if policies[r["identity"]["agent"]] else 4 for r in runs}
-    return wait_for(lambda: (lambda t: all(len(t[k]) >= want[k] for k in want) and t)(
+    return wait_for(lambda: (lambda t: all(_settled(t[k], want[k]) for k in want) and t)(
         {r["run_id"]: _procs(r["identity"]["cgroup"]) for r in runs}), what="the agent trees")
 
 
