@@ -505,7 +505,7 @@ ul.tree.top{border-left:0;padding-left:0}
 li.proc{margin:4px 0} details>summary{cursor:pointer}
 .proc>details>summary{background:#fff;border:1px solid #d5dbe1;border-radius:6px;padding:3px 8px}
 .what{margin:4px 0 6px 18px;font-size:13px} .what h4{margin:6px 0 2px;font-size:12.5px;color:#5b6670}
-.what ul{margin:0;padding-left:18px} .more{color:#5b6670;font-style:italic}
+.what ul{margin:0;padding-left:18px} .what h4{display:inline} .more{color:#5b6670;font-style:italic}
 .dim{color:#5b6670} .err{color:#a15c00} td.when{white-space:nowrap}
 """
 
@@ -547,7 +547,9 @@ def _proc_html(p):
                 lis.append(f'<li><code>{_e(it["text"])}</code></li>')
         if c[name].more:
             lis.append(f'<li class="more" data-more="{name}">+{c[name].more} more</li>')
-        parts.append(f'<h4>{label} ({len(c[name].items) + c[name].more})</h4><ul>{"".join(lis)}</ul>')
+        # files are many and dull: folded, one click away; the rest shown
+        parts.append(f'<details{"" if name == "files" else " open"}><summary><h4>{label} '
+                     f'({len(c[name].items) + c[name].more})</h4></summary><ul>{"".join(lis)}</ul></details>')
     viol = f' <span class="viol">{p.violations} violation(s)</span>' if p.violations else ""
     return (f'<details open><summary><b>{p.pid}</b> <code>{_e(p.title[:160])}</code> '
             f'<span class="dim">{_e(p.exit or "running")}</span>{viol}</summary>'
