@@ -15,13 +15,14 @@ def _progress():
     """progress(done, size) for api.report: a line on stderr, redrawn; None when not a terminal."""
     if not sys.stderr.isatty():
         return None
-    shown = [False]
+    shown = [False, False]          # started drawing, ended the line
 
     def progress(done, size):
-        if size < PROGRESS_FROM and not shown[0]:
+        if (size < PROGRESS_FROM and not shown[0]) or shown[1]:
             return
         shown[0] = True
-        end = "\n" if done >= size else ""
+        shown[1] = done >= size
+        end = "\n" if shown[1] else ""
         sys.stderr.write(f"\ragentwatch: reading the log: {done * 100 // max(size, 1)}% "
                          f"({done >> 20} of {size >> 20} MiB){end}")
         sys.stderr.flush()
