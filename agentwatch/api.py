@@ -6,6 +6,7 @@ Runs
     subscribe(run) -> a run's decoded events, live (a run of this process) or from its log
     follow_events(...) -> the event dicts every run logs (`agentwatch tail`)
     list_runs(), find_run(), read_log(), log_path(), verify_log(), gc()
+    report() -> Report of a run's log; render_report_html(), render_report_text()
     run_stats(run_id) -> the harness's live figures of a run ({} until the gateway gives some)
 Manifests (`agentwatch up`)
     check_manifest(), load_manifest(), state_path(), process_start_time()
@@ -59,7 +60,7 @@ __all__ = [
     "RunOptions", "run_option_fields", "RunResult", "RunHandle", "run", "start", "open_monitor",
     "subscribe", "LogSubscription", "follow_events", "parse_since", "format_event",
     "RunInfo", "list_runs", "find_run", "log_path", "read_log", "LogVerification", "verify_log", "gc",
-    "run_stats",
+    "run_stats", "Report", "report", "render_report_html", "render_report_text",
     # manifests
     "Manifest", "AgentSpec", "ManifestCheck", "check_manifest", "load_manifest", "state_path",
     "process_start_time",
@@ -87,6 +88,7 @@ _LAZY_TYPES = {
     "LintResult": ("agentwatch.policy.lint", "LintResult"),
     "EnforcementPlan": ("agentwatch.sandbox.plan", "EnforcementPlan"),
     "Check": ("agentwatch.doctor", "Check"),
+    "Report": ("agentwatch.sinks.report", "Report"),
     "Manifest": ("agentwatch.harness.manifest", "Manifest"),
     "AgentSpec": ("agentwatch.harness.manifest", "AgentSpec"),
     "BrokerClient": ("agentwatch.harness.broker_client", "Client"),
@@ -479,18 +481,56 @@ def _log_of(target):
     return log_path(rec["run_id"]), rec["run_id"]
 
 
+def _log_dicts(path, progress=None, every=1 << 20):
+    """The JSON objects of a log's lines, None for a line that is not one;
+    progress(bytes read, size) every `every` bytes and at the end."""
+    import json
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        done = told = 0
+        for line in f:
+            done += len(line)
+            if progress is not None and done - told >= every:
+                progress(done, size)
+                told = done
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    d = None
+                yield d if isinstance(d, dict) else None
+        if progress is not None:
+            progress(done, max(size, done))
+
+
 def read_log(target):
     """The event dicts of a run's log (RUN_ID, a unique prefix, or a log
     file), in order, as logged; lines that are not JSON are skipped."""
-    import json
     path, _ = _log_of(target)
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    continue
+    yield from (d for d in _log_dicts(path) if d is not None)
+
+
+def report(target, progress=None):
+    """A Report of a run's log (RUN_ID, a unique prefix, or a log file),
+    read in one pass (agentwatch/sinks/report.py: identity, enforcement,
+    process tree, violations, totals, drops; lists capped per process,
+    totals exact). progress(bytes read, size): called as it reads. A
+    target that names nothing: NotFoundError."""
+    from .sinks.report import build
+    path, _ = _log_of(target)
+    return build(_log_dicts(path, progress))
+
+
+def render_report_html(report):
+    """A Report as one self-contained HTML page (no scripts, nothing fetched)."""
+    from .sinks.report import render_html
+    return render_html(report)
+
+
+def render_report_text(report, color=False):
+    """A Report as the terminal summary (process tree, totals, violations)."""
+    from .sinks.report import render_text
+    return render_text(report, color)
 
 
 @dataclass(frozen=True)

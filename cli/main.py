@@ -21,6 +21,7 @@ COMMANDS = {
     "daemon": ("daemon", "daemon_group", "The shared monitor: start, stop, status."),
     "key": ("keys", "key_group", "Signing keys: generate."),
     "log": ("keys", "log_group", "Run logs: verify their seal."),
+    "report": ("report", "report", "A run's report: process tree, violations, totals (--html)."),
     "policy": ("policy", "policy_group", "Policies: lint, explain, diff, sign, verify."),
     "msg": ("msg", "msg_group", "Agent-to-agent messages: send, inbox, tasks."),
     "token": ("msg", "token_group", "Scope tokens: mint, inspect."),

@@ -109,6 +109,8 @@ demo)
     ;;
 test)
     cd "$ROOT"
+    # tests/kernel/test_report_html.py renders `agentwatch report --html` in headless Chromium
+    command -v chromium >/dev/null || apt_install chromium
     # the BPF LSM path is tested in a VM booting Debian's own kernel (tests/vm)
     if [ "${AGENTWATCH_SKIP_VM:-0}" != 1 ]; then
         bash "$ROOT/tests/vm/setup.sh"

@@ -28,7 +28,7 @@ ALL = sorted([
     "RunOptions", "run_option_fields", "RunResult", "RunHandle", "run", "start", "open_monitor",
     "subscribe", "LogSubscription", "follow_events", "parse_since", "format_event",
     "RunInfo", "list_runs", "find_run", "log_path", "read_log", "LogVerification", "verify_log", "gc",
-    "run_stats",
+    "run_stats", "Report", "report", "render_report_html", "render_report_text",
     "Manifest", "AgentSpec", "ManifestCheck", "check_manifest", "load_manifest", "state_path",
     "process_start_time",
     "Policy", "Problem", "LintResult", "EnforcementPlan", "PolicyCheck", "check_policy",
@@ -57,6 +57,9 @@ SIGNATURES = {
     "find_run": "(run_id)",
     "log_path": "(run_id)",
     "read_log": "(target)",
+    "report": "(target, progress=None)",
+    "render_report_html": "(report)",
+    "render_report_text": "(report, color=False)",
     "verify_log": "(target, trust=())",
     "gc": "(log=None)",
     "check_policy": "(path)",
@@ -99,6 +102,7 @@ SIGNATURES = {
     "DaemonStatus.to_dict": "(self)",
     "DoctorReport.to_dict": "(self)",
     "DoctorReport.table": "(self)",
+    "Report.to_dict": "(self)",
 }
 
 FIELDS = {
@@ -107,6 +111,9 @@ FIELDS = {
     "RunInfo": ["run_id", "agent", "status", "root_pid", "pids", "events", "lost", "started", "policy",
                 "policy_digest", "command", "exit_status", "log_path", "identity", "crash"],
     "LogVerification": ["path", "run_id", "ok", "lines", "signer", "problems"],
+    "Report": ["run_id", "agent", "identity", "end", "sealed", "lines", "bad_lines", "kinds", "violations",
+               "by_category", "by_rule", "denials", "denials_by_rule", "drops", "timeline",
+               "timeline_more", "processes", "process_count", "run_llm", "first_ts", "last_ts"],
     "PolicyCheck": ["policy", "problems"],
     "ManifestCheck": ["manifest", "problems"],
     "Manifest": ["path", "name", "agents", "description", "gateway_config"],

@@ -1,0 +1,62 @@
+"""agentwatch report RUN_ID: a run's log as a terminal summary, JSON, or
+one self-contained HTML page (agentwatch/sinks/report.py builds it)."""
+import json
+import os
+import sys
+
+import click
+
+from agentwatch import api
+
+PROGRESS_FROM = 32 << 20     # logs this big show how far the read is (stderr a terminal only)
+
+
+def _progress():
+    """progress(done, size) for api.report: a line on stderr, redrawn; None when not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    shown = [False, False]          # started drawing, ended the line
+
+    def progress(done, size):
+        if (size < PROGRESS_FROM and not shown[0]) or shown[1]:
+            return
+        shown[0] = True
+        shown[1] = done >= size
+        end = "\n" if shown[1] else ""
+        sys.stderr.write(f"\ragentwatch: reading the log: {done * 100 // max(size, 1)}% "
+                         f"({done >> 20} of {size >> 20} MiB){end}")
+        sys.stderr.flush()
+    return progress
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write the report as one self-contained HTML page (no scripts, nothing fetched).")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object on stdout.")
+@click.option("--color/--no-color", default=None, help="Colors in the terminal summary (default: when stdout is a terminal).")
+def report(run_id, html_path, as_json, color):
+    """A run's report: identity, enforcement, process tree, violations, totals.
+
+    RUN_ID is a run's id or a unique prefix of it (agentwatch ps --all), or a
+    log file. Without --html or --json, a summary for the terminal."""
+    try:
+        rep = api.report(run_id, progress=_progress())
+    except api.NotFoundError as e:
+        raise click.ClickException(str(e))
+    except OSError as e:
+        raise click.ClickException(f"{run_id}: cannot read its log: {e.strerror or e}")
+    if html_path:
+        page = api.render_report_html(rep)
+        tmp = f"{html_path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(page)
+            os.replace(tmp, html_path)
+        except OSError as e:
+            raise click.ClickException(f"--html {html_path}: {e.strerror or e}")
+        click.echo(f"agentwatch: report of run {rep.run_id} written to {html_path}", err=True)
+    if as_json:
+        sys.stdout.write(json.dumps(rep.to_dict(), default=str) + "\n")
+    elif not html_path:
+        sys.stdout.write(api.render_report_text(rep, sys.stdout.isatty() if color is None else color))
