@@ -115,7 +115,9 @@ class Daemon:
             metrics = Metrics(sources={
                 "sensors": self.monitor.sensors.counters, "runs": lambda: len(self.runs),
                 "gateway": lambda: self.gateway.gateway.stats() if self.gateway else None,
-                "bpf": bpf_programs, "bpf_stats": bpf_stats_enabled,
+                "bpf": bpf_programs,
+                # BPF_ENABLE_STATS leaves the sysctl as it was: its value tells the others' setting
+                "bpf_stats": lambda: self.bpf_stats is not None or bpf_stats_enabled(),
                 "exporters": lambda: {"otlp": self.otlp.stats()} if self.otlp else {}})
             self.metrics_server = MetricsServer(metrics.registry(), *cfg.metrics)
             self.exporters.append(metrics)
