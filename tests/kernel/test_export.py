@@ -51,14 +51,14 @@ def test_metrics_and_otlp_of_a_run_with_a_violation(tmp_path):
     try:
         url = r.stdout.split("metrics on ")[1].split(";")[0].strip()
         assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics"), r.stdout
-        home, ws = tmp_path / "home", tmp_path / "ws"
-        (home / ".ssh").mkdir(parents=True)
-        (home / ".ssh" / "id_rsa").write_text("SECRET-KEY\n")
-        ws.mkdir()
-        p = _client(dict(env, HOME=str(home)), "--daemon", "--allow-downgrade",
-                    "--policy", os.path.join(POLICIES, "sandboxed-agent.yaml"), "--",
-                    "/bin/sh", "-c", f"cat {home}/.ssh/id_rsa; echo cat=$?", cwd=str(ws))
-        out, err = p.communicate(timeout=120)
+        # the policy denies ${HOME}/.ssh: a read of a key there is the violation
+        key = tmp_path / "home" / ".ssh" / "id_rsa"
+        key.parent.mkdir(parents=True)
+        key.write_text("SECRET-KEY\n")
+        (tmp_path / "ws").mkdir()
+        out, err = _client(dict(env, HOME=str(key.parent.parent)), "--daemon", "--allow-downgrade", "--policy",
+                           os.path.join(POLICIES, "sandboxed-agent.yaml"), "--", "/bin/cat", str(key),
+                           cwd=str(tmp_path / "ws")).communicate(timeout=120)
         assert "SECRET-KEY" not in out, out
         run_id = err.split("agentwatch: run ")[1].split()[0]
         evs = read_events(state / "runs" / run_id / "events.jsonl")
