@@ -1,4 +1,5 @@
 """agentwatch daemon start | stop | status | run: the shared monitor."""
+import os
 import time
 
 import click
@@ -12,21 +13,66 @@ def daemon_group():
     (start-up without a BPF compile, one set of sensors for all agents)."""
 
 
+# the daemon reads these from its environment (docs/export.md), as a
+# systemd unit's Environment= would set them
+EXPORT_ENV = {"metrics": "AGENTWATCH_METRICS", "otlp": "AGENTWATCH_OTLP",
+              "otlp_events": "AGENTWATCH_OTLP_EVENTS", "bpf_stats": "AGENTWATCH_BPF_STATS"}
+
+
+def export_options(f):
+    """--metrics, --otlp, --otlp-events, --bpf-stats (docs/export.md)."""
+    for opt in reversed((
+            click.option("--metrics", metavar="HOST:PORT",
+                         help="Serve Prometheus metrics on http://HOST:PORT/metrics (PORT alone: "
+                              "127.0.0.1; e.g. 127.0.0.1:9464). Off unless given (or AGENTWATCH_METRICS)."),
+            click.option("--otlp", metavar="URL",
+                         help="Send violations and lifecycle events as OTLP logs, each run as a span, "
+                              "to this OTLP/HTTP collector (e.g. http://127.0.0.1:4318; default: "
+                              "AGENTWATCH_OTLP or OTEL_EXPORTER_OTLP_ENDPOINT)."),
+            click.option("--otlp-events", type=click.Choice(["violations", "all"]),
+                         help="What --otlp sends as logs: violations and lifecycle events (the "
+                              "default), or every event (high rate)."),
+            click.option("--bpf-stats", is_flag=True, default=None,
+                         help="Turn kernel.bpf_stats_enabled on while the daemon runs, so the "
+                              "metrics' per-program run time and run count are counted."))):
+        f = opt(f)
+    return f
+
+
+def _export_env(metrics, otlp, otlp_events, bpf_stats):
+    values = {"metrics": metrics, "otlp": otlp, "otlp_events": otlp_events,
+              "bpf_stats": "1" if bpf_stats else None}
+    for key, value in values.items():
+        if value:
+            os.environ[EXPORT_ENV[key]] = value
+
+
+def _export_line(st):
+    ex = st.raw.get("export") or {}
+    parts = ([f"metrics on {ex['metrics']}"] if ex.get("metrics") else []) + \
+            ([f"OTLP to {ex['otlp']} ({ex['otlp_events']})"] if ex.get("otlp") else []) + \
+            (["BPF statistics on"] if ex.get("bpf_stats") else [])
+    return "; ".join(parts)
+
+
 @daemon_group.command("start")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False),
               help="Where the daemon writes its log (default: <state dir>/daemon.log).")
 @click.option("--gateway", "gateway", type=click.Path(dir_okay=False, exists=True),
               help="Serve the runs an LLM gateway with this config (docs/gateway.md): each "
                    "run's OpenAI and Anthropic base URLs point at it, the API keys stay here.")
-def start(log_path, gateway):
+@export_options
+def start(log_path, gateway, metrics, otlp, otlp_events, bpf_stats):
     """Start the daemon in the background; return once it answers."""
     t0 = time.monotonic()
+    _export_env(metrics, otlp, otlp_events, bpf_stats)
     click.echo("agentwatch: starting the daemon (compiling and loading the BPF sensors)...", err=True)
     st = api.daemon_start(log_path, gateway=gateway)
     gw = st.raw.get("gateway")
+    export = _export_line(st)
     click.echo(f"agentwatch daemon running: pid {st.pid}, socket {st.socket}, "
                f"{st.sensors['tracepoints']} tracepoints, ready in {time.monotonic() - t0:.1f} s"
-               + (f"; LLM gateway on {gw['url']}" if gw else ""))
+               + (f"; LLM gateway on {gw['url']}" if gw else "") + (f"; {export}" if export else ""))
 
 
 @daemon_group.command("stop")
@@ -60,6 +106,9 @@ def status():
         busy = {k: br[k] for k in ("messages", "tool_calls", "refused", "rate_limited", "errors") if br.get(k)}
         click.echo(f"  broker: {br['socket']} and {br['url']}; {br['messages_stored']} message(s) stored"
                    + "".join(f", {k} {v}" for k, v in busy.items()))
+    export = _export_line(st)
+    if export:
+        click.echo(f"  export: {export}")
     click.echo(f"  runs: {len(st.runs)}")
     for r in st.runs:
         click.echo(f"    {r.run_id}  {r.agent or '?'}  agent pid {r.root_pid or '-'}  "
@@ -69,6 +118,8 @@ def status():
 @daemon_group.command("run")
 @click.option("--gateway", "gateway", type=click.Path(dir_okay=False, exists=True),
               help="Serve the runs an LLM gateway with this config (as 'daemon start --gateway').")
-def run_foreground(gateway):
+@export_options
+def run_foreground(gateway, metrics, otlp, otlp_events, bpf_stats):
     """Serve in the foreground (for systemd, or to watch its log)."""
+    _export_env(metrics, otlp, otlp_events, bpf_stats)
     api.daemon_serve(gateway=gateway)

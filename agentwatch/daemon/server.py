@@ -10,9 +10,11 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 from ..core import errors
 from ..core.errors import AgentwatchError, UsageError
+from ..run.services import RunService
 from .client import ping
 from .protocol import (REQUEST_TIMEOUT_S, STOP_SIGNALS, STOP_TIMEOUT_S, options_from_request, recv,
                        reply_error, send, socket_path)
@@ -21,10 +23,14 @@ from .protocol import (REQUEST_TIMEOUT_S, STOP_SIGNALS, STOP_TIMEOUT_S, options_
 class Daemon:
     """Serve runs on one Monitor until shutdown (a request, SIGTERM, SIGINT)."""
 
-    def __init__(self, path=None, ringbuf_pages=4096, log=None, gateway=None):
+    def __init__(self, path=None, ringbuf_pages=4096, log=None, gateway=None, export=None):
         """gateway: an LLM gateway config file (harness/gateway_config.py):
-        the daemon serves its runs the gateway (harness/service.py)."""
+        the daemon serves its runs the gateway (harness/service.py).
+        export: an ExportConfig (docs/export.md); default: from the environment."""
         self.path = path or socket_path()
+        self.export_config = export
+        self.exporters = []          # sinks/metrics.py Metrics, sinks/otlp.py OtlpExporter
+        self.metrics_server = self.otlp = self.bpf_stats = None
         self.gateway_path = gateway
         self.gateway = None
         self.broker = None               # harness/broker.py BrokerService: agent-to-agent messages
@@ -53,6 +59,8 @@ class Daemon:
         if self.gateway_path:        # a bad config is told before the sensors load
             from ..harness.gateway_config import GatewayConfig
             gateway_config = GatewayConfig.load(self.gateway_path)
+        if self.export_config is None:      # bad values, too, are told before the sensors load
+            self.export_config = ExportConfig.from_env()
         self._serve(t0, gateway_config)
 
     def _serve(self, t0, gateway_config):
@@ -79,6 +87,7 @@ class Daemon:
             self.broker = BrokerService(log=self.log)
             self.monitor.add_service(self.broker)
             self.log(f"broker on {self.broker.broker.socket_path} and {self.broker.broker.url}")
+            self._start_export()
             launcher.set_child_subreaper()
             self._listen()
             self.started = time.time()
@@ -92,6 +101,49 @@ class Daemon:
                 self._shutdown()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _start_export(self):
+        """Metrics, OTLP and BPF statistics, as export_config asks: each run's
+        events reach them through its bus (_ExportService)."""
+        cfg = self.export_config
+        if cfg.bpf_stats:
+            from ..sinks.metrics import BpfStats
+            self.bpf_stats = BpfStats().open()
+            self.log(f"BPF statistics on while the daemon runs ({self.bpf_stats.how})")
+        if cfg.metrics:
+            from ..sinks.metrics import Metrics, MetricsServer, bpf_programs, bpf_stats_enabled
+            metrics = Metrics(sources={
+                "sensors": self.monitor.sensors.counters, "runs": lambda: len(self.runs),
+                "gateway": lambda: self.gateway.gateway.stats() if self.gateway else None,
+                "bpf": bpf_programs,
+                # BPF_ENABLE_STATS leaves the sysctl as it was: its value tells the others' setting
+                "bpf_stats": lambda: self.bpf_stats is not None or bpf_stats_enabled(),
+                "exporters": lambda: {"otlp": self.otlp.stats()} if self.otlp else {}})
+            self.metrics_server = MetricsServer(metrics.registry(), *cfg.metrics)
+            self.exporters.append(metrics)
+            self.log(f"metrics on {self.metrics_server.url}")
+        if cfg.otlp:
+            from ..sinks.otlp import OtlpExporter
+            self.otlp = OtlpExporter(cfg.otlp, events=cfg.otlp_events, log=self.log)
+            self.exporters.append(self.otlp)
+            self.log(f"OTLP to {self.otlp.endpoint} ({cfg.otlp_events})")
+        if self.exporters:
+            self.monitor.add_service(_ExportService(self.exporters))
+
+    def _stop_export(self):
+        """After the runs: their ends are exported, then the endpoints close."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self.otlp is not None:
+            self.otlp.close(OTLP_CLOSE_S)
+            st = self.otlp.stats()
+            self.log(f"OTLP: {st.get('logs_exported', 0)} record(s) and {st.get('spans_exported', 0)} "
+                     f"span(s) exported, {st['logs_failed'] + st['spans_failed']} failed, "
+                     f"{st['dropped']} dropped")
+        if self.bpf_stats is not None:
+            self.bpf_stats.close()
+            self.bpf_stats = None
 
     def _stop_signals(self):
         """Stop on SIGTERM, SIGINT or SIGHUP, unless an agent sent it."""
@@ -151,6 +203,7 @@ class Daemon:
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for t in list(self.threads):
             t.join(max(0.1, deadline - time.monotonic()))
+        self._stop_export()
         if self.gateway is not None:     # after the runs: their last calls are logged
             self.gateway.close()
             self.gateway = None
@@ -256,6 +309,8 @@ class Daemon:
                                   f"{type(e).__name__}: {e}; its log has the details") from None
         finally:
             self.runs.pop(run.run_id, None)
+            for sink in self.exporters:
+                sink.run_done(run.run_id)
             try:
                 conn.shutdown(socket.SHUT_RD)   # wakes the watcher (EOF) before conn closes
             except OSError:
@@ -289,10 +344,69 @@ class Daemon:
                             "map_exec": s.map_exec},
                 "counters": {k: v for k, v in s.counters().items() if not isinstance(v, (list, dict))},
                 "broker": None if self.broker is None else self.broker.stats(),
+                "export": self._export_status(),
                 "gateway": None if self.gateway is None else {
                     "url": self.gateway.gateway.url, "config": self.gateway_path,
                     "counters": dict(self.gateway.gateway.counters),
                     "runs": {r: self.gateway.run_stats(r) for r in list(self.runs)}}}
+
+    def _export_status(self):
+        cfg = self.export_config
+        if cfg is None or not (cfg.metrics or cfg.otlp or cfg.bpf_stats):
+            return None
+        return {"metrics": self.metrics_server.url if self.metrics_server else None,
+                "otlp": self.otlp.endpoint if self.otlp else None,
+                "otlp_events": cfg.otlp_events if self.otlp else None,
+                "otlp_counters": self.otlp.stats() if self.otlp else None,
+                "bpf_stats": self.bpf_stats.how if self.bpf_stats else None}
+
+
+OTLP_CLOSE_S = 5.0               # a dead collector holds the shutdown up this long at most
+ENV = {"metrics": "AGENTWATCH_METRICS", "otlp": "AGENTWATCH_OTLP", "otlp_events": "AGENTWATCH_OTLP_EVENTS",
+       "bpf_stats": "AGENTWATCH_BPF_STATS"}
+
+
+@dataclass
+class ExportConfig:
+    """What the daemon exports (docs/export.md): metrics (host, port) of
+    its /metrics endpoint, otlp the collector's base URL, otlp_events
+    violations | all, bpf_stats: kernel.bpf_stats_enabled on while it runs.
+    `agentwatch daemon start --metrics ...` sets the environment the
+    daemon reads this from (as a systemd unit's Environment= would)."""
+    metrics: tuple = None
+    otlp: str = None
+    otlp_events: str = "violations"
+    bpf_stats: bool = False
+
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        from ..sinks.metrics import parse_address
+        from ..sinks.otlp import EVENT_MODES, check_endpoint, endpoint_from_env
+        metrics = environ.get(ENV["metrics"])
+        otlp = endpoint_from_env(environ)
+        events = environ.get(ENV["otlp_events"]) or "violations"
+        if events not in EVENT_MODES:
+            raise UsageError(f"{ENV['otlp_events']}={events}: expected one of {', '.join(EVENT_MODES)}")
+        return cls(metrics=parse_address(metrics, ENV["metrics"]) if metrics else None,
+                   otlp=check_endpoint(otlp) if otlp else None, otlp_events=events,
+                   bpf_stats=environ.get(ENV["bpf_stats"], "") not in ("", "0", "no", "false"))
+
+
+class _ExportService(RunService):
+    """The exporters as a service of the Monitor (run/services.py): each
+    follows every run's bus with a callback (O(1): a count, or an append
+    to its own bounded queue), as the memory keeper does."""
+
+    name = "export"
+
+    def __init__(self, sinks):
+        self.sinks = sinks
+
+    def open_run(self, run):
+        if run.subscribe is not None:
+            for sink in self.sinks:
+                run.subscribe(maxsize=1, kinds=sink.kinds, callback=sink.feed)
+        return {}
 
 
 class ClientStream:
