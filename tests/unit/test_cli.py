@@ -69,6 +69,44 @@ def test_run_error_in_a_fresh_process_has_no_traceback(state_dir):
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
 
+def test_run_unknown_option_before_the_command_is_a_usage_error(state_dir):
+    # a fresh process, as a user types it: not "command not found: --resolv"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "cli.main", "run", "--resolv", "x:1", "--", "true"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2, p.stderr
+    assert "No such option '--resolv'. Did you mean '--resolve'?" in p.stderr
+    assert "command not found" not in p.stderr and "Traceback" not in p.stderr
+    assert not os.listdir(state_dir)
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["--", "sh", "-c", "x", "--resolv", "--show"], ["sh", "-c", "x", "--resolv", "--show"]),
+    (["sh", "-c", "x", "--resolv", "--show", "--"], ["sh", "-c", "x", "--resolv", "--show", "--"]),
+    (["--show", "git", "--policy", "p"], ["git", "--policy", "p"]),
+    (["--", "--not-an-option"], ["--not-an-option"]),
+])
+def test_run_passes_the_agents_own_options_through(argv, command, monkeypatch, state_dir):
+    from agentwatch import api
+    seen = []
+
+    class Result:
+        run_status = 7
+
+    monkeypatch.setattr(api, "run", lambda options, daemon=None: seen.append(options) or Result())
+    assert main(["run"] + argv) == 7
+    assert seen[0].argv == command
+    assert seen[0].show is (argv[0] == "--show")       # ours only before the command
+
+
+def test_trial_has_the_same_options_rule(capsys, state_dir):
+    assert main(["trial", "-n", "2", "--polcy", "p.yaml", "--", "true"]) == 2
+    assert "No such option '--polcy'. Did you mean '--policy'?" in capsys.readouterr().err
+    # the agent's options after CMD are not trial's: parsing got to trial's own checks
+    assert main(["trial", "-n", "0", "true", "--polcy", "--bogus"]) == 1
+    assert "-n 0: a trial needs at least one run" in capsys.readouterr().err
+
+
 # ---- tail ------------------------------------------------------------------------
 
 def test_tail_bad_since(capsys, state_dir):
@@ -94,7 +132,7 @@ def test_tail_replays_a_finished_run_as_json(state_dir):
     assert [json.loads(ln) for ln in r.output.splitlines()] == events
     r = CliRunner().invoke(cli, ["tail", "--run", "20261128", "--violations"])
     assert r.exit_code == 0
-    assert len(r.output.splitlines()) == 1 and "VIOLATION" in r.output
+    assert len(r.output.splitlines()) == 1 and "ALERT" in r.output and "egress" in r.output
 
 
 # ---- ps --------------------------------------------------------------------------
