@@ -3,6 +3,7 @@
 Nothing here reaches the point where `run` would need root: every `run`
 invocation fails on its input first.
 """
+import io
 import json
 import os
 import subprocess
@@ -133,6 +134,60 @@ def test_tail_replays_a_finished_run_as_json(state_dir):
     r = CliRunner().invoke(cli, ["tail", "--run", "20261128", "--violations"])
     assert r.exit_code == 0
     assert len(r.output.splitlines()) == 1 and "ALERT" in r.output and "egress" in r.output
+
+
+class TtyIO(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_replay_status_draws_then_clears_for_good():
+    from cli.runs import ReplayStatus
+    out = TtyIO()
+    status = ReplayStatus(out, every=0)
+    status(1_500_000, 6_000_000)
+    assert out.getvalue() == "\ragentwatch: replaying 1.5 of 6.0 MB (25%)\033[K"
+    status.clear()                    # before an event line
+    status(3_000_000, 6_000_000)
+    status(6_000_000, 6_000_000)      # over
+    assert out.getvalue().endswith("(50%)\033[K\r\033[K")
+    n = len(out.getvalue())
+    status(6_000_000, 6_000_000)
+    status.clear()
+    assert len(out.getvalue()) == n
+
+
+def long_run(n=300):
+    events = [{"kind": "exec", "ts": 1.0 + i, "agent": "coder", "pid": 5, "run_id": "r", "filename": "/x"}
+              for i in range(n)]
+    make_run("20261128-000000-aaaaaa", "exited", events)
+
+
+def test_tail_replay_shows_progress_on_a_terminal_only(monkeypatch, capsys, state_dir):
+    import agentwatch.follow as F
+    monkeypatch.setattr(F, "CHUNK", 256)
+    long_run()
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["tail", "--run", "20261128-000000-aaaaaa"]) == 0        # piped: no status
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 300 and err == ""
+    tty = TtyIO()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main(["tail", "--run", "20261128-000000-aaaaaa"]) == 0
+    assert "agentwatch: replaying" in tty.getvalue() and tty.getvalue().endswith("\r\033[K")
+    assert len(capsys.readouterr().out.splitlines()) == 300
+
+
+def test_tail_colours_only_a_terminal_without_no_color(monkeypatch, state_dir):
+    events = [{"kind": "violation", "ts": 2.0, "agent": "coder", "pid": 5, "run_id": "r",
+               "category": "network", "rule": "network.egress", "action": "deny", "detail": {}, "count": 1}]
+    make_run("20261128-000000-aaaaaa", "exited", events)
+    for no_color, tty, coloured in (("", True, True), ("1", True, False), ("", False, False)):
+        monkeypatch.setenv("NO_COLOR", no_color)
+        out = TtyIO() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(["tail", "--run", "20261128-000000-aaaaaa"]) == 0
+        assert ("\033[" in out.getvalue()) is coloured and "DENIED" in out.getvalue()
 
 
 # ---- ps --------------------------------------------------------------------------
