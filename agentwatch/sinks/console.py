@@ -80,8 +80,9 @@ def _file_what(x):
         return (f"changed {_home(x.get('path'))} (sha256 {str(x['old_sha256'])[:12]} -> "
                 f"{str(x.get('new_sha256'))[:12]})"), ("path", "old_sha256", "new_sha256")
     if "argv" in x:                   # an exec (a filesystem.exec or process.exec rule)
-        argv = " ".join(map(str, x.get("argv") or []))
-        return f"exec {_path(x)} [{argv}]", ("path", "named", "argv", "sha256")
+        argv = [str(a) for a in x.get("argv") or ()]
+        plain = len(argv) <= 1 and all(os.path.basename(a) == os.path.basename(str(x.get("path"))) for a in argv)
+        return f"exec {_path(x)}" + ("" if plain else f" [{' '.join(argv)}]"), ("path", "named", "argv", "sha256")
     if x.get("op") == "mmap":
         return f"map executable {_path(x)}", ("path", "named", "op", "prot")
     verb = ",".join(x.get("access") or ()) or x.get("op") or "use"
@@ -310,3 +311,116 @@ class ConsoleSink:
 
     def close(self):
         self.flush()
+
+
+# ---- a run on one screen (scripts/demo.sh) ----------------------------------------------
+
+WRITES = {"write", "create", "truncate"}
+CHANGES = ("rename", "unlink", "mkdir", "rmdir", "chmod", "chown", "link", "symlink", "truncate")
+
+
+def _wrap(text, width, lines=None):
+    """text as lines of width, continued with an indent; at most `lines` of them."""
+    import textwrap
+    out = textwrap.wrap(text, width, subsequent_indent="      ", break_on_hyphens=False) or [""]
+    if lines and len(out) > lines:
+        out = out[:lines]
+        out[-1] = _fit(out[-1] + " …", width)
+    return out
+
+
+def _fit(text, width):
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _listing(label, counts, width, lines=2):
+    """'  label: a x2, b, c' wrapped to `lines` lines of width; what does not
+    fit is counted ('+4 more')."""
+    items = [f"{name} x{n}" if n > 1 else name for name, n in counts.items()]
+    for shown in range(len(items), -1, -1):
+        more = f" +{len(items) - shown} more" if shown < len(items) else ""
+        text = f"  {label}: " + (", ".join(items[:shown]) or ("nothing" if not items else "")) + more
+        out = _wrap(text, width)
+        if len(out) <= lines:
+            return out
+    return _wrap(f"  {label}: {len(items)}", width)
+
+
+def _count(counts, key):
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _changed(paths):
+    """The files the agent changed, the absolute ones relative to the
+    directory they share, a relative one (to its process's cwd) as ./name:
+    (' in /w', {'main.py (write)': 1, './main.py (unlink)': 1, ...})."""
+    absolute = [p for p in paths if p.startswith(("/", "~"))]
+    common = os.path.commonpath(absolute) if len(absolute) > 1 else ""
+    if common in ("/", "~"):
+        common = ""
+    out = {}
+    for path, ops in paths.items():
+        if path.startswith(("/", "~")):
+            name = os.path.relpath(path, common) if common else path
+        else:
+            name = os.path.join(".", path)
+        out[f"{name} ({','.join(ops)})"] = 1
+    return (f" in {common}" if common else ""), out
+
+
+def summarize(events, width=100, max_violations=12):
+    """A run's log on one screen: what the agent tried (its execs,
+    connections and the files it changed, folded), what was flagged or
+    denied (its violations, as describe() says them), and the totals (events
+    by kind, violations, events lost), every number counted from events."""
+    kinds, execs, conns, changed, read, devices, violations = {}, {}, {}, {}, set(), set(), []
+    start = end = None
+    drops = 0
+    for e in events:
+        k = e.get("kind")
+        _count(kinds, k)
+        if k == "exec" and not e.get("error"):
+            _count(execs, os.path.basename(str(e.get("filename"))))
+        elif k == "net" and e.get("op") in ("connect", "sendto", "bind"):
+            proto = "unix" if e.get("family") == "unix" else e.get("family")
+            res = f" ({e['error']})" if e.get("error") else ""
+            _count(conns, f"{e.get('op')} {proto} {_where(e.get('addr'), e.get('port'))}{res}")
+        elif k == "file":
+            path = str(_home(e.get("abspath") or e.get("path")))
+            if path.startswith(("/dev/", "/proc/")):
+                devices.add(path)
+            elif set(e.get("access") or ()) & WRITES or e.get("op") in CHANGES:
+                op = "write" if e.get("op") == "open" else e.get("op")
+                ops = changed.setdefault(path, [])
+                if op not in ops:
+                    ops.append(op)
+            else:
+                read.add(path)
+        elif k == "violation":
+            violations.append(e)
+        elif k == "lifecycle":
+            start = e if e.get("phase") == "start" else start
+            end = e if e.get("phase") == "end" else end
+            drops += e.get("phase") == "drops"
+    out = _wrap(describe(start), width) if start else []
+    out.append(f"what the agent tried ({kinds.get('exec', 0)} execs, {kinds.get('net', 0)} network "
+               f"events, {kinds.get('file', 0)} file events):")
+    out += _listing(f"ran {sum(execs.values())}", execs, width)
+    out += _listing(f"connected {sum(conns.values())}", conns, width)
+    where, names = _changed(changed)
+    out += _listing(f"changed {len(changed)} files{where}", names, width, lines=3)
+    out.append(f"  read {len(read)} other files" + (f", used {len(devices)} devices" if devices else ""))
+    total = sum(v.get("count") or 1 for v in violations)
+    out.append(f"violations: {total} ({len(violations)} reports):" if violations else "violations: none")
+    for v in violations[:max_violations]:
+        out += _wrap(f"  {v.get('comm') or '-'}: {describe(v)}", width)
+    if len(violations) > max_violations:
+        out.append(f"  ... {len(violations) - max_violations} more reports: "
+                   f"agentwatch tail --run {(start or end or {}).get('run_id')} --violations --no-follow")
+    out += _wrap("events by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(
+        kinds.items(), key=lambda kn: (-kn[1], str(kn[0])))), width)
+    if end:
+        out += _wrap(describe(end) + (f"; {drops} drop reports" if drops else ""), width)
+    else:
+        out.append("no end event: the run has not ended, or its log was cut short")
+    return out
