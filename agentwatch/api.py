@@ -58,7 +58,7 @@ __all__ = [
     "PolicyError", "PrivilegeError", "UsageError",
     # runs
     "RunOptions", "run_option_fields", "RunResult", "RunHandle", "run", "start", "open_monitor",
-    "subscribe", "LogSubscription", "follow_events", "parse_since", "format_event",
+    "subscribe", "LogSubscription", "follow_events", "parse_since", "format_event", "use_color",
     "RunInfo", "list_runs", "find_run", "log_path", "read_log", "LogVerification", "verify_log", "gc",
     "run_stats", "Report", "report", "render_report_html", "render_report_text",
     # manifests
@@ -397,10 +397,11 @@ def subscribe(run, kinds=None, maxsize=10000, callback=None):
     return LogSubscription(rec.run_id, kinds)
 
 
-def _follow(flt, follow, stop=None, poll_interval=0.2):
+def _follow(flt, follow, stop=None, poll_interval=0.2, progress=None):
     from .follow import follow as follow_logs
     try:
-        yield from follow_logs(flt, follow=follow, stop=stop, poll_interval=poll_interval)
+        yield from follow_logs(flt, follow=follow, stop=stop, poll_interval=poll_interval,
+                               progress=progress)
     except LookupError as e:
         if isinstance(e, NotFoundError):
             raise
@@ -408,20 +409,29 @@ def _follow(flt, follow, stop=None, poll_interval=0.2):
 
 
 def follow_events(run=None, agent=None, kinds=(), violations=False, since=None, follow=True,
-                  stop=None):
+                  stop=None, progress=None):
     """The event dicts runs log, as logged (what `agentwatch tail` prints).
     run: one run (id or unique prefix), replayed from its start, until it
     ended; else every run, new events only (since: also those newer than
     this Unix time; parse_since() reads '10m'), until stop() is true.
-    agent: a name glob. A run id that names no run: NotFoundError."""
+    agent: a name glob. A run id that names no run: NotFoundError.
+    progress(done, total): bytes of the logs' past read of what they held
+    at the start, while replaying it; done == total once, when it is over."""
     flt = _Filter(run=run, agent=agent, kinds=tuple(kinds), violations=violations, since=since)
-    return _follow(flt, follow, stop)
+    return _follow(flt, follow, stop, progress=progress)
 
 
 def format_event(event, color=False):
     """One event (dict) as the console shows it (--show, `agentwatch tail`)."""
     from .sinks.console import format_line
     return format_line(event, color)
+
+
+def use_color(stream):
+    """Whether format_event(..., color=True) suits stream: a terminal, and
+    NO_COLOR unset or empty."""
+    from .sinks.console import use_color as console_use_color
+    return console_use_color(stream)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 ``follow()`` yields event dicts from every run's events.jsonl as they are
 appended, picks up runs that start later, and can replay past events
 (``since``) or one finished run. It is what `agentwatch tail` prints.
+Logs are read a chunk at a time, so a long replay can report its progress.
 """
 import fnmatch
 import json
@@ -62,11 +63,16 @@ def parse_since(text, now=None):
     return dt.timestamp()
 
 
-def _read_new(log):
+CHUNK = 1 << 20     # bytes of a log read at once (and between progress reports)
+
+
+def _read_new(log, limit=-1):
+    """The complete lines appended since the last read (at most limit bytes
+    more), as dicts."""
     try:
         with open(log.path, "rb") as f:
             f.seek(log.pos)
-            data = f.read()
+            data = f.read(limit)
     except FileNotFoundError:
         return []
     log.pos += len(data)
@@ -83,10 +89,25 @@ def _read_new(log):
     return out
 
 
-def follow(flt, follow=True, poll_interval=0.2, rescan_every=1.0, stop=None):
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _backlog(logs):
+    """What the logs hold now beyond where reading stands: the replay, in bytes."""
+    return sum(max(0, _size(log.path) - log.pos) for log in logs.values())
+
+
+def follow(flt, follow=True, poll_interval=0.2, rescan_every=1.0, stop=None, progress=None):
     """Yield matching event dicts. With flt.run set, replays that run from its
     start and ends when the run has ended; otherwise follows every run
-    (new events only, unless flt.since) until stop() is true or forever."""
+    (new events only, unless flt.since) until stop() is true or forever.
+    progress(done, total): bytes of the replay (what the logs held when
+    following began) read so far, called after every chunk of it and once
+    with done == total when the replay is over (live following from there)."""
     logs = {}
 
     def scan(initial):
@@ -107,27 +128,35 @@ def follow(flt, follow=True, poll_interval=0.2, rescan_every=1.0, stop=None):
             if initial and not flt.run and flt.since is None:
                 if log.done:
                     continue          # finished before we started and no replay asked
-                try:
-                    log.pos = os.path.getsize(path)   # live: only what comes next
-                except OSError:
-                    log.pos = 0
+                log.pos = _size(path)   # live: only what comes next
             logs[rid] = log
 
+    def read(log):
+        """Everything new in log, a chunk at a time."""
+        while True:
+            before = log.pos
+            yield from (d for d in _read_new(log, CHUNK) if flt.match(d))
+            if replay is not None and log.pos > before:
+                replay[0] = min(replay[1], replay[0] + log.pos - before)
+                progress(*replay)
+            if log.pos - before < CHUNK:
+                return
+
     scan(initial=True)
+    replay = [0, _backlog(logs)] if progress is not None else None
     next_scan = time.monotonic() + rescan_every
     while True:
         for log in list(logs.values()):
-            for d in _read_new(log):
-                if flt.match(d):
-                    yield d
+            yield from read(log)
+        if replay is not None:
+            progress(replay[1], replay[1])      # the replay is over: live from here on
+            replay = None
         if not follow:
             return
         if flt.run and logs and all(l.done for l in logs.values()):
             # read what the run wrote while ending, then stop
             for log in logs.values():
-                for d in _read_new(log):
-                    if flt.match(d):
-                        yield d
+                yield from read(log)
             return
         if stop and stop():
             return

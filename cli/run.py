@@ -28,19 +28,32 @@ def _click_option(f):
     return click.option(m["flag"], f.name, **kw)
 
 
+# `run` and `trial run`: [OPTIONS] [--] CMD [ARG...]. Options before CMD are
+# ours, and one we do not have is a usage error naming it (click's "No such
+# option: --resolv Did you mean --resolve?", exit status 2); from CMD on (the
+# first positional, or whatever follows --) every word is the agent's own,
+# passed through untouched: the parser stops at the first positional.
+AGENT_COMMAND = {"allow_interspersed_args": False}
+
+
+def agent_command_argument(required=True):
+    """The CMD [ARG...] of AGENT_COMMAND, as given."""
+    return click.argument("command", nargs=-1, type=click.UNPROCESSED, required=required)
+
+
 def _with_run_options(fn):
     for f in reversed(api.run_option_fields()):
         fn = _click_option(f)(fn)
     return fn
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command(context_settings=AGENT_COMMAND)
 @_with_run_options
 @click.option("--daemon/--no-daemon", "use_daemon", default=None,
               help="Run on the shared monitor of 'agentwatch daemon' (--daemon: it must be "
                    "running) or load one for this run alone (--no-daemon). Default: the daemon "
                    "when one answers.")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+@agent_command_argument()
 @click.pass_context
 def run(ctx, use_daemon, command, **fields):
     """Run COMMAND as a monitored agent: agentwatch run [OPTIONS] -- CMD [ARG...]

@@ -38,6 +38,7 @@ import time
 import click
 
 from agentwatch import api
+from .run import AGENT_COMMAND, agent_command_argument
 
 KS = (1, 2, 4, 8)                 # pass^k and pass@k for these k (k <= N)
 POLL_S = 0.05
@@ -543,8 +544,7 @@ def _manifest_options(manifest, agent_name):
     return m, spec
 
 
-@trial_group.command("run", context_settings={"ignore_unknown_options": True,
-                                              "allow_interspersed_args": False})
+@trial_group.command("run", context_settings=AGENT_COMMAND)
 @click.option("-n", "n", type=int, required=True, help="How many runs (>= 1).")
 @click.option("--parallel", "parallel", type=int, default=1, show_default=True,
               help="Runs at the same time.")
@@ -565,7 +565,7 @@ def _manifest_options(manifest, agent_name):
 @click.option("--daemon/--no-daemon", "use_daemon", default=None,
               help="Run on the daemon (it must answer) or in this process; default: the daemon "
                    "when one answers.")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@agent_command_argument(required=False)
 @click.pass_context
 def trial_run(ctx, n, parallel, policy, manifest, agent_name, pass_expr, pass_cmd, baseline, as_json,
               name, use_daemon, command):

@@ -3,6 +3,7 @@
 Nothing here reaches the point where `run` would need root: every `run`
 invocation fails on its input first.
 """
+import io
 import json
 import os
 import subprocess
@@ -69,6 +70,44 @@ def test_run_error_in_a_fresh_process_has_no_traceback(state_dir):
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
 
+def test_run_unknown_option_before_the_command_is_a_usage_error(state_dir):
+    # a fresh process, as a user types it: not "command not found: --resolv"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "cli.main", "run", "--resolv", "x:1", "--", "true"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2, p.stderr
+    assert "No such option '--resolv'. Did you mean '--resolve'?" in p.stderr
+    assert "command not found" not in p.stderr and "Traceback" not in p.stderr
+    assert not os.listdir(state_dir)
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["--", "sh", "-c", "x", "--resolv", "--show"], ["sh", "-c", "x", "--resolv", "--show"]),
+    (["sh", "-c", "x", "--resolv", "--show", "--"], ["sh", "-c", "x", "--resolv", "--show", "--"]),
+    (["--show", "git", "--policy", "p"], ["git", "--policy", "p"]),
+    (["--", "--not-an-option"], ["--not-an-option"]),
+])
+def test_run_passes_the_agents_own_options_through(argv, command, monkeypatch, state_dir):
+    from agentwatch import api
+    seen = []
+
+    class Result:
+        run_status = 7
+
+    monkeypatch.setattr(api, "run", lambda options, daemon=None: seen.append(options) or Result())
+    assert main(["run"] + argv) == 7
+    assert seen[0].argv == command
+    assert seen[0].show is (argv[0] == "--show")       # ours only before the command
+
+
+def test_trial_has_the_same_options_rule(capsys, state_dir):
+    assert main(["trial", "-n", "2", "--polcy", "p.yaml", "--", "true"]) == 2
+    assert "No such option '--polcy'. Did you mean '--policy'?" in capsys.readouterr().err
+    # the agent's options after CMD are not trial's: parsing got to trial's own checks
+    assert main(["trial", "-n", "0", "true", "--polcy", "--bogus"]) == 1
+    assert "-n 0: a trial needs at least one run" in capsys.readouterr().err
+
+
 # ---- tail ------------------------------------------------------------------------
 
 def test_tail_bad_since(capsys, state_dir):
@@ -94,7 +133,61 @@ def test_tail_replays_a_finished_run_as_json(state_dir):
     assert [json.loads(ln) for ln in r.output.splitlines()] == events
     r = CliRunner().invoke(cli, ["tail", "--run", "20261128", "--violations"])
     assert r.exit_code == 0
-    assert len(r.output.splitlines()) == 1 and "VIOLATION" in r.output
+    assert len(r.output.splitlines()) == 1 and "ALERT" in r.output and "egress" in r.output
+
+
+class TtyIO(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_replay_status_draws_then_clears_for_good():
+    from cli.runs import ReplayStatus
+    out = TtyIO()
+    status = ReplayStatus(out, every=0)
+    status(1_500_000, 6_000_000)
+    assert out.getvalue() == "\ragentwatch: replaying 1.5 of 6.0 MB (25%)\033[K"
+    status.clear()                    # before an event line
+    status(3_000_000, 6_000_000)
+    status(6_000_000, 6_000_000)      # over
+    assert out.getvalue().endswith("(50%)\033[K\r\033[K")
+    n = len(out.getvalue())
+    status(6_000_000, 6_000_000)
+    status.clear()
+    assert len(out.getvalue()) == n
+
+
+def long_run(n=300):
+    events = [{"kind": "exec", "ts": 1.0 + i, "agent": "coder", "pid": 5, "run_id": "r", "filename": "/x"}
+              for i in range(n)]
+    make_run("20261128-000000-aaaaaa", "exited", events)
+
+
+def test_tail_replay_shows_progress_on_a_terminal_only(monkeypatch, capsys, state_dir):
+    import agentwatch.follow as F
+    monkeypatch.setattr(F, "CHUNK", 256)
+    long_run()
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["tail", "--run", "20261128-000000-aaaaaa"]) == 0        # piped: no status
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 300 and err == ""
+    tty = TtyIO()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main(["tail", "--run", "20261128-000000-aaaaaa"]) == 0
+    assert "agentwatch: replaying" in tty.getvalue() and tty.getvalue().endswith("\r\033[K")
+    assert len(capsys.readouterr().out.splitlines()) == 300
+
+
+def test_tail_colours_only_a_terminal_without_no_color(monkeypatch, state_dir):
+    events = [{"kind": "violation", "ts": 2.0, "agent": "coder", "pid": 5, "run_id": "r",
+               "category": "network", "rule": "network.egress", "action": "deny", "detail": {}, "count": 1}]
+    make_run("20261128-000000-aaaaaa", "exited", events)
+    for no_color, tty, coloured in (("", True, True), ("1", True, False), ("", False, False)):
+        monkeypatch.setenv("NO_COLOR", no_color)
+        out = TtyIO() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(["tail", "--run", "20261128-000000-aaaaaa"]) == 0
+        assert ("\033[" in out.getvalue()) is coloured and "DENIED" in out.getvalue()
 
 
 # ---- ps --------------------------------------------------------------------------

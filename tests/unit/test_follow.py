@@ -257,6 +257,49 @@ def test_ambiguous_prefix_is_unknown(state_dir):
         next(follow(Filter(run="20261128-000000")))
 
 
+# ---- follow(): progress of a replay --------------------------------------------------------
+
+def test_progress_reports_the_replay_in_chunks_then_live_adds_none(state_dir, monkeypatch):
+    import agentwatch.follow as F
+    monkeypatch.setattr(F, "CHUNK", 64)
+    path = make_run("20261128-000000-aaaaaa", events=[ev(i) for i in range(20)])
+    total = os.path.getsize(path)
+    calls = []
+
+    def progress(done, total_):
+        calls.append((done, total_, len(got)))
+
+    got = []
+    script = Script(lambda g: append(path, line(99)), lambda g: None)
+    for d in follow(Filter(since=0), poll_interval=0, stop=script, progress=progress):
+        got.append(d)
+        script.got.append(d)
+    assert [d["n"] for d in got] == list(range(20)) + [99]
+    assert all(t == total for _, t, _ in calls)
+    dones = [c[0] for c in calls]
+    assert dones == sorted(dones) and len(dones) > total // 64 - 1      # a call per chunk
+    assert calls[-1][:2] == (total, total) and calls[-1][2] == 20        # over before the live line
+    assert dones.count(total) <= 2                                      # nothing after it
+
+
+def test_progress_of_one_run_replay_ends_with_done_equal_total(state_dir):
+    path = make_run("20261128-000000-aaaaaa", status="exited", events=[ev(1), ev(2)])
+    calls = []
+    got = list(follow(Filter(run="20261128-000000-aaaaaa"), poll_interval=0, stop=must_not_poll,
+                      progress=lambda done, total: calls.append((done, total))))
+    assert [d["n"] for d in got] == [1, 2]
+    size = os.path.getsize(path)
+    assert calls[0] == (size, size) and calls[-1] == (size, size)
+
+
+def test_progress_when_nothing_to_replay_is_one_empty_call(state_dir):
+    path = make_run("20261128-000000-aaaaaa", events=[ev(1)])       # live: its past is not replayed
+    calls = []
+    got = Script(lambda g: append(path, line(2))).run(
+        Filter(), progress=lambda done, total: calls.append((done, total)))
+    assert [d["n"] for d in got] == [2] and calls == [(0, 0)]
+
+
 # ---- state.list_runs --------------------------------------------------------------------
 
 def test_list_runs_status(state_dir):
