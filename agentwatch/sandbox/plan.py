@@ -274,8 +274,9 @@ def make_plan(data, variables, policy_files=(), landlock_abi=None, bpf_lsm=False
             p.map_exec = map_exec_roots(exec_ok)
             p.map_exec_kill = rule_action(data, "filesystem", "filesystem.exec") == "kill"
         rules = landlock.LandlockRules(read=read + rt_read, write=write + rt_write, exec=exec_ok,
-                                       ioctl_dev=[t for t in rt_write if t.startswith("/dev/")
-                                                  and t != "/dev/null"])
+                                       # /dev/null too: it has no ioctls (ENOTTY), and an isatty()
+                                       # of `cmd > /dev/null` refused (EACCES) was a violation
+                                       ioctl_dev=[t for t in rt_write if t.startswith("/dev/")])
         p.enforced.append("filesystem")
     else:
         rules = None

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from agentwatch.core.events import FileEvent, ViolationEvent
-from agentwatch.sinks.console import ConsoleSink, describe, format_line, summarize
+from agentwatch.sinks.console import ConsoleSink, describe, format_line
 
 BASE = {"ts": 1795843221.5, "run_id": "20261128-051500-3f9a1c", "agent": "coder", "pid": 4242}
 
@@ -288,51 +288,3 @@ def test_console_sink_colors_on_a_tty(monkeypatch):
     out = Tty(True)
     ConsoleSink(out).write(ViolationEvent(category="filesystem", rule="filesystem.write", action="deny", **BASE))
     assert out.getvalue().startswith("\033[31m")
-
-
-# ---- summarize(): the demo's one screen -------------------------------------------------
-
-def demo_log(n_reads=400, n_violations=4):
-    """A log shaped like scripts/demo.sh's run: hundreds of reads (locale
-    files), a few execs, writes, connections and violations."""
-    ev = [d(kind="lifecycle", phase="start", comm="agentwatch",
-            detail={"command": ["examples/demo-agent.sh"], "policy_name": "coding-agent",
-                    "enforcement": {"path": "monitor-only"}})]
-    ev += [d(kind="exec", filename=f"/usr/bin/{c}", argv=[c], comm=c) for c in ("cat", "python3", "ls", "rm")]
-    ev += [d(kind="file", op="open", abspath=f"/usr/lib/locale/{i}", path=f"/usr/lib/locale/{i}",
-             access=["read"]) for i in range(n_reads)]
-    ev += [d(kind="file", op="open", abspath=f"/w/f{i}.py", path=f"f{i}.py", access=["write", "create"])
-           for i in range(30)]
-    ev += [d(kind="net", op="connect", family="inet", addr="127.0.0.1", port=8081, error="ECONNREFUSED")]
-    ev += [v("filesystem", "filesystem.deny", "deny", path=f"/home/u/.ssh/id_{i}", access=["read"], op="open",
-             pattern="${HOME}/.ssh/**", layer="landlock", kernel="denied (EACCES)", comm="cat")
-           for i in range(n_violations)]
-    ev += [d(kind="lifecycle", phase="end", comm="agentwatch",
-             detail={"exit_status": 0, "events": len(ev), "lost_events": 0, "lost_stash": 0,
-                     "violations": {"violations": n_violations, "by_category": {"filesystem": n_violations}}})]
-    return ev
-
-
-@pytest.mark.parametrize("n_violations", [4, 40])
-def test_summarize_fits_one_screen_and_names_the_denials(n_violations, monkeypatch):
-    monkeypatch.setenv("HOME", "/home/u")
-    lines = summarize(demo_log(n_violations=n_violations))
-    assert len(lines) <= 40 and all(len(ln) <= 100 for ln in lines), "\n".join(lines)
-    text = "\n".join(lines)
-    assert "DENIED read ~/.ssh/id_0  filesystem.deny ${HOME}/.ssh/**  kernel: EACCES (landlock)" in text
-    assert "ran 4: cat, python3, ls, rm" in text
-    assert "connect inet 127.0.0.1:8081 (ECONNREFUSED)" in text
-    assert "changed 30 files in /w: f0.py (write)" in text and "more" in text     # folded
-    assert "read 400 other files" in text and "/usr/lib/locale" not in text
-    assert f"violations: {n_violations} ({n_violations} reports)" in text
-    assert f"file 430, {'violation 40, exec 4' if n_violations > 4 else 'exec 4, violation 4'}" in text
-    assert lines[-1].startswith("end: exit status 0;")
-    if n_violations > 12:
-        assert f"... {n_violations - 12} more reports: agentwatch tail --run" in text
-
-
-def test_demo_prints_the_summary_of_its_run_log():
-    import os
-    here = os.path.dirname(os.path.abspath(__file__))
-    demo = open(os.path.join(here, "..", "..", "scripts", "demo.sh")).read()
-    assert "summarize(events)" in demo and "--show" not in demo

@@ -226,3 +226,13 @@ def test_explain_and_diff_say_which_network_namespace(tmp_path):
         explain(load(str(wide)), _vars(tmp_path))
     lines = diff(strict, load(str(wide)))
     assert any(line.startswith("+ grants: the host's net namespace (network.allow") for line in lines)
+
+
+def test_dev_null_takes_ioctls_so_isatty_of_a_redirect_is_no_violation(tmp_path):
+    """`cmd > /dev/null` whose isatty(1) (TCGETS) was refused by Landlock
+    (EACCES) read as a filesystem.write denial: /dev/null has no ioctls
+    (ENOTTY), so it gets LANDLOCK_ACCESS_FS_IOCTL_DEV with its write."""
+    plan, _ = _plan(tmp_path, path=os.path.join(REPO, "policies", "sandboxed-agent.yaml"))
+    access = dict(plan.landlock.paths)
+    assert access["/dev/null"] & landlock.FS_IOCTL_DEV
+    assert not access["/usr"] & landlock.FS_IOCTL_DEV
