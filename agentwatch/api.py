@@ -537,10 +537,11 @@ def render_report_html(report):
     return render_html(report)
 
 
-def render_report_text(report, color=False):
-    """A Report as the terminal summary (process tree, totals, violations)."""
+def render_report_text(report, color=False, width=None):
+    """A Report as the terminal summary (process tree, totals, violations);
+    width: wrap longer lines (a terminal's columns), None: never."""
     from .sinks.report import render_text
-    return render_text(report, color)
+    return render_text(report, color, width)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 one self-contained HTML page (agentwatch/sinks/report.py builds it)."""
 import json
 import os
+import shutil
 import sys
 
 import click
@@ -34,7 +35,7 @@ def _progress():
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True),
               help="Write the report as one self-contained HTML page (no scripts, nothing fetched).")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object on stdout.")
-@click.option("--color/--no-color", default=None, help="Colors in the terminal summary (default: when stdout is a terminal).")
+@click.option("--color/--no-color", default=None, help="Colors in the terminal summary (default: when stdout is a terminal and NO_COLOR is unset).")
 def report(run_id, html_path, as_json, color):
     """A run's report: identity, enforcement, process tree, violations, totals.
 
@@ -59,4 +60,7 @@ def report(run_id, html_path, as_json, color):
     if as_json:
         sys.stdout.write(json.dumps(rep.to_dict(), default=str) + "\n")
     elif not html_path:
-        sys.stdout.write(api.render_report_text(rep, sys.stdout.isatty() if color is None else color))
+        tty = sys.stdout.isatty()
+        width = shutil.get_terminal_size().columns if tty else None
+        sys.stdout.write(api.render_report_text(rep, api.use_color(sys.stdout) if color is None else color,
+                                                width))

@@ -20,16 +20,19 @@ echo "-----BEGIN OPENSSH PRIVATE KEY----- a stand-in for the demo" > "$DEMO/home
 chmod 600 "$DEMO/home/.ssh/id_rsa"
 cp "$ROOT/examples/demo-agent.sh" "$DEMO/ws/agent.sh"
 EVENTS="$DEMO/events.jsonl"
+PLAN_LINES='^agentwatch: (enforcement|downgrade|namespaces|/dev|added beyond the policy|filesystem\.exec|network|limits|mounts)[: ]'
 
 echo "== agentwatch run --policy policies/sandboxed-agent.yaml -- sh agent.sh (examples/demo-agent.sh)" >&2
 set +e
 # --allow-downgrade: a kernel without BPF LSM cannot mask the wildcard rule
 # '**/.env'; agentwatch kills an open of such a name in the kernel instead,
 # and says so (the 'downgrade' line below)
+# (the sandbox's plan lines are left out here: the report below shows its
+# enforcement; `agentwatch run` prints them in full)
 HOME="$DEMO/home" TMPDIR="$DEMO/tmp" WORKSPACE="$DEMO/ws" \
     "$AW" run --policy "$POLICY" --workspace "$DEMO/ws" --allow-downgrade --events "$EVENTS" \
-    -- /bin/sh "$DEMO/ws/agent.sh"
-rc=$?
+    -- /bin/sh "$DEMO/ws/agent.sh" 2>&1 >/dev/null | grep -v -E "$PLAN_LINES" >&2
+rc=${PIPESTATUS[0]}
 set -e
 RUN_ID="$(head -n 1 "$EVENTS" | sed -n 's/.*"run_id": *"\([^"]*\)".*/\1/p')"
 echo "== the agent exited $rc; agentwatch report $RUN_ID:" >&2

@@ -13,6 +13,7 @@ HTML escapes all of it, the terminal text replaces control characters.
 """
 import html
 import re
+import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -436,18 +437,40 @@ def _text_tree(report, limit=TEXT_PROCESSES):
             stack.append((indent + ("└─ " if last else "├─ "), indent + ("   " if last else "│  "), c))
 
 
-def render_text(report, color=False):
-    """The terminal summary: identity, enforcement, the process tree, totals, violations."""
+def _wrap(text, width, indent):
+    """text as lines of at most width (None: one line), continued indent spaces in."""
+    if not width or len(text) <= width:
+        return [text]
+    return textwrap.wrap(text, width, subsequent_indent=" " * indent, break_on_hyphens=False,
+                         drop_whitespace=True) or [text]
+
+
+def render_text(report, color=False, width=None):
+    """The terminal summary: identity, enforcement, the process tree, totals,
+    violations; lines longer than width (a terminal's columns) wrap, indented."""
     red, dim, bold, off = ("\033[1;31m", "\033[2m", "\033[1m", "\033[0m") if color else ("",) * 4
-    out = [f"{bold}run {clean(report.run_id)} ({clean(report.agent)}){off}"]
-    out += [f"  {label:<14} {clean(text)}" for label, text in identity_rows(report)[2:]]
+    out = []
+
+    def add(text, indent=0, style="", label=None):
+        """text wrapped; style colours each line, or only label (its start) in bold."""
+        for i, line in enumerate(_wrap(text, width, indent)):
+            if label and i == 0 and line.startswith(label):
+                line = f"{bold}{label}{off}{line[len(label):]}"
+            elif style:
+                line = f"{style}{line}{off}"
+            out.append(line)
+
+    add(f"run {clean(report.run_id)} ({clean(report.agent)})", style=bold)
+    for label, text in identity_rows(report)[2:]:
+        add(f"  {label:<14} {clean(text)}", 17)
     e = report.enforcement
     on = [name for name, used, _ in layers(report) if used]
-    out.append(f"  {'enforcement':<14} {clean(e.get('path') or 'monitor-only')}; "
-               f"kernel holds: {', '.join(e.get('enforced') or []) or 'nothing'}; layers: {', '.join(on) or 'none'}")
-    out += [f"  {'downgrade':<14} {clean(x)}" for x in e.get("downgrades") or []]
+    add(f"  {'enforcement':<14} {clean(e.get('path') or 'monitor-only')}; "
+        f"kernel holds: {', '.join(e.get('enforced') or []) or 'nothing'}; layers: {', '.join(on) or 'none'}", 17)
+    for x in e.get("downgrades") or []:
+        add(f"  {'downgrade':<14} {clean(x)}", 17)
     out.append("")
-    out.append(f"{bold}processes ({report.process_count}){off}")
+    add(f"processes ({report.process_count})", style=bold)
     shown = 0
     for lead, p in _text_tree(report):
         shown += 1
@@ -455,27 +478,32 @@ def render_text(report, color=False):
         bits = [p.exit or "running"]
         bits += [f"{len(c[n].items) + c[n].more} {n}" for n in ("files", "connections", "flows", "llm")
                  if c[n].items]
-        v = f" {red}{p.violations} violation(s){off}" if p.violations else ""
-        out.append(f"  {lead}{p.pid} {clean(p.title)[:100]} {dim}[{', '.join(bits)}]{off}{v}")
+        tail = f" [{', '.join(bits)}]"
+        v = f" {p.violations} violation(s)" if p.violations else ""
+        head = f"  {lead}{p.pid} "
+        room = max(20, (width or 10**6) - len(head) - len(tail) - len(v))
+        title = clean(p.title)[:min(100, room)]
+        out.append(f"{head}{title}{dim}{tail}{off}" + (f"{red}{v}{off}" if v else ""))
     if report.process_count > shown:
         out.append(f"  +{report.process_count - shown} more processes (the HTML report lists more)")
     out.append("")
-    out.append(f"{bold}events {sum(report.kinds.values())}{off}: "
-               + ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.kinds)))
+    events = f"events {sum(report.kinds.values())}"
+    add(f"{events}: " + ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.kinds)), 2, label=events)
     cats = ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.by_category)) or "none"
-    out.append(f"{bold}violations {report.violations}{off}: {cats}")
+    add(f"violations {report.violations}: {cats}", 2, label=f"violations {report.violations}")
     if report.by_rule:
-        out.append("  rules: " + ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.by_rule)))
-    out.append(f"{bold}denials {report.denials}{off}"
-               + (": " + ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.denials_by_rule))
-                  if report.denials else ""))
-    out.append(f"{bold}lost {report.lost}{off}: "
-               + ", ".join(f"{k} {v}" for k, v in drop_rows(report) if v))
+        add("  rules: " + ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.by_rule)), 4)
+    denials = f"denials {report.denials}"
+    add(denials + (": " + ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.denials_by_rule))
+                   if report.denials else ""), 2, label=denials)
+    lost = f"lost {report.lost}"
+    add(f"{lost}: " + ", ".join(f"{k} {v}" for k, v in drop_rows(report) if v), 2, label=lost)
     if report.timeline:
-        out += ["", f"{bold}timeline{off}"]
+        out.append("")
+        add("timeline", style=bold)
         for t in report.timeline:
-            line = f"  {_rel(report, t['ts'])} pid {t['pid']} {clean(t['text'])}"
-            out.append(f"{red}{line}{off}" if t["kind"] == "violation" else line)
+            add(f"  {_rel(report, t['ts'])} pid {t['pid']} {clean(t['text'])}", 6,
+                style=red if t["kind"] == "violation" else "")
         if report.timeline_more:
             out.append(f"  +{report.timeline_more} more")
     return "\n".join(out) + "\n"

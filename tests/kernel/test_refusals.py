@@ -24,7 +24,8 @@ apiVersion: agentwatch/v1
 kind: AgentPolicy
 metadata: {{name: refusals}}
 filesystem:
-  read: ["/usr/**", "/lib/**", "/lib64/**", "/etc/**", "/bin/**", "/dev/null", "${{WORKSPACE}}/**",
+  read: ["/usr/**", "/lib/**", "/lib64/**", "/etc/**", "/bin/**", "/dev/null", "/dev/zero",
+         "${{WORKSPACE}}/**",
          "{ro}/**", "{bindir}/**"]
   write: ["${{WORKSPACE}}/**"]
   exec: ["{bindir}/**"]

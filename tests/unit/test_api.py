@@ -60,7 +60,7 @@ SIGNATURES = {
     "read_log": "(target)",
     "report": "(target, progress=None)",
     "render_report_html": "(report)",
-    "render_report_text": "(report, color=False)",
+    "render_report_text": "(report, color=False, width=None)",
     "verify_log": "(target, trust=())",
     "gc": "(log=None)",
     "check_policy": "(path)",

@@ -260,3 +260,23 @@ def test_cli_report_unknown_or_ambiguous_is_one_line(state_dir, capsys, target):
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert err.startswith("Error: ") and "no single run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_terminal_text_wraps_to_the_width_and_keeps_every_word():
+    long_arg = "x" * 30
+    events = sample()
+    events.insert(2, ev("exec", 100, 0.15, filename="/bin/sh", argv=["sh", "-c", " ".join([long_arg] * 8)]))
+    events[0]["detail"]["enforcement"]["downgrades"] = ["filesystem.deny '**/.env': " + "detected only " * 12]
+    r = R.build(events)
+    wide = R.render_text(r)
+    narrow = R.render_text(r, width=72)
+    assert max(map(len, wide.splitlines())) > 72            # else the test shows nothing
+    assert max(map(len, narrow.splitlines())) <= 72, narrow
+    assert narrow.split() != wide.split() or narrow.count("\n") > wide.count("\n")
+    # wrapping moves words, it drops none (but a process title, cut to fit its line)
+    words = lambda text: [w for w in text.split() if set(w) != {"x"}]  # noqa: E731
+    assert sorted(words(narrow)) == sorted(words(wide))
+    assert "  downgrade      filesystem.deny '**/.env': detected only" in narrow
+    assert "\n                 detected only" in narrow               # continued, indented
+    coloured = R.render_text(r, color=True, width=72)
+    assert "\033[1mevents " in coloured and "\033[1;31m" in coloured

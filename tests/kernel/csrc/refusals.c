@@ -142,7 +142,7 @@ int main(int argc, char **argv)
 		TRY_NOCLOSE("landlock-exec", syscall(SYS_execve, at(ro, "prog"), av, NULL));
 	}
 	{
-		int fd = syscall(SYS_openat, AT_FDCWD, "/dev/null", O_RDONLY);
+		int fd = syscall(SYS_openat, AT_FDCWD, "/dev/zero", O_RDONLY);
 		int n;
 		TRY_NOCLOSE("landlock-ioctl-dev", syscall(SYS_ioctl, fd, FIONREAD, &n));
 		close(fd);
