@@ -12,7 +12,7 @@ from ..core import state
 from ..core.errors import UsageError
 from ..core.events import LifecycleEvent
 from ..engine.bus import EventBus
-from ..sinks.console import ConsoleSink
+from ..sinks.console import ConsoleSink, use_color
 from ..sinks.jsonl import JsonlSink
 
 
@@ -26,8 +26,10 @@ class RunLog:
         self.record = {}                 # run.json, once saved
         self._last_lost = 0
 
-    def open(self, events_path=None, console=None):
-        """The run's JSONL log, --events FILE, and --show (console: a stream)."""
+    def open(self, events_path=None, console=None, environ=None):
+        """The run's JSONL log, --events FILE, and --show (console: a stream,
+        coloured when a terminal, unless environ, the client's environment
+        on the daemon, sets NO_COLOR)."""
         self.sinks.append(JsonlSink(state.run_path(self.run_id, "events.jsonl")))
         if events_path:
             try:
@@ -35,7 +37,7 @@ class RunLog:
             except OSError as e:
                 raise UsageError(f"--events {events_path}: {e.strerror}") from None
         if console is not None:
-            self.sinks.append(ConsoleSink(console))
+            self.sinks.append(ConsoleSink(console, color=use_color(console, environ)))
 
     def emit(self, ev):
         ev.prev = self.chain.prev

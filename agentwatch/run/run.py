@@ -222,7 +222,7 @@ class Run:
 
     def _execute(self):
         p, opts = self.prepared, self.opts
-        self.log.open(opts.events_path, self.err if opts.show else None)
+        self.log.open(opts.events_path, self.err if opts.show else None, environ=opts.env)
         if self.own_monitor:
             self.monitor = Monitor(p.sensor_groups, opts.ringbuf_pages, p.seccomp_denied,
                                    map_exec=bool(p.plan and p.plan.map_exec is not None)).open()

@@ -1,5 +1,6 @@
 """agentwatch/sinks/console.py: one human-readable line per event."""
 import io
+import os
 import time
 
 import pytest
@@ -288,3 +289,17 @@ def test_console_sink_colors_on_a_tty(monkeypatch):
     out = Tty(True)
     ConsoleSink(out).write(ViolationEvent(category="filesystem", rule="filesystem.write", action="deny", **BASE))
     assert out.getvalue().startswith("\033[31m")
+
+
+def test_show_takes_no_color_from_the_runs_environment(state_dir, monkeypatch):
+    """On the daemon, --show writes to the client's terminal: the client's
+    NO_COLOR (the run's environment) decides, not the daemon's."""
+    from agentwatch.core import state
+    from agentwatch.run.log import RunLog
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    os.makedirs(state.run_path("20261204-100000-abcdef"))
+    for environ, expected in (({"NO_COLOR": "1"}, False), ({}, True), (None, True)):
+        log = RunLog("20261204-100000-abcdef")
+        log.open(console=Tty(True), environ=environ)
+        assert [s.color for s in log.sinks if isinstance(s, ConsoleSink)] == [expected]
+        log.close()
