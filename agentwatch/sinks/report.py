@@ -111,7 +111,7 @@ class Report:
     denials: int = 0                      # violations the kernel or a guard refused
     denials_by_rule: Counter = field(default_factory=Counter)
     drops: list = field(default_factory=list)    # `drops` events' details (the last MAX_TIMELINE)
-    timeline: list = field(default_factory=list)  # violations and warnings, in log order
+    timeline: list = field(default_factory=list)  # violations and warnings, in time order
     timeline_more: int = 0
     processes: dict = field(default_factory=dict)  # key -> Process
     process_count: int = 0                # every process seen, kept in detail or not
@@ -298,6 +298,9 @@ class Builder:
             self._note(d, rule=None, action="warning", denied=False, count=1)
 
     def finish(self):
+        # in time order: agentwatch's own warning about an event may be logged
+        # after later events of the agent (stable: equal times keep log order)
+        self.r.timeline.sort(key=lambda t: t["ts"] or 0)
         return self.r
 
 
@@ -497,7 +500,8 @@ def render_text(report, color=False, width=None):
     add(denials + (": " + ", ".join(f"{clean(k)} {n}" for k, n in _counts(report.denials_by_rule))
                    if report.denials else ""), 2, label=denials)
     lost = f"lost {report.lost}"
-    add(f"{lost}: " + ", ".join(f"{k} {v}" for k, v in drop_rows(report) if v), 2, label=lost)
+    counters = ", ".join(f"{k} {v}" for k, v in drop_rows(report) if v)
+    add(lost + (f"; counters: {counters}" if counters else ""), 2, label=lost)
     if report.timeline:
         out.append("")
         add("timeline", style=bold)

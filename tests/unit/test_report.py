@@ -98,7 +98,7 @@ def test_totals_violations_denials_drops():
     assert r.lost == 3 and r.exit_status == 0
     rows = dict(R.drop_rows(r))
     assert rows["lost_events"] == 2 and rows["lost_stash"] == 1 and rows["cgroup-bpf.denials"] == 1
-    assert [t["rule"] for t in r.timeline] == ["network.egress", "filesystem.read", "network.egress"]
+    assert [t["rule"] for t in r.timeline] == ["filesystem.read", "network.egress", "network.egress"]  # by time
     assert json.loads(json.dumps(r.to_dict(), default=str))["process_count"] == 4
 
 
@@ -280,3 +280,13 @@ def test_terminal_text_wraps_to_the_width_and_keeps_every_word():
     assert "\n                 detected only" in narrow               # continued, indented
     coloured = R.render_text(r, color=True, width=72)
     assert "\033[1mevents " in coloured and "\033[1;31m" in coloured
+
+
+def test_the_timeline_is_in_time_order():
+    events = sample()
+    late = ev("lifecycle", 7, 0.9, comm="agentwatch", phase="warning", detail={"message": "killing"})
+    events.insert(-1, late)                                  # logged last, happened at 0.9
+    r = R.build(events)
+    assert [t["ts"] for t in r.timeline] == sorted(t["ts"] for t in r.timeline)
+    assert [t["action"] for t in r.timeline][-2:] == ["warning", "deny"]
+    assert "lost 3; counters: lost_events 2" in R.render_text(r)
