@@ -177,6 +177,19 @@ class NetlinkListener:
         self.sock.close()
 
 
+# ----------------------------------------------------------------- progress
+
+PROGRESS = os.environ.get("AGENTWATCH_ADV_PROGRESS")   # tests/vm: a file in the VM's shared dir
+
+
+def progress(line):
+    """A timestamped line on AGENTWATCH_ADV_PROGRESS: the scenarios' runs take
+    many minutes in the VM before the first test reports."""
+    if PROGRESS:
+        with open(PROGRESS, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+
 # ----------------------------------------------------------------- the daemon
 
 def start_daemon(state_dir):
@@ -255,6 +268,7 @@ class Sandbox:
 
     def run(self, state_dir):
         self.state_dir = state_dir
+        progress(f"{self.name}: start ({'daemon' if self.on_daemon else 'embedded'})")
         agent = self.path("ws", "agent.sh")
         with open(agent, "w") as f:
             f.write('set -u\nA="/usr/bin/python3 -I $WS/attempts.py"\n' + self.script)
@@ -272,6 +286,7 @@ class Sandbox:
         except subprocess.TimeoutExpired as e:
             self.rc, self.stderr = None, f"timed out after {RUN_TIMEOUT_S} s: {e}"
         self.elapsed = time.monotonic() - t0
+        progress(f"{self.name}: rc={self.rc} after {self.elapsed:.1f} s")
         if os.path.exists(self.path("events.jsonl")):
             self.events = read_events(self.path("events.jsonl"))
         for lst in self.listeners.values():

@@ -34,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from advkit import (KILL_GRACE_S, LSM_HERE, PARALLEL, PATH_HERE, POLICY, SECRET, NetlinkListener, Sandbox,
-                    max_alive, netns, payloads, start_daemon, stop_daemon, uses)  # noqa: F401  (fixtures)
+from advkit import (KILL_GRACE_S, LSM_HERE, PARALLEL, PATH_HERE, POLICY, PROGRESS, SECRET, NetlinkListener,
+                    Sandbox, max_alive, netns, payloads, start_daemon, stop_daemon, uses)  # noqa: F401  (fixtures)
 from agentwatch.sandbox.cgroups import leftover_cgroups
 from agentwatch.sandbox.limits import leftover_v1
 
@@ -393,6 +393,8 @@ def runs(request, tmp_path_factory, payloads):
             sb.finish()
         if daemon_pid is not None:
             stop_daemon(state, daemon_pid)
+        if PROGRESS and os.path.exists(os.path.join(state, "daemon.log")):   # tests/vm: kept with the results
+            shutil.copy(os.path.join(state, "daemon.log"), PROGRESS + ".daemon.log")
 
 
 @pytest.fixture

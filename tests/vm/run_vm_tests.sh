@@ -49,6 +49,7 @@ if [ "${1:-}" = "--guest" ]; then
     ip link set lo up 2>/dev/null || true
     export AGENTWATCH_VM_GUEST=1 PYTHONDONTWRITEBYTECODE=1
     [ -x "$OUT/awprobe" ] && export AGENTWATCH_VM_AWPROBE="$OUT/awprobe"
+    export AGENTWATCH_ADV_PROGRESS="$OUT/adversarial.log"   # the scenarios' runs, as they go
     py="$VENV/bin/python"
     [ -x "$py" ] || py=python3
     cd "$ROOT"
@@ -59,10 +60,14 @@ if [ "${1:-}" = "--guest" ]; then
     # (unless PYTEST_ARGS name others)
     # shellcheck disable=SC2086   # space-separated lists of paths
     [ "$#" -gt 0 ] || set -- $AGENTWATCH_LSM_PATH_TESTS
+    # the guest's busiest processes once a minute (what a slow run spends its time on)
+    ( while sleep 60; do { date +%T; top -b -n 1 -w 200 2>/dev/null | sed -n '7,18p'; } >>"$OUT/ps.log"; done ) &
+    sampler=$!
     # shellcheck disable=SC2086
     PYTHONPATH="$ROOT" "$py" -m pytest -p no:cacheprovider -p no:hypothesispytest -o addopts="" -v -rA --durations=0 \
         --junitxml="$OUT/junit.xml" $AGENTWATCH_LSM_LAYER_TESTS "$@" >"$OUT/pytest.log" 2>&1
     rc=$?
+    kill "$sampler" 2>/dev/null
     set -e
     end=$(date +%s.%N)
     echo "guest pytest: $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}') s" >>"$OUT/guest-info"
@@ -124,7 +129,7 @@ say "booting $KVER with $LSM_CMDLINE (QEMU ${KVM_OPT:+TCG}); results in $OUT"
 start=$(date +%s)
 set +e
 # shellcheck disable=SC2086
-timeout "${AGENTWATCH_VM_TIMEOUT:-2700}" vng $KVM_OPT --memory 2G --cpus 2 \
+timeout "${AGENTWATCH_VM_TIMEOUT:-3300}" vng $KVM_OPT --memory 2G --cpus 2 \
     --rwdir "$OUT" --cwd "$ROOT" \
     --run "/boot/vmlinuz-$KVER" --append "$LSM_CMDLINE" \
     -- "bash $ROOT/tests/vm/run_vm_tests.sh --guest $OUT $*" \

@@ -132,6 +132,8 @@ class VmRun:
                 f"--- runner output\n{self.proc.stderr[-3000:]}\n"
                 f"--- guest-info\n{self.read('guest-info')}\n"
                 f"--- pytest.log (tail)\n{self.read('pytest.log')}\n"
+                f"--- adversarial.log (the scenarios' runs, tail)\n{self.read('adversarial.log', 40)}\n"
+                f"--- ps.log (the guest's busiest processes each minute, tail)\n{self.read('ps.log', 60)}\n"
                 f"--- vm.log (tail)\n{self.read('vm.log', 25)}")
 
 
@@ -143,7 +145,7 @@ def vm(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("vm"))
     start = time.monotonic()
     proc = subprocess.run(["bash", RUNNER, "--out", out], capture_output=True, text=True,
-                          timeout=int(os.environ.get("AGENTWATCH_VM_TIMEOUT", "2700")) + 60)
+                          timeout=int(os.environ.get("AGENTWATCH_VM_TIMEOUT", "3300")) + 60)
     run = VmRun(out, proc, time.monotonic() - start)
     print(f"\nBPF LSM VM: {run.seconds:.0f} s wall; {run.read('guest-info')}")
     return run
