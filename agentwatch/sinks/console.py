@@ -32,6 +32,16 @@ def use_color(stream, environ=None):
         return False
 
 
+_CTRL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text):
+    """Text an agent wrote, safe on a terminal: control characters as \\xNN
+    (an argv or a path of the agent's must not move the cursor, retitle the
+    window or clear the screen of whoever tails it)."""
+    return _CTRL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
 def _home(path):
     """path with the reader's $HOME shown as ~."""
     home = os.environ.get("HOME", "").rstrip("/")
@@ -294,7 +304,8 @@ def format_line(d, color=False):
     """One line: time, agent[run], pid, command, then describe(d)."""
     ts = time.strftime("%H:%M:%S", time.localtime(d.get("ts", 0))) + f".{int(d.get('ts', 0) * 1000) % 1000:03d}"
     comm = f" {d['comm']}" if d.get("comm") else ""
-    line = f"{ts} {d.get('agent', '?')}[{str(d.get('run_id', '?'))[-6:]}] pid={d.get('pid')}{comm} {describe(d)}"
+    line = clean(f"{ts} {d.get('agent', '?')}[{str(d.get('run_id', '?'))[-6:]}] pid={d.get('pid')}{comm} "
+                 f"{describe(d)}")
     return _style(d, line) if color else line
 
 

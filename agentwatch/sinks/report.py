@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .console import describe
+from .console import clean, describe
 
 CAPS = {"execs": 20, "files": 50, "connections": 30, "flows": 30, "llm": 30}
 MAX_PROCESSES = 20000        # processes kept in detail; the rest are counted
@@ -416,14 +416,6 @@ def _counts(counter):
 
 
 # ---------------------------------------------------------------- terminal
-
-_CTRL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def clean(text):
-    """Text an agent wrote, safe on a terminal: control characters as \\xNN."""
-    return _CTRL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
-
 
 def _text_tree(report, limit=TEXT_PROCESSES):
     """(the branch drawing before it, Process), depth first, at most limit."""

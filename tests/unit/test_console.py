@@ -303,3 +303,15 @@ def test_show_takes_no_color_from_the_runs_environment(state_dir, monkeypatch):
         log.open(console=Tty(True), environ=environ)
         assert [s.color for s in log.sinks if isinstance(s, ConsoleSink)] == [expected]
         log.close()
+
+
+def test_an_agents_control_characters_never_reach_the_terminal():
+    """argv, comm and paths are the agent's: an escape sequence in them is
+    shown as \\xNN, so tailing a run cannot clear, retitle or drive the
+    operator's terminal; colour (ours) still applies around the line."""
+    e = d(kind="exec", comm="sh\x1b[2J", filename="/bin/x\x07", argv=["x", "\x1b]0;pwned\x07", "\x9b6n"])
+    for color in (False, True):
+        line = format_line(e, color)
+        plain = line.replace("\x1b[0m", "").replace("\x1b[1m", "").replace("\x1b[2m", "")
+        assert "\\x1b[2J" in line and "\\x1b]0;pwned\\x07" in line and "\\x9b6n" in line
+        assert not any(ch in plain for ch in "\x07\x9b") and "\x1b]" not in plain and "\x1b[2J" not in plain
