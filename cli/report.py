@@ -9,25 +9,9 @@ import click
 
 from agentwatch import api
 
+from .progress import status_line
+
 PROGRESS_FROM = 32 << 20     # logs this big show how far the read is (stderr a terminal only)
-
-
-def _progress():
-    """progress(done, size) for api.report: a line on stderr, redrawn; None when not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    shown = [False, False]          # started drawing, ended the line
-
-    def progress(done, size):
-        if (size < PROGRESS_FROM and not shown[0]) or shown[1]:
-            return
-        shown[0] = True
-        shown[1] = done >= size
-        end = "\n" if shown[1] else ""
-        sys.stderr.write(f"\ragentwatch: reading the log: {done * 100 // max(size, 1)}% "
-                         f"({done >> 20} of {size >> 20} MiB){end}")
-        sys.stderr.flush()
-    return progress
 
 
 @click.command()
@@ -41,12 +25,16 @@ def report(run_id, html_path, as_json, color):
 
     RUN_ID is a run's id or a unique prefix of it (agentwatch ps --all), or a
     log file. Without --html or --json, a summary for the terminal."""
+    status = status_line(sys.stderr, "reading the log", min_total=PROGRESS_FROM)
     try:
-        rep = api.report(run_id, progress=_progress())
+        rep = api.report(run_id, progress=status)
     except api.NotFoundError as e:
         raise click.ClickException(str(e))
     except OSError as e:
         raise click.ClickException(f"{run_id}: cannot read its log: {e.strerror or e}")
+    finally:
+        if status:
+            status.clear()            # an error reads on a line of its own
     if html_path:
         page = api.render_report_html(rep)
         tmp = f"{html_path}.tmp{os.getpid()}"

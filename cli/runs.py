@@ -2,43 +2,12 @@
 with the manifests' agents)."""
 import json
 import sys
-import time
 
 import click
 
 from agentwatch import api
 
-
-class ReplayStatus:
-    """follow_events' progress as one status line on a terminal's stderr
-    ('agentwatch: replaying 12.0 of 80.0 MB (15%)'), redrawn at most every
-    `every` seconds, cleared before each event line and gone for good once
-    the replay is over."""
-
-    def __init__(self, stream, every=0.2):
-        self.stream, self.every = stream, every
-        self.shown = False
-        self._next = 0.0
-
-    def __call__(self, done, total):
-        if done >= total:
-            self.clear()
-            return
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self.every
-        self.stream.write(f"\ragentwatch: replaying {done / 1e6:.1f} of {total / 1e6:.1f} MB "
-                          f"({100 * done // total}%)\033[K")
-        self.stream.flush()
-        self.shown = True
-
-    def clear(self):
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False
-            self._next = 0.0
+from .progress import status_line
 
 
 @click.command()
@@ -56,7 +25,7 @@ def tail(as_json, run_id, agent, kinds, violations, since, follow_):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--since")
     color = api.use_color(sys.stdout)
-    status = ReplayStatus(sys.stderr) if sys.stderr.isatty() else None    # nothing when piped
+    status = status_line(sys.stderr, "replaying")
     try:
         for d in api.follow_events(run=run_id, agent=agent, kinds=kinds, violations=violations,
                                    since=since_ts, follow=follow_, progress=status):

@@ -142,9 +142,9 @@ class TtyIO(io.StringIO):
 
 
 def test_replay_status_draws_then_clears_for_good():
-    from cli.runs import ReplayStatus
+    from cli.progress import StatusLine
     out = TtyIO()
-    status = ReplayStatus(out, every=0)
+    status = StatusLine(out, "replaying", every=0)
     status(1_500_000, 6_000_000)
     assert out.getvalue() == "\ragentwatch: replaying 1.5 of 6.0 MB (25%)\033[K"
     status.clear()                    # before an event line
@@ -319,3 +319,14 @@ def test_down_does_not_signal_a_process_that_took_the_supervisors_pid(capsys, st
     make_up_record("team", [("coder", None, 1)], pid=os.getpid(), start_time=1)
     assert main(["down", "team"]) == 0
     assert sent == []
+
+
+def test_status_line_stays_silent_below_its_minimum_and_off_a_terminal():
+    from cli.progress import StatusLine, status_line
+    out = TtyIO()
+    small = StatusLine(out, "reading the log", every=0, min_total=32 << 20)
+    small(1 << 20, 2 << 20)                   # a small log: not worth a line
+    assert out.getvalue() == ""
+    StatusLine(out, "reading the log", every=0, min_total=32 << 20)(16 << 20, 64 << 20)
+    assert out.getvalue().startswith("\ragentwatch: reading the log 16.8 of 67.1 MB (25%)")
+    assert status_line(io.StringIO(), "replaying") is None      # piped: no line at all
