@@ -73,7 +73,7 @@ __all__ = [
     "keys_dir", "trusted_dir",
     # host and daemon
     "Check", "DoctorReport", "doctor", "DaemonRun", "DaemonStatus", "daemon_socket",
-    "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit",
+    "daemon_status", "daemon_start", "daemon_stop", "daemon_serve", "daemon_submit", "export_env",
     "DaemonRunHandle", "daemon_launch",
     # agent-to-agent broker
     "BrokerClient", "BrokerError", "broker", "broker_socket", "inspect_token", "parse_duration",
@@ -852,6 +852,16 @@ def daemon_start(log_path=None, gateway=None):
         from .harness.gateway_config import GatewayConfig
         GatewayConfig.load(gateway)          # told here, with FILE:LINE, not in the daemon's log
     return DaemonStatus.from_dict(daemon.start(log_path, gateway=gateway))
+
+
+def export_env(metrics=None, otlp=None, otlp_events=None, bpf_stats=False):
+    """The environment that asks the daemon for export (docs/export.md),
+    as `daemon start --metrics ...` sets it before starting one, and as a
+    systemd unit's Environment= would: {variable: value} of those given."""
+    from .daemon.server import ENV
+    values = {"metrics": metrics, "otlp": otlp, "otlp_events": otlp_events,
+              "bpf_stats": "1" if bpf_stats else None}
+    return {ENV[key]: value for key, value in values.items() if value}
 
 
 def daemon_stop():

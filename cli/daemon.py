@@ -13,12 +13,6 @@ def daemon_group():
     (start-up without a BPF compile, one set of sensors for all agents)."""
 
 
-# the daemon reads these from its environment (docs/export.md), as a
-# systemd unit's Environment= would set them
-EXPORT_ENV = {"metrics": "AGENTWATCH_METRICS", "otlp": "AGENTWATCH_OTLP",
-              "otlp_events": "AGENTWATCH_OTLP_EVENTS", "bpf_stats": "AGENTWATCH_BPF_STATS"}
-
-
 def export_options(f):
     """--metrics, --otlp, --otlp-events, --bpf-stats (docs/export.md)."""
     for opt in reversed((
@@ -40,11 +34,8 @@ def export_options(f):
 
 
 def _export_env(metrics, otlp, otlp_events, bpf_stats):
-    values = {"metrics": metrics, "otlp": otlp, "otlp_events": otlp_events,
-              "bpf_stats": "1" if bpf_stats else None}
-    for key, value in values.items():
-        if value:
-            os.environ[EXPORT_ENV[key]] = value
+    """The daemon reads what to export from its environment (docs/export.md)."""
+    os.environ.update(api.export_env(metrics, otlp, otlp_events, bpf_stats))
 
 
 def _export_line(st):

@@ -166,3 +166,16 @@ def test_bpf_stats_sysctl_fallback_restores(tmp_path, monkeypatch):
     st.close()
     assert sysctl.read_text() == "0"
     assert m.bpf_stats_enabled(str(tmp_path / "missing")) is None
+
+
+def test_the_clis_export_flags_are_what_the_daemon_reads():
+    """`daemon start --metrics ... --otlp ... --otlp-events all --bpf-stats`
+    sets api.export_env(); the daemon's ExportConfig.from_env reads it back."""
+    from agentwatch import api
+    from agentwatch.daemon.server import ExportConfig
+    env = api.export_env("127.0.0.1:9464", "http://127.0.0.1:4318", "all", True)
+    cfg = ExportConfig.from_env(env)
+    assert cfg.metrics == ("127.0.0.1", 9464) and cfg.otlp_events == "all" and cfg.bpf_stats
+    assert cfg.otlp.startswith("http://127.0.0.1:4318")
+    assert api.export_env() == {}
+    assert ExportConfig.from_env(api.export_env()) == ExportConfig()
