@@ -52,10 +52,13 @@ class Recorder:
                 return
             assert not pred(c), f"unexpected {c}"
 
-    def drain(self):
+    def drain(self, settle=0.2):
+        """Drop what was reported so far, and what still arrives until no change
+        came for settle seconds: an earlier command's late event (a create's
+        write, read after the create) must not be taken for the next one's."""
         while True:
             try:
-                self.q.get_nowait()
+                self.q.get(timeout=settle)
             except queue.Empty:
                 return
 
