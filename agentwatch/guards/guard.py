@@ -39,7 +39,7 @@ and at most ``Limits.flows_per_run`` open flows, all runs together at most
 never more than a quarter of that); the excess is reset at once and counted. A client that
 sends no name within ``first_bytes_s`` is closed. Once allowed, a flow's
 bytes move in the kernel, splice(2) through the loop's one pipe; where a
-side lags, at most one chunk of it waits in memory (``_pump``).
+side lags, at most one chunk of it waits in memory (``_Splice``).
 
 One guard serves every run of a Monitor (the daemon's, or a run's own) on
 one asyncio loop in a thread of its own; its sessions are per run.
@@ -527,52 +527,16 @@ class EgressGuard:
             u.close()
 
     async def _splice(self, c, u, rec):
-        """Both directions until each has ended (or one failed), moved in
-        the kernel: splice(2) through the loop's one pipe (_Pipe)."""
-        up = asyncio.ensure_future(self._pump(c, u, rec, "bytes_out"))
+        """Both directions until each has ended (or one failed, or the flow
+        sat idle for idle_s), moved in the kernel: splice(2) through the
+        loop's one pipe (_Pipe), driven by the loop's reader and writer
+        callbacks (_Splice): no task, future or timer per wakeup, which on
+        loopback costs more than the bytes."""
+        sp = _Splice(self.loop, self._pipe(), c, u, rec, self.limits)
         try:
-            await self._pump(u, c, rec, "bytes_in")
-            await up
+            await sp.done
         finally:          # a reset either way, or the run's end, ends both
-            up.cancel()
-
-    async def _pump(self, src, dst, rec, key):
-        """src to dst until src ends (then dst's write side is shut). The
-        bytes go socket -> pipe -> socket without entering Python; the pipe
-        is empty again before any wait, so one serves every flow. What dst
-        cannot take at once is read out of the pipe and sent as it drains."""
-        lim, loop, pipe = self.limits, self.loop, self._pipe()
-        try:
-            while True:
-                try:
-                    n = os.splice(src.fileno(), pipe.w, pipe.size, flags=_SPLICE_FLAGS)
-                except (BlockingIOError, InterruptedError):
-                    await _ready(loop, src, lim.idle_s)
-                    continue
-                if n == 0:
-                    break
-                rec[key] += n
-                left = n
-                try:
-                    while left:
-                        moved = os.splice(pipe.r, dst.fileno(), left, flags=_SPLICE_FLAGS)
-                        if not moved:
-                            break
-                        left -= moved
-                except (BlockingIOError, InterruptedError):
-                    pass
-                if left:
-                    await loop.sock_sendall(dst, pipe.take(left))
-        except asyncio.TimeoutError:
-            pass
-        except OSError:
-            pipe.reset()
-            raise
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            sp.stop()
 
     def _pipe(self):
         if self._splice_pipe is None:
@@ -632,9 +596,121 @@ async def _ready(loop, sock, timeout):
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
+class _Splice:
+    """One allowed flow's two directions, each src -> pipe -> dst by
+    splice(2) in a reader callback on the loop (the bytes never enter
+    Python). The pipe is empty again when a callback returns, so one pipe
+    serves every flow. What dst cannot take at once is read out of the pipe
+    and sent by a writer callback as dst drains; src is not read meanwhile,
+    so at most one chunk of a lagging side waits in memory.
+
+    The callbacks are plain handles on the loop: no task, future or timer
+    per wakeup, which on loopback cost more than the bytes (the guard's
+    1 MiB transfers ran at about 0.4x direct with a task per direction
+    awaiting a future per wakeup; bench/README.md has today's figure).
+    ROUNDS bounds how long one flat-out flow holds the loop per wakeup.
+
+    A direction ends at src's EOF (then dst's write side is shut); ``done``
+    resolves when both have ended, fails with the first OSError, or
+    resolves after idle_s with no byte either way."""
+
+    ROUNDS = 8          # splices per wakeup
+
+    def __init__(self, loop, pipe, c, u, rec, limits):
+        self.loop, self.pipe, self.rec, self.lim = loop, pipe, rec, limits
+        self.done = loop.create_future()
+        self.dirs = [_Direction(c, u, "bytes_out"), _Direction(u, c, "bytes_in")]
+        self.last = loop.time()
+        self.timer = loop.call_later(limits.idle_s, self._idle)
+        for d in self.dirs:
+            loop.add_reader(d.src.fileno(), self._readable, d)
+
+    def _readable(self, d):
+        pipe, src, dst = self.pipe, d.src.fileno(), d.dst.fileno()
+        try:
+            for _ in range(self.ROUNDS):
+                try:
+                    n = os.splice(src, pipe.w, pipe.size, flags=_SPLICE_FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if n == 0:
+                    return self._ended(d)
+                self.rec[d.key] += n
+                self.last = self.loop.time()
+                left = n
+                try:
+                    while left:
+                        moved = os.splice(pipe.r, dst, left, flags=_SPLICE_FLAGS)
+                        if not moved:
+                            break
+                        left -= moved
+                except (BlockingIOError, InterruptedError):
+                    pass
+                if left:                        # dst pushes back: wait for it
+                    d.pending = pipe.take(left)
+                    self.loop.remove_reader(src)
+                    self.loop.add_writer(dst, self._writable, d)
+                    return
+        except OSError as e:
+            pipe.reset()
+            self._fail(e)
+
+    def _writable(self, d):
+        try:
+            sent = d.dst.send(d.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._fail(e)
+        d.pending = d.pending[sent:]
+        if not d.pending:
+            self.loop.remove_writer(d.dst.fileno())
+            self.loop.add_reader(d.src.fileno(), self._readable, d)
+
+    def _ended(self, d):
+        self.loop.remove_reader(d.src.fileno())
+        d.ended = True
+        try:
+            d.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if all(x.ended for x in self.dirs) and not self.done.done():
+            self.done.set_result(None)
+
+    def _fail(self, e):
+        if not self.done.done():
+            self.done.set_exception(e)
+
+    def _idle(self):
+        quiet = self.loop.time() - self.last
+        if quiet >= self.lim.idle_s:
+            if not self.done.done():
+                self.done.set_result(None)
+        else:
+            self.timer = self.loop.call_later(self.lim.idle_s - quiet, self._idle)
+
+    def stop(self):
+        """No callback of this flow is left on the loop (before its sockets close)."""
+        self.timer.cancel()
+        for d in self.dirs:
+            for fd, remove in ((d.src.fileno(), self.loop.remove_reader),
+                               (d.dst.fileno(), self.loop.remove_writer)):
+                if fd >= 0:
+                    remove(fd)
+
+
+@dataclass
+class _Direction:
+    src: socket.socket
+    dst: socket.socket
+    key: str                    # the record's byte count: bytes_out (agent to upstream), bytes_in
+    pending: bytes = b""
+    ended: bool = False
+
+
 class _Pipe:
     """The pipe a guard loop splices every flow through. It is empty
-    whenever the loop waits (_pump), so it holds no flow's bytes across
+    whenever the loop waits (_Splice), so it holds no flow's bytes across
     flows; take() empties it into memory where a socket lagged."""
 
     def __init__(self, size):

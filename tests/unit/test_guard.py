@@ -146,10 +146,11 @@ def _tcp_pair():
 
 @pytest.mark.parametrize("slow_reader", [False, True])
 def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_reader, monkeypatch):
-    """Guard._pump: socket -> the loop's pipe -> socket. A reader that lags
-    (a small receive buffer, reads with pauses) makes the destination push
-    back, so part goes the other way (out of the pipe, then sent); the
-    bytes and their order are the same, and the pipe is empty after."""
+    """Guard._splice: socket -> the loop's pipe -> socket, both ways. A
+    reader that lags (a small receive buffer, reads with pauses) makes the
+    destination push back, so part goes the other way (out of the pipe,
+    then sent); the bytes and their order are the same, each end sees the
+    other's EOF, and the pipe is empty after, with no callback left."""
     import asyncio
     import hashlib
     import os
@@ -173,6 +174,8 @@ def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_read
         while True:
             chunk = server.recv(1 << 16)
             if not chunk:
+                server.sendall(b"bye")          # the other way, then its EOF
+                server.shutdown(socket.SHUT_WR)
                 return
             got.append(chunk)
             if slow_reader and len(got) % 8 == 0:
@@ -184,11 +187,13 @@ def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_read
     try:
         for s in (c, u):
             s.setblocking(False)
-        rec = {"bytes_out": 0}
-        asyncio.run_coroutine_threadsafe(g._pump(c, u, rec, "bytes_out"), g.loop).result(120)
+        rec = {"bytes_out": 0, "bytes_in": 0}
+        asyncio.run_coroutine_threadsafe(g._splice(c, u, rec), g.loop).result(120)
         writer.join(60)
         reader.join(60)
-        assert rec["bytes_out"] == len(data)
+        assert rec["bytes_out"] == len(data) and rec["bytes_in"] == 3
+        assert agent.recv(16) == b"bye" and agent.recv(16) == b""
+        assert not any(g.loop._selector.get_map().get(s.fileno()) for s in (c, u))
         assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(data).digest()
         with pytest.raises(BlockingIOError):
             os.read(g._splice_pipe.r, 1)      # nothing left behind for the next flow
@@ -225,3 +230,33 @@ def test_a_flow_closed_before_a_byte_is_a_refusal_only_to_this_host(addr, decisi
     (rec,) = got
     assert (rec["decision"], rec.get("rule")) == (decision, rule), rec
     assert s.counters["closed_unsent"] == (decision == "closed") and s.active == 0
+
+
+def test_a_flow_ends_after_idle_s_with_no_byte_either_way_and_not_before():
+    """Limits.idle_s counts quiet on the flow as a whole: bytes one way
+    every 0.15 s keep a 0.5 s flow open past 0.5 s; then 0.5 s of nothing
+    ends it."""
+    import asyncio
+    import time
+    from agentwatch.guards import guard
+    g = guard.EgressGuard(limits=guard.Limits(idle_s=0.5)).start()
+    agent, c = _tcp_pair()
+    u, server = _tcp_pair()
+    try:
+        for s in (c, u):
+            s.setblocking(False)
+        rec = {"bytes_out": 0, "bytes_in": 0}
+        t0 = time.monotonic()
+        fut = asyncio.run_coroutine_threadsafe(g._splice(c, u, rec), g.loop)
+        for _ in range(8):
+            server.sendall(b"x")
+            time.sleep(0.15)
+        assert not fut.done()              # 1.2 s in: the trickle kept it open
+        fut.result(5)
+        took = time.monotonic() - t0
+        assert 1.2 + 0.5 - 0.15 <= took < 1.2 + 0.5 + 1.0, took
+        assert rec["bytes_in"] == 8
+    finally:
+        for s in (agent, c, u, server):
+            s.close()
+        g.close()
