@@ -57,6 +57,7 @@ import ctypes
 import errno
 import ipaddress
 import os
+import socket
 import struct
 from dataclasses import dataclass, field
 
@@ -339,6 +340,13 @@ def format_addr(family, raw):
     return f"::ffff:{a.ipv4_mapped}" if a.ipv4_mapped else str(a)
 
 
+def _mapped_v6(addr):
+    """An address string as the 16 bytes the flow map keys by (IPv4 as ::ffff:a.b.c.d)."""
+    if ":" in addr:
+        return socket.inet_pton(socket.AF_INET6, addr)
+    return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, addr)
+
+
 def decode_denial(data):
     """A struct aw_egress_event as the dict given to on_denial."""
     ev = R.decode(R.EgressEvent, data)
@@ -404,6 +412,7 @@ class Egress(DenialStream):
         self.bpf = None
         self.cgroup_fd = None
         self._guard_base = {}
+        self._flows_fd = None
         self.attached = []                     # (fn, attach type) in attach order
         self.unix_hooks = None                 # deny_unix: attached (True) or not on this kernel
         self.received = 0
@@ -509,24 +518,17 @@ class Egress(DenialStream):
         (pid, tid, uid, comm, cgroup id, family, the original addr and port),
         taken out of the map; None when there is none (not one of this
         run's redirected sockets)."""
-        bpf = self.bpf
-        if bpf is None:
+        if self.bpf is None:
             return None
-        table = bpf[b"egress_flows"]
+        from bcc.libbcc import lib      # the map by its fd: one lookup and one delete, no copies
+        if self._flows_fd is None:
+            self._flows_fd = self.bpf[b"egress_flows"].map_fd
         key = R.EgFlowKey(port=port)
-        ip = ipaddress.ip_address(addr)
-        packed = (ipaddress.IPv6Address(f"::ffff:{ip}") if ip.version == 4 else ip).packed
-        ctypes.memmove(key.addr, packed, 16)
-        k = table.Key.from_buffer_copy(bytes(key))
-        try:
-            v = table[k]
-        except KeyError:
+        ctypes.memmove(key.addr, _mapped_v6(addr), 16)
+        f = R.EgFlow()
+        if lib.bpf_lookup_elem(self._flows_fd, ctypes.byref(key), ctypes.byref(f)) != 0:
             return None
-        try:
-            del table[k]
-        except KeyError:
-            pass
-        f = R.EgFlow.from_buffer_copy(bytes(v))
+        lib.bpf_delete_elem(self._flows_fd, ctypes.byref(key))
         family = {AF_INET: "inet", AF_INET6: "inet6"}.get(f.family, str(f.family))
         return {"pid": f.pid, "tid": f.tid, "uid": f.uid, "cgroup": f.cgroup,
                 "comm": f.comm.decode(errors="replace"), "family": family,
@@ -579,7 +581,7 @@ class Egress(DenialStream):
             return
         self._detach()
         self.bpf.cleanup()
-        self.bpf = None
+        self.bpf, self._flows_fd = None, None
 
     def _decode(self, raw):
         return decode_denial(raw)

@@ -46,6 +46,7 @@ one asyncio loop in a thread of its own; its sessions are per run.
 """
 import asyncio
 import concurrent.futures
+import errno
 import fcntl
 import functools
 import ipaddress
@@ -504,7 +505,7 @@ class EgressGuard:
         try:
             u.setblocking(False)
             try:
-                await asyncio.wait_for(loop.sock_connect(u, upstream), lim.connect_s)
+                await _connect(loop, u, upstream, lim.connect_s)
             except (OSError, asyncio.TimeoutError) as e:
                 rec.update(decision="error", reason=f"upstream {upstream[0]}:{upstream[1]}: "
                                                     f"{e.strerror if isinstance(e, OSError) and e.strerror else 'timed out'}")
@@ -582,15 +583,43 @@ def _send_now(sock, data):
         pass
 
 
-async def _ready(loop, sock, timeout):
-    """Until sock is readable; asyncio.TimeoutError after timeout s."""
+async def _ready(loop, sock, timeout, writable=False):
+    """Until sock is readable (or writable); asyncio.TimeoutError after
+    timeout s. A future and a timer handle: no task, as wait_for makes."""
     fut = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    wake = lambda: fut.done() or fut.set_result(None)                     # noqa: E731
+    late = lambda: fut.done() or fut.set_exception(asyncio.TimeoutError())  # noqa: E731
+    (loop.add_writer if writable else loop.add_reader)(fd, wake)
+    timer = loop.call_later(timeout, late)
     try:
-        await asyncio.wait_for(fut, timeout)
+        await fut
     finally:
-        loop.remove_reader(fd)
+        timer.cancel()
+        (loop.remove_writer if writable else loop.remove_reader)(fd)
+
+
+async def _connect(loop, sock, addr, timeout):
+    """sock (non-blocking) connected to addr; OSError, or
+    asyncio.TimeoutError after timeout s. To a local upstream the
+    handshake is mostly over when connect() returns, and then the loop is
+    not waited on."""
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err and not _connected(sock):
+            await _ready(loop, sock, timeout, writable=True)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _connected(sock):
+    try:
+        sock.getpeername()
+        return True
+    except OSError:
+        return False
 
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK

@@ -260,3 +260,33 @@ def test_a_flow_ends_after_idle_s_with_no_byte_either_way_and_not_before():
         for s in (agent, c, u, server):
             s.close()
         g.close()
+
+
+def test_the_upstream_connect_succeeds_or_names_the_kernels_error():
+    """guard._connect on loopback: a listener is connected (mostly before
+    connect() returns, so without a wait on the loop); a closed port raises
+    ECONNREFUSED, which the flow record then names."""
+    import asyncio
+    import errno
+    import socket
+    from agentwatch.guards import guard
+    ls = socket.create_server(("127.0.0.1", 0))
+    free = socket.create_server(("127.0.0.1", 0))
+    closed = free.getsockname()
+    free.close()
+
+    async def go(addr):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            await guard._connect(asyncio.get_running_loop(), s, addr, 5)
+            return s.getpeername()
+        finally:
+            s.close()
+    try:
+        assert asyncio.run(go(ls.getsockname())) == ls.getsockname()
+        with pytest.raises(OSError) as e:
+            asyncio.run(go(closed))
+        assert e.value.errno == errno.ECONNREFUSED and "refused" in e.value.strerror
+    finally:
+        ls.close()
