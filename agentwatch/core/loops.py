@@ -3,7 +3,18 @@ LLM gateway, the broker) run theirs: started once its opening coroutine
 has run (listening sockets bound, so a port is known and an error is the
 caller's), stopped after a shutdown coroutine."""
 import asyncio
+import sys
 import threading
+
+if sys.version_info >= (3, 11):
+    async def within(aw, timeout):
+        """await aw; asyncio.TimeoutError after timeout s. On 3.11+ a timer
+        on the caller's own task (asyncio.timeout): wait_for there makes a
+        task per call, which costs a server more than a short request."""
+        async with asyncio.timeout(timeout):
+            return await aw
+else:                                   # pragma: no cover (3.10)
+    within = asyncio.wait_for
 
 
 def start_loop_thread(name, opener, owner=None):

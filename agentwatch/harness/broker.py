@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import h11
 
 from ..core import peer
-from ..core.loops import start_loop_thread, stop_loop_thread
+from ..core.loops import start_loop_thread, stop_loop_thread, within
 from ..run.services import RunService
 from . import a2a
 from .a2a import RpcError
@@ -339,7 +339,7 @@ class Broker:
     async def _unix_requests(self, caller, reader, writer):
         while not self._closed:
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.limits.idle_timeout_s)
+                line = await within(reader.readuntil(b"\n"), self.limits.idle_timeout_s)
             except asyncio.TimeoutError:
                 self.count("idle_closed")
                 return
@@ -360,8 +360,10 @@ class Broker:
 
     async def _answer(self, writer, out):
         writer.write(json.dumps(out, separators=(",", ":")).encode() + b"\n")
+        if not writer.transport.get_write_buffer_size():
+            return True                 # all sent at once: nothing to wait for
         try:
-            await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
+            await within(writer.drain(), self.limits.write_timeout_s)
             return True
         except (asyncio.TimeoutError, TimeoutError):
             self.count("slow_closed")
@@ -413,7 +415,7 @@ class Broker:
             if ev is h11.NEED_DATA:
                 wait = self.limits.idle_timeout_s if conn.their_state is h11.IDLE else self.limits.head_timeout_s
                 try:
-                    data = await asyncio.wait_for(reader.read(65536), wait)
+                    data = await within(reader.read(65536), wait)
                 except asyncio.TimeoutError:
                     self.count("idle_closed")
                     return None

@@ -26,7 +26,6 @@ import hashlib
 import os
 import stat
 import time
-import uuid
 
 from ..policy.model import Peers
 from . import a2a, tokens
@@ -163,7 +162,7 @@ class Methods:
         state = params.get("state")
         new_task = None
         if task is None:
-            new_task = dict(task_id=uuid.uuid4().hex, context_id=message["contextId"],
+            new_task = dict(task_id=a2a.new_id(), context_id=message["contextId"],
                             creator_agent=who["agent"], creator_run=who["run_id"],
                             assignee=target.agent, state=ACTIVE, ts=now)
             task = {"id": new_task["task_id"], "contextId": message["contextId"], "creator": who["agent"],
