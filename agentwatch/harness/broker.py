@@ -332,7 +332,7 @@ class Broker:
             else:
                 writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nConnection: close\r\n"
                              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
+            await self._drained(writer)
         except (ConnectionError, TimeoutError, asyncio.TimeoutError):
             pass
 
@@ -360,14 +360,19 @@ class Broker:
 
     async def _answer(self, writer, out):
         writer.write(json.dumps(out, separators=(",", ":")).encode() + b"\n")
-        if not writer.transport.get_write_buffer_size():
-            return True                 # all sent at once: nothing to wait for
         try:
-            await within(writer.drain(), self.limits.write_timeout_s)
+            await self._drained(writer)
             return True
         except (asyncio.TimeoutError, TimeoutError):
             self.count("slow_closed")
             return False
+
+    async def _drained(self, writer):
+        """Until what was written has gone out; asyncio.TimeoutError when
+        the client has not taken it within write_timeout_s. No wait when
+        the write went out at once, as it mostly does."""
+        if writer.transport.get_write_buffer_size():
+            await within(writer.drain(), self.limits.write_timeout_s)
 
     # -- HTTP on loopback (A2A's JSON-RPC binding) ------------------------------------------
     async def _http_client(self, reader, writer):
@@ -453,7 +458,7 @@ class Broker:
             writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
             writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
-            await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
+            await self._drained(writer)
             return True
         except (asyncio.TimeoutError, TimeoutError):
             self.count("slow_closed")

@@ -408,3 +408,40 @@ def test_memory_put_bounds_what_it_reads_and_tells_missing_from_forbidden(mem_br
     e = c.call("memory.put", text="x", provenance={"files": [{"path": str(tmp_path)}]})["error"]
     assert e["code"] == a2a.INVALID_PARAMS and "not a regular file" in e["message"], e
     assert findings(b, "a") == [], "bad input is no violation"
+
+
+def test_a_client_that_never_reads_its_answers_is_closed_and_stalls_no_other(tmp_path):
+    """Requests sent flat out by a client that reads nothing: once the
+    answers fill the socket and the broker's buffer, the broker waits
+    write_timeout_s for the client to take them, then closes it (counted
+    slow_closed); another client is served meanwhile."""
+    table = Table()
+    store = Store(str(tmp_path / "b.db"))
+    b = Broker(store, Signer.load_or_create(str(tmp_path / "k.pem")), str(tmp_path / "b.sock"),
+               limits=Limits(default_rate=10 ** 6, write_timeout_s=0.5), resolve_caller=table).start()
+    b.table, b.records, b.tool_calls = table, {}, []
+    try:
+        add_run(b, "mute")
+        add_run(b, "calm")
+        mute, calm = Conn(b, "run-mute"), Conn(b, "run-calm")
+        mute.sock.setblocking(False)
+        req = b'{"jsonrpc":"2.0","id":1,"method":"agentwatch.Whoami","params":{}}\n' * 100
+        sent, deadline = 0, time.monotonic() + 20
+        while b.counters.get("slow_closed", 0) == 0 and time.monotonic() < deadline:
+            try:
+                sent += mute.sock.send(req)
+            except BlockingIOError:             # the broker stopped reading us: it waits to write
+                time.sleep(0.05)
+                assert calm.ok("agentwatch.Whoami")["run_id"] == "run-calm"
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        wait_until = time.monotonic() + 5
+        while b.counters.get("slow_closed", 0) == 0 and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert b.counters.get("slow_closed") == 1, (sent, dict(b.counters))
+        assert calm.ok("agentwatch.Whoami")["run_id"] == "run-calm"
+        mute.close()
+        calm.close()
+    finally:
+        b.close()
+        store.close()
