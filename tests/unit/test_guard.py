@@ -144,6 +144,15 @@ def _tcp_pair():
     return a, b
 
 
+def _splice_on(g, c, u):
+    """g._splice(c, u, rec) started on the guard's loop: (rec, its future)."""
+    import asyncio
+    for s in (c, u):
+        s.setblocking(False)
+    rec = {"bytes_out": 0, "bytes_in": 0}
+    return rec, asyncio.run_coroutine_threadsafe(g._splice(c, u, rec), g.loop)
+
+
 @pytest.mark.parametrize("slow_reader", [False, True])
 def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_reader, monkeypatch):
     """Guard._splice: socket -> the loop's pipe -> socket, both ways. A
@@ -151,7 +160,6 @@ def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_read
     destination push back, so part goes the other way (out of the pipe,
     then sent); the bytes and their order are the same, each end sees the
     other's EOF, and the pipe is empty after, with no callback left."""
-    import asyncio
     import hashlib
     import os
     import socket
@@ -185,10 +193,8 @@ def test_the_splice_moves_every_byte_in_order_also_to_a_lagging_reader(slow_read
     writer = threading.Thread(target=lambda: (agent.sendall(data), agent.shutdown(socket.SHUT_WR)))
     writer.start()
     try:
-        for s in (c, u):
-            s.setblocking(False)
-        rec = {"bytes_out": 0, "bytes_in": 0}
-        asyncio.run_coroutine_threadsafe(g._splice(c, u, rec), g.loop).result(120)
+        rec, fut = _splice_on(g, c, u)
+        fut.result(120)
         writer.join(60)
         reader.join(60)
         assert rec["bytes_out"] == len(data) and rec["bytes_in"] == 3
@@ -236,18 +242,14 @@ def test_a_flow_ends_after_idle_s_with_no_byte_either_way_and_not_before():
     """Limits.idle_s counts quiet on the flow as a whole: bytes one way
     every 0.15 s keep a 0.5 s flow open past 0.5 s; then 0.5 s of nothing
     ends it."""
-    import asyncio
     import time
     from agentwatch.guards import guard
     g = guard.EgressGuard(limits=guard.Limits(idle_s=0.5)).start()
     agent, c = _tcp_pair()
     u, server = _tcp_pair()
     try:
-        for s in (c, u):
-            s.setblocking(False)
-        rec = {"bytes_out": 0, "bytes_in": 0}
         t0 = time.monotonic()
-        fut = asyncio.run_coroutine_threadsafe(g._splice(c, u, rec), g.loop)
+        rec, fut = _splice_on(g, c, u)
         for _ in range(8):
             server.sendall(b"x")
             time.sleep(0.15)
@@ -290,3 +292,48 @@ def test_the_upstream_connect_succeeds_or_names_the_kernels_error():
         assert e.value.errno == errno.ECONNREFUSED and "refused" in e.value.strerror
     finally:
         ls.close()
+
+
+def test_an_agent_that_never_reads_stops_the_upstream_reads_and_is_closed_after_idle_s():
+    """The upstream sends more than the agent's socket takes and the agent
+    reads nothing: the guard stops reading upstream (its one chunk waits),
+    and ends the flow once idle_s passed with no byte moved: a write that
+    cannot go on counts as quiet."""
+    import socket
+    import threading
+    import time
+    from agentwatch.guards import guard
+    g = guard.EgressGuard(limits=guard.Limits(idle_s=0.5, chunk=1 << 16)).start()
+    agent, c = _tcp_pair()
+    u, server = _tcp_pair()
+    for s in (agent, c, u, server):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    server.settimeout(0.1)
+    pushed = [0]
+
+    def push():
+        chunk = b"x" * 65536
+        while True:
+            try:
+                pushed[0] += server.send(chunk)
+            except (socket.timeout, BlockingIOError):
+                if fut.done():
+                    return
+            except OSError:
+                return
+    try:
+        t0 = time.monotonic()
+        rec, fut = _splice_on(g, c, u)
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        fut.result(10)
+        took = time.monotonic() - t0
+        pusher.join(5)
+        assert 0.5 <= took < 5, took
+        assert rec["bytes_in"] < 4 << 20          # it stopped reading upstream
+        assert pushed[0] >= rec["bytes_in"]
+    finally:
+        for s in (agent, c, u, server):
+            s.close()
+        g.close()
